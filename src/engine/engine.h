@@ -1,0 +1,115 @@
+// The engine interface: one token-in request, a stream of token-out deltas.
+//
+// Every engine (native, echo, mocker, and later a remote worker behind the request plane)
+// implements Engine. The frontend does templating, tokenization, detokenization and stop strings;
+// the engine does everything measured in tokens (sampling, max_tokens, stop token ids, EOS).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace dyn {
+
+struct SamplingParams {
+  float temperature = 1.0f;  // 0 = greedy
+  float top_p = 1.0f;
+  int top_k = 0;  // 0 = off
+  float min_p = 0.0f;
+  float repetition_penalty = 1.0f;  // divides positive logits of seen tokens (prompt and output)
+  float frequency_penalty = 0.0f;   // subtracts count * penalty for output tokens
+  float presence_penalty = 0.0f;    // subtracts penalty once for output tokens present
+  std::optional<uint64_t> seed;     // same seed + same request -> same output
+  bool logprobs = false;            // return the sampled token's logprob
+  int top_logprobs = 0;             // and this many alternatives (0..20)
+};
+
+struct StopConditions {
+  int max_tokens = 16;                   // generated tokens, >= 1
+  int min_tokens = 0;                    // EOS and stop ids are ignored before this many
+  std::vector<uint32_t> stop_token_ids;  // finish with reason "stop"; the token is emitted
+  bool ignore_eos = false;
+};
+
+struct PreprocessedRequest {
+  std::string request_id;
+  std::vector<uint32_t> token_ids;  // the prompt
+  SamplingParams sampling;
+  StopConditions stop;
+  std::vector<uint32_t> eos_token_ids;  // from the model card; ignored with ignore_eos
+};
+
+enum class FinishReason { kStop, kLength, kCancelled, kError };
+const char* FinishReasonName(FinishReason r);  // "stop", "length", "cancelled", "error"
+
+struct TopLogprob {
+  uint32_t token = 0;
+  float logprob = 0;
+};
+
+struct TokenLogprob {
+  uint32_t token = 0;
+  float logprob = 0;
+  std::vector<TopLogprob> top;  // best first
+};
+
+// One delta of a stream. The last delta of every stream has finish_reason set.
+struct EngineOutput {
+  std::vector<uint32_t> token_ids;     // tokens generated since the previous delta
+  std::vector<TokenLogprob> logprobs;  // parallel to token_ids when requested
+  std::optional<FinishReason> finish_reason;
+  std::string error;                   // with kError: what went wrong
+  uint32_t prompt_tokens = 0;          // on the first delta: prompt length
+  uint32_t cached_tokens = 0;          // on the first delta: prompt tokens served from the prefix cache
+};
+
+// Shared between the caller and the engine for one request. Cancel() may be called from any
+// thread; the engine notices at its next step, frees the request's resources and ends the
+// stream with kCancelled.
+class RequestContext {
+ public:
+  explicit RequestContext(std::string id) : id_(std::move(id)) {}
+  const std::string& id() const { return id_; }
+  void Cancel() { cancelled_.store(true, std::memory_order_release); }
+  bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
+
+ private:
+  std::string id_;
+  std::atomic<bool> cancelled_{false};
+};
+
+// Receives deltas. Called on the engine's thread, in order, never concurrently for one request;
+// it must not block for long (hand the delta to another thread's queue).
+using OutputSink = std::function<void(EngineOutput&&)>;
+
+struct EngineMetrics {
+  int running = 0;                 // requests being generated
+  int waiting = 0;                 // requests queued
+  int kv_blocks_total = 0;
+  int kv_blocks_used = 0;          // blocks held by running requests
+  int kv_blocks_cached = 0;        // free blocks still holding a reusable prefix
+  uint64_t prompt_tokens = 0;      // totals since start
+  uint64_t cached_prompt_tokens = 0;
+  uint64_t generated_tokens = 0;
+  uint64_t preemptions = 0;
+  uint64_t steps = 0;
+};
+
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  // Queues the request and returns at once; deltas arrive on `sink`. Invalid requests end with
+  // one kError delta. Thread-safe.
+  virtual void Generate(PreprocessedRequest request, std::shared_ptr<RequestContext> context, OutputSink sink) = 0;
+  virtual EngineMetrics Metrics() const = 0;
+  // Stops the engine's threads; streams still running end with kCancelled. Idempotent.
+  virtual void Shutdown() = 0;
+};
+
+using EnginePtr = std::shared_ptr<Engine>;
+
+}  // namespace dyn

@@ -1,0 +1,78 @@
+// The native engine's model: a Llama-family decoder that runs one batched forward step over a
+// paged KV cache. Model code is written once against the Backend interface (backend/backend.h);
+// CPU and CUDA backends plug in below it, the scheduler above it never sees either.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+
+namespace dyn {
+
+struct RopeScaling {
+  std::string type;  // "" (none), "llama3", "linear"
+  float factor = 1.0f;
+  float low_freq_factor = 1.0f;
+  float high_freq_factor = 4.0f;
+  int original_max_position_embeddings = 8192;
+};
+
+struct ModelConfig {
+  std::string architecture;  // "llama", "mistral", "qwen2", "qwen3" (after normalisation)
+  int vocab_size = 0;
+  int hidden_size = 0;
+  int intermediate_size = 0;
+  int num_layers = 0;
+  int num_heads = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int max_position_embeddings = 0;  // the context length
+  float rms_norm_eps = 1e-5f;
+  float rope_theta = 10000.0f;
+  RopeScaling rope_scaling;
+  bool tie_word_embeddings = false;
+  bool attention_bias = false;  // Qwen2: q/k/v projections have a bias
+  bool qk_norm = false;         // Qwen3: RMSNorm over each head of q and k before RoPE
+  std::vector<uint32_t> eos_token_ids;  // from config.json / generation_config.json / GGUF
+  std::optional<uint32_t> bos_token_id;
+};
+
+// One sequence's share of a forward step.
+struct ForwardSeq {
+  std::span<const uint32_t> tokens;      // new tokens: a prefill chunk, or the one decode token
+  int start_pos = 0;                     // position of tokens[0]; KV of [0, start_pos) is cached
+  std::span<const int32_t> block_table;  // KV block ids covering [0, start_pos + tokens.size())
+  bool want_logits = true;               // produce logits for the last new token
+};
+
+class Model {
+ public:
+  virtual ~Model() = default;
+  virtual const ModelConfig& config() const = 0;
+  // Bytes of KV cache one token takes (all layers, K and V).
+  virtual size_t KvBytesPerToken() const = 0;
+  // Allocates the paged KV cache: num_blocks blocks of block_size tokens. Call once before Forward.
+  virtual Status InitKvCache(int num_blocks, int block_size) = 0;
+  // Runs the batch: writes each new token's K/V into its block slot, and for each sequence with
+  // want_logits (in batch order) writes vocab_size float logits to `logits`. Sequences are
+  // independent: results do not depend on what else is in the batch (up to float rounding).
+  virtual Status Forward(std::span<const ForwardSeq> batch, float* logits) = 0;
+  // Human-readable summary for logs: architecture, sizes, weight types, backend.
+  virtual std::string Describe() const = 0;
+};
+
+struct ModelLoadOptions {
+  std::string device = "cpu";  // "cpu" (the CUDA backend comes later)
+  int num_threads = 0;         // 0 = all hardware threads
+};
+
+// Loads a Hugging Face directory (config.json + *.safetensors) or a .gguf file. Unsupported
+// architectures and tensor types fail with an error that names them.
+Result<std::unique_ptr<Model>> LoadModel(const std::string& path, const ModelLoadOptions& options = {});
+
+}  // namespace dyn

@@ -1,0 +1,50 @@
+// Chat templates: a sandboxed interpreter for the Jinja2 subset that Hugging Face chat templates
+// use, rendering as transformers' apply_chat_template does (jinja2 with trim_blocks and
+// lstrip_blocks, `raise_exception`, `tojson`, `strftime_now`).
+//
+// Sandboxed: templates see only the variables given; no I/O; loops, recursion and output are
+// bounded, so a hostile template gets an error, not a hang or a crash.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+#include <boost/json/fwd.hpp>
+
+#include "base/status.h"
+
+namespace dyn {
+
+struct RenderLimits {
+  uint64_t max_steps = 50'000'000;        // evaluation steps (loop iterations, calls, nodes)
+  size_t max_output_bytes = 64u << 20;    // rendered text
+  int max_recursion = 200;                // macro / call nesting
+};
+
+class ChatTemplate {
+ public:
+  // Parses the template source; syntax errors carry line numbers.
+  static Result<std::unique_ptr<ChatTemplate>> Parse(std::string_view source);
+  ~ChatTemplate();
+
+  // Renders with `variables` as the template's globals (JSON values become template values:
+  // objects are dicts that keep insertion order, arrays are lists). `raise_exception(msg)` in
+  // the template yields InvalidArgument with msg.
+  Result<std::string> Render(const boost::json::object& variables, const RenderLimits& limits = {}) const;
+
+  struct Impl;
+
+ private:
+  explicit ChatTemplate(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// The variables apply_chat_template passes: messages, tools (omitted when null),
+// add_generation_prompt, bos_token, eos_token, plus `extra` (e.g. enable_thinking) merged on top.
+boost::json::object ChatTemplateVariables(const boost::json::array& messages, const boost::json::value* tools,
+                                          bool add_generation_prompt, std::string_view bos_token,
+                                          std::string_view eos_token, const boost::json::object* extra);
+
+}  // namespace dyn
