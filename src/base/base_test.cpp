@@ -44,3 +44,60 @@ TEST(File, MapsFile) {
 
 }  // namespace
 }  // namespace dyn
+
+#include <cstdlib>
+
+#include "base/flags.h"
+
+namespace dyn {
+namespace {
+
+TEST(Flags, CommandLineBeatsEnvironmentBeatsDefault) {
+  std::string model = "default";
+  int64_t port = 8000, seqs = 64;
+  double temp = 0.5;
+  bool caching = true, verbose = false;
+  FlagSet fs("dyn test", "test");
+  fs.String("model", &model, "model");
+  fs.Int("port", &port, "port");
+  fs.Int("max-num-seqs", &seqs, "seqs");
+  fs.Double("temperature", &temp, "t");
+  fs.Bool("prefix-caching", &caching, "c");
+  fs.Bool("verbose", &verbose, "v");
+  setenv("DYN_PORT", "9000", 1);
+  setenv("DYN_MAX_NUM_SEQS", "8", 1);
+  const char* argv[] = {"dyn", "--model", "m.gguf", "--port=9100", "--no-prefix-caching", "--verbose", "extra"};
+  Status s = fs.Parse(7, const_cast<char**>(argv));
+  unsetenv("DYN_PORT");
+  unsetenv("DYN_MAX_NUM_SEQS");
+  ASSERT_TRUE(s.ok()) << s.ToString();
+  EXPECT_EQ(model, "m.gguf");
+  EXPECT_EQ(port, 9100);
+  EXPECT_EQ(seqs, 8);
+  EXPECT_EQ(temp, 0.5);
+  EXPECT_FALSE(caching);
+  EXPECT_TRUE(verbose);
+  ASSERT_EQ(fs.positional().size(), 1u);
+  EXPECT_EQ(fs.positional()[0], "extra");
+  EXPECT_EQ(FlagSet::EnvName("max-num-seqs"), "DYN_MAX_NUM_SEQS");
+}
+
+TEST(Flags, ErrorsNameTheFlag) {
+  int64_t port = 0;
+  FlagSet fs("dyn test", "test");
+  fs.Int("port", &port, "port");
+  const char* bad_num[] = {"dyn", "--port", "80x"};
+  Status s = fs.Parse(3, const_cast<char**>(bad_num));
+  EXPECT_NE(s.message().find("--port"), std::string::npos);
+  FlagSet fs2("dyn test", "test");
+  fs2.Int("port", &port, "port");
+  const char* unknown[] = {"dyn", "--prot", "1"};
+  EXPECT_NE(fs2.Parse(3, const_cast<char**>(unknown)).message().find("--prot"), std::string::npos);
+  const char* missing[] = {"dyn", "--port"};
+  FlagSet fs3("dyn test", "test");
+  fs3.Int("port", &port, "port");
+  EXPECT_FALSE(fs3.Parse(2, const_cast<char**>(missing)).ok());
+}
+
+}  // namespace
+}  // namespace dyn
