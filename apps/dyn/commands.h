@@ -1,0 +1,9 @@
+// The dyn subcommands. Each returns the process exit code.
+#pragma once
+
+namespace dyn {
+
+int RunCommand(int argc, char** argv);
+int TokenizeCommand(int argc, char** argv, bool detokenize);
+
+}  // namespace dyn
