@@ -39,7 +39,8 @@ Collected RunToEnd(Engine& engine, PreprocessedRequest req, std::shared_ptr<Requ
 }
 
 PreprocessedRequest MakeRequest(std::vector<uint32_t> prompt, int max_tokens) {
-  PreprocessedRequest r{.request_id = std::string("r")};
+  PreprocessedRequest r;
+  r.request_id.push_back('r');
   r.token_ids = std::move(prompt);
   r.stop.max_tokens = max_tokens;
   return r;
