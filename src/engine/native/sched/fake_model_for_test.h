@@ -1,0 +1,108 @@
+// A test-only Model whose logits are a deterministic function of the whole token history, read
+// back through its "KV cache" (which stores token ids in block slots). A wrong block table, a
+// skipped or stale chunk, or a prefix-cache hit on the wrong blocks changes the history it reads
+// and so the output. It counts the tokens it computes.
+#pragma once
+
+#include <xxhash.h>
+
+#include <atomic>
+#include <chrono>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "engine/native/model/model.h"
+
+namespace dyn::testing {
+
+class FakeModel : public Model {
+ public:
+  static constexpr uint32_t kEmptySlot = 0xffffffffu;
+
+  explicit FakeModel(int vocab_size = 64, int max_position_embeddings = 4096, std::vector<uint32_t> eos = {}) {
+    config_.architecture = "fake";
+    config_.vocab_size = vocab_size;
+    config_.max_position_embeddings = max_position_embeddings;
+    config_.eos_token_ids = std::move(eos);
+  }
+
+  const ModelConfig& config() const override { return config_; }
+  size_t KvBytesPerToken() const override { return 1024; }
+  Status InitKvCache(int num_blocks, int block_size) override {
+    block_size_ = block_size;
+    slots_.assign(static_cast<size_t>(num_blocks) * block_size, kEmptySlot);
+    return Status::Ok();
+  }
+
+  Status Forward(std::span<const ForwardSeq> batch, float* logits) override {
+    if (step_delay_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(step_delay_us.load()));
+    ++forward_calls;
+    int max_batch = max_batch_seqs.load();
+    if (static_cast<int>(batch.size()) > max_batch) max_batch_seqs = static_cast<int>(batch.size());
+    size_t row = 0;
+    std::vector<uint32_t> history;
+    for (const ForwardSeq& s : batch) {
+      const size_t end = s.start_pos + s.tokens.size();
+      if (s.block_table.size() * block_size_ < end) return Status::Internal("block table too short");
+      for (size_t i = 0; i < s.tokens.size(); ++i) Slot(s.block_table, s.start_pos + i) = s.tokens[i];
+      computed_tokens += s.tokens.size();
+      if (!s.want_logits) continue;
+      history.clear();
+      for (size_t p = 0; p < end; ++p) {
+        const uint32_t t = Slot(s.block_table, p);
+        if (t == kEmptySlot) return Status::Internal("read an unwritten KV slot at position " + std::to_string(p));
+        history.push_back(t);
+      }
+      LogitsFor(history, logits + row * config_.vocab_size);
+      ++row;
+    }
+    return Status::Ok();
+  }
+
+  std::string Describe() const override { return "fake model, vocab " + std::to_string(config_.vocab_size); }
+
+  // The logits the model produces after `history`: uniform in [0, 8) from a hash of the history.
+  void LogitsFor(std::span<const uint32_t> history, float* out) const {
+    const uint64_t h = XXH3_64bits(history.data(), history.size() * sizeof(uint32_t));
+    for (int v = 0; v < config_.vocab_size; ++v) {
+      uint64_t x = h ^ (0x9e3779b97f4a7c15ull * (v + 1));
+      x ^= x >> 31;
+      x *= 0xbf58476d1ce4e5b9ull;
+      x ^= x >> 29;
+      out[v] = static_cast<float>(x >> 40) * (8.0f / 16777216.0f);
+    }
+  }
+
+  // Greedy continuation computed directly (no cache): the reference output.
+  std::vector<uint32_t> Greedy(std::vector<uint32_t> history, int n) const {
+    std::vector<float> l(config_.vocab_size);
+    std::vector<uint32_t> out;
+    for (int i = 0; i < n; ++i) {
+      LogitsFor(history, l.data());
+      uint32_t best = 0;
+      for (int v = 1; v < config_.vocab_size; ++v) {
+        if (l[v] > l[best]) best = v;
+      }
+      out.push_back(best);
+      history.push_back(best);
+    }
+    return out;
+  }
+
+  std::atomic<uint64_t> computed_tokens{0};
+  std::atomic<uint64_t> forward_calls{0};
+  std::atomic<int> max_batch_seqs{0};
+  std::atomic<int> step_delay_us{0};
+
+ private:
+  uint32_t& Slot(std::span<const int32_t> table, size_t pos) {
+    return slots_[static_cast<size_t>(table[pos / block_size_]) * block_size_ + pos % block_size_];
+  }
+
+  ModelConfig config_;
+  int block_size_ = 16;
+  std::vector<uint32_t> slots_;
+};
+
+}  // namespace dyn::testing

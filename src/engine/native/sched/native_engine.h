@@ -1,0 +1,44 @@
+// NativeEngine: the Engine (engine/engine.h) that runs a Model (model/model.h) in-process.
+//
+// One step thread owns the model, the block pool, the scheduler and the sampler. Generate() puts
+// the request in an inbox and returns; each step the thread drains the inbox (validating new
+// requests: invalid ones end with one kError delta), ends cancelled streams (kCancelled, blocks
+// freed), schedules a batch (scheduler.h), runs Model::Forward over it, samples each finished
+// sequence's next token (sampler.h) and sends it as one delta. The first delta of a stream
+// carries prompt_tokens and cached_tokens (prompt tokens served from the prefix cache).
+//
+// Stop conditions, checked after each token, first match wins: an EOS id (unless ignore_eos) or
+// a stop id ends with kStop and the token is included; max_tokens generated ends with kLength;
+// prompt + generated reaching the context length ends with kLength. Before min_tokens are
+// generated, EOS and stop ids are masked out of sampling (as vLLM and HF do). The context length
+// is the model's max_position_embeddings, capped by the KV pool's capacity
+// (num_kv_blocks * block_size) so that one sequence can always run alone; a prompt longer than
+// it is rejected with kError before scheduling.
+#pragma once
+
+#include <cstddef>
+#include <memory>
+
+#include "base/status.h"
+#include "engine/engine.h"
+#include "engine/native/model/model.h"
+#include "kv/block_pool.h"
+
+namespace dyn {
+
+struct NativeEngineOptions {
+  int block_size = 16;
+  int num_kv_blocks = 0;  // 0: derive from kv_cache_bytes
+  size_t kv_cache_bytes = 512u << 20;
+  int max_num_seqs = 64;
+  int max_num_batched_tokens = 2048;
+  bool enable_prefix_caching = true;
+  // Receives the block pool's KV events on the engine's step thread; must outlive the engine.
+  KvEventSink* kv_event_sink = nullptr;
+};
+
+// Sizes the KV pool, calls model->InitKvCache and starts the step thread. Fails if the options
+// are out of range or the cache cannot hold one block.
+Result<EnginePtr> CreateNativeEngine(std::unique_ptr<Model> model, const NativeEngineOptions& options);
+
+}  // namespace dyn
