@@ -1,0 +1,135 @@
+// Compute backend interface of the native engine: memory, weight views and the kernels one
+// Llama-family forward step needs. The model (model/llama_model.cpp) is written once against this
+// interface; the CPU backend (cpu/) implements it today, a CUDA backend can implement it later.
+//
+// Conventions every backend follows:
+// - Activations are F32 row-major matrices in backend memory (Buffer::data()); "m" is the number of
+//   rows (flattened new tokens of the whole batch), so one matmul serves every sequence at once.
+// - Weights are [rows][cols] row-major, row r = output feature r (the Hugging Face / GGUF layout),
+//   in any DType. Block-quantized types need cols % 32 == 0.
+// - Small host-side metadata (token ids, positions, block tables) is passed as host pointers; a
+//   device backend copies it itself.
+// - Results for one row never depend on the other rows of the call (same accumulation order for
+//   any m), so batching sequences does not change their outputs.
+// - Kernels are called from one thread at a time (the model's forward thread).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+
+namespace dyn {
+
+enum class DType : uint8_t { kF32, kF16, kBF16, kQ8_0, kQ4_0, kQ4_1 };
+
+const char* DTypeName(DType t);
+// Bytes of one row of `cols` elements (cols % 32 == 0 for quantized types).
+size_t DTypeRowBytes(DType t, int64_t cols);
+bool DTypeIsQuantized(DType t);
+
+// A weight matrix view. The memory is owned elsewhere (a mapped file or a backend Buffer).
+struct Weight {
+  DType dtype = DType::kF32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const void* data = nullptr;
+  size_t bytes() const { return static_cast<size_t>(rows) * DTypeRowBytes(dtype, cols); }
+};
+
+// A block of backend memory.
+class Buffer {
+ public:
+  virtual ~Buffer() = default;
+  virtual void* data() = 0;
+  virtual size_t size() const = 0;
+  float* f32() { return static_cast<float*>(data()); }
+};
+
+enum class RopeStyle : uint8_t {
+  kNeox,         // rotate-half: pairs (i, i + d/2); Hugging Face, GGUF qwen2/qwen3
+  kInterleaved,  // pairs (2i, 2i + 1); GGUF llama (llama.cpp permutes Q/K rows at conversion)
+};
+
+// Paged KV cache geometry. Block b holds block_size token slots for every layer:
+// [layers][K|V][block_size][kv_heads][head_dim] F32, so one block is one contiguous range (cheap to
+// transfer between workers).
+struct KvLayout {
+  int num_layers = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  int block_size = 16;
+  int num_blocks = 0;
+  size_t TokenFloats() const { return static_cast<size_t>(num_kv_heads) * head_dim; }
+  size_t BlockFloats() const { return static_cast<size_t>(num_layers) * 2 * block_size * TokenFloats(); }
+  // Float offset of (block, layer, kv = 0 for K / 1 for V, slot) from the cache start.
+  size_t Offset(int block, int layer, int kv, int slot) const {
+    return static_cast<size_t>(block) * BlockFloats() +
+           ((static_cast<size_t>(layer) * 2 + kv) * block_size + slot) * TokenFloats();
+  }
+};
+
+// One sequence's rows in an attention call.
+struct AttentionSeq {
+  int row_begin = 0;                     // first row of this sequence in q/k/v/out
+  int num_rows = 0;                      // its new tokens
+  int start_pos = 0;                     // position of its first new token
+  std::span<const int32_t> block_table;  // host memory; covers [0, start_pos + num_rows)
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual std::string Describe() const = 0;
+
+  // ---- memory ----
+  virtual Result<std::unique_ptr<Buffer>> Allocate(size_t bytes) = 0;
+  // Makes a host weight (e.g. in a mapped file) usable by the kernels. The CPU backend returns it
+  // unchanged (used in place); a device backend copies it into a Buffer appended to `owned`.
+  virtual Result<Weight> PrepareWeight(const Weight& host, std::vector<std::unique_ptr<Buffer>>* owned) = 0;
+  virtual void CopyToBackend(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
+
+  // ---- kernels ----
+  // out[i][:] = table row ids[i], converted to F32.
+  virtual void Embedding(const Weight& table, std::span<const uint32_t> ids, float* out) = 0;
+  // out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight; out may alias x.
+  virtual void RmsNorm(const float* x, const float* weight, int m, int dim, float eps, float* out) = 0;
+  // out[m][w.rows] = x[m][w.cols] * w^T. Quantized weights: x rows are quantized to 8-bit blocks
+  // and multiplied with integer dot products (as llama.cpp does).
+  virtual void MatMul(const float* x, int m, const Weight& w, float* out) = 0;
+  // out[i][:] = x[rows[i]][:] for rows of length dim.
+  virtual void GatherRows(const float* x, int dim, std::span<const uint32_t> rows, float* out) = 0;
+  // x[i][:] += bias for each of the m rows of length n.
+  virtual void AddBias(float* x, int m, int n, const float* bias) = 0;
+  // x[i] += y[i] for n floats.
+  virtual void Add(float* x, const float* y, size_t n) = 0;
+  // out[i] = silu(gate[i]) * up[i] for n floats; out may alias gate.
+  virtual void SwiGlu(const float* gate, const float* up, size_t n, float* out) = 0;
+  // cos_sin[i][j] = (cos, sin)(positions[i] * inv_freq[j]) for j < head_dim / 2, computed in F32
+  // like Hugging Face; the table then serves every layer's Rope calls of this step.
+  virtual void RopeTable(std::span<const int32_t> positions, std::span<const float> inv_freq, float* cos_sin) = 0;
+  // Rotates each head of x[m][heads][head_dim] in place.
+  virtual void Rope(float* x, int m, int heads, int head_dim, const float* cos_sin, RopeStyle style) = 0;
+  // RMSNorm over each head of x[m][heads][head_dim] in place with weight[head_dim] (Qwen3 q/k norm).
+  virtual void HeadRmsNorm(float* x, int m, int heads, int head_dim, const float* weight, float eps) = 0;
+  // Writes k/v rows ([rows][kv_heads][head_dim]) of `layer` into their cache slots.
+  virtual void WriteKv(float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs,
+                       const float* k, const float* v) = 0;
+  // Causal attention of q ([rows][heads][head_dim]) over each sequence's cached prefix and new
+  // rows (already written by WriteKv); GQA maps head h to kv head h / (heads / kv_heads).
+  // out: [rows][heads][head_dim].
+  virtual void Attention(const float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs,
+                         const float* q, int num_heads, float scale, float* out) = 0;
+};
+
+// The CPU backend: a persistent thread pool of num_threads (0 = hardware threads) threads.
+std::unique_ptr<Backend> CreateCpuBackend(int num_threads);
+// "cpu" today; other names fail with Unsupported.
+Result<std::unique_ptr<Backend>> CreateBackend(const std::string& device, int num_threads);
+
+}  // namespace dyn

@@ -1,0 +1,265 @@
+// The Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, SmolLM2, TinyLlama), written once over
+// the Backend interface. One Forward flattens every sequence's new tokens into one activation
+// matrix, so each weight matrix is streamed once per step for the whole batch; only attention
+// looks at sequences separately (over their block tables).
+#include <cmath>
+#include <numbers>
+#include <sstream>
+
+#include "engine/native/model/loaded_model.h"
+
+namespace dyn {
+
+Result<std::vector<float>> RopeInvFreq(const ModelConfig& c) {
+  const int half = c.head_dim / 2;
+  std::vector<float> inv(half);
+  for (int j = 0; j < half; ++j) {
+    inv[j] = 1.0f / std::pow(c.rope_theta, static_cast<float>(2 * j) / static_cast<float>(c.head_dim));
+  }
+  const RopeScaling& rs = c.rope_scaling;
+  if (rs.type.empty() || rs.type == "default") return inv;
+  if (rs.type == "linear") {
+    for (float& f : inv) f /= rs.factor;
+    return inv;
+  }
+  if (rs.type == "llama3") {
+    const float old_ctx = static_cast<float>(rs.original_max_position_embeddings);
+    const float low_wavelen = old_ctx / rs.low_freq_factor;
+    const float high_wavelen = old_ctx / rs.high_freq_factor;
+    for (float& f : inv) {
+      const float wavelen = 2.0f * std::numbers::pi_v<float> / f;
+      if (wavelen > low_wavelen) {
+        f = f / rs.factor;
+      } else if (wavelen >= high_wavelen) {
+        const float smooth = (old_ctx / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor);
+        f = (1.0f - smooth) * f / rs.factor + smooth * f;
+      }
+    }
+    return inv;
+  }
+  return Status::Unsupported("rope_scaling type '" + rs.type + "' (supported: llama3, linear)");
+}
+
+namespace {
+
+struct LayerParams {
+  Weight wq, wk, wv, wo, w_gate, w_up, w_down;
+  std::unique_ptr<Buffer> attn_norm, ffn_norm, q_norm, k_norm, bq, bk, bv;
+};
+
+class LlamaModel : public Model {
+ public:
+  // Takes the config and mapped files from `loaded`; Init() then takes the weights.
+  LlamaModel(LoadedModel& loaded, std::unique_ptr<Backend> backend)
+      : config_(std::move(loaded.config)), rope_style_(loaded.rope_style), format_(loaded.format),
+        backend_(std::move(backend)), keep_alive_(std::move(loaded.keep_alive)) {}
+
+  Status Init(LoadedModel& loaded) {
+    DYN_ASSIGN_OR_RETURN(inv_freq_, RopeInvFreq(config_));
+    for (size_t j = 0; j < loaded.rope_freq_factors.size(); ++j) inv_freq_[j] /= loaded.rope_freq_factors[j];
+    DYN_ASSIGN_OR_RETURN(embed_, backend_->PrepareWeight(loaded.embed, &owned_));
+    DYN_ASSIGN_OR_RETURN(output_, backend_->PrepareWeight(loaded.output, &owned_));
+    DYN_ASSIGN_OR_RETURN(output_norm_, Upload(loaded.output_norm));
+    for (LoadedLayer& l : loaded.layers) {
+      LayerParams p;
+      DYN_ASSIGN_OR_RETURN(p.wq, backend_->PrepareWeight(l.wq, &owned_));
+      DYN_ASSIGN_OR_RETURN(p.wk, backend_->PrepareWeight(l.wk, &owned_));
+      DYN_ASSIGN_OR_RETURN(p.wv, backend_->PrepareWeight(l.wv, &owned_));
+      DYN_ASSIGN_OR_RETURN(p.wo, backend_->PrepareWeight(l.wo, &owned_));
+      DYN_ASSIGN_OR_RETURN(p.w_gate, backend_->PrepareWeight(l.w_gate, &owned_));
+      DYN_ASSIGN_OR_RETURN(p.w_up, backend_->PrepareWeight(l.w_up, &owned_));
+      DYN_ASSIGN_OR_RETURN(p.w_down, backend_->PrepareWeight(l.w_down, &owned_));
+      DYN_ASSIGN_OR_RETURN(p.attn_norm, Upload(l.attn_norm));
+      DYN_ASSIGN_OR_RETURN(p.ffn_norm, Upload(l.ffn_norm));
+      if (config_.qk_norm) {
+        DYN_ASSIGN_OR_RETURN(p.q_norm, Upload(l.q_norm));
+        DYN_ASSIGN_OR_RETURN(p.k_norm, Upload(l.k_norm));
+      }
+      if (config_.attention_bias) {
+        DYN_ASSIGN_OR_RETURN(p.bq, Upload(l.bq));
+        DYN_ASSIGN_OR_RETURN(p.bk, Upload(l.bk));
+        DYN_ASSIGN_OR_RETURN(p.bv, Upload(l.bv));
+      }
+      layers_.push_back(std::move(p));
+    }
+    weight_summary_ = std::string("embed ") + DTypeName(embed_.dtype) + ", attn_q " + DTypeName(layers_[0].wq.dtype) +
+                      ", ffn_down " + DTypeName(layers_[0].w_down.dtype) + ", output " + DTypeName(output_.dtype);
+    return Status::Ok();
+  }
+
+  const ModelConfig& config() const override { return config_; }
+
+  size_t KvBytesPerToken() const override {
+    return static_cast<size_t>(config_.num_layers) * 2 * config_.num_kv_heads * config_.head_dim * sizeof(float);
+  }
+
+  Status InitKvCache(int num_blocks, int block_size) override {
+    if (num_blocks <= 0 || block_size <= 0) return Status::InvalidArgument("InitKvCache: num_blocks and block_size must be positive");
+    kv_.num_layers = config_.num_layers;
+    kv_.num_kv_heads = config_.num_kv_heads;
+    kv_.head_dim = config_.head_dim;
+    kv_.block_size = block_size;
+    kv_.num_blocks = num_blocks;
+    DYN_ASSIGN_OR_RETURN(kv_cache_, backend_->Allocate(kv_.BlockFloats() * num_blocks * sizeof(float)));
+    return Status::Ok();
+  }
+
+  Status Forward(std::span<const ForwardSeq> batch, float* logits) override;
+
+  std::string Describe() const override {
+    std::ostringstream os;
+    os << config_.architecture << " (" << format_ << "): " << config_.num_layers << " layers, hidden " << config_.hidden_size
+       << ", ffn " << config_.intermediate_size << ", heads " << config_.num_heads << "/" << config_.num_kv_heads << " x "
+       << config_.head_dim << ", vocab " << config_.vocab_size << ", ctx " << config_.max_position_embeddings << "; "
+       << weight_summary_ << "; rope " << (rope_style_ == RopeStyle::kNeox ? "neox" : "interleaved") << "; backend "
+       << backend_->Describe();
+    return os.str();
+  }
+
+ private:
+  Result<std::unique_ptr<Buffer>> Upload(const std::vector<float>& v) {
+    DYN_ASSIGN_OR_RETURN(auto buf, backend_->Allocate(v.size() * sizeof(float)));
+    backend_->CopyToBackend(buf->data(), v.data(), v.size() * sizeof(float));
+    return buf;
+  }
+
+  // Grows `buf` to hold n floats.
+  Status Ensure(std::unique_ptr<Buffer>& buf, size_t n) {
+    if (buf && buf->size() >= n * sizeof(float)) return Status::Ok();
+    DYN_ASSIGN_OR_RETURN(buf, backend_->Allocate(n * sizeof(float) * 5 / 4 + 64));
+    return Status::Ok();
+  }
+
+  Status Validate(std::span<const ForwardSeq> batch) const;
+
+  ModelConfig config_;
+  RopeStyle rope_style_;
+  std::string format_;
+  std::unique_ptr<Backend> backend_;
+  std::vector<std::shared_ptr<void>> keep_alive_;
+  std::vector<std::unique_ptr<Buffer>> owned_;
+  std::vector<float> inv_freq_;
+  Weight embed_, output_;
+  std::unique_ptr<Buffer> output_norm_;
+  std::vector<LayerParams> layers_;
+  std::string weight_summary_;
+  KvLayout kv_;
+  std::unique_ptr<Buffer> kv_cache_;
+  // Step workspace, grown to the largest batch seen.
+  std::unique_ptr<Buffer> x_, h_, q_, k_, v_, attn_, gate_, up_, cos_sin_, last_, logits_;
+};
+
+Status LlamaModel::Validate(std::span<const ForwardSeq> batch) const {
+  if (!kv_cache_) return Status::Internal("Forward before InitKvCache");
+  for (size_t s = 0; s < batch.size(); ++s) {
+    const ForwardSeq& f = batch[s];
+    if (f.tokens.empty()) return Status::InvalidArgument("Forward: sequence " + std::to_string(s) + " has no new tokens");
+    if (f.start_pos < 0) return Status::InvalidArgument("Forward: negative start_pos");
+    const int64_t end = f.start_pos + static_cast<int64_t>(f.tokens.size());
+    if (end > config_.max_position_embeddings) {
+      return Status::TooLarge("Forward: position " + std::to_string(end) + " exceeds the context length " +
+                              std::to_string(config_.max_position_embeddings));
+    }
+    if (static_cast<int64_t>(f.block_table.size()) * kv_.block_size < end) {
+      return Status::InvalidArgument("Forward: block table of sequence " + std::to_string(s) + " covers " +
+                                     std::to_string(f.block_table.size() * kv_.block_size) + " tokens, needs " + std::to_string(end));
+    }
+    for (int32_t b : f.block_table) {
+      if (b < 0 || b >= kv_.num_blocks) return Status::InvalidArgument("Forward: KV block id " + std::to_string(b) + " out of range");
+    }
+    for (uint32_t t : f.tokens) {
+      if (t >= static_cast<uint32_t>(config_.vocab_size)) return Status::InvalidArgument("Forward: token id " + std::to_string(t) + " >= vocab size");
+    }
+  }
+  return Status::Ok();
+}
+
+Status LlamaModel::Forward(std::span<const ForwardSeq> batch, float* logits) {
+  DYN_RETURN_IF_ERROR(Validate(batch));
+  const ModelConfig& c = config_;
+  std::vector<uint32_t> ids;
+  std::vector<int32_t> positions;
+  std::vector<AttentionSeq> seqs;
+  std::vector<uint32_t> logit_rows;
+  for (const ForwardSeq& f : batch) {
+    AttentionSeq a;
+    a.row_begin = static_cast<int>(ids.size());
+    a.num_rows = static_cast<int>(f.tokens.size());
+    a.start_pos = f.start_pos;
+    a.block_table = f.block_table;
+    seqs.push_back(a);
+    for (size_t i = 0; i < f.tokens.size(); ++i) {
+      ids.push_back(f.tokens[i]);
+      positions.push_back(f.start_pos + static_cast<int32_t>(i));
+    }
+    if (f.want_logits) logit_rows.push_back(static_cast<uint32_t>(ids.size() - 1));
+  }
+  const int T = static_cast<int>(ids.size());
+  if (T == 0) return Status::Ok();
+  const size_t hidden = c.hidden_size, q_dim = static_cast<size_t>(c.num_heads) * c.head_dim,
+               kv_dim = static_cast<size_t>(c.num_kv_heads) * c.head_dim, ffn = c.intermediate_size;
+  DYN_RETURN_IF_ERROR(Ensure(x_, T * hidden));
+  DYN_RETURN_IF_ERROR(Ensure(h_, T * hidden));
+  DYN_RETURN_IF_ERROR(Ensure(q_, T * q_dim));
+  DYN_RETURN_IF_ERROR(Ensure(k_, T * kv_dim));
+  DYN_RETURN_IF_ERROR(Ensure(v_, T * kv_dim));
+  DYN_RETURN_IF_ERROR(Ensure(attn_, T * std::max(q_dim, hidden)));
+  DYN_RETURN_IF_ERROR(Ensure(gate_, T * ffn));
+  DYN_RETURN_IF_ERROR(Ensure(up_, T * ffn));
+  DYN_RETURN_IF_ERROR(Ensure(cos_sin_, static_cast<size_t>(T) * c.head_dim));
+  Backend& be = *backend_;
+  float *x = x_->f32(), *h = h_->f32(), *q = q_->f32(), *k = k_->f32(), *v = v_->f32(), *attn = attn_->f32(),
+        *gate = gate_->f32(), *up = up_->f32(), *cos_sin = cos_sin_->f32();
+
+  be.Embedding(embed_, ids, x);
+  be.RopeTable(positions, inv_freq_, cos_sin);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+  for (int l = 0; l < c.num_layers; ++l) {
+    const LayerParams& p = layers_[l];
+    be.RmsNorm(x, p.attn_norm->f32(), T, c.hidden_size, c.rms_norm_eps, h);
+    be.MatMul(h, T, p.wq, q);
+    be.MatMul(h, T, p.wk, k);
+    be.MatMul(h, T, p.wv, v);
+    if (c.attention_bias) {
+      be.AddBias(q, T, static_cast<int>(q_dim), p.bq->f32());
+      be.AddBias(k, T, static_cast<int>(kv_dim), p.bk->f32());
+      be.AddBias(v, T, static_cast<int>(kv_dim), p.bv->f32());
+    }
+    if (c.qk_norm) {
+      be.HeadRmsNorm(q, T, c.num_heads, c.head_dim, p.q_norm->f32(), c.rms_norm_eps);
+      be.HeadRmsNorm(k, T, c.num_kv_heads, c.head_dim, p.k_norm->f32(), c.rms_norm_eps);
+    }
+    be.Rope(q, T, c.num_heads, c.head_dim, cos_sin, rope_style_);
+    be.Rope(k, T, c.num_kv_heads, c.head_dim, cos_sin, rope_style_);
+    be.WriteKv(kv_cache_->f32(), kv_, l, seqs, k, v);
+    be.Attention(kv_cache_->f32(), kv_, l, seqs, q, c.num_heads, scale, attn);
+    be.MatMul(attn, T, p.wo, h);
+    be.Add(x, h, T * hidden);
+    be.RmsNorm(x, p.ffn_norm->f32(), T, c.hidden_size, c.rms_norm_eps, h);
+    be.MatMul(h, T, p.w_gate, gate);
+    be.MatMul(h, T, p.w_up, up);
+    be.SwiGlu(gate, up, T * ffn, gate);
+    be.MatMul(gate, T, p.w_down, h);
+    be.Add(x, h, T * hidden);
+  }
+  if (logit_rows.empty()) return Status::Ok();
+  const int S = static_cast<int>(logit_rows.size());
+  DYN_RETURN_IF_ERROR(Ensure(last_, S * hidden));
+  DYN_RETURN_IF_ERROR(Ensure(logits_, static_cast<size_t>(S) * c.vocab_size));
+  be.GatherRows(x, c.hidden_size, logit_rows, last_->f32());
+  be.RmsNorm(last_->f32(), output_norm_->f32(), S, c.hidden_size, c.rms_norm_eps, last_->f32());
+  be.MatMul(last_->f32(), S, output_, logits_->f32());
+  be.CopyToHost(logits, logits_->f32(), static_cast<size_t>(S) * c.vocab_size * sizeof(float));
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Model>> CreateLlamaModel(LoadedModel loaded, std::unique_ptr<Backend> backend) {
+  DYN_RETURN_IF_ERROR(ValidateLoadedModel(loaded));
+  auto model = std::make_unique<LlamaModel>(loaded, std::move(backend));
+  DYN_RETURN_IF_ERROR(model->Init(loaded));
+  return std::unique_ptr<Model>(std::move(model));
+}
+
+}  // namespace dyn
