@@ -86,7 +86,16 @@ class NativeEngine final : public Engine {
     bool sent_first = false;
   };
 
+  // A delta waiting for the end of the step: streams see it after Metrics() reflects the step.
+  struct Delivery {
+    const OutputSink* sink = nullptr;  // the Active's own sink (stream still open)
+    OutputSink owned;                  // or the sink itself, moved out of a finished stream
+    EngineOutput output;
+  };
+
   void Loop();
+  void Deliver();
+  void EndLater(OutputSink sink, FinishReason reason, std::string error = {});
   void Admit(Incoming in);
   void DropCancelled();
   void RunStep(const SchedulerOutput& out);
@@ -112,6 +121,7 @@ class NativeEngine final : public Engine {
   std::vector<float> logits_;
   std::vector<ForwardSeq> batch_;
   std::vector<uint32_t> banned_;
+  std::vector<Delivery> outbox_;
   uint64_t prompt_tokens_ = 0, cached_prompt_tokens_ = 0, generated_tokens_ = 0, steps_ = 0;
 
   mutable std::mutex metrics_mu_;
@@ -143,14 +153,14 @@ Status NativeEngine::Validate(const PreprocessedRequest& r) const {
 
 void NativeEngine::Admit(Incoming in) {
   if (in.context && in.context->cancelled()) {
-    EndStream(in.sink, FinishReason::kCancelled);
+    EndLater(std::move(in.sink), FinishReason::kCancelled);
     return;
   }
   Status st = Validate(in.request);
   const SeqId id = next_id_++;
   if (st.ok()) st = scheduler_.Add(id, in.request.token_ids);
   if (!st.ok()) {
-    EndStream(in.sink, FinishReason::kError, st.message());
+    EndLater(std::move(in.sink), FinishReason::kError, st.message());
     return;
   }
   prompt_tokens_ += in.request.token_ids.size();
@@ -162,7 +172,7 @@ void NativeEngine::Finish(SeqId id, FinishReason reason, std::string error) {
   auto it = active_.find(id);
   scheduler_.Finish(id);
   if (it == active_.end()) return;
-  EndStream(it->second.sink, reason, std::move(error));
+  EndLater(std::move(it->second.sink), reason, std::move(error));
   active_.erase(it);
 }
 
@@ -229,13 +239,29 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
     }
     if (delta.finish_reason) {
       scheduler_.Finish(c.id);
-      a.sink(std::move(delta));
+      outbox_.push_back({nullptr, std::move(a.sink), std::move(delta)});
       active_.erase(c.id);
     } else {
       scheduler_.AppendToken(c.id, token);
-      a.sink(std::move(delta));
+      outbox_.push_back({&a.sink, nullptr, std::move(delta)});
     }
   }
+}
+
+void NativeEngine::EndLater(OutputSink sink, FinishReason reason, std::string error) {
+  Delivery d;
+  d.owned = std::move(sink);
+  d.output.finish_reason = reason;
+  d.output.error = std::move(error);
+  outbox_.push_back(std::move(d));
+}
+
+void NativeEngine::Deliver() {
+  for (Delivery& d : outbox_) {
+    const OutputSink& sink = d.sink ? *d.sink : d.owned;
+    sink(std::move(d.output));
+  }
+  outbox_.clear();
 }
 
 void NativeEngine::PublishMetrics() {
@@ -267,12 +293,14 @@ void NativeEngine::Loop() {
     DropCancelled();
     if (active_.empty()) {
       PublishMetrics();
+      Deliver();
       continue;
     }
     SchedulerOutput out = scheduler_.Schedule();
     for (auto& [id, status] : out.failed) Finish(id, FinishReason::kError, status.message());
     if (!out.batch.empty()) RunStep(out);
     PublishMetrics();
+    Deliver();
     if (out.batch.empty() && !active_.empty()) {
       // Nothing could run (should not happen: an idle pool fits any admitted sequence); do not spin.
       std::unique_lock lock(mu_);
@@ -283,13 +311,14 @@ void NativeEngine::Loop() {
   std::vector<SeqId> open;
   for (auto& [id, a] : active_) open.push_back(id);
   for (SeqId id : open) Finish(id, FinishReason::kCancelled);
+  PublishMetrics();
+  Deliver();
   std::vector<Incoming> rest;
   {
     std::lock_guard lock(mu_);
     rest.swap(inbox_);
   }
   for (Incoming& in : rest) EndStream(in.sink, FinishReason::kCancelled);
-  PublishMetrics();
 }
 
 }  // namespace

@@ -105,23 +105,10 @@ void Sampler::ApplyPenalties(std::span<float> logits, const SamplingParams& p, s
 uint32_t Sampler::Draw(std::span<const float> logits, const SamplingParams& p, SamplerRng& rng) {
   const float max_logit = logits[ArgMax(logits)];
   const float inv_t = 1.0f / p.temperature;
-  candidates_.clear();
   const bool use_top_k = p.top_k > 0 && p.top_k < vocab_size_;
-  if (use_top_k) {
-    candidates_.resize(vocab_size_);
-    for (int i = 0; i < vocab_size_; ++i) candidates_[i] = i;
-    auto better = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-    std::nth_element(candidates_.begin(), candidates_.begin() + (p.top_k - 1), candidates_.end(), better);
-    candidates_.resize(p.top_k);
-  }
-  const bool truncate = p.top_p < 1.0f || p.min_p > 0.0f;
-  if (!use_top_k && truncate) {
-    for (int i = 0; i < vocab_size_; ++i) {
-      if (logits[i] != kNegInf) candidates_.push_back(i);
-    }
-  }
-  if (!use_top_k && !truncate) {
-    // Plain temperature sampling over the whole vocabulary: no index list needed.
+  const bool truncate = use_top_k || p.top_p < 1.0f || p.min_p > 0.0f;
+  if (!truncate) {
+    // Plain temperature sampling over the whole vocabulary.
     weights_.resize(vocab_size_);
     double sum = 0;
     for (int i = 0; i < vocab_size_; ++i) sum += weights_[i] = std::exp((logits[i] - max_logit) * inv_t);
@@ -133,46 +120,65 @@ uint32_t Sampler::Draw(std::span<const float> logits, const SamplingParams& p, S
     return ArgMax(logits);
   }
 
-  // Sort candidates best first as far as top-p needs: grow a sorted prefix until it holds the mass.
-  auto better = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
-  double total = 0;
-  for (int32_t c : candidates_) total += std::exp((logits[c] - max_logit) * inv_t);
+  // Candidates with their weight w = exp((l - max) / T) = p / p_max; a total order (weight, then
+  // lowest id) keeps the selection deterministic.
+  candidates_.clear();
+  for (int i = 0; i < vocab_size_; ++i) {
+    const float w = std::exp((logits[i] - max_logit) * inv_t);
+    if (w > 0) candidates_.push_back({w, i});
+  }
+  auto better = [](const Candidate& a, const Candidate& b) { return a.w > b.w || (a.w == b.w && a.id < b.id); };
+  auto first = candidates_.begin();
+  if (use_top_k && static_cast<size_t>(p.top_k) < candidates_.size()) {
+    std::nth_element(first, first + (p.top_k - 1), candidates_.end(), better);
+    candidates_.resize(p.top_k);
+  }
   size_t keep = candidates_.size();
-  size_t sorted = 0;
   if (p.top_p < 1.0f) {
-    const double target = static_cast<double>(p.top_p) * total;
-    double cum = 0;
-    size_t i = 0;
-    for (size_t want = std::min<size_t>(64, candidates_.size());; want = std::min(want * 4, candidates_.size())) {
-      std::partial_sort(candidates_.begin() + sorted, candidates_.begin() + want, candidates_.end(), better);
-      sorted = want;
-      for (; i < sorted; ++i) {
-        cum += std::exp((logits[candidates_[i]] - max_logit) * inv_t);
-        if (cum >= target) break;
+    // Smallest best-first prefix whose mass reaches top_p, by repeated partitioning (expected
+    // linear time): [0, lo) is known to be kept, the boundary lies in [lo, hi).
+    double total = 0;
+    for (const Candidate& c : candidates_) total += c.w;
+    double need = static_cast<double>(p.top_p) * total;
+    size_t lo = 0, hi = candidates_.size();
+    while (hi - lo > 64) {
+      const size_t mid = lo + (hi - lo) / 2;
+      std::nth_element(first + lo, first + mid, first + hi, better);
+      double mass = 0;
+      for (size_t i = lo; i < mid; ++i) mass += candidates_[i].w;
+      if (mass >= need) {
+        hi = mid;
+      } else {
+        need -= mass;
+        lo = mid;
       }
-      if (i < sorted || sorted == candidates_.size()) break;
     }
-    keep = std::min(i + 1, candidates_.size());
+    std::sort(first + lo, first + hi, better);
+    keep = hi;
+    for (size_t i = lo; i < hi; ++i) {
+      need -= candidates_[i].w;
+      if (need <= 0) {
+        keep = i + 1;
+        break;
+      }
+    }
   }
   if (p.min_p > 0.0f) {
-    // p_i >= min_p * p_max  <=>  exp((l_i - l_max) / T) >= min_p.
-    const float min_w = p.min_p;
+    // p_i >= min_p * p_max  <=>  w_i >= min_p; the top token (w = 1) always stays.
     size_t kept = 0;
     for (size_t i = 0; i < keep; ++i) {
-      if (std::exp((logits[candidates_[i]] - max_logit) * inv_t) >= min_w) candidates_[kept++] = candidates_[i];
+      if (candidates_[i].w >= p.min_p) candidates_[kept++] = candidates_[i];
     }
-    keep = std::max<size_t>(kept, 1);
-    if (kept == 0) candidates_[0] = static_cast<int32_t>(ArgMax(logits));
+    keep = kept;
   }
-  weights_.resize(keep);
   double sum = 0;
-  for (size_t i = 0; i < keep; ++i) sum += weights_[i] = std::exp((logits[candidates_[i]] - max_logit) * inv_t);
+  for (size_t i = 0; i < keep; ++i) sum += candidates_[i].w;
   double u = Uniform01(rng) * sum;
   for (size_t i = 0; i < keep; ++i) {
-    u -= weights_[i];
-    if (u < 0 && weights_[i] > 0) return static_cast<uint32_t>(candidates_[i]);
+    u -= candidates_[i].w;
+    if (u < 0) return static_cast<uint32_t>(candidates_[i].id);
   }
-  return static_cast<uint32_t>(candidates_[0]);
+  return keep > 0 ? static_cast<uint32_t>(candidates_[keep - 1].id) : ArgMax(logits);
 }
 
 uint32_t Sampler::Sample(std::span<float> logits, const SamplingParams& params, std::span<const uint32_t> prompt,

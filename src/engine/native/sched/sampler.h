@@ -54,8 +54,12 @@ class Sampler {
   int vocab_size_;
   std::vector<int32_t> counts_;       // per token, zero between calls
   std::vector<uint8_t> seen_;         // per token, zero between calls
-  std::vector<int32_t> candidates_;
-  std::vector<float> weights_;        // exp((logit - max) / temperature) per candidate
+  struct Candidate {
+    float w;  // exp((logit - max) / temperature)
+    int32_t id;
+  };
+  std::vector<Candidate> candidates_;
+  std::vector<float> weights_;
 };
 
 }  // namespace dyn
