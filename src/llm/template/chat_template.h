@@ -6,7 +6,9 @@
 // bounded, so a hostile template gets an error, not a hang or a crash.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -32,7 +34,15 @@ class ChatTemplate {
   // Renders with `variables` as the template's globals (JSON values become template values:
   // objects are dicts that keep insertion order, arrays are lists). `raise_exception(msg)` in
   // the template yields InvalidArgument with msg.
+  // Errors: syntax-free runtime errors (undefined attribute access, type errors) are
+  // InvalidArgument; exceeding max_steps or max_recursion is ResourceExhausted; exceeding
+  // max_output_bytes (including building a string that large) is TooLarge. Thread-safe: a parsed
+  // template may render on many threads at once.
   Result<std::string> Render(const boost::json::object& variables, const RenderLimits& limits = {}) const;
+
+  // As above, with `now` as the clock that strftime_now reads (local time zone); for tests.
+  using Clock = std::function<std::chrono::system_clock::time_point()>;
+  Result<std::string> Render(const boost::json::object& variables, const RenderLimits& limits, Clock now) const;
 
   struct Impl;
 
@@ -41,8 +51,12 @@ class ChatTemplate {
   std::unique_ptr<Impl> impl_;
 };
 
-// The variables apply_chat_template passes: messages, tools (omitted when null),
-// add_generation_prompt, bos_token, eos_token, plus `extra` (e.g. enable_thinking) merged on top.
+// The variables transformers' apply_chat_template passes: messages, tools and documents (null
+// when absent, as transformers passes them), add_generation_prompt, bos_token and eos_token
+// (omitted when empty, as transformers omits unset special tokens), plus `extra` (e.g.
+// enable_thinking) merged on top. Like transformers, a message whose reasoning is given as
+// `reasoning_content`, `thinking` or `reasoning` gets it under both `thinking` and
+// `reasoning_content`.
 boost::json::object ChatTemplateVariables(const boost::json::array& messages, const boost::json::value* tools,
                                           bool add_generation_prompt, std::string_view bos_token,
                                           std::string_view eos_token, const boost::json::object* extra);
