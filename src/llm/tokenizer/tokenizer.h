@@ -58,6 +58,7 @@ class Tokenizer {
   struct Impl;
 
  private:
+  friend class IncrementalDecoder;
   explicit Tokenizer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
@@ -66,7 +67,9 @@ class Tokenizer {
 // more tokens arrive. Given the prompt's ids as context, the text it emits in total equals
 // Decode(prompt + generated) minus Decode(prompt) (so a SentencePiece leading space between the
 // prompt and the first generated token is kept, as vLLM does); with no context it equals
-// Decode(generated). Not thread-safe; one per stream.
+// Decode(generated). Byte-fallback pieces (<0xXX>) are decoded as a group, and a later invalid
+// byte turns the whole group into U+FFFD, so text is held back while the last token is one.
+// Not thread-safe; one per stream.
 class IncrementalDecoder {
  public:
   IncrementalDecoder(const Tokenizer& tokenizer, bool skip_special_tokens,
@@ -82,6 +85,7 @@ class IncrementalDecoder {
   std::vector<uint32_t> ids_;
   size_t prefix_offset_ = 0;  // ids_[prefix_offset_, read_offset_) decode to already-emitted text
   size_t read_offset_ = 0;
+  bool last_is_byte_piece_ = false;  // the last token that decodes to text is a <0xXX> piece
 };
 
 }  // namespace dyn
