@@ -1,5 +1,6 @@
 #include "llm/template/lexer.h"
 
+#include <cctype>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -235,6 +236,24 @@ class Lexer {
   }
 
   Status LexNumber() {
+    if (src_[pos_] == '0' && pos_ + 2 < src_.size() && std::strchr("xXoObB", src_[pos_ + 1])) {
+      int base = std::strchr("xX", src_[pos_ + 1]) ? 16 : std::strchr("oO", src_[pos_ + 1]) ? 8 : 2;
+      size_t q = pos_ + 2;
+      std::string digits;
+      while (q < src_.size() && (std::isxdigit(static_cast<unsigned char>(src_[q])) || src_[q] == '_')) {
+        if (src_[q] != '_') digits += src_[q];
+        ++q;
+      }
+      char* end = nullptr;
+      errno = 0;
+      long long value = std::strtoll(digits.c_str(), &end, base);
+      if (digits.empty() || *end != '\0' || errno == ERANGE) return SyntaxError("invalid integer literal", Line());
+      Token tok{TokenType::kInt, src_.substr(pos_, q - pos_), Line()};
+      tok.int_value = value;
+      tokens_.push_back(std::move(tok));
+      pos_ = q;
+      return Status::Ok();
+    }
     size_t q = pos_;
     auto digits = [&](size_t& i) {
       size_t start = i;
