@@ -175,3 +175,26 @@ TEST_F(FrontendTest, PipelinedRequestsAreAnsweredInOrder) {
 
 }  // namespace
 }  // namespace dyn::test
+
+namespace dyn::test {
+namespace {
+
+TEST_F(FrontendTest, ExpectContinueIsAnswered) {
+  const std::string body = R"({"model":"stories","prompt":"a","max_tokens":2})";
+  std::string reply = RawExchange(frontend_->port(),
+                                  "POST /v1/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nConnection: close\r\n"
+                                  "Content-Type: application/json\r\nContent-Length: " +
+                                      std::to_string(body.size()) + "\r\n\r\n" + body);
+  EXPECT_EQ(reply.rfind("HTTP/1.1 100 Continue\r\n\r\n", 0), 0u) << reply;
+  EXPECT_NE(reply.find("HTTP/1.1 200 OK"), std::string::npos) << reply;
+}
+
+TEST_F(FrontendTest, OversizedContentLengthIsRefusedBeforeTheBody) {
+  std::string reply = RawExchange(frontend_->port(),
+                                  "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  "Content-Length: 999999999\r\n\r\n{\"model\":");
+  EXPECT_EQ(reply.rfind("HTTP/1.1 413", 0), 0u) << reply;
+}
+
+}  // namespace
+}  // namespace dyn::test

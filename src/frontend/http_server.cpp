@@ -70,8 +70,31 @@ class Connection : public std::enable_shared_from_this<Connection> {
     parser_->body_limit(state_.options.max_body_bytes);
     parser_->header_limit(64 * 1024);
     stream_.expires_after(kIdleTimeout);
-    http::async_read(stream_, buffer_, *parser_,
-                     [self = shared_from_this()](beast::error_code ec, size_t) { self->OnRequest(ec); });
+    http::async_read_header(stream_, buffer_, *parser_,
+                            [self = shared_from_this()](beast::error_code ec, size_t) { self->OnHeader(ec); });
+  }
+
+  // Clients such as curl send "Expect: 100-continue" with larger bodies and wait for the
+  // interim response before sending the body.
+  void OnHeader(beast::error_code ec) {
+    if (ec || parser_->is_done()) {
+      OnRequest(ec);
+      return;
+    }
+    auto read_body = [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (ec) {
+        self->OnRequest(ec);
+        return;
+      }
+      http::async_read(self->stream_, self->buffer_, *self->parser_,
+                       [self](beast::error_code ec, size_t) { self->OnRequest(ec); });
+    };
+    if (beast::iequals(parser_->get()[http::field::expect], "100-continue")) {
+      static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+      asio::async_write(stream_, asio::buffer(kContinue.data(), kContinue.size()), std::move(read_body));
+    } else {
+      read_body(beast::error_code{}, 0);
+    }
   }
 
   void OnRequest(beast::error_code ec) {
@@ -80,6 +103,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
       state_.metrics.RequestStarted();
       request_open_ = true;
       keep_alive_ = false;
+      linger_on_close_ = true;
       Reply("other", "", ErrorReply(ApiError{413,
                                              "The request body exceeds the limit of " +
                                                  std::to_string(state_.options.max_body_bytes) + " bytes",
@@ -290,7 +314,27 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Close() {
     beast::error_code ignored;
     stream_.socket().shutdown(tcp::socket::shutdown_send, ignored);
+    if (linger_on_close_) {
+      // The client may still be sending a body we refused; closing with unread bytes would
+      // reset the connection and the client could lose our response. Drain for a while first.
+      linger_on_close_ = false;
+      stream_.expires_after(std::chrono::seconds(2));
+      Drain();
+      return;
+    }
     stream_.socket().close(ignored);
+  }
+
+  void Drain() {
+    buffer_.consume(buffer_.size());
+    stream_.async_read_some(buffer_.prepare(16384), [self = shared_from_this()](beast::error_code ec, size_t) {
+      if (ec) {
+        beast::error_code ignored;
+        self->stream_.socket().close(ignored);
+        return;
+      }
+      self->Drain();
+    });
   }
 
   beast::tcp_stream stream_;
@@ -306,6 +350,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
   bool response_done_ = false;
   int response_status_ = 200;
   bool request_open_ = false;
+  bool linger_on_close_ = false;
   bool watch_pending_ = false;
   bool read_after_watch_ = false;
 };
