@@ -41,6 +41,7 @@ void PairMap::Insert(uint32_t a, uint32_t b, uint32_t rank, uint32_t new_id) {
 namespace {
 
 std::atomic<uint64_t> g_next_cache_owner{1};
+constexpr std::string_view kMetaspace = "\xE2\x96\x81";
 
 // Word -> ids, per thread, for the most recently used model. Bounded: cleared when full.
 struct WordCache {
@@ -82,6 +83,17 @@ Status BpeModel::Init(std::vector<std::pair<std::string, uint32_t>> vocab, Optio
       if (i == tok.size() && cp < 0x10000) char_ids_[cp] = static_cast<int32_t>(id);
     }
     vocab_.emplace(std::move(tok), id);
+  }
+  split_at_metaspace_ = opt_.continuing_subword_prefix.empty() && opt_.end_of_word_suffix.empty() &&
+                        !opt_.ignore_merges && vocab_.count(std::string_view(kMetaspace)) > 0;
+  for (const auto& [tok, id] : vocab_) {
+    if (!split_at_metaspace_) break;
+    for (size_t pos = tok.find(kMetaspace, 1); pos != std::string::npos; pos = tok.find(kMetaspace, pos + 1)) {
+      if (pos < kMetaspace.size() || tok.compare(pos - kMetaspace.size(), kMetaspace.size(), kMetaspace) != 0) {
+        split_at_metaspace_ = false;
+        break;
+      }
+    }
   }
   if (opt_.unk_token) {
     auto it = vocab_.find(*opt_.unk_token);
@@ -126,6 +138,22 @@ void BpeModel::Tokenize(std::string_view word, std::vector<uint32_t>& out) const
       return;
     }
   }
+  if (split_at_metaspace_) {
+    size_t begin = 0, pos = 0;
+    while ((pos = word.find(kMetaspace, pos + 1)) != std::string_view::npos) {
+      if (pos >= kMetaspace.size() && word.compare(pos - kMetaspace.size(), kMetaspace.size(), kMetaspace) == 0) {
+        continue;
+      }
+      TokenizeCached(word.substr(begin, pos - begin), out);
+      begin = pos;
+    }
+    TokenizeCached(word.substr(begin), out);
+    return;
+  }
+  TokenizeCached(word, out);
+}
+
+void BpeModel::TokenizeCached(std::string_view word, std::vector<uint32_t>& out) const {
   if (word.size() > kCacheMaxWordBytes) {
     TokenizeUncached(word, out);
     return;

@@ -77,6 +77,7 @@ class BpeModel {
   size_t num_merges() const { return merges_.size(); }
 
  private:
+  void TokenizeCached(std::string_view word, std::vector<uint32_t>& out) const;
   void TokenizeUncached(std::string_view word, std::vector<uint32_t>& out) const;
   void MergeSymbols(std::vector<uint32_t>& ids) const;
 
@@ -90,6 +91,9 @@ class BpeModel {
   int64_t byte_ids_[256];       // <0xXX> token ids, -1 when absent
   std::vector<int32_t> char_ids_;  // code point (< 0x10000) -> id of that one-character token, -1 when absent
   uint64_t cache_owner_;        // identifies this model in the per-thread word cache
+  // SentencePiece-style vocabularies put "▁" only in a leading run of a token, so no merge
+  // crosses the start of a "▁" run: a long word splits there into independent, cacheable chunks.
+  bool split_at_metaspace_ = false;
 };
 
 }  // namespace dyn::tok
