@@ -93,6 +93,7 @@ NativeEngineOptions SmallOptions() {
 
 TEST(NativeEngineTest, ConcurrentRequestsMatchSoloOutputs) {
   Fixture f(SmallOptions());
+  f.model->step_delay_us = 300;  // let requests arrive while the first steps run
   const int kN = 24;
   std::vector<Stream> streams(kN);
   std::vector<PreprocessedRequest> reqs;
