@@ -139,7 +139,7 @@ def case_line(head, tok, ids, text=None):
 
 
 def byte_token_ids(tok):
-    """Ids of single-byte tokens: <0xXX> (byte fallback) or byte-level characters."""
+    """Ids of single-byte tokens: <0xHH> (byte fallback) or byte-level characters."""
     vocab = tok.get_vocab()
     out = {}
     for b in range(256):

@@ -88,7 +88,7 @@ class BpeModel {
   uint32_t next_rank_ = 0;
   Options opt_;
   std::optional<uint32_t> unk_id_;
-  int64_t byte_ids_[256];       // <0xXX> token ids, -1 when absent
+  int64_t byte_ids_[256];       // <0xHH> token ids, -1 when absent
   std::vector<int32_t> char_ids_;  // code point (< 0x10000) -> id of that one-character token, -1 when absent
   uint64_t cache_owner_;        // identifies this model in the per-thread word cache
   // SentencePiece-style vocabularies put "▁" only in a leading run of a token, so no merge

@@ -67,7 +67,7 @@ class Tokenizer {
 // more tokens arrive. Given the prompt's ids as context, the text it emits in total equals
 // Decode(prompt + generated) minus Decode(prompt) (so a SentencePiece leading space between the
 // prompt and the first generated token is kept, as vLLM does); with no context it equals
-// Decode(generated). Byte-fallback pieces (<0xXX>) are decoded as a group, and a later invalid
+// Decode(generated). Byte-fallback pieces (<0xHH>) are decoded as a group, and a later invalid
 // byte turns the whole group into U+FFFD, so text is held back while the last token is one.
 // Not thread-safe; one per stream.
 class IncrementalDecoder {
@@ -85,7 +85,7 @@ class IncrementalDecoder {
   std::vector<uint32_t> ids_;
   size_t prefix_offset_ = 0;  // ids_[prefix_offset_, read_offset_) decode to already-emitted text
   size_t read_offset_ = 0;
-  bool last_is_byte_piece_ = false;  // the last token that decodes to text is a <0xXX> piece
+  bool last_is_byte_piece_ = false;  // the last token that decodes to text is a <0xHH> piece
 };
 
 }  // namespace dyn

@@ -61,7 +61,7 @@ struct Tokenizer::Impl {
   std::vector<uint32_t> Encode(std::string_view text, bool add_special_tokens) const;
   std::string Decode(std::span<const uint32_t> ids, bool skip_special_tokens) const;
   const std::string* TokenString(uint32_t id) const;
-  // A byte-fallback piece "<0xXX>": its text depends on the byte tokens around it.
+  // A byte-fallback piece "<0xHH>": its text depends on the byte tokens around it.
   bool IsBytePiece(uint32_t id) const;
 
  private:
