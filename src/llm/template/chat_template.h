@@ -20,7 +20,9 @@
 namespace dyn {
 
 struct RenderLimits {
-  uint64_t max_steps = 50'000'000;        // evaluation steps (loop iterations, calls, nodes)
+  // Evaluation steps (statements, expression nodes, loop iterations, items a filter touches).
+  // Real chat templates take thousands; 10M is about a second of CPU.
+  uint64_t max_steps = 10'000'000;
   size_t max_output_bytes = 64u << 20;    // rendered text
   int max_recursion = 200;                // macro / call nesting
 };

@@ -112,6 +112,7 @@ Status Interpreter::Assign(const Expr& target, Value value, const std::shared_pt
     const Value* ns = scope->Find(base.name);
     if (!ns || !ns->is_namespace()) return TypeError("cannot assign attribute on non-namespace object");
     if (!target.name.empty() && target.name[0] == '_') return TypeError("cannot assign underscore-prefixed attribute");
+    if (value.Depth() + 1 > kMaxValueDepth) return Status::ResourceExhausted("value nested too deeply");
     ns->dict().Set(Value::Str(target.name), std::move(value));
     return Status::Ok();
   }
@@ -227,20 +228,27 @@ Result<Interpreter::Flow> Interpreter::Exec(const Stmt& s, const std::shared_ptr
 
 Result<Interpreter::Flow> Interpreter::ExecFor(const Stmt& s, const std::shared_ptr<Scope>& scope,
                                                const Value& iterable, int64_t depth0) {
-  DYN_ASSIGN_OR_RETURN(std::vector<Value> all, Iterate(iterable));
-  std::vector<Value> items;
-  if (s.cond) {
-    for (auto& item : all) {
-      DYN_RETURN_IF_ERROR(Step());
-      auto probe = std::make_shared<Scope>();
-      probe->parent = scope;
-      DYN_RETURN_IF_ERROR(Assign(*s.target, item, probe));
-      DYN_ASSIGN_OR_RETURN(Value keep, Eval(*s.cond, probe));
-      if (keep.Truthy()) items.push_back(std::move(item));
-    }
+  // Lists are immutable in the sandbox, so a plain list is iterated in place.
+  std::vector<Value> owned;
+  const std::vector<Value>* items_ptr = &owned;
+  if (iterable.is_list() && !s.cond) {
+    items_ptr = &iterable.list().items;
   } else {
-    items = std::move(all);
+    DYN_ASSIGN_OR_RETURN(std::vector<Value> all, Iterate(iterable));
+    if (s.cond) {
+      for (auto& item : all) {
+        DYN_RETURN_IF_ERROR(Step());
+        auto probe = std::make_shared<Scope>();
+        probe->parent = scope;
+        DYN_RETURN_IF_ERROR(Assign(*s.target, item, probe));
+        DYN_ASSIGN_OR_RETURN(Value keep, Eval(*s.cond, probe));
+        if (keep.Truthy()) owned.push_back(std::move(item));
+      }
+    } else {
+      owned = std::move(all);
+    }
   }
+  const std::vector<Value>& items = *items_ptr;
   if (items.empty()) {
     DYN_ASSIGN_OR_RETURN(Flow flow, ExecBody(s.else_body, scope));
     (void)flow;
@@ -252,12 +260,19 @@ Result<Interpreter::Flow> Interpreter::ExecFor(const Stmt& s, const std::shared_
   loop->stmt = &s;
   loop->scope = scope;
   Value loop_value = Value::Loop(loop);
+  std::shared_ptr<Scope> iter_scope;
   for (size_t i = 0; i < items.size(); ++i) {
     DYN_RETURN_IF_ERROR(Step());
     loop->index0 = static_cast<int64_t>(i);
-    auto iter_scope = std::make_shared<Scope>();
-    iter_scope->parent = scope;
-    iter_scope->vars.reserve(4);
+    // Each iteration starts from a fresh scope (jinja2 semantics); reuse the allocation unless
+    // something (a macro defined in the body) still holds the previous one.
+    if (iter_scope && iter_scope.use_count() == 1) {
+      iter_scope->vars.clear();
+    } else {
+      iter_scope = std::make_shared<Scope>();
+      iter_scope->parent = scope;
+      iter_scope->vars.reserve(4);
+    }
     DYN_RETURN_IF_ERROR(Assign(*s.target, items[i], iter_scope));
     iter_scope->Set("loop", loop_value);
     DYN_ASSIGN_OR_RETURN(Flow flow, ExecBody(s.body, iter_scope));
@@ -351,7 +366,7 @@ Result<Value> Interpreter::Call(const Value& callee, Args args) {
   }
   if (fn.type == Callable::Type::kUnsafe) {
     return Status::InvalidArgument("access to attribute '" + fn.name + "' of '" + fn.receiver.TypeName() +
-                                   "' object is unsafe");
+                                   "' object is unsafe.");
   }
   return CallBuiltin(*this, fn, args);
 }
@@ -510,7 +525,9 @@ Result<Value> Interpreter::Eval(const Expr& e, const std::shared_ptr<Scope>& sco
         DYN_ASSIGN_OR_RETURN(Value v, Eval(*c, scope));
         items.push_back(std::move(v));
       }
-      return Value::List(std::move(items), e.kind == Expr::Kind::kTuple);
+      Value list = Value::List(std::move(items), e.kind == Expr::Kind::kTuple);
+      if (list.Depth() > kMaxValueDepth) return Status::ResourceExhausted("value nested too deeply");
+      return list;
     }
     case Expr::Kind::kDict: {
       auto d = std::make_shared<DictObj>();
@@ -521,6 +538,7 @@ Result<Value> Interpreter::Eval(const Expr& e, const std::shared_ptr<Scope>& sco
         if (k.is_dict()) return TypeError("unhashable type: 'dict'");
         d->Set(std::move(k), std::move(v));
       }
+      if (d->depth > kMaxValueDepth) return Status::ResourceExhausted("value nested too deeply");
       return Value::Dict(std::move(d));
     }
     case Expr::Kind::kGetAttr: {
@@ -698,6 +716,10 @@ Result<Value> Interpreter::EvalBinary(const std::string& op, const Value& a, con
       std::vector<Value> items = a.list().items;
       items.insert(items.end(), b.list().items.begin(), b.list().items.end());
       return Value::List(std::move(items), a.list().is_tuple);
+    }
+    if (a.is_string() || a.is_list()) {
+      const char* t = a.is_string() ? "str" : a.TypeName();
+      return TypeError(std::string("can only concatenate ") + t + " (not \"" + b.TypeName() + "\") to " + t);
     }
     return type_error();
   }

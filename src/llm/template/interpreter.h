@@ -37,7 +37,7 @@ struct Args {
 };
 
 // Largest list or dict a template may build (strings are bounded by max_output_bytes).
-constexpr size_t kMaxContainerItems = 1u << 22;
+constexpr size_t kMaxContainerItems = 1u << 18;
 
 class Interpreter {
  public:

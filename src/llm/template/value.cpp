@@ -17,6 +17,7 @@ Value Value::List(std::vector<Value> items, bool is_tuple) {
   v.list_ = std::make_shared<ListObj>();
   v.list_->items = std::move(items);
   v.list_->is_tuple = is_tuple;
+  for (const auto& item : v.list_->items) v.list_->depth = std::max(v.list_->depth, item.Depth() + 1);
   return v;
 }
 
@@ -62,7 +63,14 @@ const Value* DictObj::FindStr(std::string_view key) const {
   return nullptr;
 }
 
+uint32_t Value::Depth() const {
+  if (kind_ == Kind::kList) return list_->depth;
+  if (kind_ == Kind::kDict || kind_ == Kind::kNamespace) return dict_->depth;
+  return 0;
+}
+
 void DictObj::Set(Value key, Value value) {
+  depth = std::max(depth, std::max(key.Depth(), value.Depth()) + 1);
   if (const Value* existing = Find(key)) {
     const_cast<Value&>(*existing) = std::move(value);
     return;
@@ -398,7 +406,10 @@ Result<std::string> JsonDumps(const Value& value, const JsonDumpOptions& options
   return out;
 }
 
-Value FromJson(const boost::json::value& json) {
+namespace {
+
+Value FromJsonAt(const boost::json::value& json, uint32_t depth) {
+  if (depth > kMaxValueDepth) return Value::None();  // deeper input is cut off rather than recursed into
   switch (json.kind()) {
     case boost::json::kind::null: return Value::None();
     case boost::json::kind::bool_: return Value::Bool(json.get_bool());
@@ -412,19 +423,24 @@ Value FromJson(const boost::json::value& json) {
     case boost::json::kind::array: {
       std::vector<Value> items;
       items.reserve(json.get_array().size());
-      for (const auto& item : json.get_array()) items.push_back(FromJson(item));
+      for (const auto& item : json.get_array()) items.push_back(FromJsonAt(item, depth + 1));
       return Value::List(std::move(items));
     }
     case boost::json::kind::object: {
       auto d = std::make_shared<DictObj>();
       d->items.reserve(json.get_object().size());
       for (const auto& kv : json.get_object()) {
-        d->items.emplace_back(Value::Str(std::string(kv.key())), FromJson(kv.value()));
+        d->items.emplace_back(Value::Str(std::string(kv.key())), FromJsonAt(kv.value(), depth + 1));
+        d->depth = std::max(d->depth, d->items.back().second.Depth() + 1);
       }
       return Value::Dict(std::move(d));
     }
   }
   return Value::None();
 }
+
+}  // namespace
+
+Value FromJson(const boost::json::value& json) { return FromJsonAt(json, 1); }
 
 }  // namespace dyn::tmpl

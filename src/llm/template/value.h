@@ -24,10 +24,12 @@ struct LoopState;
 struct ListObj {
   std::vector<Value> items;
   bool is_tuple = false;
+  uint32_t depth = 1;  // nesting depth of containers, bounded so that recursion over values is too
 };
 
 struct DictObj {
   std::vector<std::pair<Value, Value>> items;
+  uint32_t depth = 1;
   const Value* Find(const Value& key) const;
   const Value* FindStr(std::string_view key) const;
   void Set(Value key, Value value);
@@ -73,6 +75,9 @@ class Value {
   Callable& fn() const { return *fn_; }
   LoopState& loop() const { return *loop_; }
   const std::shared_ptr<Callable>& fn_ptr() const { return fn_; }
+
+  // Container nesting depth: 0 for scalars, 1 for a flat list or dict.
+  uint32_t Depth() const;
 
   // Python truthiness.
   bool Truthy() const;
@@ -120,6 +125,9 @@ struct LoopState {
   std::vector<Value> changed_last;  // loop.changed() state
   bool changed_called = false;
 };
+
+// Deepest container nesting a template may build or receive.
+constexpr uint32_t kMaxValueDepth = 128;
 
 // Python's repr() of a float (shortest round-trip: 1.0, 0.1, 1e-05, 1e+16, inf).
 std::string FloatRepr(double d);
