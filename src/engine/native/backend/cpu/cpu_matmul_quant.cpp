@@ -72,77 +72,91 @@ QuantizedRows Quantize(ThreadPool& pool, const float* x, int m, int64_t K, Scrat
 
 // Per weight type: the block struct, its 32 quants as bytes for vpdpbusd's unsigned operand, and
 // how a block's integer dot product becomes a float contribution.
-inline __m256i UnpackNibbles(const uint8_t* qs) {
-  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i lo = _mm_and_si128(raw, _mm_set1_epi8(0x0F));
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), _mm_set1_epi8(0x0F));
-  return _mm256_set_m128i(hi, lo);
+// Two consecutive 32-element blocks (b, b + 1) fill one 512-bit register: lanes 0-7 of the int32
+// dot products and of the scales belong to block b, lanes 8-15 to block b + 1. A missing b + 1
+// (odd block count) is all zeros, so every output element still runs the same instructions.
+inline __m512i UnpackNibblePair(const uint8_t* qs0, const uint8_t* qs1) {
+  const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs0));
+  const __m128i r1 = qs1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs1)) : _mm_set1_epi8(0);
+  const __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(r0), r1, 1);
+  const __m256i lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0F));
+  // [lo0 hi0 lo1 hi1]: elements 0-15 of a block are its low nibbles, 16-31 its high ones.
+  const __m512i idx = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  return _mm512_permutex2var_epi64(_mm512_castsi256_si512(lo), idx, _mm512_castsi256_si512(hi));
 }
+
+inline __m512 PairOf(float a, float b) { return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1); }
+// a in lane 0, b in lane 8, zero elsewhere.
+inline __m512 LeadLanes(float a, float b) { return _mm512_maskz_mov_ps(0x0101, PairOf(a, b)); }
 
 struct Q4_1Kind {
   using Block = BlockQ4_1;
-  static __m256i Unpack(const Block& b) { return UnpackNibbles(b.qs); }
-  static __m256i Dot(__m256i w, __m256i x) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x); }
+  static __m512i Unpack(const Block* b0, const Block* b1) { return UnpackNibblePair(b0->qs, b1 ? b1->qs : nullptr); }
+  static __m512i Dot(__m512i acc, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(acc, w, x); }
 };
 struct Q4_0Kind {
   using Block = BlockQ4_0;
-  static __m256i Unpack(const Block& b) { return UnpackNibbles(b.qs); }
-  static __m256i Dot(__m256i w, __m256i x) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x); }
+  static __m512i Unpack(const Block* b0, const Block* b1) { return UnpackNibblePair(b0->qs, b1 ? b1->qs : nullptr); }
+  static __m512i Dot(__m512i acc, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(acc, w, x); }
 };
 struct Q8_0Kind {
   using Block = BlockQ8_0;
-  static __m256i Unpack(const Block& b) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs)); }
+  static __m512i Unpack(const Block* b0, const Block* b1) {
+    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0->qs));
+    const __m256i q1 = b1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1->qs)) : _mm256_setzero_si256();
+    return _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+  }
   // vpdpbusd wants one unsigned operand: |w| * (x with w's sign) is the same product.
-  static __m256i Dot(__m256i w, __m256i x) {
-    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), _mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+  static __m512i Dot(__m512i acc, __m512i w, __m512i x) {
+    const __mmask64 neg = _mm512_movepi8_mask(w);
+    const __m512i abs_w = _mm512_abs_epi8(w);
+    const __m512i signed_x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+    return _mm512_dpbusd_epi32(acc, abs_w, signed_x);
   }
 };
-
-inline float HorizontalSum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 template <class Kind, int NR, int MR>
 void Tile(const uint8_t* w, size_t row_bytes, const QuantizedRows& q, int row0, int64_t N, float* out) {
   using Block = typename Kind::Block;
+  constexpr bool kHasMin = std::is_same_v<Kind, Q4_1Kind>;
+  constexpr bool kOffset8 = std::is_same_v<Kind, Q4_0Kind>;
   const int nb = q.blocks;
-  __m256 acc[NR][MR];
-  float acc_min[NR][MR];
+  __m512 acc[NR][MR];
   for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MR; ++i) {
-      acc[r][i] = _mm256_setzero_ps();
-      acc_min[r][i] = 0.0f;
-    }
-  for (int b = 0; b < nb; ++b) {
-    __m256i wv[NR];
-    float wd[NR];
-    float wm[NR];
+    for (int i = 0; i < MR; ++i) acc[r][i] = _mm512_setzero_ps();
+  for (int b = 0; b < nb; b += 2) {
+    const bool pair = b + 1 < nb;
+    __m512i wv[NR];
+    __m512 wd[NR];
+    __m512 wm[NR];
     for (int r = 0; r < NR; ++r) {
-      const Block& blk = reinterpret_cast<const Block*>(w + r * row_bytes)[b];
-      wv[r] = Kind::Unpack(blk);
-      wd[r] = F16ToF32(blk.d);
-      if constexpr (std::is_same_v<Kind, Q4_1Kind>) wm[r] = F16ToF32(blk.m);
+      const Block* blk = reinterpret_cast<const Block*>(w + r * row_bytes) + b;
+      wv[r] = Kind::Unpack(blk, pair ? blk + 1 : nullptr);
+      wd[r] = PairOf(F16ToF32(blk->d), pair ? F16ToF32(blk[1].d) : 0.0f);
+      if constexpr (kHasMin) wm[r] = LeadLanes(F16ToF32(blk->m), pair ? F16ToF32(blk[1].m) : 0.0f);
     }
     for (int i = 0; i < MR; ++i) {
       const size_t xb = static_cast<size_t>(row0 + i) * nb + b;
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.qs + xb * 32));
-      const float xd = q.d[xb];
+      const __m512i xv = _mm512_maskz_loadu_epi8(pair ? ~__mmask64{0} : __mmask64{0xFFFFFFFF}, q.qs + xb * 32);
+      const __m512 xd = PairOf(q.d[xb], pair ? q.d[xb + 1] : 0.0f);
+      // Q4_0 stores q + 8: start the integer sum at -8 * sum(x) (exact) in each block's lead lane.
+      __m512i init = _mm512_setzero_si512();
+      if constexpr (kOffset8) {
+        init = _mm512_maskz_set1_epi32(0x0001, -8 * q.isum[xb]);
+        if (pair) init = _mm512_mask_set1_epi32(init, 0x0100, -8 * q.isum[xb + 1]);
+      }
+      __m512 xs;
+      if constexpr (kHasMin) xs = PairOf(q.s[xb], pair ? q.s[xb + 1] : 0.0f);
       for (int r = 0; r < NR; ++r) {
-        __m256i dot = Kind::Dot(wv[r], xv);
-        if constexpr (std::is_same_v<Kind, Q4_0Kind>) {
-          // Stored quants are q + 8: subtract 8 * sum(x) from lane 0 (exact integer arithmetic).
-          dot = _mm256_sub_epi32(dot, _mm256_setr_epi32(8 * q.isum[xb], 0, 0, 0, 0, 0, 0, 0));
-        }
-        acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(wd[r] * xd), _mm256_cvtepi32_ps(dot), acc[r][i]);
-        if constexpr (std::is_same_v<Kind, Q4_1Kind>) acc_min[r][i] += wm[r] * q.s[xb];
+        const __m512i dot = Kind::Dot(init, wv[r], xv);
+        acc[r][i] = _mm512_fmadd_ps(_mm512_mul_ps(wd[r], xd), _mm512_cvtepi32_ps(dot), acc[r][i]);
+        if constexpr (kHasMin) acc[r][i] = _mm512_fmadd_ps(wm[r], xs, acc[r][i]);
       }
     }
   }
   for (int r = 0; r < NR; ++r)
-    for (int i = 0; i < MR; ++i) out[i * N + r] = HorizontalSum(acc[r][i]) + acc_min[r][i];
+    for (int i = 0; i < MR; ++i) out[i * N + r] = _mm512_reduce_add_ps(acc[r][i]);
 }
 
 template <class Kind, int NR>

@@ -35,7 +35,15 @@ void ThreadPool::Dispatch(Task task, void* ctx) {
     cv_.notify_all();
   }
   task(ctx, 0, num_threads_);
-  while (pending_.load(std::memory_order_acquire) != 0) _mm_pause();
+  // A worker may have been preempted (the cores are shared): after a short spin, give the core up
+  // so it can finish instead of burning our time slice.
+  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
+    if (spins < 2000) {
+      _mm_pause();
+    } else {
+      std::this_thread::yield();
+    }
+  }
 }
 
 void ThreadPool::WorkerLoop(int tid) {
@@ -45,6 +53,7 @@ void ThreadPool::WorkerLoop(int tid) {
     uint64_t gen;
     while ((gen = generation_.load(std::memory_order_acquire)) == seen) {
       if (++spins < kSpinIterations) {
+        if (spins % 256 == 0) std::this_thread::yield();  // let a preempted peer run on a busy machine
         _mm_pause();
         continue;
       }
