@@ -40,7 +40,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(REPO, "build", "greedy_compare.json"))
     args = ap.parse_args()
     from llama_cpp import Llama
-    llm = Llama(model_path=args.model_path, n_ctx=1024, n_threads=os.cpu_count(), verbose=False, logits_all=False)
+    llm = Llama(model_path=args.model_path, n_ctx=1024, n_threads=os.cpu_count(), verbose=False, logits_all=True)
     model = httpx.get(args.url + "/v1/models").json()["data"][0]["id"]
     results = []
     for prompt in PROMPTS[: args.prompts]:
