@@ -1,5 +1,9 @@
 // End-to-end tests of the HTTP frontend over real sockets, with the echo engine and the real
 // stories260K tokenizer: responses, streaming, stop strings, n, usage, logprobs, keep-alive.
+#include <map>
+#include <random>
+#include <set>
+
 #include "frontend/frontend_test_fixture.h"
 
 namespace dyn::test {
@@ -355,6 +359,89 @@ TEST_F(FrontendTest, MetricsExposition) {
   EXPECT_NE(m.body.find("dyn_frontend_inter_token_latency_seconds_count 4"), std::string::npos);
   EXPECT_NE(m.body.find("dyn_frontend_inflight_requests 1"), std::string::npos);  // the /metrics request itself
   EXPECT_NE(m.body.find("dyn_engine_generated_tokens_total{model=\"stories\"}"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace dyn::test
+
+namespace dyn::test {
+namespace {
+namespace json = boost::json;
+
+TEST_F(FrontendTest, ToolsReachTheTemplate) {
+  auto r = client_->Post("/tokenize", R"({"model":"stories","messages":[{"role":"user","content":"hi"}],)"
+                                      R"("tools":[{"type":"function","function":{"name":"get_weather","parameters":{}}}]})");
+  ASSERT_EQ(r.status, 200) << r.body;
+  auto d = client_->Post("/detokenize", R"({"model":"stories","tokens":)" + json::serialize(r.Json().at("tokens")) + "}");
+  EXPECT_NE(std::string(d.Json().at("prompt").as_string()).find("tool get_weather"), std::string::npos) << d.body;
+}
+
+TEST_F(FrontendTest, CachedTokensReachUsageAndMetrics) {
+  echo_->set_report_cached_tokens(2);
+  auto r = client_->Post("/v1/completions", R"({"model":"stories","prompt":"the cat sat","max_tokens":2,"n":2})");
+  ASSERT_EQ(r.status, 200);
+  // Counted once per prompt, not once per choice.
+  EXPECT_EQ(r.Json().at("usage").at("prompt_tokens_details").at("cached_tokens").to_number<int64_t>(), 2);
+  auto m = client_->Get("/metrics");
+  EXPECT_NE(m.body.find("dyn_frontend_cached_tokens_total 4"), std::string::npos);
+}
+
+TEST_F(FrontendTest, ChatStreamingWithNSendsRoleThenContentPerChoice) {
+  auto s = client_->Post("/v1/chat/completions", R"({"model":"stories","messages":[{"role":"user","content":"a dog"}],)"
+                                                 R"("max_tokens":5,"n":2,"stream":true})");
+  bool done = false;
+  auto events = ParseSse(s.body, &done);
+  ASSERT_TRUE(done);
+  std::map<int64_t, std::string> text;
+  std::map<int64_t, int> roles, finishes;
+  for (const auto& e : events) {
+    const auto& choice = e.at("choices").at(0);
+    const int64_t index = choice.at("index").to_number<int64_t>();
+    const auto& delta = choice.at("delta").as_object();
+    if (delta.contains("role")) {
+      EXPECT_EQ(text[index], "") << "role after content";
+      ++roles[index];
+    }
+    if (auto* c = delta.if_contains("content")) text[index] += std::string(c->as_string());
+    if (!choice.at("finish_reason").is_null()) ++finishes[index];
+  }
+  EXPECT_EQ(roles, (std::map<int64_t, int>{{0, 1}, {1, 1}}));
+  EXPECT_EQ(finishes, (std::map<int64_t, int>{{0, 1}, {1, 1}}));
+  EXPECT_EQ(text[0], text[1]);
+  EXPECT_FALSE(text[0].empty());
+}
+
+// Mutated and truncated bodies: every one gets an HTTP answer (200 or a 4xx with an error
+// body), and the server keeps serving.
+TEST_F(FrontendTest, MutatedBodiesNeverBreakTheServer) {
+  const std::string valid =
+      R"({"model":"stories","messages":[{"role":"user","content":"hi"}],"max_tokens":3,"stop":["x"],"n":2,"logprobs":true,"top_logprobs":1,"stream":false})";
+  std::mt19937 rng(1234);
+  int answered = 0;
+  for (int i = 0; i < 300; ++i) {
+    std::string body = valid;
+    const int edits = 1 + static_cast<int>(rng() % 3);
+    for (int e = 0; e < edits; ++e) {
+      size_t pos = rng() % body.size();
+      switch (rng() % 4) {
+        case 0: body[pos] = static_cast<char>(rng() % 256); break;
+        case 1: body.erase(pos, 1 + rng() % 8); break;
+        case 2: body.insert(pos, 1, "{}[]\",:0-e"[rng() % 10]); break;
+        case 3: body.resize(pos); break;
+      }
+      if (body.empty()) body.assign(1, '{');
+    }
+    HttpClient c(frontend_->port());
+    auto r = c.Post("/v1/chat/completions", body);
+    ASSERT_TRUE(r.status == 200 || (r.status >= 400 && r.status < 500)) << r.status << " for " << body;
+    if (r.status != 200) {
+      ASSERT_TRUE(r.Json().is_object()) << r.body;
+      EXPECT_TRUE(r.Json().as_object().contains("error"));
+    }
+    ++answered;
+  }
+  EXPECT_EQ(answered, 300);
+  EXPECT_EQ(client_->Get("/health").status, 200);
 }
 
 }  // namespace

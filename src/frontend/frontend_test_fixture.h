@@ -22,6 +22,7 @@ inline constexpr uint32_t kContext = 512;
 // role: content lines after BOS; enable_thinking (a chat_template_kwargs) adds a marker.
 inline constexpr char kTestTemplate[] =
     "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if tools %}{% for t in tools %}tool {{ t['function']['name'] }}\n{% endfor %}{% endif %}"
     "{% if enable_thinking %}think: {% endif %}{% if add_generation_prompt %}assistant:{% endif %}";
 
 // Forwards to an inner engine and records what it was asked and how streams ended.
@@ -34,6 +35,7 @@ class RecordingEngine : public Engine {
       requests_.push_back(request);
     }
     inner_->Generate(std::move(request), std::move(context), [this, sink = std::move(sink)](EngineOutput&& out) {
+      if (out.prompt_tokens > 0) out.cached_tokens = std::min<uint32_t>(report_cached_tokens_, out.prompt_tokens);
       if (out.finish_reason) {
         std::lock_guard lock(mu_);
         if (*out.finish_reason == FinishReason::kCancelled) ++cancelled_;
@@ -50,6 +52,8 @@ class RecordingEngine : public Engine {
     std::lock_guard lock(mu_);
     return requests_;
   }
+  // The first delta of later streams claims this many prompt tokens came from a prefix cache.
+  void set_report_cached_tokens(uint32_t n) { report_cached_tokens_ = n; }
   int cancelled() const {
     std::lock_guard lock(mu_);
     return cancelled_;
@@ -71,6 +75,7 @@ class RecordingEngine : public Engine {
   std::vector<PreprocessedRequest> requests_;
   int cancelled_ = 0;
   int finished_ = 0;
+  std::atomic<uint32_t> report_cached_tokens_{0};
 };
 
 // Ends every request with an engine error.
