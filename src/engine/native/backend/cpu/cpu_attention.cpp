@@ -5,7 +5,6 @@
 #include "engine/native/backend/cpu/simd.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -65,7 +64,6 @@ void Attention(ThreadPool& pool, const float* cache, const KvLayout& layout, int
   for (int s = 0; s < static_cast<int>(seqs.size()); ++s)
     for (int i = 0; i < seqs[s].num_rows; ++i)
       for (int h = 0; h < kv_heads; ++h) items.push_back({s, i, h});
-  std::atomic<size_t> next{0};
   const size_t row_floats = static_cast<size_t>(num_heads) * D;
 
   auto run_item = [&](const Item& it, std::vector<float>& scores) {
@@ -99,15 +97,10 @@ void Attention(ThreadPool& pool, const float* cache, const KvLayout& layout, int
     }
   };
 
-  auto worker = [&](int, int) {
+  pool.ParallelFor(static_cast<int64_t>(items.size()), [&](int64_t i) {
     static thread_local std::vector<float> scores;
-    for (size_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < items.size();) run_item(items[i], scores);
-  };
-  if (items.size() < 4) {
-    worker(0, 1);
-  } else {
-    pool.Run(worker);
-  }
+    run_item(items[i], scores);
+  });
 }
 
 }  // namespace dyn::cpu

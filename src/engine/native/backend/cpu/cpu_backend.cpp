@@ -232,9 +232,7 @@ class CpuBackend : public Backend {
       for (int i = 0; i < m; ++i) fn(i);
       return;
     }
-    pool_.Run([&](int tid, int n) {
-      for (int i = tid; i < m; i += n) fn(i);
-    });
+    pool_.ParallelFor(m, [&](int64_t i) { fn(static_cast<int>(i)); });
   }
 
   ThreadPool pool_;

@@ -63,9 +63,7 @@ QuantizedRows Quantize(ThreadPool& pool, const float* x, int m, int64_t K, Scrat
   if (m < 16) {
     for (int i = 0; i < m; ++i) row(i);
   } else {
-    pool.Run([&](int tid, int n) {
-      for (int i = tid; i < m; i += n) row(i);
-    });
+    pool.ParallelFor(m, [&](int64_t i) { row(static_cast<int>(i)); });
   }
   return q;
 }
@@ -180,9 +178,12 @@ void Run(ThreadPool& pool, const QuantizedRows& q, const Weight& w, float* out) 
   const size_t row_bytes = DTypeRowBytes(w.dtype, w.cols);
   const auto* base = static_cast<const uint8_t*>(w.data);
   constexpr int kMChunk = 64;
-  pool.Run([&](int tid, int nthreads) {
-    const int64_t tiles = (N + kNR - 1) / kNR;
-    const int64_t t0 = tiles * tid / nthreads, t1 = tiles * (tid + 1) / nthreads;
+  // Work units of a few row tiles, claimed dynamically; each output element is computed by one
+  // unit with the same code whichever thread runs it.
+  const int64_t tiles = (N + kNR - 1) / kNR;
+  const int64_t units = std::max<int64_t>(1, std::min<int64_t>(tiles / 4, 16 * pool.size()));
+  pool.ParallelFor(units, [&](int64_t u) {
+    const int64_t t0 = tiles * u / units, t1 = tiles * (u + 1) / units;
     for (int mc = 0; mc < m; mc += kMChunk) {
       const int mm = std::min(kMChunk, m - mc);
       for (int64_t t = t0; t < t1; ++t) {

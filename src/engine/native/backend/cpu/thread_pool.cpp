@@ -2,71 +2,78 @@
 
 #include "engine/native/backend/cpu/simd.h"
 
-#include <chrono>
-
 namespace dyn {
 namespace {
 // About 100 us of spinning: longer than the gap between kernels of one step, far shorter than
 // the gap between steps of an idle engine.
 constexpr int kSpinIterations = 20000;
+uint32_t EpochOf(uint64_t v) { return static_cast<uint32_t>(v >> 32); }
 }  // namespace
 
 ThreadPool::ThreadPool(int num_threads) : num_threads_(num_threads < 1 ? 1 : num_threads) {
-  for (int t = 1; t < num_threads_; ++t) workers_.emplace_back([this, t] { WorkerLoop(t); });
+  for (int t = 1; t < num_threads_; ++t) workers_.emplace_back([this] { WorkerLoop(); });
 }
 
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stop_.store(true);
-    generation_.fetch_add(1);
+    next_.fetch_add(uint64_t{1} << 32);
   }
   cv_.notify_all();
   for (auto& w : workers_) w.join();
 }
 
-void ThreadPool::Dispatch(Task task, void* ctx) {
-  task_ = task;
-  ctx_ = ctx;
-  pending_.store(num_threads_ - 1, std::memory_order_relaxed);
-  generation_.fetch_add(1, std::memory_order_seq_cst);
+void ThreadPool::Drain(uint32_t epoch) {
+  for (;;) {
+    uint64_t v = next_.load(std::memory_order_seq_cst);
+    // The task and count were written before the epoch was published; they stay valid while an
+    // index of this epoch is unclaimed, because the caller waits for every claimed index.
+    const Task task = task_.load(std::memory_order_relaxed);
+    void* ctx = ctx_.load(std::memory_order_relaxed);
+    const int64_t count = count_.load(std::memory_order_relaxed);
+    if (EpochOf(v) != epoch || static_cast<int64_t>(v & 0xFFFFFFFFu) >= count) return;
+    if (!next_.compare_exchange_weak(v, v + 1, std::memory_order_seq_cst)) continue;
+    task(ctx, static_cast<int64_t>(v & 0xFFFFFFFFu));
+    done_.fetch_add(1, std::memory_order_seq_cst);
+  }
+}
+
+void ThreadPool::Dispatch(Task task, void* ctx, int64_t n) {
+  const uint32_t epoch = EpochOf(next_.load(std::memory_order_relaxed)) + 1;
+  task_.store(task, std::memory_order_relaxed);
+  ctx_.store(ctx, std::memory_order_relaxed);
+  count_.store(n, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
+  next_.store(static_cast<uint64_t>(epoch) << 32, std::memory_order_seq_cst);
   if (sleepers_.load(std::memory_order_seq_cst) > 0) {
     std::lock_guard<std::mutex> lock(mu_);
     cv_.notify_all();
   }
-  task(ctx, 0, num_threads_);
-  // A worker may have been preempted (the cores are shared): after a short spin, give the core up
-  // so it can finish instead of burning our time slice.
-  for (int spins = 0; pending_.load(std::memory_order_acquire) != 0; ++spins) {
-    if (spins < 2000) {
-      _mm_pause();
-    } else {
-      std::this_thread::yield();
-    }
-  }
+  Drain(epoch);
+  // Only indices a running worker already claimed are left.
+  while (done_.load(std::memory_order_seq_cst) != n) _mm_pause();
 }
 
-void ThreadPool::WorkerLoop(int tid) {
-  uint64_t seen = 0;
+void ThreadPool::WorkerLoop() {
+  uint32_t seen = 0;
   for (;;) {
     int spins = 0;
-    uint64_t gen;
-    while ((gen = generation_.load(std::memory_order_acquire)) == seen) {
+    uint32_t epoch;
+    while ((epoch = EpochOf(next_.load(std::memory_order_seq_cst))) == seen) {
       if (++spins < kSpinIterations) {
-        if (spins % 256 == 0) std::this_thread::yield();  // let a preempted peer run on a busy machine
         _mm_pause();
         continue;
       }
       std::unique_lock<std::mutex> lock(mu_);
       sleepers_.fetch_add(1, std::memory_order_seq_cst);
-      cv_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != seen; });
+      cv_.wait(lock, [&] { return EpochOf(next_.load(std::memory_order_seq_cst)) != seen; });
       sleepers_.fetch_sub(1, std::memory_order_relaxed);
       spins = 0;
     }
-    seen = gen;
+    seen = epoch;
     if (stop_.load()) return;
-    task_(ctx_, tid, num_threads_);
-    pending_.fetch_sub(1, std::memory_order_acq_rel);
+    Drain(epoch);
   }
 }
 

@@ -1,7 +1,9 @@
-// A fork/join pool of persistent threads for the CPU kernels. Run() hands one function to every
-// thread (the caller is thread 0) and returns when all are done. Workers spin briefly between
-// calls (a forward step issues hundreds of back-to-back kernels) and then sleep, so an idle
-// engine costs no CPU.
+// A fork/join pool of persistent threads for the CPU kernels. ParallelFor(n, fn) runs fn(i) for
+// every i in [0, n) on the caller and the workers, which claim indices from a shared counter. The
+// caller never waits for a worker that has not started: on shared, oversubscribed cores a
+// preempted worker simply claims nothing and the caller does the work. Workers spin briefly
+// between calls (a forward step issues hundreds of back-to-back kernels) and then sleep, so an
+// idle engine costs no CPU.
 #pragma once
 
 #include <atomic>
@@ -24,30 +26,37 @@ class ThreadPool {
 
   int size() const { return num_threads_; }
 
-  // Calls fn(thread_index, num_threads) on every thread; not reentrant.
+  // Calls fn(i) once for each i in [0, n), in any order and on any thread; returns when all are
+  // done. Not reentrant; one caller thread at a time.
   template <class Fn>
-  void Run(Fn&& fn) {
-    if (num_threads_ == 1) {
-      fn(0, 1);
+  void ParallelFor(int64_t n, Fn&& fn) {
+    if (n <= 0) return;
+    if (num_threads_ == 1 || n == 1) {
+      for (int64_t i = 0; i < n; ++i) fn(i);
       return;
     }
-    auto trampoline = [](void* ctx, int tid, int n) { (*static_cast<std::remove_reference_t<Fn>*>(ctx))(tid, n); };
-    Dispatch(trampoline, const_cast<void*>(static_cast<const void*>(&fn)));
+    auto trampoline = [](void* ctx, int64_t i) { (*static_cast<std::remove_reference_t<Fn>*>(ctx))(i); };
+    Dispatch(trampoline, const_cast<void*>(static_cast<const void*>(&fn)), n);
   }
 
  private:
-  using Task = void (*)(void* ctx, int tid, int n);
-  void Dispatch(Task task, void* ctx);
-  void WorkerLoop(int tid);
+  using Task = void (*)(void* ctx, int64_t index);
+  void Dispatch(Task task, void* ctx, int64_t n);
+  // Claims and runs indices of job `epoch` until none are left.
+  void Drain(uint32_t epoch);
+  void WorkerLoop();
 
   int num_threads_;
   std::vector<std::thread> workers_;
-  Task task_ = nullptr;
-  void* ctx_ = nullptr;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  std::atomic<int> sleepers_{0};
+  std::atomic<Task> task_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  std::atomic<int64_t> count_{0};
+  // High 32 bits: job epoch; low 32 bits: next unclaimed index. One word, so a late worker can
+  // only claim an index of the job it read the task of.
+  std::atomic<uint64_t> next_{0};
+  std::atomic<int64_t> done_{0};
   std::atomic<bool> stop_{false};
+  std::atomic<int> sleepers_{0};
   std::mutex mu_;
   std::condition_variable cv_;
 };
