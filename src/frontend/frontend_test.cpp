@@ -446,3 +446,25 @@ TEST_F(FrontendTest, MutatedBodiesNeverBreakTheServer) {
 
 }  // namespace
 }  // namespace dyn::test
+
+namespace dyn::test {
+namespace {
+
+TEST_F(FrontendTest, RegistryAddRemoveWhileServing) {
+  EXPECT_FALSE(registry_->Add(Model("stories", CreateEchoEngine({}), true)).ok());  // name taken
+  ServedModel no_engine = Model("x", nullptr, true);
+  EXPECT_FALSE(registry_->Add(std::move(no_engine)).ok());
+  auto body = std::string(R"({"model":"late","prompt":"hi","max_tokens":2})");
+  EXPECT_EQ(client_->Post("/v1/completions", body).status, 404);
+  auto late_engine = CreateEchoEngine({});
+  ASSERT_TRUE(registry_->Add(Model("late", late_engine, true)).ok());
+  EXPECT_EQ(client_->Post("/v1/completions", body).status, 200);
+  EXPECT_TRUE(registry_->Remove("late"));
+  EXPECT_FALSE(registry_->Remove("late"));
+  EXPECT_EQ(client_->Post("/v1/completions", body).status, 404);
+  EXPECT_EQ(registry_->Find("late"), nullptr);
+  late_engine->Shutdown();
+}
+
+}  // namespace
+}  // namespace dyn::test
