@@ -198,3 +198,22 @@ TEST_F(FrontendTest, OversizedContentLengthIsRefusedBeforeTheBody) {
 
 }  // namespace
 }  // namespace dyn::test
+
+namespace dyn::test {
+namespace {
+
+TEST_F(FrontendTest, StartFailsOnAPortInUseAndOnABadHost) {
+  HttpFrontendOptions options;
+  options.host = "127.0.0.1";
+  options.port = frontend_->port();
+  auto second = HttpFrontend::Start(options, registry_);
+  EXPECT_FALSE(second.ok());
+  options.host = "not-an-address";
+  options.port = 0;
+  auto bad = HttpFrontend::Start(options, registry_);
+  EXPECT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace dyn::test
