@@ -13,6 +13,7 @@ Writes tests/golden/templates/:
                                  "match_error" is true in the case; otherwise only failure is required)
 
 Run: .venv/bin/python scripts/gen_template_goldens.py
+     .venv/bin/python scripts/gen_template_goldens.py --bench   (jinja2 render times, no files written)
 """
 import json
 import os
@@ -315,7 +316,33 @@ def feature_cases():
     return len(FEATURES)
 
 
+def bench():
+    """Times jinja2 render only (template compiled once), for docs/benchmarks/chat_template.md;
+    the same inputs as dyn's template_bench."""
+    import timeit
+
+    for family in ("qwen3", "mistral-nemo", "deepseek-v3", "smollm2"):
+        source = open(os.path.join(OUT, family + ".jinja")).read()
+        compiled = _cached_compile_jinja_template(source)
+        for chat in ("multi_turn", "tools_with_text"):
+            case = json.load(open(os.path.join(CASES, f"{family}_{chat}_gen.json")))
+            kwargs = dict(case["extra"])
+            for key in ("bos_token", "eos_token"):
+                if case[key] is not None:
+                    kwargs[key] = case[key]
+
+            def run():
+                return compiled.render(messages=case["messages"], tools=case["tools"], documents=None,
+                                       add_generation_prompt=True, **kwargs)
+
+            n, total = timeit.Timer(run).autorange()
+            best = min(timeit.repeat(run, number=n, repeat=5)) / n
+            print(f"{family:13s} {chat:16s} {best * 1e6:9.1f} us  ({len(run())} bytes)")
+
+
 def main():
+    if "--bench" in sys.argv:
+        return bench()
     os.makedirs(OUT, exist_ok=True)
     if os.path.isdir(CASES):
         shutil.rmtree(CASES)

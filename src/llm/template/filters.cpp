@@ -408,11 +408,12 @@ Result<Value> ApplyFilter(Interpreter& in, const std::string& name, const Value&
     }
     if (name == "unique") {
       std::vector<Value> seen, out;
-      for (auto& [key, item] : keyed) {
+      for (const auto& entry : keyed) {
         DYN_RETURN_IF_ERROR(in.Step(seen.size() / 16 + 1));
+        const Value& key = entry.first;
         if (std::any_of(seen.begin(), seen.end(), [&](const Value& s) { return s.Equals(key); })) continue;
         seen.push_back(key);
-        out.push_back(item);
+        out.push_back(entry.second);
       }
       return Value::List(std::move(out));
     }
