@@ -98,6 +98,7 @@ std::vector<std::string> SplitCodePoints(std::string_view s);
 size_t CodePointCount(std::string_view s);
 std::string PyStrip(std::string_view s, const Value* chars, bool left, bool right);
 std::string PyLower(std::string_view s);
+bool CaseIs(std::string_view s, bool upper);  // Python's isupper() / islower()
 std::string PyUpper(std::string_view s);
 std::string PyTitle(std::string_view s);
 std::string PyCapitalize(std::string_view s);
