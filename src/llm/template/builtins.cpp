@@ -424,12 +424,13 @@ Result<Value> Range(const Args& a) {
   return Value::List(std::move(items));
 }
 
-Result<Value> DictFromArgs(const Args& a, bool is_namespace) {
+Result<Value> DictFromArgs(Interpreter& in, const Args& a, bool is_namespace) {
   auto d = std::make_shared<DictObj>();
   if (!a.pos.empty()) {
     const Value& src = a.pos[0];
     if (src.is_dict() || src.is_namespace()) {
       d->items = src.dict().items;
+      d->depth = src.dict().depth;
     } else if (src.is_list()) {
       for (const auto& pair : src.list().items) {
         if (!pair.is_list() || pair.list().items.size() != 2) return Status::InvalidArgument("dict update sequence element has wrong length");
@@ -445,7 +446,9 @@ Result<Value> DictFromArgs(const Args& a, bool is_namespace) {
     }
     d->Set(Value::Str(k), v);
   }
-  return is_namespace ? Value::Namespace(std::move(d)) : Value::Dict(std::move(d));
+  if (!is_namespace) return Value::Dict(std::move(d));
+  in.TrackNamespace(d);
+  return Value::Namespace(std::move(d));
 }
 
 Result<Value> StrftimeNow(Interpreter& in, const Args& a) {
@@ -511,8 +514,8 @@ Result<Value> CallBuiltin(Interpreter& in, const Callable& fn, const Args& a) {
   }
   const std::string& name = fn.name;
   if (name == "range") return Range(a);
-  if (name == "namespace") return DictFromArgs(a, true);
-  if (name == "dict") return DictFromArgs(a, false);
+  if (name == "namespace") return DictFromArgs(in, a, true);
+  if (name == "dict") return DictFromArgs(in, a, false);
   if (name == "raise_exception") {
     const Value* msg = a.Get(0, "message");
     return Status::InvalidArgument(msg ? msg->ToStr() : std::string());

@@ -78,6 +78,10 @@ Result<std::string> Interpreter::Run(const Body& body, std::shared_ptr<Scope> gl
   auto flow = ExecBody(body, globals);
   out_ = nullptr;
   closures_.clear();
+  for (const auto& weak : namespaces_) {
+    if (auto ns = weak.lock()) ns->items.clear();
+  }
+  namespaces_.clear();
   if (!flow.ok()) return flow.status();
   return out;
 }

@@ -55,6 +55,9 @@ class Interpreter {
   Result<std::vector<Value>> Iterate(const Value& v);  // what `for` iterates over
   std::chrono::system_clock::time_point Now() const { return clock_ ? clock_() : std::chrono::system_clock::now(); }
   const RenderLimits& limits() const { return limits_; }
+  // Namespaces are the only mutable values, so every reference cycle runs through one; the
+  // render clears them when it ends so that cycles (`ns.self = ns`) are not leaked.
+  void TrackNamespace(const std::shared_ptr<DictObj>& ns) { namespaces_.push_back(ns); }
 
  private:
   enum class Flow { kNormal, kBreak, kContinue };
@@ -79,6 +82,7 @@ class Interpreter {
   std::string* out_ = nullptr;
   // Scopes that macros close over; weak references from the macros avoid cycles.
   std::vector<std::shared_ptr<Scope>> closures_;
+  std::vector<std::weak_ptr<DictObj>> namespaces_;
 };
 
 // Builtins (builtins.cpp, filters.cpp).
