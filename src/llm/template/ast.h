@@ -41,6 +41,7 @@ struct Expr {
   Value value;
   std::string name;  // name, attribute, filter/test, or binary operator
   bool negated = false;
+  int height = 1;  // longest path to a leaf (see ExpressionParser::Seal)
   std::vector<ExprPtr> children;
   std::vector<std::pair<std::string, ExprPtr>> kwargs;
   std::vector<std::string> ops;  // kCompare: "==", "!=", "<", ">", "<=", ">=", "in", "notin"

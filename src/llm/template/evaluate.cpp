@@ -142,6 +142,14 @@ Result<Value> Slice(const Value& obj, const Value& start_v, const Value& stop_v,
 }  // namespace
 
 Result<Value> Interpreter::Eval(const Expr& e, const std::shared_ptr<Scope>& scope) {
+  if (++eval_depth_ > kMaxEvalDepth) {
+    --eval_depth_;
+    return Status::ResourceExhausted("template evaluation nested too deeply");
+  }
+  struct Unwind {
+    int& depth;
+    ~Unwind() { --depth; }
+  } unwind{eval_depth_};
   DYN_RETURN_IF_ERROR(Step());
   switch (e.kind) {
     case Expr::Kind::kLiteral: return e.value;

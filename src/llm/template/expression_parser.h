@@ -13,7 +13,8 @@
 
 namespace dyn::tmpl {
 
-constexpr int kMaxNesting = 100;
+constexpr int kMaxNesting = 100;      // parser recursion (parentheses, unary operators, blocks)
+constexpr int kMaxExprHeight = 256;   // expression tree height
 
 class ExpressionParser {
  public:
@@ -75,6 +76,19 @@ class ExpressionParser {
     std::string name = Cur().value;
     Next();
     return name;
+  }
+
+  // Records a composite node's height and rejects trees too tall to evaluate or destroy
+  // recursively (left-deep chains such as 1+1+1+... are built by loops, not recursion).
+  Status Seal(Expr& e) const {
+    int height = 1;
+    for (const auto& c : e.children) {
+      if (c) height = std::max(height, c->height + 1);
+    }
+    for (const auto& kv : e.kwargs) height = std::max(height, kv.second->height + 1);
+    e.height = height;
+    if (height > kMaxExprHeight) return Error("expression too deeply nested");
+    return Status::Ok();
   }
 
   ExprPtr Make(Expr::Kind kind) {
@@ -142,6 +156,7 @@ class ExpressionParser {
       DYN_ASSIGN_OR_RETURN(ExprPtr next, one());
       tuple->children.push_back(std::move(next));
     }
+    DYN_RETURN_IF_ERROR(Seal(*tuple));
     return tuple;
   }
 
@@ -157,6 +172,7 @@ class ExpressionParser {
       cond->children.push_back(std::move(value));
       cond->children.push_back(std::move(test));
       cond->children.push_back(std::move(otherwise));
+      DYN_RETURN_IF_ERROR(Seal(*cond));
       value = std::move(cond);
     }
     return value;
@@ -167,6 +183,7 @@ class ExpressionParser {
     e->name = std::move(op);
     e->children.push_back(std::move(a));
     e->children.push_back(std::move(b));
+    DYN_RETURN_IF_ERROR(Seal(*e));
     return e;
   }
 
@@ -195,6 +212,7 @@ class ExpressionParser {
       auto e = Make(Expr::Kind::kNot);
       DYN_ASSIGN_OR_RETURN(ExprPtr inner, ParseNot());
       e->children.push_back(std::move(inner));
+      DYN_RETURN_IF_ERROR(Seal(*e));
       return e;
     }
     return ParseCompare();
@@ -228,6 +246,7 @@ class ExpressionParser {
       cmp->ops.push_back(op);
       cmp->children.push_back(std::move(rhs));
     }
+    if (cmp) DYN_RETURN_IF_ERROR(Seal(*cmp));
     return cmp ? std::move(cmp) : std::move(first);
   }
 
@@ -280,6 +299,7 @@ class ExpressionParser {
       Next();
       DYN_ASSIGN_OR_RETURN(ExprPtr inner, ParseUnary(false));
       node->children.push_back(std::move(inner));
+      DYN_RETURN_IF_ERROR(Seal(*node));
     } else {
       DYN_ASSIGN_OR_RETURN(node, ParsePrimary());
     }
@@ -342,6 +362,7 @@ class ExpressionParser {
         }
       }
       Next();
+      DYN_RETURN_IF_ERROR(Seal(*e));
       return e;
     }
     return Error("unexpected " + Describe());
@@ -360,6 +381,7 @@ class ExpressionParser {
           e->children.push_back(std::move(node));
           e->children.push_back(std::move(idx));
           Next();
+          DYN_RETURN_IF_ERROR(Seal(*e));
           node = std::move(e);
           continue;
         } else {
@@ -367,6 +389,7 @@ class ExpressionParser {
         }
         Next();
         e->children.push_back(std::move(node));
+        DYN_RETURN_IF_ERROR(Seal(*e));
         node = std::move(e);
       } else if (IsOp("[")) {
         DYN_ASSIGN_OR_RETURN(node, ParseSubscript(std::move(node)));
@@ -397,6 +420,7 @@ class ExpressionParser {
     e->children.push_back(std::move(node));
     if (!is_slice && !parts[0]) return Error("expected subscript expression");
     for (int i = 0; i < (is_slice ? 3 : 1); ++i) e->children.push_back(std::move(parts[i]));
+    DYN_RETURN_IF_ERROR(Seal(*e));
     return e;
   }
 
@@ -427,6 +451,7 @@ class ExpressionParser {
     auto e = Make(Expr::Kind::kCall);
     e->children.push_back(std::move(callee));
     DYN_RETURN_IF_ERROR(ParseArgs(*e));
+    DYN_RETURN_IF_ERROR(Seal(*e));
     return e;
   }
 
@@ -449,6 +474,7 @@ class ExpressionParser {
       DYN_ASSIGN_OR_RETURN(e->name, ParseDottedName());
       e->children.push_back(std::move(input));
       if (IsOp("(")) DYN_RETURN_IF_ERROR(ParseArgs(*e));
+      DYN_RETURN_IF_ERROR(Seal(*e));
       input = std::move(e);
     }
     return input;
@@ -462,6 +488,7 @@ class ExpressionParser {
         DYN_ASSIGN_OR_RETURN(e->name, ParseDottedName());
         e->children.push_back(std::move(node));
         if (IsOp("(")) DYN_RETURN_IF_ERROR(ParseArgs(*e));
+        DYN_RETURN_IF_ERROR(Seal(*e));
         node = std::move(e);
       } else if (IsName("is")) {
         Next();
@@ -480,6 +507,7 @@ class ExpressionParser {
           DYN_ASSIGN_OR_RETURN(arg, ParsePostfix(std::move(arg)));
           e->children.push_back(std::move(arg));
         }
+        DYN_RETURN_IF_ERROR(Seal(*e));
         node = std::move(e);
       } else if (IsOp("(")) {
         DYN_ASSIGN_OR_RETURN(node, ParseCall(std::move(node)));

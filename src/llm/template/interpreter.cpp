@@ -129,6 +129,14 @@ Status Interpreter::Assign(const Expr& target, Value value, const std::shared_pt
 }
 
 Result<Interpreter::Flow> Interpreter::Exec(const Stmt& s, const std::shared_ptr<Scope>& scope) {
+  if (++eval_depth_ > kMaxEvalDepth) {
+    --eval_depth_;
+    return Status::ResourceExhausted("template evaluation nested too deeply");
+  }
+  struct Unwind {
+    int& depth;
+    ~Unwind() { --depth; }
+  } unwind{eval_depth_};
   DYN_RETURN_IF_ERROR(Step());
   switch (s.kind) {
     case Stmt::Kind::kText:

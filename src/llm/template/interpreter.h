@@ -38,6 +38,9 @@ struct Args {
 
 // Largest list or dict a template may build (strings are bounded by max_output_bytes).
 constexpr size_t kMaxContainerItems = 1u << 18;
+// Deepest nesting of statement and expression evaluation (C++ stack frames), whatever mix of
+// macro recursion, nested blocks and tall expressions produces it.
+constexpr int kMaxEvalDepth = 1000;  // about 1 MiB of stack at most
 
 class Interpreter {
  public:
@@ -78,7 +81,8 @@ class Interpreter {
   RenderLimits limits_;
   Clock clock_;
   uint64_t steps_ = 0;
-  int depth_ = 0;
+  int depth_ = 0;        // macro / recursive loop calls
+  int eval_depth_ = 0;   // nested Exec/Eval frames on the C++ stack
   std::string* out_ = nullptr;
   // Scopes that macros close over; weak references from the macros avoid cycles.
   std::vector<std::shared_ptr<Scope>> closures_;

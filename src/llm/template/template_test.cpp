@@ -27,7 +27,7 @@ std::string Ok(std::string_view source, const boost::json::object& vars = {}) {
 }
 
 // Runs `source` and requires an error of `code` within a couple of seconds.
-void ExpectPromptError(std::string_view source, StatusCode code, const RenderLimits& limits = {}) {
+void ExpectPromptError(const std::string& source, StatusCode code, const RenderLimits& limits = {}) {
   auto start = std::chrono::steady_clock::now();
   auto r = RenderSource(source, {}, limits);
   double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -81,6 +81,19 @@ TEST(ChatTemplate, DeeplyNestedSyntaxIsRejectedNotOverflowed) {
   std::string ifs;
   for (int i = 0; i < 20000; ++i) ifs += "{% if true %}";
   EXPECT_FALSE(ChatTemplate::Parse(ifs).ok());
+  // Long left-deep chains are built by loops, not recursion; they are bounded too.
+  std::string sum = "{{ 1";
+  for (int i = 0; i < 100000; ++i) sum += "+1";
+  EXPECT_FALSE(ChatTemplate::Parse(sum + " }}").ok());
+  std::string filters = "{{ 'x'";
+  for (int i = 0; i < 100000; ++i) filters += "|upper";
+  EXPECT_FALSE(ChatTemplate::Parse(filters + " }}").ok());
+  std::string attrs = "{{ x";
+  for (int i = 0; i < 100000; ++i) attrs += ".a[0]";
+  EXPECT_FALSE(ChatTemplate::Parse(attrs + " }}").ok());
+  std::string conds = "{{ 1";
+  for (int i = 0; i < 100000; ++i) conds += " if x";
+  EXPECT_FALSE(ChatTemplate::Parse(conds + " }}").ok());
   // Moderate nesting is fine.
   EXPECT_EQ(Ok("{{ ((((((1 + 2)))))) * [[[[3]]]][0][0][0][0] }}"), "9");
 }
@@ -106,6 +119,15 @@ TEST(ChatTemplate, RecursionIsBounded) {
   ExpectPromptError("{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}", StatusCode::kResourceExhausted);
   ExpectPromptError("{% macro f() %}{{ f() }}{{ f() }}{% endmacro %}{{ f() }}", StatusCode::kResourceExhausted);
   ExpectPromptError("{% for n in [[1]] recursive %}{{ loop([n]) }}{% endfor %}", StatusCode::kResourceExhausted);
+}
+
+TEST(ChatTemplate, DeepEvaluationIsBoundedAtRunTime) {
+  // Recursion through nested blocks and tall expressions, each within the parser's limits.
+  std::string body;
+  for (int i = 0; i < 90; ++i) body += "{% if true %}";
+  body += "{{ f(n + 1) + ((((((((((1)))))))))) }}";
+  for (int i = 0; i < 90; ++i) body += "{% endif %}";
+  ExpectPromptError("{% macro f(n) %}" + body + "{% endmacro %}{{ f(0) }}", StatusCode::kResourceExhausted);
 }
 
 TEST(ChatTemplate, HugeOutputIsBounded) {
