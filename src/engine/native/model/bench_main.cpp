@@ -1,5 +1,6 @@
 // dyn_model_bench: CPU kernel and model throughput on this machine.
 //   dyn_model_bench [--model models/SmolLM2-135M-Instruct.Q4_1.gguf] [--threads 1,2] [--quick]
+//                   [--no-kernels] [--no-prefill] [--batches 1,4,16] [--steps N]
 // Prints: memcpy bandwidth (the roofline), matmul GFLOP/s and weight GB/s per weight type at
 // M = 1/16/128, then prefill tok/s (prompt 128, 512) and decode tok/s at batch 1/4/16.
 #include <algorithm>
@@ -90,7 +91,7 @@ void BenchMatMul(int threads, double min_s, double bw) {
   }
 }
 
-void BenchModel(const std::string& path, int threads, bool quick) {
+void BenchModel(const std::string& path, int threads, bool quick, bool prefill, const std::vector<int>& batches, int steps_arg) {
   dyn::ModelLoadOptions opt;
   opt.num_threads = threads;
   auto loaded = dyn::LoadModel(path, opt);
@@ -113,6 +114,7 @@ void BenchModel(const std::string& path, int threads, bool quick) {
     return t;
   };
   for (int prompt : {128, 512}) {
+    if (!prefill) break;
     const std::vector<uint32_t> ids = tokens(prompt);
     dyn::ForwardSeq f;
     f.tokens = ids;
@@ -120,8 +122,8 @@ void BenchModel(const std::string& path, int threads, bool quick) {
     const double s = TimeIt([&] { (void)model.Forward(std::span(&f, 1), logits.data()); }, quick ? 0.2 : 1.0);
     std::printf("prefill threads=%d prompt=%d: %.1f ms, %.0f tok/s\n", threads, prompt, s * 1e3, prompt / s);
   }
-  for (int batch : {1, 4, 16}) {
-    const int ctx = 128, steps = quick ? 16 : 48;
+  for (int batch : batches) {
+    const int ctx = 128, steps = steps_arg > 0 ? steps_arg : quick ? 16 : 48;
     std::vector<std::vector<uint32_t>> prompts;
     std::vector<dyn::ForwardSeq> fs(batch);
     for (int s = 0; s < batch; ++s) {
@@ -151,7 +153,9 @@ void BenchModel(const std::string& path, int threads, bool quick) {
 int main(int argc, char** argv) {
   std::string model = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
   std::vector<int> threads = {1, 2};
-  bool quick = false, kernels = true;
+  std::vector<int> batches = {1, 4, 16};
+  bool quick = false, kernels = true, prefill = true;
+  int steps = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--model" && i + 1 < argc) model = argv[++i];
@@ -160,12 +164,23 @@ int main(int argc, char** argv) {
       for (char c : std::string(argv[++i])) if (c >= '1' && c <= '9') threads.push_back(c - '0');
     } else if (a == "--quick") quick = true;
     else if (a == "--no-kernels") kernels = false;
+    else if (a == "--no-prefill") prefill = false;
+    else if (a == "--steps" && i + 1 < argc) steps = std::stoi(argv[++i]);
+    else if (a == "--batches" && i + 1 < argc) {
+      batches.clear();
+      std::string list = argv[++i];
+      for (size_t p = 0; p < list.size();) {
+        const size_t e = std::min(list.find(',', p), list.size());
+        batches.push_back(std::stoi(list.substr(p, e - p)));
+        p = e + 1;
+      }
+    }
   }
   const double bw = MemcpyBandwidth(quick ? 0.2 : 0.5);
   std::printf("memcpy bandwidth (1 thread, 256 MiB, read+write): %.1f GB/s\n", bw);
   for (int t : threads) {
     if (kernels) BenchMatMul(t, quick ? 0.1 : 0.3, bw);
-    if (dyn::FileExists(model)) BenchModel(model, t, quick);
+    if (dyn::FileExists(model)) BenchModel(model, t, quick, prefill, batches, steps);
   }
   return 0;
 }
