@@ -1,12 +1,22 @@
 // Matmul with block-quantized weights (Q8_0, Q4_0, Q4_1), computed as llama.cpp does: activation
 // rows are quantized to 32-element int8 blocks, each (weight block, activation block) pair is an
-// integer dot product (AVX-512 VNNI vpdpbusd on 256-bit lanes), scaled by d_w * d_x and accumulated
-// in F32. Register tiles of NR weight rows x MR activation rows unpack each weight block once for
-// MR rows; every output element follows the same instruction sequence whatever the tile, so results
-// do not depend on the batch.
+// integer dot product (AVX-512 VNNI vpdpbusd), scaled by d_w * d_x and accumulated in F32.
+//
+// Layout of the work: 4 blocks (128 elements) per step. The weight quants of 4 blocks are loaded
+// into two 512-bit registers, "lo" = elements 0-15 of each block (a Q4 block's low nibbles) and
+// "hi" = elements 16-31 (its high nibbles); the activations are stored pre-arranged the same way
+// (see QuantizedRows), so two vpdpbusd give 4 int32 lanes per block with no shuffles. Scales are
+// fetched 16 blocks at a time (one gather of the block headers per weight row, one load per
+// activation row) and broadcast to their block's 4 lanes with one permute. The accumulator keeps
+// 16 lanes until the end: one horizontal sum per output element.
+//
+// Register tiles of NR weight rows x MR activation rows unpack each weight group once for MR rows;
+// every output element follows the same instruction sequence whatever the tile, the row count or
+// the thread, so results do not depend on the batch.
 #include "engine/native/backend/cpu/simd.h"
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -16,8 +26,13 @@
 namespace dyn::cpu {
 namespace {
 
-void QuantizeRow(const float* x, int blocks, int8_t* qs, float* d_out, float* s_out, int32_t* isum_out) {
+constexpr int kGroup = 4;    // blocks per dot step
+constexpr int kChunk = 16;   // blocks per scale vector
+
+// flip: store q + 128 as uint8 (the unsigned operand of vpdpbusd when the weights are signed).
+void QuantizeRow(const float* x, int blocks, int padded, bool flip, int8_t* qs, float* d_out, float* s_out) {
   const __m512 sign_mask = _mm512_set1_ps(-0.0f);
+  const __m128i bias = _mm_set1_epi8(flip ? static_cast<char>(0x80) : 0);
   for (int b = 0; b < blocks; ++b) {
     const __m512 v0 = _mm512_loadu_ps(x + b * 32), v1 = _mm512_loadu_ps(x + b * 32 + 16);
     const __m512 a = _mm512_max_ps(_mm512_andnot_ps(sign_mask, v0), _mm512_andnot_ps(sign_mask, v1));
@@ -26,39 +41,46 @@ void QuantizeRow(const float* x, int blocks, int8_t* qs, float* d_out, float* s_
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, _mm512_set1_ps(id)));  // round to nearest even
     const __m512i q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, _mm512_set1_ps(id)));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qs + b * 32), _mm512_cvtsepi32_epi8(q0));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(qs + b * 32 + 16), _mm512_cvtsepi32_epi8(q1));
+    int8_t* g = qs + (b / kGroup) * (kGroup * 32) + (b % kGroup) * 16;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(g), _mm_xor_si128(_mm512_cvtsepi32_epi8(q0), bias));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(g + kGroup * 16), _mm_xor_si128(_mm512_cvtsepi32_epi8(q1), bias));
     const int32_t sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
     d_out[b] = F16ToF32(F32ToF16(d));
     s_out[b] = F16ToF32(F32ToF16(d * static_cast<float>(sum)));
-    isum_out[b] = sum;
   }
+  // Padding: whole groups of zero quants (a partial last group is completed too), zero scales.
+  const int filled = (blocks + kGroup - 1) / kGroup * kGroup;
+  for (int b = blocks; b < filled; ++b) {
+    int8_t* g = qs + (b / kGroup) * (kGroup * 32) + (b % kGroup) * 16;
+    std::memset(g, 0, 16);
+    std::memset(g + kGroup * 16, 0, 16);
+  }
+  std::memset(qs + static_cast<size_t>(filled) * 32, 0, static_cast<size_t>(padded - filled) * 32);
+  for (int b = blocks; b < padded; ++b) d_out[b] = s_out[b] = 0.0f;
 }
 
 struct Scratch {
   std::vector<int8_t> qs;
   std::vector<float> d, s;
-  std::vector<int32_t> isum;
 };
 
-QuantizedRows Quantize(ThreadPool& pool, const float* x, int m, int64_t K, Scratch& scratch) {
+QuantizedRows Quantize(ThreadPool& pool, const float* x, int m, int64_t K, bool flip, Scratch& scratch) {
   QuantizedRows q;
   q.rows = m;
   q.blocks = static_cast<int>(K / kQuantBlock);
-  const size_t nb = static_cast<size_t>(m) * q.blocks;
+  q.padded = (q.blocks + kChunk - 1) / kChunk * kChunk;
+  const size_t nb = static_cast<size_t>(m) * q.padded;
   if (scratch.qs.size() < nb * 32) scratch.qs.resize(nb * 32);
   if (scratch.d.size() < nb) {
     scratch.d.resize(nb);
     scratch.s.resize(nb);
-    scratch.isum.resize(nb);
   }
   q.qs = scratch.qs.data();
   q.d = scratch.d.data();
   q.s = scratch.s.data();
-  q.isum = scratch.isum.data();
   auto row = [&](int i) {
-    const size_t o = static_cast<size_t>(i) * q.blocks;
-    QuantizeRow(x + i * K, q.blocks, q.qs + o * 32, q.d + o, q.s + o, q.isum + o);
+    const size_t o = static_cast<size_t>(i) * q.padded;
+    QuantizeRow(x + i * K, q.blocks, q.padded, flip, q.qs + o * 32, q.d + o, q.s + o);
   };
   if (m < 16) {
     for (int i = 0; i < m; ++i) row(i);
@@ -68,51 +90,58 @@ QuantizedRows Quantize(ThreadPool& pool, const float* x, int m, int64_t K, Scrat
   return q;
 }
 
-// Per weight type: the block struct, its 32 quants as bytes for vpdpbusd's unsigned operand, and
-// how a block's integer dot product becomes a float contribution.
-// Two consecutive 32-element blocks (b, b + 1) fill one 512-bit register: lanes 0-7 of the int32
-// dot products and of the scales belong to block b, lanes 8-15 to block b + 1. A missing b + 1
-// (odd block count) is all zeros, so every output element still runs the same instructions.
-inline __m512i UnpackNibblePair(const uint8_t* qs0, const uint8_t* qs1) {
-  const __m128i r0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs0));
-  const __m128i r1 = qs1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs1)) : _mm_set1_epi8(0);
-  const __m256i raw = _mm256_inserti128_si256(_mm256_castsi128_si256(r0), r1, 1);
-  const __m256i lo = _mm256_and_si256(raw, _mm256_set1_epi8(0x0F));
-  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), _mm256_set1_epi8(0x0F));
-  // [lo0 hi0 lo1 hi1]: elements 0-15 of a block are its low nibbles, 16-31 its high ones.
-  const __m512i idx = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
-  return _mm512_permutex2var_epi64(_mm512_castsi256_si512(lo), idx, _mm512_castsi256_si512(hi));
+// Loads 16 bytes at `offset` of each of n <= 4 consecutive blocks (zeros for the missing ones).
+template <class Block>
+inline __m512i LoadGroup(const Block* b, int n, int offset) {
+  auto at = [&](int j) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(b[j].qs + offset)); };
+  __m512i r = _mm512_zextsi128_si512(at(0));
+  if (n > 1) r = _mm512_inserti32x4(r, at(1), 1);
+  if (n > 2) r = _mm512_inserti32x4(r, at(2), 2);
+  if (n > 3) r = _mm512_inserti32x4(r, at(3), 3);
+  return r;
 }
 
-inline __m512 PairOf(float a, float b) { return _mm512_insertf32x8(_mm512_set1_ps(a), _mm256_set1_ps(b), 1); }
-// a in lane 0, b in lane 8, zero elsewhere.
-inline __m512 LeadLanes(float a, float b) { return _mm512_maskz_mov_ps(0x0101, PairOf(a, b)); }
+struct Q4_1Kind { using Block = BlockQ4_1; };
+struct Q4_0Kind { using Block = BlockQ4_0; };
+struct Q8_0Kind { using Block = BlockQ8_0; };
 
-struct Q4_1Kind {
-  using Block = BlockQ4_1;
-  static __m512i Unpack(const Block* b0, const Block* b1) { return UnpackNibblePair(b0->qs, b1 ? b1->qs : nullptr); }
-  static __m512i Dot(__m512i acc, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(acc, w, x); }
+// One weight row's group of 4 blocks as vpdpbusd operands.
+template <class Kind>
+struct WGroup {
+  __m512i lo, hi;
+  __m512i corr;  // Q8_0: 128 * sum(w) per lane (the activations carry +128)
 };
-struct Q4_0Kind {
-  using Block = BlockQ4_0;
-  static __m512i Unpack(const Block* b0, const Block* b1) { return UnpackNibblePair(b0->qs, b1 ? b1->qs : nullptr); }
-  static __m512i Dot(__m512i acc, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(acc, w, x); }
-};
-struct Q8_0Kind {
-  using Block = BlockQ8_0;
-  static __m512i Unpack(const Block* b0, const Block* b1) {
-    const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b0->qs));
-    const __m256i q1 = b1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b1->qs)) : _mm256_setzero_si256();
-    return _mm512_inserti64x4(_mm512_castsi256_si512(q0), q1, 1);
+
+template <class Kind>
+inline WGroup<Kind> UnpackGroup(const typename Kind::Block* b, int n) {
+  WGroup<Kind> g;
+  if constexpr (std::is_same_v<Kind, Q8_0Kind>) {
+    g.lo = LoadGroup(b, n, 0);
+    g.hi = LoadGroup(b, n, 16);
+    const __m512i c128 = _mm512_set1_epi8(static_cast<char>(0x80));
+    g.corr = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, g.lo), c128, g.hi);
+  } else {
+    const __m512i raw = LoadGroup(b, n, 0);
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+    g.lo = _mm512_and_si512(raw, mask);
+    g.hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), mask);
+    g.corr = _mm512_setzero_si512();
   }
-  // vpdpbusd wants one unsigned operand: |w| * (x with w's sign) is the same product.
-  static __m512i Dot(__m512i acc, __m512i w, __m512i x) {
-    const __mmask64 neg = _mm512_movepi8_mask(w);
-    const __m512i abs_w = _mm512_abs_epi8(w);
-    const __m512i signed_x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
-    return _mm512_dpbusd_epi32(acc, abs_w, signed_x);
+  return g;
+}
+
+// Integer dot products of one group: 4 int32 lanes per block.
+template <class Kind>
+inline __m512i GroupDot(const WGroup<Kind>& w, __m512i xlo, __m512i xhi, __m512i xcorr) {
+  if constexpr (std::is_same_v<Kind, Q8_0Kind>) {
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), xlo, w.lo), xhi, w.hi);
+    return _mm512_sub_epi32(d, w.corr);
+  } else {
+    const __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), w.lo, xlo), w.hi, xhi);
+    if constexpr (std::is_same_v<Kind, Q4_0Kind>) return _mm512_sub_epi32(d, xcorr);  // quants stored as q + 8
+    return d;
   }
-};
+}
 
 template <class Kind, int NR, int MR>
 void Tile(const uint8_t* w, size_t row_bytes, const QuantizedRows& q, int row0, int64_t N, float* out) {
@@ -120,36 +149,59 @@ void Tile(const uint8_t* w, size_t row_bytes, const QuantizedRows& q, int row0, 
   constexpr bool kHasMin = std::is_same_v<Kind, Q4_1Kind>;
   constexpr bool kOffset8 = std::is_same_v<Kind, Q4_0Kind>;
   const int nb = q.blocks;
+  const size_t xstride = static_cast<size_t>(q.padded);
   __m512 acc[NR][MR];
   for (int r = 0; r < NR; ++r)
     for (int i = 0; i < MR; ++i) acc[r][i] = _mm512_setzero_ps();
-  for (int b = 0; b < nb; b += 2) {
-    const bool pair = b + 1 < nb;
-    __m512i wv[NR];
+  const __m512i lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int c = 0; c < nb; c += kChunk) {
+    const int valid = std::min(kChunk, nb - c);
     __m512 wd[NR];
-    __m512 wm[NR];
     for (int r = 0; r < NR; ++r) {
-      const Block* blk = reinterpret_cast<const Block*>(w + r * row_bytes) + b;
-      wv[r] = Kind::Unpack(blk, pair ? blk + 1 : nullptr);
-      wd[r] = PairOf(F16ToF32(blk->d), pair ? F16ToF32(blk[1].d) : 0.0f);
-      if constexpr (kHasMin) wm[r] = LeadLanes(F16ToF32(blk->m), pair ? F16ToF32(blk[1].m) : 0.0f);
-    }
-    for (int i = 0; i < MR; ++i) {
-      const size_t xb = static_cast<size_t>(row0 + i) * nb + b;
-      const __m512i xv = _mm512_maskz_loadu_epi8(pair ? ~__mmask64{0} : __mmask64{0xFFFFFFFF}, q.qs + xb * 32);
-      const __m512 xd = PairOf(q.d[xb], pair ? q.d[xb + 1] : 0.0f);
-      // Q4_0 stores q + 8: start the integer sum at -8 * sum(x) (exact) in each block's lead lane.
-      __m512i init = _mm512_setzero_si512();
-      if constexpr (kOffset8) {
-        init = _mm512_maskz_set1_epi32(0x0001, -8 * q.isum[xb]);
-        if (pair) init = _mm512_mask_set1_epi32(init, 0x0100, -8 * q.isum[xb + 1]);
+      const Block* blk = reinterpret_cast<const Block*>(w + r * row_bytes) + c;
+      // Block headers (f16 d, and f16 m for Q4_1) of the chunk's blocks; zero past the row's end.
+      // Scalar loads, not a gather: the headers are the first touch of each weight cache line, and
+      // a gather serializes those misses.
+      alignas(64) uint32_t hv[kChunk];
+      for (int j = 0; j < kChunk; ++j) {
+        uint32_t v = 0;
+        if (j < valid) std::memcpy(&v, &blk[j], sizeof(v));
+        hv[j] = v;
       }
-      __m512 xs;
-      if constexpr (kHasMin) xs = PairOf(q.s[xb], pair ? q.s[xb + 1] : 0.0f);
+      const __m512i h = _mm512_load_si512(hv);
+      wd[r] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(h));
+      if constexpr (kHasMin) {
+        const __m512 wm = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(h, 16)));
+        for (int i = 0; i < MR; ++i) {
+          const __m512 xs = _mm512_loadu_ps(q.s + static_cast<size_t>(row0 + i) * xstride + c);
+          acc[r][i] = _mm512_fmadd_ps(wm, xs, acc[r][i]);
+        }
+      }
+    }
+    for (int g = 0; g * kGroup < valid; ++g) {
+      const int n = std::min(kGroup, valid - g * kGroup);
+      const __m512i idx = _mm512_add_epi32(lane_block, _mm512_set1_epi32(g * kGroup));
+      WGroup<Kind> wg[NR];
+      __m512 wdg[NR];
       for (int r = 0; r < NR; ++r) {
-        const __m512i dot = Kind::Dot(init, wv[r], xv);
-        acc[r][i] = _mm512_fmadd_ps(_mm512_mul_ps(wd[r], xd), _mm512_cvtepi32_ps(dot), acc[r][i]);
-        if constexpr (kHasMin) acc[r][i] = _mm512_fmadd_ps(wm[r], xs, acc[r][i]);
+        const Block* blk = reinterpret_cast<const Block*>(w + r * row_bytes) + c + g * kGroup;
+        wg[r] = UnpackGroup<Kind>(blk, n);
+        wdg[r] = _mm512_permutexvar_ps(idx, wd[r]);
+      }
+      for (int i = 0; i < MR; ++i) {
+        const size_t xrow = static_cast<size_t>(row0 + i) * xstride;
+        const int8_t* xq = q.qs + (xrow + c + g * kGroup) * 32;
+        const __m512i xlo = _mm512_loadu_si512(xq), xhi = _mm512_loadu_si512(xq + 64);
+        __m512i xcorr = _mm512_setzero_si512();
+        if constexpr (kOffset8) {
+          const __m512i c8 = _mm512_set1_epi8(8);
+          xcorr = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), c8, xlo), c8, xhi);
+        }
+        const __m512 xd = _mm512_permutexvar_ps(idx, _mm512_loadu_ps(q.d + xrow + c));
+        for (int r = 0; r < NR; ++r) {
+          const __m512i dot = GroupDot<Kind>(wg[r], xlo, xhi, xcorr);
+          acc[r][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(wdg[r], xd), acc[r][i]);
+        }
       }
     }
   }
@@ -205,7 +257,7 @@ void Run(ThreadPool& pool, const QuantizedRows& q, const Weight& w, float* out) 
 
 void MatMulQuant(ThreadPool& pool, const float* x, int m, const Weight& w, float* out) {
   static thread_local Scratch scratch;
-  const QuantizedRows q = Quantize(pool, x, m, w.cols, scratch);
+  const QuantizedRows q = Quantize(pool, x, m, w.cols, w.dtype == DType::kQ8_0, scratch);
   switch (w.dtype) {
     case DType::kQ8_0: Run<Q8_0Kind>(pool, q, w, out); break;
     case DType::kQ4_0: Run<Q4_0Kind>(pool, q, w, out); break;
