@@ -14,17 +14,18 @@ namespace dyn::tmpl {
 Value Value::List(std::vector<Value> items, bool is_tuple) {
   Value v;
   v.kind_ = Kind::kList;
-  v.list_ = std::make_shared<ListObj>();
-  v.list_->items = std::move(items);
-  v.list_->is_tuple = is_tuple;
-  for (const auto& item : v.list_->items) v.list_->depth = std::max(v.list_->depth, item.Depth() + 1);
+  auto list = std::make_shared<ListObj>();
+  list->items = std::move(items);
+  list->is_tuple = is_tuple;
+  for (const auto& item : list->items) list->depth = std::max(list->depth, item.Depth() + 1);
+  v.ptr_ = std::move(list);
   return v;
 }
 
 Value Value::Dict(std::shared_ptr<DictObj> d) {
   Value v;
   v.kind_ = Kind::kDict;
-  v.dict_ = d ? std::move(d) : std::make_shared<DictObj>();
+  v.ptr_ = d ? std::move(d) : std::make_shared<DictObj>();
   return v;
 }
 
@@ -37,14 +38,14 @@ Value Value::Namespace(std::shared_ptr<DictObj> d) {
 Value Value::Func(std::shared_ptr<Callable> fn) {
   Value v;
   v.kind_ = Kind::kCallable;
-  v.fn_ = std::move(fn);
+  v.ptr_ = std::move(fn);
   return v;
 }
 
 Value Value::Loop(std::shared_ptr<LoopState> loop) {
   Value v;
   v.kind_ = Kind::kLoop;
-  v.loop_ = std::move(loop);
+  v.ptr_ = std::move(loop);
   return v;
 }
 
@@ -64,8 +65,8 @@ const Value* DictObj::FindStr(std::string_view key) const {
 }
 
 uint32_t Value::Depth() const {
-  if (kind_ == Kind::kList) return list_->depth;
-  if (kind_ == Kind::kDict || kind_ == Kind::kNamespace) return dict_->depth;
+  if (kind_ == Kind::kList) return lp()->depth;
+  if (kind_ == Kind::kDict || kind_ == Kind::kNamespace) return dp()->depth;
   return 0;
 }
 
@@ -85,9 +86,9 @@ bool Value::Truthy() const {
     case Kind::kBool:
     case Kind::kInt: return i_ != 0;
     case Kind::kFloat: return f_ != 0.0;
-    case Kind::kString: return !s_.empty();
-    case Kind::kList: return !list_->items.empty();
-    case Kind::kDict: return !dict_->items.empty();
+    case Kind::kString: return !str().empty();
+    case Kind::kList: return !lp()->items.empty();
+    case Kind::kDict: return !dp()->items.empty();
     default: return true;
   }
 }
@@ -101,27 +102,27 @@ bool Value::Equals(const Value& o) const {
   switch (kind_) {
     case Kind::kUndefined:
     case Kind::kNone: return true;
-    case Kind::kString: return s_ == o.s_;
+    case Kind::kString: return ptr_ == o.ptr_ || str() == o.str();
     case Kind::kList: {
-      if (list_ == o.list_) return true;
-      if (list_->is_tuple != o.list_->is_tuple || list_->items.size() != o.list_->items.size()) return false;
-      for (size_t i = 0; i < list_->items.size(); ++i) {
-        if (!list_->items[i].Equals(o.list_->items[i])) return false;
+      if (ptr_ == o.ptr_) return true;
+      if (lp()->is_tuple != o.lp()->is_tuple || lp()->items.size() != o.lp()->items.size()) return false;
+      for (size_t i = 0; i < lp()->items.size(); ++i) {
+        if (!lp()->items[i].Equals(o.lp()->items[i])) return false;
       }
       return true;
     }
     case Kind::kDict: {
-      if (dict_ == o.dict_) return true;
-      if (dict_->items.size() != o.dict_->items.size()) return false;
-      for (const auto& [k, v] : dict_->items) {
-        const Value* other = o.dict_->Find(k);
+      if (ptr_ == o.ptr_) return true;
+      if (dp()->items.size() != o.dp()->items.size()) return false;
+      for (const auto& [k, v] : dp()->items) {
+        const Value* other = o.dp()->Find(k);
         if (!other || !v.Equals(*other)) return false;
       }
       return true;
     }
-    case Kind::kNamespace: return dict_ == o.dict_;
-    case Kind::kCallable: return fn_ == o.fn_;
-    case Kind::kLoop: return loop_ == o.loop_;
+    case Kind::kNamespace: return ptr_ == o.ptr_;
+    case Kind::kCallable: return ptr_ == o.ptr_;
+    case Kind::kLoop: return ptr_ == o.ptr_;
     default: return false;
   }
 }
@@ -134,7 +135,7 @@ const char* Value::TypeName() const {
     case Kind::kInt: return "int";
     case Kind::kFloat: return "float";
     case Kind::kString: return "str";
-    case Kind::kList: return list_->is_tuple ? "tuple" : "list";
+    case Kind::kList: return lp()->is_tuple ? "tuple" : "list";
     case Kind::kDict: return "dict";
     case Kind::kNamespace: return "Namespace";
     case Kind::kCallable: return "function";
@@ -236,22 +237,22 @@ std::string StrRepr(std::string_view s) {
 
 std::string Value::Repr() const {
   switch (kind_) {
-    case Kind::kString: return StrRepr(s_);
+    case Kind::kString: return StrRepr(str());
     case Kind::kList: {
-      const auto& items = list_->items;
-      std::string out = list_->is_tuple ? "(" : "[";
+      const auto& items = lp()->items;
+      std::string out = lp()->is_tuple ? "(" : "[";
       for (size_t i = 0; i < items.size(); ++i) {
         if (i) out += ", ";
         out += items[i].Repr();
       }
-      if (list_->is_tuple && items.size() == 1) out += ",";
-      out += list_->is_tuple ? ")" : "]";
+      if (lp()->is_tuple && items.size() == 1) out += ",";
+      out += lp()->is_tuple ? ")" : "]";
       return out;
     }
     case Kind::kDict: {
       std::string out = "{";
       bool first = true;
-      for (const auto& [k, v] : dict_->items) {
+      for (const auto& [k, v] : dp()->items) {
         if (!first) out += ", ";
         first = false;
         out += k.Repr() + ": " + v.Repr();
@@ -269,11 +270,11 @@ std::string Value::ToStr() const {
     case Kind::kBool: return i_ ? "True" : "False";
     case Kind::kInt: return std::to_string(i_);
     case Kind::kFloat: return FloatRepr(f_);
-    case Kind::kString: return s_;
+    case Kind::kString: return str();
     case Kind::kList:
     case Kind::kDict: return Repr();
     case Kind::kNamespace: return "<Namespace>";
-    case Kind::kCallable: return fn_->type == Callable::Type::kUnsafe ? "" : "<function " + fn_->name + ">";
+    case Kind::kCallable: return fn().type == Callable::Type::kUnsafe ? "" : "<function " + fn().name + ">";
     case Kind::kLoop: return "<LoopContext>";
   }
   return "";

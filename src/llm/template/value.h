@@ -40,12 +40,21 @@ class Value {
   enum class Kind : uint8_t { kUndefined, kNone, kBool, kInt, kFloat, kString, kList, kDict, kNamespace, kCallable, kLoop };
 
   Value() = default;
-  static Value Undefined(std::string hint = {}) { Value v; v.s_ = std::move(hint); return v; }
+  static Value Undefined(std::string hint = {}) {
+    Value v;
+    if (!hint.empty()) v.ptr_ = std::make_shared<const std::string>(std::move(hint));
+    return v;
+  }
   static Value None() { Value v; v.kind_ = Kind::kNone; return v; }
   static Value Bool(bool b) { Value v; v.kind_ = Kind::kBool; v.i_ = b; return v; }
   static Value Int(int64_t i) { Value v; v.kind_ = Kind::kInt; v.i_ = i; return v; }
   static Value Float(double f) { Value v; v.kind_ = Kind::kFloat; v.f_ = f; return v; }
-  static Value Str(std::string s) { Value v; v.kind_ = Kind::kString; v.s_ = std::move(s); return v; }
+  static Value Str(std::string s) {
+    Value v;
+    v.kind_ = Kind::kString;
+    if (!s.empty()) v.ptr_ = std::make_shared<const std::string>(std::move(s));
+    return v;
+  }
   static Value List(std::vector<Value> items, bool is_tuple = false);
   static Value Dict(std::shared_ptr<DictObj> d = nullptr);
   static Value Namespace(std::shared_ptr<DictObj> d);
@@ -69,12 +78,15 @@ class Value {
   bool as_bool() const { return i_ != 0; }
   int64_t as_int() const { return i_; }
   double as_double() const { return kind_ == Kind::kFloat ? f_ : static_cast<double>(i_); }
-  const std::string& str() const { return s_; }  // string contents, or undefined's name hint
-  ListObj& list() const { return *list_; }
-  DictObj& dict() const { return *dict_; }  // dicts and namespaces
-  Callable& fn() const { return *fn_; }
-  LoopState& loop() const { return *loop_; }
-  const std::shared_ptr<Callable>& fn_ptr() const { return fn_; }
+  // String contents, or undefined's name hint.
+  const std::string& str() const {
+    return ptr_ && (kind_ == Kind::kString || kind_ == Kind::kUndefined) ? *static_cast<const std::string*>(ptr_.get())
+                                                                        : EmptyString();
+  }
+  ListObj& list() const { return *lp(); }
+  DictObj& dict() const { return *dp(); }  // dicts and namespaces
+  Callable& fn() const { return *const_cast<Callable*>(static_cast<const Callable*>(ptr_.get())); }
+  LoopState& loop() const { return *const_cast<LoopState*>(static_cast<const LoopState*>(ptr_.get())); }
 
   // Container nesting depth: 0 for scalars, 1 for a flat list or dict.
   uint32_t Depth() const;
@@ -94,11 +106,18 @@ class Value {
   Kind kind_ = Kind::kUndefined;
   int64_t i_ = 0;
   double f_ = 0;
-  std::string s_;
-  std::shared_ptr<ListObj> list_;
-  std::shared_ptr<DictObj> dict_;
-  std::shared_ptr<Callable> fn_;
-  std::shared_ptr<LoopState> loop_;
+  ListObj* lp() const { return const_cast<ListObj*>(static_cast<const ListObj*>(ptr_.get())); }
+  DictObj* dp() const { return const_cast<DictObj*>(static_cast<const DictObj*>(ptr_.get())); }
+
+  // The one heap part, by kind: const std::string (strings, undefined's hint), ListObj,
+  // DictObj (dicts, namespaces), Callable, LoopState. Strings are shared and immutable, so
+  // copying a value (every variable read) copies no text.
+  std::shared_ptr<const void> ptr_;
+
+  static const std::string& EmptyString() {
+    static const std::string empty;
+    return empty;
+  }
 };
 
 struct Scope;
