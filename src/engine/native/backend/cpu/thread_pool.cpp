@@ -7,6 +7,10 @@ namespace {
 // About 100 us of spinning: longer than the gap between kernels of one step, far shorter than
 // the gap between steps of an idle engine.
 constexpr int kSpinIterations = 20000;
+// Spinning waits give the core away every kYieldEvery pauses: on an oversubscribed machine the
+// scheduler may put the caller and a worker on one core, and a pure spin there would hold the
+// core for a whole time slice while the thread it waits for cannot run.
+constexpr int kYieldEvery = 64;
 uint32_t EpochOf(uint64_t v) { return static_cast<uint32_t>(v >> 32); }
 }  // namespace
 
@@ -52,7 +56,13 @@ void ThreadPool::Dispatch(Task task, void* ctx, int64_t n) {
   }
   Drain(epoch);
   // Only indices a running worker already claimed are left.
-  while (done_.load(std::memory_order_seq_cst) != n) _mm_pause();
+  for (int spins = 1; done_.load(std::memory_order_seq_cst) != n; ++spins) {
+    if (spins % kYieldEvery == 0) {
+      std::this_thread::yield();
+    } else {
+      _mm_pause();
+    }
+  }
 }
 
 void ThreadPool::WorkerLoop() {
@@ -62,7 +72,11 @@ void ThreadPool::WorkerLoop() {
     uint32_t epoch;
     while ((epoch = EpochOf(next_.load(std::memory_order_seq_cst))) == seen) {
       if (++spins < kSpinIterations) {
-        _mm_pause();
+        if (spins % kYieldEvery == 0) {
+          std::this_thread::yield();
+        } else {
+          _mm_pause();
+        }
         continue;
       }
       std::unique_lock<std::mutex> lock(mu_);
