@@ -102,6 +102,11 @@ class Backend {
   // out[m][w.rows] = x[m][w.cols] * w^T. Quantized weights: x rows are quantized to 8-bit blocks
   // and multiplied with integer dot products (as llama.cpp does).
   virtual void MatMul(const float* x, int m, const Weight& w, float* out) = 0;
+  // outs[i] = x * ws[i]^T for several weights that share the input (Q/K/V, gate/up): results equal
+  // separate MatMul calls; a backend may run them as one parallel job.
+  virtual void MatMulShared(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) {
+    for (size_t i = 0; i < ws.size(); ++i) MatMul(x, m, ws[i], outs[i]);
+  }
   // out[i][:] = x[rows[i]][:] for rows of length dim.
   virtual void GatherRows(const float* x, int dim, std::span<const uint32_t> rows, float* out) = 0;
   // x[i][:] += bias for each of the m rows of length n.

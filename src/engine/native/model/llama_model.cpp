@@ -217,9 +217,11 @@ Status LlamaModel::Forward(std::span<const ForwardSeq> batch, float* logits) {
   for (int l = 0; l < c.num_layers; ++l) {
     const LayerParams& p = layers_[l];
     be.RmsNorm(x, p.attn_norm->f32(), T, c.hidden_size, c.rms_norm_eps, h);
-    be.MatMul(h, T, p.wq, q);
-    be.MatMul(h, T, p.wk, k);
-    be.MatMul(h, T, p.wv, v);
+    {
+      const Weight qkv[3] = {p.wq, p.wk, p.wv};
+      float* const outs[3] = {q, k, v};
+      be.MatMulShared(h, T, qkv, outs);
+    }
     if (c.attention_bias) {
       be.AddBias(q, T, static_cast<int>(q_dim), p.bq->f32());
       be.AddBias(k, T, static_cast<int>(kv_dim), p.bk->f32());
@@ -236,8 +238,11 @@ Status LlamaModel::Forward(std::span<const ForwardSeq> batch, float* logits) {
     be.MatMul(attn, T, p.wo, h);
     be.Add(x, h, T * hidden);
     be.RmsNorm(x, p.ffn_norm->f32(), T, c.hidden_size, c.rms_norm_eps, h);
-    be.MatMul(h, T, p.w_gate, gate);
-    be.MatMul(h, T, p.w_up, up);
+    {
+      const Weight gate_up[2] = {p.w_gate, p.w_up};
+      float* const outs[2] = {gate, up};
+      be.MatMulShared(h, T, gate_up, outs);
+    }
     be.SwiGlu(gate, up, T * ffn, gate);
     be.MatMul(gate, T, p.w_down, h);
     be.Add(x, h, T * hidden);

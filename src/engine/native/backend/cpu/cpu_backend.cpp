@@ -160,6 +160,16 @@ class CpuBackend : public Backend {
     }
   }
 
+  void MatMulShared(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) override {
+    bool one_job = !ws.empty() && DTypeIsQuantized(ws[0].dtype);
+    for (const Weight& w : ws) one_job = one_job && w.dtype == ws[0].dtype && w.cols == ws[0].cols;
+    if (one_job) {
+      cpu::MatMulQuantShared(pool_, x, m, ws, outs);
+      return;
+    }
+    for (size_t i = 0; i < ws.size(); ++i) MatMul(x, m, ws[i], outs[i]);
+  }
+
   void GatherRows(const float* x, int dim, std::span<const uint32_t> rows, float* out) override {
     for (size_t i = 0; i < rows.size(); ++i) std::memcpy(out + i * dim, x + static_cast<size_t>(rows[i]) * dim, dim * sizeof(float));
   }

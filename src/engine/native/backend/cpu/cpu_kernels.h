@@ -26,6 +26,9 @@ struct QuantizedRows {
 };
 // out[m][w.rows] for Q8_0/Q4_0/Q4_1 weights.
 void MatMulQuant(ThreadPool& pool, const float* x, int m, const Weight& w, float* out);
+// outs[i] = x * ws[i]^T for weights of one quantized type and one column count: x is quantized
+// once and all the weights' tiles run as one parallel job.
+void MatMulQuantShared(ThreadPool& pool, const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs);
 
 void WriteKv(float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs, const float* k,
              const float* v);

@@ -222,48 +222,75 @@ void RowTile(const uint8_t* w, size_t row_bytes, const QuantizedRows& q, int row
   }
 }
 
+constexpr int kNR = 4;
+
+// Output-row tiles [t0, t1) of one weight (kNR rows each), all activation rows.
 template <class Kind>
-void Run(ThreadPool& pool, const QuantizedRows& q, const Weight& w, float* out) {
-  constexpr int kNR = 4;
+void RunTiles(const QuantizedRows& q, const Weight& w, float* out, int64_t t0, int64_t t1) {
   const int64_t N = w.rows;
   const int m = q.rows;
   const size_t row_bytes = DTypeRowBytes(w.dtype, w.cols);
   const auto* base = static_cast<const uint8_t*>(w.data);
   constexpr int kMChunk = 64;
-  // Work units of a few row tiles, claimed dynamically; each output element is computed by one
-  // unit with the same code whichever thread runs it.
-  const int64_t tiles = (N + kNR - 1) / kNR;
-  const int64_t units = std::max<int64_t>(1, std::min<int64_t>(tiles / 4, 16 * pool.size()));
-  pool.ParallelFor(units, [&](int64_t u) {
-    const int64_t t0 = tiles * u / units, t1 = tiles * (u + 1) / units;
-    for (int mc = 0; mc < m; mc += kMChunk) {
-      const int mm = std::min(kMChunk, m - mc);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t n0 = t * kNR;
-        const uint8_t* wr = base + n0 * row_bytes;
-        float* o = out + static_cast<int64_t>(mc) * N + n0;
-        switch (std::min<int64_t>(kNR, N - n0)) {
-          case 4: RowTile<Kind, 4>(wr, row_bytes, q, mc, mm, N, o); break;
-          case 3: RowTile<Kind, 3>(wr, row_bytes, q, mc, mm, N, o); break;
-          case 2: RowTile<Kind, 2>(wr, row_bytes, q, mc, mm, N, o); break;
-          default: RowTile<Kind, 1>(wr, row_bytes, q, mc, mm, N, o); break;
-        }
+  for (int mc = 0; mc < m; mc += kMChunk) {
+    const int mm = std::min(kMChunk, m - mc);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * kNR;
+      const uint8_t* wr = base + n0 * row_bytes;
+      float* o = out + static_cast<int64_t>(mc) * N + n0;
+      switch (std::min<int64_t>(kNR, N - n0)) {
+        case 4: RowTile<Kind, 4>(wr, row_bytes, q, mc, mm, N, o); break;
+        case 3: RowTile<Kind, 3>(wr, row_bytes, q, mc, mm, N, o); break;
+        case 2: RowTile<Kind, 2>(wr, row_bytes, q, mc, mm, N, o); break;
+        default: RowTile<Kind, 1>(wr, row_bytes, q, mc, mm, N, o); break;
       }
     }
+  }
+}
+
+void RunTilesOf(const QuantizedRows& q, const Weight& w, float* out, int64_t t0, int64_t t1) {
+  switch (w.dtype) {
+    case DType::kQ8_0: RunTiles<Q8_0Kind>(q, w, out, t0, t1); break;
+    case DType::kQ4_0: RunTiles<Q4_0Kind>(q, w, out, t0, t1); break;
+    case DType::kQ4_1: RunTiles<Q4_1Kind>(q, w, out, t0, t1); break;
+    default: break;
+  }
+}
+
+// Work units of a few row tiles, claimed dynamically; each output element is computed by one unit
+// with the same code whichever thread runs it.
+struct Unit {
+  int weight;
+  int64_t t0, t1;
+};
+void AppendUnits(int weight, int64_t rows, int threads, std::vector<Unit>& units) {
+  const int64_t tiles = (rows + kNR - 1) / kNR;
+  const int64_t n = std::max<int64_t>(1, std::min<int64_t>(tiles / 4, 16 * threads));
+  for (int64_t u = 0; u < n; ++u) units.push_back({weight, tiles * u / n, tiles * (u + 1) / n});
+}
+
+void RunShared(ThreadPool& pool, const QuantizedRows& q, std::span<const Weight> ws, std::span<float* const> outs) {
+  static thread_local std::vector<Unit> caller_units;
+  std::vector<Unit>& units = caller_units;  // the workers read the caller's list
+  units.clear();
+  for (size_t i = 0; i < ws.size(); ++i) AppendUnits(static_cast<int>(i), ws[i].rows, pool.size(), units);
+  pool.ParallelFor(static_cast<int64_t>(units.size()), [&](int64_t u) {
+    const Unit& unit = units[u];
+    RunTilesOf(q, ws[unit.weight], outs[unit.weight], unit.t0, unit.t1);
   });
 }
 
 }  // namespace
 
 void MatMulQuant(ThreadPool& pool, const float* x, int m, const Weight& w, float* out) {
+  float* const outs[1] = {out};
+  MatMulQuantShared(pool, x, m, std::span<const Weight>(&w, 1), outs);
+}
+
+void MatMulQuantShared(ThreadPool& pool, const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) {
   static thread_local Scratch scratch;
-  const QuantizedRows q = Quantize(pool, x, m, w.cols, w.dtype == DType::kQ8_0, scratch);
-  switch (w.dtype) {
-    case DType::kQ8_0: Run<Q8_0Kind>(pool, q, w, out); break;
-    case DType::kQ4_0: Run<Q4_0Kind>(pool, q, w, out); break;
-    case DType::kQ4_1: Run<Q4_1Kind>(pool, q, w, out); break;
-    default: break;
-  }
+  const QuantizedRows q = Quantize(pool, x, m, ws[0].cols, ws[0].dtype == DType::kQ8_0, scratch);
+  RunShared(pool, q, ws, outs);
 }
 
 }  // namespace dyn::cpu
