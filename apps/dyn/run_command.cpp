@@ -106,7 +106,9 @@ int RunCommand(int argc, char** argv) {
     EchoEngineOptions eo;
     eo.token_delay_ms = echo_delay_ms;
     served.engine = CreateEchoEngine(eo);
-    served.context_length = 1u << 20;
+    // The echo engine has no context of its own; a bounded one keeps the default max_tokens
+    // (the rest of the context) finite.
+    served.context_length = 8192;
   } else {
     std::fprintf(stderr, "dyn run: unknown --engine '%s' (native | echo)\n", engine_name.c_str());
     return 2;
@@ -118,7 +120,11 @@ int RunCommand(int argc, char** argv) {
   auto registry = std::make_shared<ModelRegistry>();
   EnginePtr engine = served.engine;
   std::string name = served.name;
-  registry->Add(std::move(served));
+  if (Status s = registry->Add(std::move(served)); !s.ok()) {
+    std::fprintf(stderr, "dyn run: %s\n", s.ToString().c_str());
+    engine->Shutdown();
+    return 1;
+  }
   HttpFrontendOptions ho;
   ho.host = host;
   ho.port = static_cast<int>(port);

@@ -303,7 +303,9 @@ json::object GenerationCall::Usage() const {
 
 json::value GenerationCall::LogprobsJson(const Choice& c, size_t from) const {
   const Tokenizer& tok = *req_.model->tokenizer;
-  auto token_text = [&tok](uint32_t id) {
+  const bool as_ids = req_.return_tokens_as_token_ids;
+  auto token_text = [&tok, as_ids](uint32_t id) {
+    if (as_ids) return "token_id:" + std::to_string(id);
     const uint32_t one[1] = {id};
     return tok.Decode(one, false);
   };

@@ -259,6 +259,7 @@ std::optional<ApiError> ParseGenerationRequest(ApiKind kind, const json::object&
   if (auto e = ParseStop(f, out)) return e;
   f.Bool("include_stop_str_in_output", &out->include_stop_str_in_output);
   f.Bool("skip_special_tokens", &out->skip_special_tokens);
+  f.Bool("return_tokens_as_token_ids", &out->return_tokens_as_token_ids);
   if (kind == ApiKind::kCompletion) f.Bool("echo", &out->echo);
   const json::object* response_format = nullptr;
   if (f.Object("response_format", &response_format)) {

@@ -33,6 +33,7 @@ struct GenerationRequest {
   std::vector<std::string> stop;
   bool include_stop_str_in_output = false;
   bool skip_special_tokens = true;
+  bool return_tokens_as_token_ids = false;  // vLLM extension: logprob tokens as "token_id:N"
   bool echo = false;
   bool logprobs = false;  // chat: logprobs; completions: logprobs is an int
   SamplingParams sampling;

@@ -56,7 +56,9 @@ def detokenize(server, ids):
 
 def test_greedy_from_bos_equals_reference(server):
     # Token-id prompt [BOS]: the 40 greedy tokens must be the reference ids.
-    out = complete(server, [1], 40)
+    out = complete(server, [1], 40, logprobs=1, return_tokens_as_token_ids=True)
+    ids = [int(t.split(":")[1]) for t in out["choices"][0]["logprobs"]["tokens"]]
+    assert ids == REFERENCE["cases"][0]["greedy_ids_40"]
     expected = detokenize(server, REFERENCE["cases"][0]["greedy_ids_40"])
     assert out["usage"]["completion_tokens"] == 40
     assert out["choices"][0]["finish_reason"] == "length"
