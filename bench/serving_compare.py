@@ -153,7 +153,8 @@ def main():
                    "--threads", str(args.threads)]
         else:
             cmd = [sys.executable, "-m", "llama_cpp.server", "--model", args.model, "--host", "127.0.0.1",
-                   "--port", str(port), "--n_threads", str(args.threads), "--n_ctx", "4096"]
+                   "--port", str(port), "--n_threads", str(args.threads), "--n_ctx", "4096",
+                   "--interrupt_requests", "False"]  # queue concurrent requests instead of cutting them off
         server = Server(name, cmd, port)
         entry = {"load_s": server.load_s, "rss_after_load_mb": server.mem_after_load.get("VmRSS")}
         # Warm up, then measure each level on the same prompts.
