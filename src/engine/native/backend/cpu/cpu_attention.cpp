@@ -4,6 +4,8 @@
 // arithmetic is fixed, so results do not depend on the batch or the thread count.
 #include "engine/native/backend/cpu/simd.h"
 
+#if DYN_CPU_AVX512
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -159,3 +161,5 @@ void Attention(ThreadPool& pool, const float* cache, const KvLayout& layout, int
 }
 
 }  // namespace dyn::cpu
+
+#endif  // DYN_CPU_AVX512

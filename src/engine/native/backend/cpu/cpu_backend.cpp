@@ -104,6 +104,7 @@ class HostBuffer : public Buffer {
 
 float SumSquares(const float* x, int n) {
   // Fixed 16-lane order so a row's result never depends on its neighbours.
+#if DYN_CPU_AVX512
   __m512 acc = _mm512_setzero_ps();
   int i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -116,6 +117,16 @@ float SumSquares(const float* x, int n) {
     acc = _mm512_fmadd_ps(v, v, acc);
   }
   return _mm512_reduce_add_ps(acc);
+#else
+  float acc[16] = {};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int l = 0; l < 16; ++l) acc[l] = std::fma(x[i + l], x[i + l], acc[l]);
+  for (int l = 0; i + l < n; ++l) acc[l] = std::fma(x[i + l], x[i + l], acc[l]);
+  float sum = 0.0f;
+  for (int l = 0; l < 16; ++l) sum += acc[l];
+  return sum;
+#endif
 }
 
 void NormRow(const float* x, const float* w, int n, float eps, float* out) {
@@ -127,7 +138,7 @@ class CpuBackend : public Backend {
  public:
   explicit CpuBackend(int num_threads) : pool_(num_threads) {}
 
-  std::string Describe() const override { return "cpu (" + std::to_string(pool_.size()) + " threads, AVX-512)"; }
+  std::string Describe() const override { return "cpu (" + std::to_string(pool_.size()) + (DYN_CPU_AVX512 ? " threads, AVX-512)" : " threads, portable kernels)"); }
 
   Result<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
     size_t rounded = (bytes + 63) / 64 * 64;

@@ -3,6 +3,8 @@
 // same 16-lane order over k whatever the tile shape, so results are independent of the batch.
 #include "engine/native/backend/cpu/simd.h"
 
+#if DYN_CPU_AVX512
+
 #include <algorithm>
 
 #include "engine/native/backend/cpu/cpu_kernels.h"
@@ -96,3 +98,5 @@ void MatMulFloat(ThreadPool& pool, const float* x, int m, const Weight& w, float
 }
 
 }  // namespace dyn::cpu
+
+#endif  // DYN_CPU_AVX512

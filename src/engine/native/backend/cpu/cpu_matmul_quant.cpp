@@ -15,6 +15,8 @@
 // the thread, so results do not depend on the batch.
 #include "engine/native/backend/cpu/simd.h"
 
+#if DYN_CPU_AVX512
+
 #include <algorithm>
 #include <cstring>
 #include <type_traits>
@@ -301,3 +303,5 @@ void MatMulQuantShared(ThreadPool& pool, const float* x, int m, std::span<const 
 }
 
 }  // namespace dyn::cpu
+
+#endif  // DYN_CPU_AVX512
