@@ -21,6 +21,13 @@ inline void Convert16(const void* row, int64_t k, int n, float* out) {
     for (int l = 0; l < n; ++l) out[l] = p[l];
   } else if constexpr (T == DType::kF16) {
     const uint16_t* p = static_cast<const uint16_t*>(row) + k;
+#if defined(__F16C__)
+    if (n == 16) {
+      _mm256_storeu_ps(out, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+      _mm256_storeu_ps(out + 8, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8))));
+      return;
+    }
+#endif
     for (int l = 0; l < n; ++l) out[l] = F16ToF32(p[l]);
   } else {
     const uint16_t* p = static_cast<const uint16_t*>(row) + k;

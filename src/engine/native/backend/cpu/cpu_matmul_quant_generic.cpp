@@ -97,17 +97,6 @@ inline WVec Unpack(const typename Kind::Block& b) {
   }
 }
 
-inline int32_t Dot(WVec w, const int8_t* x) {
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
-  // |w| (unsigned) times x * sign(w): maddubs takes one unsigned operand. Pair sums stay within
-  // int16 because activations are in [-127, 127].
-  const __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xv, w));
-  const __m256i s = _mm256_madd_epi16(p, _mm256_set1_epi16(1));
-  __m128i h = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
-  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
-  h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
-  return _mm_cvtsi128_si32(h);
-}
 #else
 struct WVec {
   int8_t q[32];
@@ -136,6 +125,36 @@ inline int32_t Dot(const WVec& w, const int8_t* x) {
 #endif
 
 // One weight row against MR activation rows starting at row0.
+#if defined(__AVX2__)
+// Each block's 8 int32 partial dots are converted to F32 and accumulated in 8 lanes (llama.cpp's
+// AVX2 scheme); one horizontal sum per output element at the end.
+template <class Kind, int MR>
+void Tile(const typename Kind::Block* blk, const Rows& q, int row0, int64_t N, float* out) {
+  constexpr bool kHasMin = std::is_same_v<Kind, Q4_1Kind>;
+  __m256 acc[MR];
+  float acc_min[MR] = {};
+  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int b = 0; b < q.blocks; ++b) {
+    const WVec w = Unpack<Kind>(blk[b]);
+    const __m256i aw = _mm256_sign_epi8(w, w);
+    const float wd = F16ToF32(blk[b].d);
+    for (int i = 0; i < MR; ++i) {
+      const size_t xb = static_cast<size_t>(row0 + i) * q.blocks + b;
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.qs + xb * 32));
+      const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
+      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(wd * q.d[xb]), acc[i]);
+      if constexpr (kHasMin) acc_min[i] = std::fma(F16ToF32(blk[b].m), q.s[xb], acc_min[i]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    out[i * N] = _mm_cvtss_f32(h) + acc_min[i];
+  }
+}
+#else
 template <class Kind, int MR>
 void Tile(const typename Kind::Block* blk, const Rows& q, int row0, int64_t N, float* out) {
   constexpr bool kHasMin = std::is_same_v<Kind, Q4_1Kind>;
@@ -152,6 +171,8 @@ void Tile(const typename Kind::Block* blk, const Rows& q, int row0, int64_t N, f
   }
   for (int i = 0; i < MR; ++i) out[i * N] = acc[i] + acc_min[i];
 }
+
+#endif
 
 // Output rows [n0, n1) of one weight, all activation rows.
 template <class Kind>
