@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -74,12 +75,35 @@ class RequestContext {
  public:
   explicit RequestContext(std::string id) : id_(std::move(id)) {}
   const std::string& id() const { return id_; }
-  void Cancel() { cancelled_.store(true, std::memory_order_release); }
+  // Sets the flag and runs the OnCancel callbacks once, on the calling thread.
+  void Cancel() {
+    std::vector<std::function<void()>> fns;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cancelled_.exchange(true, std::memory_order_acq_rel)) return;
+      fns.swap(on_cancel_);
+    }
+    for (auto& fn : fns) fn();
+  }
   bool cancelled() const { return cancelled_.load(std::memory_order_acquire); }
+  // Runs `fn` when the request is cancelled (at once, here, if it already is). For layers that
+  // must forward a cancellation instead of polling for it (the request plane). Keep fn cheap.
+  void OnCancel(std::function<void()> fn) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!cancelled()) {
+        on_cancel_.push_back(std::move(fn));
+        return;
+      }
+    }
+    fn();
+  }
 
  private:
   std::string id_;
   std::atomic<bool> cancelled_{false};
+  std::mutex mu_;
+  std::vector<std::function<void()>> on_cancel_;
 };
 
 // Receives deltas. Called on the engine's thread, in order, never concurrently for one request;
