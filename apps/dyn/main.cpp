@@ -13,6 +13,8 @@ void PrintUsage() {
       "\n"
       "commands:\n"
       "  run          serve a model from one process: OpenAI API + engine (dyn run --model PATH)\n"
+      "  frontend     OpenAI API for the workers registered in discovery (etcd, file)\n"
+      "  worker       serve a model's engine on the request plane, registered in discovery\n"
       "  tokenize     text -> token ids with a model's tokenizer\n"
       "  detokenize   token ids -> text\n"
       "\n"
@@ -34,6 +36,8 @@ int main(int argc, char** argv) {
   int sub_argc = argc - 1;
   char** sub_argv = argv + 1;
   if (cmd == "run") return dyn::RunCommand(sub_argc, sub_argv);
+  if (cmd == "worker") return dyn::WorkerCommand(sub_argc, sub_argv);
+  if (cmd == "frontend") return dyn::FrontendCommand(sub_argc, sub_argv);
   if (cmd == "tokenize") return dyn::TokenizeCommand(sub_argc, sub_argv, /*detokenize=*/false);
   if (cmd == "detokenize") return dyn::TokenizeCommand(sub_argc, sub_argv, /*detokenize=*/true);
   std::fprintf(stderr, "dyn: unknown command '%s'\n\n", cmd.c_str());

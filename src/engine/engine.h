@@ -121,6 +121,7 @@ struct EngineMetrics {
   uint64_t generated_tokens = 0;
   uint64_t preemptions = 0;
   uint64_t steps = 0;
+  uint64_t migrations = 0;         // streams moved to another worker after theirs failed
 };
 
 class Engine {

@@ -125,6 +125,7 @@ std::string FrontendMetrics::Render(const ModelRegistry& registry) const {
       {"dyn_engine_generated_tokens_total", "counter", "Generated tokens."},
       {"dyn_engine_preemptions_total", "counter", "Preempted requests."},
       {"dyn_engine_steps_total", "counter", "Engine steps."},
+      {"dyn_engine_migrations_total", "counter", "Streams migrated to another worker after theirs failed."},
   };
   auto models = registry.List();
   std::vector<std::pair<std::string, EngineMetrics>> per_model;
@@ -135,7 +136,7 @@ std::string FrontendMetrics::Render(const ModelRegistry& registry) const {
       const uint64_t values[] = {static_cast<uint64_t>(em.running), static_cast<uint64_t>(em.waiting),
                                  static_cast<uint64_t>(em.kv_blocks_total), static_cast<uint64_t>(em.kv_blocks_used),
                                  static_cast<uint64_t>(em.kv_blocks_cached), em.prompt_tokens, em.cached_prompt_tokens,
-                                 em.generated_tokens, em.preemptions, em.steps};
+                                 em.generated_tokens, em.preemptions, em.steps, em.migrations};
       out += std::string(kEngine[g].name) + "{model=\"" + EscapeLabel(name) + "\"} " + std::to_string(values[g]) + "\n";
     }
   }

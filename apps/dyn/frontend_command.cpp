@@ -1,0 +1,202 @@
+// dyn frontend: the OpenAI HTTP API for every model whose workers are registered in discovery.
+//
+// It watches dyn/instances/<namespace>/: the first instance of a model builds its pipeline
+// (tokenizer and chat template read from the card's source, a RemoteEngine that routes and
+// migrates); later instances join it; when the last one goes, the model leaves /v1/models.
+#include <signal.h>
+
+#include <cstdio>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+
+#include "apps/dyn/commands.h"
+#include "apps/dyn/serving_model.h"
+#include "base/flags.h"
+#include "base/log.h"
+#include "frontend/frontend.h"
+#include "runtime/component.h"
+#include "runtime/discovery.h"
+#include "runtime/remote_engine.h"
+
+namespace dyn {
+namespace {
+
+// Keeps the registry in step with discovery. Updates arrive on the watch thread, one at a time.
+class ModelWatcher {
+ public:
+  ModelWatcher(std::shared_ptr<ModelRegistry> registry, std::shared_ptr<RequestClient> client, RemoteEngineOptions options)
+      : registry_(std::move(registry)), client_(std::move(client)), options_(std::move(options)) {}
+
+  void OnUpdate(const WatchUpdate& update) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (update.reset) {
+      std::set<std::string> listed;
+      for (const WatchEvent& e : update.events) listed.insert(e.kv.key);
+      std::vector<std::string> gone;
+      for (const auto& [key, rec] : instances_)
+        if (!listed.count(key)) gone.push_back(key);
+      for (const std::string& key : gone) Remove(key);
+    }
+    for (const WatchEvent& e : update.events) {
+      if (e.type == WatchEvent::Type::kPut) {
+        Put(e.kv.key, e.kv.value);
+      } else {
+        Remove(e.kv.key);
+      }
+    }
+  }
+
+ private:
+  struct Model {
+    std::shared_ptr<RemoteEngine> engine;
+    std::set<std::string> keys;
+  };
+
+  void Put(const std::string& key, const std::string& value) {
+    auto rec = DecodeInstance(value);
+    if (!rec.ok()) {
+      DYN_LOG(WARN) << "ignoring instance " << key << ": " << rec.status().ToString();
+      return;
+    }
+    auto old = instances_.find(key);
+    if (old != instances_.end()) {
+      if (old->second.card.name == rec->card.name && old->second.address == rec->address) return;
+      Remove(key);
+    }
+    auto it = models_.find(rec->card.name);
+    if (it == models_.end()) {
+      auto assets = LoadModelAssets(rec->card.source, rec->card.chat_template_path);
+      if (!assets.ok()) {
+        DYN_LOG(ERROR) << "model '" << rec->card.name << "' of instance " << rec->instance_id
+                       << ": cannot load its tokenizer: " << assets.status().ToString();
+        return;
+      }
+      Model m;
+      m.engine = RemoteEngine::Create(client_, options_);
+      ServedModel served;
+      served.name = rec->card.name;
+      served.tokenizer = assets->tokenizer;
+      served.chat_template = assets->chat_template;
+      served.engine = m.engine;
+      served.context_length = rec->card.context_length;
+      served.eos_token_ids = rec->card.eos_token_ids;
+      served.created_unix = static_cast<int64_t>(std::time(nullptr));
+      if (Status s = registry_->Add(std::move(served)); !s.ok()) {
+        DYN_LOG(ERROR) << "model '" << rec->card.name << "': " << s.ToString();
+        return;
+      }
+      DYN_LOG(INFO) << "model '" << rec->card.name << "' added (" << rec->card.engine << ", from "
+                    << rec->card.source << ")";
+      it = models_.emplace(rec->card.name, std::move(m)).first;
+    }
+    it->second.engine->AddInstance(rec->instance_id, rec->address);
+    it->second.keys.insert(key);
+    DYN_LOG(INFO) << "instance " << rec->instance_id << " of '" << rec->card.name << "' at " << rec->address << " ("
+                  << it->second.keys.size() << " in all)";
+    instances_[key] = std::move(*rec);
+  }
+
+  void Remove(const std::string& key) {
+    auto old = instances_.find(key);
+    if (old == instances_.end()) return;
+    const InstanceRecord rec = std::move(old->second);
+    instances_.erase(old);
+    auto it = models_.find(rec.card.name);
+    if (it == models_.end()) return;
+    it->second.engine->RemoveInstance(rec.instance_id);
+    it->second.keys.erase(key);
+    DYN_LOG(INFO) << "instance " << rec.instance_id << " of '" << rec.card.name << "' is gone ("
+                  << it->second.keys.size() << " left)";
+    if (it->second.keys.empty()) {
+      registry_->Remove(rec.card.name);
+      models_.erase(it);
+      DYN_LOG(INFO) << "model '" << rec.card.name << "' removed: no instances left";
+    }
+  }
+
+  std::shared_ptr<ModelRegistry> registry_;
+  std::shared_ptr<RequestClient> client_;
+  RemoteEngineOptions options_;
+  std::mutex mu_;
+  std::map<std::string, InstanceRecord> instances_;
+  std::map<std::string, Model> models_;
+};
+
+}  // namespace
+
+int FrontendCommand(int argc, char** argv) {
+  std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", host = "0.0.0.0", router = "round-robin";
+  int64_t port = 8000, max_body_mb = 8, io_threads = 1, migration_limit = 3;
+  FlagSet fs("dyn frontend", "Serves the OpenAI API for the models of the workers registered in discovery.");
+  fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
+  fs.String("namespace", &ns, "namespace whose instances are served");
+  fs.String("host", &host, "address to listen on");
+  fs.Int("port", &port, "HTTP port (0: pick a free one)");
+  fs.String("router-mode", &router, "round-robin | random | least-loaded");
+  fs.Int("migration-limit", &migration_limit, "times a stream may move to another worker when its own fails");
+  fs.Int("max-body-mb", &max_body_mb, "largest request body accepted (MiB)");
+  fs.Int("io-threads", &io_threads, "HTTP I/O threads");
+  if (Status s = fs.Parse(argc, argv); !s.ok()) {
+    std::fprintf(stderr, "dyn frontend: %s\n", s.message().c_str());
+    return 2;
+  }
+  if (fs.help_requested()) {
+    std::fputs(fs.Usage().c_str(), stdout);
+    return 0;
+  }
+  auto mode = ParseRouterMode(router);
+  if (!mode.ok()) {
+    std::fprintf(stderr, "dyn frontend: %s\n", mode.status().message().c_str());
+    return 2;
+  }
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto client = RequestClient::Create(RequestClientOptions{});
+  if (!client.ok()) {
+    std::fprintf(stderr, "dyn frontend: %s\n", client.status().ToString().c_str());
+    return 1;
+  }
+  auto registry = std::make_shared<ModelRegistry>();
+  RemoteEngineOptions ro;
+  ro.mode = *mode;
+  ro.migration_limit = static_cast<int>(migration_limit);
+  auto watcher = std::make_shared<ModelWatcher>(registry, *client, ro);
+  auto discovery = CreateDiscovery(discovery_spec);
+  if (!discovery.ok()) {
+    std::fprintf(stderr, "dyn frontend: %s\n", discovery.status().ToString().c_str());
+    return 1;
+  }
+  auto watch = (*discovery)->WatchPrefix(InstancesPrefix(ns), [watcher](const WatchUpdate& u) { watcher->OnUpdate(u); });
+  if (!watch.ok()) {
+    std::fprintf(stderr, "dyn frontend: watch %s: %s\n", discovery_spec.c_str(), watch.status().ToString().c_str());
+    return 1;
+  }
+  HttpFrontendOptions ho;
+  ho.host = host;
+  ho.port = static_cast<int>(port);
+  ho.io_threads = static_cast<int>(io_threads);
+  ho.max_body_bytes = static_cast<size_t>(max_body_mb) << 20;
+  auto frontend = HttpFrontend::Start(ho, registry);
+  if (!frontend.ok()) {
+    std::fprintf(stderr, "dyn frontend: %s\n", frontend.status().ToString().c_str());
+    return 1;
+  }
+  DYN_LOG(INFO) << "frontend on http://" << host << ":" << (*frontend)->port() << ", discovery "
+                << (*discovery)->Describe() << ", namespace " << ns << ", router " << RouterModeName(*mode);
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  DYN_LOG(INFO) << "signal " << sig << ": shutting down";
+  (*frontend)->Stop();
+  watch->reset();
+  (*client)->Stop();
+  return 0;
+}
+
+}  // namespace dyn

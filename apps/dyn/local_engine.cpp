@@ -1,0 +1,72 @@
+#include "apps/dyn/local_engine.h"
+
+#include <algorithm>
+#include <ctime>
+
+#include "base/flags.h"
+#include "base/log.h"
+#include "engine/echo/echo_engine.h"
+#include "engine/native/model/model.h"
+#include "engine/native/sched/native_engine.h"
+#include "llm/tokenizer/tokenizer.h"
+
+namespace dyn {
+
+void LocalEngineFlags::Register(FlagSet& fs) {
+  fs.String("model", &model_path, "Hugging Face model directory or .gguf file (required)");
+  fs.String("served-model-name", &served_name, "name clients use in 'model' (default: from the path)");
+  fs.String("engine", &engine_name, "native | echo");
+  fs.Int("threads", &threads, "CPU threads for the native engine (0: all cores)");
+  fs.Int("block-size", &block_size, "KV cache block size in tokens");
+  fs.Int("kv-cache-mb", &kv_cache_mb, "KV cache size in MiB (when --num-kv-blocks is 0)");
+  fs.Int("num-kv-blocks", &num_kv_blocks, "KV cache size in blocks (0: from --kv-cache-mb)");
+  fs.Int("max-num-seqs", &max_num_seqs, "most requests in one batch");
+  fs.Int("max-num-batched-tokens", &max_batched, "most tokens in one step (chunked prefill budget)");
+  fs.Bool("prefix-caching", &prefix_caching, "reuse cached KV blocks of shared prompt prefixes");
+  fs.Int("context-length", &context_length, "limit the context below the model's (0: the model's)");
+  fs.String("chat-template", &chat_template, "file with a Jinja chat template that overrides the model's");
+  fs.Double("echo-delay-ms", &echo_delay_ms, "echo engine: delay between tokens");
+}
+
+Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f) {
+  DYN_ASSIGN_OR_RETURN(ModelAssets assets, LoadModelAssets(f.model_path, f.chat_template));
+  ServedModel served;
+  served.name = f.served_name.empty() ? assets.default_name : f.served_name;
+  served.tokenizer = assets.tokenizer;
+  served.chat_template = assets.chat_template;
+  served.created_unix = static_cast<int64_t>(std::time(nullptr));
+
+  if (f.engine_name == "native") {
+    ModelLoadOptions lo;
+    lo.num_threads = static_cast<int>(f.threads);
+    DYN_ASSIGN_OR_RETURN(auto model, LoadModel(f.model_path, lo));
+    const ModelConfig& cfg = model->config();
+    DYN_LOG(INFO) << "model: " << model->Describe();
+    served.context_length = static_cast<uint32_t>(cfg.max_position_embeddings);
+    served.eos_token_ids = cfg.eos_token_ids;
+    NativeEngineOptions eo;
+    eo.block_size = static_cast<int>(f.block_size);
+    eo.num_kv_blocks = static_cast<int>(f.num_kv_blocks);
+    eo.kv_cache_bytes = static_cast<size_t>(f.kv_cache_mb) << 20;
+    eo.max_num_seqs = static_cast<int>(f.max_num_seqs);
+    eo.max_num_batched_tokens = static_cast<int>(f.max_batched);
+    eo.enable_prefix_caching = f.prefix_caching;
+    DYN_ASSIGN_OR_RETURN(served.engine, CreateNativeEngine(std::move(model), eo));
+  } else if (f.engine_name == "echo") {
+    EchoEngineOptions eo;
+    eo.token_delay_ms = f.echo_delay_ms;
+    served.engine = CreateEchoEngine(eo);
+    // The echo engine has no context of its own; a bounded one keeps the default max_tokens
+    // (the rest of the context) finite.
+    served.context_length = 8192;
+  } else {
+    return Status::InvalidArgument("unknown --engine '" + f.engine_name + "' (native | echo)");
+  }
+  if (served.eos_token_ids.empty() && served.tokenizer->info().eos_id)
+    served.eos_token_ids.push_back(*served.tokenizer->info().eos_id);
+  if (f.context_length > 0)
+    served.context_length = std::min<uint32_t>(served.context_length, static_cast<uint32_t>(f.context_length));
+  return served;
+}
+
+}  // namespace dyn

@@ -1,0 +1,29 @@
+// Building a model's engine in this process from flags: shared by `dyn run` (frontend and engine
+// together) and `dyn worker` (engine behind the request plane).
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "apps/dyn/serving_model.h"
+#include "base/status.h"
+#include "frontend/frontend.h"
+
+namespace dyn {
+
+class FlagSet;
+
+struct LocalEngineFlags {
+  std::string model_path, served_name, engine_name = "native", chat_template;
+  int64_t threads = 0, block_size = 16, kv_cache_mb = 512, num_kv_blocks = 0;
+  int64_t max_num_seqs = 64, max_batched = 2048, context_length = 0;
+  double echo_delay_ms = 0;
+  bool prefix_caching = true;
+
+  void Register(FlagSet& fs);
+};
+
+// Loads tokenizer, chat template and engine. `served.name` is the served name.
+Result<ServedModel> BuildLocalModel(const LocalEngineFlags& flags);
+
+}  // namespace dyn

@@ -1,0 +1,161 @@
+// dyn worker: an engine behind the request plane, registered in discovery.
+//
+// Start-up: build the engine, listen on the request plane, grant a discovery lease and put the
+// instance record (address + model card) under it. SIGTERM/SIGINT drains: the record is deleted
+// first (frontends stop sending new requests), running streams finish (up to --drain-timeout),
+// then the process exits. kill -9 leaves the lease to expire after --lease-ttl seconds.
+#include <signal.h>
+#include <stdlib.h>
+
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <memory>
+#include <thread>
+
+#include "apps/dyn/commands.h"
+#include "apps/dyn/local_engine.h"
+#include "base/flags.h"
+#include "base/log.h"
+#include "runtime/component.h"
+#include "runtime/discovery.h"
+#include "runtime/request_plane.h"
+
+namespace dyn {
+namespace {
+
+std::string AbsolutePath(const std::string& path) {
+  if (path.empty()) return path;
+  char buf[PATH_MAX];
+  return realpath(path.c_str(), buf) != nullptr ? std::string(buf) : path;
+}
+
+}  // namespace
+
+int WorkerCommand(int argc, char** argv) {
+  LocalEngineFlags ef;
+  std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", component = "backend";
+  std::string host = "0.0.0.0", advertise = "127.0.0.1";
+  int64_t port = 0, http_port = -1, lease_ttl = 3, drain_timeout = 30;
+  FlagSet fs("dyn worker", "Serves a model's engine on the request plane and registers it in discovery.");
+  ef.Register(fs);
+  fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
+  fs.String("namespace", &ns, "namespace the instance registers in");
+  fs.String("component", &component, "component name");
+  fs.String("host", &host, "request plane: address to listen on");
+  fs.Int("port", &port, "request plane: TCP port (0: pick a free one)");
+  fs.String("advertise-host", &advertise, "request plane: address frontends use to reach this worker");
+  fs.Int("http-port", &http_port, "also serve the OpenAI API and /metrics locally on this port (-1: off)");
+  fs.Int("lease-ttl", &lease_ttl, "discovery lease TTL in seconds: how long a dead worker stays listed");
+  fs.Int("drain-timeout", &drain_timeout, "on SIGTERM, seconds to let running streams finish");
+  if (Status s = fs.Parse(argc, argv); !s.ok()) {
+    std::fprintf(stderr, "dyn worker: %s\n", s.message().c_str());
+    return 2;
+  }
+  if (fs.help_requested()) {
+    std::fputs(fs.Usage().c_str(), stdout);
+    return 0;
+  }
+  if (ef.model_path.empty() && !fs.positional().empty()) ef.model_path = fs.positional()[0];
+  if (ef.model_path.empty()) {
+    std::fprintf(stderr, "dyn worker: --model is required\n%s", fs.Usage().c_str());
+    return 2;
+  }
+  sigset_t sigs;
+  sigemptyset(&sigs);
+  sigaddset(&sigs, SIGINT);
+  sigaddset(&sigs, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+  signal(SIGPIPE, SIG_IGN);
+
+  auto built = BuildLocalModel(ef);
+  if (!built.ok()) {
+    std::fprintf(stderr, "dyn worker: %s\n", built.status().ToString().c_str());
+    return 1;
+  }
+  ServedModel served = std::move(*built);
+  EnginePtr engine = served.engine;
+
+  RequestServerOptions so;
+  so.host = host;
+  so.port = static_cast<int>(port);
+  auto server = RequestServer::Start(so);
+  if (!server.ok()) {
+    std::fprintf(stderr, "dyn worker: %s\n", server.status().ToString().c_str());
+    engine->Shutdown();
+    return 1;
+  }
+  (*server)->AddEngineEndpoint("generate", engine);
+
+  std::unique_ptr<HttpFrontend> http;
+  if (http_port >= 0) {
+    auto registry = std::make_shared<ModelRegistry>();
+    ServedModel local = served;
+    if (Status s = registry->Add(std::move(local)); s.ok()) {
+      HttpFrontendOptions ho;
+      ho.host = host;
+      ho.port = static_cast<int>(http_port);
+      auto started = HttpFrontend::Start(ho, registry);
+      if (!started.ok()) {
+        std::fprintf(stderr, "dyn worker: %s\n", started.status().ToString().c_str());
+        engine->Shutdown();
+        return 1;
+      }
+      http = std::move(*started);
+    }
+  }
+
+  auto discovery = CreateDiscovery(discovery_spec);
+  if (!discovery.ok()) {
+    std::fprintf(stderr, "dyn worker: %s\n", discovery.status().ToString().c_str());
+    engine->Shutdown();
+    return 1;
+  }
+  auto lease = (*discovery)->GrantLease(static_cast<int>(lease_ttl));
+  if (!lease.ok()) {
+    std::fprintf(stderr, "dyn worker: discovery %s: %s\n", discovery_spec.c_str(), lease.status().ToString().c_str());
+    engine->Shutdown();
+    return 1;
+  }
+  InstanceRecord rec;
+  rec.ns = ns;
+  rec.component = component;
+  rec.endpoint = "generate";
+  rec.instance_id = static_cast<uint64_t>(*lease);
+  rec.address = advertise + ":" + std::to_string((*server)->port());
+  rec.card.name = served.name;
+  rec.card.source = AbsolutePath(ef.model_path);
+  rec.card.chat_template_path = AbsolutePath(ef.chat_template);
+  rec.card.context_length = served.context_length;
+  const EngineMetrics em = engine->Metrics();
+  rec.card.kv_block_size = static_cast<int>(ef.block_size);
+  rec.card.kv_total_blocks = em.kv_blocks_total;
+  rec.card.max_num_batched_tokens = static_cast<int>(ef.max_batched);
+  rec.card.engine = ef.engine_name;
+  rec.card.eos_token_ids = served.eos_token_ids;
+  const std::string key = InstanceKey(rec);
+  if (Status s = (*discovery)->Put(key, EncodeInstance(rec), *lease); !s.ok()) {
+    std::fprintf(stderr, "dyn worker: register: %s\n", s.ToString().c_str());
+    engine->Shutdown();
+    return 1;
+  }
+  DYN_LOG(INFO) << "worker " << rec.instance_id << " serving '" << served.name << "' (" << ef.engine_name
+                << ") on " << rec.address << ", registered in " << (*discovery)->Describe() << " as " << key
+                << (http ? ", http port " + std::to_string(http->port()) : std::string());
+
+  int sig = 0;
+  sigwait(&sigs, &sig);
+  DYN_LOG(INFO) << "signal " << sig << ": deregistering and draining " << (*server)->active_calls() << " streams";
+  if (Status s = (*discovery)->Delete(key); !s.ok()) {
+    DYN_LOG(WARN) << "deregister: " << s.ToString();
+  }
+  (void)(*discovery)->RevokeLease(*lease);
+  (*server)->Drain(static_cast<int>(drain_timeout * 1000));
+  (*server)->Stop();
+  if (http) http->Stop();
+  engine->Shutdown();
+  DYN_LOG(INFO) << "worker stopped";
+  return 0;
+}
+
+}  // namespace dyn

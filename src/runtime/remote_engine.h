@@ -1,0 +1,51 @@
+// RemoteEngine: the Engine a frontend serves for a model whose workers run in other processes.
+// Each Generate picks one of the model's instances (round-robin, random or least-loaded), sends the
+// request over the request plane and forwards the worker's deltas.
+//
+// Migration: when a call ends with Unavailable before its last delta (the worker died, was cut
+// off, or is draining), the request is sent again to another instance with the prompt extended by
+// the tokens generated so far and max_tokens reduced by as many, so the client's stream goes on
+// where it stopped. With greedy sampling and dyn's batch-invariant kernels the continuation is the
+// same text the first worker would have produced. At most `migration_limit` times per request.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "base/status.h"
+#include "engine/engine.h"
+#include "runtime/request_plane.h"
+
+namespace dyn {
+
+enum class RouterMode { kRoundRobin, kRandom, kLeastLoaded };
+Result<RouterMode> ParseRouterMode(const std::string& name);  // "round-robin", "random", "least-loaded"
+const char* RouterModeName(RouterMode mode);
+
+struct RemoteEngineOptions {
+  RouterMode mode = RouterMode::kRoundRobin;
+  int migration_limit = 3;
+  std::string endpoint = "generate";
+};
+
+struct InstanceStats {
+  uint64_t instance_id = 0;
+  std::string address;
+  int in_flight = 0;
+  uint64_t routed = 0;  // calls sent to it since it appeared
+};
+
+class RemoteEngine : public Engine {
+ public:
+  static std::shared_ptr<RemoteEngine> Create(std::shared_ptr<RequestClient> client, RemoteEngineOptions options);
+
+  // Discovery's view of the model's instances. Removing one ends its calls (they migrate).
+  virtual void AddInstance(uint64_t instance_id, const std::string& address) = 0;
+  virtual void RemoveInstance(uint64_t instance_id) = 0;
+  virtual size_t num_instances() const = 0;
+  virtual std::vector<InstanceStats> Instances() const = 0;
+};
+
+}  // namespace dyn
