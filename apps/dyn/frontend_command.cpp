@@ -5,7 +5,12 @@
 // migrates); later instances join it; when the last one goes, the model leaves /v1/models.
 #include <signal.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
+#include <thread>
+
+#include <boost/json.hpp>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -18,6 +23,7 @@
 #include "frontend/frontend.h"
 #include "runtime/component.h"
 #include "runtime/discovery.h"
+#include "runtime/event_plane.h"
 #include "runtime/remote_engine.h"
 
 namespace dyn {
@@ -37,10 +43,15 @@ class ModelWatcher {
       std::vector<std::string> gone;
       for (const auto& [key, rec] : instances_)
         if (!listed.count(key)) gone.push_back(key);
-      for (const std::string& key : gone) Remove(key);
+      // After a re-sync (etcd restarted and lost its state, say) workers need a moment to put
+      // their records again: keys missing from a reset are dropped only if still missing after a
+      // grace period, so serving goes on meanwhile.
+      const auto deadline = std::chrono::steady_clock::now() + kResetGrace;
+      for (const std::string& key : gone) pending_removal_.emplace(key, deadline);
     }
     for (const WatchEvent& e : update.events) {
       if (e.type == WatchEvent::Type::kPut) {
+        pending_removal_.erase(e.kv.key);
         Put(e.kv.key, e.kv.value);
       } else {
         Remove(e.kv.key);
@@ -48,7 +59,45 @@ class ModelWatcher {
     }
   }
 
+  // Drops the keys whose grace after a reset has passed. Called periodically.
+  void ExpirePending() {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto now = std::chrono::steady_clock::now();
+    for (auto it = pending_removal_.begin(); it != pending_removal_.end();) {
+      if (it->second <= now) {
+        Remove(it->first);
+        it = pending_removal_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  // A load report from the event plane: {"instance_id": "...", "model": "...", "load": n}.
+  void OnLoad(std::string_view payload) {
+    boost::system::error_code ec;
+    boost::json::value v = boost::json::parse(payload, ec);
+    if (ec || !v.is_object()) return;
+    const auto& o = v.as_object();
+    const auto* id = o.if_contains("instance_id");
+    const auto* model = o.if_contains("model");
+    const auto* load = o.if_contains("load");
+    if (!id || !id->is_string() || !model || !model->is_string() || !load || !load->is_int64()) return;
+    const uint64_t instance = std::strtoull(std::string(id->as_string()).c_str(), nullptr, 10);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = models_.find(std::string(model->as_string()));
+    if (it != models_.end()) it->second.engine->ReportLoad(instance, static_cast<int>(load->as_int64()));
+    const auto now = std::chrono::steady_clock::now();
+    auto& last = last_report_[instance];
+    if (last.time_since_epoch().count() == 0 || now - last > std::chrono::seconds(3)) {
+      DYN_LOG(INFO) << "load reports from instance " << instance << " (re)started";
+    }
+    last = now;
+  }
+
  private:
+  static constexpr std::chrono::seconds kResetGrace{5};
+
   struct Model {
     std::shared_ptr<RemoteEngine> engine;
     std::set<std::string> keys;
@@ -122,16 +171,20 @@ class ModelWatcher {
   std::mutex mu_;
   std::map<std::string, InstanceRecord> instances_;
   std::map<std::string, Model> models_;
+  std::map<std::string, std::chrono::steady_clock::time_point> pending_removal_;
+  std::map<uint64_t, std::chrono::steady_clock::time_point> last_report_;
 };
 
 }  // namespace
 
 int FrontendCommand(int argc, char** argv) {
   std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", host = "0.0.0.0", router = "round-robin";
+  std::string event_spec;
   int64_t port = 8000, max_body_mb = 8, io_threads = 1, migration_limit = 3;
   FlagSet fs("dyn frontend", "Serves the OpenAI API for the models of the workers registered in discovery.");
   fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
   fs.String("namespace", &ns, "namespace whose instances are served");
+  fs.String("event-plane", &event_spec, "event plane for worker load reports: nats://HOST:4222 | mem | '' (off)");
   fs.String("host", &host, "address to listen on");
   fs.Int("port", &port, "HTTP port (0: pick a free one)");
   fs.String("router-mode", &router, "round-robin | random | least-loaded");
@@ -178,6 +231,32 @@ int FrontendCommand(int argc, char** argv) {
     std::fprintf(stderr, "dyn frontend: watch %s: %s\n", discovery_spec.c_str(), watch.status().ToString().c_str());
     return 1;
   }
+  std::unique_ptr<EventPlane> events;
+  std::unique_ptr<Subscription> load_sub;
+  if (!event_spec.empty()) {
+    auto ep = CreateEventPlane(event_spec);
+    if (!ep.ok()) {
+      std::fprintf(stderr, "dyn frontend: %s\n", ep.status().ToString().c_str());
+      return 1;
+    }
+    events = std::move(*ep);
+    auto sub = events->Subscribe("dyn." + ns + ".load", [watcher](std::string_view, std::string_view payload) {
+      watcher->OnLoad(payload);
+    });
+    if (!sub.ok()) {
+      std::fprintf(stderr, "dyn frontend: subscribe: %s\n", sub.status().ToString().c_str());
+      return 1;
+    }
+    load_sub = std::move(*sub);
+  }
+  std::atomic<bool> stopping{false};
+  std::thread expirer([&] {
+    while (!stopping.load()) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(200));
+      watcher->ExpirePending();
+    }
+  });
+
   HttpFrontendOptions ho;
   ho.host = host;
   ho.port = static_cast<int>(port);
@@ -186,6 +265,8 @@ int FrontendCommand(int argc, char** argv) {
   auto frontend = HttpFrontend::Start(ho, registry);
   if (!frontend.ok()) {
     std::fprintf(stderr, "dyn frontend: %s\n", frontend.status().ToString().c_str());
+    stopping = true;
+    expirer.join();
     return 1;
   }
   DYN_LOG(INFO) << "frontend on http://" << host << ":" << (*frontend)->port() << ", discovery "
@@ -194,6 +275,9 @@ int FrontendCommand(int argc, char** argv) {
   sigwait(&sigs, &sig);
   DYN_LOG(INFO) << "signal " << sig << ": shutting down";
   (*frontend)->Stop();
+  stopping = true;
+  expirer.join();
+  load_sub.reset();
   watch->reset();
   (*client)->Stop();
   return 0;

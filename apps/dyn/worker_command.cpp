@@ -7,11 +7,16 @@
 #include <signal.h>
 #include <stdlib.h>
 
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
+#include <mutex>
 #include <climits>
 #include <cstdio>
 #include <memory>
 #include <thread>
+
+#include <boost/json.hpp>
 
 #include "apps/dyn/commands.h"
 #include "apps/dyn/local_engine.h"
@@ -19,6 +24,7 @@
 #include "base/log.h"
 #include "runtime/component.h"
 #include "runtime/discovery.h"
+#include "runtime/event_plane.h"
 #include "runtime/request_plane.h"
 
 namespace dyn {
@@ -35,12 +41,13 @@ std::string AbsolutePath(const std::string& path) {
 int WorkerCommand(int argc, char** argv) {
   LocalEngineFlags ef;
   std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", component = "backend";
-  std::string host = "0.0.0.0", advertise = "127.0.0.1";
+  std::string host = "0.0.0.0", advertise = "127.0.0.1", event_spec;
   int64_t port = 0, http_port = -1, lease_ttl = 3, drain_timeout = 30;
   FlagSet fs("dyn worker", "Serves a model's engine on the request plane and registers it in discovery.");
   ef.Register(fs);
   fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
   fs.String("namespace", &ns, "namespace the instance registers in");
+  fs.String("event-plane", &event_spec, "event plane for load reports: nats://HOST:4222 | mem | '' (off)");
   fs.String("component", &component, "component name");
   fs.String("host", &host, "request plane: address to listen on");
   fs.Int("port", &port, "request plane: TCP port (0: pick a free one)");
@@ -143,8 +150,42 @@ int WorkerCommand(int argc, char** argv) {
                 << ") on " << rec.address << ", registered in " << (*discovery)->Describe() << " as " << key
                 << (http ? ", http port " + std::to_string(http->port()) : std::string());
 
+  // Load reports, once a second, for the frontends' least-loaded routing.
+  std::unique_ptr<EventPlane> events;
+  if (!event_spec.empty()) {
+    auto ep = CreateEventPlane(event_spec);
+    if (!ep.ok()) {
+      std::fprintf(stderr, "dyn worker: %s\n", ep.status().ToString().c_str());
+      engine->Shutdown();
+      return 1;
+    }
+    events = std::move(*ep);
+  }
+  std::mutex stop_mu;
+  std::condition_variable stop_cv;
+  bool stop = false;
+  std::thread reporter([&] {
+    std::unique_lock<std::mutex> lock(stop_mu);
+    while (events && !stop) {
+      const EngineMetrics m = engine->Metrics();
+      const std::string payload = boost::json::serialize(boost::json::object{
+          {"instance_id", std::to_string(rec.instance_id)},
+          {"model", rec.card.name},
+          {"load", m.running + m.waiting},
+          {"kv_blocks_used", m.kv_blocks_used}});
+      (void)events->Publish("dyn." + ns + ".load", payload);
+      stop_cv.wait_for(lock, std::chrono::seconds(1), [&] { return stop; });
+    }
+  });
+
   int sig = 0;
   sigwait(&sigs, &sig);
+  {
+    std::lock_guard<std::mutex> lock(stop_mu);
+    stop = true;
+  }
+  stop_cv.notify_all();
+  reporter.join();
   DYN_LOG(INFO) << "signal " << sig << ": deregistering and draining " << (*server)->active_calls() << " streams";
   if (Status s = (*discovery)->Delete(key); !s.ok()) {
     DYN_LOG(WARN) << "deregister: " << s.ToString();

@@ -33,7 +33,9 @@ struct Instance {
   uint64_t id = 0;
   std::string address;
   int in_flight = 0;
+  int reported_load = 0;
   uint64_t routed = 0;
+  int Load() const { return std::max(in_flight, reported_load); }
 };
 
 class RemoteEngineImpl;
@@ -64,7 +66,7 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
         return;
       }
     }
-    instances_.push_back({id, address, 0, 0});
+    instances_.push_back({id, address, 0, 0, 0});
   }
 
   void RemoveInstance(uint64_t id) override {
@@ -81,6 +83,12 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
     client_->Disconnect(address);
   }
 
+  void ReportLoad(uint64_t id, int load) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (Instance& in : instances_)
+      if (in.id == id) in.reported_load = load;
+  }
+
   size_t num_instances() const override {
     std::lock_guard<std::mutex> lock(mu_);
     return instances_.size();
@@ -89,7 +97,7 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
   std::vector<InstanceStats> Instances() const override {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<InstanceStats> out;
-    for (const Instance& in : instances_) out.push_back({in.id, in.address, in.in_flight, in.routed});
+    for (const Instance& in : instances_) out.push_back({in.id, in.address, in.in_flight, in.reported_load, in.routed});
     return out;
   }
 
@@ -132,7 +140,7 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
         break;
       case RouterMode::kLeastLoaded:
         chosen = *std::min_element(candidates.begin(), candidates.end(), [](const Instance* a, const Instance* b) {
-          return a->in_flight != b->in_flight ? a->in_flight < b->in_flight : a->routed < b->routed;
+          return a->Load() != b->Load() ? a->Load() < b->Load() : a->routed < b->routed;
         });
         break;
     }

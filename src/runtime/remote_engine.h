@@ -34,6 +34,7 @@ struct InstanceStats {
   uint64_t instance_id = 0;
   std::string address;
   int in_flight = 0;
+  int reported_load = 0;
   uint64_t routed = 0;  // calls sent to it since it appeared
 };
 
@@ -44,6 +45,9 @@ class RemoteEngine : public Engine {
   // Discovery's view of the model's instances. Removing one ends its calls (they migrate).
   virtual void AddInstance(uint64_t instance_id, const std::string& address) = 0;
   virtual void RemoveInstance(uint64_t instance_id) = 0;
+  // Load an instance reported on the event plane (its running + waiting requests, counting every
+  // frontend's). Least-loaded routing uses the larger of it and this frontend's own in-flight count.
+  virtual void ReportLoad(uint64_t instance_id, int load) = 0;
   virtual size_t num_instances() const = 0;
   virtual std::vector<InstanceStats> Instances() const = 0;
 };

@@ -1,0 +1,244 @@
+"""Frontend and workers as separate processes on a real etcd (and nats-server): routing, spread,
+worker death (kill -9, SIGSTOP), draining, client disconnects, etcd and nats-server restarts."""
+import asyncio
+import os
+import shutil
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+from cluster import Etcd, Frontend, Nats, Worker, _wait
+from dyn_server import STORIES
+
+pytestmark = pytest.mark.skipif(shutil.which("etcd") is None and not os.path.exists("/usr/bin/etcd"),
+                                reason="etcd is not installed (scripts/setup.sh installs it)")
+
+PROMPTS = [f"Once upon a time there was a {w}" for w in
+           ["cat", "dog", "girl", "boy", "tree", "bird", "fish", "king", "queen", "frog", "star", "ball"]]
+
+
+@pytest.fixture
+def etcd():
+    e = Etcd()
+    yield e
+    e.stop()
+
+
+@pytest.fixture
+def procs():
+    started = []
+    yield started
+    for p in reversed(started):
+        p.stop()
+
+
+def native_worker(etcd, procs, *extra, name="worker"):
+    w = Worker(f"etcd:{etcd.url}", "--model", STORIES, "--served-model-name", "stories", "--threads", "1",
+               *extra, name=name)
+    procs.append(w)
+    return w
+
+
+def frontend(etcd, procs, *extra):
+    f = Frontend(f"etcd:{etcd.url}", *extra)
+    procs.append(f)
+    return f
+
+
+async def stream_one(client, prompt, max_tokens, started=None, model="stories"):
+    text = ""
+    got_first = False
+    stream = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                             stream=True, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        text += chunk.choices[0].text
+        if not got_first and started is not None:
+            got_first = True
+            started.release()
+    return text
+
+
+def client_for(url):
+    return openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def reference_texts(url, prompts, max_tokens):
+    async def run():
+        c = client_for(url)
+        return [await stream_one(c, p, max_tokens) for p in prompts]
+    return asyncio.run(run())
+
+
+def wait_instances(fe, n, timeout=30):
+    _wait(lambda: f"({n} in all)" in fe.logs(), timeout, f"{n} instances on the frontend", fe.proc, fe.logs)
+
+
+def test_300_concurrent_streams_round_robin(etcd, procs):
+    workers = [native_worker(etcd, procs, name=f"w{i}") for i in range(3)]
+    fe = frontend(etcd, procs, "--router-mode", "round-robin")
+    fe.wait_model("stories")
+    wait_instances(fe, 3)
+    max_tokens = 24
+    refs = reference_texts(fe.url, PROMPTS, max_tokens)
+    before = [w.metrics()["dyn_engine_generated_tokens_total"] for w in workers]
+
+    async def run():
+        c = client_for(fe.url)
+        return await asyncio.gather(*[stream_one(c, PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(300)],
+                                    return_exceptions=True)
+    results = asyncio.run(run())
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    for i, text in enumerate(results):
+        assert text == refs[i % len(PROMPTS)]
+    # Round-robin: exactly 100 requests each, ignore_eos: exactly max_tokens tokens each.
+    served = [w.metrics()["dyn_engine_generated_tokens_total"] - b for w, b in zip(workers, before)]
+    assert served == [100 * max_tokens] * 3
+
+
+def test_echo_workers_least_loaded_and_random(etcd, procs):
+    workers = [Worker(f"etcd:{etcd.url}", "--model", STORIES, "--served-model-name", "echo", "--engine", "echo",
+                      "--echo-delay-ms", "2", name=f"echo{i}") for i in range(3)]
+    procs.extend(workers)
+    fe = frontend(etcd, procs, "--router-mode", "least-loaded")
+    fe.wait_model("echo")
+    wait_instances(fe, 3)
+
+    async def run():
+        c = client_for(fe.url)
+        return await asyncio.gather(*[stream_one(c, PROMPTS[i % len(PROMPTS)], 16, model="echo") for i in range(90)])
+    texts = asyncio.run(run())
+    assert all(t for t in texts)
+    served = [w.metrics()["dyn_engine_generated_tokens_total"] for w in workers]
+    # Least-loaded with 90 concurrent streams of equal length: every worker takes a fair share.
+    assert all(s >= 16 * 20 for s in served), served
+
+
+def test_kill9_worker_mid_stream_migrates(etcd, procs):
+    workers = [native_worker(etcd, procs, "--max-num-seqs", "2", name=f"w{i}") for i in range(3)]
+    fe = frontend(etcd, procs)
+    fe.wait_model("stories")
+    wait_instances(fe, 3)
+    max_tokens = 400
+    refs = reference_texts(fe.url, PROMPTS[:6], max_tokens)
+
+    async def run():
+        c = client_for(fe.url)
+        started = asyncio.Semaphore(0)
+        tasks = [asyncio.create_task(stream_one(c, PROMPTS[i % 6], max_tokens, started)) for i in range(24)]
+        await started.acquire()  # streams are running
+        workers[0].kill()
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    results = asyncio.run(run())
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors[:3]
+    for i, text in enumerate(results):
+        assert text == refs[i % 6], f"stream {i} differs after migration"
+    assert fe.metric("dyn_engine_migrations_total", "stories") > 0
+    # The dead worker's lease (2 s) expires: new requests all go to the living ones.
+    _wait(lambda: "(2 left)" in fe.logs(), 10, "dead worker removed", fe.proc, fe.logs)
+    alive_before = sum(w.metrics()["dyn_engine_generated_tokens_total"] for w in workers[1:])
+    short = reference_texts(fe.url, PROMPTS[:4], 8)
+    assert all(refs[i].startswith(short[i]) for i in range(4))
+    assert sum(w.metrics()["dyn_engine_generated_tokens_total"] for w in workers[1:]) - alive_before == 4 * 8
+
+
+def test_sigstop_worker_is_routed_around(etcd, procs):
+    workers = [native_worker(etcd, procs, "--max-num-seqs", "2", name=f"w{i}") for i in range(2)]
+    fe = frontend(etcd, procs)
+    fe.wait_model("stories")
+    wait_instances(fe, 2)
+    max_tokens = 400
+    refs = reference_texts(fe.url, PROMPTS[:4], max_tokens)
+
+    async def run():
+        c = client_for(fe.url)
+        started = asyncio.Semaphore(0)
+        tasks = [asyncio.create_task(stream_one(c, PROMPTS[i % 4], max_tokens, started)) for i in range(12)]
+        await started.acquire()
+        workers[0].signal(signal.SIGSTOP)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        t0 = time.time()
+        results = asyncio.run(run())
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert not errors, errors[:3]
+        for i, text in enumerate(results):
+            assert text == refs[i % 4]
+        assert time.time() - t0 < 30
+        assert fe.metric("dyn_engine_migrations_total", "stories") > 0
+        _wait(lambda: "(1 left)" in fe.logs(), 10, "stopped worker removed", fe.proc, fe.logs)
+        assert len(reference_texts(fe.url, PROMPTS[:3], 4)) == 3
+    finally:
+        workers[0].signal(signal.SIGCONT)
+
+
+def test_client_disconnect_frees_worker(etcd, procs):
+    w = native_worker(etcd, procs, "--max-num-seqs", "4")
+    fe = frontend(etcd, procs)
+    fe.wait_model("stories")
+    idle = w.metrics()
+    assert idle["dyn_engine_running"] == 0 and idle["dyn_engine_kv_blocks_used"] == 0
+
+    with httpx.Client(timeout=30) as http:
+        streams = []
+        for i in range(8):
+            ctx = http.stream("POST", fe.url + "/v1/completions", json={
+                "model": "stories", "prompt": PROMPTS[i], "max_tokens": 480, "stream": True, "ignore_eos": True})
+            r = ctx.__enter__()
+            next(r.iter_lines())
+            streams.append((ctx, r))
+        busy = w.metrics()
+        assert busy["dyn_engine_running"] + busy["dyn_engine_waiting"] > 0
+        for ctx, r in streams:
+            r.close()
+            ctx.__exit__(None, None, None)
+
+    def idle_again():
+        m = w.metrics()
+        return m["dyn_engine_running"] == 0 and m["dyn_engine_waiting"] == 0 and m["dyn_engine_kv_blocks_used"] == 0
+    _wait(idle_again, 10, "worker back to idle", w.proc, w.logs)
+    # Far fewer tokens than 8 x 480 were generated: the streams were cut short.
+    assert w.metrics()["dyn_engine_generated_tokens_total"] < 8 * 480
+
+
+def test_sigterm_drains_then_exits(etcd, procs):
+    workers = [native_worker(etcd, procs, "--max-num-seqs", "2", name=f"w{i}") for i in range(2)]
+    fe = frontend(etcd, procs)
+    fe.wait_model("stories")
+    wait_instances(fe, 2)
+    refs = reference_texts(fe.url, PROMPTS[:4], 300)
+
+    async def run():
+        c = client_for(fe.url)
+        started = asyncio.Semaphore(0)
+        tasks = [asyncio.create_task(stream_one(c, PROMPTS[i % 4], 300, started)) for i in range(8)]
+        await started.acquire()
+        workers[0].signal(signal.SIGTERM)
+        return await asyncio.gather(*tasks, return_exceptions=True)
+    results = asyncio.run(run())
+    assert not [r for r in results if isinstance(r, Exception)]
+    assert [t for t in results] == [refs[i % 4] for i in range(8)]
+    assert workers[0].proc.wait(timeout=30) == 0
+    assert len(etcd.keys("dyn/instances/")) == 1
+
+
+def test_etcd_restart_keeps_serving(etcd, procs):
+    workers = [native_worker(etcd, procs, name=f"w{i}") for i in range(2)]
+    fe = frontend(etcd, procs)
+    fe.wait_model("stories")
+    wait_instances(fe, 2)
+    refs = reference_texts(fe.url, PROMPTS[:3], 16)
+    etcd.kill()
+    assert reference_texts(fe.url, PROMPTS[:3], 16) == refs  # served while etcd is down
+    etcd.start(fresh=True)  # all etcd state is lost: workers must register again
+    _wait(lambda: len(etcd.keys("dyn/instances/")) == 2, 15, "workers re-registered")
+    assert reference_texts(fe.url, PROMPTS[:3], 16) == refs
+    late = native_worker(etcd, procs, name="late")
+    wait_instances(fe, 3)
+    before = late.metrics()["dyn_engine_generated_tokens_total"]
+    reference_texts(fe.url, PROMPTS[:6], 4)
+    assert late.metrics()["dyn_engine_generated_tokens_total"] > before  # the late worker gets requests
