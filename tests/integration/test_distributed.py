@@ -242,3 +242,29 @@ def test_etcd_restart_keeps_serving(etcd, procs):
     before = late.metrics()["dyn_engine_generated_tokens_total"]
     reference_texts(fe.url, PROMPTS[:6], 4)
     assert late.metrics()["dyn_engine_generated_tokens_total"] > before  # the late worker gets requests
+
+
+@pytest.mark.skipif(shutil.which("nats-server") is None and not os.path.exists("/usr/sbin/nats-server"),
+                    reason="nats-server is not installed (scripts/setup.sh installs it)")
+def test_nats_restart_keeps_serving(etcd, procs):
+    nats = Nats()
+    try:
+        workers = [native_worker(etcd, procs, "--event-plane", nats.url, name=f"w{i}") for i in range(2)]
+        fe = frontend(etcd, procs, "--event-plane", nats.url, "--router-mode", "least-loaded")
+        fe.wait_model("stories")
+        wait_instances(fe, 2)
+        reports = lambda: fe.logs().count("load reports from instance")  # noqa: E731
+        _wait(lambda: reports() >= 2, 10, "load reports over NATS", fe.proc, fe.logs)
+        refs = reference_texts(fe.url, PROMPTS[:3], 16)
+        nats.kill()
+        assert reference_texts(fe.url, PROMPTS[:3], 16) == refs  # served while NATS is down
+        time.sleep(3.5)  # long enough for the frontend to notice the reports stopped
+        seen = reports()
+        nats.start()
+        _wait(lambda: reports() >= seen + 2, 20, "load reports after the NATS restart", fe.proc, fe.logs)
+        late = native_worker(etcd, procs, "--event-plane", nats.url, name="late")
+        wait_instances(fe, 3)
+        _wait(lambda: reports() >= seen + 3, 10, "load reports of the late worker", fe.proc, fe.logs)
+        assert reference_texts(fe.url, PROMPTS[:3], 16) == refs
+    finally:
+        nats.stop()
