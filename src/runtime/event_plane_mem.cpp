@@ -197,11 +197,12 @@ class MemEventPlane final : public EventPlane {
   Status Flush(int timeout_ms) override {
     auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(std::max(timeout_ms, 0));
     for (const auto& s : Bus::Get().Snapshot()) {
+      // Called from this subscription's callback: neither that callback nor the messages queued
+      // behind it can be delivered while we wait here.
+      if (s.get() == t_delivering) continue;
       std::unique_lock<std::mutex> lock(s->mu);
       // Wait only for what is queued now; later publishes must not keep Flush waiting forever.
       uint64_t target = s->enqueued;
-      // The running callback of the calling thread cannot finish while we wait for it.
-      if (s.get() == t_delivering) target = std::min(target, s->done + s->queue.size());
       if (!s->done_cv.wait_until(lock, deadline, [&] { return s->stop || s->done >= target; })) {
         return Status::DeadlineExceeded("event plane mem: subscriber '" + s->pattern + "' still has " +
                                         std::to_string(target - s->done) + " messages after " +
