@@ -56,13 +56,18 @@ std::string ConnectedUrl(natsConnection* nc) {
 }
 
 // Connection event callbacks run on a libnats thread and may run after our objects are gone, so
-// they take no closure and only log.
-void OnDisconnected(natsConnection* nc, void*) { DYN_LOG(WARN) << "event plane nats: disconnected, reconnecting"; }
+// they take no closure and only log. Closing happens only when a client is destroyed (reconnects
+// never give up), so the events of that orderly close are not worth a warning.
+bool Closing(natsConnection* nc) { return natsConnection_Status(nc) == NATS_CONN_STATUS_CLOSED; }
+void OnDisconnected(natsConnection* nc, void*) {
+  if (Closing(nc)) return;
+  DYN_LOG(WARN) << "event plane nats: disconnected, reconnecting";
+}
 void OnReconnected(natsConnection* nc, void*) {
   DYN_LOG(INFO) << "event plane nats: reconnected to " << ConnectedUrl(nc);
 }
 void OnConnected(natsConnection* nc, void*) { DYN_LOG(INFO) << "event plane nats: connected to " << ConnectedUrl(nc); }
-void OnClosed(natsConnection*, void*) { DYN_LOG(WARN) << "event plane nats: connection closed"; }
+void OnClosed(natsConnection*, void*) { DYN_LOG(DEBUG) << "event plane nats: connection closed"; }
 void OnAsyncError(natsConnection*, natsSubscription* sub, natsStatus err, void*) {
   // Slow-consumer drops are reported here; keep them visible without flooding the log.
   static std::atomic<uint64_t> count{0};
