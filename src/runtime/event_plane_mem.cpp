@@ -50,6 +50,9 @@ struct SubState {
   void Enqueue(const std::shared_ptr<const Message>& m) {
     std::lock_guard<std::mutex> lock(mu);
     if (stop) return;
+    // The delivery thread sleeps only on an empty queue (checked under `mu`), so only the first
+    // message after it emptied needs a wake-up.
+    bool was_empty = queue.empty();
     queue.push_back(m);
     queued_bytes += m->payload.size();
     ++enqueued;
@@ -66,7 +69,7 @@ struct SubState {
                       << " messages so far";
       }
     }
-    wake.notify_one();
+    if (was_empty) wake.notify_one();
   }
 
   void Run() {
