@@ -34,6 +34,7 @@ using namespace std::chrono_literals;
 constexpr auto kRequestTimeout = 2s;
 constexpr auto kRetryInterval = 300ms;
 constexpr auto kTick = 100ms;
+constexpr int kMaxSyncFailures = 10;
 
 struct Endpoint {
   std::string url;
@@ -359,10 +360,17 @@ struct EtcdWatchState {
 
   static void Loop(std::shared_ptr<EtcdWatchState> s) {
     bool resync = false;
+    int sync_failures = 0;
     while (!s->stop) {
       // After a break, first make sure our own leased keys are back, so the reset lists them.
-      if (resync) (void)s->core->SyncLeases(true);
+      // A lease sync that keeps failing while ranges work must not stall the watch forever.
+      if (resync && sync_failures < kMaxSyncFailures && !s->core->SyncLeases(true).ok()) {
+        ++sync_failures;
+        s->Sleep(kRetryInterval);
+        continue;
+      }
       resync = true;
+      sync_failures = 0;
       if (s->stop) break;
       auto range = s->core->Call("/v3/kv/range", s->RangeBody());
       if (!range.ok()) {
