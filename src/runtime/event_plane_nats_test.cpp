@@ -297,6 +297,26 @@ TEST_F(NatsEventPlaneTest, BothClientsSurviveServerKillAndRestart) {
   std::printf("messages flow again %lld ms after the restart\n", static_cast<long long>(total.count()));
 }
 
+TEST_F(NatsEventPlaneTest, PublishesWhileDisconnectedAreBufferedUpToALimit) {
+  ASSERT_TRUE(server_->Start());
+  auto plane = CreateEventPlane(server_->Url());
+  ASSERT_TRUE(plane.ok());
+  server_->Kill();
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  const std::string chunk(100 << 10, 'x');
+  int accepted = 0;
+  Status last;
+  for (int i = 0; i < 1000; ++i) {
+    last = (*plane)->Publish("buffered.big", chunk);
+    if (!last.ok()) break;
+    ++accepted;
+  }
+  // 8 MiB of reconnect buffer holds about 80 of these; then Publish says so instead of growing.
+  EXPECT_EQ(last.code(), StatusCode::kResourceExhausted) << last.ToString();
+  EXPECT_GT(accepted, 40);
+  EXPECT_LT(accepted, 200);
+}
+
 TEST_F(NatsEventPlaneTest, ClientCreatedWhileServerDownConnectsLater) {
   auto start = Clock::now();
   auto early = CreateEventPlane(server_->Url());  // nothing listens on the port yet

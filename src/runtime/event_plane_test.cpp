@@ -214,8 +214,9 @@ TEST(MemEventPlaneTest, CallbackMayDestroyItsOwnSubscriptionAndFlush) {
   Status flush_status = Status::Internal("not run");
   auto sub = (*plane)->Subscribe("self", [&](std::string_view, std::string_view) {
     calls.fetch_add(1);
-    flush_status = (*plane)->Flush(1000);  // must not wait for this very callback
+    Status flushed = (*plane)->Flush(1000);  // must not wait for this very callback
     std::lock_guard<std::mutex> lock(mu);
+    flush_status = flushed;
     self.reset();
   });
   ASSERT_TRUE(sub.ok());
@@ -227,7 +228,9 @@ TEST(MemEventPlaneTest, CallbackMayDestroyItsOwnSubscriptionAndFlush) {
   ASSERT_TRUE((*plane)->Publish("self", "2").ok());
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   EXPECT_EQ(calls.load(), 1);
+  std::lock_guard<std::mutex> lock(mu);
   EXPECT_TRUE(flush_status.ok()) << flush_status.ToString();
+  EXPECT_EQ(self, nullptr);
 }
 
 TEST(MemEventPlaneTest, FullQueueDropsOldestAndCounts) {
