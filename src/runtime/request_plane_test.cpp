@@ -221,6 +221,22 @@ TEST(RequestPlane, UnknownEndpointIsNotFoundAndBadRequestIsInvalid) {
   EXPECT_EQ(fut.get().code(), StatusCode::kInvalidArgument);
 }
 
+TEST(RequestPlane, CallsOverTheConnectionLimitAreResourceExhausted) {
+  RequestServerOptions options;
+  options.max_calls_per_connection = 2;
+  Fixture f(/*token_delay_ms=*/5, options);
+  std::vector<PendingCall> calls;
+  for (int i = 0; i < 3; ++i) calls.push_back(StartCall(*f.client, f.address, "generate", MakeRequest({1, 2}, 100000)));
+  CallResult third = Wait(calls[2]);
+  EXPECT_EQ(third.status.code(), StatusCode::kResourceExhausted) << third.status.ToString();
+  EXPECT_EQ(f.server->active_calls(), 2);
+  for (int i = 0; i < 2; ++i) {
+    calls[i].context->Cancel();
+    EXPECT_EQ(Wait(calls[i]).status.code(), StatusCode::kCancelled);
+  }
+  EXPECT_TRUE(Eventually([&] { return f.server->active_calls() == 0; }));
+}
+
 TEST(RequestPlane, ClientCancelReachesEngine) {
   Fixture f(/*token_delay_ms=*/5);
   auto pc = StartCall(*f.client, f.address, "generate", MakeRequest({1, 2, 3}, 100000));

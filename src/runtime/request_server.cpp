@@ -29,7 +29,7 @@ struct Shared {
   std::mutex mu;
   std::condition_variable idle_cv;
   int active_calls = 0;  // guarded by mu
-  std::atomic<bool> draining{false};
+  bool draining = false;  // guarded by mu
 
   std::mutex endpoints_mu;
   std::unordered_map<std::string, EndpointHandler> endpoints;
@@ -230,7 +230,6 @@ class Connection : public std::enable_shared_from_this<Connection> {
       Enqueue([&](std::string& q) { AppendEndFrame(q, id, status); }, nullptr);
       return true;
     };
-    if (shared_->draining.load(std::memory_order_acquire)) return reject(Status::Unavailable("draining"));
     EndpointHandler handler;
     {
       std::lock_guard lock(shared_->endpoints_mu);
@@ -238,28 +237,32 @@ class Connection : public std::enable_shared_from_this<Connection> {
       if (it != shared_->endpoints.end()) handler = it->second;
     }
     if (!handler) return reject(Status::NotFound("no endpoint '" + std::string(endpoint) + "'"));
-    auto call = std::make_shared<ServerCallImpl>(id, shared_from_this(),
-                                                 std::make_shared<RequestContext>("call-" + std::to_string(id)));
+    bool full;
     {
       std::lock_guard lock(mu_);
       if (calls_.count(id)) {
         DYN_LOG(WARN) << "request server: client reused call id " << id;
         return false;
       }
-      if (static_cast<int>(calls_.size()) >= shared_->options.max_calls_per_connection) {
-        // Unlock happens at scope end; reject writes through Enqueue which takes mu_ again.
-        call = nullptr;
-      } else {
-        calls_.emplace(id, call);
-      }
+      full = static_cast<int>(calls_.size()) >= shared_->options.max_calls_per_connection;
     }
-    if (!call) {
-      return reject(Status::ResourceExhausted("more than " + std::to_string(shared_->options.max_calls_per_connection) +
-                                              " calls on one connection"));
+    if (full) {
+      return reject(Status::ResourceExhausted(
+          "more than " + std::to_string(shared_->options.max_calls_per_connection) + " calls on one connection"));
     }
+    bool draining;
     {
+      // Checked with the count under one lock, so Drain either refuses this call or waits for it.
       std::lock_guard lock(shared_->mu);
-      ++shared_->active_calls;
+      draining = shared_->draining;
+      if (!draining) ++shared_->active_calls;
+    }
+    if (draining) return reject(Status::Unavailable("draining"));
+    auto call = std::make_shared<ServerCallImpl>(id, shared_from_this(),
+                                                 std::make_shared<RequestContext>("call-" + std::to_string(id)));
+    {
+      std::lock_guard lock(mu_);
+      calls_.emplace(id, call);
     }
     handler(std::string(request), call);
     return true;
@@ -411,8 +414,8 @@ class RequestServerImpl final : public RequestServer {
   }
 
   void Drain(int timeout_ms) override {
-    shared_->draining.store(true, std::memory_order_release);
     std::unique_lock lock(shared_->mu);
+    shared_->draining = true;
     shared_->idle_cv.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] { return shared_->active_calls == 0; });
   }
 
