@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from cluster import Etcd, Frontend, Nats, Worker, _wait
-from dyn_server import STORIES
+from dyn_server import SMOLLM2, STORIES
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None and not os.path.exists("/usr/bin/etcd"),
                                 reason="etcd is not installed (scripts/setup.sh installs it)")
@@ -177,11 +177,15 @@ def test_sigstop_worker_is_routed_around(etcd, procs):
 
 
 def test_client_disconnect_frees_worker(etcd, procs):
-    w = native_worker(etcd, procs, "--max-num-seqs", "4")
+    # SmolLM2 (135M) rather than stories260K: slow enough on CPU that the streams are still running
+    # when the client goes away.
+    w = Worker(f"etcd:{etcd.url}", "--model", SMOLLM2, "--served-model-name", "stories", "--threads", "1",
+               "--max-num-seqs", "8")
+    procs.append(w)
     fe = frontend(etcd, procs)
     fe.wait_model("stories")
     idle = w.metrics()
-    assert idle["dyn_engine_running"] == 0 and idle["dyn_engine_kv_blocks_used"] == 0
+    assert idle["dyn_engine_running_requests"] == 0 and idle["dyn_engine_kv_blocks_used"] == 0
 
     with httpx.Client(timeout=30) as http:
         streams = []
@@ -189,17 +193,20 @@ def test_client_disconnect_frees_worker(etcd, procs):
             ctx = http.stream("POST", fe.url + "/v1/completions", json={
                 "model": "stories", "prompt": PROMPTS[i], "max_tokens": 480, "stream": True, "ignore_eos": True})
             r = ctx.__enter__()
-            next(r.iter_lines())
-            streams.append((ctx, r))
+            lines = r.iter_lines()  # kept: a dropped generator closes the response
+            first = next(lines)
+            assert first.startswith("data: ") and '"text"' in first, first
+            streams.append((ctx, r, lines))
         busy = w.metrics()
-        assert busy["dyn_engine_running"] + busy["dyn_engine_waiting"] > 0
-        for ctx, r in streams:
+        assert busy["dyn_engine_running_requests"] == 8
+        assert busy["dyn_engine_kv_blocks_used"] > 0
+        for ctx, r, _ in streams:
             r.close()
             ctx.__exit__(None, None, None)
 
     def idle_again():
         m = w.metrics()
-        return m["dyn_engine_running"] == 0 and m["dyn_engine_waiting"] == 0 and m["dyn_engine_kv_blocks_used"] == 0
+        return m["dyn_engine_running_requests"] == 0 and m["dyn_engine_waiting_requests"] == 0 and m["dyn_engine_kv_blocks_used"] == 0
     _wait(idle_again, 10, "worker back to idle", w.proc, w.logs)
     # Far fewer tokens than 8 x 480 were generated: the streams were cut short.
     assert w.metrics()["dyn_engine_generated_tokens_total"] < 8 * 480
