@@ -110,14 +110,15 @@ class EtcdServer {
                                      "--initial-advertise-peer-urls", peer, "--initial-cluster", "default=" + peer,
                                      "--heartbeat-interval", "20", "--election-timeout", "200"};
     std::string log = root_ + "/etcd.log";
+    // Built before fork: the child of a threaded process may only make async-signal-safe calls.
+    std::vector<char*> argv;
+    for (std::string& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
     pid_ = fork();
     if (pid_ == 0) {
       int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
       dup2(fd, 1);
       dup2(fd, 2);
-      std::vector<char*> argv;
-      for (std::string& a : args) argv.push_back(a.data());
-      argv.push_back(nullptr);
       execvp("etcd", argv.data());
       _exit(127);
     }

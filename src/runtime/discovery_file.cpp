@@ -303,10 +303,12 @@ class FileDiscovery : public Discovery {
     if (key.empty()) return Status::InvalidArgument("empty discovery key");
     std::string name = EncodeFileName(key);
     if (name.size() > kMaxFileName) return Status::InvalidArgument("discovery key too long for the file backend: " + key);
-    if (lease != 0 && layout_.CheckLease(lease) != Layout::LeaseState::kAlive) {
+    std::lock_guard lock(mu_);
+    // Our own lease counts as alive even if its file is momentarily stale or reaped (this process
+    // was stopped): keep-alive restores the file and this key with it.
+    if (lease != 0 && !leases_.count(lease) && layout_.CheckLease(lease) != Layout::LeaseState::kAlive) {
       return Status::NotFound("lease " + std::to_string(lease) + " not found");
     }
-    std::lock_guard lock(mu_);
     DYN_RETURN_IF_ERROR(layout_.WriteAtomic(layout_.Key(name), std::to_string(lease) + "\n" + value, false));
     for (auto& [id, own] : leases_) own.keys.erase(key);
     auto it = leases_.find(lease);

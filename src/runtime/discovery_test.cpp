@@ -232,24 +232,41 @@ TEST_P(DiscoveryTest, TwoClientsSeeEachOther) {
 
 INSTANTIATE_TEST_SUITE_P(Backends, DiscoveryTest, ::testing::Values("mem", "file"));
 
-// A child process registers under a lease and reports on a pipe; the parent controls it.
+// A child process (this binary, re-executed: forking a threaded test process is unsafe) grants a
+// 1 s lease, puts `key` under it, reports on a pipe and waits to be stopped or killed. The child
+// runs from a static initializer, before gtest's main, when its environment variable is set.
+constexpr char kChildEnv[] = "DYN_DISCOVERY_TEST_CHILD";  // "<pipe fd> <spec> <key>"
+
+[[maybe_unused]] const bool kChildRan = [] {
+  const char* arg = getenv(kChildEnv);
+  if (arg == nullptr) return false;
+  std::string s = arg;
+  size_t a = s.find(' '), b = s.find(' ', a + 1);
+  int fd = std::atoi(s.substr(0, a).c_str());
+  auto d = CreateDiscovery(s.substr(a + 1, b - a - 1));
+  if (!d.ok()) _exit(2);
+  auto lease = (*d)->GrantLease(1);
+  if (!lease.ok() || !(*d)->Put(s.substr(b + 1), "child", *lease).ok()) _exit(3);
+  char ok = 1;
+  if (write(fd, &ok, 1) != 1) _exit(4);
+  while (true) pause();
+}();
+
 pid_t StartChild(const std::string& spec, const std::string& key) {
   int fds[2];
   EXPECT_EQ(pipe(fds), 0);
+  std::string env = std::string(kChildEnv) + "=" + std::to_string(fds[1]) + " " + spec + " " + key;
+  char* const argv[] = {const_cast<char*>("discovery_test_child"), nullptr};
+  char* const envp[] = {env.data(), nullptr};
   pid_t pid = fork();
   if (pid == 0) {
     close(fds[0]);
-    auto d = CreateDiscovery(spec);
-    if (!d.ok()) _exit(2);
-    auto lease = (*d)->GrantLease(1);
-    if (!lease.ok() || !(*d)->Put(key, "child", *lease).ok()) _exit(3);
-    char ok = 1;
-    if (write(fds[1], &ok, 1) != 1) _exit(4);
-    while (true) pause();
+    execve("/proc/self/exe", argv, envp);
+    _exit(127);
   }
   close(fds[1]);
   char ok = 0;
-  EXPECT_EQ(read(fds[0], &ok, 1), 1);
+  EXPECT_EQ(read(fds[0], &ok, 1), 1) << "the child did not register";
   close(fds[0]);
   return pid;
 }
