@@ -60,6 +60,8 @@ class Discovery {
   // lease it granted alive (a background thread, about 3 times per TTL) until RevokeLease or
   // destruction. If the backend loses a lease (etcd restarted, the process was stopped past its
   // TTL) the client grants a new one under the same returned id and puts its keys again.
+  // Destroying the client does not revoke: its leases run out after their TTL, as a crashed
+  // process's would (call RevokeLease first for a clean exit).
   virtual Result<int64_t> GrantLease(int ttl_seconds) = 0;
   // Deletes the lease and every key attached to it.
   virtual Status RevokeLease(int64_t lease) = 0;

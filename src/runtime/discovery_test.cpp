@@ -230,6 +230,40 @@ TEST_P(DiscoveryTest, TwoClientsSeeEachOther) {
   EXPECT_EQ(Keys(*a->GetPrefix(K("s/"))), (std::vector<std::string>{K("s/b")}));
 }
 
+TEST_P(DiscoveryTest, WatchDestroyedFromItsOwnCallback) {
+  auto d = New();
+  // Shared with the callback by value: its thread may finish after this test returns.
+  struct Shared {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::unique_ptr<WatchHandle> handle;
+    bool assigned = false;
+    int calls = 0;
+  };
+  auto shared = std::make_shared<Shared>();
+  auto watch = d->WatchPrefix(K("d/"), [shared](const WatchUpdate&) {
+    std::unique_lock lock(shared->mu);
+    shared->cv.wait(lock, [&] { return shared->assigned; });
+    ++shared->calls;
+    shared->handle.reset();  // must neither deadlock nor call back again
+    shared->cv.notify_all();
+  });
+  ASSERT_TRUE(watch.ok());
+  {
+    std::lock_guard lock(shared->mu);
+    shared->handle = std::move(*watch);
+    shared->assigned = true;
+  }
+  shared->cv.notify_all();
+  std::unique_lock lock(shared->mu);
+  ASSERT_TRUE(shared->cv.wait_for(lock, 2s, [&] { return shared->calls == 1 && !shared->handle; }));
+  lock.unlock();
+  ASSERT_TRUE(d->Put(K("d/x"), "after").ok());
+  std::this_thread::sleep_for(300ms);
+  lock.lock();
+  EXPECT_EQ(shared->calls, 1);
+}
+
 INSTANTIATE_TEST_SUITE_P(Backends, DiscoveryTest, ::testing::Values("mem", "file"));
 
 // A child process (this binary, re-executed: forking a threaded test process is unsafe) grants a
