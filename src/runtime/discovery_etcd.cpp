@@ -185,21 +185,21 @@ class EtcdCore {
   // and its keys put again. Returns the first failure (the caller retries later).
   Status SyncLeases(bool all) {
     std::lock_guard sync_lock(sync_mu_);
-    struct Todo {
+    struct Due {
       int64_t local, server;
       int ttl;
       bool reput;
     };
-    std::vector<Todo> todo;
+    std::vector<Due> due;
     {
       std::lock_guard lock(mu);
       if (closed) return Status::Ok();
       auto now = Clock::now();
       for (auto& [id, l] : leases) {
-        if (all || l.reput || l.next_keepalive <= now) todo.push_back({id, l.server_id, l.ttl, l.reput});
+        if (all || l.reput || l.next_keepalive <= now) due.push_back({id, l.server_id, l.ttl, l.reput});
       }
     }
-    for (const Todo& t : todo) {
+    for (const Due& t : due) {
       int64_t server = t.server;
       bool reput = t.reput;
       if (!reput) {
