@@ -21,7 +21,16 @@ Status ActiveSequences::AddRequest(const std::string& request_id, const WorkerKe
   r.prefill_tokens = std::max<int64_t>(0, isl - static_cast<int64_t>(overlap_blocks) * block_size_);
   r.added = now;
   WorkerLoad& load = workers_[worker];
-  for (uint64_t h : r.blocks) ++load.block_refs[h];
+  for (uint64_t h : r.blocks) {
+    auto& holders = blocks_[h];
+    auto it = std::find_if(holders.begin(), holders.end(), [&](const Holder& x) { return x.worker == worker; });
+    if (it != holders.end()) {
+      ++it->refs;
+    } else {
+      holders.push_back(Holder{worker, 1});
+      ++load.distinct_blocks;
+    }
+  }
   load.prefill_tokens += r.prefill_tokens;
   order_.emplace_back(now, request_id);
   requests_.emplace(request_id, std::move(r));
@@ -42,11 +51,18 @@ void ActiveSequences::Release(const Request& r) {
   if (wit == workers_.end()) return;
   WorkerLoad& load = wit->second;
   for (uint64_t h : r.blocks) {
-    auto bit = load.block_refs.find(h);
-    if (bit != load.block_refs.end() && --bit->second == 0) load.block_refs.erase(bit);
+    auto bit = blocks_.find(h);
+    if (bit == blocks_.end()) continue;
+    auto& holders = bit->second;
+    auto it = std::find_if(holders.begin(), holders.end(), [&](const Holder& x) { return x.worker == r.worker; });
+    if (it == holders.end() || --it->refs > 0) continue;
+    *it = holders.back();
+    holders.pop_back();
+    --load.distinct_blocks;
+    if (holders.empty()) blocks_.erase(bit);
   }
   load.prefill_tokens -= r.prefill_tokens;
-  if (load.block_refs.empty() && load.prefill_tokens == 0) workers_.erase(wit);
+  if (load.distinct_blocks == 0 && load.prefill_tokens == 0) workers_.erase(wit);
 }
 
 Status ActiveSequences::Free(const std::string& request_id) {
@@ -75,6 +91,7 @@ size_t ActiveSequences::Expire(RouterClock::time_point now) {
 void ActiveSequences::RemoveWorker(const WorkerKey& worker) {
   for (auto it = requests_.begin(); it != requests_.end();) {
     if (it->second.worker == worker) {
+      Release(it->second);
       it = requests_.erase(it);
     } else {
       ++it;
@@ -85,7 +102,7 @@ void ActiveSequences::RemoveWorker(const WorkerKey& worker) {
 
 int64_t ActiveSequences::ActiveBlocks(const WorkerKey& worker) const {
   auto it = workers_.find(worker);
-  return it == workers_.end() ? 0 : static_cast<int64_t>(it->second.block_refs.size());
+  return it == workers_.end() ? 0 : it->second.distinct_blocks;
 }
 
 int64_t ActiveSequences::ActivePrefillTokens(const WorkerKey& worker) const {
@@ -94,11 +111,25 @@ int64_t ActiveSequences::ActivePrefillTokens(const WorkerKey& worker) const {
 }
 
 int64_t ActiveSequences::NewBlocks(const WorkerKey& worker, std::span<const uint64_t> block_hashes) const {
-  auto it = workers_.find(worker);
-  if (it == workers_.end()) return static_cast<int64_t>(block_hashes.size());
   int64_t n = 0;
-  for (uint64_t h : block_hashes) n += it->second.block_refs.count(h) ? 0 : 1;
+  for (uint64_t h : block_hashes) {
+    auto bit = blocks_.find(h);
+    const bool active = bit != blocks_.end() &&
+                        std::any_of(bit->second.begin(), bit->second.end(), [&](const Holder& x) { return x.worker == worker; });
+    n += active ? 0 : 1;
+  }
   return n;
+}
+
+std::unordered_map<WorkerKey, int64_t, WorkerKeyHash> ActiveSequences::ActiveOverlap(
+    std::span<const uint64_t> block_hashes) const {
+  std::unordered_map<WorkerKey, int64_t, WorkerKeyHash> out;
+  for (uint64_t h : block_hashes) {
+    auto bit = blocks_.find(h);
+    if (bit == blocks_.end()) continue;
+    for (const Holder& x : bit->second) ++out[x.worker];
+  }
+  return out;
 }
 
 }  // namespace dyn::router

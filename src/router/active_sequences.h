@@ -50,6 +50,9 @@ class ActiveSequences {
   int64_t ActivePrefillTokens(const WorkerKey& worker) const;
   // How many of `block_hashes` are not among the worker's active blocks.
   int64_t NewBlocks(const WorkerKey& worker, std::span<const uint64_t> block_hashes) const;
+  // For every worker with at least one of `block_hashes` active: how many are active. One pass
+  // over the request for all workers (the router's hot path); NewBlocks = size - this.
+  std::unordered_map<WorkerKey, int64_t, WorkerKeyHash> ActiveOverlap(std::span<const uint64_t> block_hashes) const;
   size_t num_requests() const { return requests_.size(); }
   int block_size() const { return block_size_; }
 
@@ -61,8 +64,12 @@ class ActiveSequences {
     RouterClock::time_point added;
   };
   struct WorkerLoad {
-    std::unordered_map<uint64_t, uint32_t> block_refs;  // sequence hash -> active requests holding it
+    int64_t distinct_blocks = 0;
     int64_t prefill_tokens = 0;
+  };
+  struct Holder {
+    WorkerKey worker;
+    uint32_t refs;  // active requests on that worker holding the block
   };
   void Release(const Request& r);
 
@@ -70,6 +77,9 @@ class ActiveSequences {
   RouterClock::duration expiry_;
   std::unordered_map<std::string, Request> requests_;
   std::unordered_map<WorkerKey, WorkerLoad, WorkerKeyHash> workers_;
+  // Block -> workers where it is active. Keyed by block rather than by worker so that one lookup
+  // per request block serves every candidate.
+  std::unordered_map<uint64_t, std::vector<Holder>> blocks_;
   // Insertion order for expiry; entries whose request is gone (or re-added later) are skipped.
   std::deque<std::pair<RouterClock::time_point, std::string>> order_;
 };

@@ -17,6 +17,9 @@ TEST(ActiveSequences, AccountingSharedBlocksCountOnce) {
   EXPECT_EQ(act.ActivePrefillTokens(kA), 48);  // 64 - 1 * 16
   EXPECT_EQ(act.NewBlocks(kA, r2), 1);         // 10 and 11 already active
   EXPECT_EQ(act.NewBlocks(kB, r2), 3);
+  auto overlap = act.ActiveOverlap(r2);
+  EXPECT_EQ(overlap.size(), 1u);
+  EXPECT_EQ(overlap[kA], 2);
   ASSERT_TRUE(act.AddRequest("r2", kA, r2, 50, 2, t0).ok());
   EXPECT_EQ(act.ActiveBlocks(kA), 5);          // 10, 11, 12, 13, 20
   EXPECT_EQ(act.ActivePrefillTokens(kA), 48 + 18);
@@ -73,6 +76,9 @@ TEST(ActiveSequences, RemoveWorker) {
   EXPECT_EQ(act.ActiveBlocks(kB), 2);
   EXPECT_EQ(act.num_requests(), 1u);
   EXPECT_EQ(act.Free("x").code(), StatusCode::kNotFound);
+  EXPECT_EQ(act.NewBlocks(kA, b), 2);
+  EXPECT_EQ(act.NewBlocks(kB, b), 0);
+  EXPECT_EQ(act.ActiveOverlap(b).count(kA), 0u);
 }
 
 }  // namespace

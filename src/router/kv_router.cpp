@@ -26,6 +26,8 @@ std::vector<WorkerCost> KvRouter::Costs(const RequestBlocks& request,
   std::unordered_map<WorkerKey, uint32_t, WorkerKeyHash> depth;
   depth.reserve(matches.size());
   for (const WorkerMatch& m : matches) depth.emplace(m.worker, m.depth);
+  const auto active_overlap = active_.ActiveOverlap(request.sequence);
+  const int64_t request_blocks = static_cast<int64_t>(request.sequence.size());
   const double b = config_.block_size;
   std::vector<WorkerCost> costs;
   costs.reserve(candidates.size());
@@ -37,7 +39,8 @@ std::vector<WorkerCost> KvRouter::Costs(const RequestBlocks& request,
     const int64_t active_prefill = active_.ActivePrefillTokens(c.worker);
     wc.prefill_tokens =
         active_prefill + std::max<int64_t>(0, request.isl - static_cast<int64_t>(wc.overlap_blocks) * config_.block_size);
-    wc.decode_blocks = active_.ActiveBlocks(c.worker) + active_.NewBlocks(c.worker, request.sequence);
+    auto ao = active_overlap.find(c.worker);
+    wc.decode_blocks = active_.ActiveBlocks(c.worker) + request_blocks - (ao == active_overlap.end() ? 0 : ao->second);
     wc.cost = config_.overlap_weight * static_cast<double>(wc.prefill_tokens) / b + static_cast<double>(wc.decode_blocks);
     wc.tree_size = indexer_.TreeSize(c.worker);
     wc.busy = (config_.busy_kv_usage && c.kv_usage > *config_.busy_kv_usage) ||
