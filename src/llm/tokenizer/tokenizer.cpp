@@ -329,7 +329,9 @@ IncrementalDecoder::IncrementalDecoder(const Tokenizer& tokenizer, bool skip_spe
 
 std::string IncrementalDecoder::Step(uint32_t id) {
   ids_.push_back(id);
-  if (!(skip_special_ && tok_.IsSpecial(id))) last_is_byte_piece_ = tok_.impl_->IsBytePiece(id);
+  // Ids that Decode drops (unknown, or skipped specials) do not end a group of byte pieces.
+  bool dropped = tok_.impl_->TokenString(id) == nullptr || (skip_special_ && tok_.IsSpecial(id));
+  if (!dropped) last_is_byte_piece_ = tok_.impl_->IsBytePiece(id);
   if (last_is_byte_piece_) return std::string();
   std::span<const uint32_t> all(ids_);
   std::string prefix_text = tok_.Decode(all.subspan(prefix_offset_, read_offset_ - prefix_offset_), skip_special_);
