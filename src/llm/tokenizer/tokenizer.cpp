@@ -313,25 +313,57 @@ constexpr size_t kInitialWindow = 5;
 bool EndsWithReplacement(const std::string& s) {
   return s.size() >= 3 && std::string_view(s).substr(s.size() - 3) == tok::kReplacementChar;
 }
+
+// Whether Decode drops the id: unknown, or special when skipping those (as Impl::Decode decides).
+bool DroppedByDecode(const Tokenizer::Impl& impl, uint32_t id, bool skip_special) {
+  if (auto it = impl.added_by_id.find(id); it != impl.added_by_id.end()) {
+    return skip_special && impl.added[it->second].special;
+  }
+  const std::string* s = impl.model.IdToToken(id);
+  if (s == nullptr) return true;
+  if (!skip_special) return false;
+  auto c = impl.added_by_content.find(*s);
+  return c != impl.added_by_content.end() && impl.added[c->second].special;
+}
 }  // namespace
 
 IncrementalDecoder::IncrementalDecoder(const Tokenizer& tokenizer, bool skip_special_tokens,
                                        std::span<const uint32_t> prompt_ids)
     : tok_(tokenizer), skip_special_(skip_special_tokens), ids_(prompt_ids.begin(), prompt_ids.end()) {
+  const Tokenizer::Impl& impl = *tok_.impl_;
   read_offset_ = ids_.size();
   prefix_offset_ = ids_.size() > kInitialWindow ? ids_.size() - kInitialWindow : 0;
-  // Never start the window inside a group of byte pieces: the group decodes as a unit.
-  while (prefix_offset_ > 0 && tok_.impl_->IsBytePiece(ids_[prefix_offset_]) &&
-         tok_.impl_->IsBytePiece(ids_[prefix_offset_ - 1])) {
-    --prefix_offset_;
+  // The window starts at a token Decode keeps: one made only of dropped ids (unknown, skipped
+  // specials) decodes to "", and a SentencePiece leading space after it would be stripped.
+  auto prev_kept = [&](size_t i) -> std::optional<size_t> {
+    while (i-- > 0) {
+      if (!DroppedByDecode(impl, ids_[i], skip_special_)) return i;
+    }
+    return std::nullopt;
+  };
+  std::optional<size_t> first = prev_kept(ids_.size());
+  if (!first) return;  // nothing visible in the prompt: the window's decode is "" either way
+  // The first kept id at or after prefix_offset_, else the last kept one before it.
+  for (size_t i = prefix_offset_; i < *first; ++i) {
+    if (!DroppedByDecode(impl, ids_[i], skip_special_)) {
+      first = i;
+      break;
+    }
   }
+  // Never start the window inside a group of byte pieces: the group decodes as a unit (ids that
+  // Decode drops between the pieces do not end it).
+  while (impl.IsBytePiece(ids_[*first])) {
+    std::optional<size_t> p = prev_kept(*first);
+    if (!p || !impl.IsBytePiece(ids_[*p])) break;
+    first = p;
+  }
+  prefix_offset_ = std::min(prefix_offset_, *first);
 }
 
 std::string IncrementalDecoder::Step(uint32_t id) {
   ids_.push_back(id);
   // Ids that Decode drops (unknown, or skipped specials) do not end a group of byte pieces.
-  bool dropped = tok_.impl_->TokenString(id) == nullptr || (skip_special_ && tok_.IsSpecial(id));
-  if (!dropped) last_is_byte_piece_ = tok_.impl_->IsBytePiece(id);
+  if (!DroppedByDecode(*tok_.impl_, id, skip_special_)) last_is_byte_piece_ = tok_.impl_->IsBytePiece(id);
   if (last_is_byte_piece_) return std::string();
   std::span<const uint32_t> all(ids_);
   std::string prefix_text = tok_.Decode(all.subspan(prefix_offset_, read_offset_ - prefix_offset_), skip_special_);
