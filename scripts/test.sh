@@ -5,3 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ctest --test-dir build --output-on-failure -j"$(nproc)" --timeout 600
 DYN_BIN="$PWD/build/apps/dyn/dyn" .venv/bin/python -m pytest -q -x tests/integration
+./scripts/fuzz.sh 20
