@@ -37,6 +37,9 @@ trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/template" "$work/tokenizer"
 cp tests/golden/templates/*.jinja "$work/template/" 2>/dev/null || true
 SHARED="${DYN_SHARED:-../shared}"
+[[ -d "$SHARED" || -n "${DYN_SHARED:-}" ]] || SHARED=/work/shared
+# The tokenizers tokenizer_fuzz loads (its built-in default assumes ../shared).
+export DYN_FUZZ_TOKENIZERS="${DYN_FUZZ_TOKENIZERS:-bytelevel=$SHARED/tokenizers/gpt2:nfc=$SHARED/tokenizers/qwen3:spm=$SHARED/models/stories260K/hf:spm=$SHARED/tokenizers/mistral-7b-v0.1:bytelevel=models/SmolLM2-135M-Instruct.Q4_1.gguf}"
 if command -v python3 >/dev/null 2>&1; then
   python3 - "$SHARED" "$work" <<'EOF'
 import glob, json, os, sys
