@@ -246,6 +246,41 @@ TEST(IncrementalDecoder, HoldsIncompleteUtf8) {
   EXPECT_EQ(cut.Finish(), t.Decode(std::span<const uint32_t>(ids).first(1)));
 }
 
+// Found by tokenizer_fuzz: an id Decode drops (past the vocabulary, as a padded embedding table
+// can sample) between two byte pieces must not split their group, or the stream would emit a
+// lone byte and half a replacement character.
+TEST(IncrementalDecoder, DroppedIdDoesNotSplitByteGroup) {
+  auto tok = Tokenizer::FromDirectory(kStories);
+  ASSERT_TRUE(tok.ok());
+  const Tokenizer& t = **tok;
+  const std::vector<uint32_t> ids = {3 + 0x5B, 513, 3 + 0xFD};  // <0x5B>, unknown, <0xFD>
+  IncrementalDecoder dec(t, true);
+  std::string out;
+  for (uint32_t id : ids) out += dec.Step(id);
+  out += dec.Finish();
+  EXPECT_EQ(out, t.Decode(ids));
+}
+
+// Found by tokenizer_fuzz: a prompt ending in ids that decode to nothing must not make the
+// SentencePiece leading space of the first generated token disappear.
+TEST(IncrementalDecoder, KeepsSpaceAfterPromptEndingInDroppedIds) {
+  auto tok = Tokenizer::FromDirectory(kTok + "mistral-7b-v0.1");
+  ASSERT_TRUE(tok.ok());
+  const Tokenizer& t = **tok;
+  std::vector<uint32_t> prompt = t.Encode("Hello", false);
+  const uint32_t unknown = 1u << 30;
+  for (int i = 0; i < 5; ++i) prompt.push_back(unknown);
+  const std::vector<uint32_t> gen = t.Encode(" pens", false);
+  std::vector<uint32_t> all = prompt;
+  all.insert(all.end(), gen.begin(), gen.end());
+  IncrementalDecoder dec(t, true, prompt);
+  std::string out;
+  for (uint32_t id : gen) out += dec.Step(id);
+  out += dec.Finish();
+  EXPECT_EQ(out, t.Decode(all).substr(t.Decode(prompt).size()));
+  EXPECT_EQ(out.substr(0, 1), " ");
+}
+
 TEST(Tokenizer, GgufSmolLM2) {
   const std::string path = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
   if (!FileExists(path)) GTEST_SKIP() << path << " is absent";
