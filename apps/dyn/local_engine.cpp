@@ -6,6 +6,7 @@
 #include "base/flags.h"
 #include "base/log.h"
 #include "engine/echo/echo_engine.h"
+#include "engine/mocker/mocker_engine.h"
 #include "engine/native/model/model.h"
 #include "engine/native/sched/native_engine.h"
 #include "llm/tokenizer/tokenizer.h"
@@ -15,7 +16,7 @@ namespace dyn {
 void LocalEngineFlags::Register(FlagSet& fs) {
   fs.String("model", &model_path, "Hugging Face model directory or .gguf file (required)");
   fs.String("served-model-name", &served_name, "name clients use in 'model' (default: from the path)");
-  fs.String("engine", &engine_name, "native | echo");
+  fs.String("engine", &engine_name, "native | echo | mocker (simulated: the model path is only for the tokenizer)");
   fs.Int("threads", &threads, "CPU threads for the native engine (0: all cores)");
   fs.Int("block-size", &block_size, "KV cache block size in tokens");
   fs.Int("kv-cache-mb", &kv_cache_mb, "KV cache size in MiB (when --num-kv-blocks is 0)");
@@ -26,7 +27,31 @@ void LocalEngineFlags::Register(FlagSet& fs) {
   fs.Int("context-length", &context_length, "limit the context below the model's (0: the model's)");
   fs.String("chat-template", &chat_template, "file with a Jinja chat template that overrides the model's");
   fs.Double("echo-delay-ms", &echo_delay_ms, "echo engine: delay between tokens");
+  fs.Double("speedup-ratio", &speedup_ratio, "mocker engine: simulated time / real time (1e9: no sleeping)");
 }
+
+namespace {
+
+// The mocker takes Dynamo's mocker defaults (mocker_core.h) for the sizing flags left at the
+// native engine's defaults (the flag parser cannot tell "not given" from "given the default").
+Result<EnginePtr> BuildMocker(const LocalEngineFlags& f, ServedModel& served) {
+  const LocalEngineFlags native;
+  MockerEngineOptions o;
+  if (f.block_size != native.block_size) o.core.block_size = static_cast<int>(f.block_size);
+  if (f.num_kv_blocks != native.num_kv_blocks) o.core.num_blocks = static_cast<int>(f.num_kv_blocks);
+  if (f.max_num_seqs != native.max_num_seqs) o.core.max_num_seqs = static_cast<int>(f.max_num_seqs);
+  if (f.max_batched != native.max_batched) o.core.max_num_batched_tokens = static_cast<int>(f.max_batched);
+  o.core.enable_prefix_caching = f.prefix_caching;
+  o.core.vocab_size = std::max<uint32_t>(1, served.tokenizer->vocab_size());
+  o.speedup_ratio = f.speedup_ratio;
+  // No model config to read: like echo, a bounded default context keeps the default max_tokens
+  // (the rest of the context) finite; --context-length sets it, within the KV pool's capacity.
+  const int64_t capacity = static_cast<int64_t>(o.core.num_blocks) * o.core.block_size;
+  served.context_length = static_cast<uint32_t>(std::min<int64_t>(f.context_length > 0 ? f.context_length : 8192, capacity));
+  return CreateMockerEngine(o);
+}
+
+}  // namespace
 
 Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f) {
   DYN_ASSIGN_OR_RETURN(ModelAssets assets, LoadModelAssets(f.model_path, f.chat_template));
@@ -59,8 +84,10 @@ Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f) {
     // The echo engine has no context of its own; a bounded one keeps the default max_tokens
     // (the rest of the context) finite.
     served.context_length = 8192;
+  } else if (f.engine_name == "mocker") {
+    DYN_ASSIGN_OR_RETURN(served.engine, BuildMocker(f, served));
   } else {
-    return Status::InvalidArgument("unknown --engine '" + f.engine_name + "' (native | echo)");
+    return Status::InvalidArgument("unknown --engine '" + f.engine_name + "' (native | echo | mocker)");
   }
   if (served.eos_token_ids.empty() && served.tokenizer->info().eos_id)
     served.eos_token_ids.push_back(*served.tokenizer->info().eos_id);

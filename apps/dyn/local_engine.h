@@ -18,6 +18,7 @@ struct LocalEngineFlags {
   int64_t threads = 0, block_size = 16, kv_cache_mb = 512, num_kv_blocks = 0;
   int64_t max_num_seqs = 64, max_batched = 2048, context_length = 0;
   double echo_delay_ms = 0;
+  double speedup_ratio = 1;  // mocker: simulated time / real time
   bool prefix_caching = true;
 
   void Register(FlagSet& fs);
