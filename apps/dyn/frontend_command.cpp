@@ -123,7 +123,9 @@ class ModelWatcher {
         return;
       }
       Model m;
-      m.engine = RemoteEngine::Create(client_, options_);
+      RemoteEngineOptions options = options_;
+      if (rec->card.kv_block_size > 0) options.kv_block_size = rec->card.kv_block_size;
+      m.engine = RemoteEngine::Create(client_, options);
       ServedModel served;
       served.name = rec->card.name;
       served.tokenizer = assets->tokenizer;
@@ -181,13 +183,16 @@ int FrontendCommand(int argc, char** argv) {
   std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", host = "0.0.0.0", router = "round-robin";
   std::string event_spec;
   int64_t port = 8000, max_body_mb = 8, io_threads = 1, migration_limit = 3;
+  double overlap_weight = 1.0, router_temperature = 0.0;
   FlagSet fs("dyn frontend", "Serves the OpenAI API for the models of the workers registered in discovery.");
   fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
   fs.String("namespace", &ns, "namespace whose instances are served");
   fs.String("event-plane", &event_spec, "event plane for worker load reports: nats://HOST:4222 | mem | '' (off)");
   fs.String("host", &host, "address to listen on");
   fs.Int("port", &port, "HTTP port (0: pick a free one)");
-  fs.String("router-mode", &router, "round-robin | random | least-loaded");
+  fs.String("router-mode", &router, "round-robin | random | least-loaded | kv");
+  fs.Double("kv-overlap-score-weight", &overlap_weight, "kv router: weight of prefill cost against decode load");
+  fs.Double("router-temperature", &router_temperature, "kv router: 0 picks the cheapest worker; > 0 samples");
   fs.Int("migration-limit", &migration_limit, "times a stream may move to another worker when its own fails");
   fs.Int("max-body-mb", &max_body_mb, "largest request body accepted (MiB)");
   fs.Int("io-threads", &io_threads, "HTTP I/O threads");
@@ -220,6 +225,8 @@ int FrontendCommand(int argc, char** argv) {
   RemoteEngineOptions ro;
   ro.mode = *mode;
   ro.migration_limit = static_cast<int>(migration_limit);
+  ro.overlap_weight = overlap_weight;
+  ro.temperature = router_temperature;
   auto watcher = std::make_shared<ModelWatcher>(registry, *client, ro);
   auto discovery = CreateDiscovery(discovery_spec);
   if (!discovery.ok()) {

@@ -7,6 +7,7 @@
 #include <unordered_set>
 
 #include "base/log.h"
+#include "router/kv_router.h"
 #include "runtime/engine_codec.h"
 
 namespace dyn {
@@ -15,7 +16,8 @@ Result<RouterMode> ParseRouterMode(const std::string& name) {
   if (name == "round-robin" || name == "round_robin") return RouterMode::kRoundRobin;
   if (name == "random") return RouterMode::kRandom;
   if (name == "least-loaded" || name == "least_loaded") return RouterMode::kLeastLoaded;
-  return Status::InvalidArgument("unknown router mode '" + name + "' (round-robin | random | least-loaded)");
+  if (name == "kv") return RouterMode::kKv;
+  return Status::InvalidArgument("unknown router mode '" + name + "' (round-robin | random | least-loaded | kv)");
 }
 
 const char* RouterModeName(RouterMode mode) {
@@ -23,6 +25,7 @@ const char* RouterModeName(RouterMode mode) {
     case RouterMode::kRoundRobin: return "round-robin";
     case RouterMode::kRandom: return "random";
     case RouterMode::kLeastLoaded: return "least-loaded";
+    case RouterMode::kKv: return "kv";
   }
   return "?";
 }
@@ -51,12 +54,27 @@ struct Stream {
   bool first_delta_sent = false;
   bool finished = false;
   uint64_t instance = 0;  // of the current attempt
+  std::string route_id;   // kv mode: the attempt's entry in ActiveSequences ("" when none)
+  bool prefill_marked = false;
 };
 
 class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_this<RemoteEngineImpl> {
  public:
   RemoteEngineImpl(std::shared_ptr<RequestClient> client, RemoteEngineOptions options)
-      : client_(std::move(client)), options_(std::move(options)), rng_(std::random_device{}()) {}
+      : client_(std::move(client)), options_(std::move(options)), rng_(std::random_device{}()) {
+    if (options_.mode == RouterMode::kKv) {
+      options_.kv_block_size = std::max(1, options_.kv_block_size);
+      router::KvRouterConfig rc;
+      rc.block_size = options_.kv_block_size;
+      rc.overlap_weight = options_.overlap_weight;
+      rc.temperature = options_.temperature;
+      rc.approximate = true;  // the workers' KV events are not consumed yet
+      rc.seed = std::random_device{}();
+      indexer_ = std::make_unique<router::RadixIndexer>();
+      active_ = std::make_unique<router::ActiveSequences>(options_.kv_block_size);
+      kv_ = std::make_unique<router::KvRouter>(rc, *indexer_, *active_);
+    }
+  }
 
   void AddInstance(uint64_t id, const std::string& address) override {
     std::lock_guard<std::mutex> lock(mu_);
@@ -77,6 +95,10 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
       if (it == instances_.end()) return;
       address = it->address;
       instances_.erase(it);
+      if (kv_) {
+        indexer_->RemoveWorker(router::WorkerKey{id, 0});
+        active_->RemoveWorker(router::WorkerKey{id, 0});
+      }
     }
     // Calls still on it end with Unavailable and migrate (the address may be reused by a new
     // instance later; it then gets a fresh connection).
@@ -124,7 +146,7 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
 
  private:
   // Picks an instance for `s`, preferring ones that have not failed it. False: none.
-  bool Pick(Stream& s, std::string* address) {
+  bool Pick(Stream& s, const std::vector<uint32_t>& attempt_tokens, std::string* address) {
     std::lock_guard<std::mutex> lock(mu_);
     std::vector<Instance*> candidates;
     for (Instance& in : instances_)
@@ -133,11 +155,30 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
       for (Instance& in : instances_) candidates.push_back(&in);
     if (candidates.empty()) return false;
     Instance* chosen = nullptr;
+    if (kv_) {
+      std::vector<router::WorkerCandidate> workers;
+      for (Instance* in : candidates) workers.push_back({router::WorkerKey{in->id, 0}, 0.0});
+      const std::vector<uint32_t>& tokens = attempt_tokens;
+      const router::RequestBlocks blocks = router::HashRequest(tokens, options_.kv_block_size);
+      const std::string route_id = s.context->id() + "#" + std::to_string(++route_seq_);
+      auto decision = kv_->Route(route_id, blocks, workers, router::RouterClock::now());
+      if (!decision.ok()) return false;
+      s.route_id = route_id;
+      for (Instance* in : candidates)
+        if (in->id == decision->worker.worker_id) chosen = in;
+      if (chosen == nullptr) return false;
+      ++chosen->in_flight;
+      ++chosen->routed;
+      s.instance = chosen->id;
+      *address = chosen->address;
+      return true;
+    }
     switch (options_.mode) {
       case RouterMode::kRoundRobin: chosen = candidates[next_++ % candidates.size()]; break;
       case RouterMode::kRandom:
         chosen = candidates[std::uniform_int_distribution<size_t>(0, candidates.size() - 1)(rng_)];
         break;
+      case RouterMode::kKv:
       case RouterMode::kLeastLoaded:
         chosen = *std::min_element(candidates.begin(), candidates.end(), [](const Instance* a, const Instance* b) {
           return a->Load() != b->Load() ? a->Load() < b->Load() : a->routed < b->routed;
@@ -151,10 +192,21 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
     return true;
   }
 
-  void Release(uint64_t id) {
+  void Release(uint64_t id, const std::string& route_id) {
     std::lock_guard<std::mutex> lock(mu_);
+    if (kv_ && !route_id.empty()) (void)active_->Free(route_id);
     for (Instance& in : instances_)
       if (in.id == id && in.in_flight > 0) --in.in_flight;
+  }
+
+  bool instances_empty() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return instances_.empty();
+  }
+
+  void MarkPrefilled(const std::string& route_id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (kv_) (void)active_->MarkPrefillCompleted(route_id);
   }
 
   void Finish(const std::shared_ptr<Stream>& s, EngineOutput out) {
@@ -177,21 +229,24 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
       Fail(s, FinishReason::kCancelled, "");
       return;
     }
-    std::string address;
-    if (!Pick(*s, &address)) {
-      Fail(s, FinishReason::kError, "Unavailable: no worker is serving this model");
-      return;
-    }
-    ++s->attempts;
     PreprocessedRequest attempt = s->request;
-    if (!s->generated.empty()) {
+    const int done = static_cast<int>(s->generated.size());
+    if (done > 0) {
       // Continue where the failed worker stopped: its output so far becomes prompt.
       attempt.token_ids.insert(attempt.token_ids.end(), s->generated.begin(), s->generated.end());
-      const int done = static_cast<int>(s->generated.size());
       attempt.stop.max_tokens = std::max(1, s->request.stop.max_tokens - done);
       attempt.stop.min_tokens = std::max(0, s->request.stop.min_tokens - done);
     }
+    std::string address;
+    if (!Pick(*s, attempt.token_ids, &address)) {
+      Fail(s, FinishReason::kError,
+           kv_ && !instances_empty() ? "Unavailable: all workers are busy" : "Unavailable: no worker is serving this model");
+      return;
+    }
+    ++s->attempts;
+    s->prefill_marked = false;
     const uint64_t instance = s->instance;
+    const std::string route_id = s->route_id;
     auto self = shared_from_this();
     CallCallbacks cb;
     cb.on_data = [self, s](std::string_view payload) {
@@ -210,6 +265,10 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
         o.cached_tokens = std::min(o.cached_tokens, o.prompt_tokens);
         s->first_delta_sent = true;
       }
+      if (!s->route_id.empty() && !s->prefill_marked) {
+        s->prefill_marked = true;
+        self->MarkPrefilled(s->route_id);
+      }
       s->generated.insert(s->generated.end(), o.token_ids.begin(), o.token_ids.end());
       self->generated_tokens_.fetch_add(o.token_ids.size());
       if (o.finish_reason) {
@@ -218,8 +277,8 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
         s->sink(std::move(o));
       }
     };
-    cb.on_end = [self, s, instance](const Status& status) {
-      self->Release(instance);
+    cb.on_end = [self, s, instance, route_id](const Status& status) {
+      self->Release(instance, route_id);
       if (s->finished) return;
       if (status.code() == StatusCode::kCancelled || s->context->cancelled()) {
         self->Fail(s, FinishReason::kCancelled, "");
@@ -249,7 +308,12 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
   mutable std::mutex mu_;
   std::vector<Instance> instances_;
   size_t next_ = 0;
+  uint64_t route_seq_ = 0;
   std::mt19937_64 rng_;
+  // kv mode (under mu_).
+  std::unique_ptr<router::RadixIndexer> indexer_;
+  std::unique_ptr<router::ActiveSequences> active_;
+  std::unique_ptr<router::KvRouter> kv_;
   std::atomic<int> running_{0};
   std::atomic<uint64_t> prompt_tokens_{0}, generated_tokens_{0}, migrations_{0};
 };

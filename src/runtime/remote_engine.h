@@ -20,14 +20,21 @@
 
 namespace dyn {
 
-enum class RouterMode { kRoundRobin, kRandom, kLeastLoaded };
-Result<RouterMode> ParseRouterMode(const std::string& name);  // "round-robin", "random", "least-loaded"
+// kKv: KV-aware (src/router): the instance whose cache holds the longest prefix of the prompt,
+// weighed against its load (FACTS' cost function). Without KV events from the workers it runs in
+// approximate mode: it remembers which prefixes it sent where (120 s TTL).
+enum class RouterMode { kRoundRobin, kRandom, kLeastLoaded, kKv };
+Result<RouterMode> ParseRouterMode(const std::string& name);  // "round-robin", "random", "least-loaded", "kv"
 const char* RouterModeName(RouterMode mode);
 
 struct RemoteEngineOptions {
   RouterMode mode = RouterMode::kRoundRobin;
   int migration_limit = 3;
   std::string endpoint = "generate";
+  // kv mode:
+  int kv_block_size = 16;       // the workers' KV block size (from their model card)
+  double overlap_weight = 1.0;  // w in cost = w * prefill_blocks + decode_blocks
+  double temperature = 0.0;     // 0: cheapest instance; > 0: softmax sampling over costs
 };
 
 struct InstanceStats {

@@ -206,5 +206,43 @@ TEST(RemoteEngine, CancelReachesTheWorker) {
   a.engine->Shutdown();
 }
 
+TEST(RemoteEngine, KvModeSendsSharedPrefixesToTheSameWorker) {
+  Worker a = StartWorker(0), b = StartWorker(0);
+  auto client = Client();
+  RemoteEngineOptions o;
+  o.mode = RouterMode::kKv;
+  o.kv_block_size = 4;
+  auto engine = RemoteEngine::Create(client, o);
+  engine->AddInstance(1, a.address);
+  engine->AddInstance(2, b.address);
+  auto run = [&](std::vector<uint32_t> prompt) {
+    PreprocessedRequest r = Request(2);
+    r.token_ids = std::move(prompt);
+    Collector c;
+    engine->Generate(r, std::make_shared<RequestContext>("r"), c.Sink());
+    EXPECT_TRUE(c.Wait());
+    EXPECT_EQ(*c.finish, FinishReason::kLength) << c.error;
+    return std::make_pair(a.engine->Metrics().generated_tokens, b.engine->Metrics().generated_tokens);
+  };
+  std::vector<uint32_t> p1(16), p2(16);
+  for (uint32_t i = 0; i < 16; ++i) {
+    p1[i] = 100 + i;
+    p2[i] = 300 + i;
+  }
+  const auto first = run(p1);
+  const bool on_a = first.first == 2;
+  std::vector<uint32_t> p1_longer = p1;
+  p1_longer.insert(p1_longer.end(), {200, 201, 202, 203});
+  const auto second = run(p1_longer);  // 4 blocks of overlap: same worker
+  EXPECT_EQ(on_a ? second.first : second.second, 4u);
+  const auto third = run(p2);  // no overlap anywhere: the tie goes to the smaller tree, the other worker
+  EXPECT_EQ(on_a ? third.second : third.first, 2u);
+  client->Stop();
+  a.server->Stop();
+  b.server->Stop();
+  a.engine->Shutdown();
+  b.engine->Shutdown();
+}
+
 }  // namespace
 }  // namespace dyn

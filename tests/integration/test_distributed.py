@@ -275,3 +275,23 @@ def test_nats_restart_keeps_serving(etcd, procs):
         assert reference_texts(fe.url, PROMPTS[:3], 16) == refs
     finally:
         nats.stop()
+
+
+def test_kv_router_sends_shared_prefixes_to_the_worker_that_has_them(etcd, procs):
+    workers = [native_worker(etcd, procs, name=f"w{i}") for i in range(2)]
+    fe = frontend(etcd, procs, "--router-mode", os.environ.get("DYN_TEST_KV_MODE", "kv"))
+    fe.wait_model("stories")
+    wait_instances(fe, 2)
+    stems = [" ".join([f"{w} went to the {p} to see the {w} and the {p}." for _ in range(4)])
+             for w, p in [("Tom", "park"), ("Lily", "shop"), ("Sam", "sea")]]
+    for stem in stems:  # first sight of each prefix: no cache anywhere
+        reference_texts(fe.url, [stem], 2)
+    cached_before = sum(w.metrics()["dyn_engine_cached_prompt_tokens_total"] for w in workers)
+    for stem in stems:  # the same prefixes again, longer: the router sends each where it is cached
+        reference_texts(fe.url, [stem + " Then they went home."], 2)
+    cached = sum(w.metrics()["dyn_engine_cached_prompt_tokens_total"] for w in workers) - cached_before
+    # Each stem is well over 4 blocks of 16 tokens. Round-robin (3 stems, 2 workers) would send
+    # every second request to the other worker and hit nothing.
+    assert cached >= 3 * 4 * 16, cached
+    served = [w.metrics()["dyn_engine_generated_tokens_total"] for w in workers]
+    assert min(served) > 0, served  # distinct prefixes still spread over both workers
