@@ -24,6 +24,7 @@
 #include "runtime/component.h"
 #include "runtime/discovery.h"
 #include "runtime/event_plane.h"
+#include "runtime/kv_event_codec.h"
 #include "runtime/remote_engine.h"
 
 namespace dyn {
@@ -71,6 +72,21 @@ class ModelWatcher {
         ++it;
       }
     }
+  }
+
+  // A KV event from the event plane: to the indexer of the instance's model.
+  void OnKvEvent(std::string_view payload) {
+    auto event = DecodeKvEvent(payload);
+    if (!event.ok()) {
+      DYN_LOG(WARN) << "ignoring kv event: " << event.status().ToString();
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    auto inst = instance_models_.find(event->worker.worker_id);
+    if (inst == instance_models_.end()) return;
+    auto it = models_.find(inst->second);
+    if (it != models_.end()) it->second.engine->ApplyKvEvent(*event);
+    ++kv_events_;
   }
 
   // A load report from the event plane: {"instance_id": "...", "model": "...", "load": n}.
@@ -143,6 +159,7 @@ class ModelWatcher {
       it = models_.emplace(rec->card.name, std::move(m)).first;
     }
     it->second.engine->AddInstance(rec->instance_id, rec->address);
+    instance_models_[rec->instance_id] = rec->card.name;
     it->second.keys.insert(key);
     DYN_LOG(INFO) << "instance " << rec->instance_id << " of '" << rec->card.name << "' at " << rec->address << " ("
                   << it->second.keys.size() << " in all)";
@@ -157,6 +174,7 @@ class ModelWatcher {
     auto it = models_.find(rec.card.name);
     if (it == models_.end()) return;
     it->second.engine->RemoveInstance(rec.instance_id);
+    instance_models_.erase(rec.instance_id);
     it->second.keys.erase(key);
     DYN_LOG(INFO) << "instance " << rec.instance_id << " of '" << rec.card.name << "' is gone ("
                   << it->second.keys.size() << " left)";
@@ -175,6 +193,8 @@ class ModelWatcher {
   std::map<std::string, Model> models_;
   std::map<std::string, std::chrono::steady_clock::time_point> pending_removal_;
   std::map<uint64_t, std::chrono::steady_clock::time_point> last_report_;
+  std::map<uint64_t, std::string> instance_models_;
+  uint64_t kv_events_ = 0;
 };
 
 }  // namespace
@@ -184,6 +204,7 @@ int FrontendCommand(int argc, char** argv) {
   std::string event_spec;
   int64_t port = 8000, max_body_mb = 8, io_threads = 1, migration_limit = 3;
   double overlap_weight = 1.0, router_temperature = 0.0;
+  bool kv_events = true;
   FlagSet fs("dyn frontend", "Serves the OpenAI API for the models of the workers registered in discovery.");
   fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
   fs.String("namespace", &ns, "namespace whose instances are served");
@@ -193,6 +214,7 @@ int FrontendCommand(int argc, char** argv) {
   fs.String("router-mode", &router, "round-robin | random | least-loaded | kv");
   fs.Double("kv-overlap-score-weight", &overlap_weight, "kv router: weight of prefill cost against decode load");
   fs.Double("router-temperature", &router_temperature, "kv router: 0 picks the cheapest worker; > 0 samples");
+  fs.Bool("kv-events", &kv_events, "kv router: index the workers' KV events (needs --event-plane); off: approximate mode");
   fs.Int("migration-limit", &migration_limit, "times a stream may move to another worker when its own fails");
   fs.Int("max-body-mb", &max_body_mb, "largest request body accepted (MiB)");
   fs.Int("io-threads", &io_threads, "HTTP I/O threads");
@@ -227,6 +249,7 @@ int FrontendCommand(int argc, char** argv) {
   ro.migration_limit = static_cast<int>(migration_limit);
   ro.overlap_weight = overlap_weight;
   ro.temperature = router_temperature;
+  ro.use_kv_events = kv_events && !event_spec.empty();
   auto watcher = std::make_shared<ModelWatcher>(registry, *client, ro);
   auto discovery = CreateDiscovery(discovery_spec);
   if (!discovery.ok()) {
@@ -239,7 +262,7 @@ int FrontendCommand(int argc, char** argv) {
     return 1;
   }
   std::unique_ptr<EventPlane> events;
-  std::unique_ptr<Subscription> load_sub;
+  std::unique_ptr<Subscription> load_sub, kv_sub;
   if (!event_spec.empty()) {
     auto ep = CreateEventPlane(event_spec);
     if (!ep.ok()) {
@@ -255,6 +278,16 @@ int FrontendCommand(int argc, char** argv) {
       return 1;
     }
     load_sub = std::move(*sub);
+    if (ro.mode == RouterMode::kKv && ro.use_kv_events) {
+      auto ks = events->Subscribe(KvEventsSubject(ns), [watcher](std::string_view, std::string_view payload) {
+        watcher->OnKvEvent(payload);
+      });
+      if (!ks.ok()) {
+        std::fprintf(stderr, "dyn frontend: subscribe: %s\n", ks.status().ToString().c_str());
+        return 1;
+      }
+      kv_sub = std::move(*ks);
+    }
   }
   std::atomic<bool> stopping{false};
   std::thread expirer([&] {
@@ -284,6 +317,7 @@ int FrontendCommand(int argc, char** argv) {
   (*frontend)->Stop();
   stopping = true;
   expirer.join();
+  kv_sub.reset();
   load_sub.reset();
   watch->reset();
   (*client)->Stop();

@@ -34,7 +34,7 @@ namespace {
 
 // The mocker takes Dynamo's mocker defaults (mocker_core.h) for the sizing flags left at the
 // native engine's defaults (the flag parser cannot tell "not given" from "given the default").
-Result<EnginePtr> BuildMocker(const LocalEngineFlags& f, ServedModel& served) {
+Result<EnginePtr> BuildMocker(const LocalEngineFlags& f, ServedModel& served, int* kv_block_size) {
   const LocalEngineFlags native;
   MockerEngineOptions o;
   if (f.block_size != native.block_size) o.core.block_size = static_cast<int>(f.block_size);
@@ -44,6 +44,8 @@ Result<EnginePtr> BuildMocker(const LocalEngineFlags& f, ServedModel& served) {
   o.core.enable_prefix_caching = f.prefix_caching;
   o.core.vocab_size = std::max<uint32_t>(1, served.tokenizer->vocab_size());
   o.speedup_ratio = f.speedup_ratio;
+  o.kv_event_sink = f.kv_event_sink;
+  if (kv_block_size) *kv_block_size = o.core.block_size;
   // No model config to read: like echo, a bounded default context keeps the default max_tokens
   // (the rest of the context) finite; --context-length sets it, within the KV pool's capacity.
   const int64_t capacity = static_cast<int64_t>(o.core.num_blocks) * o.core.block_size;
@@ -53,7 +55,8 @@ Result<EnginePtr> BuildMocker(const LocalEngineFlags& f, ServedModel& served) {
 
 }  // namespace
 
-Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f) {
+Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f, int* kv_block_size) {
+  if (kv_block_size) *kv_block_size = 0;
   DYN_ASSIGN_OR_RETURN(ModelAssets assets, LoadModelAssets(f.model_path, f.chat_template));
   ServedModel served;
   served.name = f.served_name.empty() ? assets.default_name : f.served_name;
@@ -76,6 +79,8 @@ Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f) {
     eo.max_num_seqs = static_cast<int>(f.max_num_seqs);
     eo.max_num_batched_tokens = static_cast<int>(f.max_batched);
     eo.enable_prefix_caching = f.prefix_caching;
+    eo.kv_event_sink = f.kv_event_sink;
+    if (kv_block_size) *kv_block_size = eo.block_size;
     DYN_ASSIGN_OR_RETURN(served.engine, CreateNativeEngine(std::move(model), eo));
   } else if (f.engine_name == "echo") {
     EchoEngineOptions eo;
@@ -85,7 +90,7 @@ Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f) {
     // (the rest of the context) finite.
     served.context_length = 8192;
   } else if (f.engine_name == "mocker") {
-    DYN_ASSIGN_OR_RETURN(served.engine, BuildMocker(f, served));
+    DYN_ASSIGN_OR_RETURN(served.engine, BuildMocker(f, served, kv_block_size));
   } else {
     return Status::InvalidArgument("unknown --engine '" + f.engine_name + "' (native | echo | mocker)");
   }

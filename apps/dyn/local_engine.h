@@ -12,6 +12,7 @@
 namespace dyn {
 
 class FlagSet;
+class KvEventSink;
 
 struct LocalEngineFlags {
   std::string model_path, served_name, engine_name = "native", chat_template;
@@ -19,12 +20,14 @@ struct LocalEngineFlags {
   int64_t max_num_seqs = 64, max_batched = 2048, context_length = 0;
   double echo_delay_ms = 0;
   double speedup_ratio = 1;  // mocker: simulated time / real time
+  KvEventSink* kv_event_sink = nullptr;  // not a flag: receives the engine's KV block events
   bool prefix_caching = true;
 
   void Register(FlagSet& fs);
 };
 
 // Loads tokenizer, chat template and engine. `served.name` is the served name.
-Result<ServedModel> BuildLocalModel(const LocalEngineFlags& flags);
+// `kv_block_size` (optional) receives the engine's KV block size (0 for engines without a cache).
+Result<ServedModel> BuildLocalModel(const LocalEngineFlags& flags, int* kv_block_size = nullptr);
 
 }  // namespace dyn

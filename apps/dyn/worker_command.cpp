@@ -25,10 +25,38 @@
 #include "runtime/component.h"
 #include "runtime/discovery.h"
 #include "runtime/event_plane.h"
+#include "runtime/kv_event_codec.h"
 #include "runtime/request_plane.h"
 
 namespace dyn {
 namespace {
+
+// Publishes the engine's KV block events on the event plane for KV-aware frontends. Called on the
+// engine's step thread; Publish only queues. Events before the instance id is known (none: the
+// engine has no requests before registration) are dropped.
+class KvEventPublisher : public KvEventSink {
+ public:
+  void Start(EventPlane* events, std::string subject, uint64_t instance_id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    events_ = events;
+    subject_ = std::move(subject);
+    instance_id_ = instance_id;
+  }
+  void Stop() {
+    std::lock_guard<std::mutex> lock(mu_);
+    events_ = nullptr;
+  }
+  void OnKvEvent(const KvEvent& event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (events_ != nullptr) (void)events_->Publish(subject_, EncodeKvEvent(instance_id_, event));
+  }
+
+ private:
+  std::mutex mu_;
+  EventPlane* events_ = nullptr;
+  std::string subject_;
+  uint64_t instance_id_ = 0;
+};
 
 std::string AbsolutePath(const std::string& path) {
   if (path.empty()) return path;
@@ -75,7 +103,10 @@ int WorkerCommand(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
-  auto built = BuildLocalModel(ef);
+  auto kv_publisher = std::make_unique<KvEventPublisher>();
+  ef.kv_event_sink = kv_publisher.get();
+  int kv_block_size = 0;
+  auto built = BuildLocalModel(ef, &kv_block_size);
   if (!built.ok()) {
     std::fprintf(stderr, "dyn worker: %s\n", built.status().ToString().c_str());
     return 1;
@@ -135,7 +166,7 @@ int WorkerCommand(int argc, char** argv) {
   rec.card.chat_template_path = AbsolutePath(ef.chat_template);
   rec.card.context_length = served.context_length;
   const EngineMetrics em = engine->Metrics();
-  rec.card.kv_block_size = static_cast<int>(ef.block_size);
+  rec.card.kv_block_size = kv_block_size;
   rec.card.kv_total_blocks = em.kv_blocks_total;
   rec.card.max_num_batched_tokens = static_cast<int>(ef.max_batched);
   rec.card.engine = ef.engine_name;
@@ -160,6 +191,7 @@ int WorkerCommand(int argc, char** argv) {
       return 1;
     }
     events = std::move(*ep);
+    kv_publisher->Start(events.get(), KvEventsSubject(ns), rec.instance_id);
   }
   std::mutex stop_mu;
   std::condition_variable stop_cv;
@@ -186,6 +218,7 @@ int WorkerCommand(int argc, char** argv) {
   }
   stop_cv.notify_all();
   reporter.join();
+  kv_publisher->Stop();
   DYN_LOG(INFO) << "signal " << sig << ": deregistering and draining " << (*server)->active_calls() << " streams";
   if (Status s = (*discovery)->Delete(key); !s.ok()) {
     DYN_LOG(WARN) << "deregister: " << s.ToString();

@@ -68,7 +68,7 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
       rc.block_size = options_.kv_block_size;
       rc.overlap_weight = options_.overlap_weight;
       rc.temperature = options_.temperature;
-      rc.approximate = true;  // the workers' KV events are not consumed yet
+      rc.approximate = !options_.use_kv_events;
       rc.seed = std::random_device{}();
       indexer_ = std::make_unique<router::RadixIndexer>();
       active_ = std::make_unique<router::ActiveSequences>(options_.kv_block_size);
@@ -109,6 +109,20 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
     std::lock_guard<std::mutex> lock(mu_);
     for (Instance& in : instances_)
       if (in.id == id) in.reported_load = load;
+  }
+
+  bool ApplyKvEvent(const router::RouterEvent& event) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!kv_) return true;
+    bool known = false;
+    for (const Instance& in : instances_) known = known || in.id == event.worker.worker_id;
+    if (!known) return true;
+    const router::ApplyResult r = indexer_->ApplyEvent(event);
+    if (r.needs_resync()) {
+      DYN_LOG(WARN) << "kv events of worker " << event.worker.worker_id << ": " << r.message;
+      return false;
+    }
+    return true;
   }
 
   size_t num_instances() const override {

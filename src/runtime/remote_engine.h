@@ -16,6 +16,7 @@
 
 #include "base/status.h"
 #include "engine/engine.h"
+#include "router/kv_events.h"
 #include "runtime/request_plane.h"
 
 namespace dyn {
@@ -35,6 +36,7 @@ struct RemoteEngineOptions {
   int kv_block_size = 16;       // the workers' KV block size (from their model card)
   double overlap_weight = 1.0;  // w in cost = w * prefill_blocks + decode_blocks
   double temperature = 0.0;     // 0: cheapest instance; > 0: softmax sampling over costs
+  bool use_kv_events = false;   // workers' KV events feed the indexer (ApplyKvEvent); else approximate
 };
 
 struct InstanceStats {
@@ -55,6 +57,9 @@ class RemoteEngine : public Engine {
   // Load an instance reported on the event plane (its running + waiting requests, counting every
   // frontend's). Least-loaded routing uses the larger of it and this frontend's own in-flight count.
   virtual void ReportLoad(uint64_t instance_id, int load) = 0;
+  // kv mode: a worker's KV event (decoded from the event plane). Events of unknown instances are
+  // ignored. Returns false when the event revealed lost events (an event-id gap).
+  virtual bool ApplyKvEvent(const router::RouterEvent& event) = 0;
   virtual size_t num_instances() const = 0;
   virtual std::vector<InstanceStats> Instances() const = 0;
 };

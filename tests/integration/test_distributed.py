@@ -295,3 +295,28 @@ def test_kv_router_sends_shared_prefixes_to_the_worker_that_has_them(etcd, procs
     assert cached >= 3 * 4 * 16, cached
     served = [w.metrics()["dyn_engine_generated_tokens_total"] for w in workers]
     assert min(served) > 0, served  # distinct prefixes still spread over both workers
+
+
+@pytest.mark.skipif(shutil.which("nats-server") is None and not os.path.exists("/usr/sbin/nats-server"),
+                    reason="nats-server is not installed (scripts/setup.sh installs it)")
+def test_kv_router_follows_workers_kv_events(etcd, procs):
+    nats = Nats()
+    try:
+        workers = [native_worker(etcd, procs, "--event-plane", nats.url, name=f"w{i}") for i in range(2)]
+        fe = frontend(etcd, procs, "--router-mode", "kv", "--event-plane", nats.url, "--kv-events=" + os.environ.get("DYN_TEST_KV_EVENTS", "true"))
+        fe.wait_model("stories")
+        wait_instances(fe, 2)
+        stems = [" ".join([f"{w} saw a {p} and the {p} saw {w}." for _ in range(6)])
+                 for w, p in [("Ben", "cat"), ("Amy", "owl"), ("Kim", "fox")]]
+        # Fill worker 1's cache behind the frontend's back (its own local API): only its KV events
+        # can tell the router where these prefixes are.
+        reference_texts(workers[1].url, stems, 2)
+        time.sleep(0.5)  # events travel through NATS
+        before = [w.metrics() for w in workers]
+        reference_texts(fe.url, [s + " The end." for s in stems], 2)
+        after = [w.metrics() for w in workers]
+        assert after[0]["dyn_engine_generated_tokens_total"] == before[0]["dyn_engine_generated_tokens_total"]
+        hits = after[1]["dyn_engine_cached_prompt_tokens_total"] - before[1]["dyn_engine_cached_prompt_tokens_total"]
+        assert hits >= 3 * 4 * 16, hits  # each stem is over 4 blocks of 16 tokens
+    finally:
+        nats.stop()
