@@ -320,3 +320,31 @@ def test_kv_router_follows_workers_kv_events(etcd, procs):
         assert hits >= 3 * 4 * 16, hits  # each stem is over 4 blocks of 16 tokens
     finally:
         nats.stop()
+
+
+@pytest.mark.skipif(shutil.which("nats-server") is None and not os.path.exists("/usr/sbin/nats-server"),
+                    reason="nats-server is not installed (scripts/setup.sh installs it)")
+def test_kv_router_with_mocker_workers(etcd, procs):
+    nats = Nats()
+    try:
+        workers = [Worker(f"etcd:{etcd.url}", "--model", STORIES, "--served-model-name", "mock", "--engine", "mocker",
+                          "--speedup-ratio", "100", "--block-size", "32", "--event-plane", nats.url, name=f"m{i}")
+                   for i in range(2)]
+        procs.extend(workers)
+        fe = frontend(etcd, procs, "--router-mode", "kv", "--event-plane", nats.url)
+        fe.wait_model("mock")
+        wait_instances(fe, 2)
+        stems = [" ".join([f"{w} went to the {p} with a {p}." for _ in range(12)])
+                 for w, p in [("Tom", "park"), ("Lily", "shop"), ("Sam", "sea")]]
+        for s in stems:
+            asyncio.run(stream_one(client_for(fe.url), s, 4, model="mock"))
+        time.sleep(0.3)
+        before = sum(w.metrics()["dyn_engine_cached_prompt_tokens_total"] for w in workers)
+        for s in stems:
+            asyncio.run(stream_one(client_for(fe.url), s + " The end.", 4, model="mock"))
+        hits = sum(w.metrics()["dyn_engine_cached_prompt_tokens_total"] for w in workers) - before
+        assert hits >= 3 * 3 * 32, hits  # every stem is several 32-token blocks, all found again
+        served = [w.metrics()["dyn_engine_generated_tokens_total"] for w in workers]
+        assert sum(served) == 6 * 4 and min(served) > 0, served  # exactly max_tokens each, both used
+    finally:
+        nats.stop()
