@@ -15,6 +15,7 @@
 #include <cstdio>
 #include <memory>
 #include <thread>
+#include <vector>
 
 #include <boost/json.hpp>
 
@@ -70,7 +71,7 @@ int WorkerCommand(int argc, char** argv) {
   LocalEngineFlags ef;
   std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", component = "backend";
   std::string host = "0.0.0.0", advertise = "127.0.0.1", event_spec;
-  int64_t port = 0, http_port = -1, lease_ttl = 3, drain_timeout = 30;
+  int64_t port = 0, http_port = -1, lease_ttl = 3, drain_timeout = 30, num_workers = 1;
   FlagSet fs("dyn worker", "Serves a model's engine on the request plane and registers it in discovery.");
   ef.Register(fs);
   fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
@@ -83,6 +84,7 @@ int WorkerCommand(int argc, char** argv) {
   fs.Int("http-port", &http_port, "also serve the OpenAI API and /metrics locally on this port (-1: off)");
   fs.Int("lease-ttl", &lease_ttl, "discovery lease TTL in seconds: how long a dead worker stays listed");
   fs.Int("drain-timeout", &drain_timeout, "on SIGTERM, seconds to let running streams finish");
+  fs.Int("workers", &num_workers, "instances in this process, each with its own engine, port and lease (mocker fleets)");
   if (Status s = fs.Parse(argc, argv); !s.ok()) {
     std::fprintf(stderr, "dyn worker: %s\n", s.message().c_str());
     return 2;
@@ -103,40 +105,82 @@ int WorkerCommand(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   signal(SIGPIPE, SIG_IGN);
 
-  auto kv_publisher = std::make_unique<KvEventPublisher>();
-  ef.kv_event_sink = kv_publisher.get();
-  int kv_block_size = 0;
-  auto built = BuildLocalModel(ef, &kv_block_size);
-  if (!built.ok()) {
-    std::fprintf(stderr, "dyn worker: %s\n", built.status().ToString().c_str());
-    return 1;
+  if (num_workers < 1 || num_workers > 4096) {
+    std::fprintf(stderr, "dyn worker: --workers must be in [1, 4096]\n");
+    return 2;
   }
-  ServedModel served = std::move(*built);
-  EnginePtr engine = served.engine;
-
-  RequestServerOptions so;
-  so.host = host;
-  so.port = static_cast<int>(port);
-  auto server = RequestServer::Start(so);
-  if (!server.ok()) {
-    std::fprintf(stderr, "dyn worker: %s\n", server.status().ToString().c_str());
-    engine->Shutdown();
-    return 1;
+  if (num_workers > 1 && port != 0) {
+    std::fprintf(stderr, "dyn worker: --port must be 0 (any free port) with --workers > 1\n");
+    return 2;
   }
-  (*server)->AddEngineEndpoint("generate", engine);
 
-  std::unique_ptr<HttpFrontend> http;
+  // One instance per --workers: its own engine, request-plane port, lease and record. They share
+  // the discovery and event-plane clients (many simulated mockers in one process).
+  struct Instance {
+    std::unique_ptr<KvEventPublisher> publisher = std::make_unique<KvEventPublisher>();
+    EnginePtr engine;
+    std::unique_ptr<RequestServer> server;
+    int64_t lease = 0;
+    InstanceRecord rec;
+    std::string key;
+  };
+  std::vector<Instance> instances(static_cast<size_t>(num_workers));
+  auto shutdown_all = [&] {
+    for (Instance& in : instances) {
+      if (in.server) in.server->Stop();
+      if (in.engine) in.engine->Shutdown();
+    }
+  };
+  ServedModel served;
+  for (size_t i = 0; i < instances.size(); ++i) {
+    Instance& in = instances[i];
+    ef.kv_event_sink = in.publisher.get();
+    int kv_block_size = 0;
+    auto built = BuildLocalModel(ef, &kv_block_size);
+    if (!built.ok()) {
+      std::fprintf(stderr, "dyn worker: %s\n", built.status().ToString().c_str());
+      shutdown_all();
+      return 1;
+    }
+    if (i == 0) served = *built;
+    in.engine = built->engine;
+    RequestServerOptions so;
+    so.host = host;
+    so.port = static_cast<int>(port);
+    auto server = RequestServer::Start(so);
+    if (!server.ok()) {
+      std::fprintf(stderr, "dyn worker: %s\n", server.status().ToString().c_str());
+      shutdown_all();
+      return 1;
+    }
+    in.server = std::move(*server);
+    in.server->AddEngineEndpoint("generate", in.engine);
+    in.rec.ns = ns;
+    in.rec.component = component;
+    in.rec.endpoint = "generate";
+    in.rec.address = advertise + ":" + std::to_string(in.server->port());
+    in.rec.card.name = built->name;
+    in.rec.card.source = AbsolutePath(ef.model_path);
+    in.rec.card.chat_template_path = AbsolutePath(ef.chat_template);
+    in.rec.card.context_length = built->context_length;
+    in.rec.card.kv_block_size = kv_block_size;
+    in.rec.card.kv_total_blocks = in.engine->Metrics().kv_blocks_total;
+    in.rec.card.max_num_batched_tokens = static_cast<int>(ef.max_batched);
+    in.rec.card.engine = ef.engine_name;
+    in.rec.card.eos_token_ids = built->eos_token_ids;
+  }
+
+  std::unique_ptr<HttpFrontend> http;  // the first instance's engine, served locally
   if (http_port >= 0) {
     auto registry = std::make_shared<ModelRegistry>();
-    ServedModel local = served;
-    if (Status s = registry->Add(std::move(local)); s.ok()) {
+    if (Status s = registry->Add(served); s.ok()) {
       HttpFrontendOptions ho;
       ho.host = host;
       ho.port = static_cast<int>(http_port);
       auto started = HttpFrontend::Start(ho, registry);
       if (!started.ok()) {
         std::fprintf(stderr, "dyn worker: %s\n", started.status().ToString().c_str());
-        engine->Shutdown();
+        shutdown_all();
         return 1;
       }
       http = std::move(*started);
@@ -146,66 +190,56 @@ int WorkerCommand(int argc, char** argv) {
   auto discovery = CreateDiscovery(discovery_spec);
   if (!discovery.ok()) {
     std::fprintf(stderr, "dyn worker: %s\n", discovery.status().ToString().c_str());
-    engine->Shutdown();
+    shutdown_all();
     return 1;
   }
-  auto lease = (*discovery)->GrantLease(static_cast<int>(lease_ttl));
-  if (!lease.ok()) {
-    std::fprintf(stderr, "dyn worker: discovery %s: %s\n", discovery_spec.c_str(), lease.status().ToString().c_str());
-    engine->Shutdown();
-    return 1;
-  }
-  InstanceRecord rec;
-  rec.ns = ns;
-  rec.component = component;
-  rec.endpoint = "generate";
-  rec.instance_id = static_cast<uint64_t>(*lease);
-  rec.address = advertise + ":" + std::to_string((*server)->port());
-  rec.card.name = served.name;
-  rec.card.source = AbsolutePath(ef.model_path);
-  rec.card.chat_template_path = AbsolutePath(ef.chat_template);
-  rec.card.context_length = served.context_length;
-  const EngineMetrics em = engine->Metrics();
-  rec.card.kv_block_size = kv_block_size;
-  rec.card.kv_total_blocks = em.kv_blocks_total;
-  rec.card.max_num_batched_tokens = static_cast<int>(ef.max_batched);
-  rec.card.engine = ef.engine_name;
-  rec.card.eos_token_ids = served.eos_token_ids;
-  const std::string key = InstanceKey(rec);
-  if (Status s = (*discovery)->Put(key, EncodeInstance(rec), *lease); !s.ok()) {
-    std::fprintf(stderr, "dyn worker: register: %s\n", s.ToString().c_str());
-    engine->Shutdown();
-    return 1;
-  }
-  DYN_LOG(INFO) << "worker " << rec.instance_id << " serving '" << served.name << "' (" << ef.engine_name
-                << ") on " << rec.address << ", registered in " << (*discovery)->Describe() << " as " << key
-                << (http ? ", http port " + std::to_string(http->port()) : std::string());
-
-  // Load reports, once a second, for the frontends' least-loaded routing.
   std::unique_ptr<EventPlane> events;
   if (!event_spec.empty()) {
     auto ep = CreateEventPlane(event_spec);
     if (!ep.ok()) {
       std::fprintf(stderr, "dyn worker: %s\n", ep.status().ToString().c_str());
-      engine->Shutdown();
+      shutdown_all();
       return 1;
     }
     events = std::move(*ep);
-    kv_publisher->Start(events.get(), KvEventsSubject(ns), rec.instance_id);
   }
+  for (Instance& in : instances) {
+    auto lease = (*discovery)->GrantLease(static_cast<int>(lease_ttl));
+    if (!lease.ok()) {
+      std::fprintf(stderr, "dyn worker: discovery %s: %s\n", discovery_spec.c_str(), lease.status().ToString().c_str());
+      shutdown_all();
+      return 1;
+    }
+    in.lease = *lease;
+    in.rec.instance_id = static_cast<uint64_t>(*lease);
+    in.key = InstanceKey(in.rec);
+    if (events) in.publisher->Start(events.get(), KvEventsSubject(ns), in.rec.instance_id);
+    if (Status s = (*discovery)->Put(in.key, EncodeInstance(in.rec), in.lease); !s.ok()) {
+      std::fprintf(stderr, "dyn worker: register: %s\n", s.ToString().c_str());
+      shutdown_all();
+      return 1;
+    }
+    DYN_LOG(INFO) << "worker " << in.rec.instance_id << " serving '" << in.rec.card.name << "' (" << ef.engine_name
+                  << ") on " << in.rec.address << ", registered in " << (*discovery)->Describe() << " as " << in.key
+                  << (http && &in == &instances[0] ? ", http port " + std::to_string(http->port()) : std::string());
+  }
+
+  // Load reports, once a second per instance, for the frontends' least-loaded routing.
   std::mutex stop_mu;
   std::condition_variable stop_cv;
   bool stop = false;
   std::thread reporter([&] {
     std::unique_lock<std::mutex> lock(stop_mu);
     while (events && !stop) {
-      const EngineMetrics m = engine->Metrics();
-      const std::string payload = boost::json::serialize(boost::json::object{
-          {"instance_id", std::to_string(rec.instance_id)},
-          {"model", rec.card.name},
-          {"load", m.running + m.waiting},
-          {"kv_blocks_used", m.kv_blocks_used}});
-      (void)events->Publish("dyn." + ns + ".load", payload);
+      for (const Instance& in : instances) {
+        const EngineMetrics m = in.engine->Metrics();
+        const std::string payload = boost::json::serialize(boost::json::object{
+            {"instance_id", std::to_string(in.rec.instance_id)},
+            {"model", in.rec.card.name},
+            {"load", m.running + m.waiting},
+            {"kv_blocks_used", m.kv_blocks_used}});
+        (void)events->Publish("dyn." + ns + ".load", payload);
+      }
       stop_cv.wait_for(lock, std::chrono::seconds(1), [&] { return stop; });
     }
   });
@@ -218,16 +252,24 @@ int WorkerCommand(int argc, char** argv) {
   }
   stop_cv.notify_all();
   reporter.join();
-  kv_publisher->Stop();
-  DYN_LOG(INFO) << "signal " << sig << ": deregistering and draining " << (*server)->active_calls() << " streams";
-  if (Status s = (*discovery)->Delete(key); !s.ok()) {
-    DYN_LOG(WARN) << "deregister: " << s.ToString();
+  int active = 0;
+  for (Instance& in : instances) active += in.server->active_calls();
+  DYN_LOG(INFO) << "signal " << sig << ": deregistering and draining " << active << " streams";
+  // Deregister every instance first, so frontends stop sending before anything drains.
+  for (Instance& in : instances) {
+    if (Status s = (*discovery)->Delete(in.key); !s.ok()) {
+      DYN_LOG(WARN) << "deregister: " << s.ToString();
+    }
+    (void)(*discovery)->RevokeLease(in.lease);
   }
-  (void)(*discovery)->RevokeLease(*lease);
-  (*server)->Drain(static_cast<int>(drain_timeout * 1000));
-  (*server)->Stop();
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(drain_timeout);
+  for (Instance& in : instances) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    in.server->Drain(static_cast<int>(std::max<int64_t>(0, left.count())));
+    in.publisher->Stop();
+  }
   if (http) http->Stop();
-  engine->Shutdown();
+  shutdown_all();
   DYN_LOG(INFO) << "worker stopped";
   return 0;
 }

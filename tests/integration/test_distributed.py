@@ -348,3 +348,23 @@ def test_kv_router_with_mocker_workers(etcd, procs):
         assert sum(served) == 6 * 4 and min(served) > 0, served  # exactly max_tokens each, both used
     finally:
         nats.stop()
+
+
+def test_many_mocker_instances_in_one_process(etcd, procs):
+    fleet = Worker(f"etcd:{etcd.url}", "--model", STORIES, "--served-model-name", "mock", "--engine", "mocker",
+                   "--speedup-ratio", "1000", "--workers", "4", name="fleet")
+    procs.append(fleet)
+    fe = frontend(etcd, procs, "--router-mode", "round-robin")
+    fe.wait_model("mock")
+    wait_instances(fe, 4)
+    assert len(etcd.keys("dyn/instances/")) == 4
+
+    async def run():
+        c = client_for(fe.url)
+        return await asyncio.gather(*[stream_one(c, PROMPTS[i % len(PROMPTS)], 8, model="mock") for i in range(40)])
+    texts = asyncio.run(run())
+    assert len(texts) == 40
+    # Round-robin over 4 instances: the first instance (the one with the local HTTP port) got 10.
+    assert fleet.metrics()["dyn_engine_generated_tokens_total"] == 10 * 8
+    fleet.stop()
+    _wait(lambda: len(etcd.keys("dyn/instances/")) == 0, 10, "fleet deregistered")
