@@ -23,21 +23,6 @@ struct Item {
 
 }  // namespace
 
-void WriteKv(float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs, const float* k,
-             const float* v) {
-  const size_t tf = layout.TokenFloats();
-  for (const AttentionSeq& s : seqs) {
-    for (int i = 0; i < s.num_rows; ++i) {
-      const int pos = s.start_pos + i;
-      const int block = s.block_table[pos / layout.block_size];
-      const int slot = pos % layout.block_size;
-      const size_t row = static_cast<size_t>(s.row_begin + i);
-      std::copy_n(k + row * tf, tf, cache + layout.Offset(block, layer, 0, slot));
-      std::copy_n(v + row * tf, tf, cache + layout.Offset(block, layer, 1, slot));
-    }
-  }
-}
-
 void Attention(ThreadPool& pool, const float* cache, const KvLayout& layout, int layer,
                std::span<const AttentionSeq> seqs, const float* q, int num_heads, float scale, float* out) {
   const int kv_heads = layout.num_kv_heads, D = layout.head_dim, bs = layout.block_size;
