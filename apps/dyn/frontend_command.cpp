@@ -16,6 +16,7 @@
 #include <mutex>
 #include <set>
 
+#include "apps/dyn/command_util.h"
 #include "apps/dyn/commands.h"
 #include "apps/dyn/serving_model.h"
 #include "base/flags.h"
@@ -218,25 +219,13 @@ int FrontendCommand(int argc, char** argv) {
   fs.Int("migration-limit", &migration_limit, "times a stream may move to another worker when its own fails");
   fs.Int("max-body-mb", &max_body_mb, "largest request body accepted (MiB)");
   fs.Int("io-threads", &io_threads, "HTTP I/O threads");
-  if (Status s = fs.Parse(argc, argv); !s.ok()) {
-    std::fprintf(stderr, "dyn frontend: %s\n", s.message().c_str());
-    return 2;
-  }
-  if (fs.help_requested()) {
-    std::fputs(fs.Usage().c_str(), stdout);
-    return 0;
-  }
+  if (int rc = ParseCommandFlags(fs, argc, argv, "dyn frontend"); rc >= 0) return rc;
   auto mode = ParseRouterMode(router);
   if (!mode.ok()) {
     std::fprintf(stderr, "dyn frontend: %s\n", mode.status().message().c_str());
     return 2;
   }
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  signal(SIGPIPE, SIG_IGN);
+  const sigset_t sigs = BlockTerminationSignals();  // before any thread starts
 
   auto client = RequestClient::Create(RequestClientOptions{});
   if (!client.ok()) {
@@ -311,8 +300,7 @@ int FrontendCommand(int argc, char** argv) {
   }
   DYN_LOG(INFO) << "frontend on http://" << host << ":" << (*frontend)->port() << ", discovery "
                 << (*discovery)->Describe() << ", namespace " << ns << ", router " << RouterModeName(*mode);
-  int sig = 0;
-  sigwait(&sigs, &sig);
+  const int sig = WaitForTermination(sigs);
   DYN_LOG(INFO) << "signal " << sig << ": shutting down";
   (*frontend)->Stop();
   stopping = true;

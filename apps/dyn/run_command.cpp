@@ -7,6 +7,7 @@
 #include <ctime>
 #include <thread>
 
+#include "apps/dyn/command_util.h"
 #include "apps/dyn/commands.h"
 #include "apps/dyn/local_engine.h"
 #include "base/flags.h"
@@ -25,27 +26,10 @@ int RunCommand(int argc, char** argv) {
   fs.Int("port", &port, "HTTP port (0: pick a free one)");
   fs.Int("max-body-mb", &max_body_mb, "largest request body accepted (MiB)");
   fs.Int("io-threads", &io_threads, "HTTP I/O threads");
-  if (Status s = fs.Parse(argc, argv); !s.ok()) {
-    std::fprintf(stderr, "dyn run: %s\n", s.message().c_str());
-    return 2;
-  }
-  if (fs.help_requested()) {
-    std::fputs(fs.Usage().c_str(), stdout);
-    return 0;
-  }
-  if (ef.model_path.empty() && !fs.positional().empty()) ef.model_path = fs.positional()[0];
-  if (ef.model_path.empty()) {
-    std::fprintf(stderr, "dyn run: --model is required\n%s", fs.Usage().c_str());
-    return 2;
-  }
+  if (int rc = ParseCommandFlags(fs, argc, argv, "dyn run"); rc >= 0) return rc;
+  if (int rc = RequireModelPath(fs, &ef.model_path, "dyn run"); rc >= 0) return rc;
 
-  // Block the signals before any thread starts so that only sigwait below receives them.
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  signal(SIGPIPE, SIG_IGN);
+  const sigset_t sigs = BlockTerminationSignals();  // before any thread starts
 
   auto t0 = std::chrono::steady_clock::now();
   auto built = BuildLocalModel(ef);
@@ -79,8 +63,7 @@ int RunCommand(int argc, char** argv) {
   DYN_LOG(INFO) << "serving model '" << name << "' with engine " << engine_name << " on http://" << host << ":"
                 << (*frontend)->port() << " (ready in " << load_s << " s)";
 
-  int sig = 0;
-  sigwait(&sigs, &sig);
+  const int sig = WaitForTermination(sigs);
   DYN_LOG(INFO) << "signal " << sig << ": shutting down";
   (*frontend)->Stop();
   engine->Shutdown();

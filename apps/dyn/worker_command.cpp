@@ -19,6 +19,7 @@
 
 #include <boost/json.hpp>
 
+#include "apps/dyn/command_util.h"
 #include "apps/dyn/commands.h"
 #include "apps/dyn/local_engine.h"
 #include "base/flags.h"
@@ -85,25 +86,9 @@ int WorkerCommand(int argc, char** argv) {
   fs.Int("lease-ttl", &lease_ttl, "discovery lease TTL in seconds: how long a dead worker stays listed");
   fs.Int("drain-timeout", &drain_timeout, "on SIGTERM, seconds to let running streams finish");
   fs.Int("workers", &num_workers, "instances in this process, each with its own engine, port and lease (mocker fleets)");
-  if (Status s = fs.Parse(argc, argv); !s.ok()) {
-    std::fprintf(stderr, "dyn worker: %s\n", s.message().c_str());
-    return 2;
-  }
-  if (fs.help_requested()) {
-    std::fputs(fs.Usage().c_str(), stdout);
-    return 0;
-  }
-  if (ef.model_path.empty() && !fs.positional().empty()) ef.model_path = fs.positional()[0];
-  if (ef.model_path.empty()) {
-    std::fprintf(stderr, "dyn worker: --model is required\n%s", fs.Usage().c_str());
-    return 2;
-  }
-  sigset_t sigs;
-  sigemptyset(&sigs);
-  sigaddset(&sigs, SIGINT);
-  sigaddset(&sigs, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
-  signal(SIGPIPE, SIG_IGN);
+  if (int rc = ParseCommandFlags(fs, argc, argv, "dyn worker"); rc >= 0) return rc;
+  if (int rc = RequireModelPath(fs, &ef.model_path, "dyn worker"); rc >= 0) return rc;
+  const sigset_t sigs = BlockTerminationSignals();  // before any thread starts
 
   if (num_workers < 1 || num_workers > 4096) {
     std::fprintf(stderr, "dyn worker: --workers must be in [1, 4096]\n");
@@ -244,8 +229,7 @@ int WorkerCommand(int argc, char** argv) {
     }
   });
 
-  int sig = 0;
-  sigwait(&sigs, &sig);
+  const int sig = WaitForTermination(sigs);
   {
     std::lock_guard<std::mutex> lock(stop_mu);
     stop = true;
