@@ -11,22 +11,12 @@
 #include <vector>
 
 #include "base/log.h"
+#include "engine/request_inbox.h"
 
 namespace dyn {
 namespace {
 
-struct Incoming {
-  PreprocessedRequest request;
-  std::shared_ptr<RequestContext> context;
-  OutputSink sink;
-};
-
-void EndStream(const OutputSink& sink, FinishReason reason, std::string error = {}) {
-  EngineOutput out;
-  out.finish_reason = reason;
-  out.error = std::move(error);
-  sink(std::move(out));
-}
+using Incoming = IncomingRequest;
 
 class MockerEngine final : public Engine {
  public:
@@ -39,15 +29,7 @@ class MockerEngine final : public Engine {
   ~MockerEngine() override { Shutdown(); }
 
   void Generate(PreprocessedRequest request, std::shared_ptr<RequestContext> context, OutputSink sink) override {
-    {
-      std::lock_guard lock(mu_);
-      if (!stopping_) {
-        inbox_.push_back({std::move(request), std::move(context), std::move(sink)});
-        cv_.notify_one();
-        return;
-      }
-    }
-    EndStream(sink, FinishReason::kError, "engine is shut down");
+    inbox_.Push(std::move(request), std::move(context), std::move(sink));
   }
 
   EngineMetrics Metrics() const override {
@@ -56,11 +38,7 @@ class MockerEngine final : public Engine {
   }
 
   void Shutdown() override {
-    {
-      std::lock_guard lock(mu_);
-      stopping_ = true;
-      cv_.notify_one();
-    }
+    inbox_.Close();
     if (thread_.joinable()) thread_.join();
   }
 
@@ -84,15 +62,10 @@ class MockerEngine final : public Engine {
   void EndLater(OutputSink sink, FinishReason reason, std::string error = {});
   void Deliver();
   void PublishMetrics();
-  // Sleeps until `deadline` unless the engine is stopping; returns false if it is.
-  bool SleepUntil(std::chrono::steady_clock::time_point deadline);
 
   const MockerEngineOptions options_;
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<Incoming> inbox_;
-  bool stopping_ = false;
+  RequestInbox inbox_;
 
   // Step-thread state.
   MockerCore core_;
@@ -193,24 +166,12 @@ void MockerEngine::PublishMetrics() {
   metrics_ = m;
 }
 
-bool MockerEngine::SleepUntil(std::chrono::steady_clock::time_point deadline) {
-  std::unique_lock lock(mu_);
-  return !cv_.wait_until(lock, deadline, [&] { return stopping_; });
-}
-
 void MockerEngine::Loop() {
   using Clock = std::chrono::steady_clock;
   std::vector<Incoming> incoming;
   for (;;) {
-    {
-      std::unique_lock lock(mu_);
-      // Idle only when no stream is open and no cancelled request still holds blocks.
-      if (active_.empty() && !core_.has_unfinished()) {
-        cv_.wait(lock, [&] { return stopping_ || !inbox_.empty(); });
-      }
-      if (stopping_) break;
-      incoming.swap(inbox_);
-    }
+    // Idle only when no stream is open and no cancelled request still holds blocks.
+    if (!inbox_.Take(&incoming, active_.empty() && !core_.has_unfinished())) break;
     const Clock::time_point start = Clock::now();
     for (Incoming& in : incoming) Admit(std::move(in));
     incoming.clear();
@@ -223,12 +184,12 @@ void MockerEngine::Loop() {
       const double real_ms = res.duration_ms / options_.speedup_ratio;
       // Below a microsecond a sleep costs more than it models (speedup 1e9 means "no sleep").
       if (real_ms >= 1e-3) {
-        running = SleepUntil(start + std::chrono::duration_cast<Clock::duration>(
+        running = inbox_.SleepUntil(start + std::chrono::duration_cast<Clock::duration>(
                                          std::chrono::duration<double, std::milli>(real_ms)));
       }
     } else if (res.batch_size == 0 && !active_.empty()) {
       // Nothing could run (an idle pool fits any admitted request); do not spin.
-      running = SleepUntil(Clock::now() + std::chrono::milliseconds(1));
+      running = inbox_.SleepUntil(Clock::now() + std::chrono::milliseconds(1));
     }
     Deliver();
     if (!running) break;
@@ -242,12 +203,7 @@ void MockerEngine::Loop() {
   core_.Step();  // frees the cancelled requests' blocks
   PublishMetrics();
   Deliver();
-  std::vector<Incoming> rest;
-  {
-    std::lock_guard lock(mu_);
-    rest.swap(inbox_);
-  }
-  for (Incoming& in : rest) EndStream(in.sink, FinishReason::kCancelled);
+  inbox_.CancelRemaining();
 }
 
 }  // namespace

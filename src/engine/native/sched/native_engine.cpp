@@ -10,24 +10,14 @@
 #include <vector>
 
 #include "base/log.h"
+#include "engine/request_inbox.h"
 #include "engine/native/sched/sampler.h"
 #include "engine/native/sched/scheduler.h"
 
 namespace dyn {
 namespace {
 
-struct Incoming {
-  PreprocessedRequest request;
-  std::shared_ptr<RequestContext> context;
-  OutputSink sink;
-};
-
-void EndStream(const OutputSink& sink, FinishReason reason, std::string error = {}) {
-  EngineOutput out;
-  out.finish_reason = reason;
-  out.error = std::move(error);
-  sink(std::move(out));
-}
+using Incoming = IncomingRequest;
 
 bool Contains(const std::vector<uint32_t>& v, uint32_t t) { return std::find(v.begin(), v.end(), t) != v.end(); }
 
@@ -50,15 +40,7 @@ class NativeEngine final : public Engine {
   ~NativeEngine() override { Shutdown(); }
 
   void Generate(PreprocessedRequest request, std::shared_ptr<RequestContext> context, OutputSink sink) override {
-    {
-      std::lock_guard lock(mu_);
-      if (!stopping_) {
-        inbox_.push_back({std::move(request), std::move(context), std::move(sink)});
-        cv_.notify_one();
-        return;
-      }
-    }
-    EndStream(sink, FinishReason::kError, "engine is shut down");
+    inbox_.Push(std::move(request), std::move(context), std::move(sink));
   }
 
   EngineMetrics Metrics() const override {
@@ -67,11 +49,7 @@ class NativeEngine final : public Engine {
   }
 
   void Shutdown() override {
-    {
-      std::lock_guard lock(mu_);
-      stopping_ = true;
-      cv_.notify_one();
-    }
+    inbox_.Close();
     if (thread_.joinable()) thread_.join();
   }
 
@@ -107,10 +85,7 @@ class NativeEngine final : public Engine {
   const int vocab_size_;
   int context_length_ = 0;
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::vector<Incoming> inbox_;
-  bool stopping_ = false;
+  RequestInbox inbox_;
 
   // Step-thread state.
   BlockPool pool_;
@@ -280,14 +255,7 @@ void NativeEngine::PublishMetrics() {
 void NativeEngine::Loop() {
   std::vector<Incoming> incoming;
   for (;;) {
-    {
-      std::unique_lock lock(mu_);
-      if (active_.empty()) {
-        cv_.wait(lock, [&] { return stopping_ || !inbox_.empty(); });
-      }
-      if (stopping_) break;
-      incoming.swap(inbox_);
-    }
+    if (!inbox_.Take(&incoming, active_.empty())) break;
     for (Incoming& in : incoming) Admit(std::move(in));
     incoming.clear();
     DropCancelled();
@@ -303,8 +271,7 @@ void NativeEngine::Loop() {
     Deliver();
     if (out.batch.empty() && !active_.empty()) {
       // Nothing could run (should not happen: an idle pool fits any admitted sequence); do not spin.
-      std::unique_lock lock(mu_);
-      cv_.wait_for(lock, std::chrono::milliseconds(1));
+      inbox_.SleepUntil(std::chrono::steady_clock::now() + std::chrono::milliseconds(1));
     }
   }
   // Shutting down: every stream still open ends as cancelled.
@@ -313,12 +280,7 @@ void NativeEngine::Loop() {
   for (SeqId id : open) Finish(id, FinishReason::kCancelled);
   PublishMetrics();
   Deliver();
-  std::vector<Incoming> rest;
-  {
-    std::lock_guard lock(mu_);
-    rest.swap(inbox_);
-  }
-  for (Incoming& in : rest) EndStream(in.sink, FinishReason::kCancelled);
+  inbox_.CancelRemaining();
 }
 
 }  // namespace
