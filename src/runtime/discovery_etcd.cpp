@@ -412,25 +412,6 @@ struct EtcdWatchState {
   }
 };
 
-class EtcdWatchHandle : public WatchHandle {
- public:
-  explicit EtcdWatchHandle(std::shared_ptr<EtcdWatchState> state) : state_(std::move(state)) {
-    thread_ = std::thread(&EtcdWatchState::Loop, state_);
-  }
-  ~EtcdWatchHandle() override {
-    {
-      std::lock_guard lock(state_->mu);
-      state_->stop = true;
-    }
-    state_->cv.notify_all();
-    JoinOrDetach(thread_);
-  }
-
- private:
-  std::shared_ptr<EtcdWatchState> state_;
-  std::thread thread_;
-};
-
 class EtcdDiscovery : public Discovery {
  public:
   EtcdDiscovery(std::shared_ptr<EtcdCore> core, std::string describe) : core_(std::move(core)), describe_(std::move(describe)) {
@@ -533,7 +514,7 @@ class EtcdDiscovery : public Discovery {
     state->core = core_;
     state->prefix = prefix;
     state->callback = std::move(callback);
-    return std::unique_ptr<WatchHandle>(new EtcdWatchHandle(std::move(state)));
+    return std::unique_ptr<WatchHandle>(new LoopWatchHandle<EtcdWatchState>(std::move(state)));
   }
 
   std::string Describe() const override { return describe_; }

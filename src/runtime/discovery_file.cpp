@@ -235,25 +235,6 @@ struct FileWatchState {
   }
 };
 
-class FileWatchHandle : public WatchHandle {
- public:
-  explicit FileWatchHandle(std::shared_ptr<FileWatchState> state) : state_(std::move(state)) {
-    thread_ = std::thread(&FileWatchState::Loop, state_);
-  }
-  ~FileWatchHandle() override {
-    {
-      std::lock_guard lock(state_->mu);
-      state_->stop = true;
-    }
-    state_->cv.notify_all();
-    JoinOrDetach(thread_);
-  }
-
- private:
-  std::shared_ptr<FileWatchState> state_;
-  std::thread thread_;
-};
-
 class FileDiscovery : public Discovery {
  public:
   explicit FileDiscovery(std::string dir) : layout_(std::move(dir)), rng_(std::random_device{}()) {
@@ -334,7 +315,7 @@ class FileDiscovery : public Discovery {
   Result<std::unique_ptr<WatchHandle>> WatchPrefix(const std::string& prefix, WatchCallback callback) override {
     if (!callback) return Status::InvalidArgument("null watch callback");
     auto state = std::make_shared<FileWatchState>(layout_, prefix, std::move(callback));
-    return std::unique_ptr<WatchHandle>(new FileWatchHandle(std::move(state)));
+    return std::unique_ptr<WatchHandle>(new LoopWatchHandle<FileWatchState>(std::move(state)));
   }
 
   std::string Describe() const override { return "file:" + layout_.dir(); }

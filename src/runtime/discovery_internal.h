@@ -37,6 +37,29 @@ Result<std::string> DecodeFileName(std::string_view name);
 // case it is detached: the thread owns its state through a shared_ptr and exits on its own.
 void JoinOrDetach(std::thread& thread);
 
+// A watch whose updates come from `State::Loop` on a thread of its own (the file and etcd
+// backends). State has `mu`, `cv` and `stop`; destroying the handle sets stop, wakes the loop and
+// joins it (or detaches when destroyed from its own callback).
+template <class State>
+class LoopWatchHandle : public WatchHandle {
+ public:
+  explicit LoopWatchHandle(std::shared_ptr<State> state) : state_(std::move(state)) {
+    thread_ = std::thread(&State::Loop, state_);
+  }
+  ~LoopWatchHandle() override {
+    {
+      std::lock_guard lock(state_->mu);
+      state_->stop = true;
+    }
+    state_->cv.notify_all();
+    JoinOrDetach(thread_);
+  }
+
+ private:
+  std::shared_ptr<State> state_;
+  std::thread thread_;
+};
+
 // Runs one watch's callbacks on a private thread, one at a time and in the order pushed, so
 // producers (writers holding a store lock) never call user code.
 class CallbackRunner {
