@@ -31,25 +31,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
 }
 
 #ifdef DYN_TEMPLATE_FUZZ_MAIN
-#include <cstdio>
-#include <fstream>
-#include <sstream>
-#include <string>
+#include "base/fuzz_replay.h"
 
-// Replays each file named on the command line through the fuzz entry point.
 int main(int argc, char** argv) {
-  for (int i = 1; i < argc; ++i) {
-    std::ifstream in(argv[i], std::ios::binary);
-    if (!in) {
-      std::fprintf(stderr, "cannot read %s\n", argv[i]);
-      return 1;
-    }
-    std::stringstream buffer;
-    buffer << in.rdbuf();
-    std::string data = buffer.str();
-    LLVMFuzzerTestOneInput(reinterpret_cast<const uint8_t*>(data.data()), data.size());
-  }
-  std::printf("replayed %d inputs\n", argc - 1);
-  return 0;
+  const int rc = dyn::ReplayFuzzInputs(argc, argv);
+  if (rc == 0) std::printf("replayed %d inputs\n", argc - 1);
+  return rc;
 }
 #endif
