@@ -312,4 +312,6 @@ int FrontendCommand(int argc, char** argv) {
   return 0;
 }
 
+DYN_REGISTER_COMMAND("frontend", "OpenAI API for the workers registered in discovery (etcd, file)", 20, &FrontendCommand);
+
 }  // namespace dyn

@@ -70,4 +70,6 @@ int RunCommand(int argc, char** argv) {
   return 0;
 }
 
+DYN_REGISTER_COMMAND("run", "serve a model from one process: OpenAI API + engine (dyn run --model PATH)", 10, &RunCommand);
+
 }  // namespace dyn

@@ -258,4 +258,6 @@ int WorkerCommand(int argc, char** argv) {
   return 0;
 }
 
+DYN_REGISTER_COMMAND("worker", "serve a model's engine on the request plane, registered in discovery", 30, &WorkerCommand);
+
 }  // namespace dyn
