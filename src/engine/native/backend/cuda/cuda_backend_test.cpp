@@ -1,0 +1,293 @@
+// CUDA backend kernels against the CPU backend (the reference semantics) on random inputs, and
+// matmuls against a double-precision product of the dequantized weights. Every device output
+// starts as NaN, so an element a kernel forgets to write fails the comparison. Skips without a GPU.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "engine/native/backend/backend.h"
+#include "engine/native/backend/cpu/quant_blocks.h"
+#include "engine/native/backend/cuda/cuda_backend.h"
+
+namespace dyn {
+namespace {
+
+std::vector<float> RandomVec(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> dist(0.0f, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// ||got - want|| / ||want||; infinity when got has a NaN (an unwritten or broken element).
+double RelErr(const std::vector<float>& got, const std::vector<float>& want) {
+  EXPECT_EQ(got.size(), want.size());
+  double num = 0, den = 0;
+  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
+    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
+    num += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
+    den += static_cast<double>(want[i]) * want[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+// Random weight bytes of type t: random payload with finite, modest scales.
+std::vector<uint8_t> RandomWeightBytes(DType t, int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<uint8_t> bytes(rows * DTypeRowBytes(t, cols));
+  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+  const size_t n = static_cast<size_t>(rows) * cols;
+  switch (t) {
+    case DType::kF32:
+      for (size_t i = 0; i < n; ++i) reinterpret_cast<float*>(bytes.data())[i] = u(rng);
+      break;
+    case DType::kF16:
+      for (size_t i = 0; i < n; ++i) reinterpret_cast<uint16_t*>(bytes.data())[i] = F32ToF16(u(rng));
+      break;
+    case DType::kBF16:
+      for (size_t i = 0; i < n; ++i) {
+        const float f = u(rng);
+        uint32_t b;
+        std::memcpy(&b, &f, 4);
+        reinterpret_cast<uint16_t*>(bytes.data())[i] = static_cast<uint16_t>(b >> 16);
+      }
+      break;
+    case DType::kQ8_0:
+      for (size_t b = 0; b < n / 32; ++b) {
+        auto& blk = reinterpret_cast<BlockQ8_0*>(bytes.data())[b];
+        blk.d = F32ToF16(0.01f * (1.0f + u(rng)));
+        for (auto& q : blk.qs) q = static_cast<int8_t>(rng());
+      }
+      break;
+    case DType::kQ4_0:
+      for (size_t b = 0; b < n / 32; ++b) {
+        auto& blk = reinterpret_cast<BlockQ4_0*>(bytes.data())[b];
+        blk.d = F32ToF16(0.1f * (1.0f + u(rng)));
+        for (auto& q : blk.qs) q = static_cast<uint8_t>(rng());
+      }
+      break;
+    case DType::kQ4_1:
+      for (size_t b = 0; b < n / 32; ++b) {
+        auto& blk = reinterpret_cast<BlockQ4_1*>(bytes.data())[b];
+        blk.d = F32ToF16(0.1f * (1.0f + u(rng)));
+        blk.m = F32ToF16(-0.75f + 0.1f * u(rng));
+        for (auto& q : blk.qs) q = static_cast<uint8_t>(rng());
+      }
+      break;
+  }
+  return bytes;
+}
+
+class CudaBackendTest : public ::testing::Test {
+ public:  // also used by CheckAttention
+  void SetUp() override {
+    if (CudaDeviceCount() == 0) GTEST_SKIP() << "no CUDA device visible";
+    auto b = CreateCudaBackend(0);
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    gpu_ = std::move(b).value();
+    cpu_ = CreateCpuBackend(2);
+  }
+
+  float* Up(const std::vector<float>& v) {
+    auto buf = gpu_->Allocate(v.size() * sizeof(float));
+    EXPECT_TRUE(buf.ok());
+    float* p = (*buf)->f32();
+    gpu_->CopyToBackend(p, v.data(), v.size() * sizeof(float));
+    bufs_.push_back(std::move(buf).value());
+    return p;
+  }
+  float* Poisoned(size_t n) { return Up(std::vector<float>(n, std::numeric_limits<float>::quiet_NaN())); }
+  std::vector<float> Down(const float* p, size_t n) {
+    std::vector<float> v(n);
+    gpu_->CopyToHost(v.data(), p, n * sizeof(float));
+    return v;
+  }
+
+  std::unique_ptr<Backend> gpu_, cpu_;
+  std::vector<std::unique_ptr<Buffer>> bufs_;
+};
+
+constexpr DType kAllTypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ4_0, DType::kQ4_1};
+
+TEST_F(CudaBackendTest, EmbeddingEveryType) {
+  const int64_t rows = 50, cols = 96;
+  const std::vector<uint32_t> ids = {3, 0, 49, 3, 17};
+  for (DType t : kAllTypes) {
+    const std::vector<uint8_t> bytes = RandomWeightBytes(t, rows, cols, 11);
+    const Weight host{t, rows, cols, bytes.data()};
+    std::vector<float> want(ids.size() * cols);
+    cpu_->Embedding(host, ids, want.data());
+    std::vector<std::unique_ptr<Buffer>> owned;
+    auto dev = gpu_->PrepareWeight(host, &owned);
+    ASSERT_TRUE(dev.ok());
+    float* out = Poisoned(want.size());
+    gpu_->Embedding(*dev, ids, out);
+    // F32 and BF16 tables are exact; the others were rounded to bf16 at PrepareWeight.
+    const double tol = (t == DType::kF32 || t == DType::kBF16) ? 0.0 : 4e-3;
+    EXPECT_LE(RelErr(Down(out, want.size()), want), tol) << DTypeName(t);
+  }
+}
+
+TEST_F(CudaBackendTest, MatMulEveryTypeAndBatch) {
+  const int64_t N = 301, K = 256;  // odd N: the GEMV's last block is partial
+  for (DType t : kAllTypes) {
+    const std::vector<uint8_t> bytes = RandomWeightBytes(t, N, K, 5);
+    std::vector<float> wf(N * K);
+    for (int64_t r = 0; r < N; ++r) DequantizeRow(t, bytes.data() + r * DTypeRowBytes(t, K), K, wf.data() + r * K);
+    std::vector<std::unique_ptr<Buffer>> owned;
+    auto dev = gpu_->PrepareWeight(Weight{t, N, K, bytes.data()}, &owned);
+    ASSERT_TRUE(dev.ok());
+    for (int m : {1, 3, 8, 9, 40}) {
+      const std::vector<float> x = RandomVec(m * K, 100 + m);
+      std::vector<float> want(m * N);
+      for (int i = 0; i < m; ++i)
+        for (int64_t n = 0; n < N; ++n) {
+          double s = 0;
+          for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[i * K + k]) * wf[n * K + k];
+          want[i * N + n] = static_cast<float>(s);
+        }
+      float* out = Poisoned(want.size());
+      gpu_->MatMul(Up(x), m, *dev, out);
+      const double err = RelErr(Down(out, want.size()), want);
+      // F32 stays F32 (SGEMM); the rest is bf16 weights (and bf16 activations for m > 8).
+      EXPECT_LE(err, t == DType::kF32 ? 1e-5 : 1e-2) << DTypeName(t) << " m=" << m;
+    }
+  }
+}
+
+TEST_F(CudaBackendTest, TiedWeightIsUploadedOnce) {
+  const std::vector<uint8_t> bytes = RandomWeightBytes(DType::kQ4_1, 64, 64, 3);
+  std::vector<std::unique_ptr<Buffer>> owned;
+  auto a = gpu_->PrepareWeight(Weight{DType::kQ4_1, 64, 64, bytes.data()}, &owned);
+  auto b = gpu_->PrepareWeight(Weight{DType::kQ4_1, 64, 64, bytes.data()}, &owned);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_EQ(a->data, b->data);
+  EXPECT_EQ(a->dtype, DType::kBF16);
+  EXPECT_EQ(owned.size(), 1u);
+}
+
+TEST_F(CudaBackendTest, NormsAndElementWise) {
+  for (int dim : {8, 100, 576, 4096}) {
+    const int m = 7;
+    const std::vector<float> x = RandomVec(m * dim, dim), w = RandomVec(dim, dim + 1);
+    std::vector<float> want(m * dim);
+    cpu_->RmsNorm(x.data(), w.data(), m, dim, 1e-5f, want.data());
+    float* out = Poisoned(want.size());
+    gpu_->RmsNorm(Up(x), Up(w), m, dim, 1e-5f, out);
+    EXPECT_LE(RelErr(Down(out, want.size()), want), 1e-6) << "RmsNorm dim " << dim;
+  }
+  {
+    const int m = 5, heads = 6, hd = 64;
+    std::vector<float> x = RandomVec(m * heads * hd, 1), w = RandomVec(hd, 2);
+    float* dx = Up(x);
+    cpu_->HeadRmsNorm(x.data(), m, heads, hd, w.data(), 1e-6f);
+    gpu_->HeadRmsNorm(dx, m, heads, hd, Up(w), 1e-6f);
+    EXPECT_LE(RelErr(Down(dx, x.size()), x), 1e-6) << "HeadRmsNorm";
+  }
+  {
+    const int dim = 40;
+    const std::vector<float> x = RandomVec(10 * dim, 3);
+    const std::vector<uint32_t> rows = {9, 0, 4};
+    std::vector<float> want(rows.size() * dim);
+    cpu_->GatherRows(x.data(), dim, rows, want.data());
+    float* out = Poisoned(want.size());
+    gpu_->GatherRows(Up(x), dim, rows, out);
+    EXPECT_EQ(Down(out, want.size()), want) << "GatherRows";
+  }
+  {
+    const int m = 3, n = 70;
+    std::vector<float> x = RandomVec(m * n, 4), y = RandomVec(m * n, 5), bias = RandomVec(n, 6);
+    float* dx = Up(x);
+    float* dy = Up(y);
+    cpu_->AddBias(x.data(), m, n, bias.data());
+    gpu_->AddBias(dx, m, n, Up(bias));
+    cpu_->Add(x.data(), y.data(), x.size());
+    gpu_->Add(dx, dy, x.size());
+    EXPECT_EQ(Down(dx, x.size()), x) << "AddBias + Add";
+    std::vector<float> want(x.size());
+    cpu_->SwiGlu(x.data(), y.data(), x.size(), want.data());
+    float* out = Poisoned(want.size());
+    gpu_->SwiGlu(dx, dy, x.size(), out);
+    EXPECT_LE(RelErr(Down(out, want.size()), want), 1e-6) << "SwiGlu";
+    gpu_->SwiGlu(dx, dy, x.size(), dx);  // in place (out aliases gate)
+    EXPECT_LE(RelErr(Down(dx, want.size()), want), 1e-6) << "SwiGlu in place";
+  }
+}
+
+TEST_F(CudaBackendTest, RopeBothStyles) {
+  const int m = 4, heads = 3, hd = 64, half = hd / 2;
+  const std::vector<int32_t> positions = {0, 1, 517, 8000};
+  std::vector<float> inv(half);
+  for (int j = 0; j < half; ++j) inv[j] = 1.0f / std::pow(500000.0f, 2.0f * j / hd);
+  std::vector<float> table(m * hd);
+  cpu_->RopeTable(positions, inv, table.data());
+  float* dtable = Poisoned(table.size());
+  gpu_->RopeTable(positions, inv, dtable);
+  const std::vector<float> got_table = Down(dtable, table.size());
+  EXPECT_LE(RelErr(got_table, table), 1e-6) << "RopeTable";
+  for (RopeStyle style : {RopeStyle::kNeox, RopeStyle::kInterleaved}) {
+    std::vector<float> x = RandomVec(m * heads * hd, 9);
+    float* dx = Up(x);
+    cpu_->Rope(x.data(), m, heads, hd, table.data(), style);
+    gpu_->Rope(dx, m, heads, hd, Up(table), style);  // same table on both sides: only Rope differs
+    EXPECT_LE(RelErr(Down(dx, x.size()), x), 1e-7) << "Rope style " << static_cast<int>(style);
+  }
+}
+
+// Three sequences in one call: a prefill from 0, a chunk after a cached prefix and one decode row,
+// over scattered blocks; GQA with 2 query heads per kv head.
+void CheckAttention(CudaBackendTest& t, Backend& cpu, Backend& gpu, int head_dim) {
+  KvLayout layout;
+  layout.num_layers = 2;
+  layout.num_kv_heads = 2;
+  layout.head_dim = head_dim;
+  layout.block_size = 4;
+  layout.num_blocks = 40;
+  const int heads = 4, layer = 1;
+  std::vector<float> cache = RandomVec(layout.BlockFloats() * layout.num_blocks, 21);
+  const std::vector<int32_t> table_a = {7, 2, 30}, table_b = {5, 11, 0, 39}, table_c = {1, 3, 4, 6, 8, 9, 10, 12, 13};
+  std::vector<AttentionSeq> seqs(3);
+  seqs[0] = {0, 5, 0, table_a};    // rows 0-4: positions 0-4
+  seqs[1] = {5, 3, 9, table_b};    // rows 5-7: positions 9-11 after a cached prefix of 9
+  seqs[2] = {8, 1, 33, table_c};   // row 8: decode at position 33
+  const int rows = 9;
+  const size_t tf = layout.TokenFloats();
+  const std::vector<float> q = RandomVec(rows * heads * head_dim, 22), k = RandomVec(rows * tf, 23), v = RandomVec(rows * tf, 24);
+  float* dcache = t.Up(cache);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  cpu.WriteKv(cache.data(), layout, layer, seqs, k.data(), v.data());
+  gpu.WriteKv(dcache, layout, layer, seqs, t.Up(k), t.Up(v));
+  EXPECT_EQ(t.Down(dcache, cache.size()), cache) << "WriteKv head_dim " << head_dim;
+  std::vector<float> want(rows * heads * head_dim);
+  cpu.Attention(cache.data(), layout, layer, seqs, q.data(), heads, scale, want.data());
+  float* out = t.Poisoned(want.size());
+  gpu.Attention(dcache, layout, layer, seqs, t.Up(q), heads, scale, out);
+  EXPECT_LE(RelErr(t.Down(out, want.size()), want), 1e-5) << "Attention head_dim " << head_dim;
+}
+
+TEST_F(CudaBackendTest, PagedAttentionMatchesCpu) {
+  for (int hd : {8, 64, 128, 256}) CheckAttention(*this, *cpu_, *gpu_, hd);
+}
+
+TEST_F(CudaBackendTest, DummyWeightsAreRandomBf16) {
+  std::vector<std::unique_ptr<Buffer>> owned;
+  auto w = gpu_->PrepareWeight(Weight{DType::kBF16, 64, 256, nullptr}, &owned);
+  ASSERT_TRUE(w.ok());
+  EXPECT_EQ(w->dtype, DType::kBF16);
+  const std::vector<float> x(256, 1.0f);
+  float* out = Poisoned(64);
+  gpu_->MatMul(Up(x), 1, *w, out);
+  const std::vector<float> got = Down(out, 64);
+  double ss = 0;
+  for (float g : got) ss += g * g;
+  // Row sums of 256 uniform values of variance 1/256: about unit variance, never all zero.
+  EXPECT_GT(ss / 64, 0.3);
+  EXPECT_LT(ss / 64, 3.0);
+}
+
+}  // namespace
+}  // namespace dyn

@@ -1,0 +1,120 @@
+// bf16-weight GEMV for decode-sized batches (m <= 8): out[m][rows] = x[m][cols] * w^T.
+//
+// A decode step reads every weight once and does 2 * m FLOP per weight, so it is bound by memory
+// bandwidth; cuBLAS's GEMM kernels at m = 1 leave a good part of it unused. Here each output row
+// is one group of kWarpsPerRow warps: the lanes stream the row with 16-byte loads (8 bf16 each,
+// kUnroll loads in flight per lane, not kept in L1), multiply with the F32 activations (small,
+// served from L1/L2) and reduce with warp shuffles and a little shared memory. The weight is read
+// once for all m activation rows.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "engine/native/backend/cuda/cuda_kernels.h"
+
+namespace dyn::cuda {
+namespace {
+
+constexpr int kWarpsPerRow = 4;
+constexpr int kRowsPerBlock = 2;
+constexpr int kUnroll = 4;
+
+__device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ void Bf16x2ToFloat(uint32_t bits, float& lo, float& hi) {
+  lo = __uint_as_float(bits << 16);
+  hi = __uint_as_float(bits & 0xFFFF0000u);
+}
+
+template <int M>
+__device__ __forceinline__ void Accumulate(const uint4& wv, const float* __restrict__ x, int64_t cols, int64_t c8,
+                                           float (&acc)[M]) {
+  float w[8];
+  Bf16x2ToFloat(wv.x, w[0], w[1]);
+  Bf16x2ToFloat(wv.y, w[2], w[3]);
+  Bf16x2ToFloat(wv.z, w[4], w[5]);
+  Bf16x2ToFloat(wv.w, w[6], w[7]);
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    const float4* xp = reinterpret_cast<const float4*>(x + m * cols + c8 * 8);
+    const float4 a = __ldg(xp), b = __ldg(xp + 1);
+    acc[m] = fmaf(w[0], a.x, acc[m]);
+    acc[m] = fmaf(w[1], a.y, acc[m]);
+    acc[m] = fmaf(w[2], a.z, acc[m]);
+    acc[m] = fmaf(w[3], a.w, acc[m]);
+    acc[m] = fmaf(w[4], b.x, acc[m]);
+    acc[m] = fmaf(w[5], b.y, acc[m]);
+    acc[m] = fmaf(w[6], b.z, acc[m]);
+    acc[m] = fmaf(w[7], b.w, acc[m]);
+  }
+}
+
+template <int M>
+__global__ void __launch_bounds__(kWarpsPerRow * kRowsPerBlock * 32)
+    GemvBf16Kernel(const float* __restrict__ x, const uint4* __restrict__ w, int64_t rows, int64_t cols, float* __restrict__ out) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row_in_block = warp / kWarpsPerRow, part = warp % kWarpsPerRow;
+  const int64_t row = blockIdx.x * int64_t{kRowsPerBlock} + row_in_block;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+  if (row < rows) {
+    const int64_t n8 = cols / 8;
+    const uint4* wr = w + row * n8;
+    const int stride = kWarpsPerRow * 32;
+    int64_t c = part * 32 + lane;
+    for (; c + (kUnroll - 1) * stride < n8; c += kUnroll * stride) {
+      uint4 wv[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStreaming(wr + c + u * stride);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) Accumulate<M>(wv[u], x, cols, c + u * stride, acc);
+    }
+    for (; c < n8; c += stride) Accumulate<M>(LoadStreaming(wr + c), x, cols, c, acc);
+  }
+  __shared__ float partial[kRowsPerBlock][kWarpsPerRow][M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+    float v = acc[m];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) partial[row_in_block][part][m] = v;
+  }
+  __syncthreads();
+  if (part == 0 && lane < M && row < rows) {
+    float s = 0.0f;
+#pragma unroll
+    for (int p = 0; p < kWarpsPerRow; ++p) s += partial[row_in_block][p][lane];
+    out[lane * rows + row] = s;
+  }
+}
+
+template <int M>
+void Launch(cudaStream_t stream, const float* x, const uint16_t* w, int64_t rows, int64_t cols, float* out) {
+  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
+  GemvBf16Kernel<M><<<static_cast<unsigned>(blocks), kWarpsPerRow * kRowsPerBlock * 32, 0, stream>>>(
+      x, reinterpret_cast<const uint4*>(w), rows, cols, out);
+}
+
+}  // namespace
+
+void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out) {
+  switch (m) {
+    case 1: Launch<1>(stream, x, w, rows, cols, out); break;
+    case 2: Launch<2>(stream, x, w, rows, cols, out); break;
+    case 3: Launch<3>(stream, x, w, rows, cols, out); break;
+    case 4: Launch<4>(stream, x, w, rows, cols, out); break;
+    case 5: Launch<5>(stream, x, w, rows, cols, out); break;
+    case 6: Launch<6>(stream, x, w, rows, cols, out); break;
+    case 7: Launch<7>(stream, x, w, rows, cols, out); break;
+    case 8: Launch<8>(stream, x, w, rows, cols, out); break;
+    default: Check(cudaErrorInvalidValue, "GemvBf16: m out of range", __FILE__, __LINE__);
+  }
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace dyn::cuda

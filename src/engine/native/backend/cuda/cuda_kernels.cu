@@ -1,0 +1,268 @@
+// Element-wise, normalization, RoPE, embedding and conversion kernels of the CUDA backend.
+// Arithmetic follows the CPU backend's order (cpu_backend.cpp) where it is cheap to do so:
+// products and sums that the CPU keeps separate use __fmul_rn/__fadd_rn so nvcc does not fuse
+// them, which keeps these kernels within a rounding or two of the CPU results.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#include "engine/native/backend/cuda/cuda_kernels.h"
+
+namespace dyn::cuda {
+
+void Check(cudaError_t err, const char* what, const char* file, int line) {
+  if (err == cudaSuccess) return;
+  std::fprintf(stderr, "%s:%d: CUDA error in %s: %s\n", file, line, what, cudaGetErrorString(err));
+  std::abort();
+}
+
+namespace {
+
+// ggml block layouts, bit-compatible with quant_blocks.h (which needs <immintrin.h>, so it is not
+// included in device code).
+struct BlockQ8_0 {
+  uint16_t d;
+  int8_t qs[32];
+};
+struct BlockQ4_0 {
+  uint16_t d;
+  uint8_t qs[16];
+};
+struct BlockQ4_1 {
+  uint16_t d, m;
+  uint8_t qs[16];
+};
+static_assert(sizeof(BlockQ8_0) == 34 && sizeof(BlockQ4_0) == 18 && sizeof(BlockQ4_1) == 20);
+
+__device__ __forceinline__ float Half(uint16_t bits) { return __half2float(__ushort_as_half(bits)); }
+
+// Element c of one row of `dtype` as F32, exactly as DequantizeRow computes it.
+__device__ __forceinline__ float LoadElement(DType dtype, const uint8_t* row, int64_t c) {
+  switch (dtype) {
+    case DType::kF32: return reinterpret_cast<const float*>(row)[c];
+    case DType::kF16: return Half(reinterpret_cast<const uint16_t*>(row)[c]);
+    case DType::kBF16: return __bfloat162float(reinterpret_cast<const __nv_bfloat16*>(row)[c]);
+    case DType::kQ8_0: {
+      const BlockQ8_0& b = reinterpret_cast<const BlockQ8_0*>(row)[c / 32];
+      return __fmul_rn(Half(b.d), static_cast<float>(b.qs[c % 32]));
+    }
+    case DType::kQ4_0: {
+      const BlockQ4_0& b = reinterpret_cast<const BlockQ4_0*>(row)[c / 32];
+      const int j = static_cast<int>(c % 32);
+      const int q = j < 16 ? (b.qs[j] & 0x0F) : (b.qs[j - 16] >> 4);
+      return __fmul_rn(Half(b.d), static_cast<float>(q - 8));
+    }
+    case DType::kQ4_1: {
+      const BlockQ4_1& b = reinterpret_cast<const BlockQ4_1*>(row)[c / 32];
+      const int j = static_cast<int>(c % 32);
+      const int q = j < 16 ? (b.qs[j] & 0x0F) : (b.qs[j - 16] >> 4);
+      return __fadd_rn(__fmul_rn(Half(b.d), static_cast<float>(q)), Half(b.m));
+    }
+  }
+  return 0.0f;
+}
+
+size_t RowBytes(DType t, int64_t cols) {
+  switch (t) {
+    case DType::kF32: return cols * 4;
+    case DType::kF16: case DType::kBF16: return cols * 2;
+    case DType::kQ8_0: return cols / 32 * sizeof(BlockQ8_0);
+    case DType::kQ4_0: return cols / 32 * sizeof(BlockQ4_0);
+    case DType::kQ4_1: return cols / 32 * sizeof(BlockQ4_1);
+  }
+  return 0;
+}
+
+int Blocks(size_t n, int threads) {
+  const size_t b = (n + threads - 1) / threads;
+  return static_cast<int>(b < 65535u * 16u ? b : 65535u * 16u);  // grid-stride loops cover the rest
+}
+
+__global__ void EmbeddingKernel(DType dtype, const uint8_t* table, size_t row_bytes, int64_t cols, const uint32_t* ids,
+                                float* out) {
+  const uint8_t* row = table + ids[blockIdx.x] * row_bytes;
+  float* o = out + blockIdx.x * cols;
+  for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) o[c] = LoadElement(dtype, row, c);
+}
+
+__global__ void ConvertToBf16Kernel(DType dtype, const uint8_t* src, size_t row_bytes, int64_t rows, int64_t cols,
+                                    __nv_bfloat16* dst) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    dst[i] = __float2bfloat16_rn(LoadElement(dtype, src + r * row_bytes, c));
+  }
+}
+
+__global__ void FillRandomBf16Kernel(__nv_bfloat16* dst, size_t n, uint64_t seed, float scale) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
+    uint64_t z = seed + i * 0x9E3779B97F4A7C15ull;  // splitmix64
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    const float u = static_cast<float>(z >> 40) * (1.0f / 16777216.0f);  // [0, 1)
+    dst[i] = __float2bfloat16_rn((2.0f * u - 1.0f) * scale);
+  }
+}
+
+__global__ void F32ToBf16Kernel(const float* x, size_t n, __nv_bfloat16* out) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x)
+    out[i] = __float2bfloat16_rn(x[i]);
+}
+
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// One block per row.
+__global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps, float* out) {
+  __shared__ float partial[32];
+  __shared__ float scale_shared;
+  const float* xr = x + blockIdx.x * int64_t{dim};
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
+  ss = WarpSum(ss);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += partial[i];
+    scale_shared = 1.0f / sqrtf(total / dim + eps);
+  }
+  __syncthreads();
+  const float scale = scale_shared;
+  float* o = out + blockIdx.x * int64_t{dim};
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
+}
+
+__global__ void GatherRowsKernel(const float* x, int dim, const uint32_t* rows, float* out) {
+  const float* src = x + rows[blockIdx.x] * int64_t{dim};
+  float* dst = out + blockIdx.x * int64_t{dim};
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
+}
+
+__global__ void AddBiasKernel(float* x, int64_t total, int n, const float* bias) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x)
+    x[i] += bias[i % n];
+}
+
+__global__ void AddKernel(float* x, const float* y, size_t n) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) x[i] += y[i];
+}
+
+__global__ void SwiGluKernel(const float* gate, const float* up, size_t n, float* out) {
+  for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
+    const float g = gate[i];
+    out[i] = __fmul_rn(g / (1.0f + expf(-g)), up[i]);
+  }
+}
+
+__global__ void RopeTableKernel(const int32_t* positions, int m, const float* inv_freq, int half, float* cos_sin) {
+  const int total = m * half;
+  for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
+    const int i = t / half, j = t % half;
+    const float angle = __fmul_rn(static_cast<float>(positions[i]), inv_freq[j]);
+    float s, c;
+    sincosf(angle, &s, &c);
+    cos_sin[2 * t] = c;
+    cos_sin[2 * t + 1] = s;
+  }
+}
+
+// One thread per (row, head, pair).
+__global__ void RopeKernel(float* x, int m, int heads, int head_dim, const float* cos_sin, bool neox) {
+  const int half = head_dim / 2;
+  const int64_t total = int64_t{m} * heads * half;
+  for (int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; t < total; t += int64_t{gridDim.x} * blockDim.x) {
+    const int j = static_cast<int>(t % half);
+    const int64_t rh = t / half;  // row * heads + head
+    const int64_t row = rh / heads;
+    float* v = x + rh * head_dim;
+    const float c = cos_sin[(row * half + j) * 2], s = cos_sin[(row * half + j) * 2 + 1];
+    const int a = neox ? j : 2 * j, b = neox ? j + half : 2 * j + 1;
+    const float x0 = v[a], x1 = v[b];
+    v[a] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+    v[b] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+  }
+}
+
+int NormThreads(int dim) {
+  if (dim >= 1024) return 256;
+  if (dim >= 256) return 128;
+  if (dim >= 64) return 64;
+  return 32;
+}
+
+}  // namespace
+
+void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols, const uint32_t* ids, int n, float* out) {
+  if (n == 0) return;
+  EmbeddingKernel<<<n, 256, 0, stream>>>(dtype, static_cast<const uint8_t*>(table), RowBytes(dtype, cols), cols, ids, out);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void ConvertToBf16(cudaStream_t stream, DType dtype, const void* src, int64_t rows, int64_t cols, uint16_t* dst) {
+  ConvertToBf16Kernel<<<Blocks(rows * cols, 256), 256, 0, stream>>>(dtype, static_cast<const uint8_t*>(src),
+                                                                    RowBytes(dtype, cols), rows, cols,
+                                                                    reinterpret_cast<__nv_bfloat16*>(dst));
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void FillRandomBf16(cudaStream_t stream, uint16_t* dst, size_t n, uint64_t seed, float scale) {
+  FillRandomBf16Kernel<<<Blocks(n, 256), 256, 0, stream>>>(reinterpret_cast<__nv_bfloat16*>(dst), n, seed, scale);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out) {
+  F32ToBf16Kernel<<<Blocks(n, 256), 256, 0, stream>>>(x, n, reinterpret_cast<__nv_bfloat16*>(out));
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out) {
+  if (rows == 0) return;
+  RmsNormKernel<<<static_cast<unsigned>(rows), NormThreads(dim), 0, stream>>>(x, w, dim, eps, out);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void GatherRows(cudaStream_t stream, const float* x, int dim, const uint32_t* rows, int n, float* out) {
+  if (n == 0) return;
+  GatherRowsKernel<<<n, 256, 0, stream>>>(x, dim, rows, out);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void AddBias(cudaStream_t stream, float* x, int m, int n, const float* bias) {
+  const int64_t total = int64_t{m} * n;
+  if (total == 0) return;
+  AddBiasKernel<<<Blocks(total, 256), 256, 0, stream>>>(x, total, n, bias);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void Add(cudaStream_t stream, float* x, const float* y, size_t n) {
+  if (n == 0) return;
+  AddKernel<<<Blocks(n, 256), 256, 0, stream>>>(x, y, n);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void SwiGlu(cudaStream_t stream, const float* gate, const float* up, size_t n, float* out) {
+  if (n == 0) return;
+  SwiGluKernel<<<Blocks(n, 256), 256, 0, stream>>>(gate, up, n, out);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void RopeTable(cudaStream_t stream, const int32_t* positions, int m, const float* inv_freq, int half, float* cos_sin) {
+  if (m == 0) return;
+  RopeTableKernel<<<Blocks(size_t{1} * m * half, 256), 256, 0, stream>>>(positions, m, inv_freq, half, cos_sin);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void Rope(cudaStream_t stream, float* x, int m, int heads, int head_dim, const float* cos_sin, RopeStyle style) {
+  const size_t total = size_t{1} * m * heads * (head_dim / 2);
+  if (total == 0) return;
+  RopeKernel<<<Blocks(total, 256), 256, 0, stream>>>(x, m, heads, head_dim, cos_sin, style == RopeStyle::kNeox);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace dyn::cuda

@@ -1,0 +1,63 @@
+// Private: host-side launchers of the CUDA backend's kernels (cuda_kernels.cu, cuda_attention.cu,
+// cuda_gemv.cu). All pointers are device pointers unless a name says otherwise; every launcher
+// enqueues on `stream` and returns at once. bf16 values travel as uint16_t so this header needs
+// no CUDA C++ types.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "engine/native/backend/backend.h"
+
+namespace dyn::cuda {
+
+// Aborts with the file, line and CUDA error text when `err` is not cudaSuccess: a failed launch or
+// copy inside a void kernel call is a programming error the caller cannot handle.
+void Check(cudaError_t err, const char* what, const char* file, int line);
+#define DYN_CUDA_CHECK(expr) ::dyn::cuda::Check((expr), #expr, __FILE__, __LINE__)
+// Checks the last launch's configuration error.
+#define DYN_CUDA_CHECK_LAUNCH() ::dyn::cuda::Check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
+
+// out[i][:] = row ids[i] of `table` (any DType, [rows][cols]) as F32.
+void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols, const uint32_t* ids, int n, float* out);
+// dst = src ([rows][cols] of `dtype`) converted to bf16, rounding to nearest even.
+void ConvertToBf16(cudaStream_t stream, DType dtype, const void* src, int64_t rows, int64_t cols, uint16_t* dst);
+// dst[i] = bf16 of uniform(-scale, scale) from a counter-based hash of (seed, i).
+void FillRandomBf16(cudaStream_t stream, uint16_t* dst, size_t n, uint64_t seed, float scale);
+// out[i] = bf16(x[i]).
+void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out);
+
+// RMSNorm of `rows` rows of length dim: out = x / sqrt(mean(x^2) + eps) * w; out may alias x.
+void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out);
+void GatherRows(cudaStream_t stream, const float* x, int dim, const uint32_t* rows, int n, float* out);
+void AddBias(cudaStream_t stream, float* x, int m, int n, const float* bias);
+void Add(cudaStream_t stream, float* x, const float* y, size_t n);
+void SwiGlu(cudaStream_t stream, const float* gate, const float* up, size_t n, float* out);
+// cos_sin[i][j] = (cos, sin)(positions[i] * inv_freq[j]), j < half.
+void RopeTable(cudaStream_t stream, const int32_t* positions, int m, const float* inv_freq, int half, float* cos_sin);
+void Rope(cudaStream_t stream, float* x, int m, int heads, int head_dim, const float* cos_sin, RopeStyle style);
+
+// Per-row metadata of one step's attention, packed in one device array of int32:
+// [pos of row r: rows][offset of row r's block table in `tables`: rows][tables...].
+struct AttnRows {
+  const int32_t* pos = nullptr;
+  const int32_t* table_offset = nullptr;
+  const int32_t* tables = nullptr;
+  int rows = 0;
+};
+
+// Copies each row's k/v ([rows][kv_heads * head_dim]) into its cache slot of `layer`.
+void WriteKv(cudaStream_t stream, float* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,
+             const float* v);
+// Causal paged attention (see Backend::Attention). head_dim <= 256.
+void Attention(cudaStream_t stream, const float* cache, const KvLayout& layout, int layer, const AttnRows& meta,
+               const float* q, int num_heads, float scale, float* out);
+
+// out[m][rows] = x[m][cols] * w^T for bf16 w, F32 x and out, m <= kGemvMaxRows, cols % 8 == 0
+// and 16-byte aligned w. A bandwidth-bound kernel for decode steps (cuBLAS is slower at m = 1).
+constexpr int kGemvMaxRows = 8;
+void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
+
+}  // namespace dyn::cuda
