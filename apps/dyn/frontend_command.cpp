@@ -101,9 +101,14 @@ class ModelWatcher {
     const auto* load = o.if_contains("load");
     if (!id || !id->is_string() || !model || !model->is_string() || !load || !load->is_int64()) return;
     const uint64_t instance = std::strtoull(std::string(id->as_string()).c_str(), nullptr, 10);
+    double kv_usage = 0.0;
+    const auto* used = o.if_contains("kv_blocks_used");
+    const auto* total = o.if_contains("kv_blocks_total");
+    if (used && used->is_int64() && total && total->is_int64() && total->as_int64() > 0)
+      kv_usage = static_cast<double>(used->as_int64()) / static_cast<double>(total->as_int64());
     std::lock_guard<std::mutex> lock(mu_);
     auto it = models_.find(std::string(model->as_string()));
-    if (it != models_.end()) it->second.engine->ReportLoad(instance, static_cast<int>(load->as_int64()));
+    if (it != models_.end()) it->second.engine->ReportLoad(instance, static_cast<int>(load->as_int64()), kv_usage);
     const auto now = std::chrono::steady_clock::now();
     auto& last = last_report_[instance];
     if (last.time_since_epoch().count() == 0 || now - last > std::chrono::seconds(3)) {
@@ -141,7 +146,8 @@ class ModelWatcher {
       }
       Model m;
       RemoteEngineOptions options = options_;
-      if (rec->card.kv_block_size > 0) options.kv_block_size = rec->card.kv_block_size;
+      // The workers' block size, unless the operator fixed one (--kv-block-size).
+      if (options.kv_block_size <= 0) options.kv_block_size = rec->card.kv_block_size > 0 ? rec->card.kv_block_size : 16;
       m.engine = RemoteEngine::Create(client_, options);
       ServedModel served;
       served.name = rec->card.name;
@@ -202,9 +208,10 @@ class ModelWatcher {
 
 int FrontendCommand(int argc, char** argv) {
   std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", host = "0.0.0.0", router = "round-robin";
-  std::string event_spec;
-  int64_t port = 8000, max_body_mb = 8, io_threads = 1, migration_limit = 3;
-  double overlap_weight = 1.0, router_temperature = 0.0;
+  std::string event_spec, router_alias;
+  int64_t port = 8000, max_body_mb = 8, io_threads = 1, migration_limit = 3, kv_block_size = 0;
+  int64_t busy_prefill_tokens = -1;
+  double overlap_weight = 1.0, router_temperature = 0.0, busy_kv_usage = -1;
   bool kv_events = true;
   FlagSet fs("dyn frontend", "Serves the OpenAI API for the models of the workers registered in discovery.");
   fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
@@ -213,6 +220,12 @@ int FrontendCommand(int argc, char** argv) {
   fs.String("host", &host, "address to listen on");
   fs.Int("port", &port, "HTTP port (0: pick a free one)");
   fs.String("router-mode", &router, "round-robin | random | least-loaded | kv");
+  fs.String("router", &router_alias, "same as --router-mode (wins when set)");
+  fs.Int("kv-block-size", &kv_block_size, "kv router: block size in tokens (0: the workers' own, from their model card)");
+  fs.Double("active-decode-blocks-threshold", &busy_kv_usage,
+            "kv router: a worker whose KV usage (0..1) is above this is busy; all busy -> 503 (< 0: off)");
+  fs.Int("active-prefill-tokens-threshold", &busy_prefill_tokens,
+         "kv router: a worker with more active prefill tokens than this is busy (< 0: off)");
   fs.Double("kv-overlap-score-weight", &overlap_weight, "kv router: weight of prefill cost against decode load");
   fs.Double("router-temperature", &router_temperature, "kv router: 0 picks the cheapest worker; > 0 samples");
   fs.Bool("kv-events", &kv_events, "kv router: index the workers' KV events (needs --event-plane); off: approximate mode");
@@ -220,6 +233,7 @@ int FrontendCommand(int argc, char** argv) {
   fs.Int("max-body-mb", &max_body_mb, "largest request body accepted (MiB)");
   fs.Int("io-threads", &io_threads, "HTTP I/O threads");
   if (int rc = ParseCommandFlags(fs, argc, argv, "dyn frontend"); rc >= 0) return rc;
+  if (!router_alias.empty()) router = router_alias;
   auto mode = ParseRouterMode(router);
   if (!mode.ok()) {
     std::fprintf(stderr, "dyn frontend: %s\n", mode.status().message().c_str());
@@ -239,6 +253,9 @@ int FrontendCommand(int argc, char** argv) {
   ro.overlap_weight = overlap_weight;
   ro.temperature = router_temperature;
   ro.use_kv_events = kv_events && !event_spec.empty();
+  ro.kv_block_size = static_cast<int>(kv_block_size);
+  if (busy_kv_usage >= 0) ro.busy_kv_usage = busy_kv_usage;
+  if (busy_prefill_tokens >= 0) ro.busy_prefill_tokens = busy_prefill_tokens;
   auto watcher = std::make_shared<ModelWatcher>(registry, *client, ro);
   auto discovery = CreateDiscovery(discovery_spec);
   if (!discovery.ok()) {

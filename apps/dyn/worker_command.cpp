@@ -28,37 +28,11 @@
 #include "runtime/discovery.h"
 #include "runtime/event_plane.h"
 #include "runtime/kv_event_codec.h"
+#include "runtime/kv_event_publisher.h"
 #include "runtime/request_plane.h"
 
 namespace dyn {
 namespace {
-
-// Publishes the engine's KV block events on the event plane for KV-aware frontends. Called on the
-// engine's step thread; Publish only queues. Events before the instance id is known (none: the
-// engine has no requests before registration) are dropped.
-class KvEventPublisher : public KvEventSink {
- public:
-  void Start(EventPlane* events, std::string subject, uint64_t instance_id) {
-    std::lock_guard<std::mutex> lock(mu_);
-    events_ = events;
-    subject_ = std::move(subject);
-    instance_id_ = instance_id;
-  }
-  void Stop() {
-    std::lock_guard<std::mutex> lock(mu_);
-    events_ = nullptr;
-  }
-  void OnKvEvent(const KvEvent& event) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (events_ != nullptr) (void)events_->Publish(subject_, EncodeKvEvent(instance_id_, event));
-  }
-
- private:
-  std::mutex mu_;
-  EventPlane* events_ = nullptr;
-  std::string subject_;
-  uint64_t instance_id_ = 0;
-};
 
 std::string AbsolutePath(const std::string& path) {
   if (path.empty()) return path;
@@ -140,6 +114,7 @@ int WorkerCommand(int argc, char** argv) {
     }
     in.server = std::move(*server);
     in.server->AddEngineEndpoint("generate", in.engine);
+    in.publisher->ServeDumps(*in.server);
     in.rec.ns = ns;
     in.rec.component = component;
     in.rec.endpoint = "generate";
@@ -198,7 +173,7 @@ int WorkerCommand(int argc, char** argv) {
     in.lease = *lease;
     in.rec.instance_id = static_cast<uint64_t>(*lease);
     in.key = InstanceKey(in.rec);
-    if (events) in.publisher->Start(events.get(), KvEventsSubject(ns), in.rec.instance_id);
+    in.publisher->Start(events.get(), KvEventsSubject(ns), in.rec.instance_id);  // null events: dumps only
     if (Status s = (*discovery)->Put(in.key, EncodeInstance(in.rec), in.lease); !s.ok()) {
       std::fprintf(stderr, "dyn worker: register: %s\n", s.ToString().c_str());
       shutdown_all();
@@ -222,7 +197,8 @@ int WorkerCommand(int argc, char** argv) {
             {"instance_id", std::to_string(in.rec.instance_id)},
             {"model", in.rec.card.name},
             {"load", m.running + m.waiting},
-            {"kv_blocks_used", m.kv_blocks_used}});
+            {"kv_blocks_used", m.kv_blocks_used},
+            {"kv_blocks_total", m.kv_blocks_total}});
         (void)events->Publish("dyn." + ns + ".load", payload);
       }
       stop_cv.wait_for(lock, std::chrono::seconds(1), [&] { return stop; });

@@ -66,6 +66,9 @@ struct EngineOutput {
   std::string error;                   // with kError: what went wrong
   uint32_t prompt_tokens = 0;          // on the first delta: prompt length
   uint32_t cached_tokens = 0;          // on the first delta: prompt tokens served from the prefix cache
+  // The worker that produced this delta, when a router chose one (0: not routed). The frontend
+  // reports it to the client (x-dyn-worker-id header, nvext.worker_id).
+  uint64_t worker_id = 0;
 };
 
 // Shared between the caller and the engine for one request. Cancel() may be called from any
@@ -122,6 +125,13 @@ struct EngineMetrics {
   uint64_t preemptions = 0;
   uint64_t steps = 0;
   uint64_t migrations = 0;         // streams moved to another worker after theirs failed
+  // KV-aware routing (a frontend's engine for remote workers in kv mode; 0 elsewhere).
+  uint64_t router_decisions = 0;
+  uint64_t router_rejections = 0;  // every worker was busy: the client got 503
+  uint64_t kv_events_applied = 0;
+  uint64_t kv_events_dropped = 0;  // stored events whose parent block the worker did not hold
+  uint64_t kv_event_gaps = 0;      // lost events detected (each triggers a dump request)
+  uint64_t kv_dumps_applied = 0;   // resynchronisations from a worker's dump
 };
 
 class Engine {

@@ -63,6 +63,9 @@ struct GenerationCall::Choice {
   std::string finish_reason;
   bool saw_token = false;
   Clock::time_point last_token;
+  uint64_t first_worker = 0;  // the worker of its first delta (prefill)
+  uint64_t last_worker = 0;   // of its latest delta (decode; differs after a migration)
+  bool nvext_sent = false;
 };
 
 GenerationCall::GenerationCall(GenerationRequest request, std::string request_id, bool keep_alive,
@@ -110,25 +113,6 @@ void GenerationCall::Start() {
       engine_requests.push_back(std::move(er));
     }
   }
-  if (req_.stream) {
-    hooks_.write(FormatSseHead(request_id_, keep_alive_));
-    for (auto& c : choices_) {
-      json::object choice;
-      choice["index"] = c->index;
-      if (req_.kind == ApiKind::kChat) {
-        choice["delta"] = json::object{{"role", "assistant"}, {"content", ""}};
-      } else if (req_.echo) {
-        choice["text"] = req_.echo_texts[c->prompt_index];
-      } else {
-        continue;
-      }
-      choice["logprobs"] = nullptr;
-      choice["finish_reason"] = nullptr;
-      json::object chunk = BaseObject(req_.kind == ApiKind::kChat ? "chat.completion.chunk" : "text_completion");
-      chunk["choices"] = json::array{std::move(choice)};
-      SendChunk(chunk);
-    }
-  }
   std::weak_ptr<GenerationCall> weak = weak_from_this();
   for (size_t i = 0; i < engine_requests.size(); ++i) {
     auto sink = [gate = gate_, weak, i](EngineOutput&& out) {
@@ -145,6 +129,41 @@ void GenerationCall::Start() {
   }
 }
 
+void GenerationCall::SendStreamHead() {
+  head_sent_ = true;
+  hooks_.write(FormatSseHead(request_id_, keep_alive_, WorkerHeader()));
+  for (auto& c : choices_) {
+    json::object choice;
+    choice["index"] = c->index;
+    if (req_.kind == ApiKind::kChat) {
+      choice["delta"] = json::object{{"role", "assistant"}, {"content", ""}};
+    } else if (req_.echo) {
+      choice["text"] = req_.echo_texts[c->prompt_index];
+    } else {
+      continue;
+    }
+    choice["logprobs"] = nullptr;
+    choice["finish_reason"] = nullptr;
+    json::object chunk = BaseObject(req_.kind == ApiKind::kChat ? "chat.completion.chunk" : "text_completion");
+    chunk["choices"] = json::array{std::move(choice)};
+    SendChunk(chunk);
+  }
+}
+
+std::string GenerationCall::WorkerHeader() const {
+  for (const auto& c : choices_)
+    if (c->first_worker != 0) return "x-dyn-worker-id: " + std::to_string(c->first_worker) + "\r\n";
+  return "";
+}
+
+json::value GenerationCall::Nvext(const Choice& c) const {
+  if (c.first_worker == 0) return nullptr;
+  // Dynamo's shape: the worker that computed the prompt and the one that produced the tokens
+  // (equal unless the stream migrated; disaggregated serving will set them apart).
+  return json::object{{"worker_id", json::object{{"prefill_worker_id", c.first_worker},
+                                                 {"decode_worker_id", c.last_worker}}}};
+}
+
 void GenerationCall::Cancel() {
   completed_ = true;
   hooks_ = {};
@@ -155,10 +174,15 @@ void GenerationCall::OnOutput(size_t index, EngineOutput&& out) {
   if (completed_) return;
   Choice& c = *choices_[index];
   if (c.finished) return;
+  if (out.worker_id != 0) {
+    if (c.first_worker == 0) c.first_worker = out.worker_id;
+    c.last_worker = out.worker_id;
+  }
   if (out.finish_reason == FinishReason::kError) {
     FailWithEngineError(out.error.empty() ? "engine error" : out.error);
     return;
   }
+  if (req_.stream && !head_sent_) SendStreamHead();
   const size_t logprobs_before = c.logprobs.size();
   std::string released = Consume(c, out);
   if (req_.stream && (!released.empty() || c.finished || c.logprobs.size() > logprobs_before)) {
@@ -175,6 +199,10 @@ void GenerationCall::OnOutput(size_t index, EngineOutput&& out) {
     if (c.finished) choice["finish_reason"] = c.finish_reason; else choice["finish_reason"] = nullptr;
     json::object chunk = BaseObject(req_.kind == ApiKind::kChat ? "chat.completion.chunk" : "text_completion");
     chunk["choices"] = json::array{std::move(choice)};
+    if (!c.nvext_sent && c.first_worker != 0) {
+      c.nvext_sent = true;
+      chunk["nvext"] = Nvext(c);
+    }
     SendChunk(chunk);
   }
   if (c.finished) {
@@ -243,14 +271,15 @@ void GenerationCall::FailWithEngineError(const std::string& error) {
   completed_ = true;
   auto hooks = std::move(hooks_);
   hooks_ = {};
-  if (req_.stream) {
+  if (req_.stream && head_sent_) {
+    // Tokens already went out with status 200: the error can only be an SSE event.
     std::string out;
     AppendChunk(&out, "data: " + e.ToJson() + "\n\ndata: [DONE]\n\n");
     out.append(kLastChunk);
     hooks.write(std::move(out));
     hooks.done(200);
   } else {
-    hooks.write(FormatHttpResponse(status, "application/json", e.ToJson(), request_id_, keep_alive_));
+    hooks.write(FormatHttpResponse(status, "application/json", e.ToJson(), request_id_, keep_alive_, WorkerHeader()));
     hooks.done(status);
   }
 }
@@ -261,7 +290,7 @@ void GenerationCall::MaybeComplete() {
   auto hooks = std::move(hooks_);
   hooks_ = {};
   if (req_.stream) {
-    std::string out;
+    std::string out;  // the head went out with the first delta (OnOutput)
     if (req_.include_usage) {
       json::object chunk = BaseObject(req_.kind == ApiKind::kChat ? "chat.completion.chunk" : "text_completion");
       chunk["choices"] = json::array();
@@ -272,7 +301,7 @@ void GenerationCall::MaybeComplete() {
     out.append(kLastChunk);
     hooks.write(std::move(out));
   } else {
-    hooks.write(FormatHttpResponse(200, "application/json", FinalBody(), request_id_, keep_alive_));
+    hooks.write(FormatHttpResponse(200, "application/json", FinalBody(), request_id_, keep_alive_, WorkerHeader()));
   }
   hooks.done(200);
 }
@@ -361,6 +390,7 @@ std::string GenerationCall::FinalBody() const {
   }
   body["choices"] = std::move(choices);
   body["usage"] = Usage();
+  if (!choices_.empty() && choices_[0]->first_worker != 0) body["nvext"] = Nvext(*choices_[0]);
   return json::serialize(body);
 }
 

@@ -57,6 +57,11 @@ class GenerationCall : public std::enable_shared_from_this<GenerationCall> {
   boost::json::object Usage() const;
   boost::json::value LogprobsJson(const Choice& c, size_t from) const;
   void SendChunk(const boost::json::object& chunk);
+  // Streaming: the response head and the first (role / echo) chunks, sent when the first delta
+  // arrives so that the head can name the worker and an early failure can still get its status.
+  void SendStreamHead();
+  std::string WorkerHeader() const;    // "x-dyn-worker-id: N\r\n" or ""
+  boost::json::value Nvext(const Choice& c) const;  // {"worker_id": {...}} or null when not routed
   std::string FinalBody() const;
 
   GenerationRequest req_;
@@ -72,6 +77,7 @@ class GenerationCall : public std::enable_shared_from_this<GenerationCall> {
   std::vector<std::unique_ptr<Choice>> choices_;
   size_t finished_ = 0;
   bool completed_ = false;
+  bool head_sent_ = false;
 };
 
 }  // namespace dyn

@@ -40,10 +40,12 @@ std::string FormatHttpResponse(int status, std::string_view content_type, std::s
   return out;
 }
 
-std::string FormatSseHead(std::string_view request_id, bool keep_alive) {
+std::string FormatSseHead(std::string_view request_id, bool keep_alive, std::string_view extra_headers) {
   std::string out;
   AppendCommonHeaders(&out, 200, request_id, keep_alive);
-  out.append("Content-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n");
+  out.append("Content-Type: text/event-stream\r\nCache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n");
+  out.append(extra_headers);
+  out.append("\r\n");
   return out;
 }
 

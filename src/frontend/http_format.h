@@ -12,7 +12,7 @@ const char* HttpReason(int status);
 std::string FormatHttpResponse(int status, std::string_view content_type, std::string_view body,
                                std::string_view request_id, bool keep_alive, std::string_view extra_headers = "");
 // The head of a chunked text/event-stream response.
-std::string FormatSseHead(std::string_view request_id, bool keep_alive);
+std::string FormatSseHead(std::string_view request_id, bool keep_alive, std::string_view extra_headers = "");
 // One chunk of a chunked body; an empty `data` is skipped (it would end the body).
 void AppendChunk(std::string* out, std::string_view data);
 // The terminating chunk.

@@ -126,6 +126,12 @@ std::string FrontendMetrics::Render(const ModelRegistry& registry) const {
       {"dyn_engine_preemptions_total", "counter", "Preempted requests."},
       {"dyn_engine_steps_total", "counter", "Engine steps."},
       {"dyn_engine_migrations_total", "counter", "Streams migrated to another worker after theirs failed."},
+      {"dyn_router_decisions_total", "counter", "KV router: requests routed."},
+      {"dyn_router_rejections_total", "counter", "KV router: requests refused with 503 because every worker was busy."},
+      {"dyn_router_kv_events_applied_total", "counter", "KV router: worker KV events applied to the index."},
+      {"dyn_router_kv_events_dropped_total", "counter", "KV router: stored events dropped (parent block unknown)."},
+      {"dyn_router_kv_event_gaps_total", "counter", "KV router: event-id gaps (lost events) detected."},
+      {"dyn_router_kv_dumps_applied_total", "counter", "KV router: workers resynchronised from their dump."},
   };
   auto models = registry.List();
   std::vector<std::pair<std::string, EngineMetrics>> per_model;
@@ -136,7 +142,9 @@ std::string FrontendMetrics::Render(const ModelRegistry& registry) const {
       const uint64_t values[] = {static_cast<uint64_t>(em.running), static_cast<uint64_t>(em.waiting),
                                  static_cast<uint64_t>(em.kv_blocks_total), static_cast<uint64_t>(em.kv_blocks_used),
                                  static_cast<uint64_t>(em.kv_blocks_cached), em.prompt_tokens, em.cached_prompt_tokens,
-                                 em.generated_tokens, em.preemptions, em.steps, em.migrations};
+                                 em.generated_tokens, em.preemptions, em.steps, em.migrations,
+                                 em.router_decisions, em.router_rejections, em.kv_events_applied,
+                                 em.kv_events_dropped, em.kv_event_gaps, em.kv_dumps_applied};
       out += std::string(kEngine[g].name) + "{model=\"" + EscapeLabel(name) + "\"} " + std::to_string(values[g]) + "\n";
     }
   }

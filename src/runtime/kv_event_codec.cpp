@@ -9,37 +9,72 @@ namespace json = boost::json;
 
 std::string KvEventsSubject(std::string_view ns) { return "dyn." + std::string(ns) + ".kv_events"; }
 
-std::string EncodeKvEvent(uint64_t worker_id, const KvEvent& e) {
-  json::object o{{"worker_id", std::to_string(worker_id)},
-                 {"dp_rank", 0},
-                 {"event_id", e.event_id},
-                 {"tier", "device"}};
+router::RouterEvent ToRouterEvent(uint64_t worker_id, const KvEvent& e) {
+  router::RouterEvent r;
+  r.worker = router::WorkerKey{worker_id, 0};
+  r.event_id = e.event_id;
   switch (e.type) {
     case KvEvent::Type::kStored: {
-      o["type"] = "stored";
-      o["parent_hash"] = e.parent_hash ? json::value(std::to_string(*e.parent_hash)) : json::value(nullptr);
-      json::array blocks;
-      for (const KvStoredBlock& b : e.blocks) {
+      router::StoredData d;
+      d.parent_hash = e.parent_hash;
+      for (const KvStoredBlock& b : e.blocks) d.blocks.push_back({b.block_hash, b.tokens_hash, b.token_ids});
+      router::FillTokensHashes(d);
+      r.data = std::move(d);
+      break;
+    }
+    case KvEvent::Type::kRemoved: r.data = router::RemovedData{e.removed}; break;
+    case KvEvent::Type::kCleared: r.data = router::ClearedData{}; break;
+  }
+  return r;
+}
+
+namespace {
+
+const char* TierName(router::StorageTier t) {
+  switch (t) {
+    case router::StorageTier::kDevice: return "device";
+    case router::StorageTier::kHost: return "host";
+    case router::StorageTier::kDisk: return "disk";
+    case router::StorageTier::kExternal: return "external";
+  }
+  return "device";
+}
+
+json::object RouterEventJson(const router::RouterEvent& e) {
+  json::object o{{"worker_id", std::to_string(e.worker.worker_id)},
+                 {"dp_rank", e.worker.dp_rank},
+                 {"event_id", e.event_id},
+                 {"tier", TierName(e.tier)}};
+  if (const auto* st = std::get_if<router::StoredData>(&e.data)) {
+    o["type"] = "stored";
+    o["parent_hash"] = st->parent_hash ? json::value(std::to_string(*st->parent_hash)) : json::value(nullptr);
+    json::array blocks;
+    for (const router::StoredBlock& b : st->blocks) {
+      json::object bo{{"block_hash", std::to_string(b.block_hash)}, {"tokens_hash", std::to_string(b.tokens_hash)}};
+      if (!b.token_ids.empty()) {
         json::array ids;
         for (uint32_t t : b.token_ids) ids.push_back(t);
-        blocks.push_back(json::object{{"block_hash", std::to_string(b.block_hash)},
-                                      {"tokens_hash", std::to_string(b.tokens_hash)},
-                                      {"token_ids", std::move(ids)}});
+        bo["token_ids"] = std::move(ids);
       }
-      o["blocks"] = std::move(blocks);
-      break;
+      blocks.push_back(std::move(bo));
     }
-    case KvEvent::Type::kRemoved: {
-      o["type"] = "removed";
-      json::array hashes;
-      for (uint64_t h : e.removed) hashes.push_back(json::value(std::to_string(h)));
-      o["block_hashes"] = std::move(hashes);
-      break;
-    }
-    case KvEvent::Type::kCleared: o["type"] = "cleared"; break;
+    o["blocks"] = std::move(blocks);
+  } else if (const auto* rm = std::get_if<router::RemovedData>(&e.data)) {
+    o["type"] = "removed";
+    json::array hashes;
+    for (uint64_t h : rm->block_hashes) hashes.push_back(json::value(std::to_string(h)));
+    o["block_hashes"] = std::move(hashes);
+  } else {
+    o["type"] = "cleared";
   }
-  return json::serialize(o);
+  return o;
 }
+
+}  // namespace
+
+std::string EncodeRouterEvent(const router::RouterEvent& event) { return json::serialize(RouterEventJson(event)); }
+
+std::string EncodeKvEvent(uint64_t worker_id, const KvEvent& e) { return EncodeRouterEvent(ToRouterEvent(worker_id, e)); }
 
 namespace {
 
@@ -64,10 +99,10 @@ bool ParseU64(const json::value* v, uint64_t* out) {
 
 }  // namespace
 
-Result<router::RouterEvent> DecodeKvEvent(std::string_view text) {
-  boost::system::error_code ec;
-  json::value v = json::parse(text, ec);
-  if (ec || !v.is_object()) return Status::InvalidArgument("kv event is not a JSON object");
+namespace {
+
+Result<router::RouterEvent> DecodeRouterEventJson(const json::value& v) {
+  if (!v.is_object()) return Status::InvalidArgument("kv event is not a JSON object");
   const json::object& o = v.as_object();
   router::RouterEvent e;
   uint64_t dp = 0;
@@ -124,6 +159,43 @@ Result<router::RouterEvent> DecodeKvEvent(std::string_view text) {
     return Status::InvalidArgument("kv event: unknown type '" + std::string(t) + "'");
   }
   return e;
+}
+
+}  // namespace
+
+Result<router::RouterEvent> DecodeKvEvent(std::string_view text) {
+  boost::system::error_code ec;
+  json::value v = json::parse(text, ec);
+  if (ec) return Status::InvalidArgument("kv event is not a JSON object");
+  return DecodeRouterEventJson(v);
+}
+
+std::string EncodeKvDump(const KvDump& dump) {
+  json::array events;
+  for (const router::RouterEvent& e : dump.events) events.push_back(RouterEventJson(e));
+  return json::serialize(json::object{{"worker_id", std::to_string(dump.worker_id)},
+                                      {"last_event_id", dump.last_event_id},
+                                      {"events", std::move(events)}});
+}
+
+Result<KvDump> DecodeKvDump(std::string_view text) {
+  boost::system::error_code ec;
+  json::value v = json::parse(text, ec);
+  if (ec || !v.is_object()) return Status::InvalidArgument("kv dump is not a JSON object");
+  const json::object& o = v.as_object();
+  KvDump d;
+  if (!ParseU64(o.if_contains("worker_id"), &d.worker_id)) return Status::InvalidArgument("kv dump: bad worker_id");
+  if (!ParseU64(o.if_contains("last_event_id"), &d.last_event_id))
+    return Status::InvalidArgument("kv dump: bad last_event_id");
+  const json::value* events = o.if_contains("events");
+  if (events == nullptr || !events->is_array()) return Status::InvalidArgument("kv dump: no events");
+  for (const json::value& ev : events->as_array()) {
+    DYN_ASSIGN_OR_RETURN(router::RouterEvent e, DecodeRouterEventJson(ev));
+    if (e.worker.worker_id != d.worker_id) return Status::InvalidArgument("kv dump: event of another worker");
+    e.event_id = 0;  // unsequenced: a dump is a state, not part of the event stream
+    d.events.push_back(std::move(e));
+  }
+  return d;
 }
 
 }  // namespace dyn

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "base/status.h"
 #include "kv/block_pool.h"
@@ -21,8 +22,24 @@
 namespace dyn {
 
 std::string KvEventsSubject(std::string_view ns);  // "dyn.<ns>.kv_events"
+// A pool event as the router sees it (tokens_hash recomputed from the token ids).
+router::RouterEvent ToRouterEvent(uint64_t worker_id, const KvEvent& event);
+std::string EncodeRouterEvent(const router::RouterEvent& event);
 std::string EncodeKvEvent(uint64_t worker_id, const KvEvent& event);
 // InvalidArgument on malformed messages.
 Result<router::RouterEvent> DecodeKvEvent(std::string_view json);
+
+// A worker's whole cache as a router would index it, served on its "kv_dump" request-plane
+// endpoint so a router that lost events (an event-id gap) or just started can resynchronise:
+//   {"worker_id": "<u64>", "last_event_id": N, "events": [<unsequenced stored events>]}
+// Applying Cleared, then the events, then last_event_id as the worker's last applied id gives the
+// state after event N.
+struct KvDump {
+  uint64_t worker_id = 0;
+  uint64_t last_event_id = 0;
+  std::vector<router::RouterEvent> events;
+};
+std::string EncodeKvDump(const KvDump& dump);
+Result<KvDump> DecodeKvDump(std::string_view json);
 
 }  // namespace dyn

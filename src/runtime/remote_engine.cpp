@@ -9,6 +9,7 @@
 #include "base/log.h"
 #include "router/kv_router.h"
 #include "runtime/engine_codec.h"
+#include "runtime/kv_event_codec.h"
 
 namespace dyn {
 
@@ -38,6 +39,10 @@ struct Instance {
   int in_flight = 0;
   int reported_load = 0;
   uint64_t routed = 0;
+  double kv_usage = 0.0;
+  // kv events: a dump is being fetched; events that arrive meanwhile wait here.
+  bool dump_pending = false;
+  std::vector<router::RouterEvent> held_events;
   int Load() const { return std::max(in_flight, reported_load); }
 };
 
@@ -69,6 +74,8 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
       rc.overlap_weight = options_.overlap_weight;
       rc.temperature = options_.temperature;
       rc.approximate = !options_.use_kv_events;
+      rc.busy_kv_usage = options_.busy_kv_usage;
+      rc.busy_prefill_tokens = options_.busy_prefill_tokens;
       rc.seed = std::random_device{}();
       indexer_ = std::make_unique<router::RadixIndexer>();
       active_ = std::make_unique<router::ActiveSequences>(options_.kv_block_size);
@@ -77,14 +84,20 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
   }
 
   void AddInstance(uint64_t id, const std::string& address) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    for (Instance& in : instances_) {
-      if (in.id == id) {
-        in.address = address;
-        return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (Instance& in : instances_) {
+        if (in.id == id) {
+          in.address = address;
+          return;
+        }
       }
+      Instance in;
+      in.id = id;
+      in.address = address;
+      instances_.push_back(std::move(in));
     }
-    instances_.push_back({id, address, 0, 0, 0});
+    if (kv_ && options_.use_kv_events) RequestDump(id);
   }
 
   void RemoveInstance(uint64_t id) override {
@@ -105,24 +118,32 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
     client_->Disconnect(address);
   }
 
-  void ReportLoad(uint64_t id, int load) override {
+  void ReportLoad(uint64_t id, int load, double kv_usage) override {
     std::lock_guard<std::mutex> lock(mu_);
-    for (Instance& in : instances_)
-      if (in.id == id) in.reported_load = load;
+    for (Instance& in : instances_) {
+      if (in.id == id) {
+        in.reported_load = load;
+        in.kv_usage = kv_usage;
+      }
+    }
   }
 
   bool ApplyKvEvent(const router::RouterEvent& event) override {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (!kv_) return true;
-    bool known = false;
-    for (const Instance& in : instances_) known = known || in.id == event.worker.worker_id;
-    if (!known) return true;
-    const router::ApplyResult r = indexer_->ApplyEvent(event);
-    if (r.needs_resync()) {
-      DYN_LOG(WARN) << "kv events of worker " << event.worker.worker_id << ": " << r.message;
-      return false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!kv_) return true;
+      Instance* in = FindLocked(event.worker.worker_id);
+      if (in == nullptr) return true;
+      if (in->dump_pending) {
+        in->held_events.push_back(event);
+        return true;
+      }
+      const router::ApplyResult r = indexer_->ApplyEvent(event);
+      if (!r.needs_resync()) return true;
+      DYN_LOG(WARN) << "kv events of worker " << event.worker.worker_id << ": " << r.message << "; fetching its dump";
     }
-    return true;
+    RequestDump(event.worker.worker_id);
+    return false;
   }
 
   size_t num_instances() const override {
@@ -149,6 +170,15 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
 
   EngineMetrics Metrics() const override {
     EngineMetrics m;
+    if (kv_) {
+      std::lock_guard<std::mutex> lock(mu_);
+      m.router_decisions = kv_->stats().decisions;
+      m.router_rejections = kv_->stats().rejections;
+      m.kv_events_applied = indexer_->stats().events_applied;
+      m.kv_events_dropped = indexer_->stats().dropped_unknown_parent;
+      m.kv_event_gaps = indexer_->stats().gaps;
+      m.kv_dumps_applied = dumps_applied_;
+    }
     m.running = running_.load();
     m.prompt_tokens = prompt_tokens_.load();
     m.generated_tokens = generated_tokens_.load();
@@ -171,7 +201,7 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
     Instance* chosen = nullptr;
     if (kv_) {
       std::vector<router::WorkerCandidate> workers;
-      for (Instance* in : candidates) workers.push_back({router::WorkerKey{in->id, 0}, 0.0});
+      for (Instance* in : candidates) workers.push_back({router::WorkerKey{in->id, 0}, in->kv_usage});
       const std::vector<uint32_t>& tokens = attempt_tokens;
       const router::RequestBlocks blocks = router::HashRequest(tokens, options_.kv_block_size);
       const std::string route_id = s.context->id() + "#" + std::to_string(++route_seq_);
@@ -204,6 +234,61 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
     s.instance = chosen->id;
     *address = chosen->address;
     return true;
+  }
+
+  Instance* FindLocked(uint64_t id) {
+    for (Instance& in : instances_)
+      if (in.id == id) return &in;
+    return nullptr;
+  }
+
+  // Fetches the instance's KV dump and resynchronises its part of the index (at most one fetch in
+  // flight per instance; the instance's events are held meanwhile).
+  void RequestDump(uint64_t id) {
+    std::string address;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      Instance* in = FindLocked(id);
+      if (in == nullptr || in->dump_pending) return;
+      in->dump_pending = true;
+      address = in->address;
+    }
+    auto self = shared_from_this();
+    auto payload = std::make_shared<std::string>();
+    auto context = std::make_shared<RequestContext>("kv_dump-" + std::to_string(id));
+    CallCallbacks cb;
+    cb.on_data = [payload](std::string_view data) { payload->append(data); };
+    cb.on_end = [self, id, payload](const Status& status) { self->ApplyDump(id, status, *payload); };
+    client_->Call(address, "kv_dump", "", context, std::move(cb));
+  }
+
+  void ApplyDump(uint64_t id, const Status& status, const std::string& payload) {
+    std::lock_guard<std::mutex> lock(mu_);
+    Instance* in = FindLocked(id);
+    if (in == nullptr) return;  // gone meanwhile (RemoveInstance dropped its index)
+    in->dump_pending = false;
+    std::vector<router::RouterEvent> held;
+    held.swap(in->held_events);
+    const router::WorkerKey key{id, 0};
+    Result<KvDump> dump = status.ok() ? DecodeKvDump(payload) : Result<KvDump>(status);
+    if (dump.ok() && dump->worker_id != id) dump = Status::InvalidArgument("dump of another worker");
+    if (!dump.ok()) {
+      // Keep what we have; the next gap asks again.
+      DYN_LOG(WARN) << "kv dump of worker " << id << " failed: " << dump.status().ToString();
+      for (const auto& e : held) (void)indexer_->ApplyEvent(e);
+      return;
+    }
+    router::RouterEvent clear;
+    clear.worker = key;
+    clear.data = router::ClearedData{};
+    (void)indexer_->ApplyEvent(clear);
+    for (const auto& e : dump->events) (void)indexer_->ApplyEvent(e);
+    indexer_->SetLastEventId(key, dump->last_event_id);
+    ++dumps_applied_;
+    // Held events up to last_event_id are in the dump (ignored as duplicates); later ones apply.
+    for (const auto& e : held) (void)indexer_->ApplyEvent(e);
+    DYN_LOG(INFO) << "kv index of worker " << id << " resynchronised from its dump: " << dump->events.size()
+                  << " blocks, up to event " << dump->last_event_id;
   }
 
   void Release(uint64_t id, const std::string& route_id) {
@@ -263,7 +348,7 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
     const std::string route_id = s->route_id;
     auto self = shared_from_this();
     CallCallbacks cb;
-    cb.on_data = [self, s](std::string_view payload) {
+    cb.on_data = [self, s, instance](std::string_view payload) {
       if (s->finished) return;
       auto out = DecodeOutput(payload);
       if (!out.ok()) {
@@ -271,6 +356,7 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
         return;
       }
       EngineOutput o = std::move(*out);
+      o.worker_id = instance;
       if (s->first_delta_sent) {
         o.prompt_tokens = 0;
         o.cached_tokens = 0;
@@ -328,6 +414,7 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
   std::unique_ptr<router::RadixIndexer> indexer_;
   std::unique_ptr<router::ActiveSequences> active_;
   std::unique_ptr<router::KvRouter> kv_;
+  uint64_t dumps_applied_ = 0;  // under mu_
   std::atomic<int> running_{0};
   std::atomic<uint64_t> prompt_tokens_{0}, generated_tokens_{0}, migrations_{0};
 };

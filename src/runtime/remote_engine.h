@@ -11,6 +11,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -37,6 +38,11 @@ struct RemoteEngineOptions {
   double overlap_weight = 1.0;  // w in cost = w * prefill_blocks + decode_blocks
   double temperature = 0.0;     // 0: cheapest instance; > 0: softmax sampling over costs
   bool use_kv_events = false;   // workers' KV events feed the indexer (ApplyKvEvent); else approximate
+  // Busy thresholds: an instance is skipped while its reported KV usage (0..1) or its active
+  // prefill tokens (this frontend's view) exceed them; with every instance busy the request fails
+  // with Unavailable ("all workers are busy": HTTP 503) and is counted. Unset: never busy.
+  std::optional<double> busy_kv_usage;
+  std::optional<int64_t> busy_prefill_tokens;
 };
 
 struct InstanceStats {
@@ -55,10 +61,15 @@ class RemoteEngine : public Engine {
   virtual void AddInstance(uint64_t instance_id, const std::string& address) = 0;
   virtual void RemoveInstance(uint64_t instance_id) = 0;
   // Load an instance reported on the event plane (its running + waiting requests, counting every
-  // frontend's). Least-loaded routing uses the larger of it and this frontend's own in-flight count.
-  virtual void ReportLoad(uint64_t instance_id, int load) = 0;
+  // frontend's, and the fraction of its KV blocks in use). Least-loaded routing uses the larger of
+  // it and this frontend's own in-flight count; kv mode uses kv_usage for the busy threshold.
+  virtual void ReportLoad(uint64_t instance_id, int load, double kv_usage = 0.0) = 0;
   // kv mode: a worker's KV event (decoded from the event plane). Events of unknown instances are
-  // ignored. Returns false when the event revealed lost events (an event-id gap).
+  // ignored. Returns false when the event revealed lost events (an event-id gap); the engine then
+  // asks the worker for its dump ("kv_dump" endpoint, kv_event_publisher.h) and resynchronises,
+  // holding the worker's newer events until the dump is applied. With use_kv_events a dump is
+  // also fetched when an instance is added, so a frontend started after its workers knows their
+  // caches.
   virtual bool ApplyKvEvent(const router::RouterEvent& event) = 0;
   virtual size_t num_instances() const = 0;
   virtual std::vector<InstanceStats> Instances() const = 0;

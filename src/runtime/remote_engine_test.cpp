@@ -10,6 +10,8 @@
 #include <thread>
 
 #include "engine/echo/echo_engine.h"
+#include "runtime/kv_event_codec.h"
+#include "runtime/kv_event_publisher.h"
 
 namespace dyn {
 namespace {
@@ -45,10 +47,12 @@ struct Collector {
   std::optional<FinishReason> finish;
   std::string error;
   uint32_t prompt_tokens = 0;
+  uint64_t worker_id = 0;
 
   OutputSink Sink() {
     return [this](EngineOutput&& o) {
       std::lock_guard<std::mutex> lock(mu);
+      if (o.worker_id) worker_id = o.worker_id;
       tokens.insert(tokens.end(), o.token_ids.begin(), o.token_ids.end());
       if (o.prompt_tokens) prompt_tokens = o.prompt_tokens;
       if (o.finish_reason) {
@@ -238,6 +242,88 @@ TEST(RemoteEngine, KvModeSendsSharedPrefixesToTheSameWorker) {
   const auto third = run(p2);  // no overlap anywhere: the tie goes to the smaller tree, the other worker
   EXPECT_EQ(on_a ? third.second : third.first, 2u);
   client->Stop();
+  a.server->Stop();
+  b.server->Stop();
+  a.engine->Shutdown();
+  b.engine->Shutdown();
+}
+
+// Waits (up to 5 s) for `pred` to hold.
+template <typename Pred>
+bool Eventually(Pred pred) {
+  for (int i = 0; i < 500; ++i) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(10ms);
+  }
+  return pred();
+}
+
+KvEvent StoredEvent(uint64_t event_id, std::optional<uint64_t> parent, uint64_t block_hash, uint32_t first_token) {
+  KvEvent e;
+  e.type = KvEvent::Type::kStored;
+  e.event_id = event_id;
+  e.parent_hash = parent;
+  KvStoredBlock b;
+  b.block_hash = block_hash;
+  for (uint32_t i = 0; i < 16; ++i) b.token_ids.push_back(first_token + i);
+  e.blocks.push_back(std::move(b));
+  return e;
+}
+
+// A frontend that starts after its workers learns their caches from their dumps, and a lost
+// event (an id gap) is repaired from a fresh dump.
+TEST(RemoteEngine, KvModeResynchronisesFromWorkerDumps) {
+  Worker a = StartWorker(0), b = StartWorker(0);
+  KvEventPublisher pa, pb;
+  pa.Start(nullptr, "", 1);
+  pb.Start(nullptr, "", 2);
+  pa.ServeDumps(*a.server);
+  pb.ServeDumps(*b.server);
+  // Worker 1 already holds a two-block prefix (tokens 500..531) before the frontend exists.
+  pa.OnKvEvent(StoredEvent(1, std::nullopt, 9001, 500));
+  pa.OnKvEvent(StoredEvent(2, 9001, 9002, 516));
+
+  auto client = RequestClient::Create(RequestClientOptions{});
+  ASSERT_TRUE(client.ok());
+  RemoteEngineOptions o;
+  o.mode = RouterMode::kKv;
+  o.use_kv_events = true;
+  o.kv_block_size = 16;
+  auto engine = RemoteEngine::Create(*client, o);
+  engine->AddInstance(1, a.address);
+  engine->AddInstance(2, b.address);
+  ASSERT_TRUE(Eventually([&] { return engine->Metrics().kv_dumps_applied == 2; }));
+
+  std::vector<uint32_t> prompt;
+  for (uint32_t i = 0; i < 40; ++i) prompt.push_back(500 + i);
+  for (int i = 0; i < 4; ++i) {
+    PreprocessedRequest r = Request(2);
+    r.token_ids = prompt;
+    Collector c;
+    engine->Generate(r, std::make_shared<RequestContext>("r" + std::to_string(i)), c.Sink());
+    ASSERT_TRUE(c.Wait());
+    EXPECT_EQ(c.worker_id, 1u) << "request " << i << " did not go to the worker holding its prefix";
+  }
+
+  // Worker 2 stores a block the frontend never hears of (event 1 is lost), then event 2 arrives:
+  // a gap, so the frontend fetches worker 2's dump, which has both blocks.
+  pb.OnKvEvent(StoredEvent(1, std::nullopt, 7001, 800));
+  pb.OnKvEvent(StoredEvent(2, 7001, 7002, 816));
+  router::RouterEvent second = ToRouterEvent(2, StoredEvent(2, 7001, 7002, 816));
+  EXPECT_FALSE(engine->ApplyKvEvent(second));  // the gap is reported
+  ASSERT_TRUE(Eventually([&] { return engine->Metrics().kv_dumps_applied == 3; }));
+  EXPECT_EQ(engine->Metrics().kv_event_gaps, 1u);
+  std::vector<uint32_t> prompt2;
+  for (uint32_t i = 0; i < 36; ++i) prompt2.push_back(800 + i);
+  PreprocessedRequest r = Request(2);
+  r.token_ids = prompt2;
+  Collector c;
+  engine->Generate(r, std::make_shared<RequestContext>("after-gap"), c.Sink());
+  ASSERT_TRUE(c.Wait());
+  EXPECT_EQ(c.worker_id, 2u);
+  EXPECT_GE(engine->Metrics().router_decisions, 5u);
+
+  client.value()->Stop();
   a.server->Stop();
   b.server->Stop();
   a.engine->Shutdown();
