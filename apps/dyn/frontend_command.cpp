@@ -18,6 +18,7 @@
 
 #include "apps/dyn/command_util.h"
 #include "apps/dyn/commands.h"
+#include "apps/dyn/router_flags.h"
 #include "apps/dyn/serving_model.h"
 #include "base/flags.h"
 #include "base/log.h"
@@ -207,36 +208,23 @@ class ModelWatcher {
 }  // namespace
 
 int FrontendCommand(int argc, char** argv) {
-  std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", host = "0.0.0.0", router = "round-robin";
-  std::string event_spec, router_alias;
-  int64_t port = 8000, max_body_mb = 8, io_threads = 1, migration_limit = 3, kv_block_size = 0;
-  int64_t busy_prefill_tokens = -1;
-  double overlap_weight = 1.0, router_temperature = 0.0, busy_kv_usage = -1;
-  bool kv_events = true;
+  std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", host = "0.0.0.0";
+  std::string event_spec;
+  int64_t port = 8000, max_body_mb = 8, io_threads = 1;
+  RouterFlags rf;
   FlagSet fs("dyn frontend", "Serves the OpenAI API for the models of the workers registered in discovery.");
   fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
   fs.String("namespace", &ns, "namespace whose instances are served");
   fs.String("event-plane", &event_spec, "event plane for worker load reports: nats://HOST:4222 | mem | '' (off)");
   fs.String("host", &host, "address to listen on");
   fs.Int("port", &port, "HTTP port (0: pick a free one)");
-  fs.String("router-mode", &router, "round-robin | random | least-loaded | kv");
-  fs.String("router", &router_alias, "same as --router-mode (wins when set)");
-  fs.Int("kv-block-size", &kv_block_size, "kv router: block size in tokens (0: the workers' own, from their model card)");
-  fs.Double("active-decode-blocks-threshold", &busy_kv_usage,
-            "kv router: a worker whose KV usage (0..1) is above this is busy; all busy -> 503 (< 0: off)");
-  fs.Int("active-prefill-tokens-threshold", &busy_prefill_tokens,
-         "kv router: a worker with more active prefill tokens than this is busy (< 0: off)");
-  fs.Double("kv-overlap-score-weight", &overlap_weight, "kv router: weight of prefill cost against decode load");
-  fs.Double("router-temperature", &router_temperature, "kv router: 0 picks the cheapest worker; > 0 samples");
-  fs.Bool("kv-events", &kv_events, "kv router: index the workers' KV events (needs --event-plane); off: approximate mode");
-  fs.Int("migration-limit", &migration_limit, "times a stream may move to another worker when its own fails");
+  rf.Register(fs);
   fs.Int("max-body-mb", &max_body_mb, "largest request body accepted (MiB)");
   fs.Int("io-threads", &io_threads, "HTTP I/O threads");
   if (int rc = ParseCommandFlags(fs, argc, argv, "dyn frontend"); rc >= 0) return rc;
-  if (!router_alias.empty()) router = router_alias;
-  auto mode = ParseRouterMode(router);
-  if (!mode.ok()) {
-    std::fprintf(stderr, "dyn frontend: %s\n", mode.status().message().c_str());
+  auto options = rf.ToOptions(/*have_events=*/!event_spec.empty());
+  if (!options.ok()) {
+    std::fprintf(stderr, "dyn frontend: %s\n", options.status().message().c_str());
     return 2;
   }
   const sigset_t sigs = BlockTerminationSignals();  // before any thread starts
@@ -247,15 +235,7 @@ int FrontendCommand(int argc, char** argv) {
     return 1;
   }
   auto registry = std::make_shared<ModelRegistry>();
-  RemoteEngineOptions ro;
-  ro.mode = *mode;
-  ro.migration_limit = static_cast<int>(migration_limit);
-  ro.overlap_weight = overlap_weight;
-  ro.temperature = router_temperature;
-  ro.use_kv_events = kv_events && !event_spec.empty();
-  ro.kv_block_size = static_cast<int>(kv_block_size);
-  if (busy_kv_usage >= 0) ro.busy_kv_usage = busy_kv_usage;
-  if (busy_prefill_tokens >= 0) ro.busy_prefill_tokens = busy_prefill_tokens;
+  const RemoteEngineOptions& ro = *options;
   auto watcher = std::make_shared<ModelWatcher>(registry, *client, ro);
   auto discovery = CreateDiscovery(discovery_spec);
   if (!discovery.ok()) {
@@ -316,7 +296,7 @@ int FrontendCommand(int argc, char** argv) {
     return 1;
   }
   DYN_LOG(INFO) << "frontend on http://" << host << ":" << (*frontend)->port() << ", discovery "
-                << (*discovery)->Describe() << ", namespace " << ns << ", router " << RouterModeName(*mode);
+                << (*discovery)->Describe() << ", namespace " << ns << ", router " << RouterModeName(ro.mode);
   const int sig = WaitForTermination(sigs);
   DYN_LOG(INFO) << "signal " << sig << ": shutting down";
   (*frontend)->Stop();

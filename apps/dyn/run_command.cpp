@@ -9,7 +9,9 @@
 
 #include "apps/dyn/command_util.h"
 #include "apps/dyn/commands.h"
+#include "apps/dyn/local_cluster.h"
 #include "apps/dyn/local_engine.h"
+#include "apps/dyn/router_flags.h"
 #include "base/flags.h"
 #include "base/log.h"
 #include "frontend/frontend.h"
@@ -19,9 +21,12 @@ namespace dyn {
 int RunCommand(int argc, char** argv) {
   LocalEngineFlags ef;
   std::string host = "0.0.0.0";
-  int64_t port = 8000, max_body_mb = 8, io_threads = 1;
+  int64_t port = 8000, max_body_mb = 8, io_threads = 1, workers = 1;
+  RouterFlags rf;
   FlagSet fs("dyn run", "Serves a model over the OpenAI API from one process (frontend and engine together).");
   ef.Register(fs);
+  fs.Int("workers", &workers, "engines in this process; > 1 puts the router (--router-mode) in front of them");
+  rf.Register(fs);
   fs.String("host", &host, "address to listen on");
   fs.Int("port", &port, "HTTP port (0: pick a free one)");
   fs.Int("max-body-mb", &max_body_mb, "largest request body accepted (MiB)");
@@ -31,13 +36,31 @@ int RunCommand(int argc, char** argv) {
 
   const sigset_t sigs = BlockTerminationSignals();  // before any thread starts
 
-  auto t0 = std::chrono::steady_clock::now();
-  auto built = BuildLocalModel(ef);
-  if (!built.ok()) {
-    std::fprintf(stderr, "dyn run: %s\n", built.status().ToString().c_str());
-    return built.status().code() == StatusCode::kInvalidArgument && ef.engine_name != "native" && ef.engine_name != "echo" ? 2 : 1;
+  auto router_options = rf.ToOptions(/*have_events=*/true);
+  if (!router_options.ok() || workers < 1) {
+    std::fprintf(stderr, "dyn run: %s\n",
+                 workers < 1 ? "--workers must be at least 1" : router_options.status().message().c_str());
+    return 2;
   }
-  ServedModel served = std::move(*built);
+
+  auto t0 = std::chrono::steady_clock::now();
+  ServedModel served;
+  std::unique_ptr<LocalCluster> cluster;
+  if (workers > 1) {
+    auto started = LocalCluster::Start(ef, static_cast<int>(workers), *router_options, &served);
+    if (!started.ok()) {
+      std::fprintf(stderr, "dyn run: %s\n", started.status().ToString().c_str());
+      return 1;
+    }
+    cluster = std::move(*started);
+  } else {
+    auto built = BuildLocalModel(ef);
+    if (!built.ok()) {
+      std::fprintf(stderr, "dyn run: %s\n", built.status().ToString().c_str());
+      return built.status().code() == StatusCode::kInvalidArgument && ef.engine_name != "native" && ef.engine_name != "echo" ? 2 : 1;
+    }
+    served = std::move(*built);
+  }
   const std::string engine_name = ef.engine_name;
 
   auto registry = std::make_shared<ModelRegistry>();
@@ -45,6 +68,7 @@ int RunCommand(int argc, char** argv) {
   std::string name = served.name;
   if (Status s = registry->Add(std::move(served)); !s.ok()) {
     std::fprintf(stderr, "dyn run: %s\n", s.ToString().c_str());
+    if (cluster) cluster->Shutdown();
     engine->Shutdown();
     return 1;
   }
@@ -56,6 +80,7 @@ int RunCommand(int argc, char** argv) {
   auto frontend = HttpFrontend::Start(ho, registry);
   if (!frontend.ok()) {
     std::fprintf(stderr, "dyn run: %s\n", frontend.status().ToString().c_str());
+    if (cluster) cluster->Shutdown();
     engine->Shutdown();
     return 1;
   }
@@ -66,6 +91,7 @@ int RunCommand(int argc, char** argv) {
   const int sig = WaitForTermination(sigs);
   DYN_LOG(INFO) << "signal " << sig << ": shutting down";
   (*frontend)->Stop();
+  if (cluster) cluster->Shutdown();
   engine->Shutdown();
   return 0;
 }

@@ -1,0 +1,152 @@
+"""KV-aware routing end to end: `dyn run --workers N --router kv` (in-process mocker workers), the
+worker id in responses, busy thresholds (503), and a frontend that starts after its workers
+learning their caches from their KV dumps (real etcd + nats-server)."""
+import os
+import re
+import shutil
+import time
+
+import httpx
+import pytest
+
+from cluster import Etcd, Frontend, Nats, Worker, _wait
+from dyn_server import STORIES, DynServer
+
+HAVE_CLUSTER = (shutil.which("etcd") or os.path.exists("/usr/bin/etcd")) and \
+    (shutil.which("nats-server") or os.path.exists("/usr/sbin/nats-server"))
+
+# Prompts of ~300 tokens that share nothing with each other, each sent with several endings.
+STEMS = [" ".join([f"{w} went to the {p} with a {p} and {n} friends." for _ in range(14)])
+         for w, p, n in [("Tom", "park", "two"), ("Lily", "shop", "six"), ("Sam", "sea", "ten"),
+                         ("Ann", "zoo", "four")]]
+
+
+def complete(url, prompt, max_tokens=4, stream=False, model="mock"):
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": stream}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=60)
+    return r
+
+
+def worker_of(r):
+    wid = r.headers.get("x-dyn-worker-id")
+    assert wid is not None, r.headers
+    return int(wid)
+
+
+def metric(url, name):
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+@pytest.fixture
+def kv_run():
+    s = DynServer("--model", STORIES, "--served-model-name", "mock", "--engine", "mocker", "--workers", "4",
+                  "--router", "kv", "--block-size", "16", "--speedup-ratio", "100")
+    yield s
+    s.stop()
+
+
+def test_in_process_kv_router_keeps_each_prefix_on_one_worker(kv_run):
+    owners = {}
+    for round_ in range(3):
+        for i, stem in enumerate(STEMS):
+            r = complete(kv_run.url, stem + f" Ending {round_}.")
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["usage"]["completion_tokens"] == 4
+            wid = worker_of(r)
+            nv = body["nvext"]["worker_id"]
+            assert nv["prefill_worker_id"] == wid and nv["decode_worker_id"] == wid
+            owners.setdefault(i, set()).add(wid)
+            if round_ > 0:  # the prefix was found again in that worker's cache
+                assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= 250, body["usage"]
+    assert all(len(ws) == 1 for ws in owners.values()), owners
+    # Load spreads: four unrelated prefixes do not all land on one worker.
+    assert len({next(iter(ws)) for ws in owners.values()}) >= 2, owners
+    assert metric(kv_run.url, "dyn_router_decisions_total") == 12
+    assert metric(kv_run.url, "dyn_router_kv_events_applied_total") > 0
+
+
+def test_streaming_response_names_its_worker(kv_run):
+    with httpx.stream("POST", kv_run.url + "/v1/completions", timeout=60,
+                      json={"model": "mock", "prompt": STEMS[0], "max_tokens": 3, "stream": True}) as r:
+        assert r.status_code == 200
+        wid = worker_of(r)
+        text = r.read().decode()
+    m = re.search(r'"nvext":\{"worker_id":\{"prefill_worker_id":(\d+),"decode_worker_id":(\d+)\}\}', text)
+    assert m and int(m.group(1)) == wid == int(m.group(2)), text[:600]
+    assert text.rstrip().endswith("data: [DONE]")
+
+
+def test_round_robin_spreads_the_same_prefix():
+    s = DynServer("--model", STORIES, "--served-model-name", "mock", "--engine", "mocker", "--workers", "3",
+                  "--router", "round-robin", "--block-size", "16", "--speedup-ratio", "100")
+    try:
+        seen = [worker_of(complete(s.url, STEMS[0] + f" {i}")) for i in range(6)]
+        assert sorted(set(seen)) == [1, 2, 3], seen
+    finally:
+        s.stop()
+
+
+def test_all_workers_busy_gets_503_and_is_counted():
+    # Threshold 0: a worker with any KV block in use is busy. Two slow streams occupy both
+    # workers; a third request finds no free worker.
+    s = DynServer("--model", STORIES, "--served-model-name", "mock", "--engine", "mocker", "--workers", "2",
+                  "--router", "kv", "--block-size", "16", "--speedup-ratio", "1",
+                  "--active-decode-blocks-threshold", "0")
+    try:
+        streams = []
+        for stem in STEMS[:2]:
+            cm = httpx.stream("POST", s.url + "/v1/completions", timeout=120,
+                              json={"model": "mock", "prompt": stem, "max_tokens": 400, "stream": True})
+            r = cm.__enter__()
+            assert r.status_code == 200
+            streams.append((cm, r))
+        busy = {worker_of(r) for _, r in streams}
+        assert busy == {1, 2}, busy
+        time.sleep(0.5)  # load reports (every 100 ms) show both workers' KV in use
+        r = complete(s.url, STEMS[2])
+        assert r.status_code == 503, r.text
+        err = r.json()["error"]
+        assert "busy" in err["message"], err
+        assert metric(s.url, "dyn_router_rejections_total") == 1
+        for cm, _ in streams:
+            cm.__exit__(None, None, None)  # disconnect: the streams are cancelled
+        _wait(lambda: complete(s.url, STEMS[3], max_tokens=2).status_code == 200, 20, "a worker free again")
+    finally:
+        s.stop()
+
+
+@pytest.mark.skipif(not HAVE_CLUSTER, reason="etcd and nats-server are needed (scripts/setup.sh installs them)")
+def test_frontend_started_after_workers_learns_their_caches_from_dumps():
+    etcd, nats, procs = Etcd(), Nats(), []
+    try:
+        fleet = Worker(f"etcd:{etcd.url}", "--model", STORIES, "--served-model-name", "mock", "--engine", "mocker",
+                       "--speedup-ratio", "100", "--block-size", "16", "--workers", "2", "--event-plane", nats.url,
+                       name="fleet")
+        procs.append(fleet)
+        fe = Frontend(f"etcd:{etcd.url}", "--router", "kv", "--event-plane", nats.url)
+        procs.append(fe)
+        fe.wait_model("mock")
+        _wait(lambda: fe.metric("dyn_router_kv_dumps_applied_total") == 2, 20, "initial dumps", fe.proc, fe.logs)
+        owners = {i: worker_of(complete(fe.url, stem)) for i, stem in enumerate(STEMS)}
+        assert len(set(owners.values())) == 2, owners
+        time.sleep(0.5)  # the workers' KV events reach the old frontend; they do not matter below
+        fe.stop()
+        procs.remove(fe)
+        # A new frontend never saw those events: only the workers' dumps can tell it.
+        fe2 = Frontend(f"etcd:{etcd.url}", "--router", "kv", "--event-plane", nats.url)
+        procs.append(fe2)
+        fe2.wait_model("mock")
+        _wait(lambda: fe2.metric("dyn_router_kv_dumps_applied_total") == 2, 20, "dumps", fe2.proc, fe2.logs)
+        for i, stem in enumerate(STEMS):
+            r = complete(fe2.url, stem + " Again.")
+            assert worker_of(r) == owners[i], (i, owners)
+            assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 250
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        nats.stop()
+        etcd.stop()
