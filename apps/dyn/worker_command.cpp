@@ -29,6 +29,7 @@
 #include "runtime/event_plane.h"
 #include "runtime/kv_event_codec.h"
 #include "runtime/kv_event_publisher.h"
+#include "runtime/zmq_kv_source.h"
 #include "runtime/request_plane.h"
 
 namespace dyn {
@@ -45,7 +46,7 @@ std::string AbsolutePath(const std::string& path) {
 int WorkerCommand(int argc, char** argv) {
   LocalEngineFlags ef;
   std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", component = "backend";
-  std::string host = "0.0.0.0", advertise = "127.0.0.1", event_spec;
+  std::string host = "0.0.0.0", advertise = "127.0.0.1", event_spec, zmq_endpoint, zmq_topic;
   int64_t port = 0, http_port = -1, lease_ttl = 3, drain_timeout = 30, num_workers = 1;
   FlagSet fs("dyn worker", "Serves a model's engine on the request plane and registers it in discovery.");
   ef.Register(fs);
@@ -60,12 +61,20 @@ int WorkerCommand(int argc, char** argv) {
   fs.Int("lease-ttl", &lease_ttl, "discovery lease TTL in seconds: how long a dead worker stays listed");
   fs.Int("drain-timeout", &drain_timeout, "on SIGTERM, seconds to let running streams finish");
   fs.Int("workers", &num_workers, "instances in this process, each with its own engine, port and lease (mocker fleets)");
+  fs.String("kv-events-zmq", &zmq_endpoint,
+            "publish the KV events of an external engine (vLLM/SGLang ZMQ PUB: tcp://HOST:PORT, or bind:tcp://*:PORT) "
+            "as this instance's, instead of the built-in engine's own");
+  fs.String("kv-events-zmq-topic", &zmq_topic, "ZMQ subscription topic prefix ('' = all)");
   if (int rc = ParseCommandFlags(fs, argc, argv, "dyn worker"); rc >= 0) return rc;
   if (int rc = RequireModelPath(fs, &ef.model_path, "dyn worker"); rc >= 0) return rc;
   const sigset_t sigs = BlockTerminationSignals();  // before any thread starts
 
   if (num_workers < 1 || num_workers > 4096) {
     std::fprintf(stderr, "dyn worker: --workers must be in [1, 4096]\n");
+    return 2;
+  }
+  if (num_workers > 1 && !zmq_endpoint.empty()) {
+    std::fprintf(stderr, "dyn worker: --kv-events-zmq needs --workers 1 (one external engine per instance)\n");
     return 2;
   }
   if (num_workers > 1 && port != 0) {
@@ -93,7 +102,7 @@ int WorkerCommand(int argc, char** argv) {
   ServedModel served;
   for (size_t i = 0; i < instances.size(); ++i) {
     Instance& in = instances[i];
-    ef.kv_event_sink = in.publisher.get();
+    ef.kv_event_sink = zmq_endpoint.empty() ? in.publisher.get() : nullptr;
     int kv_block_size = 0;
     auto built = BuildLocalModel(ef, &kv_block_size);
     if (!built.ok()) {
@@ -184,6 +193,25 @@ int WorkerCommand(int argc, char** argv) {
                   << (http && &in == &instances[0] ? ", http port " + std::to_string(http->port()) : std::string());
   }
 
+  std::unique_ptr<ZmqKvSource> zmq_source;
+  if (!zmq_endpoint.empty()) {
+    ZmqKvSourceOptions zo;
+    zo.endpoint = zmq_endpoint;
+    zo.topic = zmq_topic;
+    zo.worker_id = instances[0].rec.instance_id;
+    KvEventPublisher* publisher = instances[0].publisher.get();
+    auto source = ZmqKvSource::Start(zo, [publisher](std::vector<router::RouterEvent>&& events, bool) {
+      publisher->OnExternalEvents(std::move(events));
+    });
+    if (!source.ok()) {
+      std::fprintf(stderr, "dyn worker: %s\n", source.status().ToString().c_str());
+      shutdown_all();
+      return 1;
+    }
+    zmq_source = std::move(*source);
+    DYN_LOG(INFO) << "KV events of instance " << zo.worker_id << " come from " << zmq_endpoint;
+  }
+
   // Load reports, once a second per instance, for the frontends' least-loaded routing.
   std::mutex stop_mu;
   std::condition_variable stop_cv;
@@ -228,6 +256,7 @@ int WorkerCommand(int argc, char** argv) {
     in.server->Drain(static_cast<int>(std::max<int64_t>(0, left.count())));
     in.publisher->Stop();
   }
+  if (zmq_source) zmq_source->Stop();
   if (http) http->Stop();
   shutdown_all();
   DYN_LOG(INFO) << "worker stopped";

@@ -30,11 +30,24 @@ void KvEventPublisher::OnKvEvent(const KvEvent& event) {
   // events published before it.
   std::lock_guard<std::mutex> lock(mu_);
   router::RouterEvent re = ToRouterEvent(instance_id_, event);
+  ApplyAndPublishLocked(re);
+}
+
+void KvEventPublisher::OnExternalEvents(std::vector<router::RouterEvent>&& events) {
+  std::lock_guard<std::mutex> lock(mu_);
+  for (router::RouterEvent& e : events) {
+    e.event_id = last_event_id_ + 1;
+    ApplyAndPublishLocked(e);
+  }
+}
+
+void KvEventPublisher::ApplyAndPublishLocked(router::RouterEvent& re) {
+  const router::WorkerKey published{instance_id_, re.worker.dp_rank};
   re.worker = kSelf;
   (void)mirror_.ApplyEvent(re);
-  last_event_id_ = event.event_id;
+  last_event_id_ = re.event_id;
   if (events_ != nullptr) {
-    re.worker = router::WorkerKey{instance_id_, 0};
+    re.worker = published;
     (void)events_->Publish(subject_, EncodeRouterEvent(re));
   }
 }

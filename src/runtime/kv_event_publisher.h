@@ -10,6 +10,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "kv/block_pool.h"
 #include "router/radix_indexer.h"
@@ -30,6 +31,9 @@ class KvEventPublisher : public KvEventSink {
   void Stop();  // no more publishing; the mirror stays
 
   void OnKvEvent(const KvEvent& event) override;
+  // Events of an external engine (ZmqKvSource): numbered here (their own sequence is the ZMQ
+  // one), then mirrored and published like the engine's own. Do not mix with OnKvEvent.
+  void OnExternalEvents(std::vector<router::RouterEvent>&& events);
 
   // The dump payload (EncodeKvDump): consistent with the published stream, i.e. exactly the state
   // after event last_event_id.
@@ -40,6 +44,8 @@ class KvEventPublisher : public KvEventSink {
   uint64_t last_event_id() const;
 
  private:
+  void ApplyAndPublishLocked(router::RouterEvent& event);
+
   mutable std::mutex mu_;
   EventPlane* events_ = nullptr;
   std::string subject_;

@@ -150,3 +150,57 @@ def test_frontend_started_after_workers_learns_their_caches_from_dumps():
             p.stop()
         nats.stop()
         etcd.stop()
+
+
+@pytest.mark.skipif(not HAVE_CLUSTER, reason="etcd and nats-server are needed (scripts/setup.sh installs them)")
+def test_external_engine_kv_events_from_zmq_steer_routing():
+    """A vLLM-style ZMQ publisher (real pyzmq + msgpack, vLLM's wire format) announces blocks for a
+    worker; the frontend routes prompts with those prefixes to it although its own engine never
+    computed them."""
+    import msgpack
+    import zmq
+    from dyn_server import free_port
+    etcd, nats, procs = Etcd(), Nats(), []
+    ctx = zmq.Context()
+    pub = ctx.socket(zmq.PUB)
+    port = free_port()
+    pub.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        ext = Worker(f"etcd:{etcd.url}", "--model", STORIES, "--served-model-name", "mock", "--engine", "mocker",
+                     "--speedup-ratio", "100", "--event-plane", nats.url,
+                     "--kv-events-zmq", f"tcp://127.0.0.1:{port}", name="external")
+        procs.append(ext)
+        own = Worker(f"etcd:{etcd.url}", "--model", STORIES, "--served-model-name", "mock", "--engine", "mocker",
+                     "--speedup-ratio", "100", "--block-size", "16", "--event-plane", nats.url, name="own")
+        procs.append(own)
+        ext_id = int(re.search(r"KV events of instance (\d+) come from", ext.logs()).group(1))
+        fe = Frontend(f"etcd:{etcd.url}", "--router", "kv", "--event-plane", nats.url)
+        procs.append(fe)
+        fe.wait_model("mock")
+        _wait(lambda: fe.metric("dyn_router_kv_dumps_applied_total") == 2, 20, "dumps", fe.proc, fe.logs)
+        time.sleep(0.5)  # ZMQ subscriptions propagate asynchronously
+
+        def tokens(text):
+            return httpx.post(fe.url + "/tokenize", json={"model": "mock", "prompt": text}, timeout=10).json()["tokens"]
+
+        next_hash = 1 << 62
+        for seq, stem in enumerate(STEMS[:3]):
+            ids = tokens(stem)
+            n = len(ids) // 64  # the mocker's (and so the router's) block size is 64
+            hashes = list(range(next_hash, next_hash + n))
+            next_hash += n
+            event = ["BlockStored", hashes, None, ids[:n * 64], 64, None, "GPU", None]
+            pub.send_multipart([b"kv-events", seq.to_bytes(8, "big"), msgpack.packb([time.time(), [event], None])])
+        _wait(lambda: fe.metric("dyn_router_kv_events_applied_total") >= 3, 10, "zmq events at the router",
+              fe.proc, fe.logs)
+        for stem in STEMS[:3]:
+            r = complete(fe.url, stem + " And then?")
+            assert r.status_code == 200, r.text
+            assert worker_of(r) == ext_id
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        pub.close(0)
+        ctx.term()
+        nats.stop()
+        etcd.stop()
