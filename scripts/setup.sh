@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 PKGS=(build-essential cmake ninja-build ccache pkg-config git unzip python3-venv
       libboost1.81-dev libboost-json1.81-dev libxxhash-dev libpcre2-dev libutf8proc-dev
       libgtest-dev libgmock-dev libbenchmark-dev
-      etcd-server etcd-client nats-server libnats-dev libzmq3-dev)
+      etcd-server etcd-client nats-server libnats-dev libzmq3-dev python3-matplotlib)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then
