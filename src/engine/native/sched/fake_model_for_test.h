@@ -62,6 +62,15 @@ class FakeModel : public Model {
 
   std::string Describe() const override { return "fake model, vocab " + std::to_string(config_.vocab_size); }
 
+  // A block's slots, for tests that move KV between two models (disaggregated serving).
+  std::vector<uint32_t> ReadBlock(int32_t block) const {
+    return {slots_.begin() + static_cast<size_t>(block) * block_size_,
+            slots_.begin() + static_cast<size_t>(block + 1) * block_size_};
+  }
+  void WriteBlock(int32_t block, std::span<const uint32_t> slots) {
+    std::copy(slots.begin(), slots.end(), slots_.begin() + static_cast<size_t>(block) * block_size_);
+  }
+
   // The logits the model produces after `history`: uniform in [0, 8) from a hash of the history.
   void LogitsFor(std::span<const uint32_t> history, float* out) const {
     const uint64_t h = XXH3_64bits(history.data(), history.size() * sizeof(uint32_t));

@@ -19,6 +19,7 @@ struct Scheduler::Sequence {
   int num_registered = 0;  // leading blocks of block_table already in the prefix cache
   int first_cached_tokens = -1;
   bool running = false;
+  bool importing = false;  // reserved for imported KV, not yet activated
 };
 
 Scheduler::Scheduler(BlockPool& pool, SchedulerConfig config) : pool_(pool), config_(config) {
@@ -56,22 +57,27 @@ Status Scheduler::Add(SeqId id, std::vector<uint32_t> prompt) {
   return Status::Ok();
 }
 
-void Scheduler::CommitStep() {
+void Scheduler::RegisterComputedBlocks(Sequence& seq) {
+  Sequence* s = &seq;
   const int bs = pool_.block_size();
+  const int full = std::min(s->num_computed / bs, static_cast<int>(s->sequence_hashes.size()));
+  if (full <= s->num_registered) return;
+  const int from = s->num_registered;
+  const int count = full - from;
+  std::optional<uint64_t> parent;
+  if (from > 0) parent = s->sequence_hashes[from - 1];
+  pool_.RegisterBlocks(std::span(s->block_table).subspan(from, count),
+                       std::span(s->sequence_hashes).subspan(from, count),
+                       std::span(s->local_hashes).subspan(from, count), parent,
+                       std::span(s->tokens).subspan(static_cast<size_t>(from) * bs, static_cast<size_t>(count) * bs));
+  s->num_registered = full;
+}
+
+void Scheduler::CommitStep() {
   for (Sequence* s : pending_) {
     s->num_computed += s->num_scheduled;
     s->num_scheduled = 0;
-    const int full = std::min(s->num_computed / bs, static_cast<int>(s->sequence_hashes.size()));
-    if (full <= s->num_registered) continue;
-    const int from = s->num_registered;
-    const int count = full - from;
-    std::optional<uint64_t> parent;
-    if (from > 0) parent = s->sequence_hashes[from - 1];
-    pool_.RegisterBlocks(std::span(s->block_table).subspan(from, count),
-                         std::span(s->sequence_hashes).subspan(from, count),
-                         std::span(s->local_hashes).subspan(from, count), parent,
-                         std::span(s->tokens).subspan(static_cast<size_t>(from) * bs, static_cast<size_t>(count) * bs));
-    s->num_registered = full;
+    RegisterComputedBlocks(*s);
   }
   pending_.clear();
 }
@@ -105,12 +111,75 @@ bool Scheduler::Finish(SeqId id) {
   Sequence* s = it->second.get();
   if (s->running) {
     running_.erase(std::find(running_.begin(), running_.end(), s));
+  } else if (s->importing) {
+    --num_importing_;
   } else {
     waiting_.erase(std::find(waiting_.begin(), waiting_.end(), s));
   }
   ReleaseBlocks(*s);
   seqs_.erase(it);
   return true;
+}
+
+std::vector<int32_t> Scheduler::Detach(SeqId id) {
+  CommitStep();
+  Sequence& s = Get(id);
+  assert(s.running && s.num_computed >= s.prompt_len);
+  running_.erase(std::find(running_.begin(), running_.end(), &s));
+  std::vector<int32_t> blocks = std::move(s.block_table);
+  seqs_.erase(id);
+  return blocks;
+}
+
+Result<Scheduler::ImportPlan> Scheduler::ReserveForImport(SeqId id, std::vector<uint32_t> prompt) {
+  if (prompt.empty()) return Status::InvalidArgument("empty prompt");
+  if (seqs_.count(id)) return Status::InvalidArgument("sequence id " + std::to_string(id) + " is already in use");
+  const int total = static_cast<int>(prompt.size());
+  if (BlocksFor(total) > pool_.num_blocks()) {
+    return Status::InvalidArgument("prompt of " + std::to_string(total) + " tokens needs " +
+                                   std::to_string(BlocksFor(total)) + " KV blocks but the pool has only " +
+                                   std::to_string(pool_.num_blocks()));
+  }
+  auto seq = std::make_unique<Sequence>();
+  seq->id = id;
+  seq->prompt_len = total;
+  seq->tokens = std::move(prompt);
+  if (pool_.prefix_caching()) {
+    ExtendBlockHashes(seq->tokens, pool_.block_size(), config_.hash_seed, seq->local_hashes, seq->sequence_hashes);
+  }
+  // Nothing is computed here, so every cached full block counts (no last-token rule).
+  std::vector<int32_t> hit = pool_.MatchPrefix(seq->sequence_hashes, seq->sequence_hashes.size());
+  const int need = BlocksFor(total) - static_cast<int>(hit.size());
+  if (need > pool_.num_free_blocks() - pool_.CountUnreferenced(hit)) {
+    return Status::ResourceExhausted("not enough free KV blocks to import " + std::to_string(total) + " tokens now");
+  }
+  pool_.Acquire(hit);
+  seq->block_table = std::move(hit);
+  const int cached = static_cast<int>(seq->block_table.size());
+  if (need > 0) {
+    [[maybe_unused]] bool ok = pool_.Allocate(need, seq->block_table);
+    assert(ok);
+  }
+  seq->num_registered = cached;
+  seq->first_cached_tokens = std::min(total, cached * pool_.block_size());
+  prefix_hit_tokens_ += static_cast<uint64_t>(seq->first_cached_tokens);
+  seq->importing = true;
+  ++num_importing_;
+  ImportPlan plan{seq->block_table, cached};
+  seqs_.emplace(id, std::move(seq));
+  return plan;
+}
+
+void Scheduler::ActivateImported(SeqId id, uint32_t first_token) {
+  Sequence& s = Get(id);
+  assert(s.importing);
+  s.importing = false;
+  --num_importing_;
+  s.num_computed = s.prompt_len;
+  RegisterComputedBlocks(s);
+  s.running = true;
+  running_.push_back(&s);
+  AppendToken(id, first_token);
 }
 
 void Scheduler::Preempt(Sequence& s, SchedulerOutput& out) {

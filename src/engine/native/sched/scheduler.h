@@ -85,8 +85,34 @@ class Scheduler {
   // Appends a sampled token to a running sequence; it is computed in a later step.
   void AppendToken(SeqId id, uint32_t token);
 
-  // Removes a running or waiting sequence and releases its blocks. False if the id is unknown.
+  // Removes a running, waiting or importing sequence and releases its blocks. False if the id is
+  // unknown.
   bool Finish(SeqId id);
+
+  // ---- disaggregated serving (prefill on one worker, decode on another) ----
+  // Prefill side: removes a running sequence whose prompt KV is computed but keeps its blocks
+  // referenced, and returns them. The caller owns those references (a lease while a decode worker
+  // copies them) and gives them back with ReleaseDetached. Full blocks were registered in the
+  // prefix cache as usual, so later requests still reuse them.
+  std::vector<int32_t> Detach(SeqId id);
+  void ReleaseDetached(std::span<const int32_t> blocks) { pool_.Release(blocks); }
+
+  // Decode side: a sequence whose prompt KV is computed elsewhere. Reserve allocates blocks for the
+  // whole prompt now, reusing the longest run of full blocks already in the local prefix cache
+  // (those need no copy); the sequence then waits, never scheduled, until ActivateImported (the
+  // copy into blocks [cached_blocks, end) is done) or Finish (it failed). ResourceExhausted when
+  // the blocks are not free now (retry later); InvalidArgument for an empty prompt or a used id.
+  struct ImportPlan {
+    std::vector<int32_t> block_table;  // covers the prompt
+    int cached_blocks = 0;             // leading blocks found locally
+  };
+  Result<ImportPlan> ReserveForImport(SeqId id, std::vector<uint32_t> prompt);
+  // The whole prompt's KV is in the blocks: the sequence joins the running set as if it had been
+  // prefilled here (its full blocks enter the prefix cache) with `first_token`, sampled by the
+  // prefill worker, appended. It may take the running set past max_num_seqs until it drains: call
+  // it when num_running() < max_num_seqs to avoid that.
+  void ActivateImported(SeqId id, uint32_t first_token);
+  int num_importing() const { return num_importing_; }
 
   bool Contains(SeqId id) const { return seqs_.count(id) != 0; }
   int num_running() const { return static_cast<int>(running_.size()); }
@@ -114,6 +140,7 @@ class Scheduler {
   void Preempt(Sequence& seq, SchedulerOutput& out);
   void ReleaseBlocks(Sequence& seq);
   void Emit(Sequence& seq, int n, SchedulerOutput& out);
+  void RegisterComputedBlocks(Sequence& seq);
 
   BlockPool& pool_;
   SchedulerConfig config_;
@@ -124,6 +151,7 @@ class Scheduler {
   uint64_t num_preemptions_ = 0;
   uint64_t prefix_hit_tokens_ = 0;
   uint64_t computed_tokens_ = 0;
+  int num_importing_ = 0;
 };
 
 }  // namespace dyn

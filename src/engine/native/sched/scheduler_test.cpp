@@ -66,6 +66,9 @@ class Driver {
     return out;
   }
 
+  // Expect `max_tokens` outputs for a sequence added behind the driver's back (imported KV).
+  void Expect(SeqId id, int max_tokens) { max_tokens_[id] = max_tokens; }
+
   void RunToCompletion(int max_steps = 10000) {
     while (sched.has_unfinished() && steps < max_steps) Step();
     ASSERT_FALSE(sched.has_unfinished());
@@ -300,6 +303,62 @@ TEST(SchedulerTest, SequenceOutgrowingThePoolFailsInsteadOfLooping) {
   EXPECT_EQ(failed[0].first, 1u);
   EXPECT_EQ(failed[0].second.code(), StatusCode::kResourceExhausted);
   EXPECT_EQ(d.pool.num_used_blocks(), 0);
+}
+
+// Disaggregated serving: prefill on one scheduler+model, detach the blocks, copy them into blocks
+// reserved on another, activate there with the first token, decode: the output equals serving
+// the request in one place, and both pools end with no block in use.
+TEST(SchedulerTest, PrefillThenDecodeElsewhereGivesTheSameOutput) {
+  const SchedulerConfig cfg{4, 32, 0};
+  Driver prefill(64, 4, cfg), decode(64, 4, cfg);
+  auto move_request = [&](SeqId id, const std::vector<uint32_t>& prompt, int max_tokens) -> int {
+    prefill.Add(id, prompt, 1000);
+    while (prefill.outputs[id].empty()) prefill.Step();
+    const uint32_t first = prefill.outputs[id][0];
+    std::vector<int32_t> src = prefill.sched.Detach(id);
+    EXPECT_EQ(static_cast<int>(src.size()), (static_cast<int>(prompt.size()) + 3) / 4);
+    auto plan = decode.sched.ReserveForImport(id, prompt);
+    EXPECT_TRUE(plan.ok()) << plan.status().ToString();
+    if (!plan.ok()) return -1;
+    EXPECT_EQ(plan->block_table.size(), src.size());
+    EXPECT_EQ(decode.sched.num_importing(), 1);
+    for (size_t b = plan->cached_blocks; b < src.size(); ++b) {
+      decode.model.WriteBlock(plan->block_table[b], prefill.model.ReadBlock(src[b]));
+    }
+    prefill.sched.ReleaseDetached(src);
+    decode.sched.ActivateImported(id, first);
+    decode.outputs[id].push_back(first);
+    decode.Expect(id, max_tokens);
+    decode.RunToCompletion();
+    EXPECT_EQ(decode.outputs[id], prefill.model.Greedy(prompt, max_tokens)) << "request " << id;
+    return plan->cached_blocks;
+  };
+  const std::vector<uint32_t> a = Prompt(23, 1);
+  EXPECT_EQ(move_request(1, a, 9), 0);
+  // A second prompt sharing a's first 5 full blocks: the decode side already holds them and
+  // copies only the rest.
+  std::vector<uint32_t> b(a.begin(), a.begin() + 20);
+  for (uint32_t t : Prompt(7, 9)) b.push_back(t);
+  EXPECT_EQ(move_request(2, b, 6), 5);
+  EXPECT_EQ(prefill.pool.num_used_blocks(), 0);
+  EXPECT_EQ(decode.pool.num_used_blocks(), 0);
+  EXPECT_EQ(decode.sched.num_importing(), 0);
+}
+
+TEST(SchedulerTest, ImportWaitsForBlocksAndFinishFreesAReservation) {
+  BlockPool pool(4, 4);
+  Scheduler s(pool, SchedulerConfig{4, 32, 0});
+  auto big = s.ReserveForImport(1, Prompt(12, 3));  // 3 of 4 blocks
+  ASSERT_TRUE(big.ok());
+  auto no_room = s.ReserveForImport(2, Prompt(8, 4));
+  ASSERT_FALSE(no_room.ok());
+  EXPECT_EQ(no_room.status().code(), StatusCode::kResourceExhausted);
+  EXPECT_FALSE(s.Contains(2));
+  EXPECT_EQ(s.ReserveForImport(1, Prompt(4, 5)).status().code(), StatusCode::kInvalidArgument);  // id in use
+  EXPECT_TRUE(s.Finish(1));  // the copy failed: the reservation goes
+  EXPECT_EQ(pool.num_used_blocks(), 0);
+  EXPECT_EQ(s.num_importing(), 0);
+  EXPECT_TRUE(s.ReserveForImport(2, Prompt(8, 4)).ok());
 }
 
 }  // namespace
