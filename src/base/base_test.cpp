@@ -82,6 +82,17 @@ TEST(Flags, CommandLineBeatsEnvironmentBeatsDefault) {
   EXPECT_EQ(FlagSet::EnvName("max-num-seqs"), "DYN_MAX_NUM_SEQS");
 }
 
+TEST(Flags, IsSetTellsGivenFromDefault) {
+  int64_t block = 16, seqs = 64;
+  FlagSet fs("t", "");
+  fs.Int("block-size", &block, "");
+  fs.Int("max-num-seqs", &seqs, "");
+  const char* argv[] = {"t", "--block-size", "16"};  // given, though equal to the default
+  ASSERT_TRUE(fs.Parse(3, const_cast<char**>(argv)).ok());
+  EXPECT_TRUE(fs.IsSet("block-size"));
+  EXPECT_FALSE(fs.IsSet("max-num-seqs"));
+}
+
 TEST(Flags, ErrorsNameTheFlag) {
   int64_t port = 0;
   FlagSet fs("dyn test", "test");

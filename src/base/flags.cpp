@@ -1,5 +1,6 @@
 #include "base/flags.h"
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <cstdlib>
@@ -35,7 +36,12 @@ const FlagSet::Flag* FlagSet::Find(const std::string& name) const {
   return nullptr;
 }
 
+bool FlagSet::IsSet(const std::string& name) const {
+  return std::find(set_.begin(), set_.end(), name) != set_.end();
+}
+
 Status FlagSet::Set(const Flag& f, const std::string& value, const std::string& source) {
+  if (!IsSet(f.name)) set_.push_back(f.name);
   auto bad = [&](const char* what) {
     return Status::InvalidArgument(source + ": expected " + what + ", got '" + value + "'");
   };

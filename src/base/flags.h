@@ -29,6 +29,9 @@ class FlagSet {
   Status Parse(int argc, char** argv);
   bool help_requested() const { return help_; }
   const std::vector<std::string>& positional() const { return positional_; }
+  // Whether the flag was given (command line or environment), as opposed to left at its default:
+  // for flags whose default depends on other flags (the mocker's sizes, say).
+  bool IsSet(const std::string& name) const;
   std::string Usage() const;
 
   // "max-num-seqs" -> "DYN_MAX_NUM_SEQS".
@@ -47,6 +50,7 @@ class FlagSet {
   std::string command_, summary_;
   std::vector<Flag> flags_;
   std::vector<std::string> positional_;
+  std::vector<std::string> set_;
   bool help_ = false;
 };
 
