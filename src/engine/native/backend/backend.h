@@ -1,6 +1,6 @@
 // Compute backend interface of the native engine: memory, weight views and the kernels one
 // Llama-family forward step needs. The model (model/llama_model.cpp) is written once against this
-// interface; the CPU backend (cpu/) implements it today, a CUDA backend can implement it later.
+// interface; the CPU backend (cpu/) and the CUDA backend (cuda/) implement it.
 //
 // Conventions every backend follows:
 // - Activations are F32 row-major matrices in backend memory (Buffer::data()); "m" is the number of
@@ -90,6 +90,7 @@ class Backend {
   virtual Result<std::unique_ptr<Buffer>> Allocate(size_t bytes) = 0;
   // Makes a host weight (e.g. in a mapped file) usable by the kernels. The CPU backend returns it
   // unchanged (used in place); a device backend copies it into a Buffer appended to `owned`.
+  // host.data == nullptr asks a device backend for random values (dummy weights for benchmarks).
   virtual Result<Weight> PrepareWeight(const Weight& host, std::vector<std::unique_ptr<Buffer>>* owned) = 0;
   virtual void CopyToBackend(void* dst, const void* host_src, size_t bytes) = 0;
   virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
@@ -134,7 +135,10 @@ class Backend {
 
 // The CPU backend: a persistent thread pool of num_threads (0 = hardware threads) threads.
 std::unique_ptr<Backend> CreateCpuBackend(int num_threads);
-// "cpu" today; other names fail with Unsupported.
+// "cpu", or "cuda" in builds with the CUDA backend (backend/cuda/, GPU 0); other names fail with
+// Unsupported.
 Result<std::unique_ptr<Backend>> CreateBackend(const std::string& device, int num_threads);
+// "cuda" when this build has the CUDA backend and a GPU is visible, else "cpu".
+std::string DefaultDevice();
 
 }  // namespace dyn

@@ -11,6 +11,9 @@
 #include "engine/native/backend/backend.h"
 #include "engine/native/backend/cpu/cpu_kernels.h"
 #include "engine/native/backend/cpu/quant_blocks.h"
+#if DYN_HAVE_CUDA
+#include "engine/native/backend/cuda/cuda_backend.h"
+#endif
 
 namespace dyn {
 
@@ -268,7 +271,19 @@ std::unique_ptr<Backend> CreateCpuBackend(int num_threads) {
 
 Result<std::unique_ptr<Backend>> CreateBackend(const std::string& device, int num_threads) {
   if (device == "cpu") return CreateCpuBackend(num_threads);
+#if DYN_HAVE_CUDA
+  if (device == "cuda") return CreateCudaBackend(0);
+  return Status::Unsupported("compute backend '" + device + "' (have: cpu, cuda)");
+#else
   return Status::Unsupported("compute backend '" + device + "' is not available in this build (have: cpu)");
+#endif
+}
+
+std::string DefaultDevice() {
+#if DYN_HAVE_CUDA
+  if (CudaDeviceCount() > 0) return "cuda";
+#endif
+  return "cpu";
 }
 
 }  // namespace dyn
