@@ -7,6 +7,7 @@
 #include "base/log.h"
 #include "engine/echo/echo_engine.h"
 #include "engine/mocker/mocker_engine.h"
+#include "engine/native/backend/backend.h"
 #include "engine/native/model/model.h"
 #include "engine/native/sched/native_engine.h"
 #include "llm/tokenizer/tokenizer.h"
@@ -17,6 +18,7 @@ void LocalEngineFlags::Register(FlagSet& fs) {
   fs.String("model", &model_path, "Hugging Face model directory or .gguf file (required)");
   fs.String("served-model-name", &served_name, "name clients use in 'model' (default: from the path)");
   fs.String("engine", &engine_name, "native | echo | mocker (simulated: the model path is only for the tokenizer)");
+  fs.String("device", &device, "native engine compute backend: cpu | cuda | auto (cuda when a GPU is visible)");
   fs.Int("threads", &threads, "CPU threads for the native engine (0: all cores)");
   fs.Int("block-size", &block_size, "KV cache block size in tokens");
   fs.Int("kv-cache-mb", &kv_cache_mb, "KV cache size in MiB (when --num-kv-blocks is 0)");
@@ -66,6 +68,7 @@ Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f, int* kv_block_siz
 
   if (f.engine_name == "native") {
     ModelLoadOptions lo;
+    lo.device = f.device == "auto" ? DefaultDevice() : f.device;
     lo.num_threads = static_cast<int>(f.threads);
     DYN_ASSIGN_OR_RETURN(auto model, LoadModel(f.model_path, lo));
     const ModelConfig& cfg = model->config();

@@ -67,7 +67,7 @@ class Model {
 };
 
 struct ModelLoadOptions {
-  std::string device = "cpu";  // "cpu" (the CUDA backend comes later)
+  std::string device = "cpu";  // "cpu" or "cuda" (builds with the CUDA backend); see DefaultDevice()
   int num_threads = 0;         // 0 = all hardware threads
 };
 
