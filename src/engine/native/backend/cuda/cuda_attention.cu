@@ -1,10 +1,12 @@
 // Paged KV writes and causal paged attention of the CUDA backend (F32 cache, layout in KvLayout).
 //
-// Attention: one block of 4 warps per (query head, row). Each warp walks every 4th key of the
+// Attention: one block of W warps per (query head, row). Each warp walks every W-th key of the
 // row's causal range through the block table, computes q.k with a warp reduction and keeps an
 // online softmax (running max, sum and V accumulator, head_dim / 32 values per lane); the four
 // partial states are merged through shared memory at the end. Prefill rows and decode rows run
-// the same code: a row's range is [0, its position].
+// the same code: a row's range is [0, its position]. W is 4 when there are enough (head, row)
+// blocks to fill the GPU, and 16 for decode-sized calls, where one block per head would leave
+// most multiprocessors idle and each warp would walk a long range alone.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -14,8 +16,8 @@
 namespace dyn::cuda {
 namespace {
 
-constexpr int kAttnWarps = 4;
 constexpr int kMaxHeadDim = 256;
+int g_multiprocessors = 132;  // an H100/H200's, until SetMultiprocessorCount
 
 struct CacheGeometry {
   size_t block_floats;   // floats of one block (all layers)
@@ -59,7 +61,7 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-template <int kPerLane>
+template <int kPerLane, int kAttnWarps>
 __global__ void __launch_bounds__(kAttnWarps * 32) AttentionKernel(const float* __restrict__ cache, CacheGeometry g, AttnRows meta,
                                                                    const float* __restrict__ q, int num_heads, int group,
                                                                    float scale, float* __restrict__ out) {
@@ -125,7 +127,27 @@ __global__ void __launch_bounds__(kAttnWarps * 32) AttentionKernel(const float* 
   }
 }
 
+template <int kWarps>
+void Launch(cudaStream_t stream, const float* cache, const CacheGeometry& g, const AttnRows& meta, const float* q, int num_heads,
+            int group, float scale, float* out) {
+  const dim3 grid(num_heads, meta.rows);
+  const int threads = kWarps * 32;
+  if (g.head_dim <= 32) {
+    AttentionKernel<1, kWarps><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
+  } else if (g.head_dim <= 64) {
+    AttentionKernel<2, kWarps><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
+  } else if (g.head_dim <= 128) {
+    AttentionKernel<4, kWarps><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
+  } else if (g.head_dim <= kMaxHeadDim) {
+    AttentionKernel<8, kWarps><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
+  } else {
+    Check(cudaErrorInvalidValue, "Attention: head_dim > 256", __FILE__, __LINE__);
+  }
+}
+
 }  // namespace
+
+void SetMultiprocessorCount(int n) { g_multiprocessors = n > 0 ? n : 1; }
 
 void WriteKv(cudaStream_t stream, float* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,
              const float* v) {
@@ -140,18 +162,10 @@ void Attention(cudaStream_t stream, const float* cache, const KvLayout& layout, 
   if (meta.rows == 0) return;
   const CacheGeometry g = Geometry(layout, layer);
   const int group = num_heads / layout.num_kv_heads;
-  const dim3 grid(num_heads, meta.rows);
-  const int threads = kAttnWarps * 32;
-  if (layout.head_dim <= 32) {
-    AttentionKernel<1><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
-  } else if (layout.head_dim <= 64) {
-    AttentionKernel<2><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
-  } else if (layout.head_dim <= 128) {
-    AttentionKernel<4><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
-  } else if (layout.head_dim <= kMaxHeadDim) {
-    AttentionKernel<8><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
+  if (num_heads * meta.rows >= 2 * g_multiprocessors) {
+    Launch<4>(stream, cache, g, meta, q, num_heads, group, scale, out);
   } else {
-    Check(cudaErrorInvalidValue, "Attention: head_dim > 256", __FILE__, __LINE__);
+    Launch<16>(stream, cache, g, meta, q, num_heads, group, scale, out);
   }
   DYN_CUDA_CHECK_LAUNCH();
 }

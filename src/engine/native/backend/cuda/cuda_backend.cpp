@@ -1,5 +1,17 @@
-// The CUDA backend (see cuda_backend.h): device memory, weight preparation, host metadata uploads
-// and the dispatch of each Backend kernel to cuda_*.cu or cuBLAS.
+// The CUDA backend (see cuda_backend.h): device memory, weight preparation, host metadata uploads,
+// the dispatch of each Backend kernel to cuda_*.cu or cuBLAS, and CUDA graph replay of repeated
+// steps.
+//
+// Kernel calls are not launched when called: each appends a closure and its arguments (the
+// "signature": every pointer and size it passes) to a pending list, and the list runs when the
+// host next needs the device (CopyToHost of the logits, any copy, PrepareWeight). A list whose
+// signature equals the previous one (a decode step of the same batch shape: same buffers, same
+// weights, the per-step values live in device metadata uploaded outside the list) is captured
+// into a CUDA graph once and then replayed with one launch, which removes the launch gaps between
+// the ~15 small kernels per layer. One-off lists (prefill chunks) run eagerly, so they never pay
+// for a capture. Host metadata is uploaded at call time; a second upload into the same device
+// array, or a growth that would free it, first runs the pending list, so each pending kernel
+// always reads the values it was called with. DYN_CUDA_GRAPHS=0 turns graphs off.
 #include "engine/native/backend/cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -10,8 +22,11 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <tuple>
+#include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "engine/native/backend/cuda/cuda_kernels.h"
@@ -38,32 +53,44 @@ class CudaBuffer : public Buffer {
 };
 
 // A device array that grows on demand (the old one is freed; cudaFree waits for the device).
-class Scratch {
- public:
-  ~Scratch() { cudaFree(p_); }
+struct Scratch {
+  ~Scratch() { cudaFree(p); }
+  bool Fits(size_t bytes) const { return bytes <= cap; }
   void* Get(size_t bytes) {
-    if (bytes > cap_) {
-      DYN_CUDA_CHECK(cudaFree(p_));
-      cap_ = bytes * 5 / 4 + 256;
-      DYN_CUDA_CHECK(cudaMalloc(&p_, cap_));
+    if (bytes > cap) {
+      DYN_CUDA_CHECK(cudaFree(p));
+      cap = bytes * 5 / 4 + 256;
+      DYN_CUDA_CHECK(cudaMalloc(&p, cap));
     }
-    return p_;
+    return p;
   }
-
- private:
-  void* p_ = nullptr;
-  size_t cap_ = 0;
+  void* p = nullptr;
+  size_t cap = 0;
+  bool written = false;  // uploaded to since the pending list last ran
 };
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Largest m that takes the GEMV kernel rather than cuBLAS. Measured on an H200: at m = 1 the
+// GEMV matches cuBLAS on large matrices and is 2.4x faster on the 1024-row K/V projections (and
+// fuses Q/K/V and gate/up into one launch); at m = 2 cuBLAS is already faster on the large ones
+// (docs/benchmarks/cuda.md).
+constexpr int kGemvRows = 1;
+constexpr size_t kBlasWorkspace = size_t{32} << 20;  // fixed, so cuBLAS calls can be captured
+constexpr size_t kMaxGraphs = 16;
+
+enum Op : uint8_t { kEmbed, kNorm, kGemv, kGemvMulti, kSgemm, kGemm, kGather, kBias, kAdd, kSwiGlu, kRopeTab, kRope, kWriteKv, kAttn };
 
 class CudaBackend : public Backend {
  public:
   explicit CudaBackend(int device) : device_(device) {}
 
   ~CudaBackend() override {
-    cudaStreamSynchronize(stream_);
+    if (stream_) Flush();
+    if (stream_) cudaStreamSynchronize(stream_);
+    for (auto& [sig, exec] : graphs_) cudaGraphExecDestroy(exec);
     if (blas_) cublasDestroy(blas_);
+    cudaFree(blas_workspace_);
     if (stream_) cudaStreamDestroy(stream_);
   }
 
@@ -73,11 +100,16 @@ class CudaBackend : public Backend {
     }
     cudaDeviceProp prop;
     DYN_CUDA_CHECK(cudaGetDeviceProperties(&prop, device_));
+    cuda::SetMultiprocessorCount(prop.multiProcessorCount);
     DYN_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
     if (cublasCreate(&blas_) != CUBLAS_STATUS_SUCCESS) return Status::Unavailable("cuda: cublasCreate failed");
     CheckBlas(cublasSetStream(blas_, stream_), "cublasSetStream");
+    DYN_CUDA_CHECK(cudaMalloc(&blas_workspace_, kBlasWorkspace));
+    CheckBlas(cublasSetWorkspace(blas_, blas_workspace_, kBlasWorkspace), "cublasSetWorkspace");
+    const char* env = std::getenv("DYN_CUDA_GRAPHS");
+    graphs_enabled_ = env == nullptr || std::string(env) != "0";
     description_ = "cuda (" + std::string(prop.name) + ", sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
-                   std::to_string(prop.totalGlobalMem >> 30) + " GiB)";
+                   std::to_string(prop.totalGlobalMem >> 30) + " GiB" + (graphs_enabled_ ? ", graphs" : "") + ")";
     return Status::Ok();
   }
 
@@ -86,7 +118,7 @@ class CudaBackend : public Backend {
   Result<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
     void* p = nullptr;
     if (cudaError_t e = cudaMalloc(&p, bytes == 0 ? 256 : bytes); e != cudaSuccess) {
-      cudaGetLastError();  // clear the sticky-free allocation error
+      cudaGetLastError();  // clear the (non-sticky) allocation error
       return Status::ResourceExhausted("cuda backend: cannot allocate " + std::to_string(bytes) + " bytes: " + cudaGetErrorString(e));
     }
     return std::unique_ptr<Buffer>(new CudaBuffer(p, bytes));
@@ -95,30 +127,68 @@ class CudaBackend : public Backend {
   Result<Weight> PrepareWeight(const Weight& host, std::vector<std::unique_ptr<Buffer>>* owned) override;
 
   void CopyToBackend(void* dst, const void* src, size_t bytes) override {
+    Flush();
     DYN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
     DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
   void CopyToHost(void* dst, const void* src, size_t bytes) override {
+    Flush();
     DYN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   }
 
   void Embedding(const Weight& table, std::span<const uint32_t> ids, float* out) override {
-    cuda::Embedding(stream_, table.dtype, table.data, table.cols, Upload(ids_, ids), static_cast<int>(ids.size()), out);
+    const uint32_t* d_ids = Upload(ids_, ids);
+    const int n = static_cast<int>(ids.size());
+    Defer([=, this] { cuda::Embedding(stream_, table.dtype, table.data, table.cols, d_ids, n, out); }, kEmbed, table.dtype,
+          table.data, table.cols, d_ids, n, out);
   }
 
   void RmsNorm(const float* x, const float* weight, int m, int dim, float eps, float* out) override {
-    cuda::RmsNorm(stream_, x, weight, m, dim, eps, out);
+    Defer([=, this] { cuda::RmsNorm(stream_, x, weight, m, dim, eps, out); }, kNorm, x, weight, int64_t{m}, dim, eps, out);
   }
 
   void MatMul(const float* x, int m, const Weight& w, float* out) override;
 
-  void GatherRows(const float* x, int dim, std::span<const uint32_t> rows, float* out) override {
-    cuda::GatherRows(stream_, x, dim, Upload(gather_rows_, rows), static_cast<int>(rows.size()), out);
+  // Decode-sized calls on bf16 weights with one shape of input run as one GEMV launch.
+  void MatMulShared(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) override {
+    bool fused = m >= 1 && m <= kGemvRows && !ws.empty() && ws.size() <= cuda::kGemvMaxJobs && Aligned16(x);
+    for (const Weight& w : ws) {
+      fused = fused && w.dtype == DType::kBF16 && w.cols == ws[0].cols && w.cols % 8 == 0 && Aligned16(w.data);
+    }
+    if (!fused) {
+      for (size_t i = 0; i < ws.size(); ++i) MatMul(x, m, ws[i], outs[i]);
+      return;
+    }
+    struct Jobs {
+      const uint16_t* w[cuda::kGemvMaxJobs];
+      int64_t rows[cuda::kGemvMaxJobs];
+      float* out[cuda::kGemvMaxJobs];
+    } j{};
+    const int count = static_cast<int>(ws.size());
+    for (int i = 0; i < count; ++i) {
+      j.w[i] = static_cast<const uint16_t*>(ws[i].data);
+      j.rows[i] = ws[i].rows;
+      j.out[i] = outs[i];
+    }
+    const int64_t cols = ws[0].cols;
+    Defer([=, this] { cuda::GemvBf16Multi(stream_, x, m, count, j.w, j.rows, cols, j.out); }, kGemvMulti, x, m, count, j, cols);
   }
-  void AddBias(float* x, int m, int n, const float* bias) override { cuda::AddBias(stream_, x, m, n, bias); }
-  void Add(float* x, const float* y, size_t n) override { cuda::Add(stream_, x, y, n); }
-  void SwiGlu(const float* gate, const float* up, size_t n, float* out) override { cuda::SwiGlu(stream_, gate, up, n, out); }
+
+  void GatherRows(const float* x, int dim, std::span<const uint32_t> rows, float* out) override {
+    const uint32_t* d_rows = Upload(gather_rows_, rows);
+    const int n = static_cast<int>(rows.size());
+    Defer([=, this] { cuda::GatherRows(stream_, x, dim, d_rows, n, out); }, kGather, x, dim, d_rows, n, out);
+  }
+  void AddBias(float* x, int m, int n, const float* bias) override {
+    Defer([=, this] { cuda::AddBias(stream_, x, m, n, bias); }, kBias, x, m, n, bias);
+  }
+  void Add(float* x, const float* y, size_t n) override {
+    Defer([=, this] { cuda::Add(stream_, x, y, n); }, kAdd, x, y, n);
+  }
+  void SwiGlu(const float* gate, const float* up, size_t n, float* out) override {
+    Defer([=, this] { cuda::SwiGlu(stream_, gate, up, n, out); }, kSwiGlu, gate, up, n, out);
+  }
 
   void RopeTable(std::span<const int32_t> positions, std::span<const float> inv_freq, float* cos_sin) override {
     const int32_t* pos = Upload(positions_, positions);
@@ -127,32 +197,66 @@ class CudaBackend : public Backend {
       inv_freq_host_.assign(inv_freq.begin(), inv_freq.end());
       inv_freq_dev_ = Upload(inv_freq_, inv_freq);
     }
-    cuda::RopeTable(stream_, pos, static_cast<int>(positions.size()), inv_freq_dev_, static_cast<int>(inv_freq.size()), cos_sin);
+    const float* inv = inv_freq_dev_;
+    const int m = static_cast<int>(positions.size()), half = static_cast<int>(inv_freq.size());
+    Defer([=, this] { cuda::RopeTable(stream_, pos, m, inv, half, cos_sin); }, kRopeTab, pos, m, inv, half, cos_sin);
   }
 
   void Rope(float* x, int m, int heads, int head_dim, const float* cos_sin, RopeStyle style) override {
-    cuda::Rope(stream_, x, m, heads, head_dim, cos_sin, style);
+    Defer([=, this] { cuda::Rope(stream_, x, m, heads, head_dim, cos_sin, style); }, kRope, x, m, heads, head_dim, cos_sin, style);
   }
   void HeadRmsNorm(float* x, int m, int heads, int head_dim, const float* weight, float eps) override {
-    cuda::RmsNorm(stream_, x, weight, int64_t{m} * heads, head_dim, eps, x);
+    const int64_t rows = int64_t{m} * heads;
+    Defer([=, this] { cuda::RmsNorm(stream_, x, weight, rows, head_dim, eps, x); }, kNorm, x, weight, rows, head_dim, eps, x);
   }
 
   void WriteKv(float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs, const float* k,
                const float* v) override {
-    cuda::WriteKv(stream_, cache, layout, layer, AttnMeta(layout, seqs), k, v);
+    const cuda::AttnRows meta = AttnMeta(layout, seqs);
+    Defer([=, this] { cuda::WriteKv(stream_, cache, layout, layer, meta, k, v); }, kWriteKv, cache, layout, layer, meta, k, v);
   }
   void Attention(const float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs, const float* q,
                  int num_heads, float scale, float* out) override {
-    cuda::Attention(stream_, cache, layout, layer, AttnMeta(layout, seqs), q, num_heads, scale, out);
+    const cuda::AttnRows meta = AttnMeta(layout, seqs);
+    Defer([=, this] { cuda::Attention(stream_, cache, layout, layer, meta, q, num_heads, scale, out); }, kAttn, cache, layout, layer,
+          meta, q, num_heads, scale, out);
   }
 
  private:
+  // Appends a kernel call to the pending list; `args` (trivially copyable values) make up its
+  // part of the list's signature.
+  template <class F, class... A>
+  void Defer(F&& launch, Op op, const A&... args) {
+    sig_.push_back(static_cast<char>(op));
+    (AppendBytes(args), ...);
+    pending_.emplace_back(std::forward<F>(launch));
+  }
+  template <class T>
+  void AppendBytes(const T& v) {
+    // No padding bytes (their values are unspecified), so equal arguments give equal signatures.
+    static_assert(std::has_unique_object_representations_v<T> || std::is_floating_point_v<T>);
+    sig_.append(reinterpret_cast<const char*>(&v), sizeof(T));
+  }
+  void AppendBytes(const cuda::AttnRows& m) {
+    AppendBytes(m.pos);
+    AppendBytes(m.table_offset);
+    AppendBytes(m.tables);
+    AppendBytes(m.rows);
+  }
+
+  // Runs the pending list: replays its graph, captures one for a list seen twice in a row, or
+  // launches it eagerly.
+  void Flush();
+
   // Copies small host metadata into `s` (stream-ordered; the host array may be reused at once:
   // a copy from pageable memory is staged before cudaMemcpyAsync returns).
   template <class T>
   const T* Upload(Scratch& s, std::span<const T> host) {
+    if (!pending_.empty() && (s.written || !s.Fits(host.size_bytes()))) Flush();  // pending kernels read the old values
     void* p = s.Get(host.size_bytes());
     if (!host.empty()) DYN_CUDA_CHECK(cudaMemcpyAsync(p, host.data(), host.size_bytes(), cudaMemcpyHostToDevice, stream_));
+    s.written = true;
+    written_.push_back(&s);
     return static_cast<const T*>(p);
   }
 
@@ -160,13 +264,13 @@ class CudaBackend : public Backend {
   // differ from the last call's, since every layer of a step passes the same sequences.
   cuda::AttnRows AttnMeta(const KvLayout& layout, std::span<const AttentionSeq> seqs);
 
-  const void* ToBf16Input(const float* x, size_t n);
-
   int device_;
   std::string description_;
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
+  void* blas_workspace_ = nullptr;
   Scratch ids_, gather_rows_, positions_, inv_freq_, attn_meta_, x_bf16_;
+  std::vector<Scratch*> written_;
   std::vector<float> inv_freq_host_;
   const float* inv_freq_dev_ = nullptr;
   std::vector<int32_t> attn_meta_host_, attn_meta_last_;
@@ -175,9 +279,45 @@ class CudaBackend : public Backend {
   // the host address: host weights must outlive the backend, as mapped model files do).
   std::map<std::tuple<const void*, DType, int64_t, int64_t>, Weight> prepared_;
   uint64_t dummy_seed_ = 1;
+  // Deferred launches and CUDA graphs.
+  bool graphs_enabled_ = true;
+  std::vector<std::function<void()>> pending_;
+  std::string sig_, last_sig_;
+  std::unordered_map<std::string, cudaGraphExec_t> graphs_;
 };
 
+void CudaBackend::Flush() {
+  if (pending_.empty()) return;
+  auto it = graphs_.find(sig_);
+  if (it != graphs_.end()) {
+    DYN_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
+  } else if (graphs_enabled_ && sig_ == last_sig_) {
+    if (graphs_.size() >= kMaxGraphs) {
+      DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      for (auto& [s, exec] : graphs_) cudaGraphExecDestroy(exec);
+      graphs_.clear();
+    }
+    cudaGraph_t graph;
+    DYN_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+    for (auto& launch : pending_) launch();
+    DYN_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+    cudaGraphExec_t exec;
+    DYN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+    DYN_CUDA_CHECK(cudaGraphDestroy(graph));
+    DYN_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+    graphs_.emplace(sig_, exec);
+  } else {
+    for (auto& launch : pending_) launch();
+  }
+  pending_.clear();
+  last_sig_.swap(sig_);
+  sig_.clear();
+  for (Scratch* s : written_) s->written = false;
+  written_.clear();
+}
+
 Result<Weight> CudaBackend::PrepareWeight(const Weight& host, std::vector<std::unique_ptr<Buffer>>* owned) {
+  Flush();
   const auto key = std::make_tuple(host.data, host.dtype, host.rows, host.cols);
   if (host.data != nullptr) {
     if (auto it = prepared_.find(key); it != prepared_.end()) return it->second;
@@ -213,36 +353,43 @@ Result<Weight> CudaBackend::PrepareWeight(const Weight& host, std::vector<std::u
   return dev;
 }
 
-const void* CudaBackend::ToBf16Input(const float* x, size_t n) {
-  void* p = x_bf16_.Get(n * 2);
-  cuda::F32ToBf16(stream_, x, n, static_cast<uint16_t*>(p));
-  return p;
-}
-
 void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
   if (m == 0 || w.rows == 0) return;
   const int N = static_cast<int>(w.rows), K = static_cast<int>(w.cols);
-  const float one = 1.0f, zero = 0.0f;
   // Row-major out[m][N] = x[m][K] * w[N][K]^T is column-major out^T (N x m) = w^T' * x^T, with w
   // seen as a column-major K x N matrix (transposed) and x as K x m.
   if (w.dtype == DType::kF32) {
-    CheckBlas(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, N, m, K, &one, static_cast<const float*>(w.data), K, x, K, &zero,
-                          out, N),
-              "cublasSgemm");
+    const float* wf = static_cast<const float*>(w.data);
+    Defer(
+        [=, this] {
+          const float one = 1.0f, zero = 0.0f;
+          CheckBlas(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, N, m, K, &one, wf, K, x, K, &zero, out, N), "cublasSgemm");
+        },
+        kSgemm, x, m, wf, N, K, out);
     return;
   }
   if (w.dtype != DType::kBF16) {
     std::fprintf(stderr, "cuda MatMul: weight of type %s was not prepared by PrepareWeight\n", DTypeName(w.dtype));
     std::abort();
   }
-  if (m <= cuda::kGemvMaxRows && K % 8 == 0 && Aligned16(x) && Aligned16(w.data)) {
-    cuda::GemvBf16(stream_, x, m, static_cast<const uint16_t*>(w.data), N, K, out);
+  const uint16_t* wb = static_cast<const uint16_t*>(w.data);
+  if (m <= kGemvRows && K % 8 == 0 && Aligned16(x) && Aligned16(wb)) {
+    Defer([=, this] { cuda::GemvBf16(stream_, x, m, wb, N, K, out); }, kGemv, x, m, wb, int64_t{N}, int64_t{K}, out);
     return;
   }
-  const void* xb = ToBf16Input(x, static_cast<size_t>(m) * K);
-  CheckBlas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, N, m, K, &one, w.data, CUDA_R_16BF, K, xb, CUDA_R_16BF, K, &zero, out,
-                         CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-            "cublasGemmEx");
+  // The bf16 copy of x: growing the scratch would free memory a pending conversion writes.
+  const size_t xb_bytes = static_cast<size_t>(m) * K * 2;
+  if (!pending_.empty() && !x_bf16_.Fits(xb_bytes)) Flush();
+  uint16_t* xb = static_cast<uint16_t*>(x_bf16_.Get(xb_bytes));
+  Defer(
+      [=, this] {
+        cuda::F32ToBf16(stream_, x, static_cast<size_t>(m) * K, xb);
+        const float one = 1.0f, zero = 0.0f;
+        CheckBlas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, N, m, K, &one, wb, CUDA_R_16BF, K, xb, CUDA_R_16BF, K, &zero, out,
+                               CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                  "cublasGemmEx");
+      },
+      kGemm, x, m, wb, N, K, xb, out);
 }
 
 cuda::AttnRows CudaBackend::AttnMeta(const KvLayout& layout, std::span<const AttentionSeq> seqs) {

@@ -159,6 +159,60 @@ TEST_F(CudaBackendTest, MatMulEveryTypeAndBatch) {
   }
 }
 
+TEST_F(CudaBackendTest, MatMulSharedEqualsSeparateCalls) {
+  const int64_t K = 512;
+  const int64_t rows[3] = {256, 64, 64};  // Q/K/V-like
+  std::vector<std::vector<uint8_t>> bytes;
+  std::vector<Weight> ws;
+  std::vector<std::unique_ptr<Buffer>> owned;
+  for (int i = 0; i < 3; ++i) {
+    bytes.push_back(RandomWeightBytes(DType::kBF16, rows[i], K, 40 + i));
+    auto w = gpu_->PrepareWeight(Weight{DType::kBF16, rows[i], K, bytes.back().data()}, &owned);
+    ASSERT_TRUE(w.ok());
+    ws.push_back(*w);
+  }
+  for (int m : {1, 2, 3, 12}) {
+    float* x = Up(RandomVec(m * K, 50 + m));
+    float* shared[3];
+    for (int i = 0; i < 3; ++i) shared[i] = Poisoned(m * rows[i]);
+    gpu_->MatMulShared(x, m, ws, shared);
+    for (int i = 0; i < 3; ++i) {
+      float* alone = Poisoned(m * rows[i]);
+      gpu_->MatMul(x, m, ws[i], alone);
+      const std::vector<float> a = Down(alone, m * rows[i]), b = Down(shared[i], m * rows[i]);
+      EXPECT_EQ(a, b) << "weight " << i << " m=" << m;
+      EXPECT_LT(RelErr(b, a), 1e-6);  // and no NaN
+    }
+  }
+}
+
+// A repeated list of calls (same buffers, new token ids each time) is captured into a CUDA graph
+// on its second run and replayed from the third on; every run must still see its own ids.
+TEST_F(CudaBackendTest, RepeatedStepsReplayedAsGraphStayCorrect) {
+  const int64_t vocab = 64, dim = 128;
+  const std::vector<uint8_t> table = RandomWeightBytes(DType::kBF16, vocab, dim, 60);
+  const std::vector<uint8_t> proj = RandomWeightBytes(DType::kBF16, 96, dim, 61);
+  std::vector<std::unique_ptr<Buffer>> owned;
+  auto dt = gpu_->PrepareWeight(Weight{DType::kBF16, vocab, dim, table.data()}, &owned);
+  auto dp = gpu_->PrepareWeight(Weight{DType::kBF16, 96, dim, proj.data()}, &owned);
+  ASSERT_TRUE(dt.ok() && dp.ok());
+  const std::vector<float> norm = RandomVec(dim, 62);
+  float* dnorm = Up(norm);
+  float* x = Poisoned(dim);
+  float* out = Poisoned(96);
+  for (uint32_t step = 0; step < 6; ++step) {
+    const std::vector<uint32_t> ids = {static_cast<uint32_t>((step * 13 + 5) % vocab)};
+    std::vector<float> hx(dim), want(96);
+    cpu_->Embedding(Weight{DType::kBF16, vocab, dim, table.data()}, ids, hx.data());
+    cpu_->RmsNorm(hx.data(), norm.data(), 1, dim, 1e-5f, hx.data());
+    cpu_->MatMul(hx.data(), 1, Weight{DType::kBF16, 96, dim, proj.data()}, want.data());
+    gpu_->Embedding(*dt, ids, x);
+    gpu_->RmsNorm(x, dnorm, 1, dim, 1e-5f, x);
+    gpu_->MatMul(x, 1, *dp, out);
+    EXPECT_LE(RelErr(Down(out, 96), want), 1e-5) << "step " << step;
+  }
+}
+
 TEST_F(CudaBackendTest, TiedWeightIsUploadedOnce) {
   const std::vector<uint8_t> bytes = RandomWeightBytes(DType::kQ4_1, 64, 64, 3);
   std::vector<std::unique_ptr<Buffer>> owned;
@@ -240,21 +294,24 @@ TEST_F(CudaBackendTest, RopeBothStyles) {
 
 // Three sequences in one call: a prefill from 0, a chunk after a cached prefix and one decode row,
 // over scattered blocks; GQA with 2 query heads per kv head.
-void CheckAttention(CudaBackendTest& t, Backend& cpu, Backend& gpu, int head_dim) {
+void CheckAttention(CudaBackendTest& t, Backend& cpu, Backend& gpu, int head_dim, int prefill_rows) {
   KvLayout layout;
   layout.num_layers = 2;
   layout.num_kv_heads = 2;
   layout.head_dim = head_dim;
   layout.block_size = 4;
-  layout.num_blocks = 40;
+  layout.num_blocks = 48;
   const int heads = 4, layer = 1;
   std::vector<float> cache = RandomVec(layout.BlockFloats() * layout.num_blocks, 21);
-  const std::vector<int32_t> table_a = {7, 2, 30}, table_b = {5, 11, 0, 39}, table_c = {1, 3, 4, 6, 8, 9, 10, 12, 13};
+  std::vector<int32_t> table_a;
+  for (int b = 0; b < 20; ++b) table_a.push_back(47 - b);
+  const std::vector<int32_t> table_b = {5, 11, 0, 7}, table_c = {1, 3, 4, 6, 8, 9, 10, 12, 13};
+  const int p = prefill_rows;
   std::vector<AttentionSeq> seqs(3);
-  seqs[0] = {0, 5, 0, table_a};    // rows 0-4: positions 0-4
-  seqs[1] = {5, 3, 9, table_b};    // rows 5-7: positions 9-11 after a cached prefix of 9
-  seqs[2] = {8, 1, 33, table_c};   // row 8: decode at position 33
-  const int rows = 9;
+  seqs[0] = {0, p, 0, table_a};      // rows [0, p): positions [0, p)
+  seqs[1] = {p, 3, 9, table_b};      // 3 rows at positions 9-11 after a cached prefix of 9
+  seqs[2] = {p + 3, 1, 33, table_c};  // one decode row at position 33
+  const int rows = p + 4;
   const size_t tf = layout.TokenFloats();
   const std::vector<float> q = RandomVec(rows * heads * head_dim, 22), k = RandomVec(rows * tf, 23), v = RandomVec(rows * tf, 24);
   float* dcache = t.Up(cache);
@@ -270,7 +327,9 @@ void CheckAttention(CudaBackendTest& t, Backend& cpu, Backend& gpu, int head_dim
 }
 
 TEST_F(CudaBackendTest, PagedAttentionMatchesCpu) {
-  for (int hd : {8, 64, 128, 256}) CheckAttention(*this, *cpu_, *gpu_, hd);
+  // 5 prefill rows: few (head, row) blocks, the 16-warp decode kernel; 70: the 4-warp one.
+  for (int rows : {5, 70})
+    for (int hd : {8, 64, 128, 256}) CheckAttention(*this, *cpu_, *gpu_, hd, rows);
 }
 
 TEST_F(CudaBackendTest, DummyWeightsAreRandomBf16) {

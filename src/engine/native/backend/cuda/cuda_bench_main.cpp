@@ -75,7 +75,7 @@ void Kernels() {
       DYN_CUDA_CHECK(cudaMalloc(&w, wbytes));
       cuda::FillRandomBf16(0, static_cast<uint16_t*>(w), wbytes / 2, 7, 0.02f);
     }
-    for (int m : {1, 4}) {
+    for (int m : {1, 2, 4}) {
       float *x, *out;
       void* xb;
       DYN_CUDA_CHECK(cudaMalloc(&x, s.cols * m * 4));

@@ -5,7 +5,7 @@
 // is one group of kWarpsPerRow warps: the lanes stream the row with 16-byte loads (8 bf16 each,
 // kUnroll loads in flight per lane, not kept in L1), multiply with the F32 activations (small,
 // served from L1/L2) and reduce with warp shuffles and a little shared memory. The weight is read
-// once for all m activation rows.
+// once for all m activation rows; several weights that share x (Q/K/V) run as one launch.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -17,6 +17,15 @@ namespace {
 constexpr int kWarpsPerRow = 4;
 constexpr int kRowsPerBlock = 2;
 constexpr int kUnroll = 4;
+
+// Up to kGemvMaxJobs weights sharing one input (Q/K/V, gate/up), passed by value.
+struct GemvJobs {
+  const uint16_t* w[kGemvMaxJobs];
+  float* out[kGemvMaxJobs];
+  int64_t rows[kGemvMaxJobs];
+  unsigned first_block[kGemvMaxJobs];
+  int count;
+};
 
 __device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
   uint4 v;
@@ -56,16 +65,32 @@ __device__ __forceinline__ void Accumulate(const uint4& wv, const float* __restr
 
 template <int M>
 __global__ void __launch_bounds__(kWarpsPerRow * kRowsPerBlock * 32)
-    GemvBf16Kernel(const float* __restrict__ x, const uint4* __restrict__ w, int64_t rows, int64_t cols, float* __restrict__ out) {
+    GemvBf16Kernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_in_block = warp / kWarpsPerRow, part = warp % kWarpsPerRow;
-  const int64_t row = blockIdx.x * int64_t{kRowsPerBlock} + row_in_block;
+  // Blocks are dealt out over the weights' rows in order; a block never straddles two weights
+  // (each weight's block range is rounded up).
+  // Constant indices only, so the parameter struct is not copied to local memory.
+  const uint16_t* wj = jobs.w[0];
+  float* outj = jobs.out[0];
+  int64_t rows = jobs.rows[0];
+  unsigned first = 0;
+#pragma unroll
+  for (int j = 1; j < kGemvMaxJobs; ++j) {
+    if (j < jobs.count && blockIdx.x >= jobs.first_block[j]) {
+      wj = jobs.w[j];
+      outj = jobs.out[j];
+      rows = jobs.rows[j];
+      first = jobs.first_block[j];
+    }
+  }
+  const int64_t row = (blockIdx.x - first) * int64_t{kRowsPerBlock} + row_in_block;
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
   if (row < rows) {
     const int64_t n8 = cols / 8;
-    const uint4* wr = w + row * n8;
+    const uint4* wr = reinterpret_cast<const uint4*>(wj) + row * n8;
     const int stride = kWarpsPerRow * 32;
     int64_t c = part * 32 + lane;
     for (; c + (kUnroll - 1) * stride < n8; c += kUnroll * stride) {
@@ -89,32 +114,47 @@ __global__ void __launch_bounds__(kWarpsPerRow * kRowsPerBlock * 32)
     float s = 0.0f;
 #pragma unroll
     for (int p = 0; p < kWarpsPerRow; ++p) s += partial[row_in_block][p][lane];
-    out[lane * rows + row] = s;
+    outj[lane * rows + row] = s;
   }
 }
 
 template <int M>
-void Launch(cudaStream_t stream, const float* x, const uint16_t* w, int64_t rows, int64_t cols, float* out) {
-  const int64_t blocks = (rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  GemvBf16Kernel<M><<<static_cast<unsigned>(blocks), kWarpsPerRow * kRowsPerBlock * 32, 0, stream>>>(
-      x, reinterpret_cast<const uint4*>(w), rows, cols, out);
+void Launch(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
+  GemvBf16Kernel<M><<<blocks, kWarpsPerRow * kRowsPerBlock * 32, 0, stream>>>(x, jobs, cols);
 }
 
 }  // namespace
 
-void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out) {
+void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
+                   int64_t cols, float* const* out) {
+  if (count < 1 || count > kGemvMaxJobs) Check(cudaErrorInvalidValue, "GemvBf16Multi: job count", __FILE__, __LINE__);
+  GemvJobs jobs{};
+  jobs.count = count;
+  int64_t blocks = 0;
+  for (int i = 0; i < count; ++i) {
+    jobs.w[i] = w[i];
+    jobs.out[i] = out[i];
+    jobs.rows[i] = rows[i];
+    jobs.first_block[i] = static_cast<unsigned>(blocks);
+    blocks += (rows[i] + kRowsPerBlock - 1) / kRowsPerBlock;
+  }
+  const unsigned b = static_cast<unsigned>(blocks);
   switch (m) {
-    case 1: Launch<1>(stream, x, w, rows, cols, out); break;
-    case 2: Launch<2>(stream, x, w, rows, cols, out); break;
-    case 3: Launch<3>(stream, x, w, rows, cols, out); break;
-    case 4: Launch<4>(stream, x, w, rows, cols, out); break;
-    case 5: Launch<5>(stream, x, w, rows, cols, out); break;
-    case 6: Launch<6>(stream, x, w, rows, cols, out); break;
-    case 7: Launch<7>(stream, x, w, rows, cols, out); break;
-    case 8: Launch<8>(stream, x, w, rows, cols, out); break;
+    case 1: Launch<1>(stream, x, jobs, cols, b); break;
+    case 2: Launch<2>(stream, x, jobs, cols, b); break;
+    case 3: Launch<3>(stream, x, jobs, cols, b); break;
+    case 4: Launch<4>(stream, x, jobs, cols, b); break;
+    case 5: Launch<5>(stream, x, jobs, cols, b); break;
+    case 6: Launch<6>(stream, x, jobs, cols, b); break;
+    case 7: Launch<7>(stream, x, jobs, cols, b); break;
+    case 8: Launch<8>(stream, x, jobs, cols, b); break;
     default: Check(cudaErrorInvalidValue, "GemvBf16: m out of range", __FILE__, __LINE__);
   }
   DYN_CUDA_CHECK_LAUNCH();
+}
+
+void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out) {
+  GemvBf16Multi(stream, x, m, 1, &w, &rows, cols, &out);
 }
 
 }  // namespace dyn::cuda

@@ -51,13 +51,22 @@ struct AttnRows {
 // Copies each row's k/v ([rows][kv_heads * head_dim]) into its cache slot of `layer`.
 void WriteKv(cudaStream_t stream, float* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,
              const float* v);
+// The GPU's multiprocessor count, which sizes the attention grid; set once by the backend
+// (device queries are kept out of kernel calls, which may run inside a graph capture).
+void SetMultiprocessorCount(int n);
 // Causal paged attention (see Backend::Attention). head_dim <= 256.
 void Attention(cudaStream_t stream, const float* cache, const KvLayout& layout, int layer, const AttnRows& meta,
                const float* q, int num_heads, float scale, float* out);
 
 // out[m][rows] = x[m][cols] * w^T for bf16 w, F32 x and out, m <= kGemvMaxRows, cols % 8 == 0
 // and 16-byte aligned w. A bandwidth-bound kernel for decode steps (cuBLAS is slower at m = 1).
+// Each activation row adds L1 traffic (2 x 16-byte loads per 16-byte weight load), so above
+// kGemvMaxRows cuBLAS (bf16 activations on the tensor cores) is faster; see docs/benchmarks/cuda.md.
 constexpr int kGemvMaxRows = 8;
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
+// Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
+constexpr int kGemvMaxJobs = 4;
+void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
+                   int64_t cols, float* const* out);
 
 }  // namespace dyn::cuda
