@@ -60,8 +60,8 @@ void Attention(cudaStream_t stream, const float* cache, const KvLayout& layout, 
 
 // out[m][rows] = x[m][cols] * w^T for bf16 w, F32 x and out, m <= kGemvMaxRows, cols % 8 == 0
 // and 16-byte aligned w. A bandwidth-bound kernel for decode steps (cuBLAS is slower at m = 1).
-// Each activation row adds L1 traffic (2 x 16-byte loads per 16-byte weight load), so above
-// kGemvMaxRows cuBLAS (bf16 activations on the tensor cores) is faster; see docs/benchmarks/cuda.md.
+// Each activation row adds L1 traffic (2 x 16-byte loads per 16-byte weight load), so from m = 2
+// on cuBLAS is faster on an H200 and the backend uses it only at m = 1 (docs/benchmarks/cuda.md).
 constexpr int kGemvMaxRows = 8;
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
