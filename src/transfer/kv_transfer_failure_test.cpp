@@ -263,5 +263,28 @@ TEST(ShmTransfer, RegionAtAnOffsetAndAStoppedSource) {
   EXPECT_EQ(puller.MappedSegments(), 0u);  // the dead mapping was dropped
 }
 
+TEST(ShmTransfer, StoppedSourcesMappingsAreDroppedWhenMappingAnother) {
+  std::vector<std::unique_ptr<SharedKvMemory>> mems;
+  std::vector<std::unique_ptr<KvTransferSource>> sources;
+  for (int i = 0; i < 3; ++i) {
+    auto mem = SharedKvMemory::Create(Layout().block_bytes);
+    ASSERT_TRUE(mem.ok());
+    auto source = StartShmKvSource(**mem, KvRegion{(*mem)->data(), Layout().block_bytes, 1}, Layout());
+    ASSERT_TRUE(source.ok());
+    mems.push_back(std::move(*mem));
+    sources.push_back(std::move(*source));
+  }
+  std::vector<char> local(Layout().block_bytes);
+  KvRegion region{local.data(), Layout().block_bytes, 1};
+  std::vector<int32_t> ids = {0};
+  ShmPuller puller;
+  ASSERT_TRUE(puller.Pull(mems[0]->name(), Layout(), ids, ids, region).ok());
+  ASSERT_TRUE(puller.Pull(mems[1]->name(), Layout(), ids, ids, region).ok());
+  EXPECT_EQ(puller.MappedSegments(), 2u);
+  sources[0]->Stop();
+  ASSERT_TRUE(puller.Pull(mems[2]->name(), Layout(), ids, ids, region).ok());
+  EXPECT_EQ(puller.MappedSegments(), 2u);  // 1 and 2; 0's mapping was released
+}
+
 }  // namespace
 }  // namespace dyn

@@ -156,7 +156,9 @@ Result<std::shared_ptr<ShmPuller::Mapping>> ShmPuller::Map(const std::string& na
     auto it = mappings_.find(name);
     if (it != mappings_.end()) return it->second;
   }
-  mappings_.erase(name);
+  // Drop this name's old mapping and any mapping whose source has stopped: a stopped source's
+  // pages stay alive while mapped, and nobody will pull from it again.
+  std::erase_if(mappings_, [&](const auto& entry) { return entry.first == name || entry.second->state() != kServing; });
   int fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
   if (fd < 0) {
     return Status::Unavailable("shm source " + name + " cannot be opened (stopped or on another host?): " +
