@@ -93,6 +93,7 @@ struct TcpSourceOptions {
   int port = 0;                        // 0: ephemeral
   std::string advertise_host = "127.0.0.1";
   int send_timeout_ms = 60000;         // a sink that stops reading frees its connection thread after this
+  int socket_buffer_bytes = 4 << 20;   // SO_SNDBUF/SO_RCVBUF (the kernel doubles it); 0: autotuning
 };
 Result<std::unique_ptr<KvTransferSource>> StartTcpKvSource(KvRegion region, KvLayoutDesc layout,
                                                            const TcpSourceOptions& options);
@@ -117,6 +118,7 @@ Result<std::unique_ptr<KvTransferSource>> StartShmKvSource(SharedKvMemory& memor
 struct KvSinkOptions {
   int connect_timeout_ms = 5000;
   int io_timeout_ms = 30000;  // a source that stalls this long fails the pull (no hang)
+  int socket_buffer_bytes = 4 << 20;  // as TcpSourceOptions::socket_buffer_bytes
 };
 std::unique_ptr<KvTransferSink> CreateKvTransferSink(const KvSinkOptions& options = {});
 TransferStats SinkStats(const KvTransferSink& sink);

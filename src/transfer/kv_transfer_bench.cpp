@@ -1,7 +1,7 @@
 // kv_transfer_bench: bandwidth of each KV transfer backend against a plain memcpy of the same bytes
 // (the physical limit of a same-host copy on this machine).
 //
-//   kv_transfer_bench [--reps N] [--sizes-mb 1,16,128,1024] [--backends memcpy,shm,tcp]
+//   kv_transfer_bench [--reps N] [--sizes-mb 1,16,128,1024] [--backends memcpy,shm,tcp] [--socket-buffer-kb K]
 //
 // One source region (in shared memory, served by both backends) and one destination region, each
 // as large as the largest size. For every block size, transfer size and id pattern it prints the
@@ -70,6 +70,7 @@ int main(int argc, char** argv) {
   int reps = 7;
   std::vector<size_t> sizes_mb = {1, 16, 128, 1024};
   std::vector<std::string> backends = {"memcpy", "shm", "tcp"};
+  int socket_buffer_bytes = TcpSourceOptions{}.socket_buffer_bytes;
   for (int i = 1; i + 1 < argc; i += 2) {
     std::string flag = argv[i];
     if (flag == "--reps") {
@@ -77,10 +78,12 @@ int main(int argc, char** argv) {
     } else if (flag == "--sizes-mb") {
       sizes_mb.clear();
       for (const std::string& s : Split(argv[i + 1])) sizes_mb.push_back(std::stoul(s));
+    } else if (flag == "--socket-buffer-kb") {
+      socket_buffer_bytes = std::atoi(argv[i + 1]) * 1024;
     } else if (flag == "--backends") {
       backends = Split(argv[i + 1]);
     } else {
-      std::fprintf(stderr, "usage: %s [--reps N] [--sizes-mb 1,16,128,1024] [--backends memcpy,shm,tcp]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--reps N] [--sizes-mb 1,16,128,1024] [--backends memcpy,shm,tcp] [--socket-buffer-kb K]\n", argv[0]);
       return 2;
     }
   }
@@ -95,7 +98,7 @@ int main(int argc, char** argv) {
               std::thread::hardware_concurrency(), reps);
   std::printf("%-14s %8s %-11s %8s %10s %10s %8s\n", "block", "size_MiB", "ids", "blocks", "backend", "GB/s", "x_memcpy");
 
-  auto sink = CreateKvTransferSink();
+  auto sink = CreateKvTransferSink(KvSinkOptions{.socket_buffer_bytes = socket_buffer_bytes});
   for (const BlockShape& shape : shapes) {
     // A fresh segment per shape (a segment is published once); one source + one destination region.
     auto memory = SharedKvMemory::Create(max_bytes);
@@ -111,7 +114,8 @@ int main(int argc, char** argv) {
     KvRegion src_region{src_base, layout.block_bytes, region_blocks};
     KvRegion dst_region{dst_base, layout.block_bytes, region_blocks};
     auto shm = StartShmKvSource(**memory, src_region, layout);
-    auto tcp = StartTcpKvSource(src_region, layout, TcpSourceOptions{.host = "127.0.0.1"});
+    auto tcp = StartTcpKvSource(src_region, layout,
+                                TcpSourceOptions{.host = "127.0.0.1", .socket_buffer_bytes = socket_buffer_bytes});
     if (!shm.ok() || !tcp.ok()) {
       std::fprintf(stderr, "cannot start sources: %s %s\n", shm.status().ToString().c_str(),
                    tcp.status().ToString().c_str());

@@ -18,8 +18,6 @@ namespace dyn::transfer_internal {
 
 namespace {
 
-constexpr int kSocketBufferBytes = 4 << 20;  // the kernel doubles it; ~8 MB in flight per connection
-
 // Drops `n` bytes from the front of `iov` (starting at *first).
 void Advance(std::vector<iovec>& iov, size_t* first, size_t n) {
   while (n > 0 && *first < iov.size()) {
@@ -109,12 +107,12 @@ Status RecvAll(int fd, std::vector<iovec>& iov, size_t* received, IoFailure* fai
   return Status::Ok();
 }
 
-void TuneSocket(int fd) {
+void TuneSocket(int fd, int buffer_bytes) {
   int one = 1;
   ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  int bytes = kSocketBufferBytes;
-  ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof(bytes));
-  ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof(bytes));
+  if (buffer_bytes <= 0) return;  // leave the kernel's autotuning on
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &buffer_bytes, sizeof(buffer_bytes));
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &buffer_bytes, sizeof(buffer_bytes));
 }
 
 void SetIoTimeouts(int fd, int recv_timeout_ms, int send_timeout_ms) {
@@ -156,7 +154,7 @@ Result<std::pair<std::string, int>> SplitHostPort(std::string_view address) {
   return std::make_pair(host, p);
 }
 
-Result<UniqueFd> ConnectTcp(std::string_view address, int timeout_ms) {
+Result<UniqueFd> ConnectTcp(std::string_view address, int timeout_ms, int buffer_bytes) {
   DYN_ASSIGN_OR_RETURN(auto host_port, SplitHostPort(address));
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
@@ -173,7 +171,7 @@ Result<UniqueFd> ConnectTcp(std::string_view address, int timeout_ms) {
       last = Status::IoError(std::string("socket: ") + strerror(errno));
       continue;
     }
-    TuneSocket(fd.get());  // before connect, so the window scale covers the large buffers
+    TuneSocket(fd.get(), buffer_bytes);  // before connect, so the window scale covers the large buffers
     int rc = ::connect(fd.get(), ai->ai_addr, ai->ai_addrlen);
     if (rc < 0 && errno == EINPROGRESS) {
       pollfd p{fd.get(), POLLOUT, 0};

@@ -25,7 +25,7 @@ Status TcpPuller::Pull(const std::string& address, const KvLayoutDesc& local_lay
       }
     }
     if (!reused) {
-      Result<UniqueFd> connected = ConnectTcp(address, options_.connect_timeout_ms);
+      Result<UniqueFd> connected = ConnectTcp(address, options_.connect_timeout_ms, options_.socket_buffer_bytes);
       if (!connected.ok()) return connected.status().WithContext("kv pull from tcp source " + address);
       fd = std::move(*connected);
       SetIoTimeouts(fd.get(), options_.io_timeout_ms, options_.io_timeout_ms);

@@ -72,7 +72,7 @@ class TcpKvSource final : public KvTransferSource {
         }
         return;
       }
-      TuneSocket(fd);
+      TuneSocket(fd, options_.socket_buffer_bytes);
       SetIoTimeouts(fd, 0, options_.send_timeout_ms);
       std::lock_guard<std::mutex> lock(mu_);
       ReapFinishedLocked();
@@ -180,7 +180,7 @@ Result<std::unique_ptr<KvTransferSource>> StartTcpKvSource(KvRegion region, KvLa
   if (fd.get() < 0) return Status::IoError(std::string("tcp kv source: socket: ") + strerror(errno));
   int one = 1;
   ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  TuneSocket(fd.get());  // accepted sockets inherit the buffer sizes
+  TuneSocket(fd.get(), options.socket_buffer_bytes);  // accepted sockets inherit the buffer sizes
   if (::bind(fd.get(), found->ai_addr, found->ai_addrlen) < 0 || ::listen(fd.get(), 64) < 0) {
     return Status::IoError("tcp kv source: cannot listen on " + options.host + ":" + port + ": " + strerror(errno));
   }

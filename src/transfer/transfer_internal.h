@@ -102,12 +102,12 @@ Status SendAll(int fd, std::vector<iovec>& iov, IoFailure* failure = nullptr);
 // Reads exactly the bytes `iov` describes; `received` counts what arrived before a failure.
 Status RecvAll(int fd, std::vector<iovec>& iov, size_t* received = nullptr, IoFailure* failure = nullptr);
 
-// TCP_NODELAY and large send/receive buffers.
-void TuneSocket(int fd);
+// TCP_NODELAY, and send/receive buffers of buffer_bytes (0: kernel autotuning).
+void TuneSocket(int fd, int buffer_bytes);
 void SetIoTimeouts(int fd, int recv_timeout_ms, int send_timeout_ms);
 // Splits "host:port" / "[v6]:port".
 Result<std::pair<std::string, int>> SplitHostPort(std::string_view address);
-Result<UniqueFd> ConnectTcp(std::string_view address, int timeout_ms);
+Result<UniqueFd> ConnectTcp(std::string_view address, int timeout_ms, int buffer_bytes = 0);
 
 // ---- pullers (one per backend; the sink owns one of each) ----
 
