@@ -48,7 +48,7 @@ struct BenchFlags {
   double ttft_target_ms = 0, itl_target_ms = 0;
   std::string json_path, csv_path, plots_dir;
   double timeout = 600;
-  bool stream = true, progress = true, ignore_eos = true;
+  bool stream = true, progress = true, ignore_eos = true, dry_run = false;
 };
 
 void RegisterFlags(FlagSet& fs, BenchFlags& f) {
@@ -82,6 +82,7 @@ void RegisterFlags(FlagSet& fs, BenchFlags& f) {
   fs.Double("timeout", &f.timeout, "per-request timeout (s)");
   fs.Bool("stream", &f.stream, "stream responses (SSE)");
   fs.Bool("ignore-eos", &f.ignore_eos, "send ignore_eos so outputs have max_tokens tokens");
+  fs.Bool("dry-run", &f.dry_run, "build the workload, print what it is (trace: prefix-hit ratios) and send nothing");
   fs.Bool("progress", &f.progress, "progress bar on stderr (when it is a terminal)");
 }
 
@@ -131,7 +132,7 @@ Result<std::vector<RequestSpec>> BuildWorkload(const BenchFlags& f, size_t total
     (*config)["trace_requests"] = trace.size();
     (*config)["trace_hit_ratio_hash_ids"] = ids_ratio;
     (*config)["trace_hit_ratio_prompts"] = prompts_ratio;
-    std::printf("trace %s: %zu requests over %.1f s; infinite-cache prefix hit ratio: hash ids %.4f, prompts sent %.4f\n",
+    std::printf("trace %s: %zu requests over %.1f s; infinite-cache prefix hit ratio: hash ids %.6f, prompts sent %.6f\n",
                 f.trace.c_str(), trace.size(), trace.empty() ? 0.0 : trace.back().arrival_ms / 1000.0, ids_ratio,
                 prompts_ratio);
   } else if (!f.sharegpt.empty()) {
@@ -210,6 +211,14 @@ int Bench(int argc, char** argv) {
                              &config);
   if (!specs.ok()) return fail(specs.status());
   if (specs->empty()) return fail(Status::InvalidArgument("the workload has no requests"));
+  if (f.dry_run) {
+    uint64_t in = 0, out = 0;
+    for (const auto& s : *specs) in += s.input_tokens, out += s.max_tokens;
+    std::printf("%zu requests, %llu known input tokens, %llu output tokens wanted, last arrival %.1f s\n",
+                specs->size(), static_cast<unsigned long long>(in), static_cast<unsigned long long>(out),
+                specs->back().arrival_ms / 1000.0);
+    return 0;
+  }
   const bool open_loop = f.request_rate > 0 || !f.trace.empty();
   if (f.request_rate > 0) {
     AssignArrivals(std::span(*specs).subspan(std::min(warmup, specs->size())), f.request_rate,

@@ -15,6 +15,7 @@ import json, os, sys
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 report = json.load(open(sys.argv[1]))
 out = sys.argv[2]
@@ -59,6 +60,7 @@ for ax, (title, xlabel, get) in zip(axes.flat, panels):
     if ax.has_data():
         ax.legend(fontsize=8)
 fig.suptitle(f"dyn bench latency CDFs {model}")
+fig.tight_layout()
 save(fig, "latency_cdf.png")
 
 # Sweep: throughput and latency against concurrency.
@@ -123,6 +125,7 @@ for n, run in enumerate(runs):
     ax.plot([], [], color="tab:red", label="error")
     ax.set_xlabel("time since the first measured request (s)")
     ax.set_ylabel("request (in order sent)")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(f"Request timeline: {run['label']} {model}")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
