@@ -36,12 +36,24 @@ struct StopConditions {
   bool ignore_eos = false;
 };
 
+// Disaggregated serving: which part of the work this engine does for a request.
+enum class RequestPhase : uint8_t {
+  kFull,            // prefill and decode here (aggregated serving)
+  kPrefillOnly,     // compute the prompt, sample the first token, hold the KV for a decode worker:
+                    // the stream's one delta carries the token and kv_transfer (the descriptor)
+  kDecodeImported,  // the prompt's KV is copied from the prefill worker named by kv_transfer;
+                    // first_token is what it sampled; generate from the second token on
+};
+
 struct PreprocessedRequest {
   std::string request_id;
   std::vector<uint32_t> token_ids;  // the prompt
   SamplingParams sampling;
   StopConditions stop;
   std::vector<uint32_t> eos_token_ids;  // from the model card; ignored with ignore_eos
+  RequestPhase phase = RequestPhase::kFull;
+  std::string kv_transfer;   // kDecodeImported: the prefill worker's descriptor (transfer/kv_transfer.h)
+  uint32_t first_token = 0;  // kDecodeImported: counts as the first generated token
 };
 
 enum class FinishReason { kStop, kLength, kCancelled, kError };
@@ -69,6 +81,9 @@ struct EngineOutput {
   // The worker that produced this delta, when a router chose one (0: not routed). The frontend
   // reports it to the client (x-dyn-worker-id header, nvext.worker_id).
   uint64_t worker_id = 0;
+  // kPrefillOnly, on the final delta when decoding should continue elsewhere: the descriptor of
+  // the KV the engine now holds under a lease (released by Engine::ReleaseKvLease or a timeout).
+  std::string kv_transfer;
 };
 
 // Shared between the caller and the engine for one request. Cancel() may be called from any
@@ -125,6 +140,13 @@ struct EngineMetrics {
   uint64_t preemptions = 0;
   uint64_t steps = 0;
   uint64_t migrations = 0;         // streams moved to another worker after theirs failed
+  // Disaggregated serving.
+  int kv_leases = 0;                   // prefill side: leases held now
+  int kv_leased_blocks = 0;            // blocks they hold
+  uint64_t kv_transfers = 0;           // decode side: KV copies done (and failed)
+  uint64_t kv_transfer_failures = 0;
+  uint64_t kv_transfer_bytes = 0;
+  double kv_transfer_seconds = 0;
   // KV-aware routing (a frontend's engine for remote workers in kv mode; 0 elsewhere).
   uint64_t router_decisions = 0;
   uint64_t router_rejections = 0;  // every worker was busy: the client got 503
@@ -141,6 +163,9 @@ class Engine {
   // one kError delta. Thread-safe.
   virtual void Generate(PreprocessedRequest request, std::shared_ptr<RequestContext> context, OutputSink sink) = 0;
   virtual EngineMetrics Metrics() const = 0;
+  // Disaggregated serving: the decode worker has copied a prefill lease's KV (or gave up); its
+  // blocks can be freed. False when the engine holds no such lease.
+  virtual bool ReleaseKvLease(uint64_t lease_id) { return false; }
   // Stops the engine's threads; streams still running end with kCancelled. Idempotent.
   virtual void Shutdown() = 0;
 };

@@ -6,8 +6,8 @@ namespace dyn {
 namespace {
 
 // Bumped on any layout change; decoders reject other versions instead of misreading them.
-constexpr uint8_t kRequestVersion = 1;
-constexpr uint8_t kOutputVersion = 1;
+constexpr uint8_t kRequestVersion = 2;  // 2: phase, kv_transfer, first_token
+constexpr uint8_t kOutputVersion = 2;   // 2: kv_transfer
 
 void WriteIds(ByteWriter& w, const std::vector<uint32_t>& ids) {
   w.U32(static_cast<uint32_t>(ids.size()));
@@ -64,6 +64,13 @@ Status DecodeRequestInto(ByteReader& r, PreprocessedRequest& q) {
   DYN_RETURN_IF_ERROR(ReadIds(r, stop.stop_token_ids));
   DYN_RETURN_IF_ERROR(r.Bool(stop.ignore_eos));
   DYN_RETURN_IF_ERROR(ReadIds(r, q.eos_token_ids));
+  uint8_t phase;
+  DYN_RETURN_IF_ERROR(r.U8(phase));
+  if (phase > static_cast<uint8_t>(RequestPhase::kDecodeImported))
+    return Status::InvalidArgument("bad request phase " + std::to_string(phase));
+  q.phase = static_cast<RequestPhase>(phase);
+  DYN_RETURN_IF_ERROR(r.Str(q.kv_transfer));
+  DYN_RETURN_IF_ERROR(r.U32(q.first_token));
   return CheckEnd(r);
 }
 
@@ -97,6 +104,7 @@ Status DecodeOutputInto(ByteReader& r, EngineOutput& o) {
   DYN_RETURN_IF_ERROR(r.Str(o.error));
   DYN_RETURN_IF_ERROR(r.U32(o.prompt_tokens));
   DYN_RETURN_IF_ERROR(r.U32(o.cached_tokens));
+  DYN_RETURN_IF_ERROR(r.Str(o.kv_transfer));
   return CheckEnd(r);
 }
 
@@ -104,7 +112,7 @@ Status DecodeOutputInto(ByteReader& r, EngineOutput& o) {
 
 std::string EncodeRequest(const PreprocessedRequest& q) {
   std::string out;
-  out.reserve(64 + q.request_id.size() + 4 * (q.token_ids.size() + q.stop.stop_token_ids.size() + q.eos_token_ids.size()));
+  out.reserve(72 + q.request_id.size() + q.kv_transfer.size() + 4 * (q.token_ids.size() + q.stop.stop_token_ids.size() + q.eos_token_ids.size()));
   ByteWriter w(out);
   w.U8(kRequestVersion);
   w.Str(q.request_id);
@@ -127,6 +135,9 @@ std::string EncodeRequest(const PreprocessedRequest& q) {
   WriteIds(w, stop.stop_token_ids);
   w.U8(stop.ignore_eos ? 1 : 0);
   WriteIds(w, q.eos_token_ids);
+  w.U8(static_cast<uint8_t>(q.phase));
+  w.Str(q.kv_transfer);
+  w.U32(q.first_token);
   return out;
 }
 
@@ -140,7 +151,7 @@ Result<PreprocessedRequest> DecodeRequest(std::string_view bytes) {
 
 std::string EncodeOutput(const EngineOutput& o) {
   std::string out;
-  size_t size = 32 + o.error.size() + 4 * o.token_ids.size();
+  size_t size = 36 + o.error.size() + o.kv_transfer.size() + 4 * o.token_ids.size();
   for (const auto& lp : o.logprobs) size += kMinTokenLogprobBytes + kTopLogprobBytes * lp.top.size();
   out.reserve(size);
   ByteWriter w(out);
@@ -161,6 +172,7 @@ std::string EncodeOutput(const EngineOutput& o) {
   w.Str(o.error);
   w.U32(o.prompt_tokens);
   w.U32(o.cached_tokens);
+  w.Str(o.kv_transfer);
   return out;
 }
 
@@ -186,6 +198,7 @@ void MergeOutput(EngineOutput& into, EngineOutput&& next) {
   if (next.finish_reason) {
     into.finish_reason = next.finish_reason;
     into.error = std::move(next.error);
+    into.kv_transfer = std::move(next.kv_transfer);
   }
   // Only the first delta of a stream carries these; keep whichever of the two has them.
   if (into.prompt_tokens == 0) into.prompt_tokens = next.prompt_tokens;

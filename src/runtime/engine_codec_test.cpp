@@ -29,6 +29,9 @@ PreprocessedRequest FullRequest() {
   q.stop.stop_token_ids = {9, 8};
   q.stop.ignore_eos = true;
   q.eos_token_ids = {2, 128001};
+  q.phase = RequestPhase::kDecodeImported;
+  q.kv_transfer = R"({"backend":"tcp","address":"10.0.0.1:7000"})";
+  q.first_token = 4711;
   return q;
 }
 
@@ -40,6 +43,7 @@ EngineOutput FullOutput() {
   o.error = "Internal: boom";
   o.prompt_tokens = 64;
   o.cached_tokens = 32;
+  o.kv_transfer = R"({"lease_id":"7"})";
   return o;
 }
 
@@ -61,6 +65,9 @@ void ExpectSameRequest(const PreprocessedRequest& a, const PreprocessedRequest& 
   EXPECT_EQ(a.stop.stop_token_ids, b.stop.stop_token_ids);
   EXPECT_EQ(a.stop.ignore_eos, b.stop.ignore_eos);
   EXPECT_EQ(a.eos_token_ids, b.eos_token_ids);
+  EXPECT_EQ(a.phase, b.phase);
+  EXPECT_EQ(a.kv_transfer, b.kv_transfer);
+  EXPECT_EQ(a.first_token, b.first_token);
 }
 
 void ExpectSameOutput(const EngineOutput& a, const EngineOutput& b) {
@@ -79,6 +86,7 @@ void ExpectSameOutput(const EngineOutput& a, const EngineOutput& b) {
   EXPECT_EQ(a.error, b.error);
   EXPECT_EQ(a.prompt_tokens, b.prompt_tokens);
   EXPECT_EQ(a.cached_tokens, b.cached_tokens);
+  EXPECT_EQ(a.kv_transfer, b.kv_transfer);
 }
 
 TEST(EngineCodec, RequestRoundTripsEveryField) {

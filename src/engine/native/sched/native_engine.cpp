@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <deque>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -28,12 +29,14 @@ class NativeEngine final : public Engine {
         vocab_size_(model_->config().vocab_size),
         pool_(num_blocks, options.block_size, options.enable_prefix_caching),
         scheduler_(pool_, SchedulerConfig{options.max_num_seqs, options.max_num_batched_tokens, 0}),
-        sampler_(vocab_size_) {
+        sampler_(vocab_size_),
+        hooks_(options.kv_transfer) {
     const int pool_tokens = num_blocks * options.block_size;
     const int max_pos = model_->config().max_position_embeddings;
     context_length_ = max_pos > 0 ? std::min(max_pos, pool_tokens) : pool_tokens;
     pool_.SetEventSink(options.kv_event_sink);
     metrics_.kv_blocks_total = num_blocks;
+    if (hooks_.can_import()) transfer_thread_ = std::thread([this] { TransferLoop(); });
     thread_ = std::thread([this] { Loop(); });
   }
 
@@ -53,6 +56,15 @@ class NativeEngine final : public Engine {
     if (thread_.joinable()) thread_.join();
   }
 
+  bool ReleaseKvLease(uint64_t lease_id) override {
+    std::lock_guard lock(lease_mu_);
+    auto it = leases_.find(lease_id);
+    if (it == leases_.end()) return false;
+    released_blocks_.insert(released_blocks_.end(), it->second.blocks.begin(), it->second.blocks.end());
+    leases_.erase(it);
+    return true;
+  }
+
  private:
   // One admitted request, owned by the step thread.
   struct Active {
@@ -62,6 +74,23 @@ class NativeEngine final : public Engine {
     SamplerRng rng;
     int generated = 0;
     bool sent_first = false;
+    bool importing = false;  // kDecodeImported, KV not yet in place (a copy may be running)
+  };
+
+  struct Lease {
+    std::vector<int32_t> blocks;
+    std::chrono::steady_clock::time_point deadline;
+  };
+  struct ImportJob {
+    SeqId id = 0;
+    std::string descriptor;
+    int first_block = 0;
+    std::vector<int32_t> dst;
+  };
+  struct ImportDone {
+    SeqId id = 0;
+    Result<size_t> bytes = Status::Ok();
+    double seconds = 0;
   };
 
   // A delta waiting for the end of the step: streams see it after Metrics() reflects the step.
@@ -80,6 +109,13 @@ class NativeEngine final : public Engine {
   void Finish(SeqId id, FinishReason reason, std::string error = {});
   void PublishMetrics();
   Status Validate(const PreprocessedRequest& r) const;
+  // Disaggregated serving (step thread).
+  void HandOff(SeqId id, Active& a, EngineOutput& delta);
+  void ProcessLeases();
+  void ProcessImports();
+  void FinishImport(const ImportDone& done);
+  void TransferLoop();  // the transfer thread
+  bool HasLeases();
 
   std::unique_ptr<Model> model_;
   const int vocab_size_;
@@ -102,6 +138,22 @@ class NativeEngine final : public Engine {
   mutable std::mutex metrics_mu_;
   EngineMetrics metrics_;
 
+  // Disaggregated serving.
+  KvTransferHooks hooks_;
+  std::mutex lease_mu_;  // leases_ and released_blocks_ (ReleaseKvLease runs on other threads)
+  std::unordered_map<uint64_t, Lease> leases_;
+  std::vector<int32_t> released_blocks_;
+  uint64_t next_lease_ = 1;
+  std::deque<SeqId> import_waiting_;  // step thread: admitted, no blocks reserved yet
+  std::mutex transfer_mu_;
+  std::condition_variable transfer_cv_;
+  std::deque<ImportJob> transfer_jobs_;
+  std::vector<ImportDone> transfer_done_;
+  bool transfer_stop_ = false;
+  uint64_t kv_transfers_ = 0, kv_transfer_failures_ = 0, kv_transfer_bytes_ = 0;
+  double kv_transfer_seconds_ = 0;
+  std::thread transfer_thread_;
+
   std::thread thread_;  // last: starts after everything above is built
 };
 
@@ -123,6 +175,14 @@ Status NativeEngine::Validate(const PreprocessedRequest& r) const {
                                         : ""));
   }
   DYN_RETURN_IF_ERROR(ValidateSamplingParams(r.sampling));
+  if (r.phase == RequestPhase::kPrefillOnly && !hooks_.can_prefill())
+    return Status::InvalidArgument("this worker cannot hand KV to a decode worker (no transfer backend)");
+  if (r.phase == RequestPhase::kDecodeImported) {
+    if (!hooks_.can_import()) return Status::InvalidArgument("this worker cannot import KV (no transfer backend)");
+    if (r.kv_transfer.empty()) return Status::InvalidArgument("decode request without a KV transfer descriptor");
+    if (r.first_token >= static_cast<uint32_t>(vocab_size_))
+      return Status::InvalidArgument("first token " + std::to_string(r.first_token) + " is out of range");
+  }
   return Status::Ok();
 }
 
@@ -133,14 +193,142 @@ void NativeEngine::Admit(Incoming in) {
   }
   Status st = Validate(in.request);
   const SeqId id = next_id_++;
-  if (st.ok()) st = scheduler_.Add(id, in.request.token_ids);
+  const bool import = in.request.phase == RequestPhase::kDecodeImported;
+  if (st.ok() && !import) st = scheduler_.Add(id, in.request.token_ids);
   if (!st.ok()) {
     EndLater(std::move(in.sink), FinishReason::kError, st.message());
     return;
   }
   prompt_tokens_ += in.request.token_ids.size();
   SamplerRng rng = MakeSamplerRng(in.request.sampling);
-  active_.emplace(id, Active{std::move(in.request), std::move(in.context), std::move(in.sink), std::move(rng)});
+  Active a{std::move(in.request), std::move(in.context), std::move(in.sink), std::move(rng)};
+  if (import) {
+    a.importing = true;
+    a.generated = 1;  // the prefill worker's token
+    import_waiting_.push_back(id);
+  }
+  active_.emplace(id, std::move(a));
+}
+
+void NativeEngine::HandOff(SeqId id, Active& a, EngineOutput& delta) {
+  std::vector<int32_t> blocks = scheduler_.Detach(id);
+  uint64_t lease_id;
+  {
+    std::lock_guard lock(lease_mu_);
+    lease_id = next_lease_++;
+    leases_[lease_id] = Lease{blocks, std::chrono::steady_clock::now() + hooks_.lease_timeout};
+  }
+  auto desc = hooks_.describe(lease_id, blocks, static_cast<int>(a.request.token_ids.size()));
+  if (!desc.ok()) {
+    ReleaseKvLease(lease_id);
+    delta.finish_reason = FinishReason::kError;
+    delta.error = "Internal: cannot describe the prompt's KV: " + desc.status().message();
+    return;
+  }
+  delta.kv_transfer = std::move(*desc);
+  delta.finish_reason = FinishReason::kLength;  // this worker's part is done
+}
+
+bool NativeEngine::HasLeases() {
+  std::lock_guard lock(lease_mu_);
+  return !leases_.empty() || !released_blocks_.empty();
+}
+
+void NativeEngine::ProcessLeases() {
+  std::vector<int32_t> blocks;
+  {
+    std::lock_guard lock(lease_mu_);
+    const auto now = std::chrono::steady_clock::now();
+    for (auto it = leases_.begin(); it != leases_.end();) {
+      if (it->second.deadline <= now) {
+        DYN_LOG(WARN) << "KV lease " << it->first << " expired unreleased (" << it->second.blocks.size() << " blocks)";
+        released_blocks_.insert(released_blocks_.end(), it->second.blocks.begin(), it->second.blocks.end());
+        it = leases_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    blocks.swap(released_blocks_);
+  }
+  if (!blocks.empty()) scheduler_.ReleaseDetached(blocks);
+}
+
+void NativeEngine::ProcessImports() {
+  // Reserve blocks for waiting imports, in arrival order; one that does not fit waits (FCFS).
+  while (!import_waiting_.empty()) {
+    const SeqId id = import_waiting_.front();
+    Active& a = active_.at(id);
+    if (a.context && a.context->cancelled()) {
+      hooks_.release(a.request.kv_transfer);
+      EndLater(std::move(a.sink), FinishReason::kCancelled);
+      active_.erase(id);
+      import_waiting_.pop_front();
+      continue;
+    }
+    auto plan = scheduler_.ReserveForImport(id, a.request.token_ids);
+    if (!plan.ok() && plan.status().code() == StatusCode::kResourceExhausted) break;
+    import_waiting_.pop_front();
+    if (!plan.ok()) {
+      hooks_.release(a.request.kv_transfer);
+      EndLater(std::move(a.sink), FinishReason::kError, plan.status().message());
+      active_.erase(id);
+      continue;
+    }
+    ImportJob job{id, a.request.kv_transfer, plan->cached_blocks,
+                  std::vector<int32_t>(plan->block_table.begin() + plan->cached_blocks, plan->block_table.end())};
+    if (job.dst.empty()) {  // everything was cached here already
+      FinishImport(ImportDone{id, size_t{0}, 0.0});
+      continue;
+    }
+    std::lock_guard lock(transfer_mu_);
+    transfer_jobs_.push_back(std::move(job));
+    transfer_cv_.notify_one();
+  }
+  std::vector<ImportDone> done;
+  {
+    std::lock_guard lock(transfer_mu_);
+    done.swap(transfer_done_);
+  }
+  for (const ImportDone& d : done) FinishImport(d);
+}
+
+void NativeEngine::FinishImport(const ImportDone& done) {
+  Active& a = active_.at(done.id);
+  hooks_.release(a.request.kv_transfer);
+  a.importing = false;
+  if (done.bytes.ok()) {
+    kv_transfer_bytes_ += *done.bytes;
+    kv_transfer_seconds_ += done.seconds;
+  }
+  ++kv_transfers_;
+  if (!done.bytes.ok() || (a.context && a.context->cancelled())) {
+    if (!done.bytes.ok()) ++kv_transfer_failures_;
+    scheduler_.Finish(done.id);  // the copy is over: the reserved blocks can go
+    const bool cancelled = done.bytes.ok();
+    EndLater(std::move(a.sink), cancelled ? FinishReason::kCancelled : FinishReason::kError,
+             cancelled ? std::string() : "Unavailable: KV transfer failed: " + done.bytes.status().message());
+    active_.erase(done.id);
+    return;
+  }
+  scheduler_.ActivateImported(done.id, a.request.first_token);
+}
+
+void NativeEngine::TransferLoop() {
+  for (;;) {
+    ImportJob job;
+    {
+      std::unique_lock lock(transfer_mu_);
+      transfer_cv_.wait(lock, [&] { return transfer_stop_ || !transfer_jobs_.empty(); });
+      if (transfer_jobs_.empty()) return;  // stopping, nothing left
+      job = std::move(transfer_jobs_.front());
+      transfer_jobs_.pop_front();
+    }
+    const auto t0 = std::chrono::steady_clock::now();
+    Result<size_t> bytes = hooks_.pull(job.descriptor, job.first_block, job.dst);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::lock_guard lock(transfer_mu_);
+    transfer_done_.push_back(ImportDone{job.id, std::move(bytes), seconds});
+  }
 }
 
 void NativeEngine::Finish(SeqId id, FinishReason reason, std::string error) {
@@ -154,7 +342,8 @@ void NativeEngine::Finish(SeqId id, FinishReason reason, std::string error) {
 void NativeEngine::DropCancelled() {
   std::vector<SeqId> cancelled;
   for (auto& [id, a] : active_) {
-    if (a.context && a.context->cancelled()) cancelled.push_back(id);
+    // An import in progress is ended when its copy is over (its blocks are being written).
+    if (a.context && a.context->cancelled() && !a.importing) cancelled.push_back(id);
   }
   for (SeqId id : cancelled) Finish(id, FinishReason::kCancelled);
 }
@@ -212,7 +401,11 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
     } else if (a.generated >= r.stop.max_tokens || prompt_len + a.generated >= context_length_) {
       delta.finish_reason = FinishReason::kLength;
     }
-    if (delta.finish_reason) {
+    if (!delta.finish_reason && r.phase == RequestPhase::kPrefillOnly) {
+      HandOff(c.id, a, delta);
+      outbox_.push_back({nullptr, std::move(a.sink), std::move(delta)});
+      active_.erase(c.id);
+    } else if (delta.finish_reason) {
       scheduler_.Finish(c.id);
       outbox_.push_back({nullptr, std::move(a.sink), std::move(delta)});
       active_.erase(c.id);
@@ -250,18 +443,32 @@ void NativeEngine::PublishMetrics() {
   metrics_.generated_tokens = generated_tokens_;
   metrics_.preemptions = scheduler_.num_preemptions();
   metrics_.steps = steps_;
+  metrics_.kv_transfers = kv_transfers_;
+  metrics_.kv_transfer_failures = kv_transfer_failures_;
+  metrics_.kv_transfer_bytes = kv_transfer_bytes_;
+  metrics_.kv_transfer_seconds = kv_transfer_seconds_;
+  std::lock_guard lease_lock(lease_mu_);
+  metrics_.kv_leases = static_cast<int>(leases_.size());
+  int leased = 0;
+  for (const auto& [id, l] : leases_) leased += static_cast<int>(l.blocks.size());
+  metrics_.kv_leased_blocks = leased;
 }
 
 void NativeEngine::Loop() {
   std::vector<Incoming> incoming;
   for (;;) {
-    if (!inbox_.Take(&incoming, active_.empty())) break;
+    const bool leases = HasLeases();
+    if (!inbox_.Take(&incoming, active_.empty() && !leases)) break;
     for (Incoming& in : incoming) Admit(std::move(in));
     incoming.clear();
+    ProcessLeases();
+    ProcessImports();
     DropCancelled();
     if (active_.empty()) {
       PublishMetrics();
       Deliver();
+      // Only leases are left: wake up for their releases and timeouts.
+      if (leases) inbox_.SleepUntil(std::chrono::steady_clock::now() + std::chrono::milliseconds(5));
       continue;
     }
     SchedulerOutput out = scheduler_.Schedule();
@@ -274,7 +481,19 @@ void NativeEngine::Loop() {
       inbox_.SleepUntil(std::chrono::steady_clock::now() + std::chrono::milliseconds(1));
     }
   }
-  // Shutting down: every stream still open ends as cancelled.
+  // Shutting down: copies in progress finish first (they write into reserved blocks).
+  if (transfer_thread_.joinable()) {
+    {
+      std::lock_guard lock(transfer_mu_);
+      transfer_stop_ = true;
+      transfer_cv_.notify_one();
+    }
+    transfer_thread_.join();
+  }
+  for (auto& [id, a] : active_) {
+    if (a.importing) hooks_.release(a.request.kv_transfer);
+  }
+  // Every stream still open ends as cancelled.
   std::vector<SeqId> open;
   for (auto& [id, a] : active_) open.push_back(id);
   for (SeqId id : open) Finish(id, FinishReason::kCancelled);

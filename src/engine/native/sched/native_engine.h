@@ -7,6 +7,14 @@
 // sequence's next token (sampler.h) and sends it as one delta. The first delta of a stream
 // carries prompt_tokens and cached_tokens (prompt tokens served from the prefix cache).
 //
+// Disaggregated serving (PreprocessedRequest::phase): a kPrefillOnly request ends after its first
+// token with its blocks kept under a lease and a descriptor (KvTransferHooks::describe) in the
+// final delta; ReleaseKvLease or the lease timeout frees them. A kDecodeImported request reserves
+// blocks for its prompt (reusing the local prefix cache), has the rest copied on the engine's
+// transfer thread (KvTransferHooks::pull) while other requests keep running, then decodes from
+// the prefill worker's first token; a failed copy ends it with "Unavailable: ..." so the caller
+// can fall back.
+//
 // Stop conditions, checked after each token, first match wins: an EOS id (unless ignore_eos) or
 // a stop id ends with kStop and the token is included; max_tokens generated ends with kLength;
 // prompt + generated reaching the context length ends with kLength. Before min_tokens are
@@ -21,6 +29,7 @@
 
 #include "base/status.h"
 #include "engine/engine.h"
+#include "engine/kv_transfer_hooks.h"
 #include "engine/native/model/model.h"
 #include "kv/block_pool.h"
 
@@ -35,6 +44,9 @@ struct NativeEngineOptions {
   bool enable_prefix_caching = true;
   // Receives the block pool's KV events on the engine's step thread; must outlive the engine.
   KvEventSink* kv_event_sink = nullptr;
+  // Disaggregated serving (RequestPhase): without describe, kPrefillOnly requests are refused;
+  // without pull, kDecodeImported ones are.
+  KvTransferHooks kv_transfer;
 };
 
 // Sizes the KV pool, calls model->InitKvCache and starts the step thread. Fails if the options

@@ -1,0 +1,239 @@
+// Disaggregated serving inside one process: a prefill engine and a decode engine (FakeModel, whose
+// "KV" is token ids in block slots) wired with KvTransferHooks that copy blocks between the two
+// models directly. Output must equal aggregated serving; leases and reservations must all end.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "engine/native/sched/fake_model_for_test.h"
+#include "engine/native/sched/native_engine.h"
+
+namespace dyn {
+namespace {
+
+using testing::FakeModel;
+using namespace std::chrono_literals;
+
+struct Stream {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<uint32_t> tokens;
+  std::optional<FinishReason> finish;
+  std::string error, kv_transfer;
+  uint32_t prompt_tokens = 0, cached_tokens = 0;
+  int deltas = 0;
+  OutputSink Sink() {
+    return [this](EngineOutput&& o) {
+      std::lock_guard lock(mu);
+      if (deltas++ == 0) {
+        prompt_tokens = o.prompt_tokens;
+        cached_tokens = o.cached_tokens;
+      }
+      tokens.insert(tokens.end(), o.token_ids.begin(), o.token_ids.end());
+      if (o.finish_reason) {
+        finish = o.finish_reason;
+        error = o.error;
+        kv_transfer = o.kv_transfer;
+        cv.notify_all();
+      }
+    };
+  }
+  bool Wait() {
+    std::unique_lock lock(mu);
+    return cv.wait_for(lock, 20s, [&] { return finish.has_value(); });
+  }
+};
+
+std::vector<uint32_t> Prompt(int n, uint32_t seed) {
+  std::vector<uint32_t> t(n);
+  for (int i = 0; i < n; ++i) t[i] = (seed * 2654435761u + i * 40503u) % 64;
+  return t;
+}
+
+PreprocessedRequest Request(std::vector<uint32_t> prompt, int max_tokens) {
+  PreprocessedRequest r;
+  r.request_id = "r";
+  r.token_ids = std::move(prompt);
+  r.sampling.temperature = 0;
+  r.stop.max_tokens = max_tokens;
+  return r;
+}
+
+// Descriptor format of this test: "lease block block ...".
+std::string Describe(uint64_t lease, std::span<const int32_t> blocks) {
+  std::ostringstream o;
+  o << lease;
+  for (int32_t b : blocks) o << ' ' << b;
+  return o.str();
+}
+std::vector<int64_t> Parse(const std::string& d) {
+  std::istringstream in(d);
+  std::vector<int64_t> v;
+  for (int64_t x; in >> x;) v.push_back(x);
+  return v;
+}
+
+struct Pair {
+  FakeModel* prefill_model = nullptr;
+  FakeModel* decode_model = nullptr;
+  EnginePtr prefill, decode;
+  std::atomic<int> released{0};
+  std::atomic<bool> fail_pulls{false};
+  std::atomic<int> pulled_blocks{0};
+
+  explicit Pair(std::chrono::milliseconds lease_timeout = 30s) {
+    auto pm = std::make_unique<FakeModel>();
+    auto dm = std::make_unique<FakeModel>();
+    prefill_model = pm.get();
+    decode_model = dm.get();
+    NativeEngineOptions po;
+    po.block_size = 4;
+    po.num_kv_blocks = 64;
+    po.kv_transfer.lease_timeout = lease_timeout;
+    po.kv_transfer.describe = [](uint64_t lease, std::span<const int32_t> blocks, int) -> Result<std::string> {
+      return Describe(lease, blocks);
+    };
+    prefill = *CreateNativeEngine(std::move(pm), po);
+    NativeEngineOptions d = po;
+    d.kv_transfer = {};
+    d.kv_transfer.pull = [this](const std::string& desc, int first, std::span<const int32_t> dst) -> Result<size_t> {
+      if (fail_pulls) return Status::Unavailable("source gone");
+      const auto v = Parse(desc);
+      for (size_t i = 0; i < dst.size(); ++i)
+        decode_model->WriteBlock(dst[i], prefill_model->ReadBlock(static_cast<int32_t>(v[1 + first + i])));
+      pulled_blocks += static_cast<int>(dst.size());
+      return dst.size() * 16;
+    };
+    d.kv_transfer.release = [this](const std::string& desc) {
+      prefill->ReleaseKvLease(static_cast<uint64_t>(Parse(desc)[0]));
+      ++released;
+    };
+    decode = *CreateNativeEngine(std::move(dm), d);
+  }
+  ~Pair() {
+    decode->Shutdown();
+    prefill->Shutdown();
+  }
+
+  // Prefill on one engine, decode on the other; returns all generated tokens.
+  std::vector<uint32_t> Serve(const std::vector<uint32_t>& prompt, int max_tokens, Stream* decode_stream_out = nullptr) {
+    PreprocessedRequest p = Request(prompt, max_tokens);
+    p.phase = RequestPhase::kPrefillOnly;
+    Stream ps;
+    prefill->Generate(p, std::make_shared<RequestContext>("p"), ps.Sink());
+    EXPECT_TRUE(ps.Wait());
+    EXPECT_EQ(ps.tokens.size(), 1u);
+    if (ps.kv_transfer.empty()) return ps.tokens;  // finished at its first token
+    PreprocessedRequest d = Request(prompt, max_tokens);
+    d.phase = RequestPhase::kDecodeImported;
+    d.kv_transfer = ps.kv_transfer;
+    d.first_token = ps.tokens[0];
+    Stream local;
+    Stream& ds = decode_stream_out ? *decode_stream_out : local;
+    decode->Generate(d, std::make_shared<RequestContext>("d"), ds.Sink());
+    EXPECT_TRUE(ds.Wait());
+    std::vector<uint32_t> all = ps.tokens;
+    all.insert(all.end(), ds.tokens.begin(), ds.tokens.end());
+    return all;
+  }
+};
+
+bool Eventually(const std::function<bool()>& pred) {
+  for (int i = 0; i < 400; ++i) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(5ms);
+  }
+  return pred();
+}
+
+TEST(NativeEngineDisagg, PrefillThenDecodeEqualsAggregated) {
+  Pair pair;
+  FakeModel reference;
+  for (uint32_t seed = 1; seed <= 6; ++seed) {
+    const auto prompt = Prompt(5 + 7 * static_cast<int>(seed), seed);
+    Stream ds;
+    EXPECT_EQ(pair.Serve(prompt, 12, &ds), reference.Greedy(prompt, 12)) << "seed " << seed;
+    EXPECT_EQ(ds.prompt_tokens, prompt.size());
+    EXPECT_EQ(*ds.finish, FinishReason::kLength);
+  }
+  // Every lease was released by the decode side, the prefill side holds nothing.
+  EXPECT_EQ(pair.released.load(), 6);
+  EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_leases == 0; }));
+  EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_blocks_used == 0; }));
+  EXPECT_TRUE(Eventually([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
+  EXPECT_EQ(pair.decode->Metrics().kv_transfers, 6u);
+}
+
+TEST(NativeEngineDisagg, DecodeSideReusesItsPrefixCache) {
+  Pair pair;
+  FakeModel reference;
+  const auto a = Prompt(40, 3);
+  EXPECT_EQ(pair.Serve(a, 4), reference.Greedy(a, 4));
+  const int first_pull = pair.pulled_blocks.load();
+  EXPECT_EQ(first_pull, 10);
+  auto b = a;
+  b.resize(32);
+  for (uint32_t t : Prompt(9, 8)) b.push_back(t);
+  Stream ds;
+  EXPECT_EQ(pair.Serve(b, 4, &ds), reference.Greedy(b, 4));
+  EXPECT_EQ(ds.cached_tokens, 32u);                      // 8 blocks found locally
+  EXPECT_EQ(pair.pulled_blocks.load() - first_pull, 3);  // only 41 - 32 tokens' blocks copied
+}
+
+TEST(NativeEngineDisagg, FailedPullEndsUnavailableAndFreesEverything) {
+  Pair pair;
+  pair.fail_pulls = true;
+  Stream ds;
+  pair.Serve(Prompt(30, 5), 8, &ds);
+  EXPECT_EQ(*ds.finish, FinishReason::kError);
+  EXPECT_EQ(ds.error.rfind("Unavailable", 0), 0u) << ds.error;
+  EXPECT_EQ(pair.released.load(), 1);  // the source is told even when the copy failed
+  EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_blocks_used == 0; }));
+  EXPECT_TRUE(Eventually([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
+  EXPECT_EQ(pair.decode->Metrics().kv_transfer_failures, 1u);
+}
+
+TEST(NativeEngineDisagg, UnreleasedLeaseExpires) {
+  Pair pair(100ms);
+  PreprocessedRequest p = Request(Prompt(30, 6), 8);
+  p.phase = RequestPhase::kPrefillOnly;
+  Stream ps;
+  pair.prefill->Generate(p, std::make_shared<RequestContext>("p"), ps.Sink());
+  ASSERT_TRUE(ps.Wait());
+  ASSERT_FALSE(ps.kv_transfer.empty());
+  EXPECT_EQ(pair.prefill->Metrics().kv_leases, 1);
+  EXPECT_GT(pair.prefill->Metrics().kv_leased_blocks, 0);
+  // Nobody pulls: the lease times out and the blocks return.
+  EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_leases == 0; }));
+  EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_blocks_used == 0; }));
+  EXPECT_FALSE(pair.prefill->ReleaseKvLease(1));  // already gone
+}
+
+TEST(NativeEngineDisagg, RequestsNeedTheirHooks) {
+  auto m = std::make_unique<FakeModel>();
+  NativeEngineOptions o;
+  o.block_size = 4;
+  o.num_kv_blocks = 16;
+  auto e = *CreateNativeEngine(std::move(m), o);
+  PreprocessedRequest p = Request(Prompt(8, 1), 4);
+  p.phase = RequestPhase::kPrefillOnly;
+  Stream s1;
+  e->Generate(p, std::make_shared<RequestContext>("a"), s1.Sink());
+  ASSERT_TRUE(s1.Wait());
+  EXPECT_EQ(*s1.finish, FinishReason::kError);
+  p.phase = RequestPhase::kDecodeImported;
+  p.kv_transfer = "1 0 1";
+  Stream s2;
+  e->Generate(p, std::make_shared<RequestContext>("b"), s2.Sink());
+  ASSERT_TRUE(s2.Wait());
+  EXPECT_EQ(*s2.finish, FinishReason::kError);
+  e->Shutdown();
+}
+
+}  // namespace
+}  // namespace dyn
