@@ -111,6 +111,8 @@ class SharedKvMemory {
   virtual size_t size() const = 0;
   virtual const std::string& name() const = 0;
 };
+// `region` must lie inside memory.data()/size(); `memory` must outlive the source. A memory is
+// published by one source, once.
 Result<std::unique_ptr<KvTransferSource>> StartShmKvSource(SharedKvMemory& memory, KvRegion region, KvLayoutDesc layout);
 
 // One sink that speaks every backend (it picks by descriptor.backend), with connection and

@@ -7,6 +7,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <functional>
@@ -165,6 +166,54 @@ TEST(TcpTransfer, StaleCachedConnectionIsRetriedOnAFreshOne) {
   Status st = puller.Pull(address, Layout(), ids, ids, region);
   EXPECT_TRUE(st.ok()) << st.ToString();
   EXPECT_EQ(local[0], 'c');
+}
+
+TEST(TcpTransfer, ConnectionClosedBeforeTheAnswerIsRetriedOnce) {
+  // Answers the first request, then closes the connection on reading the second one without a
+  // reply (a source restarting between two pulls); later connections are served normally.
+  std::atomic<int> requests{0};
+  FakeSource fake([&](int fd) {
+    for (;;) {
+      uint32_t n = ReadRequest(fd);
+      if (n == 0) return;
+      if (++requests == 2) return;
+      ResponseHeader resp;
+      resp.payload_bytes = n * Layout().block_bytes;
+      std::vector<char> payload(resp.payload_bytes, 'z');
+      std::vector<iovec> out{{&resp, sizeof(resp)}, {payload.data(), payload.size()}};
+      if (!SendAll(fd, out).ok()) return;
+    }
+  });
+  std::vector<char> local(Layout().block_bytes);
+  KvRegion region{local.data(), Layout().block_bytes, 1};
+  std::vector<int32_t> ids = {0};
+  TcpPuller puller(KvSinkOptions{});
+  ASSERT_TRUE(puller.Pull(fake.address(), Layout(), ids, ids, region).ok());
+  local[0] = 0;
+  Status st = puller.Pull(fake.address(), Layout(), ids, ids, region);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(requests.load(), 3);
+  EXPECT_EQ(local[0], 'z');
+}
+
+TEST(TcpTransfer, IdleConnectionsToStoppedSourcesAreClosed) {
+  std::vector<char> bytes(Layout().block_bytes * 2, 'f');
+  KvRegion source{bytes.data(), Layout().block_bytes, 2};
+  auto a = StartTcpKvSource(source, Layout(), TcpSourceOptions{.host = "127.0.0.1"});
+  auto b = StartTcpKvSource(source, Layout(), TcpSourceOptions{.host = "127.0.0.1"});
+  ASSERT_TRUE(a.ok() && b.ok());
+  const std::string address_a = (*a)->address();
+  std::vector<char> local(Layout().block_bytes * 2);
+  KvRegion region{local.data(), Layout().block_bytes, 2};
+  TcpPuller puller(KvSinkOptions{});
+  std::vector<int32_t> ids = {1};
+  ASSERT_TRUE(puller.Pull(address_a, Layout(), ids, ids, region).ok());
+  EXPECT_EQ(puller.IdleConnections(address_a), 1u);
+  a->reset();
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));  // let the FIN arrive
+  ASSERT_TRUE(puller.Pull((*b)->address(), Layout(), ids, ids, region).ok());
+  EXPECT_EQ(puller.IdleConnections(address_a), 0u);
+  EXPECT_EQ(puller.IdleConnections((*b)->address()), 1u);
 }
 
 TEST(TcpTransfer, StopDuringATransferDoesNotHang) {

@@ -196,7 +196,8 @@ Status ShmPuller::Pull(const std::string& name, const KvLayoutDesc& local_layout
   remote.dtype = std::string(h.dtype, strnlen(h.dtype, sizeof(h.dtype)));
   remote.block_bytes = h.block_bytes;
   if (Status s = remote.CheckCompatible(local_layout); !s.ok()) return s.WithContext(where + " refused");
-  if (h.num_blocks < 0 || h.data_offset + static_cast<uint64_t>(h.num_blocks) * h.block_bytes > m->bytes) {
+  if (h.num_blocks < 0 || h.block_bytes == 0 || h.data_offset > m->bytes ||
+      static_cast<uint64_t>(h.num_blocks) > (m->bytes - h.data_offset) / h.block_bytes) {
     return Status::IoError(where + ": header describes more blocks than the segment holds");
   }
   DYN_RETURN_IF_ERROR(CheckIds(src, h.num_blocks, "source").WithContext(where + " refused"));

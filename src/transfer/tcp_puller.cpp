@@ -1,11 +1,33 @@
 // The TCP sink side: one request frame, one status frame, then the blocks read straight into the
 // destination region. Connections are cached per source address and reused; one in use belongs to
 // one Pull, so concurrent pulls to the same source each get their own connection.
+#include <poll.h>
 #include <sys/socket.h>
 
 #include "transfer/transfer_internal.h"
 
 namespace dyn::transfer_internal {
+
+namespace {
+
+constexpr size_t kMaxIdlePerAddress = 16;
+
+// An idle connection has nothing to read; readable (EOF, reset, stray bytes) means it is dead.
+bool LooksAlive(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  return ::poll(&p, 1, 0) == 0;
+}
+
+}  // namespace
+
+// Closes idle connections whose source went away, so addresses of stopped sources do not keep
+// file descriptors forever.
+void TcpPuller::DropDeadIdleLocked() {
+  for (auto it = idle_.begin(); it != idle_.end();) {
+    std::erase_if(it->second, [](const UniqueFd& fd) { return !LooksAlive(fd.get()); });
+    it = it->second.empty() ? idle_.erase(it) : std::next(it);
+  }
+}
 
 Status TcpPuller::Pull(const std::string& address, const KvLayoutDesc& local_layout, std::span<const int32_t> src,
                        std::span<const int32_t> dst, KvRegion local) {
@@ -18,11 +40,12 @@ Status TcpPuller::Pull(const std::string& address, const KvLayoutDesc& local_lay
     {
       std::lock_guard<std::mutex> lock(mu_);
       auto it = idle_.find(address);
-      if (it != idle_.end() && !it->second.empty()) {
+      while (it != idle_.end() && !it->second.empty() && !reused) {
         fd = std::move(it->second.back());
         it->second.pop_back();
-        reused = true;
+        reused = LooksAlive(fd.get());
       }
+      if (!reused) DropDeadIdleLocked();
     }
     if (!reused) {
       Result<UniqueFd> connected = ConnectTcp(address, options_.connect_timeout_ms, options_.socket_buffer_bytes);
@@ -36,7 +59,8 @@ Status TcpPuller::Pull(const std::string& address, const KvLayoutDesc& local_lay
     if (status.ok() || stage == Stage::kRefused) {
       // The connection is at a frame boundary: keep it.
       std::lock_guard<std::mutex> lock(mu_);
-      idle_[address].push_back(std::move(fd));
+      std::vector<UniqueFd>& idle = idle_[address];
+      if (idle.size() < kMaxIdlePerAddress) idle.push_back(std::move(fd));
       return status;
     }
     // Mid-frame failure: the connection is out of sync; `fd` closes here.

@@ -119,6 +119,7 @@ class TcpPuller {
   size_t IdleConnections(const std::string& address);
 
  private:
+  void DropDeadIdleLocked();
   enum class Stage { kBeforeResponse, kRefused, kPayload, kDone };
   Status PullOnce(int fd, const std::string& address, const KvLayoutDesc& local_layout, std::span<const int32_t> src,
                   std::span<const int32_t> dst, KvRegion local, Stage* stage, IoFailure* failure);
