@@ -14,7 +14,10 @@
 
 namespace dyn {
 
+bool LocalEngineFlags::Given(const char* flag) const { return flag_set != nullptr && flag_set->IsSet(flag); }
+
 void LocalEngineFlags::Register(FlagSet& fs) {
+  flag_set = &fs;
   fs.String("model", &model_path, "Hugging Face model directory or .gguf file (required)");
   fs.String("served-model-name", &served_name, "name clients use in 'model' (default: from the path)");
   fs.String("engine", &engine_name, "native | echo | mocker (simulated: the model path is only for the tokenizer)");
@@ -34,15 +37,13 @@ void LocalEngineFlags::Register(FlagSet& fs) {
 
 namespace {
 
-// The mocker takes Dynamo's mocker defaults (mocker_core.h) for the sizing flags left at the
-// native engine's defaults (the flag parser cannot tell "not given" from "given the default").
+// The mocker takes Dynamo's mocker defaults (mocker_core.h) for the sizing flags not given.
 Result<EnginePtr> BuildMocker(const LocalEngineFlags& f, ServedModel& served, int* kv_block_size) {
-  const LocalEngineFlags native;
   MockerEngineOptions o;
-  if (f.block_size != native.block_size) o.core.block_size = static_cast<int>(f.block_size);
-  if (f.num_kv_blocks != native.num_kv_blocks) o.core.num_blocks = static_cast<int>(f.num_kv_blocks);
-  if (f.max_num_seqs != native.max_num_seqs) o.core.max_num_seqs = static_cast<int>(f.max_num_seqs);
-  if (f.max_batched != native.max_batched) o.core.max_num_batched_tokens = static_cast<int>(f.max_batched);
+  if (f.Given("block-size")) o.core.block_size = static_cast<int>(f.block_size);
+  if (f.Given("num-kv-blocks") && f.num_kv_blocks > 0) o.core.num_blocks = static_cast<int>(f.num_kv_blocks);
+  if (f.Given("max-num-seqs")) o.core.max_num_seqs = static_cast<int>(f.max_num_seqs);
+  if (f.Given("max-num-batched-tokens")) o.core.max_num_batched_tokens = static_cast<int>(f.max_batched);
   o.core.enable_prefix_caching = f.prefix_caching;
   o.core.vocab_size = std::max<uint32_t>(1, served.tokenizer->vocab_size());
   o.speedup_ratio = f.speedup_ratio;

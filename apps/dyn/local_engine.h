@@ -25,6 +25,10 @@ struct LocalEngineFlags {
   bool prefix_caching = true;
 
   void Register(FlagSet& fs);
+  // Whether a flag was given (not left at its default); false before Register/Parse.
+  bool Given(const char* flag) const;
+
+  const FlagSet* flag_set = nullptr;  // set by Register; outlives the command
 };
 
 // Loads tokenizer, chat template and engine. `served.name` is the served name.
