@@ -11,7 +11,9 @@
 // the ~15 small kernels per layer. One-off lists (prefill chunks) run eagerly, so they never pay
 // for a capture. Host metadata is uploaded at call time; a second upload into the same device
 // array, or a growth that would free it, first runs the pending list, so each pending kernel
-// always reads the values it was called with. DYN_CUDA_GRAPHS=0 turns graphs off.
+// always reads the values it was called with. DYN_CUDA_GRAPHS=0 turns graphs off. The list also
+// allows one peephole fusion: a residual Add directly followed by an RmsNorm of the same rows
+// runs as one kernel.
 #include "engine/native/backend/cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -79,7 +81,7 @@ constexpr int kGemvRows = 1;
 constexpr size_t kBlasWorkspace = size_t{32} << 20;  // fixed, so cuBLAS calls can be captured
 constexpr size_t kMaxGraphs = 16;
 
-enum Op : uint8_t { kEmbed, kNorm, kGemv, kGemvMulti, kSgemm, kGemm, kGather, kBias, kAdd, kSwiGlu, kRopeTab, kRope, kWriteKv, kAttn };
+enum Op : uint8_t { kEmbed, kNorm, kGemv, kGemvMulti, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv, kAttn };
 
 class CudaBackend : public Backend {
  public:
@@ -145,6 +147,16 @@ class CudaBackend : public Backend {
   }
 
   void RmsNorm(const float* x, const float* weight, int m, int dim, float eps, float* out) override {
+    if (last_add_.x != nullptr && last_add_.x == x && last_add_.n == static_cast<size_t>(m) * dim) {
+      // The residual add just before (x += y) and this norm become one kernel.
+      float* xa = last_add_.x;
+      const float* y = last_add_.y;
+      pending_.pop_back();
+      sig_.resize(last_add_.sig_size);
+      Defer([=, this] { cuda::AddRmsNorm(stream_, xa, y, weight, m, dim, eps, out); }, kAddNorm, xa, y, weight, int64_t{m}, dim, eps,
+            out);
+      return;
+    }
     Defer([=, this] { cuda::RmsNorm(stream_, x, weight, m, dim, eps, out); }, kNorm, x, weight, int64_t{m}, dim, eps, out);
   }
 
@@ -184,7 +196,9 @@ class CudaBackend : public Backend {
     Defer([=, this] { cuda::AddBias(stream_, x, m, n, bias); }, kBias, x, m, n, bias);
   }
   void Add(float* x, const float* y, size_t n) override {
+    const size_t sig_size = sig_.size();
     Defer([=, this] { cuda::Add(stream_, x, y, n); }, kAdd, x, y, n);
+    last_add_ = {x, y, n, sig_size};  // after Defer, which clears it
   }
   void SwiGlu(const float* gate, const float* up, size_t n, float* out) override {
     Defer([=, this] { cuda::SwiGlu(stream_, gate, up, n, out); }, kSwiGlu, gate, up, n, out);
@@ -227,6 +241,7 @@ class CudaBackend : public Backend {
   // part of the list's signature.
   template <class F, class... A>
   void Defer(F&& launch, Op op, const A&... args) {
+    last_add_ = {};
     sig_.push_back(static_cast<char>(op));
     (AppendBytes(args), ...);
     pending_.emplace_back(std::forward<F>(launch));
@@ -282,6 +297,12 @@ class CudaBackend : public Backend {
   // Deferred launches and CUDA graphs.
   bool graphs_enabled_ = true;
   std::vector<std::function<void()>> pending_;
+  struct PendingAdd {  // the last pending call, when it is an Add (fused with a following RmsNorm)
+    float* x = nullptr;
+    const float* y = nullptr;
+    size_t n = 0;
+    size_t sig_size = 0;  // signature length before it
+  } last_add_;
   std::string sig_, last_sig_;
   std::unordered_map<std::string, cudaGraphExec_t> graphs_;
 };
@@ -310,6 +331,7 @@ void CudaBackend::Flush() {
     for (auto& launch : pending_) launch();
   }
   pending_.clear();
+  last_add_ = {};
   last_sig_.swap(sig_);
   sig_.clear();
   for (Scratch* s : written_) s->written = false;

@@ -272,6 +272,31 @@ TEST_F(CudaBackendTest, NormsAndElementWise) {
   }
 }
 
+// Add followed by RmsNorm of the same rows is fused into one kernel; results must not change.
+TEST_F(CudaBackendTest, ResidualAddThenNormIsFusedExactly) {
+  const int m = 3, dim = 4096;
+  std::vector<float> x = RandomVec(m * dim, 70), y = RandomVec(m * dim, 71), w = RandomVec(dim, 72);
+  float* dx = Up(x);
+  float* dy = Up(y);
+  float* dw = Up(w);
+  float* fused = Poisoned(m * dim);
+  gpu_->Add(dx, dy, x.size());
+  gpu_->RmsNorm(dx, dw, m, dim, 1e-5f, fused);
+  const std::vector<float> fused_x = Down(dx, x.size()), fused_out = Down(fused, x.size());
+  float* dx2 = Up(x);
+  float* unfused = Poisoned(m * dim);
+  gpu_->Add(dx2, dy, x.size());
+  Down(dx2, 1);  // runs the Add alone
+  gpu_->RmsNorm(dx2, dw, m, dim, 1e-5f, unfused);
+  EXPECT_EQ(Down(dx2, x.size()), fused_x);
+  EXPECT_EQ(Down(unfused, x.size()), fused_out);
+  std::vector<float> want(m * dim);
+  cpu_->Add(x.data(), y.data(), x.size());
+  cpu_->RmsNorm(x.data(), w.data(), m, dim, 1e-5f, want.data());
+  EXPECT_EQ(fused_x, x);
+  EXPECT_LE(RelErr(fused_out, want), 1e-6);
+}
+
 TEST_F(CudaBackendTest, RopeBothStyles) {
   const int m = 4, heads = 3, hd = 64, half = hd / 2;
   const std::vector<int32_t> positions = {0, 1, 517, 8000};

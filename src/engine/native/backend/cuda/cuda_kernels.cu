@@ -138,6 +138,33 @@ __global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps
   for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
 }
 
+// x += y, then RMSNorm of the new x into out (one block per row): Add followed by RmsNorm in one
+// pass, with the same arithmetic as the two kernels.
+__global__ void AddRmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out) {
+  __shared__ float partial[32];
+  __shared__ float scale_shared;
+  float* xr = x + blockIdx.x * int64_t{dim};
+  const float* yr = y + blockIdx.x * int64_t{dim};
+  float ss = 0.0f;
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+    const float v = xr[i] + yr[i];
+    xr[i] = v;
+    ss = fmaf(v, v, ss);
+  }
+  ss = WarpSum(ss);
+  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float total = 0.0f;
+    for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += partial[i];
+    scale_shared = 1.0f / sqrtf(total / dim + eps);
+  }
+  __syncthreads();
+  const float scale = scale_shared;
+  float* o = out + blockIdx.x * int64_t{dim};
+  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
+}
+
 __global__ void GatherRowsKernel(const float* x, int dim, const uint32_t* rows, float* out) {
   const float* src = x + rows[blockIdx.x] * int64_t{dim};
   float* dst = out + blockIdx.x * int64_t{dim};
@@ -224,6 +251,12 @@ void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out) {
 void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
   RmsNormKernel<<<static_cast<unsigned>(rows), NormThreads(dim), 0, stream>>>(x, w, dim, eps, out);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out) {
+  if (rows == 0) return;
+  AddRmsNormKernel<<<static_cast<unsigned>(rows), NormThreads(dim), 0, stream>>>(x, y, w, dim, eps, out);
   DYN_CUDA_CHECK_LAUNCH();
 }
 

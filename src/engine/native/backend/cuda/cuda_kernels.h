@@ -31,6 +31,9 @@ void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out);
 
 // RMSNorm of `rows` rows of length dim: out = x / sqrt(mean(x^2) + eps) * w; out may alias x.
 void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out);
+// x += y over rows x dim, then out = RmsNorm(x) as above: the residual add and the next norm in one
+// pass (bitwise the same as Add then RmsNorm).
+void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out);
 void GatherRows(cudaStream_t stream, const float* x, int dim, const uint32_t* rows, int n, float* out);
 void AddBias(cudaStream_t stream, float* x, int m, int n, const float* bias);
 void Add(cudaStream_t stream, float* x, const float* y, size_t n);
