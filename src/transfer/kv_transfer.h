@@ -111,6 +111,9 @@ class SharedKvMemory {
   virtual size_t size() const = 0;
   virtual const std::string& name() const = 0;
 };
+// Removes the segments that source processes which died without stopping left in /dev/shm (names
+// carry the creator's pid; only pids of this pid namespace are judged). Returns how many.
+int RemoveOrphanedSharedKvMemory();
 // `region` must lie inside memory.data()/size(); `memory` must outlive the source. A memory is
 // published by one source, once.
 Result<std::unique_ptr<KvTransferSource>> StartShmKvSource(SharedKvMemory& memory, KvRegion region, KvLayoutDesc layout);

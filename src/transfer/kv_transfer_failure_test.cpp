@@ -5,6 +5,7 @@
 #include <netinet/in.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -333,6 +334,56 @@ TEST(ShmTransfer, StoppedSourcesMappingsAreDroppedWhenMappingAnother) {
   sources[0]->Stop();
   ASSERT_TRUE(puller.Pull(mems[2]->name(), Layout(), ids, ids, region).ok());
   EXPECT_EQ(puller.MappedSegments(), 2u);  // 1 and 2; 0's mapping was released
+}
+
+TEST(ShmTransfer, SourceInAnotherProcessAndItsOrphanedSegment) {
+  int name_pipe[2], go_pipe[2];
+  ASSERT_EQ(::pipe(name_pipe), 0);
+  ASSERT_EQ(::pipe(go_pipe), 0);
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    // The source process: publishes a segment, then dies without stopping it.
+    auto mem = SharedKvMemory::Create(Layout().block_bytes * 2);
+    if (!mem.ok()) ::_exit(1);
+    std::memset((*mem)->data(), 'q', (*mem)->size());
+    auto source = StartShmKvSource(**mem, KvRegion{(*mem)->data(), Layout().block_bytes, 2}, Layout());
+    if (!source.ok()) ::_exit(1);
+    const std::string name = (*mem)->name();
+    if (::write(name_pipe[1], name.data(), name.size()) != static_cast<ssize_t>(name.size())) ::_exit(1);
+    ::close(name_pipe[1]);
+    char c;
+    (void)::read(go_pipe[0], &c, 1);
+    ::_exit(0);  // no destructors: the name stays in /dev/shm
+  }
+  ::close(name_pipe[1]);
+  ::close(go_pipe[0]);
+  char buf[128] = {};
+  ssize_t n = ::read(name_pipe[0], buf, sizeof(buf) - 1);
+  ::close(name_pipe[0]);
+  ASSERT_GT(n, 0);
+  const std::string name(buf, static_cast<size_t>(n));
+  EXPECT_EQ(name.rfind("/dyn-kv-" + std::to_string(child) + "-", 0), 0u) << name;
+  std::vector<char> local(Layout().block_bytes * 2);
+  KvRegion region{local.data(), Layout().block_bytes, 2};
+  std::vector<int32_t> src = {1, 0};
+  std::vector<int32_t> dst = {0, 1};
+  ShmPuller puller;
+  ASSERT_TRUE(puller.Pull(name, Layout(), src, dst, region).ok());
+  EXPECT_EQ(local[0], 'q');
+  ASSERT_EQ(::write(go_pipe[1], "x", 1), 1);
+  ::close(go_pipe[1]);
+  int wstatus = 0;
+  ASSERT_EQ(::waitpid(child, &wstatus, 0), child);
+  EXPECT_TRUE(WIFEXITED(wstatus) && WEXITSTATUS(wstatus) == 0);
+  // The mapping outlives its source process.
+  local[0] = 0;
+  EXPECT_TRUE(puller.Pull(name, Layout(), src, dst, region).ok());
+  EXPECT_EQ(local[0], 'q');
+  EXPECT_GE(RemoveOrphanedSharedKvMemory(), 1);
+  EXPECT_LT(::shm_open(name.c_str(), O_RDONLY, 0), 0);
+  ShmPuller fresh;
+  EXPECT_EQ(fresh.Pull(name, Layout(), src, dst, region).code(), StatusCode::kUnavailable);
 }
 
 }  // namespace

@@ -4,13 +4,16 @@
 // Segment: [ShmHeader, padded to 4 KiB][data() ... size()]. StartShmKvSource fills the header
 // (layout, where the region starts, block count) and then publishes state = kServing; Stop sets
 // kStopped and unlinks the name, so new sinks cannot map it and sinks holding a mapping refuse it.
+#include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
 #include "transfer/transfer_internal.h"
@@ -101,6 +104,22 @@ Result<std::unique_ptr<SharedKvMemory>> SharedKvMemory::Create(size_t bytes) {
     return Status::ResourceExhausted("mmap " + name + ": " + strerror(errno));
   }
   return std::unique_ptr<SharedKvMemory>(std::make_unique<PosixSharedKvMemory>(name, static_cast<char*>(base), bytes));
+}
+
+int RemoveOrphanedSharedKvMemory() {
+  DIR* dir = ::opendir("/dev/shm");
+  if (dir == nullptr) return 0;
+  int removed = 0;
+  const std::string prefix = "dyn-kv-";
+  while (dirent* e = ::readdir(dir)) {
+    const std::string name = e->d_name;
+    if (name.rfind(prefix, 0) != 0) continue;
+    const long pid = std::strtol(name.c_str() + prefix.size(), nullptr, 10);
+    if (pid <= 0 || ::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;
+    if (::shm_unlink(("/" + name).c_str()) == 0) ++removed;
+  }
+  ::closedir(dir);
+  return removed;
 }
 
 Result<std::unique_ptr<KvTransferSource>> StartShmKvSource(SharedKvMemory& memory, KvRegion region, KvLayoutDesc layout) {
