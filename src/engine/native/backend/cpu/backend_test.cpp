@@ -205,5 +205,37 @@ TEST(CpuBackend, PagedAttentionMatchesDense) {
   }
 }
 
+
+// One decode row gives bit-identical output alone (few items: heads split across threads) and in a
+// batch with other sequences (grouped heads), for head sizes that use the vector path's full and
+// partial column tiles and contexts that are not a multiple of the key tile.
+TEST(CpuBackend, AttentionIsBatchInvariant) {
+  for (int D : {64, 24}) {
+    auto backend = CreateCpuBackend(2);
+    KvLayout L;
+    L.num_layers = 1;
+    L.num_kv_heads = 3;
+    L.head_dim = D;
+    L.block_size = 16;
+    L.num_blocks = 16;
+    const int H = 9, ctx = 45;
+    std::vector<float> cache(L.BlockFloats() * L.num_blocks, 0.0f);
+    const std::vector<int32_t> tables[4] = {{0, 1, 2}, {3, 4, 5}, {6, 7, 8}, {9, 10, 11}};
+    const std::vector<float> k = RandomVec(ctx * L.TokenFloats(), 7), v = RandomVec(ctx * L.TokenFloats(), 8);
+    for (int s = 0; s < 4; ++s) {
+      AttentionSeq fill{0, ctx, 0, tables[s]};
+      backend->WriteKv(cache.data(), L, 0, std::span(&fill, 1), k.data(), v.data());
+    }
+    const std::vector<float> q = RandomVec(4 * H * D, 9);
+    std::vector<float> alone(H * D), batch(4 * H * D);
+    AttentionSeq one{0, 1, ctx - 1, tables[0]};
+    backend->Attention(cache.data(), L, 0, std::span(&one, 1), q.data(), H, 0.125f, alone.data());
+    std::vector<AttentionSeq> four;
+    for (int s = 0; s < 4; ++s) four.push_back({s, 1, ctx - 1 - 3 * s, tables[s]});
+    backend->Attention(cache.data(), L, 0, four, q.data(), H, 0.125f, batch.data());
+    for (int i = 0; i < H * D; ++i) ASSERT_EQ(alone[i], batch[i]) << "D " << D << " element " << i;
+  }
+}
+
 }  // namespace
 }  // namespace dyn

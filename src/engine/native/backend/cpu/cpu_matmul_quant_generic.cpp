@@ -82,18 +82,79 @@ struct Q4_0Kind { using Block = BlockQ4_0; };
 struct Q8_0Kind { using Block = BlockQ8_0; };
 
 #if defined(__AVX2__)
-using WVec = __m256i;  // a weight block's 32 quants as int8 (Q4_1: 0..15)
+// A weight block as the unsigned operand of maddubs. Q4_1's quants are unsigned (0..15) as they
+// are; Q8_0/Q4_0 are signed, so |w| is the operand and their signs move onto the activations
+// (llama.cpp's sign trick).
+struct WBlock {
+  __m256i u;     // unsigned operand
+  __m256i sign;  // the signed quants (Q8_0, Q4_0)
+};
 
 template <class Kind>
-inline WVec Unpack(const typename Kind::Block& b) {
+inline WBlock Unpack(const typename Kind::Block& b) {
+  WBlock r;
   if constexpr (std::is_same_v<Kind, Q8_0Kind>) {
-    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs));
+    r.sign = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b.qs));
   } else {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b.qs));
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    const __m256i v = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), mask), _mm_and_si128(raw, mask));
-    if constexpr (std::is_same_v<Kind, Q4_0Kind>) return _mm256_sub_epi8(v, _mm256_set1_epi8(8));
-    return v;
+    const __m256i w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), _mm256_set1_epi8(0x0F));
+    if constexpr (std::is_same_v<Kind, Q4_1Kind>) {
+      r.u = w;
+      r.sign = w;
+      return r;
+    }
+    r.sign = _mm256_sub_epi8(w, _mm256_set1_epi8(8));
+  }
+  r.u = _mm256_sign_epi8(r.sign, r.sign);
+  return r;
+}
+
+// The integer dot of one (weight block, activation block) pair as 8 int32 lanes.
+template <class Kind>
+inline __m256i BlockDot(const WBlock& w, __m256i x) {
+  if constexpr (!std::is_same_v<Kind, Q4_1Kind>) x = _mm256_sign_epi8(x, w.sign);
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(w.u, x), _mm256_set1_epi16(1));
+}
+
+// One weight row against MR activation rows starting at row0. Blocks alternate between two
+// accumulator sets (even / odd blocks) so consecutive blocks do not wait on one FMA chain; each
+// block's 8 int32 partial dots are converted to F32 and accumulated in 8 lanes (llama.cpp's AVX2
+// scheme); one horizontal sum per output element at the end. The order is the same for every MR.
+template <class Kind, int MR>
+void Tile(const typename Kind::Block* blk, const Rows& q, int row0, int64_t N, float* out) {
+  constexpr bool kHasMin = std::is_same_v<Kind, Q4_1Kind>;
+  __m256 acc[2][MR];
+  float acc_min[2][MR] = {};
+  for (int i = 0; i < MR; ++i) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
+  const size_t xstride = static_cast<size_t>(q.blocks);
+  const int8_t* xq = q.qs + static_cast<size_t>(row0) * xstride * 32;
+  const float* xd = q.d + static_cast<size_t>(row0) * xstride;
+  const float* xs = q.s + static_cast<size_t>(row0) * xstride;
+  auto step = [&](int b, __m256* a, float* am) {
+    const float wd = F16ToF32(blk[b].d);
+    float wm = 0.0f;
+    if constexpr (kHasMin) wm = F16ToF32(blk[b].m);
+    const WBlock w = Unpack<Kind>(blk[b]);
+    for (int i = 0; i < MR; ++i) {
+      const size_t xb = i * xstride + b;
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + xb * 32));
+      const __m256i dot = BlockDot<Kind>(w, xv);
+      a[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(wd * xd[xb]), a[i]);
+      if constexpr (kHasMin) am[i] = std::fma(wm, xs[xb], am[i]);
+    }
+  };
+  int b = 0;
+  for (; b + 2 <= q.blocks; b += 2) {
+    step(b, acc[0], acc_min[0]);
+    step(b + 1, acc[1], acc_min[1]);
+  }
+  if (b < q.blocks) step(b, acc[0], acc_min[0]);
+  for (int i = 0; i < MR; ++i) {
+    const __m256 a = _mm256_add_ps(acc[0][i], acc[1][i]);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    out[i * N] = _mm_cvtss_f32(h) + (acc_min[0][i] + acc_min[1][i]);
   }
 }
 
@@ -122,39 +183,7 @@ inline int32_t Dot(const WVec& w, const int8_t* x) {
   for (int j = 0; j < 32; ++j) s += static_cast<int32_t>(w.q[j]) * x[j];
   return s;
 }
-#endif
 
-// One weight row against MR activation rows starting at row0.
-#if defined(__AVX2__)
-// Each block's 8 int32 partial dots are converted to F32 and accumulated in 8 lanes (llama.cpp's
-// AVX2 scheme); one horizontal sum per output element at the end.
-template <class Kind, int MR>
-void Tile(const typename Kind::Block* blk, const Rows& q, int row0, int64_t N, float* out) {
-  constexpr bool kHasMin = std::is_same_v<Kind, Q4_1Kind>;
-  __m256 acc[MR];
-  float acc_min[MR] = {};
-  for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
-  const __m256i ones = _mm256_set1_epi16(1);
-  for (int b = 0; b < q.blocks; ++b) {
-    const WVec w = Unpack<Kind>(blk[b]);
-    const __m256i aw = _mm256_sign_epi8(w, w);
-    const float wd = F16ToF32(blk[b].d);
-    for (int i = 0; i < MR; ++i) {
-      const size_t xb = static_cast<size_t>(row0 + i) * q.blocks + b;
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q.qs + xb * 32));
-      const __m256i s = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, w)), ones);
-      acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_set1_ps(wd * q.d[xb]), acc[i]);
-      if constexpr (kHasMin) acc_min[i] = std::fma(F16ToF32(blk[b].m), q.s[xb], acc_min[i]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[i]), _mm256_extractf128_ps(acc[i], 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    out[i * N] = _mm_cvtss_f32(h) + acc_min[i];
-  }
-}
-#else
 template <class Kind, int MR>
 void Tile(const typename Kind::Block* blk, const Rows& q, int row0, int64_t N, float* out) {
   constexpr bool kHasMin = std::is_same_v<Kind, Q4_1Kind>;
@@ -174,6 +203,11 @@ void Tile(const typename Kind::Block* blk, const Rows& q, int row0, int64_t N, f
 
 #endif
 
+// Decode streams every weight from memory once per step, and the hardware prefetchers stop at
+// each 4 KiB page: ask for the bytes this far ahead of the row being computed (measured on the
+// 2-core EPYC: 1-3 KiB best, 35 % less time per decode step than none; 4 KiB no better).
+constexpr int64_t kPrefetchBytes = 2048;
+
 // Output rows [n0, n1) of one weight, all activation rows.
 template <class Kind>
 void RunRows(const Rows& q, const Weight& w, float* out, int64_t n0, int64_t n1) {
@@ -186,6 +220,11 @@ void RunRows(const Rows& q, const Weight& w, float* out, int64_t n0, int64_t n1)
     const int mm = std::min(kMChunk, q.rows - mc);
     for (int64_t n = n0; n < n1; ++n) {
       const auto* blk = reinterpret_cast<const Block*>(base + n * row_bytes);
+      if (n + 1 < n1) {
+        const uint8_t* from = base + n * row_bytes + kPrefetchBytes;
+        const uint8_t* end = std::min(from + row_bytes, base + n1 * row_bytes);
+        for (const uint8_t* p = from; p < end; p += 64) _mm_prefetch(reinterpret_cast<const char*>(p), _MM_HINT_T0);
+      }
       int i = 0;
       for (; i + 4 <= mm; i += 4) Tile<Kind, 4>(blk, q, mc + i, N, out + static_cast<int64_t>(mc + i) * N + n);
       for (; i < mm; ++i) Tile<Kind, 1>(blk, q, mc + i, N, out + static_cast<int64_t>(mc + i) * N + n);
