@@ -112,7 +112,8 @@ class SharedKvMemory {
   virtual const std::string& name() const = 0;
 };
 // Removes the segments that source processes which died without stopping left in /dev/shm (names
-// carry the creator's pid; only pids of this pid namespace are judged). Returns how many.
+// carry the creator's pid). Returns how many. Pids are looked up in this process's pid namespace:
+// do not call it where processes of another pid namespace share this /dev/shm.
 int RemoveOrphanedSharedKvMemory();
 // `region` must lie inside memory.data()/size(); `memory` must outlive the source. A memory is
 // published by one source, once.
