@@ -22,6 +22,8 @@ void LocalEngineFlags::Register(FlagSet& fs) {
   fs.String("served-model-name", &served_name, "name clients use in 'model' (default: from the path)");
   fs.String("engine", &engine_name, "native | echo | mocker (simulated: the model path is only for the tokenizer)");
   fs.String("device", &device, "native engine compute backend: cpu | cuda | auto (cuda when a GPU is visible)");
+  fs.String("load-format", &load_format,
+            "native engine: auto (the weight files) | dummy (only config.json; random bf16 weights, for speed runs)");
   fs.Int("threads", &threads, "CPU threads for the native engine (0: all cores)");
   fs.Int("block-size", &block_size, "KV cache block size in tokens");
   fs.Int("kv-cache-mb", &kv_cache_mb, "KV cache size in MiB (when --num-kv-blocks is 0)");
@@ -71,6 +73,7 @@ Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f, int* kv_block_siz
     ModelLoadOptions lo;
     lo.device = f.device == "auto" ? DefaultDevice() : f.device;
     lo.num_threads = static_cast<int>(f.threads);
+    lo.load_format = f.load_format;
     DYN_ASSIGN_OR_RETURN(auto model, LoadModel(f.model_path, lo));
     const ModelConfig& cfg = model->config();
     DYN_LOG(INFO) << "model: " << model->Describe();

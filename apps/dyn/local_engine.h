@@ -17,6 +17,7 @@ class KvEventSink;
 struct LocalEngineFlags {
   std::string model_path, served_name, engine_name = "native", chat_template;
   std::string device = "auto";  // native engine backend: cpu | cuda | auto (cuda when a GPU is visible)
+  std::string load_format = "auto";  // native engine: auto (weight files) | dummy (config.json, random weights)
   int64_t threads = 0, block_size = 16, kv_cache_mb = 512, num_kv_blocks = 0;
   int64_t max_num_seqs = 64, max_batched = 2048, context_length = 0;
   double echo_delay_ms = 0;

@@ -34,6 +34,13 @@ struct LoadedModel {
 // Loaders (loader_hf.cpp, loader_gguf.cpp).
 Result<LoadedModel> LoadHfDirectory(const std::string& dir);
 Result<LoadedModel> LoadGgufFile(const std::string& path);
+// config.json of a Hugging Face directory alone: every matrix is BF16 with data == nullptr (a
+// device backend's PrepareWeight makes it random), norms are ones, biases zeros. Tied embeddings
+// get a separate (random) output matrix of the same shape, which reads the same bytes per step.
+Result<LoadedModel> LoadHfConfigDummy(const std::string& dir);
+// Replaces every data == nullptr matrix by random host BF16 (kept alive by the model), for
+// backends that use host weights in place (the CPU backend).
+void FillDummyWeightsOnHost(LoadedModel* m);
 
 // Checks shapes against the config; names the first tensor that does not fit.
 Status ValidateLoadedModel(const LoadedModel& m);

@@ -3,6 +3,7 @@
 // used in place; only the 1-D tensors (norm weights, biases) are converted to F32 copies.
 #include <algorithm>
 #include <boost/json.hpp>
+#include <cmath>
 #include <cstring>
 #include <map>
 
@@ -246,6 +247,69 @@ Result<LoadedModel> LoadHfDirectory(const std::string& dir) {
   }
   m.rope_style = RopeStyle::kNeox;
   return m;
+}
+
+Result<LoadedModel> LoadHfConfigDummy(const std::string& dir) {
+  LoadedModel m;
+  m.format = "dummy";
+  DYN_ASSIGN_OR_RETURN(json::object cfg, ReadJsonObject(dir + "/config.json"));
+  DYN_RETURN_IF_ERROR(ParseConfig(cfg, &m.config).WithContext(dir + "/config.json"));
+  const ModelConfig& c = m.config;
+  const int64_t H = c.hidden_size, q_dim = int64_t{c.num_heads} * c.head_dim, kv_dim = int64_t{c.num_kv_heads} * c.head_dim;
+  auto mat = [](int64_t rows, int64_t cols) { return Weight{DType::kBF16, rows, cols, nullptr}; };
+  m.embed = mat(c.vocab_size, H);
+  m.output = mat(c.vocab_size, H);
+  m.output_norm.assign(H, 1.0f);
+  for (int l = 0; l < c.num_layers; ++l) {
+    LoadedLayer L;
+    L.wq = mat(q_dim, H);
+    L.wk = mat(kv_dim, H);
+    L.wv = mat(kv_dim, H);
+    L.wo = mat(H, q_dim);
+    L.w_gate = mat(c.intermediate_size, H);
+    L.w_up = mat(c.intermediate_size, H);
+    L.w_down = mat(H, c.intermediate_size);
+    L.attn_norm.assign(H, 1.0f);
+    L.ffn_norm.assign(H, 1.0f);
+    if (c.qk_norm) {
+      L.q_norm.assign(c.head_dim, 1.0f);
+      L.k_norm.assign(c.head_dim, 1.0f);
+    }
+    if (c.attention_bias) {
+      L.bq.assign(q_dim, 0.0f);
+      L.bk.assign(kv_dim, 0.0f);
+      L.bv.assign(kv_dim, 0.0f);
+    }
+    m.layers.push_back(std::move(L));
+  }
+  m.rope_style = RopeStyle::kNeox;
+  return m;
+}
+
+void FillDummyWeightsOnHost(LoadedModel* m) {
+  uint64_t state = 0x9E3779B97F4A7C15ull;
+  auto fill = [&](Weight& w) {
+    if (w.data != nullptr) return;
+    const size_t n = static_cast<size_t>(w.rows) * w.cols;
+    auto buf = std::shared_ptr<uint16_t[]>(new uint16_t[n]);
+    // Uniform in [-a, a] with a = sqrt(3 / cols): variance 1/cols, as the CUDA backend makes them.
+    const float a = std::sqrt(3.0f / static_cast<float>(w.cols));
+    for (size_t i = 0; i < n; ++i) {
+      state ^= state << 13, state ^= state >> 7, state ^= state << 17;  // xorshift64
+      const float f = a * (static_cast<float>(state >> 40) * (2.0f / 16777216.0f) - 1.0f);
+      uint32_t bits;
+      std::memcpy(&bits, &f, 4);
+      buf[i] = static_cast<uint16_t>(bits >> 16);
+    }
+    w.dtype = DType::kBF16;
+    w.data = buf.get();
+    m->keep_alive.push_back(std::move(buf));
+  };
+  fill(m->embed);
+  fill(m->output);
+  for (LoadedLayer& L : m->layers) {
+    for (Weight* w : {&L.wq, &L.wk, &L.wv, &L.wo, &L.w_gate, &L.w_up, &L.w_down}) fill(*w);
+  }
 }
 
 }  // namespace dyn

@@ -37,14 +37,22 @@ Status ValidateLoadedModel(const LoadedModel& m) {
 }
 
 Result<std::unique_ptr<Model>> LoadModel(const std::string& path, const ModelLoadOptions& options) {
+  const bool dummy = options.load_format == "dummy";
+  if (!dummy && options.load_format != "auto") {
+    return Status::InvalidArgument("load format '" + options.load_format + "' (auto | dummy)");
+  }
   Result<LoadedModel> loaded = Status::NotFound(path + ": no such model directory or file");
   if (IsDirectory(path)) {
-    loaded = LoadHfDirectory(path);
+    loaded = dummy ? LoadHfConfigDummy(path) : LoadHfDirectory(path);
+  } else if (dummy && FileExists(path)) {
+    loaded = Status::InvalidArgument("the dummy load format needs a directory with config.json");
   } else if (FileExists(path)) {
     loaded = LoadGgufFile(path);
   }
   if (!loaded.ok()) return loaded.status().WithContext("loading model " + path);
   DYN_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateBackend(options.device, options.num_threads));
+  // The CPU backend uses host weights in place; device backends make dummy weights themselves.
+  if (dummy && options.device == "cpu") FillDummyWeightsOnHost(&loaded.value());
   auto model = CreateLlamaModel(std::move(loaded).value(), std::move(backend));
   if (!model.ok()) return model.status().WithContext("loading model " + path);
   return model;

@@ -69,10 +69,15 @@ class Model {
 struct ModelLoadOptions {
   std::string device = "cpu";  // "cpu" or "cuda" (builds with the CUDA backend); see DefaultDevice()
   int num_threads = 0;         // 0 = all hardware threads
+  // "auto": weights from the files. "dummy": only config.json is read (a Hugging Face directory)
+  // and every weight matrix is random bf16 (variance 1/cols; norms are ones, biases zeros), made
+  // on the device by a GPU backend: for speed runs of a model's shape without its weights.
+  std::string load_format = "auto";
 };
 
-// Loads a Hugging Face directory (config.json + *.safetensors) or a .gguf file. Unsupported
-// architectures and tensor types fail with an error that names them.
+// Loads a Hugging Face directory (config.json + *.safetensors) or a .gguf file (see
+// ModelLoadOptions::load_format for config-only dummy weights). Unsupported architectures and
+// tensor types fail with an error that names them.
 Result<std::unique_ptr<Model>> LoadModel(const std::string& path, const ModelLoadOptions& options = {});
 
 }  // namespace dyn

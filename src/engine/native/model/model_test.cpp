@@ -241,6 +241,44 @@ TEST(ModelLoader, UnsupportedArchitectureIsNamed) {
   EXPECT_EQ(LoadModel("/nonexistent/model").status().code(), StatusCode::kNotFound);
 }
 
+// --load-format dummy: config.json alone, random bf16 weights (host memory on the CPU backend).
+TEST(ModelLoader, DummyLoadFormatNeedsOnlyConfig) {
+  const auto dir = std::filesystem::temp_directory_path() / ("dyn_model_dummy_" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "config.json") << R"({"architectures": ["Qwen2ForCausalLM"], "hidden_size": 64,
+      "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+      "vocab_size": 300, "max_position_embeddings": 256, "tie_word_embeddings": true})";
+  EXPECT_EQ(LoadModel(dir.string()).status().code(), StatusCode::kNotFound);  // no weight files
+  ModelLoadOptions opt;
+  opt.num_threads = 2;
+  opt.load_format = "dummy";
+  std::vector<std::vector<float>> runs;
+  for (int run = 0; run < 2; ++run) {
+    auto m = LoadModel(dir.string(), opt);
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    Model& model = **m;
+    EXPECT_EQ(model.config().architecture, "qwen2");
+    EXPECT_EQ(model.config().head_dim, 16);
+    EXPECT_NE(model.Describe().find("dummy"), std::string::npos) << model.Describe();
+    ASSERT_TRUE(model.InitKvCache(4, 16).ok());
+    Sequence seq(model, {2, 0});
+    const std::vector<uint32_t> prompt = {1, 17, 250, 3};
+    std::vector<float> logits = seq.Feed(prompt);
+    logits = seq.Feed(std::span<const uint32_t>(&prompt[1], 1));
+    ASSERT_EQ(logits.size(), 300u);
+    for (float x : logits) ASSERT_TRUE(std::isfinite(x));
+    const auto [lo, hi] = std::minmax_element(logits.begin(), logits.end());
+    EXPECT_GT(*hi - *lo, 1e-3f);  // random weights give distinct logits, not a constant
+    runs.push_back(std::move(logits));
+  }
+  EXPECT_EQ(runs[0], runs[1]);  // the same weights every load
+  opt.load_format = "safetensors";
+  EXPECT_EQ(LoadModel(dir.string(), opt).status().code(), StatusCode::kInvalidArgument);
+  opt.load_format = "dummy";
+  EXPECT_EQ(LoadModel((dir / "config.json").string(), opt).status().code(), StatusCode::kInvalidArgument);
+  std::filesystem::remove_all(dir);
+}
+
 TEST(SmolLM2Gguf, MatchesNumpyReference) {
   if (!FileExists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " absent";
   auto model = Load(kSmolGguf);

@@ -12,13 +12,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <boost/json.hpp>
 #include <chrono>
 #include <cstdio>
 #include <string>
 #include <vector>
 
-#include "base/file.h"
 #include "engine/native/backend/cuda/cuda_backend.h"
 #include "engine/native/backend/cuda/cuda_kernels.h"
 #include "engine/native/model/loaded_model.h"
@@ -26,7 +24,6 @@
 namespace dyn {
 namespace {
 
-namespace json = boost::json;
 using Clock = std::chrono::steady_clock;
 
 // Median seconds per call of fn over `iters` calls in each of 5 rounds (device work is synchronized
@@ -105,66 +102,8 @@ void Kernels() {
   cublasDestroy(blas);
 }
 
-std::optional<double> Num(const json::object& o, const char* key) {
-  auto it = o.find(key);
-  if (it == o.end() || !it->value().is_number()) return std::nullopt;
-  return it->value().to_number<double>();
-}
-
-// A LoadedModel from config.json alone: every matrix has data == nullptr (random on the device),
-// norms are ones.
-Result<LoadedModel> DummyModel(const std::string& dir) {
-  DYN_ASSIGN_OR_RETURN(std::string text, ReadFile(dir + "/config.json"));
-  boost::system::error_code ec;
-  json::value v = json::parse(text, ec);
-  if (ec || !v.is_object()) return Status::InvalidArgument(dir + "/config.json: not a JSON object");
-  const json::object& o = v.as_object();
-  LoadedModel m;
-  m.format = "dummy";
-  ModelConfig& c = m.config;
-  c.architecture = "llama";
-  c.hidden_size = static_cast<int>(Num(o, "hidden_size").value_or(0));
-  c.intermediate_size = static_cast<int>(Num(o, "intermediate_size").value_or(0));
-  c.num_layers = static_cast<int>(Num(o, "num_hidden_layers").value_or(0));
-  c.num_heads = static_cast<int>(Num(o, "num_attention_heads").value_or(0));
-  c.num_kv_heads = static_cast<int>(Num(o, "num_key_value_heads").value_or(c.num_heads));
-  c.vocab_size = static_cast<int>(Num(o, "vocab_size").value_or(0));
-  c.head_dim = static_cast<int>(Num(o, "head_dim").value_or(c.num_heads ? c.hidden_size / c.num_heads : 0));
-  c.max_position_embeddings = static_cast<int>(Num(o, "max_position_embeddings").value_or(8192));
-  c.rms_norm_eps = static_cast<float>(Num(o, "rms_norm_eps").value_or(1e-5));
-  c.rope_theta = static_cast<float>(Num(o, "rope_theta").value_or(10000));
-  if (auto* rs = o.if_contains("rope_scaling"); rs && rs->is_object()) {
-    const json::object& r = rs->as_object();
-    if (auto* t = r.if_contains("rope_type"); t && t->is_string()) c.rope_scaling.type = std::string(t->as_string());
-    c.rope_scaling.factor = static_cast<float>(Num(r, "factor").value_or(1));
-    c.rope_scaling.low_freq_factor = static_cast<float>(Num(r, "low_freq_factor").value_or(1));
-    c.rope_scaling.high_freq_factor = static_cast<float>(Num(r, "high_freq_factor").value_or(4));
-    c.rope_scaling.original_max_position_embeddings = static_cast<int>(Num(r, "original_max_position_embeddings").value_or(8192));
-  }
-  const int64_t H = c.hidden_size, q_dim = int64_t{c.num_heads} * c.head_dim, kv_dim = int64_t{c.num_kv_heads} * c.head_dim;
-  auto mat = [](int64_t rows, int64_t cols) { return Weight{DType::kBF16, rows, cols, nullptr}; };
-  m.embed = mat(c.vocab_size, H);
-  m.output = mat(c.vocab_size, H);
-  m.output_norm.assign(H, 1.0f);
-  for (int l = 0; l < c.num_layers; ++l) {
-    LoadedLayer L;
-    L.wq = mat(q_dim, H);
-    L.wk = mat(kv_dim, H);
-    L.wv = mat(kv_dim, H);
-    L.wo = mat(H, q_dim);
-    L.w_gate = mat(c.intermediate_size, H);
-    L.w_up = mat(c.intermediate_size, H);
-    L.w_down = mat(H, c.intermediate_size);
-    L.attn_norm.assign(H, 1.0f);
-    L.ffn_norm.assign(H, 1.0f);
-    m.layers.push_back(std::move(L));
-  }
-  m.rope_style = RopeStyle::kNeox;
-  return m;
-}
-
 int ModelBench(const std::string& dir, int steps, const std::vector<int>& batches, int prompt_len) {
-  auto loaded = DummyModel(dir);
+  auto loaded = LoadHfConfigDummy(dir);  // the loader behind `dyn run --load-format dummy`
   if (!loaded.ok()) return std::fprintf(stderr, "%s\n", loaded.status().ToString().c_str()), 1;
   auto backend = CreateCudaBackend(0);
   if (!backend.ok()) return std::fprintf(stderr, "%s\n", backend.status().ToString().c_str()), 1;
