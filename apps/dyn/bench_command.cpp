@@ -9,6 +9,7 @@
 // --json, --csv, --plots DIR. The same flags and --seed send the same requests every time.
 #include <sys/stat.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <sstream>
@@ -205,12 +206,15 @@ int Bench(int argc, char** argv) {
                       {"prefix_groups", f.prefix_groups}, {"prefix_tokens", f.prefix_tokens},
                       {"duration_s", f.duration}, {"ttft_target_ms", f.ttft_target_ms},
                       {"itl_target_ms", f.itl_target_ms}, {"tokenizer", f.tokenizer}};
-  // Warm-up requests come first in the workload, so the measured requests are the same whatever
-  // the warm-up count... of a trace, the warm-up is its first requests.
+  // The measured requests are the workload's first num_requests whatever the warm-up count: the
+  // warm-up requests are generated after them and moved to the front. A trace's warm-up is its
+  // own first requests.
   auto specs = BuildWorkload(f, f.trace.empty() ? warmup + measured : (measured ? warmup + measured : 0), tok.get(),
                              &config);
   if (!specs.ok()) return fail(specs.status());
   if (specs->empty()) return fail(Status::InvalidArgument("the workload has no requests"));
+  if (f.trace.empty() && warmup > 0 && warmup < specs->size())
+    std::rotate(specs->begin(), specs->end() - static_cast<std::ptrdiff_t>(warmup), specs->end());
   if (f.dry_run) {
     uint64_t in = 0, out = 0;
     for (const auto& s : *specs) in += s.input_tokens, out += s.max_tokens;
