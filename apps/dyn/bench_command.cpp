@@ -61,7 +61,7 @@ void RegisterFlags(FlagSet& fs, BenchFlags& f) {
   fs.Double("request-rate", &f.request_rate, "open loop: requests per second");
   fs.String("arrival", &f.arrival, "open-loop arrivals: poisson | constant");
   fs.String("trace", &f.trace, "replay a trace: Mooncake .jsonl (hash ids -> shared 512-token blocks) or Azure .csv");
-  fs.Double("time-scale", &f.time_scale, "trace arrival times are multiplied by this (0.1 = ten times faster)");
+  fs.Double("time-scale", &f.time_scale, "trace arrival times are divided by this (10 = ten times faster), as in dyn replay");
   fs.String("sharegpt", &f.sharegpt, "ShareGPT JSON file: its first human turns are the prompts");
   fs.String("tokenizer", &f.tokenizer, "tokenizer (.gguf, tokenizer.json or dir): token ids -> text for chat, counts for text prompts");
   fs.Double("input-tokens", &f.input_tokens, "synthetic: mean prompt length (tokens)");
@@ -120,7 +120,7 @@ Result<std::vector<RequestSpec>> BuildWorkload(const BenchFlags& f, size_t total
   if (!f.trace.empty()) {
     DYN_ASSIGN_OR_RETURN(auto trace, workload::LoadTrace(f.trace));
     if (f.time_scale <= 0) return Status::InvalidArgument("--time-scale must be > 0");
-    trace = workload::ScaleTrace(std::move(trace), 1.0 / f.time_scale, f.duration * 1000.0, total);
+    trace = workload::ScaleTrace(std::move(trace), f.time_scale, f.duration * 1000.0, total);
     workload::PromptSynthesis synth;
     synth.seed = static_cast<uint64_t>(f.seed);
     if (tok) synth.vocab_size = std::min<uint32_t>(synth.vocab_size, tok->vocab_size());

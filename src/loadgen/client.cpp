@@ -200,6 +200,7 @@ struct LoadClient::Impl {
             r.usage_reported = true;
           }
           if (c.prompt_tokens) r.input_tokens = *c.prompt_tokens;
+          if (c.cached_tokens) r.cached_tokens = *c.cached_tokens;
         }
       }
       if (ec) {
@@ -224,6 +225,7 @@ struct LoadClient::Impl {
       r.usage_reported = c.completion_tokens.has_value();
       r.output_tokens = c.completion_tokens.value_or(0);
       if (c.prompt_tokens) r.input_tokens = *c.prompt_tokens;
+      if (c.cached_tokens) r.cached_tokens = *c.cached_tokens;
     }
     if (parser.keep_alive() && r.ok()) {
       idle.push_back(std::move(conn));

@@ -30,6 +30,10 @@ TEST(SseParser, WholeBody) {
   EXPECT_TRUE(ParseOpenAiChunk(events[2]).finished);
   EXPECT_EQ(ParseOpenAiChunk(events[3]).completion_tokens, 2);
   EXPECT_EQ(ParseOpenAiChunk(events[3]).prompt_tokens, 7);
+  EXPECT_FALSE(ParseOpenAiChunk(events[3]).cached_tokens.has_value());
+  const OpenAiChunk with_cache = ParseOpenAiChunk(
+      R"({"choices":[],"usage":{"prompt_tokens":70,"completion_tokens":2,"prompt_tokens_details":{"cached_tokens":64}}})");
+  EXPECT_EQ(with_cache.cached_tokens, 64);
   EXPECT_TRUE(ParseOpenAiChunk(events[4]).done);
 }
 

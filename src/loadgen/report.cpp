@@ -53,6 +53,7 @@ std::string RunTable(const RunResult& run) {
   t += Format("\nwindow %.2f s  request throughput %.3f req/s  output token throughput %.2f tok/s  input %.2f tok/s\n",
               s.window_s, s.request_throughput, s.output_token_throughput, s.input_token_throughput);
   t += Format("goodput %.3f req/s (%zu requests met the targets)\n", s.goodput, s.good_requests);
+  if (s.prefix_hit_rate >= 0) t += Format("prefix cache hits %.1f %% of prompt tokens (server-reported)\n", 100 * s.prefix_hit_rate);
   return t;
 }
 
@@ -81,6 +82,7 @@ json::object SummaryJson(const RunSummary& s) {
           {"input_token_throughput", s.input_token_throughput},
           {"goodput", s.goodput},
           {"good_requests", s.good_requests},
+          {"prefix_hit_rate", s.prefix_hit_rate},
           {"ttft_ms", DistJson(s.ttft_ms)},
           {"itl_ms", DistJson(s.itl_ms)},
           {"gap_ms", DistJson(s.gap_ms)},
@@ -105,6 +107,7 @@ json::object ReportJson(const BenchReport& report) {
                                       {"input_tokens", q.input_tokens},
                                       {"output_tokens", q.output_tokens},
                                       {"max_tokens", q.max_tokens},
+                                      {"cached_tokens", q.cached_tokens},
                                       {"usage_reported", q.usage_reported},
                                       {"http_status", q.http_status},
                                       {"error_kind", q.error_kind},

@@ -90,6 +90,8 @@ OpenAiChunk ParseObject(std::string_view data) {
   if (const json::value* usage = o.if_contains("usage"); usage && usage->is_object()) {
     chunk.prompt_tokens = IntField(usage->get_object(), "prompt_tokens");
     chunk.completion_tokens = IntField(usage->get_object(), "completion_tokens");
+    const json::value* details = usage->get_object().if_contains("prompt_tokens_details");
+    if (details && details->is_object()) chunk.cached_tokens = IntField(details->get_object(), "cached_tokens");
   }
   return chunk;
 }

@@ -37,6 +37,7 @@ struct OpenAiChunk {
   size_t text_bytes = 0;      // bytes of that text
   bool finished = false;      // some choice carries a finish_reason
   std::optional<int> prompt_tokens, completion_tokens;  // from "usage"
+  std::optional<int> cached_tokens;                     // usage.prompt_tokens_details.cached_tokens
   std::optional<std::string> error;                     // {"error": {"message": ...}}
 };
 

@@ -38,7 +38,7 @@ RunSummary SummarizeRun(std::span<const RequestRecord> records, const GoodputTar
   RunSummary s;
   double first = std::numeric_limits<double>::infinity(), last = -std::numeric_limits<double>::infinity();
   std::vector<double> ttft, itl, gaps, e2e, in, out;
-  double out_tokens = 0, in_tokens = 0;
+  double out_tokens = 0, in_tokens = 0, cached_tokens = 0, cached_of = 0;
   for (const RequestRecord& r : records) {
     if (r.warmup) continue;
     ++s.requests;
@@ -59,6 +59,10 @@ RunSummary SummarizeRun(std::span<const RequestRecord> records, const GoodputTar
     out.push_back(r.output_tokens);
     in_tokens += r.input_tokens;
     out_tokens += r.output_tokens;
+    if (r.cached_tokens >= 0) {
+      cached_tokens += r.cached_tokens;
+      cached_of += r.input_tokens;
+    }
     const bool ttft_ok = targets.ttft_ms <= 0 || (r.ttft_ms >= 0 && r.ttft_ms <= targets.ttft_ms);
     const bool itl_ok = targets.itl_ms <= 0 || request_itl <= targets.itl_ms;
     if (ttft_ok && itl_ok) ++s.good_requests;
@@ -70,6 +74,7 @@ RunSummary SummarizeRun(std::span<const RequestRecord> records, const GoodputTar
     s.input_token_throughput = in_tokens / s.window_s;
     s.goodput = static_cast<double>(s.good_requests) / s.window_s;
   }
+  if (cached_of > 0) s.prefix_hit_rate = cached_tokens / cached_of;
   s.ttft_ms = Summarize(std::move(ttft));
   s.itl_ms = Summarize(std::move(itl));
   s.gap_ms = Summarize(std::move(gaps));

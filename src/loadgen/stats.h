@@ -26,6 +26,7 @@ struct RequestRecord {
   int input_tokens = 0;       // usage.prompt_tokens, else the spec's known length
   int output_tokens = 0;      // usage.completion_tokens, else text chunks counted
   int max_tokens = 0;         // what was asked
+  int cached_tokens = -1;     // usage.prompt_tokens_details.cached_tokens; -1: not reported
   bool usage_reported = false;
   int http_status = 0;
   std::string error_kind;     // "" = success; connect, write, read, timeout, http_4xx, http_5xx, stream_error, incomplete, malformed
@@ -61,6 +62,9 @@ struct RunSummary {
   double input_token_throughput = 0;
   double goodput = 0;                  // requests / s meeting the targets
   size_t good_requests = 0;
+  // Prompt tokens the server said it served from its prefix cache / prompt tokens, over the
+  // completed requests that reported it (-1: none did).
+  double prefix_hit_rate = -1;
   Distribution ttft_ms, itl_ms, gap_ms, e2e_ms, input_tokens, output_tokens;
 };
 
