@@ -9,7 +9,8 @@ deterministic 512-token block, so prefix sharing is exact) against 8 mocker work
                  --num-workers 8` (file discovery, TCP request plane, ZMQ event plane)
 
 with the same block size, block count, speedup and trace window. The trace's arrival times are
-divided by the speedup, so the simulated workers see the trace's real load. Reports prefix hit
+divided by the speedup (and by --rate), so the simulated workers see the trace's real load (times
+--rate). Reports prefix hit
 rate (cached prompt tokens / prompt tokens, from the responses' usage), TTFT p50/p90/p99, ITL,
 throughput, and the frontend process's CPU seconds per request.
 
@@ -156,7 +157,7 @@ def run_one(system, args, model_dir, work):
         out = os.path.join(work, system + ".json")
         cpu0 = cpu_seconds(frontend.proc.pid)
         cmd = [args.dyn_bin, "bench", "--url", url, "--model", model, "--trace", TRACE,
-               "--time-scale", str(args.speedup), "--num-requests", str(args.requests),
+               "--time-scale", str(args.speedup * args.rate), "--num-requests", str(args.requests),
                "--progress=false", "--json", out, "--timeout", "600"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         cpu = cpu_seconds(frontend.proc.pid) - cpu0
@@ -182,6 +183,7 @@ def main():
     ap.add_argument("--block-size", type=int, default=64)
     ap.add_argument("--num-blocks", type=int, default=16384)
     ap.add_argument("--speedup", type=float, default=10.0)
+    ap.add_argument("--rate", type=float, default=1.0, help="request rate multiplier over the trace's own")
     ap.add_argument("--dyn-bin", default=os.path.join(REPO, "build", "apps", "dyn", "dyn"))
     ap.add_argument("--dynamo-python", default=os.path.join(REPO, ".venv-dynamo", "bin", "python"))
     ap.add_argument("--out", default="", help="write the results as JSON here")

@@ -40,7 +40,7 @@ const char* TierName(router::StorageTier t) {
   return "device";
 }
 
-json::object RouterEventJson(const router::RouterEvent& e) {
+json::object RouterEventJson(const router::RouterEvent& e, bool with_token_ids) {
   json::object o{{"worker_id", std::to_string(e.worker.worker_id)},
                  {"dp_rank", e.worker.dp_rank},
                  {"event_id", e.event_id},
@@ -51,7 +51,7 @@ json::object RouterEventJson(const router::RouterEvent& e) {
     json::array blocks;
     for (const router::StoredBlock& b : st->blocks) {
       json::object bo{{"block_hash", std::to_string(b.block_hash)}, {"tokens_hash", std::to_string(b.tokens_hash)}};
-      if (!b.token_ids.empty()) {
+      if (with_token_ids && !b.token_ids.empty()) {
         json::array ids;
         for (uint32_t t : b.token_ids) ids.push_back(t);
         bo["token_ids"] = std::move(ids);
@@ -72,7 +72,9 @@ json::object RouterEventJson(const router::RouterEvent& e) {
 
 }  // namespace
 
-std::string EncodeRouterEvent(const router::RouterEvent& event) { return json::serialize(RouterEventJson(event)); }
+std::string EncodeRouterEvent(const router::RouterEvent& event, bool with_token_ids) {
+  return json::serialize(RouterEventJson(event, with_token_ids));
+}
 
 std::string EncodeKvEvent(uint64_t worker_id, const KvEvent& e) { return EncodeRouterEvent(ToRouterEvent(worker_id, e)); }
 
@@ -172,7 +174,7 @@ Result<router::RouterEvent> DecodeKvEvent(std::string_view text) {
 
 std::string EncodeKvDump(const KvDump& dump) {
   json::array events;
-  for (const router::RouterEvent& e : dump.events) events.push_back(RouterEventJson(e));
+  for (const router::RouterEvent& e : dump.events) events.push_back(RouterEventJson(e, /*with_token_ids=*/false));
   return json::serialize(json::object{{"worker_id", std::to_string(dump.worker_id)},
                                       {"last_event_id", dump.last_event_id},
                                       {"events", std::move(events)}});

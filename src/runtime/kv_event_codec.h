@@ -4,7 +4,7 @@
 //
 //   {"worker_id": "<u64>", "dp_rank": 0, "event_id": 7, "tier": "device",
 //    "type": "stored", "parent_hash": "<u64>" | null,
-//    "blocks": [{"block_hash": "<u64>", "tokens_hash": "<u64>", "token_ids": [..]}, ..]}
+//    "blocks": [{"block_hash": "<u64>", "tokens_hash": "<u64>", "token_ids": [..] (optional)}, ..]}
 //   {"type": "removed", "block_hashes": ["<u64>", ..], ...}    {"type": "cleared", ...}
 //
 // 64-bit values travel as decimal strings (JSON readers elsewhere lose precision on them).
@@ -24,7 +24,9 @@ namespace dyn {
 std::string KvEventsSubject(std::string_view ns);  // "dyn.<ns>.kv_events"
 // A pool event as the router sees it (tokens_hash recomputed from the token ids).
 router::RouterEvent ToRouterEvent(uint64_t worker_id, const KvEvent& event);
-std::string EncodeRouterEvent(const router::RouterEvent& event);
+// Token ids are left out unless asked for: routers need only the blocks' tokens_hash, and a
+// 10k-token prompt's ids would make its event ~60 KB of JSON to write, send and parse.
+std::string EncodeRouterEvent(const router::RouterEvent& event, bool with_token_ids = false);
 std::string EncodeKvEvent(uint64_t worker_id, const KvEvent& event);
 // InvalidArgument on malformed messages.
 Result<router::RouterEvent> DecodeKvEvent(std::string_view json);

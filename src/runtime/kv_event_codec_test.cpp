@@ -23,9 +23,14 @@ TEST(KvEventCodec, StoredRoundTrip) {
   EXPECT_EQ(*s.parent_hash, 0xFFFFFFFFFFFFFFF0ull);
   ASSERT_EQ(s.blocks.size(), 2u);
   EXPECT_EQ(s.blocks[1].block_hash, 456u);
-  EXPECT_EQ(s.blocks[1].token_ids, (std::vector<uint32_t>{5, 6, 7, 8}));
-  // The router's own local hash is recomputed from the tokens (FACTS' published value).
+  // The router's own local hash of the tokens (FACTS' published value) travels instead of the ids.
+  EXPECT_TRUE(s.blocks[1].token_ids.empty());
   EXPECT_EQ(s.blocks[0].tokens_hash, 14643705804678351452ull);
+  // With the ids, the decoder recomputes the hash from them.
+  auto with_ids = DecodeKvEvent(EncodeRouterEvent(ToRouterEvent(1, e), /*with_token_ids=*/true));
+  ASSERT_TRUE(with_ids.ok());
+  EXPECT_EQ(std::get<router::StoredData>(with_ids->data).blocks[1].token_ids, (std::vector<uint32_t>{5, 6, 7, 8}));
+  EXPECT_EQ(std::get<router::StoredData>(with_ids->data).blocks[0].tokens_hash, 14643705804678351452ull);
 }
 
 TEST(KvEventCodec, RemovedAndCleared) {
