@@ -204,3 +204,41 @@ def test_external_engine_kv_events_from_zmq_steer_routing():
         ctx.term()
         nats.stop()
         etcd.stop()
+
+
+@pytest.mark.skipif(not HAVE_CLUSTER, reason="etcd and nats-server are needed (scripts/setup.sh installs them)")
+@pytest.mark.parametrize("kv_events", ["true", "false"])
+def test_frontend_kv_router_with_two_mocker_workers(kv_events):
+    """`dyn frontend --router kv` and two mocker workers in another process over etcd and NATS:
+    prompts sharing a prefix go to the worker that holds it, with the workers' KV events and in
+    approximate mode (no events: the router remembers where it sent each prefix)."""
+    etcd, nats, procs = Etcd(), Nats(), []
+    try:
+        fleet = Worker(f"etcd:{etcd.url}", "--model", STORIES, "--served-model-name", "mock", "--engine", "mocker",
+                       "--speedup-ratio", "100", "--block-size", "16", "--workers", "2", "--event-plane", nats.url,
+                       name="fleet")
+        procs.append(fleet)
+        fe = Frontend(f"etcd:{etcd.url}", "--router", "kv", "--event-plane", nats.url, "--kv-events=" + kv_events)
+        procs.append(fe)
+        fe.wait_model("mock")
+        _wait(lambda: len(etcd.keys("dyn/instances/")) == 2, 20, "two instances")
+        time.sleep(1)  # the frontend has both
+        owners = {}
+        for round_ in range(3):
+            for i, stem in enumerate(STEMS):
+                r = complete(fe.url, stem + f" Part {round_}.")
+                assert r.status_code == 200, r.text
+                owners.setdefault(i, set()).add(worker_of(r))
+                if round_ > 0:
+                    assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= 250
+            time.sleep(0.3)  # events travel through NATS
+        assert all(len(ws) == 1 for ws in owners.values()), owners
+        assert len({next(iter(ws)) for ws in owners.values()}) == 2, owners  # both workers used
+        applied = fe.metric("dyn_router_kv_events_applied_total")
+        if kv_events == "true":
+            assert applied > 0
+    finally:
+        for p in reversed(procs):
+            p.stop()
+        nats.stop()
+        etcd.stop()
