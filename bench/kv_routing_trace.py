@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,22 +28,13 @@ import time
 
 import httpx
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from distributed_overhead import Proc, cpu_seconds, free_port  # noqa: E402  (shared bench helpers)
+
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SHARED = os.path.abspath(os.path.join(REPO, "..", "shared"))
 TRACE = os.path.join(SHARED, "traces", "mooncake", "conversation_trace.jsonl")
 TOKENIZER = os.path.join(SHARED, "tokenizers", "mistral-7b-v0.1")
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def make_model_dir(root):
@@ -63,28 +53,6 @@ def make_model_dir(root):
                "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "bos_token_id": 1, "eos_token_id": 2,
                "torch_dtype": "bfloat16"}, open(os.path.join(d, "config.json"), "w"), indent=1)
     return d
-
-
-class Proc:
-    def __init__(self, name, cmd, log_dir, env=None):
-        self.name = name
-        self.log_path = os.path.join(log_dir, f"{name}.log")
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-
-    def tail(self):
-        with open(self.log_path) as f:
-            return f.read()[-3000:]
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.log.close()
 
 
 def wait_models(url, procs, want_workers, timeout=120):

@@ -12,6 +12,7 @@
 
 #include "engine/native/sched/fake_model_for_test.h"
 #include "engine/native/sched/native_engine.h"
+#include "engine/native/sched/stream_for_test.h"
 
 namespace dyn {
 namespace {
@@ -19,50 +20,9 @@ namespace {
 using testing::FakeModel;
 using namespace std::chrono_literals;
 
-struct Stream {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::vector<uint32_t> tokens;
-  std::optional<FinishReason> finish;
-  std::string error, kv_transfer;
-  uint32_t prompt_tokens = 0, cached_tokens = 0;
-  int deltas = 0;
-  OutputSink Sink() {
-    return [this](EngineOutput&& o) {
-      std::lock_guard lock(mu);
-      if (deltas++ == 0) {
-        prompt_tokens = o.prompt_tokens;
-        cached_tokens = o.cached_tokens;
-      }
-      tokens.insert(tokens.end(), o.token_ids.begin(), o.token_ids.end());
-      if (o.finish_reason) {
-        finish = o.finish_reason;
-        error = o.error;
-        kv_transfer = o.kv_transfer;
-        cv.notify_all();
-      }
-    };
-  }
-  bool Wait() {
-    std::unique_lock lock(mu);
-    return cv.wait_for(lock, 20s, [&] { return finish.has_value(); });
-  }
-};
-
-std::vector<uint32_t> Prompt(int n, uint32_t seed) {
-  std::vector<uint32_t> t(n);
-  for (int i = 0; i < n; ++i) t[i] = (seed * 2654435761u + i * 40503u) % 64;
-  return t;
-}
-
-PreprocessedRequest Request(std::vector<uint32_t> prompt, int max_tokens) {
-  PreprocessedRequest r;
-  r.request_id = "r";
-  r.token_ids = std::move(prompt);
-  r.sampling.temperature = 0;
-  r.stop.max_tokens = max_tokens;
-  return r;
-}
+using testing::Prompt;
+using testing::Request;
+using testing::Stream;
 
 // Descriptor format of this test: "lease block block ...".
 std::string Describe(uint64_t lease, std::span<const int32_t> blocks) {

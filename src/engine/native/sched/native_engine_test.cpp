@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "engine/native/sched/fake_model_for_test.h"
+#include "engine/native/sched/stream_for_test.h"
 
 namespace dyn {
 namespace {
@@ -17,55 +18,9 @@ namespace {
 using testing::FakeModel;
 using namespace std::chrono_literals;
 
-// Collects one stream.
-struct Stream {
-  std::mutex mu;
-  std::condition_variable cv;
-  std::vector<uint32_t> tokens;
-  std::vector<TokenLogprob> logprobs;
-  std::optional<FinishReason> finish;
-  std::string error;
-  int deltas = 0;
-  int deltas_after_finish = 0;
-  uint32_t prompt_tokens = 0, cached_tokens = 0;
-
-  OutputSink Sink() {
-    return [this](EngineOutput&& o) {
-      std::lock_guard lock(mu);
-      if (finish) ++deltas_after_finish;
-      if (deltas++ == 0) {
-        prompt_tokens = o.prompt_tokens;
-        cached_tokens = o.cached_tokens;
-      }
-      tokens.insert(tokens.end(), o.token_ids.begin(), o.token_ids.end());
-      logprobs.insert(logprobs.end(), o.logprobs.begin(), o.logprobs.end());
-      if (o.finish_reason) {
-        finish = o.finish_reason;
-        error = o.error;
-        cv.notify_all();
-      }
-    };
-  }
-  bool Wait(std::chrono::milliseconds timeout = 20s) {
-    std::unique_lock lock(mu);
-    return cv.wait_for(lock, timeout, [&] { return finish.has_value(); });
-  }
-};
-
-std::vector<uint32_t> Prompt(int n, uint32_t seed, int vocab = 64) {
-  std::vector<uint32_t> t(n);
-  for (int i = 0; i < n; ++i) t[i] = (seed * 2654435761u + i * 40503u) % vocab;
-  return t;
-}
-
-PreprocessedRequest Request(std::vector<uint32_t> prompt, int max_tokens) {
-  PreprocessedRequest r;
-  r.request_id = "r";
-  r.token_ids = std::move(prompt);
-  r.sampling.temperature = 0;
-  r.stop.max_tokens = max_tokens;
-  return r;
-}
+using testing::Prompt;
+using testing::Request;
+using testing::Stream;
 
 struct Fixture {
   FakeModel* model = nullptr;
