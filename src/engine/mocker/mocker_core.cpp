@@ -131,15 +131,10 @@ MockerStepResult MockerCore::Step() {
 
 EngineMetrics MockerCore::Metrics() const {
   EngineMetrics m;
-  m.running = scheduler_.num_running();
-  m.waiting = scheduler_.num_waiting();
-  m.kv_blocks_total = pool_.num_blocks();
-  m.kv_blocks_used = pool_.num_used_blocks();
-  m.kv_blocks_cached = pool_.num_cached_free_blocks();
+  scheduler_.FillMetrics(m);
   m.prompt_tokens = prompt_tokens_;
   m.cached_prompt_tokens = cached_prompt_tokens_;
   m.generated_tokens = generated_tokens_;
-  m.preemptions = scheduler_.num_preemptions();
   m.steps = steps_;
   return m;
 }

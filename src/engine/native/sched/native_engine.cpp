@@ -434,14 +434,10 @@ void NativeEngine::Deliver() {
 
 void NativeEngine::PublishMetrics() {
   std::lock_guard lock(metrics_mu_);
-  metrics_.running = scheduler_.num_running();
-  metrics_.waiting = scheduler_.num_waiting();
-  metrics_.kv_blocks_used = pool_.num_used_blocks();
-  metrics_.kv_blocks_cached = pool_.num_cached_free_blocks();
+  scheduler_.FillMetrics(metrics_);
   metrics_.prompt_tokens = prompt_tokens_;
   metrics_.cached_prompt_tokens = cached_prompt_tokens_;
   metrics_.generated_tokens = generated_tokens_;
-  metrics_.preemptions = scheduler_.num_preemptions();
   metrics_.steps = steps_;
   metrics_.kv_transfers = kv_transfers_;
   metrics_.kv_transfer_failures = kv_transfer_failures_;

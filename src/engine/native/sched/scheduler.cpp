@@ -4,6 +4,7 @@
 #include <cassert>
 #include <string>
 
+#include "engine/engine.h"
 #include "kv/block_hash.h"
 
 namespace dyn {
@@ -279,6 +280,15 @@ SchedulerOutput Scheduler::Schedule() {
     budget -= n;
   }
   return out;
+}
+
+void Scheduler::FillMetrics(EngineMetrics& m) const {
+  m.running = num_running();
+  m.waiting = num_waiting();
+  m.kv_blocks_total = pool_.num_blocks();
+  m.kv_blocks_used = pool_.num_used_blocks();
+  m.kv_blocks_cached = pool_.num_cached_free_blocks();
+  m.preemptions = num_preemptions_;
 }
 
 int Scheduler::first_cached_tokens(SeqId id) const { return Get(id).first_cached_tokens; }

@@ -33,6 +33,7 @@
 
 namespace dyn {
 
+struct EngineMetrics;
 using SeqId = uint64_t;
 
 struct SchedulerConfig {
@@ -131,6 +132,9 @@ class Scheduler {
   uint64_t computed_tokens() const { return computed_tokens_; }
 
   const BlockPool& pool() const { return pool_; }
+  // Sets the metrics the scheduler and its pool know (running, waiting, KV blocks total / used /
+  // cached, preemptions), for the engines that drive it.
+  void FillMetrics(EngineMetrics& m) const;
 
  private:
   struct Sequence;
