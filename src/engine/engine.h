@@ -147,6 +147,10 @@ struct EngineMetrics {
   uint64_t kv_transfer_failures = 0;
   uint64_t kv_transfer_bytes = 0;
   double kv_transfer_seconds = 0;
+  // Frontend side (the disaggregating router, disagg/disagg_router.h): where prompts were prefilled.
+  uint64_t remote_prefills = 0;    // on a prefill worker, KV moved to the decode worker
+  uint64_t local_prefills = 0;     // on the decode worker: short uncached part, or no prefill worker
+  uint64_t disagg_fallbacks = 0;   // remote prefill or KV transfer failed: served aggregated instead
   // KV-aware routing (a frontend's engine for remote workers in kv mode; 0 elsewhere).
   uint64_t router_decisions = 0;
   uint64_t router_rejections = 0;  // every worker was busy: the client got 503

@@ -114,6 +114,7 @@ std::string EncodeDescriptor(const KvTransferDescriptor& d) {
   o["backend"] = d.backend;
   o["address"] = d.address;
   o["lease_id"] = std::to_string(d.lease_id);
+  if (!d.control_address.empty()) o["control_address"] = d.control_address;
   json::array ids;
   ids.reserve(d.block_ids.size());
   for (int32_t id : d.block_ids) ids.emplace_back(id);
@@ -131,6 +132,10 @@ Result<KvTransferDescriptor> DecodeDescriptor(std::string_view text) {
   DYN_ASSIGN_OR_RETURN(d.backend, GetString(o, "backend"));
   DYN_ASSIGN_OR_RETURN(d.address, GetString(o, "address"));
   DYN_ASSIGN_OR_RETURN(d.lease_id, GetU64(o, "lease_id"));
+  if (const json::value* c = o.if_contains("control_address")) {
+    if (!c->is_string()) return Status::InvalidArgument("control_address is not a string");
+    d.control_address = std::string(c->get_string());
+  }
   DYN_ASSIGN_OR_RETURN(d.num_tokens, GetInt(o, "num_tokens"));
   const json::value* ids = o.if_contains("block_ids");
   if (ids == nullptr || !ids->is_array()) return Status::InvalidArgument("missing array field block_ids");

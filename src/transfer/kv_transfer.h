@@ -51,9 +51,12 @@ struct KvRegion {
 // Where and what to pull; travels from the prefill worker to the decode worker (inside the
 // request). Encoded as JSON by EncodeDescriptor/DecodeDescriptor.
 struct KvTransferDescriptor {
-  std::string backend;            // "tcp" | "shm"
+  std::string backend;            // "tcp" | "shm" | "sim" (the mocker: nothing to copy)
   std::string address;            // tcp: "host:port"; shm: the shared memory object's name
   uint64_t lease_id = 0;          // the source's hold on the blocks (released after the pull)
+  // The source worker's request-plane "host:port": its "kv_release" endpoint ends the lease
+  // (disagg/worker_kv_transfer.h). Empty: the lease only expires.
+  std::string control_address;
   std::vector<int32_t> block_ids; // source blocks, in prompt order
   int num_tokens = 0;             // prompt tokens whose KV the blocks hold
   KvLayoutDesc layout;
