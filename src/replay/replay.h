@@ -13,6 +13,18 @@
 // joins ActiveSequences when routed, its prefill load is released at its first token, and it is
 // freed at its last. Worker KV usage (for busy thresholds) is the one of the worker's last step.
 //
+// Disaggregated mode (num_prefill_workers > 0; docs/disaggregation.md): num_workers are decode
+// workers, and a prefill pool is routed separately (same policy, its own indexer and active
+// sequences). The frontend's rule decides per request (disagg/disagg_router.h): when the prompt
+// minus the longest prefix a decode worker holds (kv policy: from the decode pool's indexer; 0
+// otherwise) is at most max_local_prefill_tokens, the request runs aggregated on the decode pool
+// (local prefill). Otherwise it runs kPrefillOnly on a prefill worker; its first token (TTFT) ends
+// that part and leaves the prompt's blocks under a lease; the request is routed over the decode
+// pool and imported there: the decode worker reserves blocks at its next step boundary (reusing
+// its prefix cache), the uncached blocks take MockerTransferMs (worker.kv_bytes_per_token,
+// worker.kv_transfer_gbps) of virtual time, then the lease is released and the request decodes
+// from its second token (the gap includes the transfer, so it counts in ITL).
+//
 // Prompts come from workload::SynthesizePrompt, so a replay and `dyn bench` send the same tokens.
 // No I/O, no threads. Deterministic: the same trace, config and seed give the same report.
 #pragma once
@@ -47,9 +59,20 @@ struct ReplayConfig {
   MockerConfig worker;
   workload::PromptSynthesis synthesis;     // how trace hash ids become tokens
   uint64_t seed = 0;                       // random policy, kv tie-breaks, output tokens
+  // Disaggregated serving: prefill workers besides the num_workers decode workers (0: aggregated).
+  int num_prefill_workers = 0;
+  // Prefill on the decode worker when the prompt's uncached part there is at most this (the
+  // frontend's --max-local-prefill-tokens).
+  int max_local_prefill_tokens = 512;
+  // Goodput: completed requests with TTFT <= ttft_target_ms and ITL <= itl_target_ms (0: no
+  // target). The ITL criterion is the request's own mean gap between tokens (TPOT, as in
+  // DistServe and vLLM's --goodput), or with itl_target_p99 its own p99 gap (stalls count).
+  double ttft_target_ms = 0;
+  double itl_target_ms = 0;
+  bool itl_target_p99 = false;
 };
 
-// Fails on a config the simulator cannot run (no workers, a bad MockerConfig).
+// Fails on a config the simulator cannot run (no workers, a bad MockerConfig, negative targets).
 Status ValidateReplayConfig(const ReplayConfig& config);
 
 struct LatencySummary {
@@ -80,8 +103,36 @@ struct ReplayReport {
   std::vector<uint64_t> worker_requests;  // requests routed to each worker
   std::vector<int32_t> request_worker;    // per trace request: its worker, -1 if never routed
   double load_imbalance = 0;   // max / mean of worker_requests (1 = perfect)
-  uint64_t kv_events = 0;      // applied to the router's indexer
+  uint64_t kv_events = 0;      // applied to the routers' indexers
+  // Disaggregated mode (worker_requests lists the decode workers, then the prefill workers).
+  int num_prefill_workers = 0;
+  uint64_t remote_prefills = 0;     // prefilled on a prefill worker, KV moved
+  uint64_t local_prefills = 0;      // prefilled on the decode worker (short uncached part)
+  uint64_t kv_transfers = 0;        // imports (a fully cached prompt is one with 0 bytes)
+  uint64_t kv_transfer_bytes = 0;
+  LatencySummary kv_transfer_ms;    // per import: modelled transfer time
+  // Goodput (see ReplayConfig): requests meeting both targets, per second of simulated time.
+  double ttft_target_ms = 0, itl_target_ms = 0;
+  bool itl_target_p99 = false;
+  size_t good_requests = 0;
+  double goodput_rps = 0;
+  double goodput_tokens_per_s = 0;  // output tokens of those requests
+  double request_rate = 0;          // arrivals per second (first to last arrival)
 };
+
+// Synthetic traffic for disaggregation studies: Poisson arrivals; a fraction of long-prompt,
+// short-output requests (document summarisation, RAG) among short-prompt, decode-heavy ones
+// (chat). Prompts have no hash ids, so no two share a prefix. Deterministic in `seed`.
+struct MixedTraffic {
+  size_t requests = 1000;
+  double rate = 2.0;             // requests per second
+  double long_fraction = 0.2;
+  int long_prompt_min = 8192, long_prompt_max = 16384, long_output = 64;
+  int short_prompt_min = 200, short_prompt_max = 500;
+  int short_output_min = 300, short_output_max = 800;
+  uint64_t seed = 1;
+};
+std::vector<workload::TraceRequest> MixedTrafficTrace(const MixedTraffic& mix);
 
 // Replays `trace` (arrival times as given: scale beforehand with workload::ScaleTrace).
 Result<ReplayReport> RunReplay(std::span<const workload::TraceRequest> trace, const ReplayConfig& config);

@@ -44,6 +44,20 @@ json::object ReportJson(const ReplayReport& r) {
       {"load_imbalance", r.load_imbalance},
       {"kv_events", r.kv_events},
       {"worker_requests", std::move(per_worker)},
+      {"prefill_workers", r.num_prefill_workers},
+      {"remote_prefills", r.remote_prefills},
+      {"local_prefills", r.local_prefills},
+      {"kv_transfers", r.kv_transfers},
+      {"kv_transfer_bytes", r.kv_transfer_bytes},
+      {"kv_transfer_ms", LatencyJson(r.kv_transfer_ms)},
+      {"request_rate", r.request_rate},
+      {"goodput",
+       json::object{{"ttft_target_ms", r.ttft_target_ms},
+                    {"itl_target_ms", r.itl_target_ms},
+                    {"itl_criterion", r.itl_target_p99 ? "p99" : "mean"},
+                    {"requests", r.good_requests},
+                    {"requests_per_s", r.goodput_rps},
+                    {"output_tokens_per_s", r.goodput_tokens_per_s}}},
   };
 }
 
@@ -63,7 +77,12 @@ std::string FormatReports(std::span<const ReplayReport> reports) {
     std::string (*cell)(const ReplayReport&);
   };
   static const Row kRows[] = {
-      {"workers", [](const ReplayReport& r) { return std::to_string(r.num_workers); }},
+      {"workers (P+D)",
+       [](const ReplayReport& r) {
+         return r.num_prefill_workers == 0 ? std::to_string(r.num_workers)
+                                           : std::to_string(r.num_prefill_workers) + "+" + std::to_string(r.num_workers);
+       }},
+      {"request rate /s", [](const ReplayReport& r) { return Fmt("%.2f", r.request_rate); }},
       {"requests (done/all)",
        [](const ReplayReport& r) { return std::to_string(r.completed) + "/" + std::to_string(r.requests); }},
       {"failed", [](const ReplayReport& r) { return std::to_string(r.failed); }},
@@ -79,6 +98,17 @@ std::string FormatReports(std::span<const ReplayReport> reports) {
       {"e2e p50 s", [](const ReplayReport& r) { return Fmt("%.2f", r.e2e_ms.p50 / 1000); }},
       {"e2e p99 s", [](const ReplayReport& r) { return Fmt("%.2f", r.e2e_ms.p99 / 1000); }},
       {"output tok/s", [](const ReplayReport& r) { return Fmt("%.0f", r.output_tokens_per_s); }},
+      {"goodput req/s", [](const ReplayReport& r) { return Fmt("%.2f", r.goodput_rps); }},
+      {"goodput tok/s", [](const ReplayReport& r) { return Fmt("%.0f", r.goodput_tokens_per_s); }},
+      {"good requests %",
+       [](const ReplayReport& r) {
+         return Fmt("%.1f", r.completed == 0 ? 0.0 : 100.0 * r.good_requests / static_cast<double>(r.requests));
+       }},
+      {"remote/local prefill",
+       [](const ReplayReport& r) { return std::to_string(r.remote_prefills) + "/" + std::to_string(r.local_prefills); }},
+      {"KV transfer GB", [](const ReplayReport& r) { return Fmt("%.2f", r.kv_transfer_bytes / 1e9); }},
+      {"transfer p50 ms", [](const ReplayReport& r) { return Fmt("%.1f", r.kv_transfer_ms.p50); }},
+      {"transfer p99 ms", [](const ReplayReport& r) { return Fmt("%.1f", r.kv_transfer_ms.p99); }},
       {"preemptions", [](const ReplayReport& r) { return std::to_string(r.preemptions); }},
       {"load max/mean", [](const ReplayReport& r) { return Fmt("%.2f", r.load_imbalance); }},
       {"simulated s", [](const ReplayReport& r) { return Fmt("%.1f", r.simulated_ms / 1000); }},
@@ -89,7 +119,7 @@ std::string FormatReports(std::span<const ReplayReport> reports) {
   std::snprintf(buf, sizeof(buf), "%-22s", "");
   out += buf;
   for (const ReplayReport& r : reports) {
-    std::snprintf(buf, sizeof(buf), "%14s", r.policy.c_str());
+    std::snprintf(buf, sizeof(buf), "%16s", r.policy.c_str());
     out += buf;
   }
   out += "\n";
@@ -97,7 +127,7 @@ std::string FormatReports(std::span<const ReplayReport> reports) {
     std::snprintf(buf, sizeof(buf), "%-22s", row.label);
     out += buf;
     for (const ReplayReport& r : reports) {
-      std::snprintf(buf, sizeof(buf), "%14s", row.cell(r).c_str());
+      std::snprintf(buf, sizeof(buf), "%16s", row.cell(r).c_str());
       out += buf;
     }
     out += "\n";

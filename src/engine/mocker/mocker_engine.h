@@ -9,10 +9,21 @@
 // their pass, as in Dynamo's mocker. Every stream gets exactly max_tokens tokens and finishes
 // with kLength (EOS, stop ids and min_tokens are ignored: the tokens are random). The first delta
 // carries prompt_tokens and cached_tokens.
+//
+// Disaggregated serving, with the native engine's KvTransferHooks (docs/disaggregation.md):
+//  - kPrefillOnly (needs hooks.describe): after the first token the prompt's blocks stay under a
+//    lease; the stream's one delta carries the token, kv_transfer = describe(lease, blocks,
+//    prompt tokens) and kLength. ReleaseKvLease frees them, or hooks.lease_timeout does.
+//  - kDecodeImported (needs a descriptor, no hook): blocks are reserved for the prompt (local
+//    prefix hits are not moved); the simulated transfer of the rest takes MockerTransferMs /
+//    speedup_ratio of real time while other requests keep stepping; then hooks.release(descriptor)
+//    (if set) and the request decodes from its second token. Nothing is copied, so hooks.pull is
+//    never called. The first delta's cached_tokens are the locally reused prompt tokens.
 #pragma once
 
 #include "base/status.h"
 #include "engine/engine.h"
+#include "engine/kv_transfer_hooks.h"
 #include "engine/mocker/mocker_core.h"
 #include "kv/block_pool.h"
 
@@ -25,6 +36,8 @@ struct MockerEngineOptions {
   double speedup_ratio = 1.0;
   // Receives the block pool's KV events on the engine's step thread; must outlive the engine.
   KvEventSink* kv_event_sink = nullptr;
+  // Disaggregated serving: describe (prefill side), release and lease_timeout; pull is not used.
+  KvTransferHooks kv_transfer;
 };
 
 // Fails if the options are out of range (ValidateMockerConfig, speedup_ratio <= 0).
