@@ -35,6 +35,8 @@ void LocalEngineFlags::Register(FlagSet& fs) {
   fs.String("chat-template", &chat_template, "file with a Jinja chat template that overrides the model's");
   fs.Double("echo-delay-ms", &echo_delay_ms, "echo engine: delay between tokens");
   fs.Double("speedup-ratio", &speedup_ratio, "mocker engine: simulated time / real time (1e9: no sleeping)");
+  fs.Int("kv-bytes-per-token", &kv_bytes_per_token, "mocker engine: KV bytes per token, for simulated KV transfers");
+  fs.Double("kv-transfer-gbps", &kv_transfer_gbps, "mocker engine: simulated KV transfer bandwidth, GB/s");
 }
 
 namespace {
@@ -50,6 +52,8 @@ Result<EnginePtr> BuildMocker(const LocalEngineFlags& f, ServedModel& served, in
   o.core.vocab_size = std::max<uint32_t>(1, served.tokenizer->vocab_size());
   o.speedup_ratio = f.speedup_ratio;
   o.kv_event_sink = f.kv_event_sink;
+  o.core.kv_bytes_per_token = f.kv_bytes_per_token;
+  o.core.kv_transfer_gbps = f.kv_transfer_gbps;
   if (kv_block_size) *kv_block_size = o.core.block_size;
   // No model config to read: like echo, a bounded default context keeps the default max_tokens
   // (the rest of the context) finite; --context-length sets it, within the KV pool's capacity.

@@ -22,6 +22,8 @@ struct LocalEngineFlags {
   int64_t max_num_seqs = 64, max_batched = 2048, context_length = 0;
   double echo_delay_ms = 0;
   double speedup_ratio = 1;  // mocker: simulated time / real time
+  int64_t kv_bytes_per_token = 131072;  // mocker: KV transfer size (Llama-3.1-8B bf16)
+  double kv_transfer_gbps = 25;         // mocker: simulated KV transfer bandwidth
   KvEventSink* kv_event_sink = nullptr;  // not a flag: receives the engine's KV block events
   bool prefix_caching = true;
 
