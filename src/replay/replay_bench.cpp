@@ -1,10 +1,11 @@
 // replay_bench: the replay simulator's own speed and results on a trace, without the dyn CLI.
 //   replay_bench TRACE [WORKERS=8] [NUM_BLOCKS=16384] [TIME_SCALE=1] [POLICY...=kv round-robin random]
 // Prints the same table as `dyn replay --compare` (wall s is the simulator's run time per policy).
-//   replay_bench --disagg [REQUESTS=1000] [TTFT_TARGET_MS=2000] [ITL_TARGET_MS=25] [RATE...=0.5 1 1.5 2 3]
+//   replay_bench --disagg [REQUESTS=1000] [TTFT_MS=1000] [MEAN_ITL_MS=10] [P99_ITL_MS=50] [RATE...=1 2 4 6 8 12]
 // The disaggregation benchmark (docs/benchmarks/disagg_mocker.md): synthetic mixed traffic
 // (replay::MixedTrafficTrace defaults) at each rate on 2 aggregated workers and on 1 prefill +
-// 1 decode worker (kv routing, mocker defaults); prints a markdown table.
+// 1 decode worker, with local prefill up to 512 uncached tokens and with none (kv routing,
+// mocker defaults); prints a markdown table.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -18,42 +19,49 @@ namespace {
 int DisaggSweep(int argc, char** argv) {
   using namespace dyn;
   const size_t requests = argc > 2 ? static_cast<size_t>(std::atol(argv[2])) : 1000;
-  const double ttft_target = argc > 3 ? std::atof(argv[3]) : 2000;
-  const double itl_target = argc > 4 ? std::atof(argv[4]) : 25;
+  const double ttft_target = argc > 3 ? std::atof(argv[3]) : 1000;
+  const double itl_target = argc > 4 ? std::atof(argv[4]) : 10;
+  const double itl_p99_target = argc > 5 ? std::atof(argv[5]) : 50;
   std::vector<double> rates;
-  for (int i = 5; i < argc; ++i) rates.push_back(std::atof(argv[i]));
-  if (rates.empty()) rates = {0.5, 1, 1.5, 2, 3};
-  std::printf("mixed traffic: %zu requests (20 %% 8-16k-token prompts / 64 output tokens, 80 %% 200-500 / 300-800); "
-              "goodput: TTFT <= %g ms and mean ITL <= %g ms; in brackets: p99 ITL <= %g ms\n\n",
-              requests, ttft_target, itl_target, itl_target);
-  std::printf("| req/s | setup | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | e2e p50 s | output tok/s | "
-              "goodput req/s | good %% | remote/local | transfer p50 ms |\n");
+  for (int i = 6; i < argc; ++i) rates.push_back(std::atof(argv[i]));
+  if (rates.empty()) rates = {1, 2, 4, 6, 8, 12};
+  std::printf("mixed traffic: %zu requests (20 %% 8-16k-token prompts / 64 output tokens, 80 %% 200-500 / 300-800)\n"
+              "goodput A: TTFT <= %g ms and the request's mean ITL <= %g ms; B: TTFT <= %g ms and its p99 ITL <= %g ms\n\n",
+              requests, ttft_target, itl_target, ttft_target, itl_p99_target);
+  std::printf("| req/s | setup | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | ITL p99 ms | ITL max ms | e2e p50 s | "
+              "goodput A req/s (good %%) | goodput B req/s (good %%) | remote/local | transfer p50 ms |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+  struct Setup {
+    const char* name;
+    int prefill, decode, max_local;
+  };
+  const Setup setups[] = {{"2 agg", 0, 2, 0}, {"1P+1D", 1, 1, 512}, {"1P+1D remote", 1, 1, 0}};
   for (double rate : rates) {
     replay::MixedTraffic mix;
     mix.requests = requests;
     mix.rate = rate;
     const auto trace = replay::MixedTrafficTrace(mix);
-    for (int prefill : {0, 1}) {
+    for (const Setup& setup : setups) {
       replay::ReplayConfig c;
-      c.num_workers = prefill ? 1 : 2;
-      c.num_prefill_workers = prefill;
+      c.num_workers = setup.decode;
+      c.num_prefill_workers = setup.prefill;
+      c.max_local_prefill_tokens = setup.max_local;
       c.ttft_target_ms = ttft_target;
       c.itl_target_ms = itl_target;
-      auto r = replay::RunReplay(trace, c);
+      auto a = replay::RunReplay(trace, c);
+      c.itl_target_ms = itl_p99_target;
       c.itl_target_p99 = true;
-      auto r99 = replay::RunReplay(trace, c);
-      if (!r.ok() || !r99.ok()) {
-        std::fprintf(stderr, "%s\n", (r.ok() ? r99.status() : r.status()).message().c_str());
+      auto b = replay::RunReplay(trace, c);
+      if (!a.ok() || !b.ok()) {
+        std::fprintf(stderr, "%s\n", (a.ok() ? b.status() : a.status()).message().c_str());
         return 1;
       }
-      const double good = 100.0 * r->good_requests / static_cast<double>(r->requests);
-      const double good99 = 100.0 * r99->good_requests / static_cast<double>(r99->requests);
-      std::printf("| %.1f | %s | %.0f | %.0f | %.1f | %.1f | %.1f | %.0f | %.2f (%.2f) | %.0f (%.0f) | %llu/%llu | %.0f |\n",
-                  rate, prefill ? "1P+1D" : "2 agg", r->ttft_ms.p50, r->ttft_ms.p99, r->itl_ms.p50, r->itl_ms.p99,
-                  r->e2e_ms.p50 / 1000, r->output_tokens_per_s, r->goodput_rps, r99->goodput_rps, good, good99,
-                  static_cast<unsigned long long>(r->remote_prefills), static_cast<unsigned long long>(r->local_prefills),
-                  r->kv_transfer_ms.p50);
+      const double n = static_cast<double>(a->requests);
+      std::printf("| %g | %s | %.0f | %.0f | %.1f | %.1f | %.0f | %.1f | %.2f (%.0f) | %.2f (%.0f) | %llu/%llu | %.0f |\n",
+                  rate, setup.name, a->ttft_ms.p50, a->ttft_ms.p99, a->itl_ms.p50, a->itl_ms.p99, a->itl_ms.max,
+                  a->e2e_ms.p50 / 1000, a->goodput_rps, 100 * a->good_requests / n, b->goodput_rps,
+                  100 * b->good_requests / n, static_cast<unsigned long long>(a->remote_prefills),
+                  static_cast<unsigned long long>(a->local_prefills), a->kv_transfer_ms.p50);
       std::fflush(stdout);
     }
   }
