@@ -146,6 +146,16 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
     return false;
   }
 
+  int CachedPrefixTokens(const std::vector<uint32_t>& tokens) const override {
+    if (!kv_ || tokens.empty()) return 0;
+    const router::RequestBlocks blocks = router::HashRequest(tokens, options_.kv_block_size);
+    std::lock_guard<std::mutex> lock(mu_);
+    uint32_t best = 0;
+    for (const router::WorkerMatch& m : indexer_->FindMatches(blocks.sequence))
+      if (FindConstLocked(m.worker.worker_id) != nullptr) best = std::max(best, m.depth);
+    return static_cast<int>(std::min<size_t>(tokens.size(), static_cast<size_t>(best) * options_.kv_block_size));
+  }
+
   size_t num_instances() const override {
     std::lock_guard<std::mutex> lock(mu_);
     return instances_.size();
@@ -241,6 +251,11 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
       if (in.id == id) return &in;
     return nullptr;
   }
+  const Instance* FindConstLocked(uint64_t id) const {
+    for (const Instance& in : instances_)
+      if (in.id == id) return &in;
+    return nullptr;
+  }
 
   // Fetches the instance's KV dump and resynchronises its part of the index (at most one fetch in
   // flight per instance; the instance's events are held meanwhile).
@@ -329,10 +344,21 @@ class RemoteEngineImpl : public RemoteEngine, public std::enable_shared_from_thi
       return;
     }
     PreprocessedRequest attempt = s->request;
-    const int done = static_cast<int>(s->generated.size());
+    // Output the client already has, which the next worker must take as prompt.
+    std::vector<uint32_t> carried;
+    if (s->attempts > 0 && attempt.phase == RequestPhase::kDecodeImported) {
+      // The KV import cannot be retried (the prefill worker's lease may be gone): the new worker
+      // prefills the prompt and the prefill worker's first token itself.
+      attempt.phase = RequestPhase::kFull;
+      attempt.kv_transfer.clear();
+      carried.push_back(attempt.first_token);
+      attempt.first_token = 0;
+    }
+    carried.insert(carried.end(), s->generated.begin(), s->generated.end());
+    const int done = static_cast<int>(carried.size());
     if (done > 0) {
       // Continue where the failed worker stopped: its output so far becomes prompt.
-      attempt.token_ids.insert(attempt.token_ids.end(), s->generated.begin(), s->generated.end());
+      attempt.token_ids.insert(attempt.token_ids.end(), carried.begin(), carried.end());
       attempt.stop.max_tokens = std::max(1, s->request.stop.max_tokens - done);
       attempt.stop.min_tokens = std::max(0, s->request.stop.min_tokens - done);
     }

@@ -7,6 +7,9 @@
 // the tokens generated so far and max_tokens reduced by as many, so the client's stream goes on
 // where it stopped. With greedy sampling and dyn's batch-invariant kernels the continuation is the
 // same text the first worker would have produced. At most `migration_limit` times per request.
+// A kDecodeImported request (disaggregated serving) migrates as kFull: the prefill worker's first
+// token and the tokens generated so far become prompt, max_tokens/min_tokens shrink by as many,
+// and the KV descriptor is never sent again (its lease may be gone; the new worker prefills).
 #pragma once
 
 #include <cstdint>
@@ -71,6 +74,10 @@ class RemoteEngine : public Engine {
   // also fetched when an instance is added, so a frontend started after its workers knows their
   // caches.
   virtual bool ApplyKvEvent(const router::RouterEvent& event) = 0;
+  // kv mode: the longest prompt prefix (in tokens) that one of the instances holds in its KV
+  // cache, as far as the index knows; 0 in the other modes. The disaggregating router uses it
+  // to decide whether a prompt is worth a remote prefill.
+  virtual int CachedPrefixTokens(const std::vector<uint32_t>& tokens) const = 0;
   virtual size_t num_instances() const = 0;
   virtual std::vector<InstanceStats> Instances() const = 0;
 };

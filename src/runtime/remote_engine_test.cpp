@@ -248,6 +248,40 @@ TEST(RemoteEngine, KvModeSendsSharedPrefixesToTheSameWorker) {
   b.engine->Shutdown();
 }
 
+// CachedPrefixTokens: the longest prefix an instance holds, in tokens (approximate mode: what was
+// routed there); none once that instance is gone, and always 0 outside kv mode.
+TEST(RemoteEngine, CachedPrefixTokensFollowsTheIndex) {
+  Worker a = StartWorker(0);
+  auto client = Client();
+  RemoteEngineOptions o;
+  o.mode = RouterMode::kKv;
+  o.kv_block_size = 4;
+  auto engine = RemoteEngine::Create(client, o);
+  auto rr = RemoteEngine::Create(client, RemoteEngineOptions{});
+  engine->AddInstance(1, a.address);
+  rr->AddInstance(1, a.address);
+  std::vector<uint32_t> prompt;
+  for (uint32_t i = 0; i < 18; ++i) prompt.push_back(400 + i);
+  EXPECT_EQ(engine->CachedPrefixTokens(prompt), 0);
+  PreprocessedRequest r = Request(2);
+  r.token_ids = prompt;
+  Collector c, d;
+  engine->Generate(r, std::make_shared<RequestContext>("r"), c.Sink());
+  rr->Generate(r, std::make_shared<RequestContext>("r"), d.Sink());
+  ASSERT_TRUE(c.Wait());
+  ASSERT_TRUE(d.Wait());
+  EXPECT_EQ(engine->CachedPrefixTokens(prompt), 16);  // 4 full blocks; the partial one is not indexed
+  std::vector<uint32_t> other = prompt;
+  other[9] = 1;  // diverges in the third block
+  EXPECT_EQ(engine->CachedPrefixTokens(other), 8);
+  EXPECT_EQ(rr->CachedPrefixTokens(prompt), 0);
+  engine->RemoveInstance(1);
+  EXPECT_EQ(engine->CachedPrefixTokens(prompt), 0);
+  client->Stop();
+  a.server->Stop();
+  a.engine->Shutdown();
+}
+
 // Waits (up to 5 s) for `pred` to hold.
 template <typename Pred>
 bool Eventually(Pred pred) {
