@@ -85,6 +85,9 @@ class Backend {
  public:
   virtual ~Backend() = default;
   virtual std::string Describe() const = 0;
+  // Whether Buffers are host memory the CPU can read and write (and kernels may work on any host
+  // memory, not only on Allocate's): lets the KV cache live in shared memory for KV transfer.
+  virtual bool host_memory() const { return false; }
 
   // ---- memory ----
   virtual Result<std::unique_ptr<Buffer>> Allocate(size_t bytes) = 0;
@@ -131,6 +134,16 @@ class Backend {
   // out: [rows][heads][head_dim].
   virtual void Attention(const float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs,
                          const float* q, int num_heads, float scale, float* out) = 0;
+
+  // ---- sampling on the device (optional) ----
+  // Whether SampleRows works; the model otherwise copies the logits and the host samples.
+  virtual bool samples_on_device() const { return false; }
+  // tokens[r] (host) = one token from row r of logits ([rows][vocab], backend memory): argmax
+  // (lowest id on ties) where temperature[r] == 0, else the host Sampler's plain-temperature draw
+  // at uniform[r] in [0, 1): the first id where the running sum of exp((l - max) / T) passes
+  // uniform[r] times the total. Only the ids come back.
+  virtual void SampleRows(const float* logits, int rows, int vocab, std::span<const float> temperature,
+                          std::span<const float> uniform, uint32_t* tokens) {}
 };
 
 // The CPU backend: a persistent thread pool of num_threads (0 = hardware threads) threads.

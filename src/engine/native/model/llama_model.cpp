@@ -104,7 +104,12 @@ class LlamaModel : public Model {
     return Status::Ok();
   }
 
-  Status Forward(std::span<const ForwardSeq> batch, float* logits) override;
+  Status Forward(std::span<const ForwardSeq> batch, float* logits) override { return Run(batch, logits, {}, nullptr); }
+  bool samples_on_device() const override { return backend_->samples_on_device(); }
+  Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens) override {
+    if (!backend_->samples_on_device()) return Model::ForwardSample(batch, sampling, tokens);
+    return Run(batch, nullptr, sampling, tokens);
+  }
 
   std::string Describe() const override {
     std::ostringstream os;
@@ -131,6 +136,8 @@ class LlamaModel : public Model {
   }
 
   Status Validate(std::span<const ForwardSeq> batch) const;
+  // Forward, ending with the logits copied to `logits` or, with `tokens`, sampled on the device.
+  Status Run(std::span<const ForwardSeq> batch, float* logits, std::span<const DeviceSampling> sampling, uint32_t* tokens);
 
   ModelConfig config_;
   RopeStyle rope_style_;
@@ -174,7 +181,8 @@ Status LlamaModel::Validate(std::span<const ForwardSeq> batch) const {
   return Status::Ok();
 }
 
-Status LlamaModel::Forward(std::span<const ForwardSeq> batch, float* logits) {
+Status LlamaModel::Run(std::span<const ForwardSeq> batch, float* logits, std::span<const DeviceSampling> sampling,
+                       uint32_t* tokens) {
   DYN_RETURN_IF_ERROR(Validate(batch));
   const ModelConfig& c = config_;
   std::vector<uint32_t> ids;
@@ -254,6 +262,13 @@ Status LlamaModel::Forward(std::span<const ForwardSeq> batch, float* logits) {
   be.GatherRows(x, c.hidden_size, logit_rows, last_->f32());
   be.RmsNorm(last_->f32(), output_norm_->f32(), S, c.hidden_size, c.rms_norm_eps, last_->f32());
   be.MatMul(last_->f32(), S, output_, logits_->f32());
+  if (tokens != nullptr) {
+    if (sampling.size() != static_cast<size_t>(S)) return Status::InvalidArgument("ForwardSample: one DeviceSampling per sampled sequence");
+    std::vector<float> temperature(S), uniform(S);
+    for (int i = 0; i < S; ++i) temperature[i] = sampling[i].temperature, uniform[i] = sampling[i].uniform;
+    be.SampleRows(logits_->f32(), S, c.vocab_size, temperature, uniform, tokens);
+    return Status::Ok();
+  }
   be.CopyToHost(logits, logits_->f32(), static_cast<size_t>(S) * c.vocab_size * sizeof(float));
   return Status::Ok();
 }

@@ -50,6 +50,13 @@ struct ForwardSeq {
   bool want_logits = true;               // produce logits for the last new token
 };
 
+// One sequence's sampling in Model::ForwardSample (penalties, logprobs, banned ids and top-k/p
+// or min-p truncation stay with the host Sampler).
+struct DeviceSampling {
+  float temperature = 0.0f;  // 0: greedy
+  float uniform = 0.0f;      // the draw in [0, 1) when temperature > 0
+};
+
 class Model {
  public:
   virtual ~Model() = default;
@@ -62,6 +69,13 @@ class Model {
   // want_logits (in batch order) writes vocab_size float logits to `logits`. Sequences are
   // independent: results do not depend on what else is in the batch (up to float rounding).
   virtual Status Forward(std::span<const ForwardSeq> batch, float* logits) = 0;
+  // Sampling on the device, where the backend has it: Forward, then for each sequence with
+  // want_logits (in batch order) tokens[i] = argmax of its logits if sampling[i].temperature == 0,
+  // else the host Sampler's plain-temperature draw at sampling[i].uniform; only the ids come back.
+  virtual bool samples_on_device() const { return false; }
+  virtual Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens) {
+    return Status::Unsupported("this model's backend does not sample");
+  }
   // Human-readable summary for logs: architecture, sizes, weight types, backend.
   virtual std::string Describe() const = 0;
 };

@@ -130,6 +130,8 @@ class NativeEngine final : public Engine {
   std::unordered_map<SeqId, Active> active_;
   SeqId next_id_ = 1;
   std::vector<float> logits_;
+  std::vector<DeviceSampling> device_sampling_;  // per sampled row, when the device samples the step
+  std::vector<uint32_t> device_tokens_;
   std::vector<ForwardSeq> batch_;
   std::vector<uint32_t> banned_;
   std::vector<Delivery> outbox_;
@@ -355,8 +357,26 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
     batch_.push_back(ForwardSeq{c.tokens, c.start_pos, c.block_table, c.sample});
     num_logits += c.sample ? 1 : 0;
   }
-  logits_.resize(static_cast<size_t>(num_logits) * vocab_size_);
-  Status st = model_->Forward(batch_, logits_.data());
+  // The device samples the step when every sampled row allows it (greedy or plain temperature,
+  // no banned ids): then only token ids come back, not num_logits x vocab floats.
+  bool on_device = model_->samples_on_device();
+  for (const ScheduledChunk& c : out.batch) {
+    if (!on_device || !c.sample) continue;
+    const Active& a = active_.at(c.id);
+    const StopConditions& stop = a.request.stop;
+    const bool bans = a.generated < stop.min_tokens && (!stop.stop_token_ids.empty() || (!stop.ignore_eos && !a.request.eos_token_ids.empty()));
+    on_device = !bans && DeviceSamplable(a.request.sampling, vocab_size_);
+  }
+  device_sampling_.clear();
+  for (const ScheduledChunk& c : out.batch) {
+    if (!on_device || !c.sample) continue;
+    Active& a = active_.at(c.id);
+    const float t = a.request.sampling.temperature;
+    device_sampling_.push_back({t, t > 0.0f ? static_cast<float>(SamplerUniform01(a.rng)) : 0.0f});
+  }
+  device_tokens_.resize(num_logits);
+  logits_.resize(on_device ? 0 : static_cast<size_t>(num_logits) * vocab_size_);
+  Status st = on_device ? model_->ForwardSample(batch_, device_sampling_, device_tokens_.data()) : model_->Forward(batch_, logits_.data());
   ++steps_;
   if (!st.ok()) {
     DYN_LOG(ERROR) << "forward pass failed: " << st.ToString();
@@ -369,7 +389,7 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
   int row = 0;
   for (const ScheduledChunk& c : out.batch) {
     if (!c.sample) continue;
-    std::span<float> logits(logits_.data() + static_cast<size_t>(row++) * vocab_size_, vocab_size_);
+    const int r_index = row++;
     Active& a = active_.at(c.id);
     const PreprocessedRequest& r = a.request;
     auto all = scheduler_.tokens(c.id);
@@ -383,8 +403,11 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
     EngineOutput delta;
     TokenLogprob lp;
     const bool want_lp = r.sampling.logprobs || r.sampling.top_logprobs > 0;
-    const uint32_t token = sampler_.Sample(logits, r.sampling, all.first(prompt_len), all.subspan(prompt_len),
-                                           banned_, a.rng, want_lp ? &lp : nullptr);
+    const uint32_t token =
+        on_device ? device_tokens_[r_index]
+                  : sampler_.Sample(std::span<float>(logits_.data() + static_cast<size_t>(r_index) * vocab_size_, vocab_size_),
+                                    r.sampling, all.first(prompt_len), all.subspan(prompt_len), banned_, a.rng,
+                                    want_lp ? &lp : nullptr);
     ++a.generated;
     ++generated_tokens_;
     delta.token_ids.push_back(token);

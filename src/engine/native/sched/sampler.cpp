@@ -11,9 +11,7 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Uniform in [0, 1) from the top 53 bits: same values on every platform (unlike std::
-// uniform_real_distribution, whose algorithm is the library's choice).
-double Uniform01(SamplerRng& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
+double Uniform01(SamplerRng& rng) { return SamplerUniform01(rng); }
 
 // The vocabulary-wide loops below are written lane-wise (kLanes independent accumulators) so
 // that the compiler vectorises them without -ffast-math; at vocab 151936 this is the difference
