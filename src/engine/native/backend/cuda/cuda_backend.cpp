@@ -81,7 +81,7 @@ constexpr int kGemvRows = 1;
 constexpr size_t kBlasWorkspace = size_t{32} << 20;  // fixed, so cuBLAS calls can be captured
 constexpr size_t kMaxGraphs = 16;
 
-enum Op : uint8_t { kEmbed, kNorm, kGemv, kGemvMulti, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv, kAttn };
+enum Op : uint8_t { kEmbed, kNorm, kGemv, kGemvMulti, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv, kAttn, kSample };
 
 class CudaBackend : public Backend {
  public:
@@ -236,6 +236,23 @@ class CudaBackend : public Backend {
           meta, q, num_heads, scale, out);
   }
 
+  bool samples_on_device() const override { return true; }
+  // The sampling kernel joins the step's pending list (and its graph); its per-row parameters are
+  // metadata uploaded like token ids, and only rows x 4 bytes of ids come back.
+  void SampleRows(const float* logits, int rows, int vocab, std::span<const float> temperature, std::span<const float> uniform,
+                  uint32_t* tokens) override {
+    if (rows == 0) return;
+    sample_params_host_.assign(temperature.begin(), temperature.begin() + rows);
+    sample_params_host_.insert(sample_params_host_.end(), uniform.begin(), uniform.begin() + rows);
+    const float* params = Upload(sample_params_, std::span<const float>(sample_params_host_));
+    const size_t out_bytes = static_cast<size_t>(rows) * sizeof(uint32_t);
+    if (!pending_.empty() && !sample_out_.Fits(out_bytes)) Flush();  // growing frees what a pending kernel writes
+    uint32_t* out = static_cast<uint32_t*>(sample_out_.Get(out_bytes));
+    Defer([=, this] { cuda::SampleRows(stream_, logits, rows, vocab, params, params + rows, out); }, kSample, logits, rows, vocab,
+          params, out);
+    CopyToHost(tokens, out, out_bytes);
+  }
+
  private:
   // Appends a kernel call to the pending list; `args` (trivially copyable values) make up its
   // part of the list's signature.
@@ -284,7 +301,8 @@ class CudaBackend : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   void* blas_workspace_ = nullptr;
-  Scratch ids_, gather_rows_, positions_, inv_freq_, attn_meta_, x_bf16_;
+  Scratch ids_, gather_rows_, positions_, inv_freq_, attn_meta_, x_bf16_, sample_params_, sample_out_;
+  std::vector<float> sample_params_host_;
   std::vector<Scratch*> written_;
   std::vector<float> inv_freq_host_;
   const float* inv_freq_dev_ = nullptr;

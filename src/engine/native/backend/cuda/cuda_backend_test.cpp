@@ -3,6 +3,7 @@
 // starts as NaN, so an element a kernel forgets to write fails the comparison. Skips without a GPU.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <random>
@@ -211,6 +212,64 @@ TEST_F(CudaBackendTest, RepeatedStepsReplayedAsGraphStayCorrect) {
     gpu_->MatMul(x, 1, *dp, out);
     EXPECT_LE(RelErr(Down(out, 96), want), 1e-5) << "step " << step;
   }
+}
+
+// The host Sampler's greedy and plain-temperature draw (sampler.cpp), in double for the running sum.
+uint32_t ReferenceSample(const float* l, int vocab, float temperature, float uniform) {
+  const float max = *std::max_element(l, l + vocab);
+  const uint32_t argmax = static_cast<uint32_t>(std::find(l, l + vocab, max) - l);
+  if (temperature <= 0) return argmax;
+  std::vector<double> w(vocab);
+  double sum = 0;
+  for (int i = 0; i < vocab; ++i) sum += (w[i] = std::exp(static_cast<double>((l[i] - max) * (1.0f / temperature))));
+  double u = static_cast<double>(uniform) * sum;
+  for (int i = 0; i < vocab; ++i) {
+    u -= w[i];
+    if (u < 0 && w[i] > 0) return static_cast<uint32_t>(i);
+  }
+  return argmax;
+}
+
+TEST_F(CudaBackendTest, SampleRowsMatchesHostSampler) {
+  ASSERT_TRUE(gpu_->samples_on_device());
+  std::mt19937 rng(71);
+  std::uniform_real_distribution<float> u01(0.0f, 1.0f);
+  for (int vocab : {7, 1000, 128256}) {
+    const int rows = 12;
+    std::vector<float> logits = RandomVec(static_cast<size_t>(rows) * vocab, 70 + vocab, 2.0f);
+    logits[3] = logits[5] = 50.0f;  // row 0: a tie for the maximum goes to the lower id
+    const float* d = Up(logits);
+    const std::vector<float> temperature = {0, 0, 0.5f, 1.0f, 1.0f, 1.3f, 2.0f, 0, 1.0f, 0.8f, 1.0f, 1.0f};
+    for (int round = 0; round < 3; ++round) {  // same call shape: captured as a graph, then replayed with new draws
+      std::vector<float> uniform(rows);
+      for (float& x : uniform) x = u01(rng);
+      std::vector<uint32_t> got(rows, 0xFFFFFFFFu);
+      gpu_->SampleRows(d, rows, vocab, temperature, uniform, got.data());
+      for (int r = 0; r < rows; ++r) {
+        EXPECT_EQ(got[r], ReferenceSample(logits.data() + static_cast<size_t>(r) * vocab, vocab, temperature[r], uniform[r]))
+            << "vocab " << vocab << " row " << r << " round " << round;
+      }
+      if (vocab == 7) {
+        EXPECT_EQ(got[0], 3u);
+      }
+    }
+  }
+  // A draw follows the distribution: 4 tokens with probabilities 0.1, 0.2, 0.3, 0.4.
+  const int rows = 4000;
+  std::vector<float> logits;
+  for (int r = 0; r < rows; ++r)
+    for (float p : {0.1f, 0.2f, 0.3f, 0.4f}) logits.push_back(std::log(p));
+  const float* d = Up(logits);
+  std::vector<float> temperature(rows, 1.0f), uniform(rows);
+  for (float& x : uniform) x = u01(rng);
+  std::vector<uint32_t> got(rows);
+  gpu_->SampleRows(d, rows, 4, temperature, uniform, got.data());
+  int count[4] = {};
+  for (uint32_t t : got) {
+    ASSERT_LT(t, 4u);
+    ++count[t];
+  }
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(count[i] / double(rows), 0.1 * (i + 1), 0.03) << "token " << i;
 }
 
 TEST_F(CudaBackendTest, TiedWeightIsUploadedOnce) {

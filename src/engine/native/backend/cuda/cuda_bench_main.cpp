@@ -1,18 +1,22 @@
 // dyn_cuda_bench: CUDA backend speed on the GPU it runs on.
 //
 //   dyn_cuda_bench [--kernels] [--config DIR --load-format dummy] [--steps 128] [--batches 1,4,8]
-//                  [--prompt 512]
+//                  [--prompts 512,4096] [--context 512] [--host-sampling] [--peak-tflops T]
 //
-// --kernels: device copy bandwidth (the roofline of a decode step), then the bf16 decode matmul
-//   (GEMV kernel, m = 1 and 4) against cuBLAS GemmEx on Llama-3.1-8B's shapes, as GB/s of weights.
+// --kernels: device copy bandwidth (the roofline of a decode step), the bf16 GEMM rate (the
+//   prefill ceiling, used for MFU below), then the bf16 decode matmul (GEMV kernel, m = 1, 2, 4)
+//   against cuBLAS GemmEx on Llama-3.1-8B's shapes, as GB/s of weights.
 // --config DIR --load-format dummy: builds the model from DIR/config.json alone with random bf16
-//   weights made on the GPU (no weight files), then times a prefill of --prompt tokens and
-//   batch-B greedy decode steps (B sequences, each one new token a step), tok/s.
+//   weights made on the GPU (no weight files), then times a prefill of each --prompts length (MFU
+//   against --kernels' GEMM rate or --peak-tflops) and batch-B greedy decode steps (B sequences
+//   at --context cached tokens, each one new token a step, sampled on the GPU unless
+//   --host-sampling), tok/s.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <string>
 #include <vector>
@@ -28,6 +32,10 @@ using Clock = std::chrono::steady_clock;
 
 // Median seconds per call of fn over `iters` calls in each of 5 rounds (device work is synchronized
 // at the end of each round; warm-up round first).
+void CheckBlasStatus(cublasStatus_t s) {
+  if (s != CUBLAS_STATUS_SUCCESS) std::fprintf(stderr, "cuBLAS error %d\n", static_cast<int>(s)), std::abort();
+}
+
 template <class Fn>
 double TimeDevice(Fn&& fn, int iters) {
   std::vector<double> rounds;
@@ -42,7 +50,8 @@ double TimeDevice(Fn&& fn, int iters) {
   return rounds[rounds.size() / 2];
 }
 
-void Kernels() {
+// Returns the bf16 GEMM rate (TFLOP/s, the best of a few large square and Llama-shaped products).
+double Kernels() {
   {
     const size_t n = size_t{2} << 30;
     void *a, *b;
@@ -55,7 +64,35 @@ void Kernels() {
     cudaFree(b);
   }
   cublasHandle_t blas;
-  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) return;
+  if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) return 0;
+  double peak = 0;
+  {  // bf16 GEMM rate (cuBLAS, F32 accumulation, bf16 out), random inputs: the prefill ceiling
+    struct Gemm {
+      int m, n, k;
+    };
+    const Gemm gemms[] = {{8192, 8192, 8192}, {4096, 28672, 4096}, {4096, 4096, 14336}, {16384, 6144, 4096}};
+    for (const Gemm& g : gemms) {
+      void *a, *b, *d;
+      DYN_CUDA_CHECK(cudaMalloc(&a, size_t{2} * g.m * g.k));
+      DYN_CUDA_CHECK(cudaMalloc(&b, size_t{2} * g.k * g.n));
+      DYN_CUDA_CHECK(cudaMalloc(&d, size_t{2} * g.m * g.n));
+      cuda::FillRandomBf16(0, static_cast<uint16_t*>(a), size_t{1} * g.m * g.k, 3, 1.0f);
+      cuda::FillRandomBf16(0, static_cast<uint16_t*>(b), size_t{1} * g.k * g.n, 5, 1.0f);
+      const float one = 1.0f, zero = 0.0f;
+      const double s = TimeDevice(
+          [&] {
+            CheckBlasStatus(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, g.n, g.m, g.k, &one, b, CUDA_R_16BF, g.k, a, CUDA_R_16BF, g.k,
+                                         &zero, d, CUDA_R_16BF, g.n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+          },
+          20);
+      const double tflops = 2.0 * g.m * g.n * g.k / s / 1e12;
+      peak = std::max(peak, tflops);
+      std::printf("bf16 GEMM %5d x %5d x %5d (m x n x k): %7.3f ms, %5.0f TFLOP/s\n", g.m, g.n, g.k, s * 1e3, tflops);
+      cudaFree(a);
+      cudaFree(b);
+      cudaFree(d);
+    }
+  }
   struct Shape {
     const char* name;
     int64_t rows, cols;
@@ -100,9 +137,15 @@ void Kernels() {
     for (void* w : ws) cudaFree(w);
   }
   cublasDestroy(blas);
+  return peak;
 }
 
-int ModelBench(const std::string& dir, int steps, const std::vector<int>& batches, int prompt_len) {
+// Prefill rate: one sequence of each prompt length (tok/s and model FLOPs utilisation against
+// `peak_tflops`, the bf16 GEMM rate measured by --kernels on the same GPU); then decode: B
+// sequences of `context` cached tokens each decode one token per step, sampled greedily on the GPU
+// (ForwardSample, what the server does) or, with host_sampling, from logits copied to the host.
+int ModelBench(const std::string& dir, int steps, const std::vector<int>& batches, const std::vector<int>& prompts, int context,
+               bool host_sampling, double peak_tflops) {
   auto loaded = LoadHfConfigDummy(dir);  // the loader behind `dyn run --load-format dummy`
   if (!loaded.ok()) return std::fprintf(stderr, "%s\n", loaded.status().ToString().c_str()), 1;
   auto backend = CreateCudaBackend(0);
@@ -114,53 +157,89 @@ int ModelBench(const std::string& dir, int steps, const std::vector<int>& batche
   const ModelConfig& c = m.config();
   DYN_CUDA_CHECK(cudaDeviceSynchronize());
   std::printf("%s\nload (dummy weights): %.2f s\n", m.Describe().c_str(), std::chrono::duration<double>(Clock::now() - t0).count());
-  const int max_batch = *std::max_element(batches.begin(), batches.end());
-  const int block_size = 16, per_seq = (prompt_len + steps + 8) / block_size + 1;
-  if (Status s = m.InitKvCache(per_seq * max_batch, block_size); !s.ok()) return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
+  const int max_batch = batches.empty() ? 0 : *std::max_element(batches.begin(), batches.end());
+  const int max_prompt = prompts.empty() ? 0 : *std::max_element(prompts.begin(), prompts.end());
+  const int block_size = 16, per_seq = (context + steps + 8) / block_size + 1, prefill_blocks = max_prompt / block_size + 1;
+  if (Status s = m.InitKvCache(per_seq * max_batch + prefill_blocks, block_size); !s.ok()) {
+    return std::fprintf(stderr, "%s\n", s.ToString().c_str()), 1;
+  }
   std::vector<std::vector<int32_t>> tables(max_batch);
   for (int b = 0; b < max_batch; ++b)
     for (int i = 0; i < per_seq; ++i) tables[b].push_back(b * per_seq + i);
-  std::vector<float> logits(static_cast<size_t>(max_batch) * c.vocab_size);
-  // Prefill: one sequence of prompt_len tokens.
-  std::vector<uint32_t> prompt(prompt_len);
-  for (int i = 0; i < prompt_len; ++i) prompt[i] = static_cast<uint32_t>((i * 7919) % c.vocab_size);
-  auto prefill = [&] {
-    ForwardSeq f;
-    f.tokens = prompt;
-    f.block_table = tables[0];
-    DYN_CUDA_CHECK(m.Forward(std::span<const ForwardSeq>(&f, 1), logits.data()).ok() ? cudaSuccess : cudaErrorUnknown);
-  };
-  prefill();
-  const double prefill_s = TimeDevice(prefill, 3);
-  std::printf("prefill %d tokens: %.1f ms, %.0f tok/s\n", prompt_len, prefill_s * 1e3, prompt_len / prefill_s);
-  const double weight_gb = [&] {
-    const double H = c.hidden_size, q = double(c.num_heads) * c.head_dim, kv = double(c.num_kv_heads) * c.head_dim;
-    const double per_layer = H * q * 2 + H * kv * 2 + 3 * H * c.intermediate_size;
-    return (per_layer * c.num_layers + double(c.vocab_size) * H) * 2 / 1e9;  // embedding rows read are negligible
-  }();
-  std::printf("weights read per decode step: %.2f GB\n", weight_gb);
+  std::vector<int32_t> prefill_table(prefill_blocks);
+  for (int i = 0; i < prefill_blocks; ++i) prefill_table[i] = per_seq * max_batch + i;
+  std::vector<float> logits(static_cast<size_t>(std::max(1, max_batch)) * c.vocab_size);
+  const double H = c.hidden_size, q = double(c.num_heads) * c.head_dim, kv = double(c.num_kv_heads) * c.head_dim;
+  const double layer_params = H * q * 2 + H * kv * 2 + 3 * H * c.intermediate_size;
+  for (int len : prompts) {
+    std::vector<uint32_t> prompt(len);
+    for (int i = 0; i < len; ++i) prompt[i] = static_cast<uint32_t>((i * 7919) % c.vocab_size);
+    auto prefill = [&] {
+      ForwardSeq f;
+      f.tokens = prompt;
+      f.block_table = prefill_table;
+      DYN_CUDA_CHECK(m.Forward(std::span<const ForwardSeq>(&f, 1), logits.data()).ok() ? cudaSuccess : cudaErrorUnknown);
+    };
+    prefill();  // warm-up
+    std::vector<double> times;
+    for (int r = 0; r < (len >= 8192 ? 2 : 5); ++r) {
+      const auto t1 = Clock::now();
+      prefill();
+      times.push_back(std::chrono::duration<double>(Clock::now() - t1).count());
+    }
+    std::sort(times.begin(), times.end());
+    const double s = times[times.size() / 2];
+    // Matmul FLOPs of every layer and the LM head (one row), and causal attention (QK^T and PV:
+    // 2 x 2 x heads x head_dim per query-key pair, len^2 / 2 pairs).
+    const double matmul = 2.0 * layer_params * c.num_layers * len + 2.0 * H * c.vocab_size;
+    const double attn = 4.0 * q * (double(len) * len / 2) * c.num_layers;
+    const double tflops = (matmul + attn) / s / 1e12;
+    std::printf("prefill %6d tokens: %9.1f ms %9.0f tok/s  %6.1f TFLOP/s (attention %4.1f%% of FLOPs)", len, s * 1e3, len / s, tflops,
+                100 * attn / (matmul + attn));
+    if (peak_tflops > 0) std::printf("  MFU %.1f%%", 100 * tflops / peak_tflops);
+    std::printf("\n");
+  }
+  if (batches.empty()) return 0;
+  const double weight_gb = (layer_params * c.num_layers + double(c.vocab_size) * H) * 2 / 1e9;  // embedding rows are negligible
+  {  // every decode sequence starts with `context` cached tokens (one batched prefill)
+    std::vector<uint32_t> ctx(std::max(context, 1));
+    for (int i = 0; i < context; ++i) ctx[i] = static_cast<uint32_t>((i * 7919 + 11) % c.vocab_size);
+    std::vector<ForwardSeq> fill(max_batch);
+    for (int b = 0; b < max_batch && context > 0; ++b) fill[b] = ForwardSeq{std::span<const uint32_t>(ctx).first(context), 0, tables[b], false};
+    if (context > 0) DYN_CUDA_CHECK(m.Forward(fill, logits.data()).ok() ? cudaSuccess : cudaErrorUnknown);
+  }
+  std::printf("decode at context %d, sampling on the %s; weights read per step: %.2f GB\n", context, host_sampling ? "host" : "GPU",
+              weight_gb);
   std::printf("%6s %10s %12s %12s %14s\n", "batch", "ms/step", "tok/s/seq", "tok/s", "weight GB/s");
   for (int B : batches) {
     std::vector<std::vector<uint32_t>> tok(B, std::vector<uint32_t>(1));
     std::vector<ForwardSeq> batch(B);
+    std::vector<DeviceSampling> greedy(B);
+    std::vector<uint32_t> next(B);
     for (int b = 0; b < B; ++b) {
       batch[b].block_table = tables[b];
       tok[b][0] = static_cast<uint32_t>(b + 1);
     }
-    int pos = 0;
+    int pos = context;
     auto step = [&] {
       for (int b = 0; b < B; ++b) {
         batch[b].tokens = tok[b];
         batch[b].start_pos = pos;
       }
-      DYN_CUDA_CHECK(m.Forward(batch, logits.data()).ok() ? cudaSuccess : cudaErrorUnknown);
-      for (int b = 0; b < B; ++b) {
-        const float* l = logits.data() + static_cast<size_t>(b) * c.vocab_size;
-        tok[b][0] = static_cast<uint32_t>(std::max_element(l, l + c.vocab_size) - l);
+      if (host_sampling) {
+        DYN_CUDA_CHECK(m.Forward(batch, logits.data()).ok() ? cudaSuccess : cudaErrorUnknown);
+        for (int b = 0; b < B; ++b) {
+          const float* l = logits.data() + static_cast<size_t>(b) * c.vocab_size;
+          next[b] = static_cast<uint32_t>(std::max_element(l, l + c.vocab_size) - l);
+        }
+      } else {
+        DYN_CUDA_CHECK(m.ForwardSample(batch, greedy, next.data()).ok() ? cudaSuccess : cudaErrorUnknown);
       }
+      for (int b = 0; b < B; ++b) tok[b][0] = next[b];
       ++pos;
     };
     for (int i = 0; i < 4; ++i) step();
+    pos = context;  // the timed steps rewrite the warm-up's slots
     const auto t1 = Clock::now();
     for (int i = 0; i < steps; ++i) step();
     const double s = std::chrono::duration<double>(Clock::now() - t1).count() / steps;
@@ -185,9 +264,10 @@ std::vector<int> ParseList(const std::string& s) {
 }  // namespace dyn
 
 int main(int argc, char** argv) {
-  bool kernels = false;
-  std::string config, load_format = "dummy", batches = "1,4,8";
-  int steps = 128, prompt = 512;
+  bool kernels = false, host_sampling = false;
+  std::string config, load_format = "dummy", batches = "1,4,8", prompts = "512";
+  int steps = 128, context = 512;
+  double peak = 0;
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
     auto value = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
@@ -196,7 +276,10 @@ int main(int argc, char** argv) {
     else if (flag == "--load-format") load_format = value();
     else if (flag == "--steps") steps = std::stoi(value());
     else if (flag == "--batches") batches = value();
-    else if (flag == "--prompt") prompt = std::stoi(value());
+    else if (flag == "--prompt" || flag == "--prompts") prompts = value();
+    else if (flag == "--context") context = std::stoi(value());
+    else if (flag == "--host-sampling") host_sampling = true;
+    else if (flag == "--peak-tflops") peak = std::stod(value());
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -206,13 +289,13 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "no CUDA device\n");
     return 1;
   }
-  if (kernels) dyn::Kernels();
+  if (kernels) peak = dyn::Kernels();
   if (!config.empty()) {
     if (load_format != "dummy") {
       std::fprintf(stderr, "--load-format: only 'dummy' (random weights from config.json)\n");
       return 2;
     }
-    return dyn::ModelBench(config, steps, dyn::ParseList(batches), prompt);
+    return dyn::ModelBench(config, steps, dyn::ParseList(batches), dyn::ParseList(prompts), context, host_sampling, peak);
   }
   return 0;
 }

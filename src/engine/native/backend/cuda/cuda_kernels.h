@@ -72,4 +72,10 @@ constexpr int kGemvMaxJobs = 4;
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out);
 
+// One token per row of logits ([rows][vocab]): argmax (lowest id on ties) where temperature[r]
+// <= 0, else the first id where the running sum of exp((l - max) / T) passes uniform[r] * total.
+// temperature, uniform: device arrays of rows floats; out: device array of rows ids.
+void SampleRows(cudaStream_t stream, const float* logits, int rows, int vocab, const float* temperature, const float* uniform,
+                uint32_t* out);
+
 }  // namespace dyn::cuda
