@@ -1,5 +1,7 @@
 #include "apps/dyn/local_cluster.h"
 
+#include "apps/dyn/engine_server.h"
+
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
@@ -9,8 +11,6 @@
 #include "base/log.h"
 #include "runtime/event_plane.h"
 #include "runtime/kv_event_codec.h"
-#include "runtime/kv_event_publisher.h"
-#include "runtime/request_plane.h"
 
 namespace dyn {
 namespace {
@@ -28,23 +28,12 @@ class LocalClusterImpl : public LocalCluster {
     for (int i = 0; i < workers; ++i) {
       Worker w;
       w.id = static_cast<uint64_t>(i + 1);
-      w.publisher = std::make_unique<KvEventPublisher>();
-      flags.kv_event_sink = w.publisher.get();
-      DYN_ASSIGN_OR_RETURN(ServedModel built, BuildLocalModel(flags, &kv_block_size));
-      w.engine = built.engine;
-      if (i == 0) *served = built;
-      RequestServerOptions so;
-      so.host = "127.0.0.1";
-      auto server = RequestServer::Start(so);
-      if (!server.ok()) {
-        w.engine->Shutdown();
-        return server.status();
-      }
-      w.server = std::move(*server);
-      w.server->AddEngineEndpoint("generate", w.engine);
-      w.publisher->ServeDumps(*w.server);
-      w.publisher->Start(events_.get(), KvEventsSubject(kNamespace), w.id);
-      w.address = "127.0.0.1:" + std::to_string(w.server->port());
+      EngineServerOptions eo;
+      eo.server.host = "127.0.0.1";
+      DYN_ASSIGN_OR_RETURN(w.es, EngineServer::Start(flags, eo));
+      if (i == 0) *served = w.es->served();
+      kv_block_size = w.es->kv_block_size();
+      w.es->publisher().Start(events_.get(), KvEventsSubject(kNamespace), w.id);
       workers_.push_back(std::move(w));
     }
     if (ro.kv_block_size <= 0) ro.kv_block_size = kv_block_size > 0 ? kv_block_size : 16;
@@ -58,14 +47,14 @@ class LocalClusterImpl : public LocalCluster {
                                                          if (event.ok() && router) router->ApplyKvEvent(*event);
                                                        }));
     }
-    for (const Worker& w : workers_) router_->AddInstance(w.id, w.address);
+    for (const Worker& w : workers_) router_->AddInstance(w.id, w.es->address());
     // Load reports straight from the engines (no event plane hop), often: routing is only as
     // good as its view of the workers' queues and KV usage.
     reporter_ = std::thread([this] {
       std::unique_lock<std::mutex> lock(mu_);
       while (!stop_) {
         for (const Worker& w : workers_) {
-          const EngineMetrics m = w.engine->Metrics();
+          const EngineMetrics m = w.es->engine()->Metrics();
           const double usage = m.kv_blocks_total > 0 ? static_cast<double>(m.kv_blocks_used) / m.kv_blocks_total : 0.0;
           router_->ReportLoad(w.id, m.running + m.waiting, usage);
         }
@@ -89,20 +78,13 @@ class LocalClusterImpl : public LocalCluster {
     kv_sub_.reset();
     if (router_) router_->Shutdown();
     if (client_) client_->Stop();
-    for (Worker& w : workers_) {
-      w.publisher->Stop();
-      if (w.server) w.server->Stop();
-      if (w.engine) w.engine->Shutdown();
-    }
+    for (Worker& w : workers_) w.es->Stop();
   }
 
  private:
   struct Worker {
     uint64_t id = 0;
-    std::unique_ptr<KvEventPublisher> publisher;
-    EnginePtr engine;
-    std::unique_ptr<RequestServer> server;
-    std::string address;
+    std::unique_ptr<EngineServer> es;
   };
 
   std::unique_ptr<EventPlane> events_;

@@ -54,6 +54,7 @@ Result<EnginePtr> BuildMocker(const LocalEngineFlags& f, ServedModel& served, in
   o.kv_event_sink = f.kv_event_sink;
   o.core.kv_bytes_per_token = f.kv_bytes_per_token;
   o.core.kv_transfer_gbps = f.kv_transfer_gbps;
+  o.kv_transfer = f.kv_transfer;
   if (kv_block_size) *kv_block_size = o.core.block_size;
   // No model config to read: like echo, a bounded default context keeps the default max_tokens
   // (the rest of the context) finite; --context-length sets it, within the KV pool's capacity.
@@ -91,6 +92,7 @@ Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f, int* kv_block_siz
     eo.max_num_batched_tokens = static_cast<int>(f.max_batched);
     eo.enable_prefix_caching = f.prefix_caching;
     eo.kv_event_sink = f.kv_event_sink;
+    eo.kv_transfer = f.kv_transfer;
     if (kv_block_size) *kv_block_size = eo.block_size;
     DYN_ASSIGN_OR_RETURN(served.engine, CreateNativeEngine(std::move(model), eo));
   } else if (f.engine_name == "echo") {

@@ -7,6 +7,7 @@
 
 #include "apps/dyn/serving_model.h"
 #include "base/status.h"
+#include "engine/kv_transfer_hooks.h"
 #include "frontend/frontend.h"
 
 namespace dyn {
@@ -25,6 +26,7 @@ struct LocalEngineFlags {
   int64_t kv_bytes_per_token = 131072;  // mocker: KV transfer size (Llama-3.1-8B bf16)
   double kv_transfer_gbps = 25;         // mocker: simulated KV transfer bandwidth
   KvEventSink* kv_event_sink = nullptr;  // not a flag: receives the engine's KV block events
+  KvTransferHooks kv_transfer;           // not a flag: disaggregated serving (a worker's role)
   bool prefix_caching = true;
 
   void Register(FlagSet& fs);

@@ -21,6 +21,7 @@
 
 #include "apps/dyn/command_util.h"
 #include "apps/dyn/commands.h"
+#include "apps/dyn/engine_server.h"
 #include "apps/dyn/local_engine.h"
 #include "base/flags.h"
 #include "base/log.h"
@@ -47,7 +48,9 @@ int WorkerCommand(int argc, char** argv) {
   LocalEngineFlags ef;
   std::string discovery_spec = "etcd:http://127.0.0.1:2379", ns = "dyn", component = "backend";
   std::string host = "0.0.0.0", advertise = "127.0.0.1", event_spec, zmq_endpoint, zmq_topic;
-  int64_t port = 0, http_port = -1, lease_ttl = 3, drain_timeout = 30, num_workers = 1;
+  int64_t port = 0, http_port = -1, lease_ttl = 3, drain_timeout = 30, num_workers = 1, kv_transfer_port = 0;
+  std::string role_name = "agg", kv_transport = "tcp";
+  double lease_timeout_s = 30;
   FlagSet fs("dyn worker", "Serves a model's engine on the request plane and registers it in discovery.");
   ef.Register(fs);
   fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
@@ -65,6 +68,12 @@ int WorkerCommand(int argc, char** argv) {
             "publish the KV events of an external engine (vLLM/SGLang ZMQ PUB: tcp://HOST:PORT, or bind:tcp://*:PORT) "
             "as this instance's, instead of the built-in engine's own");
   fs.String("kv-events-zmq-topic", &zmq_topic, "ZMQ subscription topic prefix ('' = all)");
+  fs.String("role", &role_name, "disaggregated serving: agg (prefill and decode here) | prefill | decode");
+  fs.String("kv-transport", &kv_transport,
+            "prefill role: how decode workers copy the KV: tcp (any host) | shm (same host, shared memory)");
+  fs.Int("kv-transfer-port", &kv_transfer_port, "prefill role, tcp: the KV source's port (0: a free one)");
+  fs.Double("kv-lease-timeout", &lease_timeout_s,
+            "prefill role: seconds a prompt's KV waits for its decode worker before it is freed");
   if (int rc = ParseCommandFlags(fs, argc, argv, "dyn worker"); rc >= 0) return rc;
   if (int rc = RequireModelPath(fs, &ef.model_path, "dyn worker"); rc >= 0) return rc;
   const sigset_t sigs = BlockTerminationSignals();  // before any thread starts
@@ -82,61 +91,74 @@ int WorkerCommand(int argc, char** argv) {
     return 2;
   }
 
+  auto role = ParseWorkerRole(role_name);
+  if (!role.ok()) {
+    std::fprintf(stderr, "dyn worker: %s\n", role.status().message().c_str());
+    return 2;
+  }
+  if (kv_transport != "tcp" && kv_transport != "shm") {
+    std::fprintf(stderr, "dyn worker: --kv-transport must be tcp or shm\n");
+    return 2;
+  }
+  if (*role != WorkerRole::kAggregated && lease_timeout_s <= 0) {
+    std::fprintf(stderr, "dyn worker: --kv-lease-timeout must be positive\n");
+    return 2;
+  }
+  if (*role == WorkerRole::kPrefill && kv_transport == "shm") RemoveOrphanedSharedKvMemory();
+
   // One instance per --workers: its own engine, request-plane port, lease and record. They share
   // the discovery and event-plane clients (many simulated mockers in one process).
   struct Instance {
-    std::unique_ptr<KvEventPublisher> publisher = std::make_unique<KvEventPublisher>();
-    EnginePtr engine;
-    std::unique_ptr<RequestServer> server;
+    std::unique_ptr<EngineServer> es;
     int64_t lease = 0;
     InstanceRecord rec;
     std::string key;
   };
   std::vector<Instance> instances(static_cast<size_t>(num_workers));
   auto shutdown_all = [&] {
-    for (Instance& in : instances) {
-      if (in.server) in.server->Stop();
-      if (in.engine) in.engine->Shutdown();
-    }
+    for (Instance& in : instances)
+      if (in.es) in.es->Stop();
   };
   ServedModel served;
   for (size_t i = 0; i < instances.size(); ++i) {
     Instance& in = instances[i];
-    ef.kv_event_sink = zmq_endpoint.empty() ? in.publisher.get() : nullptr;
-    int kv_block_size = 0;
-    auto built = BuildLocalModel(ef, &kv_block_size);
-    if (!built.ok()) {
-      std::fprintf(stderr, "dyn worker: %s\n", built.status().ToString().c_str());
+    EngineServerOptions eo;
+    eo.server.host = host;
+    eo.server.port = static_cast<int>(port);
+    eo.advertise_host = advertise;
+    eo.transfer.role = *role;
+    eo.transfer.backend = kv_transport;
+    eo.transfer.listen_host = host;
+    eo.transfer.tcp_port = num_workers > 1 ? 0 : static_cast<int>(kv_transfer_port);
+    eo.transfer.advertise_host = advertise;
+    eo.transfer.lease_timeout = std::chrono::milliseconds(static_cast<int64_t>(lease_timeout_s * 1000));
+    eo.publish_kv_events = zmq_endpoint.empty();
+    auto started = EngineServer::Start(ef, eo);
+    if (!started.ok()) {
+      std::fprintf(stderr, "dyn worker: %s\n", started.status().ToString().c_str());
       shutdown_all();
       return 1;
     }
-    if (i == 0) served = *built;
-    in.engine = built->engine;
-    RequestServerOptions so;
-    so.host = host;
-    so.port = static_cast<int>(port);
-    auto server = RequestServer::Start(so);
-    if (!server.ok()) {
-      std::fprintf(stderr, "dyn worker: %s\n", server.status().ToString().c_str());
-      shutdown_all();
-      return 1;
-    }
-    in.server = std::move(*server);
-    in.server->AddEngineEndpoint("generate", in.engine);
-    in.publisher->ServeDumps(*in.server);
+    in.es = std::move(*started);
+    const ServedModel& built = in.es->served();
+    if (i == 0) served = built;
     in.rec.ns = ns;
     in.rec.component = component;
     in.rec.endpoint = "generate";
-    in.rec.address = advertise + ":" + std::to_string(in.server->port());
-    in.rec.card.name = built->name;
+    in.rec.address = in.es->address();
+    in.rec.card.name = built.name;
     in.rec.card.source = AbsolutePath(ef.model_path);
     in.rec.card.chat_template_path = AbsolutePath(ef.chat_template);
-    in.rec.card.context_length = built->context_length;
-    in.rec.card.kv_block_size = kv_block_size;
-    in.rec.card.kv_total_blocks = in.engine->Metrics().kv_blocks_total;
+    in.rec.card.context_length = built.context_length;
+    in.rec.card.kv_block_size = in.es->kv_block_size();
+    in.rec.card.kv_total_blocks = built.engine->Metrics().kv_blocks_total;
     in.rec.card.max_num_batched_tokens = static_cast<int>(ef.max_batched);
+    in.rec.card.role = WorkerRoleCardName(*role);
     in.rec.card.engine = ef.engine_name;
-    in.rec.card.eos_token_ids = built->eos_token_ids;
+    in.rec.card.eos_token_ids = built.eos_token_ids;
+    if (in.es->transfer()) {
+      DYN_LOG(INFO) << "KV transfer: " << in.es->transfer()->Describe();
+    }
   }
 
   std::unique_ptr<HttpFrontend> http;  // the first instance's engine, served locally
@@ -182,14 +204,14 @@ int WorkerCommand(int argc, char** argv) {
     in.lease = *lease;
     in.rec.instance_id = static_cast<uint64_t>(*lease);
     in.key = InstanceKey(in.rec);
-    in.publisher->Start(events.get(), KvEventsSubject(ns), in.rec.instance_id);  // null events: dumps only
+    in.es->publisher().Start(events.get(), KvEventsSubject(ns), in.rec.instance_id);  // null events: dumps only
     if (Status s = (*discovery)->Put(in.key, EncodeInstance(in.rec), in.lease); !s.ok()) {
       std::fprintf(stderr, "dyn worker: register: %s\n", s.ToString().c_str());
       shutdown_all();
       return 1;
     }
     DYN_LOG(INFO) << "worker " << in.rec.instance_id << " serving '" << in.rec.card.name << "' (" << ef.engine_name
-                  << ") on " << in.rec.address << ", registered in " << (*discovery)->Describe() << " as " << in.key
+                  << ", " << in.rec.card.role << ") on " << in.rec.address << ", registered in " << (*discovery)->Describe() << " as " << in.key
                   << (http && &in == &instances[0] ? ", http port " + std::to_string(http->port()) : std::string());
   }
 
@@ -199,7 +221,7 @@ int WorkerCommand(int argc, char** argv) {
     zo.endpoint = zmq_endpoint;
     zo.topic = zmq_topic;
     zo.worker_id = instances[0].rec.instance_id;
-    KvEventPublisher* publisher = instances[0].publisher.get();
+    KvEventPublisher* publisher = &instances[0].es->publisher();
     auto source = ZmqKvSource::Start(zo, [publisher](std::vector<router::RouterEvent>&& events, bool) {
       publisher->OnExternalEvents(std::move(events));
     });
@@ -220,7 +242,7 @@ int WorkerCommand(int argc, char** argv) {
     std::unique_lock<std::mutex> lock(stop_mu);
     while (events && !stop) {
       for (const Instance& in : instances) {
-        const EngineMetrics m = in.engine->Metrics();
+        const EngineMetrics m = in.es->engine()->Metrics();
         const std::string payload = boost::json::serialize(boost::json::object{
             {"instance_id", std::to_string(in.rec.instance_id)},
             {"model", in.rec.card.name},
@@ -241,7 +263,7 @@ int WorkerCommand(int argc, char** argv) {
   stop_cv.notify_all();
   reporter.join();
   int active = 0;
-  for (Instance& in : instances) active += in.server->active_calls();
+  for (Instance& in : instances) active += in.es->server().active_calls();
   DYN_LOG(INFO) << "signal " << sig << ": deregistering and draining " << active << " streams";
   // Deregister every instance first, so frontends stop sending before anything drains.
   for (Instance& in : instances) {
@@ -253,8 +275,8 @@ int WorkerCommand(int argc, char** argv) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(drain_timeout);
   for (Instance& in : instances) {
     const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    in.server->Drain(static_cast<int>(std::max<int64_t>(0, left.count())));
-    in.publisher->Stop();
+    in.es->server().Drain(static_cast<int>(std::max<int64_t>(0, left.count())));
+    in.es->publisher().Stop();
   }
   if (zmq_source) zmq_source->Stop();
   if (http) http->Stop();

@@ -8,12 +8,32 @@
 #include <functional>
 #include <span>
 #include <string>
+#include <cstddef>
 
 #include "base/status.h"
 
 namespace dyn {
 
+// What one block of an engine's KV cache holds, and how many there are: a transfer between two
+// engines is refused unless both agree on everything but num_blocks.
+struct KvCacheGeometry {
+  int block_size = 0;  // tokens per block
+  int num_layers = 0;
+  int num_kv_heads = 0;
+  int head_dim = 0;
+  std::string dtype = "f32";
+  size_t block_bytes = 0;  // one block, all layers, K and V, contiguous
+  int num_blocks = 0;
+};
+
 struct KvTransferHooks {
+  // Engine start-up, optional: host memory of num_blocks * block_bytes bytes for the KV cache,
+  // given by the transfer layer (shared memory, so a same-host peer copies straight out of it).
+  // Unset: the engine's backend allocates the cache itself.
+  std::function<Result<void*>(const KvCacheGeometry&)> allocate_cache;
+  // Engine start-up, after the cache exists: its geometry and host address (the transfer source
+  // serves reads from there; the sink writes there). Failing it fails the engine's creation.
+  std::function<Status(const KvCacheGeometry&, void* base)> cache_ready;
   // Prefill side: the descriptor (opaque text, JSON) of `blocks`, which the engine keeps under
   // lease `lease_id` and which hold the KV of the first `num_tokens` prompt tokens.
   std::function<Result<std::string>(uint64_t lease_id, std::span<const int32_t> blocks, int num_tokens)> describe;

@@ -94,15 +94,24 @@ class LlamaModel : public Model {
   }
 
   Status InitKvCache(int num_blocks, int block_size) override {
-    if (num_blocks <= 0 || block_size <= 0) return Status::InvalidArgument("InitKvCache: num_blocks and block_size must be positive");
-    kv_.num_layers = config_.num_layers;
-    kv_.num_kv_heads = config_.num_kv_heads;
-    kv_.head_dim = config_.head_dim;
-    kv_.block_size = block_size;
-    kv_.num_blocks = num_blocks;
+    DYN_RETURN_IF_ERROR(SetKvLayout(num_blocks, block_size));
     DYN_ASSIGN_OR_RETURN(kv_cache_, backend_->Allocate(kv_.BlockFloats() * num_blocks * sizeof(float)));
     return Status::Ok();
   }
+
+  Status InitKvCacheAt(int num_blocks, int block_size, void* host_memory, size_t bytes) override {
+    if (!backend_->host_memory()) return Model::InitKvCacheAt(num_blocks, block_size, host_memory, bytes);
+    DYN_RETURN_IF_ERROR(SetKvLayout(num_blocks, block_size));
+    const size_t need = kv_.BlockFloats() * num_blocks * sizeof(float);
+    if (host_memory == nullptr || bytes < need) {
+      return Status::InvalidArgument("InitKvCacheAt: " + std::to_string(bytes) + " bytes given, the cache needs " +
+                                     std::to_string(need));
+    }
+    kv_cache_ = std::make_unique<HostSpan>(host_memory, need);
+    return Status::Ok();
+  }
+
+  void* KvCacheHostMemory() override { return kv_cache_ && backend_->host_memory() ? kv_cache_->data() : nullptr; }
 
   Status Forward(std::span<const ForwardSeq> batch, float* logits) override { return Run(batch, logits, {}, nullptr); }
   bool samples_on_device() const override { return backend_->samples_on_device(); }
@@ -138,6 +147,28 @@ class LlamaModel : public Model {
   Status Validate(std::span<const ForwardSeq> batch) const;
   // Forward, ending with the logits copied to `logits` or, with `tokens`, sampled on the device.
   Status Run(std::span<const ForwardSeq> batch, float* logits, std::span<const DeviceSampling> sampling, uint32_t* tokens);
+
+  Status SetKvLayout(int num_blocks, int block_size) {
+    if (num_blocks <= 0 || block_size <= 0) return Status::InvalidArgument("InitKvCache: num_blocks and block_size must be positive");
+    kv_.num_layers = config_.num_layers;
+    kv_.num_kv_heads = config_.num_kv_heads;
+    kv_.head_dim = config_.head_dim;
+    kv_.block_size = block_size;
+    kv_.num_blocks = num_blocks;
+    return Status::Ok();
+  }
+
+  // Memory the model uses but does not own (a KV cache in the caller's shared memory).
+  class HostSpan : public Buffer {
+   public:
+    HostSpan(void* data, size_t size) : data_(data), size_(size) {}
+    void* data() override { return data_; }
+    size_t size() const override { return size_; }
+
+   private:
+    void* data_;
+    size_t size_;
+  };
 
   ModelConfig config_;
   RopeStyle rope_style_;

@@ -65,6 +65,15 @@ class Model {
   virtual size_t KvBytesPerToken() const = 0;
   // Allocates the paged KV cache: num_blocks blocks of block_size tokens. Call once before Forward.
   virtual Status InitKvCache(int num_blocks, int block_size) = 0;
+  // The same, with the cache in caller-owned host memory of at least num_blocks * block_size *
+  // KvBytesPerToken() bytes (shared memory that another worker reads KV from, in disaggregated
+  // serving). Backends whose kernels cannot address host memory return Unsupported.
+  virtual Status InitKvCacheAt(int num_blocks, int block_size, void* host_memory, size_t bytes) {
+    return Status::Unsupported("this model's backend cannot place its KV cache in host memory");
+  }
+  // After InitKvCache*: the cache's address if the CPU can address it (blocks laid out as
+  // backend/backend.h KvLayout, F32), else nullptr (a device backend).
+  virtual void* KvCacheHostMemory() { return nullptr; }
   // Runs the batch: writes each new token's K/V into its block slot, and for each sequence with
   // want_logits (in batch order) writes vocab_size float logits to `logits`. Sequences are
   // independent: results do not depend on what else is in the batch (up to float rounding).

@@ -540,7 +540,34 @@ Result<EnginePtr> CreateNativeEngine(std::unique_ptr<Model> model, const NativeE
     }
     num_blocks = static_cast<int>(std::min<size_t>(n, 1u << 30));
   }
-  DYN_RETURN_IF_ERROR(model->InitKvCache(num_blocks, options.block_size).WithContext("InitKvCache"));
+  const KvTransferHooks& hooks = options.kv_transfer;
+  if (hooks.allocate_cache || hooks.cache_ready) {
+    // Disaggregated serving: the transfer layer reads and writes the cache's blocks directly.
+    const ModelConfig& c = model->config();
+    KvCacheGeometry g;
+    g.block_size = options.block_size;
+    g.num_layers = c.num_layers;
+    g.num_kv_heads = c.num_kv_heads;
+    g.head_dim = c.head_dim;
+    g.dtype = "f32";
+    g.block_bytes = model->KvBytesPerToken() * static_cast<size_t>(options.block_size);
+    g.num_blocks = num_blocks;
+    if (hooks.allocate_cache) {
+      DYN_ASSIGN_OR_RETURN(void* memory, hooks.allocate_cache(g));
+      DYN_RETURN_IF_ERROR(model->InitKvCacheAt(num_blocks, options.block_size, memory, g.block_bytes * num_blocks)
+                              .WithContext("KV cache for transfer"));
+    } else {
+      DYN_RETURN_IF_ERROR(model->InitKvCache(num_blocks, options.block_size).WithContext("InitKvCache"));
+    }
+    void* base = model->KvCacheHostMemory();
+    if (base == nullptr) {
+      return Status::Unsupported("KV transfer needs the KV cache in host memory; this backend keeps it on the device "
+                                 "(a device transfer backend, CUDA IPC or NCCL, is not built yet)");
+    }
+    if (hooks.cache_ready) DYN_RETURN_IF_ERROR(hooks.cache_ready(g, base).WithContext("KV transfer"));
+  } else {
+    DYN_RETURN_IF_ERROR(model->InitKvCache(num_blocks, options.block_size).WithContext("InitKvCache"));
+  }
   DYN_LOG(INFO) << "native engine: " << model->Describe() << "; " << num_blocks << " KV blocks of "
                 << options.block_size << " tokens";
   return EnginePtr(std::make_shared<NativeEngine>(std::move(model), options, num_blocks));

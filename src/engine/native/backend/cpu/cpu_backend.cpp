@@ -141,6 +141,7 @@ class CpuBackend : public Backend {
  public:
   explicit CpuBackend(int num_threads) : pool_(num_threads) {}
 
+  bool host_memory() const override { return true; }
   std::string Describe() const override { return "cpu (" + std::to_string(pool_.size()) + (DYN_CPU_AVX512 ? " threads, AVX-512)" : " threads, portable kernels)"); }
 
   Result<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
