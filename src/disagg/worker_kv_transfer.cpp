@@ -1,6 +1,8 @@
 #include "disagg/worker_kv_transfer.h"
 
 #include <cerrno>
+#include <condition_variable>
+#include <unordered_set>
 #include <cstdlib>
 #include <mutex>
 #include <sstream>
@@ -178,7 +180,59 @@ class WorkerKvTransferImpl final : public WorkerKvTransfer {
     }
     const std::span<const int32_t> src(d.block_ids.data() + first_block, dst.size());
     DYN_RETURN_IF_ERROR(sink_->Pull(d, src, dst, layout, region));
+    // The copy is only good if the lease held for all of it: a lease that expired meanwhile let
+    // the source reuse the blocks. Releasing it now, and waiting for the answer, tells which.
+    if (!d.control_address.empty()) DYN_RETURN_IF_ERROR(ReleaseAfterCopy(d));
     return dst.size() * layout.block_bytes;
+  }
+
+  Status ReleaseAfterCopy(const KvTransferDescriptor& d) {
+    std::shared_ptr<RequestClient> client;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      client = release_client_;
+    }
+    if (!client) return Status::Unavailable("worker stopping");
+    struct Reply {
+      std::mutex mu;
+      std::condition_variable cv;
+      bool done = false, released = false;
+      Status status;
+    };
+    auto reply = std::make_shared<Reply>();
+    CallCallbacks cb;
+    cb.on_data = [reply](std::string_view payload) {
+      boost::system::error_code ec;
+      json::value v = json::parse(payload, ec);
+      std::lock_guard<std::mutex> lock(reply->mu);
+      if (!ec && v.is_object()) {
+        const json::value* r = v.get_object().if_contains("released");
+        reply->released = r != nullptr && r->is_bool() && r->get_bool();
+      }
+    };
+    cb.on_end = [reply](const Status& st) {
+      std::lock_guard<std::mutex> lock(reply->mu);
+      reply->status = st;
+      reply->done = true;
+      reply->cv.notify_all();
+    };
+    auto context = std::make_shared<RequestContext>("kv_release-" + std::to_string(d.lease_id));
+    client->Call(d.control_address, "kv_release", EncodeKvRelease(d.lease_id), context, std::move(cb));
+    std::unique_lock<std::mutex> lock(reply->mu);
+    if (!reply->cv.wait_for(lock, std::chrono::milliseconds(options_.sink.io_timeout_ms), [&] { return reply->done; })) {
+      lock.unlock();
+      context->Cancel();
+      return Status::Unavailable("KV source " + d.control_address + " did not confirm the lease after the copy");
+    }
+    if (!reply->status.ok()) {
+      return Status::Unavailable("KV source " + d.control_address + " could not confirm the lease after the copy: " +
+                                 reply->status.ToString());
+    }
+    if (!reply->released) return Status::Unavailable("the KV lease expired before the copy finished");
+    std::lock_guard<std::mutex> g(mu_);
+    if (released_.size() > 4096) released_.clear();  // only a bound: an extra release is harmless
+    released_.insert(d.control_address + "/" + std::to_string(d.lease_id));
+    return Status::Ok();
   }
 
   void Release(const std::string& descriptor) {
@@ -187,6 +241,8 @@ class WorkerKvTransferImpl final : public WorkerKvTransfer {
     std::shared_ptr<RequestClient> client;
     {
       std::lock_guard<std::mutex> lock(mu_);
+      // Pull released it already (the usual case): nothing to send.
+      if (released_.erase(d->control_address + "/" + std::to_string(d->lease_id)) > 0) return;
       client = release_client_;
     }
     if (!client) return;
@@ -213,6 +269,7 @@ class WorkerKvTransferImpl final : public WorkerKvTransfer {
   KvRegion region_;
   bool have_layout_ = false;
   std::string control_address_;
+  std::unordered_set<std::string> released_;  // "address/lease" released by Pull
 };
 
 }  // namespace

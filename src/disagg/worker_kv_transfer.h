@@ -7,8 +7,11 @@
 //                 this worker's request-plane address for the release); the "kv_release" endpoint
 //                 ends a lease when the decode worker has its copy.
 //   decode role   `pull` copies a descriptor's blocks into this engine's cache with one sink that
-//                 speaks every backend; `release` sends "kv_release" to the prefill worker named
-//                 in the descriptor (fire and forget: if it is gone, so is its lease).
+//                 speaks every backend, then releases the lease with "kv_release" to the prefill
+//                 worker named in the descriptor and waits for the answer: a lease that expired
+//                 during the copy (its blocks may have been reused) or a source that cannot
+//                 confirm fails the pull, so a stale copy is never decoded. `release` (after a
+//                 failure, or when nothing had to be copied) sends it without waiting.
 //   backend "sim" the mocker: descriptors without memory (nothing is copied; the mocker simulates
 //                 the transfer time itself); releases work as above.
 //

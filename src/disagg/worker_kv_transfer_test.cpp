@@ -166,8 +166,8 @@ TEST(WorkerKvTransfer, LeaseExpiresWhenNobodyPulls) {
   EXPECT_GT(pair.prefill->Metrics().kv_leased_blocks, 0);
   EXPECT_TRUE(WaitFor([&] { return pair.prefill->Metrics().kv_leases == 0; }));
   EXPECT_EQ(pair.prefill->Metrics().kv_leased_blocks, 0);
-  // A pull after expiry is refused (the blocks may hold other prompts by now)... or copies blocks
-  // that were not reused yet; either way the decode side must not hang and must end the request.
+  // A copy made after the lease expired may hold another prompt's KV by now: the decode side
+  // learns it from the release and fails the request instead of decoding from it.
   PreprocessedRequest d = Request(p.token_ids, 8);
   d.phase = RequestPhase::kDecodeImported;
   d.kv_transfer = ps.kv_transfer;
@@ -175,6 +175,9 @@ TEST(WorkerKvTransfer, LeaseExpiresWhenNobodyPulls) {
   Stream ds;
   pair.decode->Generate(d, std::make_shared<RequestContext>("d"), ds.Sink());
   ASSERT_TRUE(ds.Wait());
+  EXPECT_EQ(*ds.finish, FinishReason::kError);
+  EXPECT_NE(ds.error.find("lease expired"), std::string::npos) << ds.error;
+  EXPECT_TRUE(WaitFor([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
 }
 
 TEST(WorkerKvTransfer, DeadSourceFailsThePullWithUnavailable) {
