@@ -21,12 +21,19 @@ namespace dyn {
 int RunCommand(int argc, char** argv) {
   LocalEngineFlags ef;
   std::string host = "0.0.0.0";
-  int64_t port = 8000, max_body_mb = 8, io_threads = 1, workers = 1;
+  int64_t port = 8000, max_body_mb = 8, io_threads = 1, workers = 1, prefill_workers = 0;
+  std::string kv_transport = "shm";
+  double kv_lease_timeout = 30;
   RouterFlags rf;
   FlagSet fs("dyn run", "Serves a model over the OpenAI API from one process (frontend and engine together).");
   ef.Register(fs);
   fs.Int("workers", &workers, "engines in this process; > 1 puts the router (--router-mode) in front of them");
+  fs.Int("prefill-workers", &prefill_workers,
+         "disaggregated serving: this many prefill workers in front of the --workers decode workers (0: off)");
+  fs.String("kv-transport", &kv_transport, "prefill workers' KV transfer backend: shm | tcp");
+  fs.Double("kv-lease-timeout", &kv_lease_timeout, "seconds a prefilled prompt's KV waits for its decode worker");
   rf.Register(fs);
+  rf.RegisterDisagg(fs);
   fs.String("host", &host, "address to listen on");
   fs.Int("port", &port, "HTTP port (0: pick a free one)");
   fs.Int("max-body-mb", &max_body_mb, "largest request body accepted (MiB)");
@@ -46,8 +53,15 @@ int RunCommand(int argc, char** argv) {
   auto t0 = std::chrono::steady_clock::now();
   ServedModel served;
   std::unique_ptr<LocalCluster> cluster;
-  if (workers > 1) {
-    auto started = LocalCluster::Start(ef, static_cast<int>(workers), *router_options, &served);
+  if (workers > 1 || prefill_workers > 0) {
+    LocalClusterOptions co;
+    co.workers = static_cast<int>(workers);
+    co.prefill_workers = static_cast<int>(prefill_workers);
+    co.kv_transport = kv_transport;
+    co.kv_lease_timeout_s = kv_lease_timeout;
+    co.max_local_prefill_tokens = static_cast<int>(rf.max_local_prefill_tokens);
+    co.router = *router_options;
+    auto started = LocalCluster::Start(ef, co, &served);
     if (!started.ok()) {
       std::fprintf(stderr, "dyn run: %s\n", started.status().ToString().c_str());
       return 1;
