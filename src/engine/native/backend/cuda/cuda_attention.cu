@@ -1,7 +1,8 @@
 // Paged KV writes and causal paged attention of the CUDA backend (F32 cache, layout in KvLayout).
 //
 // Attention: one block of W warps per (query head, row). Each warp walks every W-th key of the
-// row's causal range through the block table, computes q.k with a warp reduction and keeps an
+// row's causal range through the block table, four keys per iteration (their loads issued
+// together), computes q.k with a warp reduction and keeps an
 // online softmax (running max, sum and V accumulator, head_dim / 32 values per lane); the four
 // partial states are merged through shared memory at the end. Prefill rows and decode rows run
 // the same code: a row's range is [0, its position]. W is 4 when there are enough (head, row)
@@ -81,24 +82,43 @@ __global__ void __launch_bounds__(kAttnWarps * 32) AttentionKernel(const float* 
     acc[i] = 0.0f;
   }
   float mx = -INFINITY, sum = 0.0f;
-  for (int j = warp; j < len; j += kAttnWarps) {
-    const float* kp = cache + SlotOffset(g, table, j) + static_cast<size_t>(kv_head) * D;
-    const float* vp = kp + g.v_delta;
-    float dot = 0.0f;
+  // kKeys keys per warp per iteration: their K (then V) loads are all in flight before the first
+  // is used, instead of one dependent HBM round trip per key (decode is latency-bound otherwise).
+  constexpr int kKeys = 4;
+  for (int j0 = warp; j0 < len; j0 += kAttnWarps * kKeys) {
+    const float* kp[kKeys];
+    float kv[kKeys][kPerLane], s[kKeys];
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int d = lane + 32 * i;
-      if (d < D) dot = fmaf(qv[i], kp[d], dot);
+    for (int u = 0; u < kKeys; ++u) {
+      const int j = min(j0 + u * kAttnWarps, len - 1);  // past the end: a valid key, masked below
+      kp[u] = cache + SlotOffset(g, table, j) + static_cast<size_t>(kv_head) * D;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) kv[u][i] = lane + 32 * i < D ? kp[u][lane + 32 * i] : 0.0f;
     }
-    const float s = WarpSum(dot) * scale;
-    const float new_mx = fmaxf(mx, s);
-    const float corr = expf(mx - new_mx);
-    const float p = expf(s - new_mx);
-    sum = sum * corr + p;
+    float new_mx = mx;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const int d = lane + 32 * i;
-      if (d < D) acc[i] = fmaf(p, vp[d], acc[i] * corr);
+    for (int u = 0; u < kKeys; ++u) {
+      float dot = 0.0f;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) dot = fmaf(qv[i], kv[u][i], dot);
+      s[u] = j0 + u * kAttnWarps < len ? WarpSum(dot) * scale : -INFINITY;
+      new_mx = fmaxf(new_mx, s[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < kKeys; ++u) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) kv[u][i] = lane + 32 * i < D ? kp[u][lane + 32 * i + g.v_delta] : 0.0f;
+    }
+    const float corr = expf(mx - new_mx);
+    sum *= corr;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[i] *= corr;
+#pragma unroll
+    for (int u = 0; u < kKeys; ++u) {
+      const float p = expf(s[u] - new_mx);  // 0 for a masked key
+      sum += p;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[i] = fmaf(p, kv[u][i], acc[i]);
     }
     mx = new_mx;
   }
