@@ -1,8 +1,13 @@
 // dyn frontend: the OpenAI HTTP API for every model whose workers are registered in discovery.
 //
 // It watches dyn/instances/<namespace>/: the first instance of a model builds its pipeline
-// (tokenizer and chat template read from the card's source, a RemoteEngine that routes and
-// migrates); later instances join it; when the last one goes, the model leaves /v1/models.
+// (tokenizer and chat template read from the card's source, two RemoteEngines that route and
+// migrate, the prefill pool and the decode pool, joined by a DisaggRouter); later instances join
+// it. Instances whose card has role "prefill" join the prefill pool, the others ("both",
+// "decode") the decode pool. The model is in /v1/models while it has at least one decode or
+// aggregated instance (prefill workers alone cannot finish a request: such a model stays out,
+// and clients get "model not found"); without prefill instances every request is served
+// aggregated by the decode pool.
 #include <signal.h>
 
 #include <atomic>
@@ -22,6 +27,7 @@
 #include "apps/dyn/serving_model.h"
 #include "base/flags.h"
 #include "base/log.h"
+#include "disagg/disagg_router.h"
 #include "frontend/frontend.h"
 #include "runtime/component.h"
 #include "runtime/discovery.h"
@@ -35,8 +41,9 @@ namespace {
 // Keeps the registry in step with discovery. Updates arrive on the watch thread, one at a time.
 class ModelWatcher {
  public:
-  ModelWatcher(std::shared_ptr<ModelRegistry> registry, std::shared_ptr<RequestClient> client, RemoteEngineOptions options)
-      : registry_(std::move(registry)), client_(std::move(client)), options_(std::move(options)) {}
+  ModelWatcher(std::shared_ptr<ModelRegistry> registry, std::shared_ptr<RequestClient> client, RemoteEngineOptions options,
+               DisaggRouterOptions disagg)
+      : registry_(std::move(registry)), client_(std::move(client)), options_(std::move(options)), disagg_(disagg) {}
 
   void OnUpdate(const WatchUpdate& update) {
     std::lock_guard<std::mutex> lock(mu_);
@@ -76,7 +83,7 @@ class ModelWatcher {
     }
   }
 
-  // A KV event from the event plane: to the indexer of the instance's model.
+  // A KV event from the event plane: to the indexer of the instance's pool.
   void OnKvEvent(std::string_view payload) {
     auto event = DecodeKvEvent(payload);
     if (!event.ok()) {
@@ -84,10 +91,9 @@ class ModelWatcher {
       return;
     }
     std::lock_guard<std::mutex> lock(mu_);
-    auto inst = instance_models_.find(event->worker.worker_id);
-    if (inst == instance_models_.end()) return;
-    auto it = models_.find(inst->second);
-    if (it != models_.end()) it->second.engine->ApplyKvEvent(*event);
+    auto inst = instance_pools_.find(event->worker.worker_id);
+    if (inst == instance_pools_.end()) return;
+    inst->second->ApplyKvEvent(*event);
     ++kv_events_;
   }
 
@@ -108,8 +114,8 @@ class ModelWatcher {
     if (used && used->is_int64() && total && total->is_int64() && total->as_int64() > 0)
       kv_usage = static_cast<double>(used->as_int64()) / static_cast<double>(total->as_int64());
     std::lock_guard<std::mutex> lock(mu_);
-    auto it = models_.find(std::string(model->as_string()));
-    if (it != models_.end()) it->second.engine->ReportLoad(instance, static_cast<int>(load->as_int64()), kv_usage);
+    auto inst = instance_pools_.find(instance);
+    if (inst != instance_pools_.end()) inst->second->ReportLoad(instance, static_cast<int>(load->as_int64()), kv_usage);
     const auto now = std::chrono::steady_clock::now();
     auto& last = last_report_[instance];
     if (last.time_since_epoch().count() == 0 || now - last > std::chrono::seconds(3)) {
@@ -122,9 +128,14 @@ class ModelWatcher {
   static constexpr std::chrono::seconds kResetGrace{5};
 
   struct Model {
-    std::shared_ptr<RemoteEngine> engine;
-    std::set<std::string> keys;
+    std::shared_ptr<RemoteEngine> prefill, decode;  // the pools
+    std::shared_ptr<DisaggRouter> router;          // what /v1 serves
+    ServedModel served;                            // registered while decode_keys is not empty
+    bool in_registry = false;
+    std::set<std::string> keys, decode_keys;
   };
+
+  static bool IsPrefill(const InstanceRecord& rec) { return rec.card.role == "prefill"; }
 
   void Put(const std::string& key, const std::string& value) {
     auto rec = DecodeInstance(value);
@@ -134,7 +145,9 @@ class ModelWatcher {
     }
     auto old = instances_.find(key);
     if (old != instances_.end()) {
-      if (old->second.card.name == rec->card.name && old->second.address == rec->address) return;
+      if (old->second.card.name == rec->card.name && old->second.address == rec->address &&
+          old->second.card.role == rec->card.role)
+        return;
       Remove(key);
     }
     auto it = models_.find(rec->card.name);
@@ -149,28 +162,40 @@ class ModelWatcher {
       RemoteEngineOptions options = options_;
       // The workers' block size, unless the operator fixed one (--kv-block-size).
       if (options.kv_block_size <= 0) options.kv_block_size = rec->card.kv_block_size > 0 ? rec->card.kv_block_size : 16;
-      m.engine = RemoteEngine::Create(client_, options);
-      ServedModel served;
-      served.name = rec->card.name;
-      served.tokenizer = assets->tokenizer;
-      served.chat_template = assets->chat_template;
-      served.engine = m.engine;
-      served.context_length = rec->card.context_length;
-      served.eos_token_ids = rec->card.eos_token_ids;
-      served.created_unix = static_cast<int64_t>(std::time(nullptr));
-      if (Status s = registry_->Add(std::move(served)); !s.ok()) {
-        DYN_LOG(ERROR) << "model '" << rec->card.name << "': " << s.ToString();
-        return;
-      }
-      DYN_LOG(INFO) << "model '" << rec->card.name << "' added (" << rec->card.engine << ", from "
-                    << rec->card.source << ")";
+      m.prefill = RemoteEngine::Create(client_, options);
+      m.decode = RemoteEngine::Create(client_, options);
+      m.router = DisaggRouter::Create(m.prefill, m.decode, disagg_);
+      m.served.name = rec->card.name;
+      m.served.tokenizer = assets->tokenizer;
+      m.served.chat_template = assets->chat_template;
+      m.served.engine = m.router;
+      m.served.context_length = rec->card.context_length;
+      m.served.eos_token_ids = rec->card.eos_token_ids;
+      m.served.created_unix = static_cast<int64_t>(std::time(nullptr));
+      DYN_LOG(INFO) << "model '" << rec->card.name << "' (" << rec->card.engine << ", from " << rec->card.source << ")";
       it = models_.emplace(rec->card.name, std::move(m)).first;
     }
-    it->second.engine->AddInstance(rec->instance_id, rec->address);
-    instance_models_[rec->instance_id] = rec->card.name;
-    it->second.keys.insert(key);
-    DYN_LOG(INFO) << "instance " << rec->instance_id << " of '" << rec->card.name << "' at " << rec->address << " ("
-                  << it->second.keys.size() << " in all)";
+    Model& m = it->second;
+    const bool prefill = IsPrefill(*rec);
+    const std::shared_ptr<RemoteEngine>& pool = prefill ? m.prefill : m.decode;
+    pool->AddInstance(rec->instance_id, rec->address);
+    instance_pools_[rec->instance_id] = pool;
+    m.keys.insert(key);
+    if (!prefill) m.decode_keys.insert(key);
+    DYN_LOG(INFO) << "instance " << rec->instance_id << " (role " << (rec->card.role.empty() ? "both" : rec->card.role)
+                  << ") of '" << rec->card.name << "' at " << rec->address << " joined the "
+                  << (prefill ? "prefill" : "decode") << " pool (" << m.prefill->num_instances() << " prefill, "
+                  << m.decode->num_instances() << " decode/aggregated)";
+    if (!m.in_registry && !m.decode_keys.empty()) {
+      if (Status s = registry_->Add(m.served); !s.ok()) {
+        DYN_LOG(ERROR) << "model '" << rec->card.name << "': " << s.ToString();
+      } else {
+        m.in_registry = true;
+        DYN_LOG(INFO) << "model '" << rec->card.name << "' added";
+      }
+    } else if (!m.in_registry) {
+      DYN_LOG(INFO) << "model '" << rec->card.name << "' is not served until a decode or aggregated worker joins";
+    }
     instances_[key] = std::move(*rec);
   }
 
@@ -181,27 +206,31 @@ class ModelWatcher {
     instances_.erase(old);
     auto it = models_.find(rec.card.name);
     if (it == models_.end()) return;
-    it->second.engine->RemoveInstance(rec.instance_id);
-    instance_models_.erase(rec.instance_id);
-    it->second.keys.erase(key);
+    Model& m = it->second;
+    (IsPrefill(rec) ? m.prefill : m.decode)->RemoveInstance(rec.instance_id);
+    instance_pools_.erase(rec.instance_id);
+    m.keys.erase(key);
+    m.decode_keys.erase(key);
     DYN_LOG(INFO) << "instance " << rec.instance_id << " of '" << rec.card.name << "' is gone ("
-                  << it->second.keys.size() << " left)";
-    if (it->second.keys.empty()) {
+                  << m.prefill->num_instances() << " prefill, " << m.decode->num_instances() << " decode/aggregated left)";
+    if (m.in_registry && m.decode_keys.empty()) {
       registry_->Remove(rec.card.name);
-      models_.erase(it);
-      DYN_LOG(INFO) << "model '" << rec.card.name << "' removed: no instances left";
+      m.in_registry = false;
+      DYN_LOG(INFO) << "model '" << rec.card.name << "' removed from /v1/models: no decode or aggregated instance left";
     }
+    if (m.keys.empty()) models_.erase(it);
   }
 
   std::shared_ptr<ModelRegistry> registry_;
   std::shared_ptr<RequestClient> client_;
   RemoteEngineOptions options_;
+  DisaggRouterOptions disagg_;
   std::mutex mu_;
   std::map<std::string, InstanceRecord> instances_;
   std::map<std::string, Model> models_;
   std::map<std::string, std::chrono::steady_clock::time_point> pending_removal_;
   std::map<uint64_t, std::chrono::steady_clock::time_point> last_report_;
-  std::map<uint64_t, std::string> instance_models_;
+  std::map<uint64_t, std::shared_ptr<RemoteEngine>> instance_pools_;
   uint64_t kv_events_ = 0;
 };
 
@@ -219,6 +248,7 @@ int FrontendCommand(int argc, char** argv) {
   fs.String("host", &host, "address to listen on");
   fs.Int("port", &port, "HTTP port (0: pick a free one)");
   rf.Register(fs);
+  rf.RegisterDisagg(fs);
   fs.Int("max-body-mb", &max_body_mb, "largest request body accepted (MiB)");
   fs.Int("io-threads", &io_threads, "HTTP I/O threads");
   if (int rc = ParseCommandFlags(fs, argc, argv, "dyn frontend"); rc >= 0) return rc;
@@ -227,6 +257,12 @@ int FrontendCommand(int argc, char** argv) {
     std::fprintf(stderr, "dyn frontend: %s\n", options.status().message().c_str());
     return 2;
   }
+  if (rf.max_local_prefill_tokens < 0) {
+    std::fprintf(stderr, "dyn frontend: --max-local-prefill-tokens must be >= 0\n");
+    return 2;
+  }
+  DisaggRouterOptions disagg;
+  disagg.max_local_prefill_tokens = static_cast<int>(rf.max_local_prefill_tokens);
   const sigset_t sigs = BlockTerminationSignals();  // before any thread starts
 
   auto client = RequestClient::Create(RequestClientOptions{});
@@ -236,7 +272,7 @@ int FrontendCommand(int argc, char** argv) {
   }
   auto registry = std::make_shared<ModelRegistry>();
   const RemoteEngineOptions& ro = *options;
-  auto watcher = std::make_shared<ModelWatcher>(registry, *client, ro);
+  auto watcher = std::make_shared<ModelWatcher>(registry, *client, ro, disagg);
   auto discovery = CreateDiscovery(discovery_spec);
   if (!discovery.ok()) {
     std::fprintf(stderr, "dyn frontend: %s\n", discovery.status().ToString().c_str());

@@ -18,6 +18,12 @@ void RouterFlags::Register(FlagSet& fs) {
   fs.Int("migration-limit", &migration_limit, "times a stream may move to another worker when its own fails");
 }
 
+void RouterFlags::RegisterDisagg(FlagSet& fs) {
+  fs.Int("max-local-prefill-tokens", &max_local_prefill_tokens,
+         "disaggregated serving: prefill on the decode worker when prompt tokens minus the prefix it already "
+         "holds (kv router) are at most this; more go to a prefill worker (0: all that have a prefill worker)");
+}
+
 Result<RemoteEngineOptions> RouterFlags::ToOptions(bool have_events) const {
   RemoteEngineOptions ro;
   DYN_ASSIGN_OR_RETURN(ro.mode, ParseRouterMode(mode_alias.empty() ? mode : mode_alias));

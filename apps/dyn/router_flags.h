@@ -20,8 +20,13 @@ struct RouterFlags {
   double busy_kv_usage = -1;  // < 0: off
   int64_t busy_prefill_tokens = -1;
   int64_t migration_limit = 3;
+  // Disaggregated serving (frontend only): prefill on the decode worker when the prompt's part
+  // the decode workers do not hold is at most this many tokens (disagg/disagg_router.h).
+  int64_t max_local_prefill_tokens = 512;
 
   void Register(FlagSet& fs);
+  // The flags of the frontend's disaggregating router (dyn frontend only).
+  void RegisterDisagg(FlagSet& fs);
   // `have_events`: KV events can reach the router (an event plane, or in-process workers).
   Result<RemoteEngineOptions> ToOptions(bool have_events) const;
 };

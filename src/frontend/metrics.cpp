@@ -13,6 +13,13 @@ std::string FormatDouble(double v) {
   return buf;
 }
 
+// Whole numbers print as integers (byte and token counters stay exact), the rest as %.9g.
+std::string FormatSample(double v) {
+  if (v >= 0 && v < 9007199254740992.0 && v == static_cast<double>(static_cast<uint64_t>(v)))
+    return std::to_string(static_cast<uint64_t>(v));
+  return FormatDouble(v);
+}
+
 std::string EscapeLabel(std::string_view s) {
   std::string out;
   for (char c : s) {
@@ -109,43 +116,68 @@ std::string FrontendMetrics::Render(const ModelRegistry& registry) const {
     Header(&out, "dyn_frontend_output_tokens_total", "counter", "Generated tokens.");
     out += "dyn_frontend_output_tokens_total " + std::to_string(generated_tokens_) + "\n";
   }
-  struct Gauge {
+  // One line per model for each engine metric (EngineMetrics, engine/engine.h).
+  struct EngineSeries {
     const char* name;
     const char* type;
     const char* help;
+    double (*value)(const EngineMetrics&);
   };
-  static constexpr Gauge kEngine[] = {
-      {"dyn_engine_running_requests", "gauge", "Requests being generated."},
-      {"dyn_engine_waiting_requests", "gauge", "Requests queued."},
-      {"dyn_engine_kv_blocks_total", "gauge", "KV cache blocks."},
-      {"dyn_engine_kv_blocks_used", "gauge", "KV blocks held by running requests."},
-      {"dyn_engine_kv_blocks_cached", "gauge", "Free KV blocks holding a reusable prefix."},
-      {"dyn_engine_prompt_tokens_total", "counter", "Prompt tokens."},
-      {"dyn_engine_cached_prompt_tokens_total", "counter", "Prompt tokens served from the prefix cache."},
-      {"dyn_engine_generated_tokens_total", "counter", "Generated tokens."},
-      {"dyn_engine_preemptions_total", "counter", "Preempted requests."},
-      {"dyn_engine_steps_total", "counter", "Engine steps."},
-      {"dyn_engine_migrations_total", "counter", "Streams migrated to another worker after theirs failed."},
-      {"dyn_router_decisions_total", "counter", "KV router: requests routed."},
-      {"dyn_router_rejections_total", "counter", "KV router: requests refused with 503 because every worker was busy."},
-      {"dyn_router_kv_events_applied_total", "counter", "KV router: worker KV events applied to the index."},
-      {"dyn_router_kv_events_dropped_total", "counter", "KV router: stored events dropped (parent block unknown)."},
-      {"dyn_router_kv_event_gaps_total", "counter", "KV router: event-id gaps (lost events) detected."},
-      {"dyn_router_kv_dumps_applied_total", "counter", "KV router: workers resynchronised from their dump."},
+#define DYN_VALUE(field) [](const EngineMetrics& m) { return static_cast<double>(m.field); }
+  static constexpr EngineSeries kEngine[] = {
+      {"dyn_engine_running_requests", "gauge", "Requests being generated.", DYN_VALUE(running)},
+      {"dyn_engine_waiting_requests", "gauge", "Requests queued.", DYN_VALUE(waiting)},
+      {"dyn_engine_kv_blocks_total", "gauge", "KV cache blocks.", DYN_VALUE(kv_blocks_total)},
+      {"dyn_engine_kv_blocks_used", "gauge", "KV blocks held by running requests.", DYN_VALUE(kv_blocks_used)},
+      {"dyn_engine_kv_blocks_cached", "gauge", "Free KV blocks holding a reusable prefix.", DYN_VALUE(kv_blocks_cached)},
+      {"dyn_engine_prompt_tokens_total", "counter", "Prompt tokens.", DYN_VALUE(prompt_tokens)},
+      {"dyn_engine_cached_prompt_tokens_total", "counter", "Prompt tokens served from the prefix cache.",
+       DYN_VALUE(cached_prompt_tokens)},
+      {"dyn_engine_generated_tokens_total", "counter", "Generated tokens.", DYN_VALUE(generated_tokens)},
+      {"dyn_engine_preemptions_total", "counter", "Preempted requests.", DYN_VALUE(preemptions)},
+      {"dyn_engine_steps_total", "counter", "Engine steps.", DYN_VALUE(steps)},
+      {"dyn_engine_migrations_total", "counter", "Streams migrated to another worker after theirs failed.",
+       DYN_VALUE(migrations)},
+      {"dyn_engine_kv_leases", "gauge", "Disaggregation, prefill side: KV leases held for decode workers.",
+       DYN_VALUE(kv_leases)},
+      {"dyn_engine_kv_leased_blocks", "gauge", "Disaggregation, prefill side: KV blocks held by leases.",
+       DYN_VALUE(kv_leased_blocks)},
+      {"dyn_engine_kv_transfers_total", "counter", "Disaggregation, decode side: KV copies from prefill workers (done or failed).",
+       DYN_VALUE(kv_transfers)},
+      {"dyn_engine_kv_transfer_failures_total", "counter", "Disaggregation, decode side: KV copies that failed.",
+       DYN_VALUE(kv_transfer_failures)},
+      {"dyn_engine_kv_transfer_bytes_total", "counter", "Disaggregation, decode side: KV bytes copied.",
+       DYN_VALUE(kv_transfer_bytes)},
+      {"dyn_engine_kv_transfer_seconds_total", "counter",
+       "Disaggregation, decode side: time spent copying KV (bytes / seconds = bandwidth).", DYN_VALUE(kv_transfer_seconds)},
+      {"dyn_router_remote_prefills_total", "counter", "Disaggregation: requests sent to a prefill worker.",
+       DYN_VALUE(remote_prefills)},
+      {"dyn_router_local_prefills_total", "counter",
+       "Disaggregation: requests prefilled on the decode worker (short uncached part, or no prefill worker).",
+       DYN_VALUE(local_prefills)},
+      {"dyn_router_disagg_fallbacks_total", "counter",
+       "Disaggregation: remote prefills served aggregated after the prefill or the KV transfer failed.",
+       DYN_VALUE(disagg_fallbacks)},
+      {"dyn_router_decisions_total", "counter", "KV router: requests routed.", DYN_VALUE(router_decisions)},
+      {"dyn_router_rejections_total", "counter", "KV router: requests refused with 503 because every worker was busy.",
+       DYN_VALUE(router_rejections)},
+      {"dyn_router_kv_events_applied_total", "counter", "KV router: worker KV events applied to the index.",
+       DYN_VALUE(kv_events_applied)},
+      {"dyn_router_kv_events_dropped_total", "counter", "KV router: stored events dropped (parent block unknown).",
+       DYN_VALUE(kv_events_dropped)},
+      {"dyn_router_kv_event_gaps_total", "counter", "KV router: event-id gaps (lost events) detected.",
+       DYN_VALUE(kv_event_gaps)},
+      {"dyn_router_kv_dumps_applied_total", "counter", "KV router: workers resynchronised from their dump.",
+       DYN_VALUE(kv_dumps_applied)},
   };
+#undef DYN_VALUE
   auto models = registry.List();
   std::vector<std::pair<std::string, EngineMetrics>> per_model;
   for (const auto& m : models) per_model.emplace_back(m->name, m->engine->Metrics());
-  for (size_t g = 0; g < std::size(kEngine); ++g) {
-    Header(&out, kEngine[g].name, kEngine[g].type, kEngine[g].help);
+  for (const EngineSeries& series : kEngine) {
+    Header(&out, series.name, series.type, series.help);
     for (const auto& [name, em] : per_model) {
-      const uint64_t values[] = {static_cast<uint64_t>(em.running), static_cast<uint64_t>(em.waiting),
-                                 static_cast<uint64_t>(em.kv_blocks_total), static_cast<uint64_t>(em.kv_blocks_used),
-                                 static_cast<uint64_t>(em.kv_blocks_cached), em.prompt_tokens, em.cached_prompt_tokens,
-                                 em.generated_tokens, em.preemptions, em.steps, em.migrations,
-                                 em.router_decisions, em.router_rejections, em.kv_events_applied,
-                                 em.kv_events_dropped, em.kv_event_gaps, em.kv_dumps_applied};
-      out += std::string(kEngine[g].name) + "{model=\"" + EscapeLabel(name) + "\"} " + std::to_string(values[g]) + "\n";
+      out += std::string(series.name) + "{model=\"" + EscapeLabel(name) + "\"} " + FormatSample(series.value(em)) + "\n";
     }
   }
   return out;
