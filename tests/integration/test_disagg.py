@@ -220,3 +220,20 @@ def test_decode_worker_that_never_pulls_lets_the_lease_expire(etcd, procs):
     frozen.signal(signal.SIGCONT)
     assert settle(lambda: frozen.metrics()["dyn_engine_kv_blocks_used"] == 0, timeout=20), frozen.metrics()
     assert settle(lambda: healthy.metrics()["dyn_engine_kv_blocks_used"] == 0), healthy.metrics()
+
+
+def test_mocker_prefill_and_decode_in_one_process():
+    """`dyn run --engine mocker --prefill-workers 1`: simulated transfers ("sim" descriptors), the
+    same routing and leases as the native engine."""
+    s = DynServer("--model", STORIES, "--served-model-name", "m", "--engine", "mocker", "--workers", "1",
+                  "--prefill-workers", "1", "--max-local-prefill-tokens", "0", "--speedup-ratio", "50")
+    try:
+        bodies = complete_all(s.url, "m", make_prompts(6, 4, 150), max_tokens=5, concurrency=3)
+        for b in bodies:
+            assert b["usage"]["completion_tokens"] == 5
+            nv = b["nvext"]["worker_id"]
+            assert nv["prefill_worker_id"] != nv["decode_worker_id"], nv
+        r = httpx.get(s.url + "/metrics", timeout=5).text
+        assert 'dyn_router_remote_prefills_total{model="m"} 6' in r, r
+    finally:
+        s.stop()
