@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from cluster import Etcd, Frontend, Worker, _wait
+from cluster import Frontend, Worker, _wait
 from dyn_server import SMOLLM2, STORIES, DynServer
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None and not os.path.exists("/usr/bin/etcd"),
@@ -46,21 +46,6 @@ def complete_all(url, model, prompts, max_tokens=16, concurrency=8):
 
 def texts(bodies):
     return [b["choices"][0]["text"] for b in bodies]
-
-
-@pytest.fixture
-def etcd():
-    e = Etcd()
-    yield e
-    e.stop()
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for p in reversed(started):
-        p.stop()
 
 
 def worker(etcd, procs, model, name, *extra, lease_ttl=2):

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from cluster import Etcd, Frontend, Nats, Worker, _wait
+from cluster import Frontend, Nats, Worker, _wait
 from dyn_server import SMOLLM2, STORIES
 
 pytestmark = pytest.mark.skipif(shutil.which("etcd") is None and not os.path.exists("/usr/bin/etcd"),
@@ -18,21 +18,6 @@ pytestmark = pytest.mark.skipif(shutil.which("etcd") is None and not os.path.exi
 
 PROMPTS = [f"Once upon a time there was a {w}" for w in
            ["cat", "dog", "girl", "boy", "tree", "bird", "fish", "king", "queen", "frog", "star", "ball"]]
-
-
-@pytest.fixture
-def etcd():
-    e = Etcd()
-    yield e
-    e.stop()
-
-
-@pytest.fixture
-def procs():
-    started = []
-    yield started
-    for p in reversed(started):
-        p.stop()
 
 
 def native_worker(etcd, procs, *extra, name="worker"):
