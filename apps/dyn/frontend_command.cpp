@@ -184,8 +184,8 @@ class ModelWatcher {
     if (!prefill) m.decode_keys.insert(key);
     DYN_LOG(INFO) << "instance " << rec->instance_id << " (role " << (rec->card.role.empty() ? "both" : rec->card.role)
                   << ") of '" << rec->card.name << "' at " << rec->address << " joined the "
-                  << (prefill ? "prefill" : "decode") << " pool (" << m.prefill->num_instances() << " prefill, "
-                  << m.decode->num_instances() << " decode/aggregated)";
+                  << (prefill ? "prefill" : "decode") << " pool, " << m.prefill->num_instances() << " prefill + "
+                  << m.decode->num_instances() << " decode/aggregated (" << m.keys.size() << " in all)";
     if (!m.in_registry && !m.decode_keys.empty()) {
       if (Status s = registry_->Add(m.served); !s.ok()) {
         DYN_LOG(ERROR) << "model '" << rec->card.name << "': " << s.ToString();
@@ -211,8 +211,9 @@ class ModelWatcher {
     instance_pools_.erase(rec.instance_id);
     m.keys.erase(key);
     m.decode_keys.erase(key);
-    DYN_LOG(INFO) << "instance " << rec.instance_id << " of '" << rec.card.name << "' is gone ("
-                  << m.prefill->num_instances() << " prefill, " << m.decode->num_instances() << " decode/aggregated left)";
+    DYN_LOG(INFO) << "instance " << rec.instance_id << " of '" << rec.card.name << "' is gone, "
+                  << m.prefill->num_instances() << " prefill + " << m.decode->num_instances() << " decode/aggregated ("
+                  << m.keys.size() << " left)";
     if (m.in_registry && m.decode_keys.empty()) {
       registry_->Remove(rec.card.name);
       m.in_registry = false;
