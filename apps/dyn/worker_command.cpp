@@ -50,7 +50,7 @@ int WorkerCommand(int argc, char** argv) {
   std::string host = "0.0.0.0", advertise = "127.0.0.1", event_spec, zmq_endpoint, zmq_topic;
   int64_t port = 0, http_port = -1, lease_ttl = 3, drain_timeout = 30, num_workers = 1, kv_transfer_port = 0;
   std::string role_name = "agg", kv_transport = "tcp";
-  double lease_timeout_s = 30;
+  double lease_timeout_s = 30, kv_max_mbps = 0;
   FlagSet fs("dyn worker", "Serves a model's engine on the request plane and registers it in discovery.");
   ef.Register(fs);
   fs.String("discovery", &discovery_spec, "discovery backend: etcd:http://HOST:2379 | file:DIR | mem");
@@ -72,6 +72,8 @@ int WorkerCommand(int argc, char** argv) {
   fs.String("kv-transport", &kv_transport,
             "prefill role: how decode workers copy the KV: tcp (any host) | shm (same host, shared memory)");
   fs.Int("kv-transfer-port", &kv_transfer_port, "prefill role, tcp: the KV source's port (0: a free one)");
+  fs.Double("kv-transfer-max-mbps", &kv_max_mbps,
+            "prefill role, tcp: cap on each KV pull's send rate in MB/s, to leave room on a shared link (0: none)");
   fs.Double("kv-lease-timeout", &lease_timeout_s,
             "prefill role: seconds a prompt's KV waits for its decode worker before it is freed");
   if (int rc = ParseCommandFlags(fs, argc, argv, "dyn worker"); rc >= 0) return rc;
@@ -131,6 +133,7 @@ int WorkerCommand(int argc, char** argv) {
     eo.transfer.listen_host = host;
     eo.transfer.tcp_port = num_workers > 1 ? 0 : static_cast<int>(kv_transfer_port);
     eo.transfer.advertise_host = advertise;
+    eo.transfer.tcp_max_bytes_per_second = kv_max_mbps * 1e6;
     eo.transfer.lease_timeout = std::chrono::milliseconds(static_cast<int64_t>(lease_timeout_s * 1000));
     eo.publish_kv_events = zmq_endpoint.empty();
     auto started = EngineServer::Start(ef, eo);

@@ -140,6 +140,7 @@ class WorkerKvTransferImpl final : public WorkerKvTransfer {
       to.host = options_.listen_host;
       to.port = options_.tcp_port;
       to.advertise_host = options_.advertise_host;
+      to.max_bytes_per_second = options_.tcp_max_bytes_per_second;
       DYN_ASSIGN_OR_RETURN(source_, StartTcpKvSource(region_, layout_, to));
     }
     return Status::Ok();

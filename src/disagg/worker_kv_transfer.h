@@ -43,6 +43,7 @@ struct WorkerKvTransferOptions {
   std::string listen_host = "0.0.0.0";
   int tcp_port = 0;  // 0: ephemeral
   std::string advertise_host = "127.0.0.1";
+  double tcp_max_bytes_per_second = 0;  // tcp source: cap per pull (0: unlimited)
   std::chrono::milliseconds lease_timeout{30000};
   KvSinkOptions sink;
 };

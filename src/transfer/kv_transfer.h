@@ -97,6 +97,9 @@ struct TcpSourceOptions {
   std::string advertise_host = "127.0.0.1";
   int send_timeout_ms = 60000;         // a sink that stops reading frees its connection thread after this
   int socket_buffer_bytes = 4 << 20;   // SO_SNDBUF/SO_RCVBUF (the kernel doubles it); 0: autotuning
+  // Caps each pull's send rate (bytes/s; 0: unlimited), so KV traffic leaves room on a shared
+  // link; also what makes a transfer last long enough to be cut in a test.
+  double max_bytes_per_second = 0;
 };
 Result<std::unique_ptr<KvTransferSource>> StartTcpKvSource(KvRegion region, KvLayoutDesc layout,
                                                            const TcpSourceOptions& options);

@@ -321,3 +321,38 @@ INSTANTIATE_TEST_SUITE_P(Backends, KvTransferRoundTrip, ::testing::Values("tcp",
 
 }  // namespace
 }  // namespace dyn
+
+namespace dyn {
+namespace {
+
+TEST(TcpKvSource, MaxBytesPerSecondPacesThePullAndKeepsTheData) {
+  const KvLayoutDesc layout = TestLayout();
+  std::vector<char> source_bytes(layout.block_bytes * kSourceBlocks);
+  FillRandom(source_bytes.data(), source_bytes.size(), 3);
+  const KvRegion source{source_bytes.data(), layout.block_bytes, kSourceBlocks};
+  std::vector<int32_t> src(kLocalBlocks), dst(kLocalBlocks);
+  std::iota(src.begin(), src.end(), 10);
+  std::iota(dst.begin(), dst.end(), 0);
+  const double bytes = static_cast<double>(src.size() * layout.block_bytes);
+  const double rate = bytes / 0.25;  // the pull should take a quarter of a second
+  auto server = StartTcpKvSource(source, layout, TcpSourceOptions{.host = "127.0.0.1", .max_bytes_per_second = rate});
+  ASSERT_TRUE(server.ok()) << server.status().ToString();
+  KvTransferDescriptor desc;
+  desc.backend = "tcp";
+  desc.address = (*server)->address();
+  desc.layout = layout;
+  std::vector<char> local_bytes(layout.block_bytes * kLocalBlocks, 0);
+  const KvRegion local{local_bytes.data(), layout.block_bytes, kLocalBlocks};
+  auto sink = CreateKvTransferSink();
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(sink->Pull(desc, src, dst, layout, local).ok());
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // A lower bound only (the machine may be slower, never faster than the cap allows): the last
+  // 64 KiB slice goes out when it is due, not when it is done.
+  EXPECT_GE(seconds, 0.25 * (1.0 - (64 << 10) / bytes) - 0.01) << bytes << " bytes";
+  for (size_t i = 0; i < src.size(); ++i) ASSERT_TRUE(BlockEquals(source, src[i], local, dst[i])) << i;
+  (*server)->Stop();
+}
+
+}  // namespace
+}  // namespace dyn

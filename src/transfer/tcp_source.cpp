@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <list>
@@ -144,7 +145,37 @@ class TcpKvSource final : public KvTransferSource {
       iov = RunsToIovecs(CoalesceRuns(ids), region_);
     }
     iov.insert(iov.begin(), {{&resp, sizeof(resp)}, {message.data(), message.size()}});
-    return SendAll(fd, iov);
+    if (options_.max_bytes_per_second <= 0) return SendAll(fd, iov);
+    return SendPaced(fd, iov, options_.max_bytes_per_second);
+  }
+
+  // SendAll in slices of at most 64 KiB, each sent no earlier than the rate allows.
+  static Status SendPaced(int fd, const std::vector<iovec>& iov, double bytes_per_second) {
+    constexpr size_t kSlice = 64 << 10;
+    const auto start = std::chrono::steady_clock::now();
+    size_t sent = 0;
+    std::vector<iovec> slice;
+    size_t in_slice = 0;
+    auto flush = [&]() -> Status {
+      const auto due = start + std::chrono::duration<double>(static_cast<double>(sent) / bytes_per_second);
+      std::this_thread::sleep_until(std::chrono::time_point_cast<std::chrono::steady_clock::duration>(due));
+      DYN_RETURN_IF_ERROR(SendAll(fd, slice));
+      sent += in_slice;
+      slice.clear();
+      in_slice = 0;
+      return Status::Ok();
+    };
+    for (const iovec& v : iov) {
+      size_t off = 0;
+      while (off < v.iov_len) {
+        const size_t n = std::min(v.iov_len - off, kSlice - in_slice);
+        slice.push_back({static_cast<char*>(v.iov_base) + off, n});
+        in_slice += n;
+        off += n;
+        if (in_slice == kSlice) DYN_RETURN_IF_ERROR(flush());
+      }
+    }
+    return in_slice > 0 ? flush() : Status::Ok();
   }
 
   KvRegion region_;

@@ -5,6 +5,7 @@
 leave no KV blocks held and still answer the client."""
 import concurrent.futures
 import os
+import re
 import shutil
 import signal
 import time
@@ -178,6 +179,40 @@ def test_prefill_worker_killed_before_the_copy_leaks_nothing(etcd, procs, transp
     again = complete(fe.url, "m", prompt, 12)
     assert again["choices"][0]["text"] == body["choices"][0]["text"]
     assert fe.metric("dyn_router_local_prefills_total") == 1
+
+
+def test_prefill_worker_killed_mid_transfer_leaks_nothing(etcd, procs):
+    """The prefill worker's KV source is capped at 0.5 MB/s (--kv-transfer-max-mbps), so the copy
+    of a ~350 KB prompt takes ~0.7 s; the prefill worker is killed 0.25 s after its lease appears,
+    i.e. in the middle of the copy. The decode worker's pull fails with part of the blocks
+    written, frees them, and the client gets the aggregated answer."""
+    decode = worker(etcd, procs, STORIES, "decode", "--role", "decode")
+    fe = frontend(etcd, procs, "--max-local-prefill-tokens", "0")
+    fe.wait_model("m")
+    prefill = worker(etcd, procs, STORIES, "prefill", "--role", "prefill", "--kv-transport", "tcp",
+                     "--kv-transfer-max-mbps", "0.5")
+    wait_prefill_pool(fe, 0)
+    prompt = make_prompts(1, 11, 190)[0] + " and then they all went home"
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(complete, fe.url, "m", prompt, 12)
+        _wait(lambda: prefill.metrics().get("dyn_engine_kv_leases", 0) >= 1, 20, "a lease on the prefill worker",
+              prefill.proc, prefill.logs)
+        time.sleep(0.25)
+        prefill.kill()
+        body = fut.result(timeout=60)
+    assert body["usage"]["prompt_tokens"] > 200, body["usage"]
+    assert body["usage"]["completion_tokens"] == 12
+    m = decode.metrics()
+    assert m["dyn_engine_kv_transfers_total"] == 1 and m["dyn_engine_kv_transfer_failures_total"] == 1, m
+    assert m["dyn_engine_kv_transfer_bytes_total"] == 0, m  # a failed copy counts no bytes
+    # Cut in the middle: some of the bytes arrived, then the source went away.
+    cut = re.search(r"KV transfer failed: .* after (\d+) of (\d+) bytes", decode.logs())
+    assert cut and 0 < int(cut.group(1)) < int(cut.group(2)), decode.logs()
+    assert fe.metric("dyn_router_disagg_fallbacks_total") == 1
+    assert settle(lambda: decode.metrics()["dyn_engine_kv_blocks_used"] == 0), decode.metrics()
+    _wait(lambda: "is gone" in fe.logs(), 30, "prefill worker leaving", fe.proc, fe.logs)
+    again = complete(fe.url, "m", prompt, 12)
+    assert again["choices"][0]["text"] == body["choices"][0]["text"]
 
 
 def test_decode_worker_that_never_pulls_lets_the_lease_expire(etcd, procs):

@@ -304,7 +304,11 @@ void NativeEngine::FinishImport(const ImportDone& done) {
   }
   ++kv_transfers_;
   if (!done.bytes.ok() || (a.context && a.context->cancelled())) {
-    if (!done.bytes.ok()) ++kv_transfer_failures_;
+    if (!done.bytes.ok()) {
+      ++kv_transfer_failures_;
+      DYN_LOG(WARN) << "request " << (a.context ? a.context->id() : std::string("?"))
+                    << ": KV transfer failed: " << done.bytes.status().ToString();
+    }
     scheduler_.Finish(done.id);  // the copy is over: the reserved blocks can go
     const bool cancelled = done.bytes.ok();
     EndLater(std::move(a.sink), cancelled ? FinishReason::kCancelled : FinishReason::kError,
