@@ -56,14 +56,18 @@ enum class RopeStyle : uint8_t {
 };
 
 // Paged KV cache geometry. Block b holds block_size token slots for every layer:
-// [layers][K|V][block_size][kv_heads][head_dim] F32, so one block is one contiguous range (cheap to
-// transfer between workers).
+// [layers][K|V][block_size][kv_heads][head_dim] of `dtype`, so one block is one contiguous range
+// (cheap to transfer between workers). Sizes and offsets below count elements ("floats"); the cache
+// is passed as float* whatever its dtype. F32 everywhere but on a device backend that asks for
+// BF16 (Backend::KvCacheDType).
 struct KvLayout {
   int num_layers = 0;
   int num_kv_heads = 0;
   int head_dim = 0;
   int block_size = 16;
   int num_blocks = 0;
+  DType dtype = DType::kF32;  // kF32 or kBF16
+  size_t ElementBytes() const { return dtype == DType::kBF16 ? 2 : 4; }
   size_t TokenFloats() const { return static_cast<size_t>(num_kv_heads) * head_dim; }
   size_t BlockFloats() const { return static_cast<size_t>(num_layers) * 2 * block_size * TokenFloats(); }
   // Float offset of (block, layer, kv = 0 for K / 1 for V, slot) from the cache start.
@@ -88,6 +92,10 @@ class Backend {
   // Whether Buffers are host memory the CPU can read and write (and kernels may work on any host
   // memory, not only on Allocate's): lets the KV cache live in shared memory for KV transfer.
   virtual bool host_memory() const { return false; }
+  // Element type of the KV cache for a model whose attention weights prepared to `weight_dtype`:
+  // F32 on the CPU (and for KV transfer, which only runs on host-memory caches); the CUDA backend
+  // keeps bf16 K/V for bf16 models (half the bytes attention reads) and F32 for F32 models.
+  virtual DType KvCacheDType(DType weight_dtype) const { return DType::kF32; }
 
   // ---- memory ----
   virtual Result<std::unique_ptr<Buffer>> Allocate(size_t bytes) = 0;

@@ -90,12 +90,12 @@ class LlamaModel : public Model {
   const ModelConfig& config() const override { return config_; }
 
   size_t KvBytesPerToken() const override {
-    return static_cast<size_t>(config_.num_layers) * 2 * config_.num_kv_heads * config_.head_dim * sizeof(float);
+    return static_cast<size_t>(config_.num_layers) * 2 * config_.num_kv_heads * config_.head_dim * KvLayoutFor(1, 1).ElementBytes();
   }
 
   Status InitKvCache(int num_blocks, int block_size) override {
     DYN_RETURN_IF_ERROR(SetKvLayout(num_blocks, block_size));
-    DYN_ASSIGN_OR_RETURN(kv_cache_, backend_->Allocate(kv_.BlockFloats() * num_blocks * sizeof(float)));
+    DYN_ASSIGN_OR_RETURN(kv_cache_, backend_->Allocate(kv_.BlockFloats() * num_blocks * kv_.ElementBytes()));
     return Status::Ok();
   }
 
@@ -150,12 +150,18 @@ class LlamaModel : public Model {
 
   Status SetKvLayout(int num_blocks, int block_size) {
     if (num_blocks <= 0 || block_size <= 0) return Status::InvalidArgument("InitKvCache: num_blocks and block_size must be positive");
-    kv_.num_layers = config_.num_layers;
-    kv_.num_kv_heads = config_.num_kv_heads;
-    kv_.head_dim = config_.head_dim;
-    kv_.block_size = block_size;
-    kv_.num_blocks = num_blocks;
+    kv_ = KvLayoutFor(num_blocks, block_size);
     return Status::Ok();
+  }
+  KvLayout KvLayoutFor(int num_blocks, int block_size) const {
+    KvLayout kv;
+    kv.num_layers = config_.num_layers;
+    kv.num_kv_heads = config_.num_kv_heads;
+    kv.head_dim = config_.head_dim;
+    kv.block_size = block_size;
+    kv.num_blocks = num_blocks;
+    kv.dtype = backend_->host_memory() ? DType::kF32 : backend_->KvCacheDType(layers_.empty() ? DType::kF32 : layers_[0].wq.dtype);
+    return kv;
   }
 
   // Memory the model uses but does not own (a KV cache in the caller's shared memory).
