@@ -28,6 +28,7 @@
 #include "base/flags.h"
 #include "base/log.h"
 #include "disagg/disagg_router.h"
+#include "disagg/worker_kv_transfer.h"
 #include "frontend/frontend.h"
 #include "runtime/component.h"
 #include "runtime/discovery.h"
@@ -273,6 +274,10 @@ int FrontendCommand(int argc, char** argv) {
   }
   auto registry = std::make_shared<ModelRegistry>();
   const RemoteEngineOptions& ro = *options;
+  std::weak_ptr<RequestClient> weak_client = *client;
+  disagg.release_kv = [weak_client](const std::string& descriptor) {
+    if (auto c = weak_client.lock()) SendKvRelease(*c, descriptor);
+  };
   auto watcher = std::make_shared<ModelWatcher>(registry, *client, ro, disagg);
   auto discovery = CreateDiscovery(discovery_spec);
   if (!discovery.ok()) {

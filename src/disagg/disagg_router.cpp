@@ -156,6 +156,11 @@ void DisaggRouter::Decode(const std::shared_ptr<Flow>& flow) {
 }
 
 void DisaggRouter::OnDecodeOutput(const std::shared_ptr<Flow>& flow, EngineOutput out) {
+  if (out.finish_reason == FinishReason::kCancelled || (IsUnavailable(out) && !flow->fell_back)) {
+    // The decode worker may never have pulled (and so never released) the prompt's KV. A second
+    // release of a lease it did end is answered "not held" and changes nothing.
+    if (options_.release_kv && !flow->kv_transfer.empty()) options_.release_kv(flow->kv_transfer);
+  }
   if (IsUnavailable(out) && !flow->fell_back) {
     if (!out.token_ids.empty()) {
       EngineOutput partial;

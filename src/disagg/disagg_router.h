@@ -25,7 +25,9 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
 
 #include "engine/engine.h"
 #include "runtime/remote_engine.h"
@@ -36,6 +38,9 @@ struct DisaggRouterOptions {
   // Prefill on the decode worker when prompt tokens minus its cached prefix are at most this
   // (flag --max-local-prefill-tokens). 0: every prompt with something to compute goes remote.
   int max_local_prefill_tokens = 512;
+  // Ends the lease of a KV descriptor the router gives up on (the decode call failed or was
+  // cancelled: its worker may never have pulled); e.g. SendKvRelease. Unset: leases time out.
+  std::function<void(const std::string& descriptor)> release_kv;
 };
 
 // Hold it in a std::shared_ptr (Create): streams in flight keep it alive.

@@ -239,6 +239,9 @@ struct Frontend {
   std::shared_ptr<RemoteEngine> prefill, decode;
   std::shared_ptr<DisaggRouter> router;
 
+  std::mutex released_mu;
+  std::vector<std::string> released;  // descriptors handed to release_kv
+
   explicit Frontend(int max_local_prefill_tokens, RouterMode mode = RouterMode::kRoundRobin) {
     RequestClientOptions co;
     co.dead_after_ms = 1000;
@@ -249,7 +252,13 @@ struct Frontend {
     o.kv_block_size = 4;
     prefill = RemoteEngine::Create(client, o);
     decode = RemoteEngine::Create(client, o);
-    router = DisaggRouter::Create(prefill, decode, DisaggRouterOptions{max_local_prefill_tokens});
+    DisaggRouterOptions dro;
+    dro.max_local_prefill_tokens = max_local_prefill_tokens;
+    dro.release_kv = [this](const std::string& descriptor) {
+      std::lock_guard lock(released_mu);
+      released.push_back(descriptor);
+    };
+    router = DisaggRouter::Create(prefill, decode, dro);
   }
   ~Frontend() { client->Stop(); }
 
@@ -292,6 +301,7 @@ TEST(DisaggRouter, RemotePrefillGivesTheAggregatedOutput) {
   EXPECT_EQ(d.engine->decode_imported.load(), 5);
   EXPECT_EQ(d.engine->full.load(), 0);
   EXPECT_EQ(d.engine->bad_descriptors.load(), 0);
+  EXPECT_TRUE(f.released.empty());  // decoded normally: the decode worker released them
   const EngineMetrics m = f.router->Metrics();
   EXPECT_EQ(m.remote_prefills, 5u);
   EXPECT_EQ(m.local_prefills, 0u);
@@ -416,6 +426,13 @@ TEST(DisaggRouter, FailedKvTransferContinuesAggregatedWithTheFirstToken) {
   EXPECT_EQ(fb.token_ids, expected_prompt);
   EXPECT_EQ(fb.stop.max_tokens, 7);
   EXPECT_EQ(fb.stop.min_tokens, 3);
+  {
+    // The abandoned descriptor's lease is released by the frontend too (harmless if the decode
+    // worker did it).
+    std::lock_guard lock(f.released_mu);
+    ASSERT_EQ(f.released.size(), 1u);
+    EXPECT_FALSE(f.released[0].empty());
+  }
   const EngineMetrics m = f.router->Metrics();
   EXPECT_EQ(m.remote_prefills, 1u);
   EXPECT_EQ(m.disagg_fallbacks, 1u);

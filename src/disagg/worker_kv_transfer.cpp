@@ -246,18 +246,7 @@ class WorkerKvTransferImpl final : public WorkerKvTransfer {
       if (released_.erase(d->control_address + "/" + std::to_string(d->lease_id)) > 0) return;
       client = release_client_;
     }
-    if (!client) return;
-    const uint64_t lease = d->lease_id;
-    const std::string address = d->control_address;
-    CallCallbacks cb;
-    cb.on_data = [](std::string_view) {};
-    cb.on_end = [lease, address](const Status& s) {
-      if (!s.ok()) {
-        DYN_LOG(WARN) << "kv_release of lease " << lease << " at " << address << ": " << s.ToString();
-      }
-    };
-    client->Call(address, "kv_release", EncodeKvRelease(lease),
-                 std::make_shared<RequestContext>("kv_release-" + std::to_string(lease)), std::move(cb));
+    if (client) SendKvRelease(*client, descriptor);
   }
 
   const WorkerKvTransferOptions options_;
@@ -302,6 +291,22 @@ Result<std::unique_ptr<WorkerKvTransfer>> WorkerKvTransfer::Create(const WorkerK
   auto t = std::make_unique<WorkerKvTransferImpl>(options);
   DYN_RETURN_IF_ERROR(t->Init());
   return std::unique_ptr<WorkerKvTransfer>(std::move(t));
+}
+
+void SendKvRelease(RequestClient& client, const std::string& descriptor) {
+  auto d = DecodeDescriptor(descriptor);
+  if (!d.ok() || d->control_address.empty()) return;
+  const uint64_t lease = d->lease_id;
+  const std::string address = d->control_address;
+  CallCallbacks cb;
+  cb.on_data = [](std::string_view) {};
+  cb.on_end = [lease, address](const Status& s) {
+    if (!s.ok()) {
+      DYN_LOG(WARN) << "kv_release of lease " << lease << " at " << address << ": " << s.ToString();
+    }
+  };
+  client.Call(address, "kv_release", EncodeKvRelease(lease),
+              std::make_shared<RequestContext>("kv_release-" + std::to_string(lease)), std::move(cb));
 }
 
 std::string EncodeKvRelease(uint64_t lease_id) {

@@ -29,6 +29,7 @@
 
 namespace dyn {
 
+class RequestClient;
 class RequestServer;
 
 enum class WorkerRole { kAggregated, kPrefill, kDecode };
@@ -67,6 +68,12 @@ class WorkerKvTransfer {
   // Stops the source (after the engine is shut down) and the release client. Idempotent.
   virtual void Stop() = 0;
 };
+
+// Ends the lease a descriptor names: a "kv_release" call to its control address, not waited for
+// (a failure is logged; the lease then ends by its timeout). No-op for descriptors without one.
+// For whoever gives up on a descriptor: the decode side after a failure, the frontend when it
+// abandons one (client gone before the decode worker got it).
+void SendKvRelease(RequestClient& client, const std::string& descriptor);
 
 // The "kv_release" call's payload: {"lease_id": "<decimal>"}; the reply is one payload
 // {"released": true|false} and an OK end.
