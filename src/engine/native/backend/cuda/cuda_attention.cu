@@ -1,59 +1,86 @@
-// Paged KV writes and causal paged attention of the CUDA backend (F32 cache, layout in KvLayout).
+// Paged KV writes and the row-wise causal paged attention of the CUDA backend (cache layout in
+// KvLayout: F32, or bf16 for bf16 models). Query tiles of long prefill chunks run on the
+// tensor-core kernel instead (cuda_attention_mma.cu); Attention dispatches both.
 //
-// Attention: one block of W warps per (query head, row). Each warp walks every W-th key of the
-// row's causal range through the block table, four keys per iteration (their loads issued
-// together), computes q.k with a warp reduction and keeps an
-// online softmax (running max, sum and V accumulator, head_dim / 32 values per lane); the four
-// partial states are merged through shared memory at the end. Prefill rows and decode rows run
-// the same code: a row's range is [0, its position]. W is 4 when there are enough (head, row)
-// blocks to fill the GPU, and 16 for decode-sized calls, where one block per head would leave
-// most multiprocessors idle and each warp would walk a long range alone.
+// Row-wise kernel: one block of 4 warps per (kv head, row, key split). The block serves all query
+// heads of its kv head (GQA: each K/V element is read once per group, not once per query head).
+// Each warp walks every 4th key of its split, four keys per iteration (their loads issued
+// together), computes q.k with warp reductions and keeps an online softmax (running max, sum and
+// V accumulator) per query head; the warps merge through shared memory. With one split the block
+// writes the output; with several (flash-decoding: a batch-1 decode has only kv_heads blocks
+// otherwise) each writes a normalized partial result and its (max, sum), and a combine kernel
+// merges the splits of each (row, head).
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 
-#include "engine/native/backend/cuda/cuda_kernels.h"
+#include "engine/native/backend/cuda/cuda_attention.cuh"
 
 namespace dyn::cuda {
 namespace {
 
 constexpr int kMaxHeadDim = 256;
+constexpr int kRowWarps = 4;
+constexpr int kKeys = 4;  // keys per warp per iteration, loads in flight together
 int g_multiprocessors = 132;  // an H100/H200's, until SetMultiprocessorCount
 
-struct CacheGeometry {
-  size_t block_floats;   // floats of one block (all layers)
-  size_t k_layer_off;    // floats from a block's start to this layer's K slot 0
-  size_t v_delta;        // floats from a K slot to the same slot's V
-  int token_floats;      // kv_heads * head_dim
-  int block_size;
-  int head_dim;
-};
-
-CacheGeometry Geometry(const KvLayout& l, int layer) {
-  CacheGeometry g;
-  g.block_floats = l.BlockFloats();
-  g.k_layer_off = l.Offset(0, layer, 0, 0);
-  g.v_delta = l.Offset(0, layer, 1, 0) - g.k_layer_off;
-  g.token_floats = static_cast<int>(l.TokenFloats());
-  g.block_size = l.block_size;
-  g.head_dim = l.head_dim;
-  return g;
+// n contiguous elements at p (16-byte vector loads where n allows) as floats.
+template <int kN>
+__device__ __forceinline__ void LoadVec(const float* p, float (&out)[kN]) {
+  if constexpr (kN % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < kN; i += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(p + i);
+      out[i] = v.x, out[i + 1] = v.y, out[i + 2] = v.z, out[i + 3] = v.w;
+    }
+  } else if constexpr (kN == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    out[0] = v.x, out[1] = v.y;
+  } else {
+    out[0] = *p;
+  }
+}
+template <int kN>
+__device__ __forceinline__ void LoadVec(const __nv_bfloat16* p, float (&out)[kN]) {
+  if constexpr (kN == 8) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      out[2 * i] = f.x, out[2 * i + 1] = f.y;
+    }
+  } else if constexpr (kN == 4) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      out[2 * i] = f.x, out[2 * i + 1] = f.y;
+    }
+  } else if constexpr (kN == 2) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    out[0] = f.x, out[1] = f.y;
+  } else {
+    out[0] = __bfloat162float(*p);
+  }
 }
 
-__device__ __forceinline__ size_t SlotOffset(const CacheGeometry& g, const int32_t* table, int pos) {
-  return static_cast<size_t>(table[pos / g.block_size]) * g.block_floats + g.k_layer_off +
-         static_cast<size_t>(pos % g.block_size) * g.token_floats;
-}
+__device__ __forceinline__ void StoreElem(float* p, float v) { *p = v; }
+__device__ __forceinline__ void StoreElem(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // One block per row; threads over kv_heads * head_dim.
-__global__ void WriteKvKernel(float* cache, CacheGeometry g, AttnRows meta, const float* k, const float* v) {
+template <class T>
+__global__ void WriteKvKernel(T* cache, CacheGeometry g, AttnRows meta, const float* k, const float* v) {
   const int r = blockIdx.x;
   const size_t off = SlotOffset(g, meta.tables + meta.table_offset[r], meta.pos[r]);
-  const float* kr = k + static_cast<size_t>(r) * g.token_floats;
-  const float* vr = v + static_cast<size_t>(r) * g.token_floats;
-  for (int i = threadIdx.x; i < g.token_floats; i += blockDim.x) {
-    cache[off + i] = kr[i];
-    cache[off + g.v_delta + i] = vr[i];
+  const float* kr = k + static_cast<size_t>(r) * g.token_elems;
+  const float* vr = v + static_cast<size_t>(r) * g.token_elems;
+  for (int i = threadIdx.x; i < g.token_elems; i += blockDim.x) {
+    StoreElem(cache + off + i, kr[i]);
+    StoreElem(cache + off + g.v_delta + i, vr[i]);
   }
 }
 
@@ -62,106 +89,166 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
-template <int kPerLane, int kAttnWarps>
-__global__ void __launch_bounds__(kAttnWarps * 32) AttentionKernel(const float* __restrict__ cache, CacheGeometry g, AttnRows meta,
-                                                                   const float* __restrict__ q, int num_heads, int group,
-                                                                   float scale, float* __restrict__ out) {
-  const int h = blockIdx.x, r = blockIdx.y;
+struct RowArgs {
+  const float* q;
+  int num_heads, group, head_chunks, splits;
+  float scale;
+  float* partial;  // [num_rowwise][heads][splits][head_dim] outputs, then [..][splits][2] (max, sum)
+  float* out;
+};
+
+// Lane l holds elements [l * kPerLane, (l + 1) * kPerLane) of a head; kG query heads per block.
+template <class T, int kPerLane, int kG>
+__global__ void __launch_bounds__(kRowWarps * 32) RowAttentionKernel(const T* __restrict__ cache, CacheGeometry g, AttnRows meta,
+                                                                     RowArgs a) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = g.head_dim;
-  const int kv_head = h / group;
+  const int kv_head = blockIdx.x / a.head_chunks;
+  const int h0 = kv_head * a.group + (blockIdx.x % a.head_chunks) * kG;
+  const int nh = min(kG, (kv_head + 1) * a.group - h0);
+  const int ri = blockIdx.y, r = meta.rowwise[ri], split = blockIdx.z;
   const int len = meta.pos[r] + 1;
+  const int chunk = (len + a.splits - 1) / a.splits;
+  const int begin = split * chunk, end = min(len, begin + chunk);
   const int32_t* table = meta.tables + meta.table_offset[r];
-  const size_t row_head = (static_cast<size_t>(r) * num_heads + h) * D;
+  const int d0 = lane * kPerLane;
+  const bool active = d0 < D;
 
-  float qv[kPerLane], acc[kPerLane];
+  float qv[kG][kPerLane], acc[kG][kPerLane], mx[kG], sum[kG];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) {
-    const int d = lane + 32 * i;
-    qv[i] = d < D ? q[row_head + d] : 0.0f;
-    acc[i] = 0.0f;
+  for (int gi = 0; gi < kG; ++gi) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) qv[gi][i] = acc[gi][i] = 0.0f;
+    if (active && gi < nh) LoadVec(a.q + (static_cast<size_t>(r) * a.num_heads + h0 + gi) * D + d0, qv[gi]);
+    mx[gi] = -INFINITY;
+    sum[gi] = 0.0f;
   }
-  float mx = -INFINITY, sum = 0.0f;
-  // kKeys keys per warp per iteration: their K (then V) loads are all in flight before the first
-  // is used, instead of one dependent HBM round trip per key (decode is latency-bound otherwise).
-  constexpr int kKeys = 4;
-  for (int j0 = warp; j0 < len; j0 += kAttnWarps * kKeys) {
-    const float* kp[kKeys];
-    float kv[kKeys][kPerLane], s[kKeys];
+  for (int j0 = begin + warp; j0 < end; j0 += kRowWarps * kKeys) {
+    const T* kp[kKeys];
+    float kv[kKeys][kPerLane];
 #pragma unroll
     for (int u = 0; u < kKeys; ++u) {
-      const int j = min(j0 + u * kAttnWarps, len - 1);  // past the end: a valid key, masked below
-      kp[u] = cache + SlotOffset(g, table, j) + static_cast<size_t>(kv_head) * D;
+      const int j = min(j0 + u * kRowWarps, end - 1);  // past the end: a valid key, masked below
+      kp[u] = cache + SlotOffset(g, table, j) + static_cast<size_t>(kv_head) * D + d0;
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) kv[u][i] = lane + 32 * i < D ? kp[u][lane + 32 * i] : 0.0f;
+      for (int i = 0; i < kPerLane; ++i) kv[u][i] = 0.0f;
+      if (active) LoadVec(kp[u], kv[u]);
     }
-    float new_mx = mx;
-#pragma unroll
-    for (int u = 0; u < kKeys; ++u) {
-      float dot = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) dot = fmaf(qv[i], kv[u][i], dot);
-      s[u] = j0 + u * kAttnWarps < len ? WarpSum(dot) * scale : -INFINITY;
-      new_mx = fmaxf(new_mx, s[u]);
-    }
+    float s[kKeys][kG];
 #pragma unroll
     for (int u = 0; u < kKeys; ++u) {
 #pragma unroll
-      for (int i = 0; i < kPerLane; ++i) kv[u][i] = lane + 32 * i < D ? kp[u][lane + 32 * i + g.v_delta] : 0.0f;
-    }
-    const float corr = expf(mx - new_mx);
-    sum *= corr;
+      for (int gi = 0; gi < kG; ++gi) {
+        float dot = 0.0f;
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) acc[i] *= corr;
+        for (int i = 0; i < kPerLane; ++i) dot = fmaf(qv[gi][i], kv[u][i], dot);
+        s[u][gi] = j0 + u * kRowWarps < end ? WarpSum(dot) * a.scale : -INFINITY;
+      }
+    }
 #pragma unroll
     for (int u = 0; u < kKeys; ++u) {
-      const float p = expf(s[u] - new_mx);  // 0 for a masked key
-      sum += p;
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) acc[i] = fmaf(p, kv[u][i], acc[i]);
+      if (active) LoadVec(kp[u] + g.v_delta, kv[u]);
     }
-    mx = new_mx;
+#pragma unroll
+    for (int gi = 0; gi < kG; ++gi) {
+      float new_mx = mx[gi];
+#pragma unroll
+      for (int u = 0; u < kKeys; ++u) new_mx = fmaxf(new_mx, s[u][gi]);
+      const float corr = expf(mx[gi] - new_mx);  // new_mx is finite: key j0 is in range
+      sum[gi] *= corr;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[gi][i] *= corr;
+#pragma unroll
+      for (int u = 0; u < kKeys; ++u) {
+        const float p = expf(s[u][gi] - new_mx);  // 0 for a masked key
+        sum[gi] += p;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) acc[gi][i] = fmaf(p, kv[u][i], acc[gi][i]);
+      }
+      mx[gi] = new_mx;
+    }
   }
 
-  __shared__ float s_max[kAttnWarps], s_sum[kAttnWarps];
-  __shared__ float s_acc[kAttnWarps][kPerLane * 32];
-  if (lane == 0) {
-    s_max[warp] = mx;
-    s_sum[warp] = sum;
-  }
+  __shared__ float s_max[kRowWarps][kG], s_sum[kRowWarps][kG];
+  __shared__ float s_acc[kRowWarps][kG][kPerLane * 32];
 #pragma unroll
-  for (int i = 0; i < kPerLane; ++i) s_acc[warp][lane + 32 * i] = acc[i];
+  for (int gi = 0; gi < kG; ++gi) {
+    if (lane == 0) {
+      s_max[warp][gi] = mx[gi];
+      s_sum[warp][gi] = sum[gi];
+    }
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) s_acc[warp][gi][d0 + i] = acc[gi][i];
+  }
   __syncthreads();
-  float total_max = -INFINITY;
-  for (int w = 0; w < kAttnWarps; ++w) total_max = fmaxf(total_max, s_max[w]);
-  float weights[kAttnWarps], total_sum = 0.0f;
-  for (int w = 0; w < kAttnWarps; ++w) {
-    weights[w] = s_sum[w] > 0.0f ? expf(s_max[w] - total_max) : 0.0f;  // a warp with no keys has max -inf
-    total_sum += s_sum[w] * weights[w];
-  }
-  const float inv = 1.0f / total_sum;
-  for (int d = threadIdx.x; d < D; d += blockDim.x) {
-    float o = 0.0f;
-    for (int w = 0; w < kAttnWarps; ++w) o += s_acc[w][d] * weights[w];
-    out[row_head + d] = o * inv;
+  for (int e = threadIdx.x; e < nh * D; e += blockDim.x) {
+    const int gi = e / D, d = e % D;
+    float total_max = -INFINITY;
+    for (int w = 0; w < kRowWarps; ++w) total_max = fmaxf(total_max, s_max[w][gi]);
+    float total_sum = 0.0f, o = 0.0f;
+    for (int w = 0; w < kRowWarps; ++w) {
+      const float wt = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - total_max) : 0.0f;  // a warp with no keys has max -inf
+      total_sum += s_sum[w][gi] * wt;
+      o += s_acc[w][gi][d] * wt;
+    }
+    const int h = h0 + gi;
+    if (a.splits == 1) {
+      a.out[(static_cast<size_t>(r) * a.num_heads + h) * D + d] = o / total_sum;
+      continue;
+    }
+    const size_t part = (static_cast<size_t>(ri) * a.num_heads + h) * a.splits + split;
+    a.partial[part * D + d] = total_sum > 0.0f ? o / total_sum : 0.0f;  // an empty split: weight 0 below
+    if (d == 0) {
+      float* ml = a.partial + static_cast<size_t>(meta.num_rowwise) * a.num_heads * a.splits * D + part * 2;
+      ml[0] = total_max;
+      ml[1] = total_sum;
+    }
   }
 }
 
-template <int kWarps>
-void Launch(cudaStream_t stream, const float* cache, const CacheGeometry& g, const AttnRows& meta, const float* q, int num_heads,
-            int group, float scale, float* out) {
-  const dim3 grid(num_heads, meta.rows);
-  const int threads = kWarps * 32;
+// One block per (head, row-wise row): out = the splits' outputs weighted by sum * exp(max - max').
+__global__ void CombineSplitsKernel(AttnRows meta, int num_heads, int head_dim, int splits, const float* partial, float* out) {
+  const int h = blockIdx.x, ri = blockIdx.y, r = meta.rowwise[ri];
+  const size_t part0 = (static_cast<size_t>(ri) * num_heads + h) * splits;
+  const float* ml = partial + static_cast<size_t>(meta.num_rowwise) * num_heads * splits * head_dim + part0 * 2;
+  float total_max = -INFINITY;
+  for (int s = 0; s < splits; ++s) total_max = fmaxf(total_max, ml[2 * s + 1] > 0.0f ? ml[2 * s] : -INFINITY);
+  float total = 0.0f;
+  for (int s = 0; s < splits; ++s) total += ml[2 * s + 1] > 0.0f ? ml[2 * s + 1] * expf(ml[2 * s] - total_max) : 0.0f;
+  const float inv = 1.0f / total;
+  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+    float o = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      const float l = ml[2 * s + 1];
+      if (l > 0.0f) o += partial[(part0 + s) * head_dim + d] * (l * expf(ml[2 * s] - total_max));
+    }
+    out[(static_cast<size_t>(r) * num_heads + h) * head_dim + d] = o * inv;
+  }
+}
+
+int GroupPerBlock(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
+
+template <class T, int kPerLane>
+void LaunchRows(cudaStream_t stream, const T* cache, const CacheGeometry& g, const AttnRows& meta, const RowArgs& a, int kg) {
+  const dim3 grid(a.num_heads / a.group * a.head_chunks, meta.num_rowwise, a.splits);
+  switch (kg) {
+    case 1: RowAttentionKernel<T, kPerLane, 1><<<grid, kRowWarps * 32, 0, stream>>>(cache, g, meta, a); break;
+    case 2: RowAttentionKernel<T, kPerLane, 2><<<grid, kRowWarps * 32, 0, stream>>>(cache, g, meta, a); break;
+    case 4: RowAttentionKernel<T, kPerLane, 4><<<grid, kRowWarps * 32, 0, stream>>>(cache, g, meta, a); break;
+    default: RowAttentionKernel<T, kPerLane, 8><<<grid, kRowWarps * 32, 0, stream>>>(cache, g, meta, a); break;
+  }
+}
+
+template <class T>
+void LaunchRowsAnyDim(cudaStream_t stream, const T* cache, const CacheGeometry& g, const AttnRows& meta, const RowArgs& a, int kg) {
   if (g.head_dim <= 32) {
-    AttentionKernel<1, kWarps><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
+    LaunchRows<T, 1>(stream, cache, g, meta, a, kg);
   } else if (g.head_dim <= 64) {
-    AttentionKernel<2, kWarps><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
+    LaunchRows<T, 2>(stream, cache, g, meta, a, kg);
   } else if (g.head_dim <= 128) {
-    AttentionKernel<4, kWarps><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
-  } else if (g.head_dim <= kMaxHeadDim) {
-    AttentionKernel<8, kWarps><<<grid, threads, 0, stream>>>(cache, g, meta, q, num_heads, group, scale, out);
+    LaunchRows<T, 4>(stream, cache, g, meta, a, kg);
   } else {
-    Check(cudaErrorInvalidValue, "Attention: head_dim > 256", __FILE__, __LINE__);
+    LaunchRows<T, 8>(stream, cache, g, meta, a, kg);
   }
 }
 
@@ -169,25 +256,64 @@ void Launch(cudaStream_t stream, const float* cache, const CacheGeometry& g, con
 
 void SetMultiprocessorCount(int n) { g_multiprocessors = n > 0 ? n : 1; }
 
-void WriteKv(cudaStream_t stream, float* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,
+void WriteKv(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,
              const float* v) {
   if (meta.rows == 0) return;
   const CacheGeometry g = Geometry(layout, layer);
-  WriteKvKernel<<<meta.rows, g.token_floats >= 256 ? 256 : 64, 0, stream>>>(cache, g, meta, k, v);
+  const int threads = g.token_elems >= 256 ? 256 : 64;
+  if (layout.dtype == DType::kBF16) {
+    WriteKvKernel<<<meta.rows, threads, 0, stream>>>(static_cast<__nv_bfloat16*>(cache), g, meta, k, v);
+  } else {
+    WriteKvKernel<<<meta.rows, threads, 0, stream>>>(static_cast<float*>(cache), g, meta, k, v);
+  }
   DYN_CUDA_CHECK_LAUNCH();
 }
 
-void Attention(cudaStream_t stream, const float* cache, const KvLayout& layout, int layer, const AttnRows& meta,
-               const float* q, int num_heads, float scale, float* out) {
+int AttentionSplits(const KvLayout& layout, int num_heads, const AttnRows& meta) {
+  if (meta.num_rowwise == 0) return 1;
+  const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
+  const int base = layout.num_kv_heads * ((group + kg - 1) / kg) * meta.num_rowwise;
+  // Measured on an H200 (8B shape, docs/benchmarks/cuda.md): splitting only to fill the GPU twice
+  // leaves small batches at long contexts bound by HBM latency (each warp has only 4 keys' loads in
+  // flight; batch 8 at context 4096: 13.6 ms a step with 4 splits, 11.2 with 16), while splits of
+  // fewer than ~128 keys cost more in blocks and combining than they gain (batch 1 at 4096: 6.6 ms
+  // with 32 splits, 7.3 with 128). So: the larger of "fill twice, >= 32 keys a split" and "8 blocks
+  // per multiprocessor, >= 128 keys a split"; none once the rows alone fill the GPU twice.
+  if (base >= 2 * g_multiprocessors) return 1;
+  const int fill = std::min((2 * g_multiprocessors + base - 1) / base, (meta.max_len + 31) / 32);
+  const int deep = std::min((8 * g_multiprocessors + base - 1) / base, (meta.max_len + 127) / 128);
+  const int want = std::max(fill, deep);
+  int splits = 1;
+  while (splits * 2 <= want) splits *= 2;
+  return splits;
+}
+
+size_t AttentionPartialFloats(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits) {
+  if (splits <= 1) return 0;
+  return static_cast<size_t>(meta.num_rowwise) * num_heads * splits * (layout.head_dim + 2);
+}
+
+void Attention(cudaStream_t stream, const void* cache, const KvLayout& layout, int layer, const AttnRows& meta,
+               const float* q, int num_heads, float scale, int splits, float* partial, float* out) {
   if (meta.rows == 0) return;
+  if (layout.head_dim > kMaxHeadDim || layout.head_dim % 8 != 0) {
+    Check(cudaErrorInvalidValue, "Attention: head_dim must be a multiple of 8 and <= 256", __FILE__, __LINE__);
+  }
+  if (meta.num_tiles > 0) AttentionTiles(stream, cache, layout, layer, meta, q, num_heads, scale, out);
+  if (meta.num_rowwise == 0) return;
   const CacheGeometry g = Geometry(layout, layer);
-  const int group = num_heads / layout.num_kv_heads;
-  if (num_heads * meta.rows >= 2 * g_multiprocessors) {
-    Launch<4>(stream, cache, g, meta, q, num_heads, group, scale, out);
+  const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
+  const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, splits, scale, partial, out};
+  if (layout.dtype == DType::kBF16) {
+    LaunchRowsAnyDim(stream, static_cast<const __nv_bfloat16*>(cache), g, meta, a, kg);
   } else {
-    Launch<16>(stream, cache, g, meta, q, num_heads, group, scale, out);
+    LaunchRowsAnyDim(stream, static_cast<const float*>(cache), g, meta, a, kg);
   }
   DYN_CUDA_CHECK_LAUNCH();
+  if (splits > 1) {
+    CombineSplitsKernel<<<dim3(num_heads, meta.num_rowwise), 128, 0, stream>>>(meta, num_heads, layout.head_dim, splits, partial, out);
+    DYN_CUDA_CHECK_LAUNCH();
+  }
 }
 
 }  // namespace dyn::cuda

@@ -110,12 +110,23 @@ class CudaBackend : public Backend {
     CheckBlas(cublasSetWorkspace(blas_, blas_workspace_, kBlasWorkspace), "cublasSetWorkspace");
     const char* env = std::getenv("DYN_CUDA_GRAPHS");
     graphs_enabled_ = env == nullptr || std::string(env) != "0";
+    const char* kv = std::getenv("DYN_CUDA_KV");
+    kv_override_ = kv != nullptr ? kv : "";
     description_ = "cuda (" + std::string(prop.name) + ", sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
                    std::to_string(prop.totalGlobalMem >> 30) + " GiB" + (graphs_enabled_ ? ", graphs" : "") + ")";
     return Status::Ok();
   }
 
   std::string Describe() const override { return description_; }
+
+  // bf16 K/V for bf16 (and dequantized) models: half the bytes attention reads, and the tensor-core
+  // prefill kernel reads it directly. F32 models (tiny reference models) keep an F32 cache.
+  // DYN_CUDA_KV=f32 or bf16 overrides the choice (comparisons).
+  DType KvCacheDType(DType weight_dtype) const override {
+    if (kv_override_ == "f32") return DType::kF32;
+    if (kv_override_ == "bf16") return DType::kBF16;
+    return weight_dtype == DType::kF32 ? DType::kF32 : DType::kBF16;
+  }
 
   Result<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
     void* p = nullptr;
@@ -232,8 +243,12 @@ class CudaBackend : public Backend {
   void Attention(const float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs, const float* q,
                  int num_heads, float scale, float* out) override {
     const cuda::AttnRows meta = AttnMeta(layout, seqs);
-    Defer([=, this] { cuda::Attention(stream_, cache, layout, layer, meta, q, num_heads, scale, out); }, kAttn, cache, layout, layer,
-          meta, q, num_heads, scale, out);
+    const int splits = cuda::AttentionSplits(layout, num_heads, meta);
+    const size_t part_bytes = cuda::AttentionPartialFloats(layout, num_heads, meta, splits) * sizeof(float);
+    if (!pending_.empty() && !attn_partial_.Fits(part_bytes)) Flush();  // growing frees what a pending kernel writes
+    float* partial = part_bytes > 0 ? static_cast<float*>(attn_partial_.Get(part_bytes)) : nullptr;
+    Defer([=, this] { cuda::Attention(stream_, cache, layout, layer, meta, q, num_heads, scale, splits, partial, out); }, kAttn, cache,
+          layout, layer, meta, q, num_heads, scale, splits, partial, out);
   }
 
   bool samples_on_device() const override { return true; }
@@ -273,7 +288,19 @@ class CudaBackend : public Backend {
     AppendBytes(m.pos);
     AppendBytes(m.table_offset);
     AppendBytes(m.tables);
+    AppendBytes(m.tiles);
+    AppendBytes(m.rowwise);
     AppendBytes(m.rows);
+    AppendBytes(m.num_tiles);
+    AppendBytes(m.num_rowwise);  // not max_len: it grows every decode step; the split count it sets is appended
+  }
+  void AppendBytes(const KvLayout& l) {
+    AppendBytes(l.num_layers);
+    AppendBytes(l.num_kv_heads);
+    AppendBytes(l.head_dim);
+    AppendBytes(l.block_size);
+    AppendBytes(l.num_blocks);
+    AppendBytes(l.dtype);
   }
 
   // Runs the pending list: replays its graph, captures one for a list seen twice in a row, or
@@ -301,12 +328,13 @@ class CudaBackend : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   void* blas_workspace_ = nullptr;
-  Scratch ids_, gather_rows_, positions_, inv_freq_, attn_meta_, x_bf16_, sample_params_, sample_out_;
+  Scratch ids_, gather_rows_, positions_, inv_freq_, attn_meta_, attn_partial_, x_bf16_, sample_params_, sample_out_;
+  std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;
   std::vector<Scratch*> written_;
   std::vector<float> inv_freq_host_;
   const float* inv_freq_dev_ = nullptr;
-  std::vector<int32_t> attn_meta_host_, attn_meta_last_;
+  std::vector<int32_t> attn_meta_host_, attn_meta_last_, attn_tiles_, attn_rowwise_;
   cuda::AttnRows attn_rows_;
   // Host weights already prepared, so a tied embedding/output table is uploaded once (keyed by
   // the host address: host weights must outlive the backend, as mapped model files do).
@@ -433,25 +461,44 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
 }
 
 cuda::AttnRows CudaBackend::AttnMeta(const KvLayout& layout, std::span<const AttentionSeq> seqs) {
-  int rows = 0;
+  // Sequences with at least kMinTileRows new rows (prefill chunks) go to the tensor-core kernel in
+  // tiles of up to 64 rows where the layout has one; the rest to the row-wise kernel.
+  constexpr int kMinTileRows = 16;
+  const bool tiles_ok = cuda::AttentionHasTileKernel(layout);
+  int rows = 0, max_len = 0;
   for (const AttentionSeq& s : seqs) rows += s.num_rows;
   std::vector<int32_t>& h = attn_meta_host_;
   h.assign(2 * static_cast<size_t>(rows), 0);
+  attn_tiles_.clear();
+  attn_rowwise_.clear();
   int r = 0;
   for (const AttentionSeq& s : seqs) {
     const int table_off = static_cast<int>(h.size()) - 2 * rows;
     const int blocks = (s.start_pos + s.num_rows + layout.block_size - 1) / layout.block_size;
     h.insert(h.end(), s.block_table.begin(), s.block_table.begin() + blocks);
+    const bool tiled = tiles_ok && s.num_rows >= kMinTileRows;
     for (int i = 0; i < s.num_rows; ++i, ++r) {
       h[r] = s.start_pos + i;
       h[rows + r] = table_off;
+      if (tiled && i % cuda::kAttnTileRows == 0) {
+        attn_tiles_.push_back(r);
+        attn_tiles_.push_back(std::min(cuda::kAttnTileRows, s.num_rows - i));
+      } else if (!tiled) {
+        attn_rowwise_.push_back(r);
+        max_len = std::max(max_len, s.start_pos + i + 1);
+      }
     }
   }
+  const size_t tables_end = h.size();
+  h.insert(h.end(), attn_tiles_.begin(), attn_tiles_.end());
+  h.insert(h.end(), attn_rowwise_.begin(), attn_rowwise_.end());
   if (h != attn_meta_last_ || attn_rows_.rows != rows) {
     const int32_t* dev = Upload(attn_meta_, std::span<const int32_t>(h));
-    attn_rows_ = {dev, dev + rows, dev + 2 * rows, rows};
+    const int num_tiles = static_cast<int>(attn_tiles_.size() / 2), num_rowwise = static_cast<int>(attn_rowwise_.size());
+    attn_rows_ = {dev, dev + rows, dev + 2 * rows, dev + tables_end, dev + tables_end + 2 * num_tiles, rows, num_tiles, num_rowwise, 0};
     attn_meta_last_ = h;
   }
+  attn_rows_.max_len = max_len;
   return attn_rows_;
 }
 

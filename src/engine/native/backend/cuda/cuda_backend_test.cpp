@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <vector>
@@ -376,44 +377,102 @@ TEST_F(CudaBackendTest, RopeBothStyles) {
   }
 }
 
-// Three sequences in one call: a prefill from 0, a chunk after a cached prefix and one decode row,
-// over scattered blocks; GQA with 2 query heads per kv head.
-void CheckAttention(CudaBackendTest& t, Backend& cpu, Backend& gpu, int head_dim, int prefill_rows) {
+uint16_t ToBf16Bits(float f) {  // round to nearest even (inputs are finite)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+float FromBf16Bits(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+std::vector<float> RoundBf16(std::vector<float> v) {
+  for (float& x : v) x = FromBf16Bits(ToBf16Bits(x));
+  return v;
+}
+
+// Four sequences in one call over scattered blocks, GQA with 2 query heads per kv head: a prefill
+// from 0 (prefill_rows), a chunk after a cached prefix of 9 (chunk_rows), a decode row at 33 and
+// one at 399 (long enough for the row-wise kernel to split its keys). With a bf16 cache the CPU
+// reference runs on the same bf16-rounded values in F32; chunks of >= 16 rows of head_dim 64/128
+// then take the tensor-core kernel (bf16 q and P: a looser tolerance).
+void CheckAttention(CudaBackendTest& t, Backend& cpu, Backend& gpu, int head_dim, int prefill_rows, int chunk_rows, DType kv) {
   KvLayout layout;
   layout.num_layers = 2;
   layout.num_kv_heads = 2;
   layout.head_dim = head_dim;
   layout.block_size = 4;
-  layout.num_blocks = 48;
+  layout.num_blocks = 200;
   const int heads = 4, layer = 1;
+  const bool bf16 = kv == DType::kBF16;
   std::vector<float> cache = RandomVec(layout.BlockFloats() * layout.num_blocks, 21);
-  std::vector<int32_t> table_a;
+  if (bf16) cache = RoundBf16(cache);
+  std::vector<int32_t> table_a, table_d;
   for (int b = 0; b < 20; ++b) table_a.push_back(47 - b);
-  const std::vector<int32_t> table_b = {5, 11, 0, 7}, table_c = {1, 3, 4, 6, 8, 9, 10, 12, 13};
-  const int p = prefill_rows;
-  std::vector<AttentionSeq> seqs(3);
-  seqs[0] = {0, p, 0, table_a};      // rows [0, p): positions [0, p)
-  seqs[1] = {p, 3, 9, table_b};      // 3 rows at positions 9-11 after a cached prefix of 9
-  seqs[2] = {p + 3, 1, 33, table_c};  // one decode row at position 33
-  const int rows = p + 4;
+  for (int b = 0; b < 100; ++b) table_d.push_back(100 + (b * 37) % 100);
+  const std::vector<int32_t> table_b = {5, 11, 0, 7, 2, 14, 15, 16}, table_c = {1, 3, 4, 6, 8, 9, 10, 12, 13};
+  const int p = prefill_rows, c = chunk_rows;
+  std::vector<AttentionSeq> seqs(4);
+  seqs[0] = {0, p, 0, table_a};            // rows [0, p): positions [0, p)
+  seqs[1] = {p, c, 9, table_b};            // c rows at positions 9.. after a cached prefix of 9
+  seqs[2] = {p + c, 1, 33, table_c};       // one decode row at position 33
+  seqs[3] = {p + c + 1, 1, 399, table_d};  // one at 399
+  const int rows = p + c + 2;
   const size_t tf = layout.TokenFloats();
   const std::vector<float> q = RandomVec(rows * heads * head_dim, 22), k = RandomVec(rows * tf, 23), v = RandomVec(rows * tf, 24);
-  float* dcache = t.Up(cache);
   const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  cpu.WriteKv(cache.data(), layout, layer, seqs, k.data(), v.data());
-  gpu.WriteKv(dcache, layout, layer, seqs, t.Up(k), t.Up(v));
-  EXPECT_EQ(t.Down(dcache, cache.size()), cache) << "WriteKv head_dim " << head_dim;
+  KvLayout gpu_layout = layout;
+  gpu_layout.dtype = kv;
+  float* dcache = nullptr;
+  if (bf16) {
+    std::vector<uint16_t> bits(cache.size());
+    for (size_t i = 0; i < cache.size(); ++i) bits[i] = ToBf16Bits(cache[i]);
+    auto buf = gpu.Allocate(bits.size() * 2);
+    ASSERT_TRUE(buf.ok());
+    dcache = (*buf)->f32();
+    gpu.CopyToBackend(dcache, bits.data(), bits.size() * 2);
+    t.bufs_.push_back(std::move(buf).value());
+    cpu.WriteKv(cache.data(), layout, layer, seqs, RoundBf16(k).data(), RoundBf16(v).data());
+  } else {
+    dcache = t.Up(cache);
+    cpu.WriteKv(cache.data(), layout, layer, seqs, k.data(), v.data());
+  }
+  gpu.WriteKv(dcache, gpu_layout, layer, seqs, t.Up(k), t.Up(v));
+  std::vector<float> got_cache;
+  if (bf16) {
+    std::vector<uint16_t> bits(cache.size());
+    gpu.CopyToHost(bits.data(), dcache, bits.size() * 2);
+    for (uint16_t b : bits) got_cache.push_back(FromBf16Bits(b));
+  } else {
+    got_cache = t.Down(dcache, cache.size());
+  }
+  EXPECT_EQ(got_cache, cache) << "WriteKv head_dim " << head_dim << " " << DTypeName(kv);
   std::vector<float> want(rows * heads * head_dim);
   cpu.Attention(cache.data(), layout, layer, seqs, q.data(), heads, scale, want.data());
   float* out = t.Poisoned(want.size());
-  gpu.Attention(dcache, layout, layer, seqs, t.Up(q), heads, scale, out);
-  EXPECT_LE(RelErr(t.Down(out, want.size()), want), 1e-5) << "Attention head_dim " << head_dim;
+  gpu.Attention(dcache, gpu_layout, layer, seqs, t.Up(q), heads, scale, out);
+  const std::vector<float> got = t.Down(out, want.size());
+  // Rows of the tensor-core kernel (the first p + c rows when tiled) and the row-wise rest.
+  const bool tiled = bf16 && (head_dim == 64 || head_dim == 128);
+  const size_t row = static_cast<size_t>(heads) * head_dim;
+  const size_t tiled_end = tiled && p >= 16 && c >= 16 ? (p + c) * row : 0;  // the test's cases: both or neither
+  if (tiled_end > 0) {
+    EXPECT_LE(RelErr({got.begin(), got.begin() + tiled_end}, {want.begin(), want.begin() + tiled_end}), 1e-2)
+        << "tile attention head_dim " << head_dim << " rows " << p << "+" << c;
+  }
+  EXPECT_LE(RelErr({got.begin() + tiled_end, got.end()}, {want.begin() + tiled_end, want.end()}), 1e-5)
+      << "row attention head_dim " << head_dim << " " << DTypeName(kv) << " rows " << p << "+" << c;
 }
 
 TEST_F(CudaBackendTest, PagedAttentionMatchesCpu) {
-  // 5 prefill rows: few (head, row) blocks, the 16-warp decode kernel; 70: the 4-warp one.
-  for (int rows : {5, 70})
-    for (int hd : {8, 64, 128, 256}) CheckAttention(*this, *cpu_, *gpu_, hd, rows);
+  // 5 prefill rows and a 3-row chunk: few rows, the row-wise kernel with key splits; 70 + 20 rows
+  // with a bf16 cache: tiles of the tensor-core kernel (a full and a partial tile, and a chunk
+  // after a cached prefix).
+  for (DType kv : {DType::kF32, DType::kBF16})
+    for (auto [p, c] : {std::pair{5, 3}, std::pair{70, 20}})
+      for (int hd : {8, 64, 128, 256}) CheckAttention(*this, *cpu_, *gpu_, hd, p, c, kv);
 }
 
 TEST_F(CudaBackendTest, DummyWeightsAreRandomBf16) {

@@ -43,23 +43,46 @@ void RopeTable(cudaStream_t stream, const int32_t* positions, int m, const float
 void Rope(cudaStream_t stream, float* x, int m, int heads, int head_dim, const float* cos_sin, RopeStyle style);
 
 // Per-row metadata of one step's attention, packed in one device array of int32:
-// [pos of row r: rows][offset of row r's block table in `tables`: rows][tables...].
+// [pos of row r: rows][offset of row r's block table in `tables`: rows][tables...]
+// [query tiles: 2 x num_tiles][rows of the row-wise kernel: num_rowwise].
+// A query tile is (first row, row count <= kAttnTileRows) of consecutive rows of one sequence, run
+// by the tensor-core kernel; the other rows (decode rows, short chunks) by the row-wise kernel.
 struct AttnRows {
   const int32_t* pos = nullptr;
   const int32_t* table_offset = nullptr;
   const int32_t* tables = nullptr;
+  const int32_t* tiles = nullptr;
+  const int32_t* rowwise = nullptr;
   int rows = 0;
+  int num_tiles = 0;
+  int num_rowwise = 0;
+  int max_len = 0;  // longest causal range of a row-wise row (key count), sizes the split
 };
+constexpr int kAttnTileRows = 64;
+// Whether query tiles of `layout` can run on the tensor-core kernel (bf16 cache, head_dim 64 or 128).
+bool AttentionHasTileKernel(const KvLayout& layout);
 
-// Copies each row's k/v ([rows][kv_heads * head_dim]) into its cache slot of `layer`.
-void WriteKv(cudaStream_t stream, float* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,
+// Copies each row's k/v ([rows][kv_heads * head_dim], F32) into its cache slot of `layer`,
+// rounded to bf16 (nearest even) when layout.dtype is kBF16.
+void WriteKv(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,
              const float* v);
 // The GPU's multiprocessor count, which sizes the attention grid; set once by the backend
 // (device queries are kept out of kernel calls, which may run inside a graph capture).
 void SetMultiprocessorCount(int n);
-// Causal paged attention (see Backend::Attention). head_dim <= 256.
-void Attention(cudaStream_t stream, const float* cache, const KvLayout& layout, int layer, const AttnRows& meta,
-               const float* q, int num_heads, float scale, float* out);
+// Key-range splits of the row-wise kernel for a call (flash-decoding): 1 when (kv heads x rows)
+// already fill the GPU twice, else more, by the longest row (the rule and its measurements are in
+// cuda_attention.cu); a power of two, so a growing decode context changes it, and the step's
+// graph, rarely.
+int AttentionSplits(const KvLayout& layout, int num_heads, const AttnRows& meta);
+// Floats of the partial-result scratch Attention needs for `splits` > 1.
+size_t AttentionPartialFloats(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits);
+// Causal paged attention (see Backend::Attention). head_dim <= 256 and a multiple of 8.
+// partial: device scratch of AttentionPartialFloats floats (unused when splits == 1).
+void Attention(cudaStream_t stream, const void* cache, const KvLayout& layout, int layer, const AttnRows& meta,
+               const float* q, int num_heads, float scale, int splits, float* partial, float* out);
+// The tensor-core part (cuda_attention_mma.cu): meta.tiles only.
+void AttentionTiles(cudaStream_t stream, const void* cache, const KvLayout& layout, int layer, const AttnRows& meta,
+                    const float* q, int num_heads, float scale, float* out);
 
 // out[m][rows] = x[m][cols] * w^T for bf16 w, F32 x and out, m <= kGemvMaxRows, cols % 8 == 0
 // and 16-byte aligned w. A bandwidth-bound kernel for decode steps (cuBLAS is slower at m = 1).

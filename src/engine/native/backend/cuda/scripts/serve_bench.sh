@@ -9,7 +9,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 export LD_LIBRARY_PATH=$PWD/$D/lib:/usr/local/cuda/lib64
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv
 ldd $D/bin/dyn | grep "not found"
-# KV is F32: 32 layers x 2 x 8 heads x 128 x 4 B = 256 KiB/token, 4 MiB per 16-token block.
+# KV is bf16 (F32 before 2026-12-01 round 2): 32 layers x 2 x 8 heads x 128 x 2 B = 128 KiB/token, 2 MiB per 16-token block.
 for SEQS in ${SEQS:-256 1024}; do
   $D/bin/dyn run --model $M --served-model-name llama8b --device cuda --load-format dummy \
     --num-kv-blocks ${BLOCKS:-27000} --max-num-seqs $SEQS --max-num-batched-tokens 8192 --port 8000 \
