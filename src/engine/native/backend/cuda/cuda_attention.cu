@@ -8,8 +8,8 @@
 // together), computes q.k with warp reductions and keeps an online softmax (running max, sum and
 // V accumulator) per query head; the warps merge through shared memory. With one split the block
 // writes the output; with several (flash-decoding: a batch-1 decode has only kv_heads blocks
-// otherwise) each writes a normalized partial result and its (max, sum), and a combine kernel
-// merges the splits of each (row, head).
+// otherwise) each writes a normalized partial result and its (max, sum), and the last block of each
+// (kv head, row) to finish merges the splits (or, without counters, a combine kernel does).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -17,6 +17,7 @@
 #include <cmath>
 
 #include "engine/native/backend/cuda/cuda_attention.cuh"
+#include "engine/native/backend/cuda/cuda_launch.cuh"
 
 namespace dyn::cuda {
 namespace {
@@ -74,6 +75,8 @@ __device__ __forceinline__ void StoreElem(__nv_bfloat16* p, float v) { *p = __fl
 // One block per row; threads over kv_heads * head_dim.
 template <class T>
 __global__ void WriteKvKernel(T* cache, CacheGeometry g, AttnRows meta, const float* k, const float* v) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   const int r = blockIdx.x;
   const size_t off = SlotOffset(g, meta.tables + meta.table_offset[r], meta.pos[r]);
   const float* kr = k + static_cast<size_t>(r) * g.token_elems;
@@ -82,6 +85,46 @@ __global__ void WriteKvKernel(T* cache, CacheGeometry g, AttnRows meta, const fl
     StoreElem(cache + off + i, kr[i]);
     StoreElem(cache + off + g.v_delta + i, vr[i]);
   }
+}
+
+// Rotates pair t (head t / half, index t % half) of one row x[heads][head_dim] in place, with
+// RopeKernel's arithmetic; returns the element offsets it wrote.
+__device__ __forceinline__ int2 RotatePair(float* x, int t, int head_dim, const float* cos_sin_row, bool neox) {
+  const int half = head_dim / 2, j = t % half;
+  const int base = (t / half) * head_dim;
+  const float c = cos_sin_row[j * 2], s = cos_sin_row[j * 2 + 1];
+  const int a = base + (neox ? j : 2 * j), b = base + (neox ? j + half : 2 * j + 1);
+  const float x0 = x[a], x1 = x[b];
+  x[a] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+  x[b] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+  return make_int2(a, b);
+}
+
+// One block per (row, head): blockIdx.y < num_heads rotates that q head; the others rotate a k head
+// and write it and the same v head to the row's cache slot. Each thread stores the k elements it
+// rotated itself, so no barrier is needed; a decode row gets num_heads + kv_heads blocks.
+template <class T>
+__global__ void RopeWriteKvKernel(T* cache, CacheGeometry g, AttnRows meta, float* q, int num_heads, float* k, const float* v,
+                                  const float* cos_sin, bool neox) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
+  const int r = blockIdx.x, head = blockIdx.y, D = g.head_dim, half = D / 2;
+  const float* cs = cos_sin + static_cast<size_t>(r) * half * 2;
+  if (head < num_heads) {
+    float* qh = q + (static_cast<size_t>(r) * num_heads + head) * D;
+    for (int t = threadIdx.x; t < half; t += blockDim.x) RotatePair(qh, t, D, cs, neox);
+    return;
+  }
+  const int kvh = head - num_heads;
+  const size_t off = SlotOffset(g, meta.tables + meta.table_offset[r], meta.pos[r]) + static_cast<size_t>(kvh) * D;
+  float* kh = k + static_cast<size_t>(r) * g.token_elems + static_cast<size_t>(kvh) * D;
+  for (int t = threadIdx.x; t < half; t += blockDim.x) {
+    const int2 e = RotatePair(kh, t, D, cs, neox);
+    StoreElem(cache + off + e.x, kh[e.x]);
+    StoreElem(cache + off + e.y, kh[e.y]);
+  }
+  const float* vh = v + static_cast<size_t>(r) * g.token_elems + static_cast<size_t>(kvh) * D;
+  for (int i = threadIdx.x; i < D; i += blockDim.x) StoreElem(cache + off + g.v_delta + i, vh[i]);
 }
 
 __device__ __forceinline__ float WarpSum(float v) {
@@ -95,12 +138,60 @@ struct RowArgs {
   float scale;
   float* partial;  // [num_rowwise][heads][splits][head_dim] outputs, then [..][splits][2] (max, sum)
   float* out;
+  int* counters;  // splits > 1: per (block column, row) arrival counts, zero between launches; null: separate combine kernel
 };
+
+constexpr int kMaxSplits = 128;       // AttentionSplits' cap
+constexpr int kMaxMergePairs = 1024;  // (query head, split) pairs one merge handles: kG (<= 8) x kMaxSplits
+
+// Merges the splits of query heads [h0, h0 + nh) of row-wise row ri (cache row r): each output is
+// the splits' outputs weighted by sum * exp(max - max'). Used by the combine kernel and by the
+// attention kernel's last block, so both give the same bits. The (max, sum) pairs go through
+// shared memory once (s_w: kMaxMergePairs floats, s_l: as many, s_inv: nh), so each output element
+// reads only its splits' partial values. The partials were written by other blocks: read via L2.
+__device__ void MergeSplits(const AttnRows& meta, int ri, int r, int h0, int nh, int num_heads, int head_dim, int splits,
+                            const float* partial, float* out, float* s_w, float* s_l, float* s_inv) {
+  const size_t part0 = (static_cast<size_t>(ri) * num_heads + h0) * splits;  // first (head, split) of this merge
+  const float* ml = partial + static_cast<size_t>(meta.num_rowwise) * num_heads * splits * head_dim + part0 * 2;
+  for (int i = threadIdx.x; i < nh * splits; i += blockDim.x) {
+    s_w[i] = __ldcg(ml + 2 * i);  // the max for now, the weight below
+    s_l[i] = __ldcg(ml + 2 * i + 1);
+  }
+  __syncthreads();
+  for (int gi = threadIdx.x; gi < nh; gi += blockDim.x) {
+    float* w = s_w + gi * splits;
+    const float* l = s_l + gi * splits;
+    float total_max = -INFINITY;
+    for (int s = 0; s < splits; ++s) total_max = fmaxf(total_max, l[s] > 0.0f ? w[s] : -INFINITY);
+    float total = 0.0f;
+    for (int s = 0; s < splits; ++s) {
+      w[s] = l[s] > 0.0f ? l[s] * expf(w[s] - total_max) : 0.0f;
+      total += w[s];
+    }
+    s_inv[gi] = 1.0f / total;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nh * head_dim; e += blockDim.x) {
+    const int gi = e / head_dim, d = e % head_dim;
+    const float* w = s_w + gi * splits;
+    const float* l = s_l + gi * splits;
+    const float* p = partial + (part0 + static_cast<size_t>(gi) * splits) * head_dim + d;
+    float o = 0.0f;
+#pragma unroll 4
+    for (int s = 0; s < splits; ++s) {
+      const float v = __ldcg(p + static_cast<size_t>(s) * head_dim);
+      if (l[s] > 0.0f) o += v * w[s];
+    }
+    out[(static_cast<size_t>(r) * num_heads + h0 + gi) * head_dim + d] = o * s_inv[gi];
+  }
+}
 
 // Lane l holds elements [l * kPerLane, (l + 1) * kPerLane) of a head; kG query heads per block.
 template <class T, int kPerLane, int kG>
 __global__ void __launch_bounds__(kRowWarps * 32) RowAttentionKernel(const T* __restrict__ cache, CacheGeometry g, AttnRows meta,
                                                                      RowArgs a) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = g.head_dim;
   const int kv_head = blockIdx.x / a.head_chunks;
@@ -204,26 +295,31 @@ __global__ void __launch_bounds__(kRowWarps * 32) RowAttentionKernel(const T* __
       ml[1] = total_sum;
     }
   }
+  if (a.splits == 1 || a.counters == nullptr) return;
+  // The last block of this (kv head chunk, row) to finish merges the splits (threadfence
+  // reduction): no separate combine launch.
+  __shared__ bool s_last;
+  __shared__ float s_w[kMaxMergePairs], s_l[kMaxMergePairs], s_inv[kG];
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = a.counters + static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    s_last = atomicAdd(counter, 1) == a.splits - 1;
+    if (s_last) *counter = 0;  // every split has arrived: ready for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  MergeSplits(meta, ri, r, h0, nh, a.num_heads, D, a.splits, a.partial, a.out, s_w, s_l, s_inv);
 }
 
 // One block per (head, row-wise row): out = the splits' outputs weighted by sum * exp(max - max').
 __global__ void CombineSplitsKernel(AttnRows meta, int num_heads, int head_dim, int splits, const float* partial, float* out) {
-  const int h = blockIdx.x, ri = blockIdx.y, r = meta.rowwise[ri];
-  const size_t part0 = (static_cast<size_t>(ri) * num_heads + h) * splits;
-  const float* ml = partial + static_cast<size_t>(meta.num_rowwise) * num_heads * splits * head_dim + part0 * 2;
-  float total_max = -INFINITY;
-  for (int s = 0; s < splits; ++s) total_max = fmaxf(total_max, ml[2 * s + 1] > 0.0f ? ml[2 * s] : -INFINITY);
-  float total = 0.0f;
-  for (int s = 0; s < splits; ++s) total += ml[2 * s + 1] > 0.0f ? ml[2 * s + 1] * expf(ml[2 * s] - total_max) : 0.0f;
-  const float inv = 1.0f / total;
-  for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-    float o = 0.0f;
-    for (int s = 0; s < splits; ++s) {
-      const float l = ml[2 * s + 1];
-      if (l > 0.0f) o += partial[(part0 + s) * head_dim + d] * (l * expf(ml[2 * s] - total_max));
-    }
-    out[(static_cast<size_t>(r) * num_heads + h) * head_dim + d] = o * inv;
-  }
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
+  __shared__ float s_w[kMaxSplits], s_l[kMaxSplits], s_inv[1];
+  const int ri = blockIdx.y;
+  MergeSplits(meta, ri, meta.rowwise[ri], blockIdx.x, 1, num_heads, head_dim, splits, partial, out, s_w, s_l, s_inv);
 }
 
 int GroupPerBlock(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
@@ -232,10 +328,10 @@ template <class T, int kPerLane>
 void LaunchRows(cudaStream_t stream, const T* cache, const CacheGeometry& g, const AttnRows& meta, const RowArgs& a, int kg) {
   const dim3 grid(a.num_heads / a.group * a.head_chunks, meta.num_rowwise, a.splits);
   switch (kg) {
-    case 1: RowAttentionKernel<T, kPerLane, 1><<<grid, kRowWarps * 32, 0, stream>>>(cache, g, meta, a); break;
-    case 2: RowAttentionKernel<T, kPerLane, 2><<<grid, kRowWarps * 32, 0, stream>>>(cache, g, meta, a); break;
-    case 4: RowAttentionKernel<T, kPerLane, 4><<<grid, kRowWarps * 32, 0, stream>>>(cache, g, meta, a); break;
-    default: RowAttentionKernel<T, kPerLane, 8><<<grid, kRowWarps * 32, 0, stream>>>(cache, g, meta, a); break;
+    case 1: LaunchKernel(RowAttentionKernel<T, kPerLane, 1>, grid, kRowWarps * 32, 0, stream, cache, g, meta, a); break;
+    case 2: LaunchKernel(RowAttentionKernel<T, kPerLane, 2>, grid, kRowWarps * 32, 0, stream, cache, g, meta, a); break;
+    case 4: LaunchKernel(RowAttentionKernel<T, kPerLane, 4>, grid, kRowWarps * 32, 0, stream, cache, g, meta, a); break;
+    default: LaunchKernel(RowAttentionKernel<T, kPerLane, 8>, grid, kRowWarps * 32, 0, stream, cache, g, meta, a); break;
   }
 }
 
@@ -262,9 +358,26 @@ void WriteKv(cudaStream_t stream, void* cache, const KvLayout& layout, int layer
   const CacheGeometry g = Geometry(layout, layer);
   const int threads = g.token_elems >= 256 ? 256 : 64;
   if (layout.dtype == DType::kBF16) {
-    WriteKvKernel<<<meta.rows, threads, 0, stream>>>(static_cast<__nv_bfloat16*>(cache), g, meta, k, v);
+    LaunchKernel(WriteKvKernel<__nv_bfloat16>, meta.rows, threads, 0, stream, static_cast<__nv_bfloat16*>(cache), g, meta, k, v);
   } else {
-    WriteKvKernel<<<meta.rows, threads, 0, stream>>>(static_cast<float*>(cache), g, meta, k, v);
+    LaunchKernel(WriteKvKernel<float>, meta.rows, threads, 0, stream, static_cast<float*>(cache), g, meta, k, v);
+  }
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void RopeWriteKv(cudaStream_t stream, float* q, int num_heads, float* k, const float* v, const float* cos_sin, RopeStyle style,
+                 void* cache, const KvLayout& layout, int layer, const AttnRows& meta) {
+  if (meta.rows == 0) return;
+  const CacheGeometry g = Geometry(layout, layer);
+  const int threads = std::min(128, (layout.head_dim / 2 + 31) / 32 * 32);
+  const bool neox = style == RopeStyle::kNeox;
+  const dim3 grid(meta.rows, num_heads + layout.num_kv_heads);
+  if (layout.dtype == DType::kBF16) {
+    LaunchKernel(RopeWriteKvKernel<__nv_bfloat16>, grid, threads, 0, stream, static_cast<__nv_bfloat16*>(cache), g, meta, q,
+                 num_heads, k, v, cos_sin, neox);
+  } else {
+    LaunchKernel(RopeWriteKvKernel<float>, grid, threads, 0, stream, static_cast<float*>(cache), g, meta, q, num_heads, k, v,
+                 cos_sin, neox);
   }
   DYN_CUDA_CHECK_LAUNCH();
 }
@@ -282,7 +395,7 @@ int AttentionSplits(const KvLayout& layout, int num_heads, const AttnRows& meta)
   if (base >= 2 * g_multiprocessors) return 1;
   const int fill = std::min((2 * g_multiprocessors + base - 1) / base, (meta.max_len + 31) / 32);
   const int deep = std::min((8 * g_multiprocessors + base - 1) / base, (meta.max_len + 127) / 128);
-  const int want = std::max(fill, deep);
+  const int want = std::min(std::max(fill, deep), kMaxSplits);
   int splits = 1;
   while (splits * 2 <= want) splits *= 2;
   return splits;
@@ -293,8 +406,13 @@ size_t AttentionPartialFloats(const KvLayout& layout, int num_heads, const AttnR
   return static_cast<size_t>(meta.num_rowwise) * num_heads * splits * (layout.head_dim + 2);
 }
 
+size_t AttentionCounters(const KvLayout& layout, int num_heads, const AttnRows& meta) {
+  const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
+  return static_cast<size_t>(layout.num_kv_heads) * ((group + kg - 1) / kg) * meta.num_rowwise;
+}
+
 void Attention(cudaStream_t stream, const void* cache, const KvLayout& layout, int layer, const AttnRows& meta,
-               const float* q, int num_heads, float scale, int splits, float* partial, float* out) {
+               const float* q, int num_heads, float scale, int splits, float* partial, int* counters, float* out) {
   if (meta.rows == 0) return;
   if (layout.head_dim > kMaxHeadDim || layout.head_dim % 8 != 0) {
     Check(cudaErrorInvalidValue, "Attention: head_dim must be a multiple of 8 and <= 256", __FILE__, __LINE__);
@@ -303,15 +421,16 @@ void Attention(cudaStream_t stream, const void* cache, const KvLayout& layout, i
   if (meta.num_rowwise == 0) return;
   const CacheGeometry g = Geometry(layout, layer);
   const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
-  const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, splits, scale, partial, out};
+  const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, splits, scale, partial, out, counters};
   if (layout.dtype == DType::kBF16) {
     LaunchRowsAnyDim(stream, static_cast<const __nv_bfloat16*>(cache), g, meta, a, kg);
   } else {
     LaunchRowsAnyDim(stream, static_cast<const float*>(cache), g, meta, a, kg);
   }
   DYN_CUDA_CHECK_LAUNCH();
-  if (splits > 1) {
-    CombineSplitsKernel<<<dim3(num_heads, meta.num_rowwise), 128, 0, stream>>>(meta, num_heads, layout.head_dim, splits, partial, out);
+  if (splits > 1 && counters == nullptr) {
+    LaunchKernel(CombineSplitsKernel, dim3(num_heads, meta.num_rowwise), 128, 0, stream, meta, num_heads, layout.head_dim, splits,
+                 partial, out);
     DYN_CUDA_CHECK_LAUNCH();
   }
 }

@@ -11,6 +11,7 @@
 #include <cmath>
 
 #include "engine/native/backend/cuda/cuda_attention.cuh"
+#include "engine/native/backend/cuda/cuda_launch.cuh"
 
 namespace dyn::cuda {
 namespace {
@@ -45,6 +46,8 @@ __global__ void __launch_bounds__(kTileWarps * 32) TileAttentionKernel(const __n
   constexpr int kLd = kD + 8;  // padded rows: the fragment loads below hit 32 different banks
   __shared__ alignas(16) __nv_bfloat16 sk[kKeyTile][kLd];
   __shared__ alignas(16) __nv_bfloat16 sv[kKeyTile][kLd];
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g8 = lane / 4, t4 = lane % 4;
   const int r0 = meta.tiles[2 * blockIdx.x], nr = meta.tiles[2 * blockIdx.x + 1];
   const int h = blockIdx.y, kv_head = h / group;
@@ -183,9 +186,9 @@ void AttentionTiles(cudaStream_t stream, const void* cache, const KvLayout& layo
   const dim3 grid(meta.num_tiles, num_heads);
   const auto* c = static_cast<const __nv_bfloat16*>(cache);
   if (layout.head_dim == 64) {
-    TileAttentionKernel<64><<<grid, kTileWarps * 32, 0, stream>>>(c, g, meta, q, num_heads, group, scale_log2, out);
+    LaunchKernel(TileAttentionKernel<64>, grid, kTileWarps * 32, 0, stream, c, g, meta, q, num_heads, group, scale_log2, out);
   } else {
-    TileAttentionKernel<128><<<grid, kTileWarps * 32, 0, stream>>>(c, g, meta, q, num_heads, group, scale_log2, out);
+    LaunchKernel(TileAttentionKernel<128>, grid, kTileWarps * 32, 0, stream, c, g, meta, q, num_heads, group, scale_log2, out);
   }
   DYN_CUDA_CHECK_LAUNCH();
 }

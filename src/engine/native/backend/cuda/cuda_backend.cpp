@@ -12,8 +12,9 @@
 // for a capture. Host metadata is uploaded at call time; a second upload into the same device
 // array, or a growth that would free it, first runs the pending list, so each pending kernel
 // always reads the values it was called with. DYN_CUDA_GRAPHS=0 turns graphs off. The list also
-// allows one peephole fusion: a residual Add directly followed by an RmsNorm of the same rows
-// runs as one kernel.
+// allows peephole fusions, each bitwise the same as the calls it replaces: a residual Add followed
+// by an RmsNorm of the same rows; Rope of q and k followed by the WriteKv of that k; a gate/up
+// GEMV followed by SwiGlu of its outputs (DYN_CUDA_FUSE, a mask, picks the last two).
 #include "engine/native/backend/cuda/cuda_backend.h"
 
 #include <cublas_v2.h>
@@ -80,8 +81,14 @@ bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 constexpr int kGemvRows = 1;
 constexpr size_t kBlasWorkspace = size_t{32} << 20;  // fixed, so cuBLAS calls can be captured
 constexpr size_t kMaxGraphs = 16;
+// Fusions beyond Add + RmsNorm (DYN_CUDA_FUSE, a mask; unset = all): Rope q + Rope k + WriteKv,
+// gate/up GEMV + SwiGlu, the split merge inside the attention kernel.
+constexpr int kFuseRopeKv = 1, kFuseSwiGlu = 2, kFuseMerge = 4, kFuseAll = 7;
 
-enum Op : uint8_t { kEmbed, kNorm, kGemv, kGemvMulti, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv, kAttn, kSample };
+enum Op : uint8_t {
+  kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
+  kRopeWriteKv, kAttn, kSample
+};
 
 class CudaBackend : public Backend {
  public:
@@ -108,12 +115,21 @@ class CudaBackend : public Backend {
     CheckBlas(cublasSetStream(blas_, stream_), "cublasSetStream");
     DYN_CUDA_CHECK(cudaMalloc(&blas_workspace_, kBlasWorkspace));
     CheckBlas(cublasSetWorkspace(blas_, blas_workspace_, kBlasWorkspace), "cublasSetWorkspace");
-    const char* env = std::getenv("DYN_CUDA_GRAPHS");
-    graphs_enabled_ = env == nullptr || std::string(env) != "0";
+    auto env_on = [](const char* name) {
+      const char* v = std::getenv(name);
+      return v == nullptr || std::string(v) != "0";
+    };
+    graphs_enabled_ = env_on("DYN_CUDA_GRAPHS");
+    const char* fuse = std::getenv("DYN_CUDA_FUSE");  // a mask of kFuse* bits; unset: all
+    fuse_ = fuse == nullptr ? kFuseAll : std::atoi(fuse) & kFuseAll;
+    cuda::SetProgrammaticLaunch(env_on("DYN_CUDA_PDL"));
+    const char* weights = std::getenv("DYN_CUDA_WEIGHTS");
+    f32_weights_to_bf16_ = weights != nullptr && std::string(weights) == "bf16";
     const char* kv = std::getenv("DYN_CUDA_KV");
     kv_override_ = kv != nullptr ? kv : "";
     description_ = "cuda (" + std::string(prop.name) + ", sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
-                   std::to_string(prop.totalGlobalMem >> 30) + " GiB" + (graphs_enabled_ ? ", graphs" : "") + ")";
+                   std::to_string(prop.totalGlobalMem >> 30) + " GiB" + (graphs_enabled_ ? ", graphs" : "") +
+                   (cuda::ProgrammaticLaunch() ? ", pdl" : "") + (fuse_ == kFuseAll ? ", fused" : ", fuse " + std::to_string(fuse_)) + ")";
     return Status::Ok();
   }
 
@@ -195,7 +211,12 @@ class CudaBackend : public Backend {
       j.out[i] = outs[i];
     }
     const int64_t cols = ws[0].cols;
+    const size_t sig_size = sig_.size();
     Defer([=, this] { cuda::GemvBf16Multi(stream_, x, m, count, j.w, j.rows, cols, j.out); }, kGemvMulti, x, m, count, j, cols);
+    if ((fuse_ & kFuseSwiGlu) && count == 2 && j.rows[0] == j.rows[1]) {  // gate/up: a following SwiGlu joins this kernel
+      gate_up_ = {x, m, j.w[0], j.w[1], j.rows[0], cols, j.out[0], j.out[1], sig_size};
+      has_gate_up_ = true;
+    }
   }
 
   void GatherRows(const float* x, int dim, std::span<const uint32_t> rows, float* out) override {
@@ -212,6 +233,14 @@ class CudaBackend : public Backend {
     last_add_ = {x, y, n, sig_size};  // after Defer, which clears it
   }
   void SwiGlu(const float* gate, const float* up, size_t n, float* out) override {
+    if (has_gate_up_ && gate == gate_up_.gate && up == gate_up_.up && n == static_cast<size_t>(gate_up_.m) * gate_up_.rows) {
+      const GateUpCall c = gate_up_;
+      pending_.pop_back();
+      sig_.resize(c.sig_size);
+      Defer([=, this] { cuda::GemvBf16SwiGlu(stream_, c.x, c.m, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out); }, kGemvSwiGlu,
+            c.x, c.m, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out);
+      return;
+    }
     Defer([=, this] { cuda::SwiGlu(stream_, gate, up, n, out); }, kSwiGlu, gate, up, n, out);
   }
 
@@ -228,7 +257,20 @@ class CudaBackend : public Backend {
   }
 
   void Rope(float* x, int m, int heads, int head_dim, const float* cos_sin, RopeStyle style) override {
+    const RopeCall call{x, m, heads, head_dim, cos_sin, style, sig_.size()};
+    const int before = num_ropes_;
+    const RopeCall prev = ropes_[0];
     Defer([=, this] { cuda::Rope(stream_, x, m, heads, head_dim, cos_sin, style); }, kRope, x, m, heads, head_dim, cos_sin, style);
+    if (!(fuse_ & kFuseRopeKv)) return;
+    // Rope of q, then of k, then WriteKv of that k: fused into one kernel by WriteKv.
+    if (before == 1) {
+      ropes_[0] = prev;
+      ropes_[1] = call;
+      num_ropes_ = 2;
+    } else {
+      ropes_[0] = call;
+      num_ropes_ = 1;
+    }
   }
   void HeadRmsNorm(float* x, int m, int heads, int head_dim, const float* weight, float eps) override {
     const int64_t rows = int64_t{m} * heads;
@@ -237,7 +279,19 @@ class CudaBackend : public Backend {
 
   void WriteKv(float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs, const float* k,
                const float* v) override {
-    const cuda::AttnRows meta = AttnMeta(layout, seqs);
+    const cuda::AttnRows meta = AttnMeta(layout, seqs);  // may run the pending list (clears ropes_)
+    if (num_ropes_ == 2) {
+      const RopeCall rq = ropes_[0], rk = ropes_[1];
+      if (rk.x == k && rq.x != k && rq.x != v && rq.m == meta.rows && rk.m == meta.rows && rq.head_dim == layout.head_dim &&
+          rk.head_dim == layout.head_dim && rk.heads == layout.num_kv_heads && rq.cos_sin == rk.cos_sin && rq.style == rk.style) {
+        pending_.pop_back();
+        pending_.pop_back();
+        sig_.resize(rq.sig_size);
+        Defer([=, this] { cuda::RopeWriteKv(stream_, rq.x, rq.heads, rk.x, v, rq.cos_sin, rq.style, cache, layout, layer, meta); },
+              kRopeWriteKv, rq.x, rq.heads, k, v, rq.cos_sin, rq.style, cache, layout, layer, meta);
+        return;
+      }
+    }
     Defer([=, this] { cuda::WriteKv(stream_, cache, layout, layer, meta, k, v); }, kWriteKv, cache, layout, layer, meta, k, v);
   }
   void Attention(const float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs, const float* q,
@@ -247,8 +301,18 @@ class CudaBackend : public Backend {
     const size_t part_bytes = cuda::AttentionPartialFloats(layout, num_heads, meta, splits) * sizeof(float);
     if (!pending_.empty() && !attn_partial_.Fits(part_bytes)) Flush();  // growing frees what a pending kernel writes
     float* partial = part_bytes > 0 ? static_cast<float*>(attn_partial_.Get(part_bytes)) : nullptr;
-    Defer([=, this] { cuda::Attention(stream_, cache, layout, layer, meta, q, num_heads, scale, splits, partial, out); }, kAttn, cache,
-          layout, layer, meta, q, num_heads, scale, splits, partial, out);
+    int* counters = nullptr;  // the last block of each split group merges the splits (no combine launch)
+    if (splits > 1 && (fuse_ & kFuseMerge)) {
+      const size_t count_bytes = cuda::AttentionCounters(layout, num_heads, meta) * sizeof(int);
+      if (!attn_counters_.Fits(count_bytes)) {
+        if (!pending_.empty()) Flush();  // growing frees what a pending kernel uses
+        void* p = attn_counters_.Get(count_bytes);
+        DYN_CUDA_CHECK(cudaMemsetAsync(p, 0, attn_counters_.cap, stream_));  // the kernels leave them zero
+      }
+      counters = static_cast<int*>(attn_counters_.Get(count_bytes));
+    }
+    Defer([=, this] { cuda::Attention(stream_, cache, layout, layer, meta, q, num_heads, scale, splits, partial, counters, out); },
+          kAttn, cache, layout, layer, meta, q, num_heads, scale, splits, partial, counters, out);
   }
 
   bool samples_on_device() const override { return true; }
@@ -273,7 +337,7 @@ class CudaBackend : public Backend {
   // part of the list's signature.
   template <class F, class... A>
   void Defer(F&& launch, Op op, const A&... args) {
-    last_add_ = {};
+    ClearFusable();
     sig_.push_back(static_cast<char>(op));
     (AppendBytes(args), ...);
     pending_.emplace_back(std::forward<F>(launch));
@@ -293,6 +357,13 @@ class CudaBackend : public Backend {
     AppendBytes(m.rows);
     AppendBytes(m.num_tiles);
     AppendBytes(m.num_rowwise);  // not max_len: it grows every decode step; the split count it sets is appended
+  }
+  // What a peephole fusion needs of the trailing pending calls; any new call or a run of the list
+  // forgets it.
+  void ClearFusable() {
+    last_add_ = {};
+    num_ropes_ = 0;
+    has_gate_up_ = false;
   }
   void AppendBytes(const KvLayout& l) {
     AppendBytes(l.num_layers);
@@ -328,7 +399,9 @@ class CudaBackend : public Backend {
   cudaStream_t stream_ = nullptr;
   cublasHandle_t blas_ = nullptr;
   void* blas_workspace_ = nullptr;
-  Scratch ids_, gather_rows_, positions_, inv_freq_, attn_meta_, attn_partial_, x_bf16_, sample_params_, sample_out_;
+  Scratch ids_, gather_rows_, positions_, inv_freq_, attn_meta_, attn_partial_, attn_counters_, x_bf16_, sample_params_, sample_out_;
+  int fuse_ = kFuseAll;               // DYN_CUDA_FUSE: which fusions run (0: none)
+  bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;
   std::vector<Scratch*> written_;
@@ -349,6 +422,23 @@ class CudaBackend : public Backend {
     size_t n = 0;
     size_t sig_size = 0;  // signature length before it
   } last_add_;
+  struct RopeCall {  // a pending Rope (q, then k), fused with the WriteKv that follows them
+    float* x = nullptr;
+    int m = 0, heads = 0, head_dim = 0;
+    const float* cos_sin = nullptr;
+    RopeStyle style = RopeStyle::kNeox;
+    size_t sig_size = 0;
+  } ropes_[2];
+  int num_ropes_ = 0;
+  struct GateUpCall {  // the last pending call, when it is a two-weight GEMV (gate/up), fused with SwiGlu
+    const float* x = nullptr;
+    int m = 0;
+    const uint16_t *w_gate = nullptr, *w_up = nullptr;
+    int64_t rows = 0, cols = 0;
+    float *gate = nullptr, *up = nullptr;
+    size_t sig_size = 0;
+  } gate_up_;
+  bool has_gate_up_ = false;
   std::string sig_, last_sig_;
   std::unordered_map<std::string, cudaGraphExec_t> graphs_;
 };
@@ -377,7 +467,7 @@ void CudaBackend::Flush() {
     for (auto& launch : pending_) launch();
   }
   pending_.clear();
-  last_add_ = {};
+  ClearFusable();
   last_sig_.swap(sig_);
   sig_.clear();
   for (Scratch* s : written_) s->written = false;
@@ -398,11 +488,13 @@ Result<Weight> CudaBackend::PrepareWeight(const Weight& host, std::vector<std::u
     DYN_ASSIGN_OR_RETURN(auto buf, Allocate(n * 2));
     cuda::FillRandomBf16(stream_, static_cast<uint16_t*>(buf->data()), n, dummy_seed_++ * 0x51ED27ull,
                          std::sqrt(3.0f / static_cast<float>(host.cols)));
+    // The GEMV reads weights before it waits for the kernel before it (programmatic launch).
+    DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
     dev.data = buf->data();
     owned->push_back(std::move(buf));
     return dev;
   }
-  if (host.dtype == DType::kF32 || host.dtype == DType::kBF16) {
+  if ((host.dtype == DType::kF32 && !f32_weights_to_bf16_) || host.dtype == DType::kBF16) {
     DYN_ASSIGN_OR_RETURN(auto buf, Allocate(host.bytes()));
     CopyToBackend(buf->data(), host.data, host.bytes());
     dev.data = buf->data();
@@ -430,6 +522,7 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
     const float* wf = static_cast<const float*>(w.data);
     Defer(
         [=, this] {
+          cuda::BeforeLibraryCall(stream_);
           const float one = 1.0f, zero = 0.0f;
           CheckBlas(cublasSgemm(blas_, CUBLAS_OP_T, CUBLAS_OP_N, N, m, K, &one, wf, K, x, K, &zero, out, N), "cublasSgemm");
         },

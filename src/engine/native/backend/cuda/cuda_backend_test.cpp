@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -473,6 +474,128 @@ TEST_F(CudaBackendTest, PagedAttentionMatchesCpu) {
   for (DType kv : {DType::kF32, DType::kBF16})
     for (auto [p, c] : {std::pair{5, 3}, std::pair{70, 20}})
       for (int hd : {8, 64, 128, 256}) CheckAttention(*this, *cpu_, *gpu_, hd, p, c, kv);
+}
+
+// The peephole fusions (gate/up GEMV + SwiGlu, Rope of q and k + WriteKv, the split merge inside
+// the attention kernel) give the same bits as the separate kernels of a backend made with
+// DYN_CUDA_FUSE=0, on the call sequence the model issues at decode.
+TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
+  setenv("DYN_CUDA_FUSE", "0", 1);
+  auto plain_or = CreateCudaBackend(0);
+  unsetenv("DYN_CUDA_FUSE");
+  ASSERT_TRUE(plain_or.ok());
+  std::unique_ptr<Backend> plain = std::move(plain_or).value();
+  Backend* both[2] = {gpu_.get(), plain.get()};
+  std::vector<std::unique_ptr<Buffer>> keep;
+  auto up = [&](Backend& b, const void* data, size_t bytes) {
+    auto buf = b.Allocate(bytes);
+    EXPECT_TRUE(buf.ok());
+    float* p = (*buf)->f32();
+    b.CopyToBackend(p, data, bytes);
+    keep.push_back(std::move(buf).value());
+    return p;
+  };
+  auto down = [](Backend& b, const float* p, size_t n) {
+    std::vector<float> v(n);
+    b.CopyToHost(v.data(), p, n * sizeof(float));
+    return v;
+  };
+  {  // gate/up + SwiGlu at m = 1 and 2 (GEMV at 1, cuBLAS at 2), out aliasing gate as the model does
+    const int64_t K = 256, N = 201;
+    const std::vector<uint8_t> wg = RandomWeightBytes(DType::kBF16, N, K, 70), wu = RandomWeightBytes(DType::kBF16, N, K, 71);
+    // Prepared once per backend: a backend keeps prepared host weights by address (tied-weight
+    // dedup), so their device buffers must live as long as the backend uses them.
+    std::vector<std::unique_ptr<Buffer>> owned;
+    Weight dev_w[2][2];
+    for (int i = 0; i < 2; ++i) {
+      auto g = both[i]->PrepareWeight(Weight{DType::kBF16, N, K, wg.data()}, &owned);
+      auto u = both[i]->PrepareWeight(Weight{DType::kBF16, N, K, wu.data()}, &owned);
+      ASSERT_TRUE(g.ok() && u.ok());
+      dev_w[i][0] = *g;
+      dev_w[i][1] = *u;
+    }
+    for (int m : {1, 2}) {
+      const std::vector<float> x = RandomVec(m * K, 72 + m);
+      std::vector<float> want_gate(m * N), want_up(m * N);
+      cpu_->MatMul(x.data(), m, Weight{DType::kBF16, N, K, wg.data()}, want_gate.data());
+      cpu_->MatMul(x.data(), m, Weight{DType::kBF16, N, K, wu.data()}, want_up.data());
+      cpu_->SwiGlu(want_gate.data(), want_up.data(), want_gate.size(), want_gate.data());
+      std::vector<float> got[2];
+      for (int i = 0; i < 2; ++i) {
+        Backend& b = *both[i];
+        const std::vector<float> nan(m * N, std::numeric_limits<float>::quiet_NaN());
+        float* dx = up(b, x.data(), x.size() * 4);
+        float* gate = up(b, nan.data(), nan.size() * 4);
+        float* upo = up(b, nan.data(), nan.size() * 4);
+        const Weight ws[2] = {dev_w[i][0], dev_w[i][1]};
+        float* const outs[2] = {gate, upo};
+        b.MatMulShared(dx, m, ws, outs);
+        b.SwiGlu(gate, upo, static_cast<size_t>(m) * N, gate);
+        got[i] = down(b, gate, m * N);
+        const std::vector<float> got_up = down(b, upo, m * N);
+        EXPECT_LE(RelErr(got_up, want_up), m == 1 ? 1e-5 : 1e-2) << "up m=" << m << " backend " << i;
+        EXPECT_LE(RelErr(got[i], want_gate), m == 1 ? 1e-5 : 1e-2) << "swiglu m=" << m << " backend " << i;
+      }
+      EXPECT_EQ(got[0], got[1]) << "fused gate/up/SwiGlu m=" << m;
+    }
+  }
+  for (DType kv : {DType::kBF16, DType::kF32}) {  // RopeTable, Rope q, Rope k, WriteKv, Attention: two decode rows
+    KvLayout layout;
+    layout.num_layers = 2;
+    layout.num_kv_heads = 2;
+    layout.head_dim = 64;
+    layout.block_size = 16;
+    layout.num_blocks = 64;
+    layout.dtype = kv;
+    const int heads = 4, layer = 1, rows = 2;
+    std::vector<int32_t> table_a, table_b;
+    for (int i = 0; i < 30; ++i) table_a.push_back((i * 5 + 3) % 64), table_b.push_back((i * 5 + 4) % 64);
+    const std::vector<AttentionSeq> seqs = {{0, 1, 450, table_a}, {1, 1, 77, table_b}};
+    const std::vector<int32_t> positions = {450, 77};
+    std::vector<float> inv(layout.head_dim / 2);
+    for (size_t j = 0; j < inv.size(); ++j) inv[j] = 1.0f / std::pow(10000.0f, 2.0f * j / layout.head_dim);
+    const size_t cache_bytes = layout.BlockFloats() * layout.num_blocks * layout.ElementBytes();
+    std::vector<uint8_t> cache0(cache_bytes);
+    if (kv == DType::kBF16) {
+      const std::vector<float> c = RandomVec(cache_bytes / 2, 80);
+      for (size_t i = 0; i < c.size(); ++i) reinterpret_cast<uint16_t*>(cache0.data())[i] = ToBf16Bits(c[i]);
+    } else {
+      const std::vector<float> c = RandomVec(cache_bytes / 4, 80);
+      std::memcpy(cache0.data(), c.data(), cache_bytes);
+    }
+    const std::vector<float> q = RandomVec(rows * heads * 64, 81), k = RandomVec(rows * 128, 82), v = RandomVec(rows * 128, 83);
+    for (RopeStyle style : {RopeStyle::kNeox, RopeStyle::kInterleaved}) {
+      std::vector<float> got_q[2], got_k[2], got_out[2];
+      std::vector<uint8_t> got_cache[2];
+      for (int i = 0; i < 2; ++i) {
+        Backend& b = *both[i];
+        float* dcache = up(b, cache0.data(), cache_bytes);
+        float* dq = up(b, q.data(), q.size() * 4);
+        float* dk = up(b, k.data(), k.size() * 4);
+        float* dv = up(b, v.data(), v.size() * 4);
+        const std::vector<float> nan(rows * heads * 64, std::numeric_limits<float>::quiet_NaN());
+        float* cs = up(b, nan.data(), rows * 64 * 4);
+        float* out = up(b, nan.data(), nan.size() * 4);
+        b.RopeTable(positions, inv, cs);
+        b.Rope(dq, rows, heads, 64, cs, style);
+        b.Rope(dk, rows, 2, 64, cs, style);
+        b.WriteKv(dcache, layout, layer, seqs, dk, dv);
+        b.Attention(dcache, layout, layer, seqs, dq, heads, 0.125f, out);
+        got_out[i] = down(b, out, nan.size());
+        got_q[i] = down(b, dq, q.size());
+        got_k[i] = down(b, dk, k.size());
+        got_cache[i].resize(cache_bytes);
+        b.CopyToHost(got_cache[i].data(), dcache, cache_bytes);
+        EXPECT_LT(RelErr(got_out[i], got_out[i]), 1.0) << "NaN in attention output, backend " << i;
+      }
+      const char* what = kv == DType::kBF16 ? "bf16 cache" : "f32 cache";
+      EXPECT_EQ(got_q[0], got_q[1]) << "rotated q, " << what;
+      EXPECT_EQ(got_k[0], got_k[1]) << "rotated k, " << what;
+      EXPECT_TRUE(got_cache[0] == got_cache[1]) << "cache, " << what;
+      EXPECT_EQ(got_out[0], got_out[1]) << "attention with split merge, " << what;
+      EXPECT_NE(got_cache[0], cache0) << "nothing written, " << what;
+    }
+  }
 }
 
 TEST_F(CudaBackendTest, DummyWeightsAreRandomBf16) {

@@ -210,7 +210,9 @@ int ModelBench(const std::string& dir, int steps, const std::vector<int>& batche
   }
   std::printf("decode at context %d, sampling on the %s; weights read per step: %.2f GB\n", context, host_sampling ? "host" : "GPU",
               weight_gb);
-  std::printf("%6s %10s %12s %12s %14s\n", "batch", "ms/step", "tok/s/seq", "tok/s", "weight GB/s");
+  // "tokens": a hash of every greedy token of the timed steps, equal between builds and settings
+  // (DYN_CUDA_PDL, DYN_CUDA_FUSE) whose arithmetic is the same.
+  std::printf("%6s %10s %12s %12s %14s %18s\n", "batch", "ms/step", "tok/s/seq", "tok/s", "weight GB/s", "tokens");
   for (int B : batches) {
     std::vector<std::vector<uint32_t>> tok(B, std::vector<uint32_t>(1));
     std::vector<ForwardSeq> batch(B);
@@ -221,6 +223,7 @@ int ModelBench(const std::string& dir, int steps, const std::vector<int>& batche
       tok[b][0] = static_cast<uint32_t>(b + 1);
     }
     int pos = context;
+    uint64_t token_hash = 1469598103934665603ull;
     auto step = [&] {
       for (int b = 0; b < B; ++b) {
         batch[b].tokens = tok[b];
@@ -235,15 +238,20 @@ int ModelBench(const std::string& dir, int steps, const std::vector<int>& batche
       } else {
         DYN_CUDA_CHECK(m.ForwardSample(batch, greedy, next.data()).ok() ? cudaSuccess : cudaErrorUnknown);
       }
-      for (int b = 0; b < B; ++b) tok[b][0] = next[b];
+      for (int b = 0; b < B; ++b) {
+        tok[b][0] = next[b];
+        token_hash = (token_hash ^ next[b]) * 1099511628211ull;
+      }
       ++pos;
     };
     for (int i = 0; i < 4; ++i) step();
     pos = context;  // the timed steps rewrite the warm-up's slots
+    token_hash = 1469598103934665603ull;
     const auto t1 = Clock::now();
     for (int i = 0; i < steps; ++i) step();
     const double s = std::chrono::duration<double>(Clock::now() - t1).count() / steps;
-    std::printf("%6d %10.2f %12.1f %12.1f %14.0f\n", B, s * 1e3, 1 / s, B / s, weight_gb / s);
+    std::printf("%6d %10.2f %12.1f %12.1f %14.0f %18llx\n", B, s * 1e3, 1 / s, B / s, weight_gb / s,
+                static_cast<unsigned long long>(token_hash));
   }
   return 0;
 }

@@ -5,11 +5,14 @@
 // is one group of kWarpsPerRow warps: the lanes stream the row with 16-byte loads (8 bf16 each,
 // kUnroll loads in flight per lane, not kept in L1), multiply with the F32 activations (small,
 // served from L1/L2) and reduce with warp shuffles and a little shared memory. The weight is read
-// once for all m activation rows; several weights that share x (Q/K/V) run as one launch.
+// once for all m activation rows; several weights that share x (Q/K/V) run as one launch, and
+// gate/up can end in SwiGLU in the same kernel. With programmatic dependent launch the first
+// weight loads of each block are issued before the previous kernel has finished.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "engine/native/backend/cuda/cuda_kernels.h"
+#include "engine/native/backend/cuda/cuda_launch.cuh"
 
 namespace dyn::cuda {
 namespace {
@@ -24,6 +27,7 @@ struct GemvJobs {
   float* out[kGemvMaxJobs];
   int64_t rows[kGemvMaxJobs];
   unsigned first_block[kGemvMaxJobs];
+  float* swiglu_out;  // GemvBf16SwiGlu only
   int count;
 };
 
@@ -63,44 +67,67 @@ __device__ __forceinline__ void Accumulate(const uint4& wv, const float* __restr
   }
 }
 
-template <int M>
+// kSwiGlu: jobs are (gate, up) of equal rows; block b computes row b of both (row_in_block 0: gate,
+// 1: up) and also writes silu(gate) * up to jobs.swiglu_out.
+template <int M, bool kSwiGlu>
 __global__ void __launch_bounds__(kWarpsPerRow * kRowsPerBlock * 32)
     GemvBf16Kernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols) {
+  static_assert(!kSwiGlu || kRowsPerBlock == 2);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_in_block = warp / kWarpsPerRow, part = warp % kWarpsPerRow;
-  // Blocks are dealt out over the weights' rows in order; a block never straddles two weights
-  // (each weight's block range is rounded up).
   // Constant indices only, so the parameter struct is not copied to local memory.
   const uint16_t* wj = jobs.w[0];
   float* outj = jobs.out[0];
   int64_t rows = jobs.rows[0];
-  unsigned first = 0;
+  int64_t row;
+  if constexpr (kSwiGlu) {
+    if (row_in_block == 1) wj = jobs.w[1];
+    row = blockIdx.x;
+  } else {
+    // Blocks are dealt out over the weights' rows in order; a block never straddles two weights
+    // (each weight's block range is rounded up).
+    unsigned first = 0;
 #pragma unroll
-  for (int j = 1; j < kGemvMaxJobs; ++j) {
-    if (j < jobs.count && blockIdx.x >= jobs.first_block[j]) {
-      wj = jobs.w[j];
-      outj = jobs.out[j];
-      rows = jobs.rows[j];
-      first = jobs.first_block[j];
+    for (int j = 1; j < kGemvMaxJobs; ++j) {
+      if (j < jobs.count && blockIdx.x >= jobs.first_block[j]) {
+        wj = jobs.w[j];
+        outj = jobs.out[j];
+        rows = jobs.rows[j];
+        first = jobs.first_block[j];
+      }
     }
+    row = (blockIdx.x - first) * int64_t{kRowsPerBlock} + row_in_block;
   }
-  const int64_t row = (blockIdx.x - first) * int64_t{kRowsPerBlock} + row_in_block;
+  const bool live = row < rows;
+  const int64_t n8 = cols / 8;
+  constexpr int kStride = kWarpsPerRow * 32;
+  const uint4* wr = reinterpret_cast<const uint4*>(wj) + (live ? row : 0) * n8;
+  int64_t c = part * 32 + lane;
+  // The weights do not depend on the previous kernel: the first kUnroll loads are issued before
+  // waiting for it (programmatic dependent launch), so they overlap its tail.
+  uint4 wv[kUnroll];
+  const bool first_group = live && c + (kUnroll - 1) * kStride < n8;
+  if (first_group) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStreaming(wr + c + u * kStride);
+  }
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-  if (row < rows) {
-    const int64_t n8 = cols / 8;
-    const uint4* wr = reinterpret_cast<const uint4*>(wj) + row * n8;
-    const int stride = kWarpsPerRow * 32;
-    int64_t c = part * 32 + lane;
-    for (; c + (kUnroll - 1) * stride < n8; c += kUnroll * stride) {
-      uint4 wv[kUnroll];
+  if (first_group) {
+    while (true) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStreaming(wr + c + u * stride);
+      for (int u = 0; u < kUnroll; ++u) Accumulate<M>(wv[u], x, cols, c + u * kStride, acc);
+      c += kUnroll * kStride;
+      if (c + (kUnroll - 1) * kStride >= n8) break;
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) Accumulate<M>(wv[u], x, cols, c + u * stride, acc);
+      for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStreaming(wr + c + u * kStride);
     }
-    for (; c < n8; c += stride) Accumulate<M>(LoadStreaming(wr + c), x, cols, c, acc);
+  }
+  if (live) {
+    for (; c < n8; c += kStride) Accumulate<M>(LoadStreaming(wr + c), x, cols, c, acc);
   }
   __shared__ float partial[kRowsPerBlock][kWarpsPerRow][M];
 #pragma unroll
@@ -110,7 +137,19 @@ __global__ void __launch_bounds__(kWarpsPerRow * kRowsPerBlock * 32)
     if (lane == 0) partial[row_in_block][part][m] = v;
   }
   __syncthreads();
-  if (part == 0 && lane < M && row < rows) {
+  if constexpr (kSwiGlu) {
+    if (row_in_block == 0 && part == 0 && lane < M && live) {
+      float g = 0.0f, u = 0.0f;
+#pragma unroll
+      for (int p = 0; p < kWarpsPerRow; ++p) g += partial[0][p][lane];
+#pragma unroll
+      for (int p = 0; p < kWarpsPerRow; ++p) u += partial[1][p][lane];
+      const int64_t i = lane * rows + row;
+      jobs.out[0][i] = g;
+      jobs.out[1][i] = u;
+      jobs.swiglu_out[i] = __fmul_rn(g / (1.0f + expf(-g)), u);  // SwiGluKernel's arithmetic; may alias gate
+    }
+  } else if (part == 0 && lane < M && live) {
     float s = 0.0f;
 #pragma unroll
     for (int p = 0; p < kWarpsPerRow; ++p) s += partial[row_in_block][p][lane];
@@ -118,9 +157,24 @@ __global__ void __launch_bounds__(kWarpsPerRow * kRowsPerBlock * 32)
   }
 }
 
-template <int M>
+template <int M, bool kSwiGlu = false>
 void Launch(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
-  GemvBf16Kernel<M><<<blocks, kWarpsPerRow * kRowsPerBlock * 32, 0, stream>>>(x, jobs, cols);
+  LaunchKernel(GemvBf16Kernel<M, kSwiGlu>, blocks, kWarpsPerRow * kRowsPerBlock * 32, 0, stream, x, jobs, cols);
+}
+
+template <bool kSwiGlu>
+void LaunchAnyM(cudaStream_t stream, const float* x, int m, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
+  switch (m) {
+    case 1: Launch<1, kSwiGlu>(stream, x, jobs, cols, blocks); break;
+    case 2: Launch<2, kSwiGlu>(stream, x, jobs, cols, blocks); break;
+    case 3: Launch<3, kSwiGlu>(stream, x, jobs, cols, blocks); break;
+    case 4: Launch<4, kSwiGlu>(stream, x, jobs, cols, blocks); break;
+    case 5: Launch<5, kSwiGlu>(stream, x, jobs, cols, blocks); break;
+    case 6: Launch<6, kSwiGlu>(stream, x, jobs, cols, blocks); break;
+    case 7: Launch<7, kSwiGlu>(stream, x, jobs, cols, blocks); break;
+    case 8: Launch<8, kSwiGlu>(stream, x, jobs, cols, blocks); break;
+    default: Check(cudaErrorInvalidValue, "GemvBf16: m out of range", __FILE__, __LINE__);
+  }
 }
 
 }  // namespace
@@ -138,23 +192,26 @@ void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const 
     jobs.first_block[i] = static_cast<unsigned>(blocks);
     blocks += (rows[i] + kRowsPerBlock - 1) / kRowsPerBlock;
   }
-  const unsigned b = static_cast<unsigned>(blocks);
-  switch (m) {
-    case 1: Launch<1>(stream, x, jobs, cols, b); break;
-    case 2: Launch<2>(stream, x, jobs, cols, b); break;
-    case 3: Launch<3>(stream, x, jobs, cols, b); break;
-    case 4: Launch<4>(stream, x, jobs, cols, b); break;
-    case 5: Launch<5>(stream, x, jobs, cols, b); break;
-    case 6: Launch<6>(stream, x, jobs, cols, b); break;
-    case 7: Launch<7>(stream, x, jobs, cols, b); break;
-    case 8: Launch<8>(stream, x, jobs, cols, b); break;
-    default: Check(cudaErrorInvalidValue, "GemvBf16: m out of range", __FILE__, __LINE__);
-  }
+  LaunchAnyM<false>(stream, x, m, jobs, cols, static_cast<unsigned>(blocks));
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out) {
   GemvBf16Multi(stream, x, m, 1, &w, &rows, cols, &out);
+}
+
+void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* w_gate, const uint16_t* w_up, int64_t rows,
+                    int64_t cols, float* gate, float* up, float* out) {
+  GemvJobs jobs{};
+  jobs.count = 2;
+  jobs.w[0] = w_gate;
+  jobs.w[1] = w_up;
+  jobs.out[0] = gate;
+  jobs.out[1] = up;
+  jobs.rows[0] = jobs.rows[1] = rows;
+  jobs.swiglu_out = out;
+  LaunchAnyM<true>(stream, x, m, jobs, cols, static_cast<unsigned>(rows));
+  DYN_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace dyn::cuda

@@ -9,8 +9,16 @@
 #include <cstdlib>
 
 #include "engine/native/backend/cuda/cuda_kernels.h"
+#include "engine/native/backend/cuda/cuda_launch.cuh"
 
 namespace dyn::cuda {
+
+namespace {
+bool g_programmatic_launch = true;
+}  // namespace
+
+void SetProgrammaticLaunch(bool on) { g_programmatic_launch = on; }
+bool ProgrammaticLaunch() { return g_programmatic_launch; }
 
 void Check(cudaError_t err, const char* what, const char* file, int line) {
   if (err == cudaSuccess) return;
@@ -82,13 +90,18 @@ int Blocks(size_t n, int threads) {
 
 __global__ void EmbeddingKernel(DType dtype, const uint8_t* table, size_t row_bytes, int64_t cols, const uint32_t* ids,
                                 float* out) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   const uint8_t* row = table + ids[blockIdx.x] * row_bytes;
   float* o = out + blockIdx.x * cols;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) o[c] = LoadElement(dtype, row, c);
 }
 
+// Weight preparation: no early launch of the next kernel, which may be a GEMV that reads weights
+// before it waits (cuda_launch.cuh).
 __global__ void ConvertToBf16Kernel(DType dtype, const uint8_t* src, size_t row_bytes, int64_t rows, int64_t cols,
                                     __nv_bfloat16* dst) {
+  WaitForPreviousKernel();
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t r = i / cols, c = i % cols;
@@ -97,6 +110,7 @@ __global__ void ConvertToBf16Kernel(DType dtype, const uint8_t* src, size_t row_
 }
 
 __global__ void FillRandomBf16Kernel(__nv_bfloat16* dst, size_t n, uint64_t seed, float scale) {
+  WaitForPreviousKernel();
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
     uint64_t z = seed + i * 0x9E3779B97F4A7C15ull;  // splitmix64
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -107,7 +121,11 @@ __global__ void FillRandomBf16Kernel(__nv_bfloat16* dst, size_t n, uint64_t seed
   }
 }
 
+// Runs right before a cuBLAS matmul that reads `out`, so it does not let the next kernel launch
+// early: whether cuBLAS launches its kernels with programmatic serialization, and whether they wait
+// before reading their inputs, is not documented (a precaution, see cuda_launch.cuh).
 __global__ void F32ToBf16Kernel(const float* x, size_t n, __nv_bfloat16* out) {
+  WaitForPreviousKernel();
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x)
     out[i] = __float2bfloat16_rn(x[i]);
 }
@@ -119,6 +137,8 @@ __device__ __forceinline__ float WarpSum(float v) {
 
 // One block per row.
 __global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps, float* out) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   __shared__ float partial[32];
   __shared__ float scale_shared;
   const float* xr = x + blockIdx.x * int64_t{dim};
@@ -141,6 +161,8 @@ __global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps
 // x += y, then RMSNorm of the new x into out (one block per row): Add followed by RmsNorm in one
 // pass, with the same arithmetic as the two kernels.
 __global__ void AddRmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   __shared__ float partial[32];
   __shared__ float scale_shared;
   float* xr = x + blockIdx.x * int64_t{dim};
@@ -166,21 +188,29 @@ __global__ void AddRmsNormKernel(float* x, const float* y, const float* w, int d
 }
 
 __global__ void GatherRowsKernel(const float* x, int dim, const uint32_t* rows, float* out) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   const float* src = x + rows[blockIdx.x] * int64_t{dim};
   float* dst = out + blockIdx.x * int64_t{dim};
   for (int i = threadIdx.x; i < dim; i += blockDim.x) dst[i] = src[i];
 }
 
 __global__ void AddBiasKernel(float* x, int64_t total, int n, const float* bias) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x)
     x[i] += bias[i % n];
 }
 
 __global__ void AddKernel(float* x, const float* y, size_t n) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) x[i] += y[i];
 }
 
 __global__ void SwiGluKernel(const float* gate, const float* up, size_t n, float* out) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) {
     const float g = gate[i];
     out[i] = __fmul_rn(g / (1.0f + expf(-g)), up[i]);
@@ -188,6 +218,8 @@ __global__ void SwiGluKernel(const float* gate, const float* up, size_t n, float
 }
 
 __global__ void RopeTableKernel(const int32_t* positions, int m, const float* inv_freq, int half, float* cos_sin) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   const int total = m * half;
   for (int t = blockIdx.x * blockDim.x + threadIdx.x; t < total; t += gridDim.x * blockDim.x) {
     const int i = t / half, j = t % half;
@@ -201,6 +233,8 @@ __global__ void RopeTableKernel(const int32_t* positions, int m, const float* in
 
 // One thread per (row, head, pair).
 __global__ void RopeKernel(float* x, int m, int heads, int head_dim, const float* cos_sin, bool neox) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   const int half = head_dim / 2;
   const int64_t total = int64_t{m} * heads * half;
   for (int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; t < total; t += int64_t{gridDim.x} * blockDim.x) {
@@ -216,7 +250,9 @@ __global__ void RopeKernel(float* x, int m, int heads, int head_dim, const float
   }
 }
 
+// One block per row: at decode batch sizes the rows are few, so a wide block keeps each row short.
 int NormThreads(int dim) {
+  if (dim >= 4096) return 1024;
   if (dim >= 1024) return 256;
   if (dim >= 256) return 128;
   if (dim >= 64) return 64;
@@ -227,74 +263,82 @@ int NormThreads(int dim) {
 
 void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols, const uint32_t* ids, int n, float* out) {
   if (n == 0) return;
-  EmbeddingKernel<<<n, 256, 0, stream>>>(dtype, static_cast<const uint8_t*>(table), RowBytes(dtype, cols), cols, ids, out);
+  LaunchKernel(EmbeddingKernel, n, 256, 0, stream, dtype, static_cast<const uint8_t*>(table), RowBytes(dtype, cols), cols, ids, out);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void ConvertToBf16(cudaStream_t stream, DType dtype, const void* src, int64_t rows, int64_t cols, uint16_t* dst) {
-  ConvertToBf16Kernel<<<Blocks(rows * cols, 256), 256, 0, stream>>>(dtype, static_cast<const uint8_t*>(src),
+  LaunchKernel(ConvertToBf16Kernel, Blocks(rows * cols, 256), 256, 0, stream, dtype, static_cast<const uint8_t*>(src),
                                                                     RowBytes(dtype, cols), rows, cols,
                                                                     reinterpret_cast<__nv_bfloat16*>(dst));
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void FillRandomBf16(cudaStream_t stream, uint16_t* dst, size_t n, uint64_t seed, float scale) {
-  FillRandomBf16Kernel<<<Blocks(n, 256), 256, 0, stream>>>(reinterpret_cast<__nv_bfloat16*>(dst), n, seed, scale);
+  LaunchKernel(FillRandomBf16Kernel, Blocks(n, 256), 256, 0, stream, reinterpret_cast<__nv_bfloat16*>(dst), n, seed, scale);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+// Waits for the previous kernel and lets the next one start only when it has finished.
+static __global__ void BeforeLibraryCallKernel() { WaitForPreviousKernel(); }
+
+void BeforeLibraryCall(cudaStream_t stream) {
+  LaunchKernel(BeforeLibraryCallKernel, 1, 32, 0, stream);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out) {
-  F32ToBf16Kernel<<<Blocks(n, 256), 256, 0, stream>>>(x, n, reinterpret_cast<__nv_bfloat16*>(out));
+  LaunchKernel(F32ToBf16Kernel, Blocks(n, 256), 256, 0, stream, x, n, reinterpret_cast<__nv_bfloat16*>(out));
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
-  RmsNormKernel<<<static_cast<unsigned>(rows), NormThreads(dim), 0, stream>>>(x, w, dim, eps, out);
+  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, w, dim, eps, out);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
-  AddRmsNormKernel<<<static_cast<unsigned>(rows), NormThreads(dim), 0, stream>>>(x, y, w, dim, eps, out);
+  LaunchKernel(AddRmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, y, w, dim, eps, out);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void GatherRows(cudaStream_t stream, const float* x, int dim, const uint32_t* rows, int n, float* out) {
   if (n == 0) return;
-  GatherRowsKernel<<<n, 256, 0, stream>>>(x, dim, rows, out);
+  LaunchKernel(GatherRowsKernel, n, 256, 0, stream, x, dim, rows, out);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void AddBias(cudaStream_t stream, float* x, int m, int n, const float* bias) {
   const int64_t total = int64_t{m} * n;
   if (total == 0) return;
-  AddBiasKernel<<<Blocks(total, 256), 256, 0, stream>>>(x, total, n, bias);
+  LaunchKernel(AddBiasKernel, Blocks(total, 256), 256, 0, stream, x, total, n, bias);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void Add(cudaStream_t stream, float* x, const float* y, size_t n) {
   if (n == 0) return;
-  AddKernel<<<Blocks(n, 256), 256, 0, stream>>>(x, y, n);
+  LaunchKernel(AddKernel, Blocks(n, 256), 256, 0, stream, x, y, n);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void SwiGlu(cudaStream_t stream, const float* gate, const float* up, size_t n, float* out) {
   if (n == 0) return;
-  SwiGluKernel<<<Blocks(n, 256), 256, 0, stream>>>(gate, up, n, out);
+  LaunchKernel(SwiGluKernel, Blocks(n, 256), 256, 0, stream, gate, up, n, out);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void RopeTable(cudaStream_t stream, const int32_t* positions, int m, const float* inv_freq, int half, float* cos_sin) {
   if (m == 0) return;
-  RopeTableKernel<<<Blocks(size_t{1} * m * half, 256), 256, 0, stream>>>(positions, m, inv_freq, half, cos_sin);
+  LaunchKernel(RopeTableKernel, Blocks(size_t{1} * m * half, 256), 256, 0, stream, positions, m, inv_freq, half, cos_sin);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void Rope(cudaStream_t stream, float* x, int m, int heads, int head_dim, const float* cos_sin, RopeStyle style) {
   const size_t total = size_t{1} * m * heads * (head_dim / 2);
   if (total == 0) return;
-  RopeKernel<<<Blocks(total, 256), 256, 0, stream>>>(x, m, heads, head_dim, cos_sin, style == RopeStyle::kNeox);
+  LaunchKernel(RopeKernel, Blocks(total, 256), 256, 0, stream, x, m, heads, head_dim, cos_sin, style == RopeStyle::kNeox);
   DYN_CUDA_CHECK_LAUNCH();
 }
 

@@ -17,6 +17,10 @@ namespace dyn::cuda {
 // copy inside a void kernel call is a programming error the caller cannot handle.
 void Check(cudaError_t err, const char* what, const char* file, int line);
 #define DYN_CUDA_CHECK(expr) ::dyn::cuda::Check((expr), #expr, __FILE__, __LINE__)
+// Programmatic dependent launch for every kernel (cuda_launch.cuh): on by default; set once by the
+// backend (DYN_CUDA_PDL=0 turns it off).
+void SetProgrammaticLaunch(bool on);
+bool ProgrammaticLaunch();
 // Checks the last launch's configuration error.
 #define DYN_CUDA_CHECK_LAUNCH() ::dyn::cuda::Check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
 
@@ -26,8 +30,11 @@ void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols
 void ConvertToBf16(cudaStream_t stream, DType dtype, const void* src, int64_t rows, int64_t cols, uint16_t* dst);
 // dst[i] = bf16 of uniform(-scale, scale) from a counter-based hash of (seed, i).
 void FillRandomBf16(cudaStream_t stream, uint16_t* dst, size_t n, uint64_t seed, float scale);
-// out[i] = bf16(x[i]).
+// out[i] = bf16(x[i]). Like BeforeLibraryCall, lets the next kernel (cuBLAS) start only once done.
 void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out);
+// A one-block kernel to put before a library call (cuBLAS) that does not follow F32ToBf16, so the
+// library's kernels cannot start before the previous kernel has finished (cuda_launch.cuh).
+void BeforeLibraryCall(cudaStream_t stream);
 
 // RMSNorm of `rows` rows of length dim: out = x / sqrt(mean(x^2) + eps) * w; out may alias x.
 void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out);
@@ -66,6 +73,11 @@ bool AttentionHasTileKernel(const KvLayout& layout);
 // rounded to bf16 (nearest even) when layout.dtype is kBF16.
 void WriteKv(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,
              const float* v);
+// Rope of q ([rows][num_heads][head_dim]) and k ([rows][kv_heads][head_dim]) in place, then WriteKv
+// of the rotated k and of v: the three calls in one kernel, with the same arithmetic (bitwise the
+// same results).
+void RopeWriteKv(cudaStream_t stream, float* q, int num_heads, float* k, const float* v, const float* cos_sin, RopeStyle style,
+                 void* cache, const KvLayout& layout, int layer, const AttnRows& meta);
 // The GPU's multiprocessor count, which sizes the attention grid; set once by the backend
 // (device queries are kept out of kernel calls, which may run inside a graph capture).
 void SetMultiprocessorCount(int n);
@@ -76,10 +88,14 @@ void SetMultiprocessorCount(int n);
 int AttentionSplits(const KvLayout& layout, int num_heads, const AttnRows& meta);
 // Floats of the partial-result scratch Attention needs for `splits` > 1.
 size_t AttentionPartialFloats(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits);
+// Arrival counters the split merge needs (ints; zero before the first call, left zero after each).
+size_t AttentionCounters(const KvLayout& layout, int num_heads, const AttnRows& meta);
 // Causal paged attention (see Backend::Attention). head_dim <= 256 and a multiple of 8.
-// partial: device scratch of AttentionPartialFloats floats (unused when splits == 1).
+// partial: device scratch of AttentionPartialFloats floats (unused when splits == 1). counters:
+// AttentionCounters zeroed ints, with which the last block of each split group merges the splits;
+// null: a separate combine kernel does.
 void Attention(cudaStream_t stream, const void* cache, const KvLayout& layout, int layer, const AttnRows& meta,
-               const float* q, int num_heads, float scale, int splits, float* partial, float* out);
+               const float* q, int num_heads, float scale, int splits, float* partial, int* counters, float* out);
 // The tensor-core part (cuda_attention_mma.cu): meta.tiles only.
 void AttentionTiles(cudaStream_t stream, const void* cache, const KvLayout& layout, int layer, const AttnRows& meta,
                     const float* q, int num_heads, float scale, float* out);
@@ -94,6 +110,12 @@ void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int
 constexpr int kGemvMaxJobs = 4;
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out);
+
+// gate = x * w_gate^T and up = x * w_up^T (both [m][rows]) as GemvBf16Multi, and out = SwiGlu(gate,
+// up) in the same kernel (one block computes row r of both, so the product needs no second pass;
+// the same arithmetic as SwiGlu). out may alias gate.
+void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* w_gate, const uint16_t* w_up, int64_t rows,
+                    int64_t cols, float* gate, float* up, float* out);
 
 // One token per row of logits ([rows][vocab]): argmax (lowest id on ties) where temperature[r]
 // <= 0, else the first id where the running sum of exp((l - max) / T) passes uniform[r] * total.

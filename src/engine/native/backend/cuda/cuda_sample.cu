@@ -6,6 +6,7 @@
 #include <climits>
 
 #include "engine/native/backend/cuda/cuda_kernels.h"
+#include "engine/native/backend/cuda/cuda_launch.cuh"
 
 namespace dyn::cuda {
 namespace {
@@ -65,6 +66,8 @@ __global__ void __launch_bounds__(kSampleThreads) SampleRowsKernel(const float* 
   __shared__ int s_i[kWarps];
   __shared__ double s_scan[kWarps];
   __shared__ int s_pick;
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
   const float* l = logits + static_cast<size_t>(blockIdx.x) * vocab;
   float best = -FLT_MAX;
   int best_i = INT_MAX;
@@ -110,7 +113,7 @@ __global__ void __launch_bounds__(kSampleThreads) SampleRowsKernel(const float* 
 void SampleRows(cudaStream_t stream, const float* logits, int rows, int vocab, const float* temperature, const float* uniform,
                 uint32_t* out) {
   if (rows == 0) return;
-  SampleRowsKernel<<<rows, kSampleThreads, 0, stream>>>(logits, vocab, temperature, uniform, out);
+  LaunchKernel(SampleRowsKernel, rows, kSampleThreads, 0, stream, logits, vocab, temperature, uniform, out);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
