@@ -70,9 +70,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_server(dyn, engine, port, log_path):
-    cmd = [dyn, "run", "--model", GGUF, "--engine", engine, "--host", "127.0.0.1", "--port", str(port),
-           "--served-model-name", "smollm2"]
+def pinned(cpus, cmd):
+    """cmd run on the given CPUs only (taskset), so the server and the client do not share cores."""
+    return (["taskset", "-c", cpus] if cpus else []) + cmd
+
+
+def start_server(a, engine, port, log_path):
+    cmd = pinned(a.server_cpus, [a.dyn, "run", "--model", GGUF, "--engine", engine, "--host", "127.0.0.1",
+                                 "--port", str(port), "--served-model-name", "smollm2"])
+    if engine == "native" and a.server_threads:
+        cmd += ["--threads", str(a.server_threads)]
+    if engine == "mocker":
+        # Dynamo's timing model slowed down to GPU-like latencies in real time (TTFT of hundreds of
+        # ms, ITL of tens): a server whose latencies do not depend on sharing 2 cores with the clients.
+        cmd += ["--speedup-ratio", str(a.mocker_speedup), "--block-size", "16"]
     if engine == "echo":
         cmd += ["--echo-delay-ms", str(ECHO_DELAY_MS)]
     proc = subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT)
@@ -87,10 +98,10 @@ def start_server(dyn, engine, port, log_path):
 
 
 def run_dyn_bench(a, url, seed, out):
-    cmd = [a.dyn, "bench", "--url", url, "--model", "smollm2", "--endpoint", "completions",
+    cmd = pinned(a.client_cpus, [a.dyn, "bench", "--url", url, "--model", "smollm2", "--endpoint", "completions",
            "--concurrency", str(a.concurrency), "--num-requests", str(a.requests),
            "--warmup-requests", str(a.warmup), "--input-tokens", str(a.isl), "--output-tokens", str(a.osl),
-           "--seed", str(seed), "--json", out, "--no-progress"]
+           "--seed", str(seed), "--json", out, "--no-progress"])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     s = json.load(open(out))["runs"][0]["summary"]
     return cmd, {"ttft_p50": s["ttft_ms"]["p50"], "itl_p50": s["itl_ms"]["p50"],
@@ -99,14 +110,14 @@ def run_dyn_bench(a, url, seed, out):
 
 
 def run_aiperf(a, url, seed, out_dir, tokenizer):
-    cmd = [a.aiperf, "profile", "--model", "smollm2", "--url", url, "--endpoint-type", "completions",
+    cmd = pinned(a.client_cpus, [a.aiperf, "profile", "--model", "smollm2", "--url", url, "--endpoint-type", "completions",
            "--streaming", "--concurrency", str(a.concurrency), "--request-count", str(a.requests),
            "--warmup-request-count", str(a.warmup),
            "--prompt-input-tokens-mean", str(a.isl), "--prompt-input-tokens-stddev", "0",
            "--prompt-output-tokens-mean", str(a.osl), "--prompt-output-tokens-stddev", "0",
            "--extra-inputs", "ignore_eos:true", "--extra-inputs", f"min_tokens:{a.osl}",
            "--tokenizer", tokenizer, "--use-server-token-count", "--random-seed", str(seed),
-           "--output-artifact-dir", out_dir, "--ui-type", "none"]
+           "--output-artifact-dir", out_dir, "--ui-type", "none"])
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     m = json.load(open(os.path.join(out_dir, "profile_export_aiperf.json")))
     def get(name, stat):
@@ -130,6 +141,10 @@ def main():
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--out", default="/tmp/bench_vs_aiperf")
+    p.add_argument("--server-cpus", default="", help="taskset CPU list for the server (e.g. 0)")
+    p.add_argument("--client-cpus", default="", help="taskset CPU list for either client (e.g. 1)")
+    p.add_argument("--server-threads", type=int, default=0, help="native engine threads (0: all)")
+    p.add_argument("--mocker-speedup", type=float, default=0.1, help="mocker engine: simulated / real time")
     a = p.parse_args()
     os.makedirs(a.out, exist_ok=True)
     tokenizer = export_tokenizer(GGUF, os.path.join(a.out, "smollm2-tokenizer"))
@@ -137,7 +152,7 @@ def main():
     for engine in a.engines.split(","):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc, server_cmd = start_server(a.dyn, engine, port, os.path.join(a.out, f"server-{engine}.log"))
+        proc, server_cmd = start_server(a, engine, port, os.path.join(a.out, f"server-{engine}.log"))
         print("server:", " ".join(server_cmd), flush=True)
         runs = {"dyn bench": [], "aiperf": []}
         try:
