@@ -28,6 +28,9 @@ void LocalEngineFlags::Register(FlagSet& fs) {
   fs.Int("block-size", &block_size, "KV cache block size in tokens");
   fs.Int("kv-cache-mb", &kv_cache_mb, "KV cache size in MiB (when --num-kv-blocks is 0)");
   fs.Int("num-kv-blocks", &num_kv_blocks, "KV cache size in blocks (0: from --kv-cache-mb)");
+  fs.Double("gpu-memory-utilization", &gpu_memory_utilization,
+            "native engine on a GPU, unless --num-kv-blocks or --kv-cache-mb is given: the fraction of GPU "
+            "memory to use; the KV cache gets what the weights and the forward pass leave of it");
   fs.Int("max-num-seqs", &max_num_seqs, "most requests in one batch");
   fs.Int("max-num-batched-tokens", &max_batched, "most tokens in one step (chunked prefill budget)");
   fs.Bool("prefix-caching", &prefix_caching, "reuse cached KV blocks of shared prompt prefixes");
@@ -88,6 +91,21 @@ Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f, int* kv_block_siz
     eo.block_size = static_cast<int>(f.block_size);
     eo.num_kv_blocks = static_cast<int>(f.num_kv_blocks);
     eo.kv_cache_bytes = static_cast<size_t>(f.kv_cache_mb) << 20;
+    size_t free_bytes = 0, total_bytes = 0;
+    if (!f.Given("num-kv-blocks") && !f.Given("kv-cache-mb") && model->DeviceMemory(&free_bytes, &total_bytes)) {
+      // A GPU: the KV cache takes what --gpu-memory-utilization leaves after the weights and the
+      // forward pass's workspace.
+      const size_t reserve = ForwardWorkspaceBytes(cfg, static_cast<int>(f.max_batched), static_cast<int>(f.max_num_seqs));
+      eo.kv_cache_bytes = KvCacheBytesForDevice(total_bytes, free_bytes, f.gpu_memory_utilization, reserve);
+      DYN_LOG(INFO) << "KV cache: " << (eo.kv_cache_bytes >> 20) << " MiB of " << (total_bytes >> 20)
+                    << " MiB device memory (" << ((total_bytes - free_bytes) >> 20) << " MiB in use after loading, "
+                    << (reserve >> 20) << " MiB kept for the forward pass, --gpu-memory-utilization "
+                    << f.gpu_memory_utilization << ")";
+      if (eo.kv_cache_bytes == 0) {
+        return Status::ResourceExhausted("no device memory left for the KV cache at --gpu-memory-utilization " +
+                                         std::to_string(f.gpu_memory_utilization));
+      }
+    }
     eo.max_num_seqs = static_cast<int>(f.max_num_seqs);
     eo.max_num_batched_tokens = static_cast<int>(f.max_batched);
     eo.enable_prefix_caching = f.prefix_caching;

@@ -21,6 +21,7 @@ struct LocalEngineFlags {
   std::string load_format = "auto";  // native engine: auto (weight files) | dummy (config.json, random weights)
   int64_t threads = 0, block_size = 16, kv_cache_mb = 512, num_kv_blocks = 0;
   int64_t max_num_seqs = 64, max_batched = 2048, context_length = 0;
+  double gpu_memory_utilization = 0.9;  // native engine on a GPU (see Register)
   double echo_delay_ms = 0;
   double speedup_ratio = 1;  // mocker: simulated time / real time
   int64_t kv_bytes_per_token = 131072;  // mocker: KV transfer size (Llama-3.1-8B bf16)

@@ -92,6 +92,9 @@ class Backend {
   // Whether Buffers are host memory the CPU can read and write (and kernels may work on any host
   // memory, not only on Allocate's): lets the KV cache live in shared memory for KV transfer.
   virtual bool host_memory() const { return false; }
+  // A device backend: its memory's free and total bytes now (false: not a device, or unknown).
+  // Sizes the KV cache from --gpu-memory-utilization after the weights are loaded.
+  virtual bool DeviceMemory(size_t* free_bytes, size_t* total_bytes) const { return false; }
   // Element type of the KV cache for a model whose attention weights prepared to `weight_dtype`:
   // F32 on the CPU (and for KV transfer, which only runs on host-memory caches); the CUDA backend
   // keeps bf16 K/V for bf16 models (half the bytes attention reads) and F32 for F32 models.

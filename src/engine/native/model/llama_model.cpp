@@ -111,6 +111,10 @@ class LlamaModel : public Model {
     return Status::Ok();
   }
 
+  bool DeviceMemory(size_t* free_bytes, size_t* total_bytes) const override {
+    return backend_->DeviceMemory(free_bytes, total_bytes);
+  }
+
   void* KvCacheHostMemory() override { return kv_cache_ && backend_->host_memory() ? kv_cache_->data() : nullptr; }
 
   Status Forward(std::span<const ForwardSeq> batch, float* logits) override { return Run(batch, logits, {}, nullptr); }

@@ -2,6 +2,8 @@
 // builds the Llama-family model on the requested backend.
 #include "engine/native/model/model.h"
 
+#include <algorithm>
+
 #include "base/file.h"
 #include "engine/native/model/loaded_model.h"
 
@@ -34,6 +36,25 @@ Status ValidateLoadedModel(const LoadedModel& m) {
     }
   }
   return Status::Ok();
+}
+
+size_t KvCacheBytesForDevice(size_t total_bytes, size_t free_bytes, double utilization, size_t reserve_bytes) {
+  const double budget = utilization * static_cast<double>(total_bytes);
+  const double used = static_cast<double>(total_bytes - std::min(free_bytes, total_bytes));
+  const double left = budget - used - static_cast<double>(reserve_bytes);
+  return left > 0 ? static_cast<size_t>(left) : 0;
+}
+
+size_t ForwardWorkspaceBytes(const ModelConfig& c, int max_tokens, int max_seqs) {
+  const size_t m = static_cast<size_t>(std::max(1, max_tokens));
+  const size_t qkv = static_cast<size_t>(c.num_heads + 2 * c.num_kv_heads) * c.head_dim;
+  // Per token: residual, normed input, attention output (hidden each), q/k/v, gate and up; the
+  // model grows its buffers with 25 % slack; bf16 copies of the matmul inputs on a device.
+  const size_t per_token = (3 * static_cast<size_t>(c.hidden_size) + qkv + 2 * static_cast<size_t>(c.intermediate_size)) * 4;
+  const size_t bf16_inputs = std::max<size_t>(c.hidden_size, c.intermediate_size) * 2;
+  const size_t logits = static_cast<size_t>(std::max(1, max_seqs)) * static_cast<size_t>(c.vocab_size) * 4;
+  constexpr size_t kLibraries = size_t{1} << 30;  // cuBLAS workspaces, CUDA graphs, allocator slack
+  return (m * (per_token + bf16_inputs) + logits) * 5 / 4 + kLibraries;
 }
 
 Result<std::unique_ptr<Model>> LoadModel(const std::string& path, const ModelLoadOptions& options) {

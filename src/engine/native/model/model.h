@@ -85,6 +85,8 @@ class Model {
   virtual Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens) {
     return Status::Unsupported("this model's backend does not sample");
   }
+  // A device backend's free and total memory now (false on the CPU backend).
+  virtual bool DeviceMemory(size_t* free_bytes, size_t* total_bytes) const { return false; }
   // Human-readable summary for logs: architecture, sizes, weight types, backend.
   virtual std::string Describe() const = 0;
 };
@@ -97,6 +99,14 @@ struct ModelLoadOptions {
   // on the device by a GPU backend: for speed runs of a model's shape without its weights.
   std::string load_format = "auto";
 };
+
+// KV cache bytes for a device of `total_bytes` of which `free_bytes` are free after the weights
+// were loaded (vLLM's --gpu-memory-utilization): utilization * total, minus what is in use, minus
+// `reserve_bytes` for activations and library workspaces; 0 when nothing is left.
+size_t KvCacheBytesForDevice(size_t total_bytes, size_t free_bytes, double utilization, size_t reserve_bytes);
+// The forward pass's workspace for steps of up to max_tokens tokens and max_seqs sequences
+// (activations in F32, logits, and a fixed allowance for cuBLAS workspaces and CUDA graphs).
+size_t ForwardWorkspaceBytes(const ModelConfig& config, int max_tokens, int max_seqs);
 
 // Loads a Hugging Face directory (config.json + *.safetensors) or a .gguf file (see
 // ModelLoadOptions::load_format for config-only dummy weights). Unsupported architectures and

@@ -328,3 +328,34 @@ TEST(SmolLM2Gguf, BatchedSequencesMatchAlone) {
 
 }  // namespace
 }  // namespace dyn
+
+namespace dyn {
+namespace {
+
+TEST(GpuMemory, KvCacheTakesWhatUtilizationLeaves) {
+  constexpr size_t kGiB = size_t{1} << 30;
+  // 140 GiB device, 16 GiB of weights in use, 90 %: 126 - 16 - 2 (reserve) = 108 GiB.
+  EXPECT_EQ(KvCacheBytesForDevice(140 * kGiB, 124 * kGiB, 0.9, 2 * kGiB), 108 * kGiB);
+  // More in use than the budget, or a reserve that does not fit: nothing, not a wrap-around.
+  EXPECT_EQ(KvCacheBytesForDevice(140 * kGiB, 10 * kGiB, 0.9, 0), 0u);
+  EXPECT_EQ(KvCacheBytesForDevice(140 * kGiB, 124 * kGiB, 0.9, 200 * kGiB), 0u);
+  EXPECT_EQ(KvCacheBytesForDevice(140 * kGiB, 150 * kGiB, 0.5, 0), 70 * kGiB);  // free > total: clamp
+}
+
+TEST(GpuMemory, WorkspaceGrowsWithTheBatchAndStaysSmallNextToAnEightBModel) {
+  ModelConfig c;  // Llama-3.1-8B's shape
+  c.hidden_size = 4096;
+  c.intermediate_size = 14336;
+  c.num_heads = 32;
+  c.num_kv_heads = 8;
+  c.head_dim = 128;
+  c.vocab_size = 128256;
+  const size_t small = ForwardWorkspaceBytes(c, 256, 16);
+  const size_t large = ForwardWorkspaceBytes(c, 8192, 1024);
+  EXPECT_GT(large, small);
+  EXPECT_GT(large, size_t{1} << 30);
+  EXPECT_LT(large, size_t{4} << 30);  // well under the 16 GB of weights
+}
+
+}  // namespace
+}  // namespace dyn

@@ -134,6 +134,9 @@ class CudaBackend : public Backend {
   }
 
   std::string Describe() const override { return description_; }
+  bool DeviceMemory(size_t* free_bytes, size_t* total_bytes) const override {
+    return cudaMemGetInfo(free_bytes, total_bytes) == cudaSuccess;
+  }
 
   // bf16 K/V for bf16 (and dequantized) models: half the bytes attention reads, and the tensor-core
   // prefill kernel reads it directly. F32 models (tiny reference models) keep an F32 cache.
