@@ -4,6 +4,7 @@
 #include <condition_variable>
 #include <unordered_set>
 #include <cstdlib>
+#include <functional>
 #include <mutex>
 #include <sstream>
 
@@ -26,6 +27,22 @@ KvLayoutDesc LayoutOf(const KvCacheGeometry& g) {
   l.dtype = g.dtype;
   l.block_bytes = g.block_bytes;
   return l;
+}
+
+// One "kv_release" call; `done` gets the end status and whether the source still held the lease.
+void CallKvRelease(RequestClient& client, const std::string& address, uint64_t lease_id,
+                   std::shared_ptr<RequestContext> context, std::function<void(const Status&, bool released)> done) {
+  auto released = std::make_shared<bool>(false);  // callbacks run in order on one io thread
+  CallCallbacks cb;
+  cb.on_data = [released](std::string_view payload) {
+    boost::system::error_code ec;
+    json::value v = json::parse(payload, ec);
+    if (ec || !v.is_object()) return;
+    const json::value* r = v.get_object().if_contains("released");
+    *released = r != nullptr && r->is_bool() && r->get_bool();
+  };
+  cb.on_end = [released, done = std::move(done)](const Status& s) { done(s, *released); };
+  client.Call(address, "kv_release", EncodeKvRelease(lease_id), std::move(context), std::move(cb));
 }
 
 class WorkerKvTransferImpl final : public WorkerKvTransfer {
@@ -183,11 +200,12 @@ class WorkerKvTransferImpl final : public WorkerKvTransfer {
     DYN_RETURN_IF_ERROR(sink_->Pull(d, src, dst, layout, region));
     // The copy is only good if the lease held for all of it: a lease that expired meanwhile let
     // the source reuse the blocks. Releasing it now, and waiting for the answer, tells which.
-    if (!d.control_address.empty()) DYN_RETURN_IF_ERROR(ReleaseAfterCopy(d));
+    if (!d.control_address.empty()) DYN_RETURN_IF_ERROR(ReleaseAfterCopy(d, std::hash<std::string>{}(descriptor)));
     return dst.size() * layout.block_bytes;
   }
 
-  Status ReleaseAfterCopy(const KvTransferDescriptor& d) {
+  // `key` identifies the descriptor text for Release, which the engine calls next.
+  Status ReleaseAfterCopy(const KvTransferDescriptor& d, size_t key) {
     std::shared_ptr<RequestClient> client;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -201,24 +219,15 @@ class WorkerKvTransferImpl final : public WorkerKvTransfer {
       Status status;
     };
     auto reply = std::make_shared<Reply>();
-    CallCallbacks cb;
-    cb.on_data = [reply](std::string_view payload) {
-      boost::system::error_code ec;
-      json::value v = json::parse(payload, ec);
-      std::lock_guard<std::mutex> lock(reply->mu);
-      if (!ec && v.is_object()) {
-        const json::value* r = v.get_object().if_contains("released");
-        reply->released = r != nullptr && r->is_bool() && r->get_bool();
-      }
-    };
-    cb.on_end = [reply](const Status& st) {
-      std::lock_guard<std::mutex> lock(reply->mu);
-      reply->status = st;
-      reply->done = true;
-      reply->cv.notify_all();
-    };
     auto context = std::make_shared<RequestContext>("kv_release-" + std::to_string(d.lease_id));
-    client->Call(d.control_address, "kv_release", EncodeKvRelease(d.lease_id), context, std::move(cb));
+    CallKvRelease(*client, d.control_address, d.lease_id, context,
+                  [reply](const Status& st, bool released) {
+                    std::lock_guard<std::mutex> lock(reply->mu);
+                    reply->status = st;
+                    reply->released = released;
+                    reply->done = true;
+                    reply->cv.notify_all();
+                  });
     std::unique_lock<std::mutex> lock(reply->mu);
     if (!reply->cv.wait_for(lock, std::chrono::milliseconds(options_.sink.io_timeout_ms), [&] { return reply->done; })) {
       lock.unlock();
@@ -232,21 +241,20 @@ class WorkerKvTransferImpl final : public WorkerKvTransfer {
     if (!reply->released) return Status::Unavailable("the KV lease expired before the copy finished");
     std::lock_guard<std::mutex> g(mu_);
     if (released_.size() > 4096) released_.clear();  // only a bound: an extra release is harmless
-    released_.insert(d.control_address + "/" + std::to_string(d.lease_id));
+    released_.insert(key);
     return Status::Ok();
   }
 
+  // Runs on the engine's step thread: the usual case (Pull released it already) costs a hash of
+  // the descriptor text, not a JSON parse.
   void Release(const std::string& descriptor) {
-    auto d = DecodeDescriptor(descriptor);
-    if (!d.ok() || d->control_address.empty()) return;  // nothing to tell: the lease expires
     std::shared_ptr<RequestClient> client;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      // Pull released it already (the usual case): nothing to send.
-      if (released_.erase(d->control_address + "/" + std::to_string(d->lease_id)) > 0) return;
+      if (released_.erase(std::hash<std::string>{}(descriptor)) > 0) return;
       client = release_client_;
     }
-    if (client) SendKvRelease(*client, descriptor);
+    if (client) SendKvRelease(*client, descriptor);  // no-op without a control address
   }
 
   const WorkerKvTransferOptions options_;
@@ -259,7 +267,7 @@ class WorkerKvTransferImpl final : public WorkerKvTransfer {
   KvRegion region_;
   bool have_layout_ = false;
   std::string control_address_;
-  std::unordered_set<std::string> released_;  // "address/lease" released by Pull
+  std::unordered_set<size_t> released_;  // hashes of descriptors Pull released
 };
 
 }  // namespace
@@ -298,15 +306,12 @@ void SendKvRelease(RequestClient& client, const std::string& descriptor) {
   if (!d.ok() || d->control_address.empty()) return;
   const uint64_t lease = d->lease_id;
   const std::string address = d->control_address;
-  CallCallbacks cb;
-  cb.on_data = [](std::string_view) {};
-  cb.on_end = [lease, address](const Status& s) {
-    if (!s.ok()) {
-      DYN_LOG(WARN) << "kv_release of lease " << lease << " at " << address << ": " << s.ToString();
-    }
-  };
-  client.Call(address, "kv_release", EncodeKvRelease(lease),
-              std::make_shared<RequestContext>("kv_release-" + std::to_string(lease)), std::move(cb));
+  CallKvRelease(client, address, lease, std::make_shared<RequestContext>("kv_release-" + std::to_string(lease)),
+                [lease, address](const Status& s, bool) {
+                  if (!s.ok()) {
+                    DYN_LOG(WARN) << "kv_release of lease " << lease << " at " << address << ": " << s.ToString();
+                  }
+                });
 }
 
 std::string EncodeKvRelease(uint64_t lease_id) {

@@ -18,6 +18,7 @@
 namespace dyn {
 namespace {
 
+using testing::Eventually;
 using testing::Request;
 using testing::Stream;
 
@@ -70,38 +71,40 @@ struct Pair {
     if (decode_t) decode_t->Stop();
   }
 
-  // Prefill on one engine, decode on the other: the whole output (first token included).
-  std::vector<uint32_t> Disaggregated(const std::vector<uint32_t>& prompt, int max_tokens, std::string* error) {
+  // The prompt's prefill-only half on the prefill engine; `ps` gets its token and descriptor.
+  void Prefill(const std::vector<uint32_t>& prompt, int max_tokens, Stream& ps) {
     PreprocessedRequest p = Request(prompt, max_tokens);
     p.phase = RequestPhase::kPrefillOnly;
-    Stream ps;
     prefill->Generate(p, std::make_shared<RequestContext>("p"), ps.Sink());
     EXPECT_TRUE(ps.Wait());
+  }
+
+  // The decode half on the decode engine, importing what `ps` (a finished Prefill) describes.
+  void Import(const std::vector<uint32_t>& prompt, int max_tokens, const Stream& ps, Stream& ds) {
+    PreprocessedRequest d = Request(prompt, max_tokens);
+    d.phase = RequestPhase::kDecodeImported;
+    d.kv_transfer = ps.kv_transfer;
+    d.first_token = ps.tokens.at(0);
+    decode->Generate(d, std::make_shared<RequestContext>("d"), ds.Sink());
+    EXPECT_TRUE(ds.Wait());
+  }
+
+  // Prefill on one engine, decode on the other: the whole output (first token included).
+  std::vector<uint32_t> Disaggregated(const std::vector<uint32_t>& prompt, int max_tokens, std::string* error) {
+    Stream ps;
+    Prefill(prompt, max_tokens, ps);
     if (ps.tokens.size() != 1 || ps.kv_transfer.empty()) {
       *error = "prefill: " + ps.error;
       return ps.tokens;
     }
-    PreprocessedRequest d = Request(prompt, max_tokens);
-    d.phase = RequestPhase::kDecodeImported;
-    d.kv_transfer = ps.kv_transfer;
-    d.first_token = ps.tokens[0];
     Stream ds;
-    decode->Generate(d, std::make_shared<RequestContext>("d"), ds.Sink());
-    EXPECT_TRUE(ds.Wait());
+    Import(prompt, max_tokens, ps, ds);
     if (*ds.finish == FinishReason::kError) *error = ds.error;
     std::vector<uint32_t> out = ps.tokens;
     out.insert(out.end(), ds.tokens.begin(), ds.tokens.end());
     return out;
   }
 };
-
-bool WaitFor(const std::function<bool()>& pred) {
-  for (int i = 0; i < 400; ++i) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  return pred();
-}
 
 std::vector<uint32_t> Aggregated(Engine& engine, const std::vector<uint32_t>& prompt, int max_tokens) {
   Stream s;
@@ -125,14 +128,14 @@ TEST_P(WorkerKvTransferTest, DisaggregatedEqualsAggregatedAndLeasesEnd) {
     EXPECT_EQ(got, Aggregated(**agg, prompt, 12)) << "prompt " << i;
   }
   // The decode side released every lease over the request plane.
-  EXPECT_TRUE(WaitFor([&] { return pair.prefill->Metrics().kv_leases == 0; }));
+  EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_leases == 0; }));
   EXPECT_EQ(pair.prefill->Metrics().kv_leased_blocks, 0);
   const EngineMetrics dm = pair.decode->Metrics();
   EXPECT_EQ(dm.kv_transfers, 6u);
   EXPECT_EQ(dm.kv_transfer_failures, 0u);
   EXPECT_GT(dm.kv_transfer_bytes, 0u);
   EXPECT_EQ(pair.decode_t->stats().transfers, 6u);
-  EXPECT_TRUE(WaitFor([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
+  EXPECT_TRUE(Eventually([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
   (*agg)->Shutdown();
 }
 
@@ -156,51 +159,37 @@ INSTANTIATE_TEST_SUITE_P(Backends, WorkerKvTransferTest, ::testing::Values("tcp"
 TEST(WorkerKvTransfer, LeaseExpiresWhenNobodyPulls) {
   Pair pair;
   ASSERT_TRUE(pair.Start("tcp", std::chrono::milliseconds(200)).ok());
-  PreprocessedRequest p = Request(StoryPrompt(30, 1), 8);
-  p.phase = RequestPhase::kPrefillOnly;
+  const auto prompt = StoryPrompt(30, 1);
   Stream ps;
-  pair.prefill->Generate(p, std::make_shared<RequestContext>("p"), ps.Sink());
-  ASSERT_TRUE(ps.Wait());
+  pair.Prefill(prompt, 8, ps);
   ASSERT_FALSE(ps.kv_transfer.empty());
   EXPECT_EQ(pair.prefill->Metrics().kv_leases, 1);
   EXPECT_GT(pair.prefill->Metrics().kv_leased_blocks, 0);
-  EXPECT_TRUE(WaitFor([&] { return pair.prefill->Metrics().kv_leases == 0; }));
+  EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_leases == 0; }));
   EXPECT_EQ(pair.prefill->Metrics().kv_leased_blocks, 0);
   // A copy made after the lease expired may hold another prompt's KV by now: the decode side
   // learns it from the release and fails the request instead of decoding from it.
-  PreprocessedRequest d = Request(p.token_ids, 8);
-  d.phase = RequestPhase::kDecodeImported;
-  d.kv_transfer = ps.kv_transfer;
-  d.first_token = ps.tokens[0];
   Stream ds;
-  pair.decode->Generate(d, std::make_shared<RequestContext>("d"), ds.Sink());
-  ASSERT_TRUE(ds.Wait());
+  pair.Import(prompt, 8, ps, ds);
   EXPECT_EQ(*ds.finish, FinishReason::kError);
   EXPECT_NE(ds.error.find("lease expired"), std::string::npos) << ds.error;
-  EXPECT_TRUE(WaitFor([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
+  EXPECT_TRUE(Eventually([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
 }
 
 TEST(WorkerKvTransfer, DeadSourceFailsThePullWithUnavailable) {
   Pair pair;
   ASSERT_TRUE(pair.Start("tcp").ok());
-  PreprocessedRequest p = Request(StoryPrompt(30, 2), 8);
-  p.phase = RequestPhase::kPrefillOnly;
+  const auto prompt = StoryPrompt(30, 2);
   Stream ps;
-  pair.prefill->Generate(p, std::make_shared<RequestContext>("p"), ps.Sink());
-  ASSERT_TRUE(ps.Wait());
+  pair.Prefill(prompt, 8, ps);
   ASSERT_FALSE(ps.kv_transfer.empty());
   pair.prefill_t->Stop();  // the source goes away before the decode side pulls
-  PreprocessedRequest d = Request(p.token_ids, 8);
-  d.phase = RequestPhase::kDecodeImported;
-  d.kv_transfer = ps.kv_transfer;
-  d.first_token = ps.tokens[0];
   Stream ds;
-  pair.decode->Generate(d, std::make_shared<RequestContext>("d"), ds.Sink());
-  ASSERT_TRUE(ds.Wait());
+  pair.Import(prompt, 8, ps, ds);
   EXPECT_EQ(*ds.finish, FinishReason::kError);
   EXPECT_EQ(ds.error.rfind("Unavailable", 0), 0u) << ds.error;
   EXPECT_EQ(pair.decode->Metrics().kv_transfer_failures, 1u);
-  EXPECT_TRUE(WaitFor([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
+  EXPECT_TRUE(Eventually([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
 }
 
 TEST(WorkerKvTransfer, LayoutMismatchIsRefusedWithAClearError) {

@@ -21,6 +21,7 @@ using testing::FakeModel;
 using namespace std::chrono_literals;
 
 using testing::Prompt;
+using testing::Eventually;
 using testing::Request;
 using testing::Stream;
 
@@ -102,14 +103,6 @@ struct Pair {
     return all;
   }
 };
-
-bool Eventually(const std::function<bool()>& pred) {
-  for (int i = 0; i < 400; ++i) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(5ms);
-  }
-  return pred();
-}
 
 TEST(NativeEngineDisagg, PrefillThenDecodeEqualsAggregated) {
   Pair pair;

@@ -4,9 +4,11 @@
 
 #include <chrono>
 #include <condition_variable>
+#include <functional>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/engine.h"
@@ -48,6 +50,15 @@ struct Stream {
     return cv.wait_for(lock, timeout, [&] { return finish.has_value(); });
   }
 };
+
+// Polls `pred` until it holds (true) or about 4 s pass (false): for state another thread settles.
+inline bool Eventually(const std::function<bool()>& pred) {
+  for (int i = 0; i < 800; ++i) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  return pred();
+}
 
 inline std::vector<uint32_t> Prompt(int n, uint32_t seed, int vocab = 64) {
   std::vector<uint32_t> t(n);
