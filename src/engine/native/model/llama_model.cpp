@@ -300,9 +300,17 @@ Status LlamaModel::Run(std::span<const ForwardSeq> batch, float* logits, std::sp
   const int S = static_cast<int>(logit_rows.size());
   DYN_RETURN_IF_ERROR(Ensure(last_, S * hidden));
   DYN_RETURN_IF_ERROR(Ensure(logits_, static_cast<size_t>(S) * c.vocab_size));
-  be.GatherRows(x, c.hidden_size, logit_rows, last_->f32());
-  be.RmsNorm(last_->f32(), output_norm_->f32(), S, c.hidden_size, c.rms_norm_eps, last_->f32());
-  be.MatMul(last_->f32(), S, output_, logits_->f32());
+  // The rows to sample, normalized into h (free by now; the one-row GEMV takes the norm as its
+  // prologue when its input is not its output). A decode step samples every row: no gather.
+  bool all_rows = S == T;
+  for (int i = 0; all_rows && i < S; ++i) all_rows = logit_rows[i] == static_cast<uint32_t>(i);
+  const float* rows = x;
+  if (!all_rows) {
+    be.GatherRows(x, c.hidden_size, logit_rows, last_->f32());
+    rows = last_->f32();
+  }
+  be.RmsNorm(rows, output_norm_->f32(), S, c.hidden_size, c.rms_norm_eps, h);
+  be.MatMul(h, S, output_, logits_->f32());
   if (tokens != nullptr) {
     if (sampling.size() != static_cast<size_t>(S)) return Status::InvalidArgument("ForwardSample: one DeviceSampling per sampled sequence");
     std::vector<float> temperature(S), uniform(S);

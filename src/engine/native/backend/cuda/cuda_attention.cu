@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "engine/native/backend/cuda/cuda_attention.cuh"
 #include "engine/native/backend/cuda/cuda_launch.cuh"
@@ -26,6 +27,7 @@ constexpr int kMaxHeadDim = 256;
 constexpr int kRowWarps = 4;
 constexpr int kKeys = 4;  // keys per warp per iteration, loads in flight together
 int g_multiprocessors = 132;  // an H100/H200's, until SetMultiprocessorCount
+bool g_half_warp_rows = true;  // RowAttentionHalfWarpKernel where it applies (SetHalfWarpAttention)
 
 // n contiguous elements at p (16-byte vector loads where n allows) as floats.
 template <int kN>
@@ -186,6 +188,70 @@ __device__ void MergeSplits(const AttnRows& meta, int ri, int r, int h0, int nh,
   }
 }
 
+// The end of a row-wise block: the warps' (max, sum, V accumulator) per query head merge through
+// shared memory into the output (one split) or into this split's partial result; with arrival
+// counters, the last split of the (kv head chunk, row) to finish merges all splits. Lanes with
+// `active` hold dims [d0, d0 + kPerLane) of acc.
+template <int kPerLane, int kG>
+__device__ __forceinline__ void FinishRow(const AttnRows& meta, const RowArgs& a, int D, int h0, int nh, int ri, int r, int split,
+                                          bool active, int d0, const float (&mx)[kG], const float (&sum)[kG],
+                                          const float (&acc)[kG][kPerLane]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __shared__ float s_max[kRowWarps][kG], s_sum[kRowWarps][kG];
+  __shared__ float s_acc[kRowWarps][kG][kPerLane * 32];
+#pragma unroll
+  for (int gi = 0; gi < kG; ++gi) {
+    if (lane == 0) {
+      s_max[warp][gi] = mx[gi];
+      s_sum[warp][gi] = sum[gi];
+    }
+    if (active) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) s_acc[warp][gi][d0 + i] = acc[gi][i];
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < nh * D; e += blockDim.x) {
+    const int gi = e / D, d = e % D;
+    float total_max = -INFINITY;
+    for (int w = 0; w < kRowWarps; ++w) total_max = fmaxf(total_max, s_max[w][gi]);
+    float total_sum = 0.0f, o = 0.0f;
+    for (int w = 0; w < kRowWarps; ++w) {
+      const float wt = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - total_max) : 0.0f;  // a warp with no keys has max -inf
+      total_sum += s_sum[w][gi] * wt;
+      o += s_acc[w][gi][d] * wt;
+    }
+    const int h = h0 + gi;
+    if (a.splits == 1) {
+      a.out[(static_cast<size_t>(r) * a.num_heads + h) * D + d] = o / total_sum;
+      continue;
+    }
+    const size_t part = (static_cast<size_t>(ri) * a.num_heads + h) * a.splits + split;
+    a.partial[part * D + d] = total_sum > 0.0f ? o / total_sum : 0.0f;  // an empty split: weight 0 below
+    if (d == 0) {
+      float* ml = a.partial + static_cast<size_t>(meta.num_rowwise) * a.num_heads * a.splits * D + part * 2;
+      ml[0] = total_max;
+      ml[1] = total_sum;
+    }
+  }
+  if (a.splits == 1 || a.counters == nullptr) return;
+  // The last block of this (kv head chunk, row) to finish merges the splits (threadfence
+  // reduction): no separate combine launch.
+  __shared__ bool s_last;
+  __shared__ float s_w[kMaxMergePairs], s_l[kMaxMergePairs], s_inv[kG];
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int* counter = a.counters + static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x;
+    s_last = atomicAdd(counter, 1) == a.splits - 1;
+    if (s_last) *counter = 0;  // every split has arrived: ready for the next launch
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  MergeSplits(meta, ri, r, h0, nh, a.num_heads, D, a.splits, a.partial, a.out, s_w, s_l, s_inv);
+}
+
 // Lane l holds elements [l * kPerLane, (l + 1) * kPerLane) of a head; kG query heads per block.
 template <class T, int kPerLane, int kG>
 __global__ void __launch_bounds__(kRowWarps * 32) RowAttentionKernel(const T* __restrict__ cache, CacheGeometry g, AttnRows meta,
@@ -260,57 +326,109 @@ __global__ void __launch_bounds__(kRowWarps * 32) RowAttentionKernel(const T* __
     }
   }
 
-  __shared__ float s_max[kRowWarps][kG], s_sum[kRowWarps][kG];
-  __shared__ float s_acc[kRowWarps][kG][kPerLane * 32];
+  FinishRow<kPerLane, kG>(meta, a, g.head_dim, h0, nh, ri, r, split, active, d0, mx, sum, acc);
+}
+
+// The decode variant for a bf16 cache with head_dim = 16 x kPerLane (128: 8, 64: 4): half a
+// warp per key, each lane one 16-byte (or 8-byte) load of K and one of V per key. Against
+// RowAttentionKernel (a whole warp per key, K then V): the V loads are issued with the K loads,
+// so an iteration waits for memory once, and a q.k dot needs 4 shuffles for two keys instead of
+// 5 for one, which was the limit at large batches (batch 1024: 36% of a step, at ~1 TB/s).
+template <int kPerLane, int kG>
+__global__ void __launch_bounds__(kRowWarps * 32, 4) RowAttentionHalfWarpKernel(const __nv_bfloat16* __restrict__ cache, CacheGeometry g,
+                                                                             AttnRows meta, RowArgs a) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
+  using Raw = std::conditional_t<kPerLane == 8, uint4, uint2>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16;
+  const int D = g.head_dim;
+  const int kv_head = blockIdx.x / a.head_chunks;
+  const int h0 = kv_head * a.group + (blockIdx.x % a.head_chunks) * kG;
+  const int nh = min(kG, (kv_head + 1) * a.group - h0);
+  const int ri = blockIdx.y, r = meta.rowwise[ri], split = blockIdx.z;
+  const int len = meta.pos[r] + 1;
+  const int chunk = (len + a.splits - 1) / a.splits;
+  const int begin = split * chunk, end = min(len, begin + chunk);
+  const int32_t* table = meta.tables + meta.table_offset[r];
+  const int d0 = (lane % 16) * kPerLane;
+  constexpr int kStride = kRowWarps * 2;  // keys per block per step
+
+  float qv[kG][kPerLane], acc[kG][kPerLane], mx[kG], sum[kG];
 #pragma unroll
   for (int gi = 0; gi < kG; ++gi) {
-    if (lane == 0) {
-      s_max[warp][gi] = mx[gi];
-      s_sum[warp][gi] = sum[gi];
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) qv[gi][i] = acc[gi][i] = 0.0f;
+    if (gi < nh) LoadVec(a.q + (static_cast<size_t>(r) * a.num_heads + h0 + gi) * D + d0, qv[gi]);
+    mx[gi] = -INFINITY;
+    sum[gi] = 0.0f;
+  }
+  // Warp-uniform loop; each half takes key j0 + half + u * kStride (masked past the end).
+  for (int j0 = begin + warp * 2; j0 < end; j0 += kStride * kKeys) {
+    Raw kr[kKeys], vr[kKeys];
+#pragma unroll
+    for (int u = 0; u < kKeys; ++u) {
+      const int j = min(j0 + half + u * kStride, end - 1);
+      const __nv_bfloat16* kp = cache + SlotOffset(g, table, j) + static_cast<size_t>(kv_head) * D + d0;
+      kr[u] = __ldg(reinterpret_cast<const Raw*>(kp));
+      vr[u] = __ldg(reinterpret_cast<const Raw*>(kp + g.v_delta));
+    }
+    float s[kKeys][kG];
+#pragma unroll
+    for (int u = 0; u < kKeys; ++u) {
+      float kf[kPerLane];
+      LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&kr[u]), kf);
+      const bool valid = j0 + half + u * kStride < end;
+#pragma unroll
+      for (int gi = 0; gi < kG; ++gi) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) dot = fmaf(qv[gi][i], kf[i], dot);
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        s[u][gi] = valid ? dot * a.scale : -INFINITY;
+      }
     }
 #pragma unroll
-    for (int i = 0; i < kPerLane; ++i) s_acc[warp][gi][d0 + i] = acc[gi][i];
-  }
-  __syncthreads();
-  for (int e = threadIdx.x; e < nh * D; e += blockDim.x) {
-    const int gi = e / D, d = e % D;
-    float total_max = -INFINITY;
-    for (int w = 0; w < kRowWarps; ++w) total_max = fmaxf(total_max, s_max[w][gi]);
-    float total_sum = 0.0f, o = 0.0f;
-    for (int w = 0; w < kRowWarps; ++w) {
-      const float wt = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - total_max) : 0.0f;  // a warp with no keys has max -inf
-      total_sum += s_sum[w][gi] * wt;
-      o += s_acc[w][gi][d] * wt;
+    for (int gi = 0; gi < kG; ++gi) {
+      float new_mx = mx[gi];
+#pragma unroll
+      for (int u = 0; u < kKeys; ++u) new_mx = fmaxf(new_mx, s[u][gi]);
+      if (new_mx == -INFINITY) continue;  // this half has no key yet
+      const float corr = expf(mx[gi] - new_mx);  // 0 while mx is -inf
+      sum[gi] *= corr;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[gi][i] *= corr;
+      mx[gi] = new_mx;
     }
-    const int h = h0 + gi;
-    if (a.splits == 1) {
-      a.out[(static_cast<size_t>(r) * a.num_heads + h) * D + d] = o / total_sum;
-      continue;
-    }
-    const size_t part = (static_cast<size_t>(ri) * a.num_heads + h) * a.splits + split;
-    a.partial[part * D + d] = total_sum > 0.0f ? o / total_sum : 0.0f;  // an empty split: weight 0 below
-    if (d == 0) {
-      float* ml = a.partial + static_cast<size_t>(meta.num_rowwise) * a.num_heads * a.splits * D + part * 2;
-      ml[0] = total_max;
-      ml[1] = total_sum;
+#pragma unroll
+    for (int u = 0; u < kKeys; ++u) {
+      float vf[kPerLane];
+      LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&vr[u]), vf);
+#pragma unroll
+      for (int gi = 0; gi < kG; ++gi) {
+        const float p = s[u][gi] == -INFINITY ? 0.0f : expf(s[u][gi] - mx[gi]);
+        sum[gi] += p;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) acc[gi][i] = fmaf(p, vf[i], acc[gi][i]);
+      }
     }
   }
-  if (a.splits == 1 || a.counters == nullptr) return;
-  // The last block of this (kv head chunk, row) to finish merges the splits (threadfence
-  // reduction): no separate combine launch.
-  __shared__ bool s_last;
-  __shared__ float s_w[kMaxMergePairs], s_l[kMaxMergePairs], s_inv[kG];
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* counter = a.counters + static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x;
-    s_last = atomicAdd(counter, 1) == a.splits - 1;
-    if (s_last) *counter = 0;  // every split has arrived: ready for the next launch
+  // The two halves of the warp merge (lanes l and l + 16 hold the same dims).
+#pragma unroll
+  for (int gi = 0; gi < kG; ++gi) {
+    const float other_mx = __shfl_xor_sync(0xffffffffu, mx[gi], 16);
+    const float other_sum = __shfl_xor_sync(0xffffffffu, sum[gi], 16);
+    const float m = fmaxf(mx[gi], other_mx);
+    const float ws = sum[gi] > 0.0f ? expf(mx[gi] - m) : 0.0f, wo = other_sum > 0.0f ? expf(other_mx - m) : 0.0f;
+    sum[gi] = sum[gi] * ws + other_sum * wo;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const float other = __shfl_xor_sync(0xffffffffu, acc[gi][i], 16);
+      acc[gi][i] = acc[gi][i] * ws + other * wo;
+    }
+    mx[gi] = sum[gi] > 0.0f ? m : -INFINITY;
   }
-  __syncthreads();
-  if (!s_last) return;
-  __threadfence();
-  MergeSplits(meta, ri, r, h0, nh, a.num_heads, D, a.splits, a.partial, a.out, s_w, s_l, s_inv);
+  FinishRow<kPerLane, kG>(meta, a, D, h0, nh, ri, r, split, half == 0, d0, mx, sum, acc);
 }
 
 // One block per (head, row-wise row): out = the splits' outputs weighted by sum * exp(max - max').
@@ -335,8 +453,29 @@ void LaunchRows(cudaStream_t stream, const T* cache, const CacheGeometry& g, con
   }
 }
 
+template <int kPerLane>
+void LaunchHalfWarpRows(cudaStream_t stream, const __nv_bfloat16* cache, const CacheGeometry& g, const AttnRows& meta, const RowArgs& a,
+                        int kg) {
+  const dim3 grid(a.num_heads / a.group * a.head_chunks, meta.num_rowwise, a.splits);
+  switch (kg) {
+    case 1: LaunchKernel(RowAttentionHalfWarpKernel<kPerLane, 1>, grid, kRowWarps * 32, 0, stream, cache, g, meta, a); break;
+    case 2: LaunchKernel(RowAttentionHalfWarpKernel<kPerLane, 2>, grid, kRowWarps * 32, 0, stream, cache, g, meta, a); break;
+    default: LaunchKernel(RowAttentionHalfWarpKernel<kPerLane, 4>, grid, kRowWarps * 32, 0, stream, cache, g, meta, a); break;
+  }
+}
+
 template <class T>
 void LaunchRowsAnyDim(cudaStream_t stream, const T* cache, const CacheGeometry& g, const AttnRows& meta, const RowArgs& a, int kg) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if ((g.head_dim == 128 || g.head_dim == 64) && kg <= 4 && g_half_warp_rows) {
+      if (g.head_dim == 128) {
+        LaunchHalfWarpRows<8>(stream, cache, g, meta, a, kg);
+      } else {
+        LaunchHalfWarpRows<4>(stream, cache, g, meta, a, kg);
+      }
+      return;
+    }
+  }
   if (g.head_dim <= 32) {
     LaunchRows<T, 1>(stream, cache, g, meta, a, kg);
   } else if (g.head_dim <= 64) {
@@ -351,6 +490,7 @@ void LaunchRowsAnyDim(cudaStream_t stream, const T* cache, const CacheGeometry& 
 }  // namespace
 
 void SetMultiprocessorCount(int n) { g_multiprocessors = n > 0 ? n : 1; }
+void SetHalfWarpAttention(bool on) { g_half_warp_rows = on; }
 
 void WriteKv(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,
              const float* v) {

@@ -123,6 +123,8 @@ class CudaBackend : public Backend {
     const char* fuse = std::getenv("DYN_CUDA_FUSE");  // a mask of kFuse* bits; unset: all
     fuse_ = fuse == nullptr ? kFuseAll : std::atoi(fuse) & kFuseAll;
     cuda::SetProgrammaticLaunch(env_on("DYN_CUDA_PDL"));
+    const char* attn = std::getenv("DYN_CUDA_ATTN");
+    cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
     const char* weights = std::getenv("DYN_CUDA_WEIGHTS");
     f32_weights_to_bf16_ = weights != nullptr && std::string(weights) == "bf16";
     const char* kv = std::getenv("DYN_CUDA_KV");
@@ -199,7 +201,9 @@ class CudaBackend : public Backend {
       fused = fused && w.dtype == DType::kBF16 && w.cols == ws[0].cols && w.cols % 8 == 0 && Aligned16(w.data);
     }
     if (!fused) {
-      for (size_t i = 0; i < ws.size(); ++i) MatMul(x, m, ws[i], outs[i]);
+      if (!MatMulSharedBlas(x, m, ws, outs)) {
+        for (size_t i = 0; i < ws.size(); ++i) MatMul(x, m, ws[i], outs[i]);
+      }
       return;
     }
     struct Jobs {
@@ -376,6 +380,10 @@ class CudaBackend : public Backend {
     AppendBytes(l.num_blocks);
     AppendBytes(l.dtype);
   }
+
+  // Several bf16 weights on one input with cuBLAS: x is converted to bf16 once for all of them.
+  // False when the weights do not qualify (the caller then multiplies one by one).
+  bool MatMulSharedBlas(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs);
 
   // Runs the pending list: replays its graph, captures one for a list seen twice in a row, or
   // launches it eagerly.
@@ -554,6 +562,39 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
                   "cublasGemmEx");
       },
       kGemm, x, m, wb, N, K, xb, out);
+}
+
+bool CudaBackend::MatMulSharedBlas(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) {
+  if (m <= kGemvRows || ws.size() < 2 || ws.size() > cuda::kGemvMaxJobs) return false;
+  for (const Weight& w : ws) {
+    if (w.dtype != DType::kBF16 || w.cols != ws[0].cols || w.rows == 0) return false;
+  }
+  struct Jobs {
+    const uint16_t* w[cuda::kGemvMaxJobs];
+    int rows[cuda::kGemvMaxJobs];
+    float* out[cuda::kGemvMaxJobs];
+  } j{};
+  const int count = static_cast<int>(ws.size()), K = static_cast<int>(ws[0].cols);
+  for (int i = 0; i < count; ++i) {
+    j.w[i] = static_cast<const uint16_t*>(ws[i].data);
+    j.rows[i] = static_cast<int>(ws[i].rows);
+    j.out[i] = outs[i];
+  }
+  const size_t xb_bytes = static_cast<size_t>(m) * K * 2;
+  if (!pending_.empty() && !x_bf16_.Fits(xb_bytes)) Flush();  // growing would free what a pending conversion writes
+  uint16_t* xb = static_cast<uint16_t*>(x_bf16_.Get(xb_bytes));
+  Defer(
+      [=, this] {
+        cuda::F32ToBf16(stream_, x, static_cast<size_t>(m) * K, xb);
+        const float one = 1.0f, zero = 0.0f;
+        for (int i = 0; i < count; ++i) {
+          CheckBlas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, j.rows[i], m, K, &one, j.w[i], CUDA_R_16BF, K, xb, CUDA_R_16BF, K,
+                                 &zero, j.out[i], CUDA_R_32F, j.rows[i], CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                    "cublasGemmEx");
+        }
+      },
+      kGemm, x, m, count, j, K, xb);
+  return true;
 }
 
 cuda::AttnRows CudaBackend::AttnMeta(const KvLayout& layout, std::span<const AttentionSeq> seqs) {

@@ -14,76 +14,10 @@
 #include "engine/native/backend/backend.h"
 #include "engine/native/backend/cpu/quant_blocks.h"
 #include "engine/native/backend/cuda/cuda_backend.h"
+#include "engine/native/backend/cuda/cuda_test_util.h"
 
 namespace dyn {
 namespace {
-
-std::vector<float> RandomVec(size_t n, uint32_t seed, float scale = 1.0f) {
-  std::mt19937 rng(seed);
-  std::normal_distribution<float> dist(0.0f, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-// ||got - want|| / ||want||; infinity when got has a NaN (an unwritten or broken element).
-double RelErr(const std::vector<float>& got, const std::vector<float>& want) {
-  EXPECT_EQ(got.size(), want.size());
-  double num = 0, den = 0;
-  for (size_t i = 0; i < got.size() && i < want.size(); ++i) {
-    if (!std::isfinite(got[i])) return std::numeric_limits<double>::infinity();
-    num += (static_cast<double>(got[i]) - want[i]) * (static_cast<double>(got[i]) - want[i]);
-    den += static_cast<double>(want[i]) * want[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
-
-// Random weight bytes of type t: random payload with finite, modest scales.
-std::vector<uint8_t> RandomWeightBytes(DType t, int64_t rows, int64_t cols, uint32_t seed) {
-  std::mt19937 rng(seed);
-  std::vector<uint8_t> bytes(rows * DTypeRowBytes(t, cols));
-  std::uniform_real_distribution<float> u(-1.0f, 1.0f);
-  const size_t n = static_cast<size_t>(rows) * cols;
-  switch (t) {
-    case DType::kF32:
-      for (size_t i = 0; i < n; ++i) reinterpret_cast<float*>(bytes.data())[i] = u(rng);
-      break;
-    case DType::kF16:
-      for (size_t i = 0; i < n; ++i) reinterpret_cast<uint16_t*>(bytes.data())[i] = F32ToF16(u(rng));
-      break;
-    case DType::kBF16:
-      for (size_t i = 0; i < n; ++i) {
-        const float f = u(rng);
-        uint32_t b;
-        std::memcpy(&b, &f, 4);
-        reinterpret_cast<uint16_t*>(bytes.data())[i] = static_cast<uint16_t>(b >> 16);
-      }
-      break;
-    case DType::kQ8_0:
-      for (size_t b = 0; b < n / 32; ++b) {
-        auto& blk = reinterpret_cast<BlockQ8_0*>(bytes.data())[b];
-        blk.d = F32ToF16(0.01f * (1.0f + u(rng)));
-        for (auto& q : blk.qs) q = static_cast<int8_t>(rng());
-      }
-      break;
-    case DType::kQ4_0:
-      for (size_t b = 0; b < n / 32; ++b) {
-        auto& blk = reinterpret_cast<BlockQ4_0*>(bytes.data())[b];
-        blk.d = F32ToF16(0.1f * (1.0f + u(rng)));
-        for (auto& q : blk.qs) q = static_cast<uint8_t>(rng());
-      }
-      break;
-    case DType::kQ4_1:
-      for (size_t b = 0; b < n / 32; ++b) {
-        auto& blk = reinterpret_cast<BlockQ4_1*>(bytes.data())[b];
-        blk.d = F32ToF16(0.1f * (1.0f + u(rng)));
-        blk.m = F32ToF16(-0.75f + 0.1f * u(rng));
-        for (auto& q : blk.qs) q = static_cast<uint8_t>(rng());
-      }
-      break;
-  }
-  return bytes;
-}
 
 class CudaBackendTest : public ::testing::Test {
  public:  // also used by CheckAttention
@@ -378,17 +312,6 @@ TEST_F(CudaBackendTest, RopeBothStyles) {
   }
 }
 
-uint16_t ToBf16Bits(float f) {  // round to nearest even (inputs are finite)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-float FromBf16Bits(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 std::vector<float> RoundBf16(std::vector<float> v) {
   for (float& x : v) x = FromBf16Bits(ToBf16Bits(x));
   return v;

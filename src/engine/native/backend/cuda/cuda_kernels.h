@@ -81,6 +81,9 @@ void RopeWriteKv(cudaStream_t stream, float* q, int num_heads, float* k, const f
 // The GPU's multiprocessor count, which sizes the attention grid; set once by the backend
 // (device queries are kept out of kernel calls, which may run inside a graph capture).
 void SetMultiprocessorCount(int n);
+// Decode rows of a bf16 cache with head_dim 64 or 128 (GQA groups up to 4) on the half-warp-per-key
+// kernel (default; false: the warp-per-key kernel, for comparisons: DYN_CUDA_ATTN=warp).
+void SetHalfWarpAttention(bool on);
 // Key-range splits of the row-wise kernel for a call (flash-decoding): 1 when (kv heads x rows)
 // already fill the GPU twice, else more, by the longest row (the rule and its measurements are in
 // cuda_attention.cu); a power of two, so a growing decode context changes it, and the step's

@@ -10,9 +10,11 @@ export LD_LIBRARY_PATH=$PWD/$D/lib:/usr/local/cuda/lib64
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem,driver_version --format=csv
 ldd $D/bin/dyn | grep "not found"
 # KV is bf16 (F32 before 2026-12-01 round 2): 32 layers x 2 x 8 heads x 128 x 2 B = 128 KiB/token, 2 MiB per 16-token block.
+# BLOCKS=auto: the KV cache sized by --gpu-memory-utilization ${GMU:-0.9} instead of a block count.
+KV="--num-kv-blocks ${BLOCKS:-27000}"; [ "$BLOCKS" = auto ] && KV="--gpu-memory-utilization ${GMU:-0.9}"
 for SEQS in ${SEQS:-256 1024}; do
   $D/bin/dyn run --model $M --served-model-name llama8b --device cuda --load-format dummy \
-    --num-kv-blocks ${BLOCKS:-27000} --max-num-seqs $SEQS --max-num-batched-tokens 8192 --port 8000 \
+    $KV --max-num-seqs $SEQS --max-num-batched-tokens 8192 --port 8000 \
     > $OUT/server_$SEQS.log 2>&1 &
   SPID=$!
   for i in $(seq 120); do curl -sf localhost:8000/v1/models >/dev/null && break; sleep 1; done
