@@ -188,6 +188,25 @@ __device__ void MergeSplits(const AttnRows& meta, int ri, int r, int h0, int nh,
   }
 }
 
+// What a row-wise block works on: blockIdx.x = (kv head, chunk of kG of its query heads),
+// blockIdx.y = row-wise row, blockIdx.z = key split.
+struct RowBlock {
+  int kv_head, h0, nh, ri, r, split, begin, end;
+  const int32_t* table;
+  __device__ RowBlock(const AttnRows& meta, const RowArgs& a, int kG) {
+    kv_head = blockIdx.x / a.head_chunks;
+    h0 = kv_head * a.group + (blockIdx.x % a.head_chunks) * kG;
+    nh = min(kG, (kv_head + 1) * a.group - h0);
+    ri = blockIdx.y;
+    r = meta.rowwise[ri];
+    split = blockIdx.z;
+    const int len = meta.pos[r] + 1, chunk = (len + a.splits - 1) / a.splits;
+    begin = split * chunk;
+    end = min(len, begin + chunk);
+    table = meta.tables + meta.table_offset[r];
+  }
+};
+
 // The end of a row-wise block: the warps' (max, sum, V accumulator) per query head merge through
 // shared memory into the output (one split) or into this split's partial result; with arrival
 // counters, the last split of the (kv head chunk, row) to finish merges all splits. Lanes with
@@ -260,14 +279,9 @@ __global__ void __launch_bounds__(kRowWarps * 32) RowAttentionKernel(const T* __
   WaitForPreviousKernel();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int D = g.head_dim;
-  const int kv_head = blockIdx.x / a.head_chunks;
-  const int h0 = kv_head * a.group + (blockIdx.x % a.head_chunks) * kG;
-  const int nh = min(kG, (kv_head + 1) * a.group - h0);
-  const int ri = blockIdx.y, r = meta.rowwise[ri], split = blockIdx.z;
-  const int len = meta.pos[r] + 1;
-  const int chunk = (len + a.splits - 1) / a.splits;
-  const int begin = split * chunk, end = min(len, begin + chunk);
-  const int32_t* table = meta.tables + meta.table_offset[r];
+  const RowBlock b(meta, a, kG);
+  const int kv_head = b.kv_head, h0 = b.h0, nh = b.nh, ri = b.ri, r = b.r, split = b.split, begin = b.begin, end = b.end;
+  const int32_t* table = b.table;
   const int d0 = lane * kPerLane;
   const bool active = d0 < D;
 
@@ -342,14 +356,9 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4) RowAttentionHalfWarpKernel(
   using Raw = std::conditional_t<kPerLane == 8, uint4, uint2>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16;
   const int D = g.head_dim;
-  const int kv_head = blockIdx.x / a.head_chunks;
-  const int h0 = kv_head * a.group + (blockIdx.x % a.head_chunks) * kG;
-  const int nh = min(kG, (kv_head + 1) * a.group - h0);
-  const int ri = blockIdx.y, r = meta.rowwise[ri], split = blockIdx.z;
-  const int len = meta.pos[r] + 1;
-  const int chunk = (len + a.splits - 1) / a.splits;
-  const int begin = split * chunk, end = min(len, begin + chunk);
-  const int32_t* table = meta.tables + meta.table_offset[r];
+  const RowBlock b(meta, a, kG);
+  const int kv_head = b.kv_head, h0 = b.h0, nh = b.nh, ri = b.ri, r = b.r, split = b.split, begin = b.begin, end = b.end;
+  const int32_t* table = b.table;
   const int d0 = (lane % 16) * kPerLane;
   constexpr int kStride = kRowWarps * 2;  // keys per block per step
 

@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -55,6 +56,17 @@ class CudaBuffer : public Buffer {
   size_t n_;
 };
 
+// DYN_CUDA_POISON=<byte>: every new device allocation is filled with that byte, so a kernel that
+// reads memory nothing wrote gives results that depend on the byte (a check; off by default).
+// DYN_CUDA_POISON_BYTES=min,max limits it to allocations of that size range (bisecting).
+int g_poison = -1;
+size_t g_poison_min = 0, g_poison_max = SIZE_MAX;
+void Poison(void* p, size_t bytes) {
+  if (g_poison >= 0 && p != nullptr && bytes >= g_poison_min && bytes <= g_poison_max) {
+    DYN_CUDA_CHECK(cudaMemset(p, g_poison, bytes));
+  }
+}
+
 // A device array that grows on demand (the old one is freed; cudaFree waits for the device).
 struct Scratch {
   ~Scratch() { cudaFree(p); }
@@ -64,6 +76,7 @@ struct Scratch {
       DYN_CUDA_CHECK(cudaFree(p));
       cap = bytes * 5 / 4 + 256;
       DYN_CUDA_CHECK(cudaMalloc(&p, cap));
+      Poison(p, cap);
     }
     return p;
   }
@@ -123,6 +136,8 @@ class CudaBackend : public Backend {
     const char* fuse = std::getenv("DYN_CUDA_FUSE");  // a mask of kFuse* bits; unset: all
     fuse_ = fuse == nullptr ? kFuseAll : std::atoi(fuse) & kFuseAll;
     cuda::SetProgrammaticLaunch(env_on("DYN_CUDA_PDL"));
+    if (const char* poison = std::getenv("DYN_CUDA_POISON")) g_poison = std::atoi(poison) & 0xff;
+    if (const char* range = std::getenv("DYN_CUDA_POISON_BYTES")) std::sscanf(range, "%zu,%zu", &g_poison_min, &g_poison_max);
     const char* attn = std::getenv("DYN_CUDA_ATTN");
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
     const char* weights = std::getenv("DYN_CUDA_WEIGHTS");
@@ -150,11 +165,15 @@ class CudaBackend : public Backend {
   }
 
   Result<std::unique_ptr<Buffer>> Allocate(size_t bytes) override {
+    // A caller growing a buffer frees the old one next (cudaFree waits only for launched work):
+    // launch what is pending first, since it may use the old buffer.
+    Flush();
     void* p = nullptr;
     if (cudaError_t e = cudaMalloc(&p, bytes == 0 ? 256 : bytes); e != cudaSuccess) {
       cudaGetLastError();  // clear the (non-sticky) allocation error
       return Status::ResourceExhausted("cuda backend: cannot allocate " + std::to_string(bytes) + " bytes: " + cudaGetErrorString(e));
     }
+    Poison(p, bytes);
     return std::unique_ptr<Buffer>(new CudaBuffer(p, bytes));
   }
 
