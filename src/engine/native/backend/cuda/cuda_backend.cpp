@@ -63,7 +63,10 @@ int g_poison = -1;
 size_t g_poison_min = 0, g_poison_max = SIZE_MAX;
 void Poison(void* p, size_t bytes) {
   if (g_poison >= 0 && p != nullptr && bytes >= g_poison_min && bytes <= g_poison_max) {
+    // cudaMemset runs on the legacy default stream, unordered with the backend's non-blocking
+    // stream: finish it before anything else can write the memory.
     DYN_CUDA_CHECK(cudaMemset(p, g_poison, bytes));
+    DYN_CUDA_CHECK(cudaDeviceSynchronize());
   }
 }
 
