@@ -2,6 +2,7 @@
 //
 //   dyn_cuda_bench [--kernels] [--config DIR --load-format dummy] [--steps 128] [--batches 1,4,8]
 //                  [--prompts 512,4096] [--context 512] [--host-sampling] [--peak-tflops T]
+//                  [--repeat-prefill N]
 //
 // --kernels: device copy bandwidth (the roofline of a decode step), the bf16 GEMM rate (the
 //   prefill ceiling, used for MFU below), then the bf16 decode matmul (GEMV kernel, m = 1, 2, 4)
@@ -16,6 +17,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstdio>
 #include <string>
@@ -144,6 +146,8 @@ double Kernels() {
 // `peak_tflops`, the bf16 GEMM rate measured by --kernels on the same GPU); then decode: B
 // sequences of `context` cached tokens each decode one token per step, sampled greedily on the GPU
 // (ForwardSample, what the server does) or, with host_sampling, from logits copied to the host.
+int g_repeat_prefill = 0;  // --repeat-prefill N
+
 int ModelBench(const std::string& dir, int steps, const std::vector<int>& batches, const std::vector<int>& prompts, int context,
                bool host_sampling, double peak_tflops) {
   auto loaded = LoadHfConfigDummy(dir);  // the loader behind `dyn run --load-format dummy`
@@ -205,8 +209,21 @@ int ModelBench(const std::string& dir, int steps, const std::vector<int>& batche
     std::vector<uint32_t> ctx(std::max(context, 1));
     for (int i = 0; i < context; ++i) ctx[i] = static_cast<uint32_t>((i * 7919 + 11) % c.vocab_size);
     std::vector<ForwardSeq> fill(max_batch);
-    for (int b = 0; b < max_batch && context > 0; ++b) fill[b] = ForwardSeq{std::span<const uint32_t>(ctx).first(context), 0, tables[b], false};
+    const bool check = g_repeat_prefill > 0;
+    for (int b = 0; b < max_batch && context > 0; ++b) fill[b] = ForwardSeq{std::span<const uint32_t>(ctx).first(context), 0, tables[b], check};
     if (context > 0) DYN_CUDA_CHECK(m.Forward(fill, logits.data()).ok() ? cudaSuccess : cudaErrorUnknown);
+    // --repeat-prefill N: the same prefill again (same tables: each rewrites its slots before
+    // reading them); its last-row logits must be bitwise those of the first.
+    const std::vector<float> first(logits.begin(), logits.begin() + static_cast<size_t>(max_batch) * c.vocab_size);
+    for (int rep = 1; check && context > 0 && rep <= g_repeat_prefill; ++rep) {
+      DYN_CUDA_CHECK(m.Forward(fill, logits.data()).ok() ? cudaSuccess : cudaErrorUnknown);
+      size_t differ = 0;
+      double worst = 0;
+      for (size_t i = 0; i < first.size(); ++i) {
+        if (first[i] != logits[i]) ++differ, worst = std::max(worst, std::abs(double(first[i]) - logits[i]));
+      }
+      std::printf("prefill repeat %d: %zu of %zu logits differ (max abs diff %.3g)\n", rep, differ, first.size(), worst);
+    }
   }
   std::printf("decode at context %d, sampling on the %s; weights read per step: %.2f GB\n", context, host_sampling ? "host" : "GPU",
               weight_gb);
@@ -287,6 +304,7 @@ int main(int argc, char** argv) {
     else if (flag == "--prompt" || flag == "--prompts") prompts = value();
     else if (flag == "--context") context = std::stoi(value());
     else if (flag == "--host-sampling") host_sampling = true;
+    else if (flag == "--repeat-prefill") dyn::g_repeat_prefill = std::stoi(value());
     else if (flag == "--peak-tflops") peak = std::stod(value());
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
