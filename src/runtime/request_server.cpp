@@ -423,6 +423,13 @@ class RequestServerImpl final : public RequestServer {
   void Stop() override {
     if (stopped_.exchange(true)) return;
     if (!threads_.empty()) {
+      {
+        // From here the accept handler drops new sockets: a connection it added after the
+        // snapshot below would keep a read pending past io.stop(), and that handler, owning the
+        // connection, which owns the io_context's Shared, would never be destroyed (a leak).
+        std::lock_guard lock(conns_mu_);
+        accepting_ = false;
+      }
       auto done = std::make_shared<std::promise<void>>();
       auto fut = done->get_future();
       asio::post(acceptor_.get_executor(), [this, done] {
@@ -445,6 +452,10 @@ class RequestServerImpl final : public RequestServer {
     shared_->io.stop();
     for (auto& t : threads_) t.join();
     threads_.clear();
+    // Handlers still queued (reads and writes of the closed sockets, completed with errors) hold
+    // their connections: run them here so the connections are released.
+    shared_->io.restart();
+    shared_->io.poll();
   }
 
  private:
@@ -453,14 +464,18 @@ class RequestServerImpl final : public RequestServer {
       if (ec) {
         if (ec == asio::error::operation_aborted || !acceptor_.is_open()) return;
         DYN_LOG(WARN) << "request server: accept failed: " << ec.message();
-      } else if (!stopped_.load()) {
+      } else {
         auto conn = std::make_shared<Connection>(shared_, std::move(socket));
         {
           std::lock_guard lock(conns_mu_);
-          std::erase_if(conns_, [](const std::weak_ptr<Connection>& w) { return w.expired(); });
-          conns_.push_back(conn);
+          if (accepting_) {
+            std::erase_if(conns_, [](const std::weak_ptr<Connection>& w) { return w.expired(); });
+            conns_.push_back(conn);
+          } else {
+            conn.reset();  // stopping: the socket closes here, nothing was started on it
+          }
         }
-        asio::dispatch(conn->executor(), [conn] { conn->Start(); });
+        if (conn) asio::dispatch(conn->executor(), [conn] { conn->Start(); });
       }
       Accept();
     });
@@ -472,6 +487,7 @@ class RequestServerImpl final : public RequestServer {
   std::vector<std::thread> threads_;
   std::mutex conns_mu_;
   std::vector<std::weak_ptr<Connection>> conns_;
+  bool accepting_ = true;  // guarded by conns_mu_; false once Stop has taken its snapshot
   int port_ = 0;
   std::atomic<bool> stopped_{false};
 };
