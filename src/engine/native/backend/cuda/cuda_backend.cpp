@@ -102,7 +102,7 @@ constexpr size_t kMaxGraphs = 16;
 constexpr int kFuseRopeKv = 1, kFuseSwiGlu = 2, kFuseMerge = 4, kFuseAll = 7;
 
 enum Op : uint8_t {
-  kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
+  kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGemmShared, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
   kRopeWriteKv, kAttn, kSample
 };
 
@@ -615,7 +615,7 @@ bool CudaBackend::MatMulSharedBlas(const float* x, int m, std::span<const Weight
                     "cublasGemmEx");
         }
       },
-      kGemm, x, m, count, j, K, xb);
+      kGemmShared, x, m, count, j, K, xb);
   return true;
 }
 
