@@ -78,6 +78,9 @@ Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f, int* kv_block_siz
   served.created_unix = static_cast<int64_t>(std::time(nullptr));
 
   if (f.engine_name == "native") {
+    if (!(f.gpu_memory_utilization > 0.0 && f.gpu_memory_utilization <= 1.0)) {
+      return Status::InvalidArgument("--gpu-memory-utilization must be in (0, 1], got " + std::to_string(f.gpu_memory_utilization));
+    }
     ModelLoadOptions lo;
     lo.device = f.device == "auto" ? DefaultDevice() : f.device;
     lo.num_threads = static_cast<int>(f.threads);
