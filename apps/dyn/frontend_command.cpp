@@ -274,10 +274,7 @@ int FrontendCommand(int argc, char** argv) {
   }
   auto registry = std::make_shared<ModelRegistry>();
   const RemoteEngineOptions& ro = *options;
-  std::weak_ptr<RequestClient> weak_client = *client;
-  disagg.release_kv = [weak_client](const std::string& descriptor) {
-    if (auto c = weak_client.lock()) SendKvRelease(*c, descriptor);
-  };
+  disagg.release_kv = KvReleaseVia(*client);
   auto watcher = std::make_shared<ModelWatcher>(registry, *client, ro, disagg);
   auto discovery = CreateDiscovery(discovery_spec);
   if (!discovery.ok()) {

@@ -74,10 +74,7 @@ class LocalClusterImpl : public LocalCluster {
     });
     if (disagg) {
       DisaggRouterOptions dro;
-      std::weak_ptr<RequestClient> weak_client = client_;
-      dro.release_kv = [weak_client](const std::string& descriptor) {
-        if (auto c = weak_client.lock()) SendKvRelease(*c, descriptor);
-      };
+      dro.release_kv = KvReleaseVia(client_);
       dro.max_local_prefill_tokens = options.max_local_prefill_tokens;
       served->engine = DisaggRouter::Create(prefill_, decode_, dro);
     } else {

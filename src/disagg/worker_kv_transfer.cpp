@@ -301,6 +301,12 @@ Result<std::unique_ptr<WorkerKvTransfer>> WorkerKvTransfer::Create(const WorkerK
   return std::unique_ptr<WorkerKvTransfer>(std::move(t));
 }
 
+std::function<void(const std::string& descriptor)> KvReleaseVia(std::weak_ptr<RequestClient> client) {
+  return [client = std::move(client)](const std::string& descriptor) {
+    if (auto c = client.lock()) SendKvRelease(*c, descriptor);
+  };
+}
+
 void SendKvRelease(RequestClient& client, const std::string& descriptor) {
   auto d = DecodeDescriptor(descriptor);
   if (!d.ok() || d->control_address.empty()) return;

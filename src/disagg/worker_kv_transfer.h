@@ -19,6 +19,7 @@
 #pragma once
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -74,6 +75,9 @@ class WorkerKvTransfer {
 // For whoever gives up on a descriptor: the decode side after a failure, the frontend when it
 // abandons one (client gone before the decode worker got it).
 void SendKvRelease(RequestClient& client, const std::string& descriptor);
+// SendKvRelease through `client` while it lives (DisaggRouterOptions::release_kv); the router does
+// not keep the client alive.
+std::function<void(const std::string& descriptor)> KvReleaseVia(std::weak_ptr<RequestClient> client);
 
 // The "kv_release" call's payload: {"lease_id": "<decimal>"}; the reply is one payload
 // {"released": true|false} and an OK end.

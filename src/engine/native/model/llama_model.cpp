@@ -92,6 +92,7 @@ class LlamaModel : public Model {
   size_t KvBytesPerToken() const override {
     return static_cast<size_t>(config_.num_layers) * 2 * config_.num_kv_heads * config_.head_dim * KvLayoutFor(1, 1).ElementBytes();
   }
+  DType KvCacheDType() const override { return KvLayoutFor(1, 1).dtype; }
 
   Status InitKvCache(int num_blocks, int block_size) override {
     DYN_RETURN_IF_ERROR(SetKvLayout(num_blocks, block_size));
@@ -298,14 +299,14 @@ Status LlamaModel::Run(std::span<const ForwardSeq> batch, float* logits, std::sp
   }
   if (logit_rows.empty()) return Status::Ok();
   const int S = static_cast<int>(logit_rows.size());
-  DYN_RETURN_IF_ERROR(Ensure(last_, S * hidden));
   DYN_RETURN_IF_ERROR(Ensure(logits_, static_cast<size_t>(S) * c.vocab_size));
-  // The rows to sample, normalized into h (free by now; the one-row GEMV takes the norm as its
-  // prologue when its input is not its output). A decode step samples every row: no gather.
+  // The rows to sample, normalized into h (free by now). A decode step samples every row, in
+  // order: no gather.
   bool all_rows = S == T;
   for (int i = 0; all_rows && i < S; ++i) all_rows = logit_rows[i] == static_cast<uint32_t>(i);
   const float* rows = x;
   if (!all_rows) {
+    DYN_RETURN_IF_ERROR(Ensure(last_, S * hidden));
     be.GatherRows(x, c.hidden_size, logit_rows, last_->f32());
     rows = last_->f32();
   }

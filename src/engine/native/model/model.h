@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "base/status.h"
+#include "engine/native/backend/backend.h"  // DType
 
 namespace dyn {
 
@@ -63,6 +64,8 @@ class Model {
   virtual const ModelConfig& config() const = 0;
   // Bytes of KV cache one token takes (all layers, K and V).
   virtual size_t KvBytesPerToken() const = 0;
+  // Element type of the KV cache: F32, or BF16 where a device backend keeps bf16 K/V.
+  virtual DType KvCacheDType() const { return DType::kF32; }
   // Allocates the paged KV cache: num_blocks blocks of block_size tokens. Call once before Forward.
   virtual Status InitKvCache(int num_blocks, int block_size) = 0;
   // The same, with the cache in caller-owned host memory of at least num_blocks * block_size *

@@ -554,10 +554,9 @@ Result<EnginePtr> CreateNativeEngine(std::unique_ptr<Model> model, const NativeE
     g.num_kv_heads = c.num_kv_heads;
     g.head_dim = c.head_dim;
     g.block_bytes = model->KvBytesPerToken() * static_cast<size_t>(options.block_size);
-    // The cache's element type follows from its size (a backend may keep bf16), so a peer with
-    // another type is refused by the layout check rather than copying misread bytes.
-    const size_t elements = static_cast<size_t>(c.num_layers) * 2 * c.num_kv_heads * c.head_dim;
-    g.dtype = elements > 0 && model->KvBytesPerToken() == 2 * elements ? "bf16" : "f32";
+    // The cache's element type (a backend may keep bf16), so a peer with another type is refused
+    // by the layout check rather than copying misread bytes.
+    g.dtype = model->KvCacheDType() == DType::kBF16 ? "bf16" : "f32";
     g.num_blocks = num_blocks;
     if (hooks.allocate_cache) {
       DYN_ASSIGN_OR_RETURN(void* memory, hooks.allocate_cache(g));

@@ -19,6 +19,7 @@
 
 #include "engine/native/backend/cuda/cuda_attention.cuh"
 #include "engine/native/backend/cuda/cuda_launch.cuh"
+#include "engine/native/backend/cuda/cuda_rope.cuh"
 
 namespace dyn::cuda {
 namespace {
@@ -87,19 +88,6 @@ __global__ void WriteKvKernel(T* cache, CacheGeometry g, AttnRows meta, const fl
     StoreElem(cache + off + i, kr[i]);
     StoreElem(cache + off + g.v_delta + i, vr[i]);
   }
-}
-
-// Rotates pair t (head t / half, index t % half) of one row x[heads][head_dim] in place, with
-// RopeKernel's arithmetic; returns the element offsets it wrote.
-__device__ __forceinline__ int2 RotatePair(float* x, int t, int head_dim, const float* cos_sin_row, bool neox) {
-  const int half = head_dim / 2, j = t % half;
-  const int base = (t / half) * head_dim;
-  const float c = cos_sin_row[j * 2], s = cos_sin_row[j * 2 + 1];
-  const int a = base + (neox ? j : 2 * j), b = base + (neox ? j + half : 2 * j + 1);
-  const float x0 = x[a], x1 = x[b];
-  x[a] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
-  x[b] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
-  return make_int2(a, b);
 }
 
 // Block (row, y) handles heads [y * per_block, (y + 1) * per_block) of the row, head_threads

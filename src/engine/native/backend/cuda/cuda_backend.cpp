@@ -102,7 +102,7 @@ constexpr size_t kMaxGraphs = 16;
 constexpr int kFuseRopeKv = 1, kFuseSwiGlu = 2, kFuseMerge = 4, kFuseAll = 7;
 
 enum Op : uint8_t {
-  kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGemmShared, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
+  kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
   kRopeWriteKv, kAttn, kSample
 };
 
@@ -223,7 +223,7 @@ class CudaBackend : public Backend {
       fused = fused && w.dtype == DType::kBF16 && w.cols == ws[0].cols && w.cols % 8 == 0 && Aligned16(w.data);
     }
     if (!fused) {
-      if (!MatMulSharedBlas(x, m, ws, outs)) {
+      if (m <= kGemvRows || !BlasBf16(x, m, ws, outs)) {
         for (size_t i = 0; i < ws.size(); ++i) MatMul(x, m, ws[i], outs[i]);
       }
       return;
@@ -403,9 +403,9 @@ class CudaBackend : public Backend {
     AppendBytes(l.dtype);
   }
 
-  // Several bf16 weights on one input with cuBLAS: x is converted to bf16 once for all of them.
-  // False when the weights do not qualify (the caller then multiplies one by one).
-  bool MatMulSharedBlas(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs);
+  // out[i] = x * ws[i]^T on cuBLAS for bf16 weights of one width (up to kGemvMaxJobs): x is
+  // converted to bf16 once for all of them. False (nothing queued) when the weights do not qualify.
+  bool BlasBf16(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs);
 
   // Runs the pending list: replays its graph, captures one for a list seen twice in a row, or
   // launches it eagerly.
@@ -571,23 +571,11 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
     Defer([=, this] { cuda::GemvBf16(stream_, x, m, wb, N, K, out); }, kGemv, x, m, wb, int64_t{N}, int64_t{K}, out);
     return;
   }
-  // The bf16 copy of x: growing the scratch would free memory a pending conversion writes.
-  const size_t xb_bytes = static_cast<size_t>(m) * K * 2;
-  if (!pending_.empty() && !x_bf16_.Fits(xb_bytes)) Flush();
-  uint16_t* xb = static_cast<uint16_t*>(x_bf16_.Get(xb_bytes));
-  Defer(
-      [=, this] {
-        cuda::F32ToBf16(stream_, x, static_cast<size_t>(m) * K, xb);
-        const float one = 1.0f, zero = 0.0f;
-        CheckBlas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, N, m, K, &one, wb, CUDA_R_16BF, K, xb, CUDA_R_16BF, K, &zero, out,
-                               CUDA_R_32F, N, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
-                  "cublasGemmEx");
-      },
-      kGemm, x, m, wb, N, K, xb, out);
+  BlasBf16(x, m, std::span<const Weight>(&w, 1), std::span<float* const>(&out, 1));
 }
 
-bool CudaBackend::MatMulSharedBlas(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) {
-  if (m <= kGemvRows || ws.size() < 2 || ws.size() > cuda::kGemvMaxJobs) return false;
+bool CudaBackend::BlasBf16(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) {
+  if (ws.empty() || ws.size() > cuda::kGemvMaxJobs) return false;
   for (const Weight& w : ws) {
     if (w.dtype != DType::kBF16 || w.cols != ws[0].cols || w.rows == 0) return false;
   }
@@ -602,8 +590,9 @@ bool CudaBackend::MatMulSharedBlas(const float* x, int m, std::span<const Weight
     j.rows[i] = static_cast<int>(ws[i].rows);
     j.out[i] = outs[i];
   }
+  // The bf16 copy of x: growing the scratch would free memory a pending conversion writes.
   const size_t xb_bytes = static_cast<size_t>(m) * K * 2;
-  if (!pending_.empty() && !x_bf16_.Fits(xb_bytes)) Flush();  // growing would free what a pending conversion writes
+  if (!pending_.empty() && !x_bf16_.Fits(xb_bytes)) Flush();
   uint16_t* xb = static_cast<uint16_t*>(x_bf16_.Get(xb_bytes));
   Defer(
       [=, this] {
@@ -615,7 +604,7 @@ bool CudaBackend::MatMulSharedBlas(const float* x, int m, std::span<const Weight
                     "cublasGemmEx");
         }
       },
-      kGemmShared, x, m, count, j, K, xb);
+      kGemm, x, m, count, j, K, xb);
   return true;
 }
 

@@ -10,6 +10,7 @@
 
 #include "engine/native/backend/cuda/cuda_kernels.h"
 #include "engine/native/backend/cuda/cuda_launch.cuh"
+#include "engine/native/backend/cuda/cuda_rope.cuh"
 
 namespace dyn::cuda {
 
@@ -121,9 +122,6 @@ __global__ void FillRandomBf16Kernel(__nv_bfloat16* dst, size_t n, uint64_t seed
   }
 }
 
-// Runs right before a cuBLAS matmul that reads `out`, so it does not let the next kernel launch
-// early: whether cuBLAS launches its kernels with programmatic serialization, and whether they wait
-// before reading their inputs, is not documented (a precaution, see cuda_launch.cuh).
 // Element-wise kernels take four elements per thread (16-byte loads) where the arrays allow: the
 // large-batch decode step runs them over 1024 x 14336 floats, where scalar loads reached about
 // half the bandwidth. Vec4 says whether all of them are 16-byte aligned.
@@ -131,20 +129,33 @@ __host__ __device__ inline bool Vec4(const void* a, const void* b, const void* c
   return (reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b) | reinterpret_cast<uintptr_t>(c)) % 16 == 0;
 }
 
-__global__ void F32ToBf16Kernel(const float* x, size_t n, __nv_bfloat16* out, bool vec4) {
-  WaitForPreviousKernel();
+// A grid-stride loop over n elements: quad(q) for each group of four [4q, 4q + 4) when vec4, then
+// one(i) for each element left (all of them without vec4).
+template <class Quad, class One>
+__device__ __forceinline__ void GridStride(size_t n, bool vec4, Quad quad, One one) {
   const size_t stride = size_t{gridDim.x} * blockDim.x;
   size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x;
   if (vec4) {
-    for (; i < n / 4; i += stride) {
-      const float4 v = reinterpret_cast<const float4*>(x)[i];
-      __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out) + 2 * i;
-      o[0] = __floats2bfloat162_rn(v.x, v.y);
-      o[1] = __floats2bfloat162_rn(v.z, v.w);
-    }
-    i = n / 4 * 4 + (i - n / 4);  // the scalar tail, if any
+    for (; i < n / 4; i += stride) quad(i);
+    i = n / 4 * 4 + (i - n / 4);  // this thread's first element of the tail: the tail is n % 4 < stride
   }
-  for (; i < n; i += stride) out[i] = __float2bfloat16_rn(x[i]);
+  for (; i < n; i += stride) one(i);
+}
+
+// Runs right before a cuBLAS matmul that reads `out`, so it does not let the next kernel launch
+// early: whether cuBLAS launches its kernels with programmatic serialization, and whether they wait
+// before reading their inputs, is not documented (a precaution, see cuda_launch.cuh).
+__global__ void F32ToBf16Kernel(const float* x, size_t n, __nv_bfloat16* out, bool vec4) {
+  WaitForPreviousKernel();
+  GridStride(
+      n, vec4,
+      [&](size_t q) {
+        const float4 v = reinterpret_cast<const float4*>(x)[q];
+        __nv_bfloat162* o = reinterpret_cast<__nv_bfloat162*>(out) + 2 * q;
+        o[0] = __floats2bfloat162_rn(v.x, v.y);
+        o[1] = __floats2bfloat162_rn(v.z, v.w);
+      },
+      [&](size_t i) { out[i] = __float2bfloat16_rn(x[i]); });
 }
 
 __device__ __forceinline__ float WarpSum(float v) {
@@ -230,16 +241,13 @@ __device__ __forceinline__ float SiluMul(float g, float u) { return __fmul_rn(g 
 __global__ void SwiGluKernel(const float* gate, const float* up, size_t n, float* out, bool vec4) {
   LetNextKernelLaunch();
   WaitForPreviousKernel();
-  const size_t stride = size_t{gridDim.x} * blockDim.x;
-  size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x;
-  if (vec4) {
-    for (; i < n / 4; i += stride) {
-      const float4 g = reinterpret_cast<const float4*>(gate)[i], u = reinterpret_cast<const float4*>(up)[i];
-      reinterpret_cast<float4*>(out)[i] = make_float4(SiluMul(g.x, u.x), SiluMul(g.y, u.y), SiluMul(g.z, u.z), SiluMul(g.w, u.w));
-    }
-    i = n / 4 * 4 + (i - n / 4);
-  }
-  for (; i < n; i += stride) out[i] = SiluMul(gate[i], up[i]);
+  GridStride(
+      n, vec4,
+      [&](size_t q) {
+        const float4 g = reinterpret_cast<const float4*>(gate)[q], u = reinterpret_cast<const float4*>(up)[q];
+        reinterpret_cast<float4*>(out)[q] = make_float4(SiluMul(g.x, u.x), SiluMul(g.y, u.y), SiluMul(g.z, u.z), SiluMul(g.w, u.w));
+      },
+      [&](size_t i) { out[i] = SiluMul(gate[i], up[i]); });
 }
 
 __global__ void RopeTableKernel(const int32_t* positions, int m, const float* inv_freq, int half, float* cos_sin) {
@@ -261,17 +269,10 @@ __global__ void RopeKernel(float* x, int m, int heads, int head_dim, const float
   LetNextKernelLaunch();
   WaitForPreviousKernel();
   const int half = head_dim / 2;
-  const int64_t total = int64_t{m} * heads * half;
+  const int64_t per_row = int64_t{heads} * half, total = m * per_row;
   for (int64_t t = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; t < total; t += int64_t{gridDim.x} * blockDim.x) {
-    const int j = static_cast<int>(t % half);
-    const int64_t rh = t / half;  // row * heads + head
-    const int64_t row = rh / heads;
-    float* v = x + rh * head_dim;
-    const float c = cos_sin[(row * half + j) * 2], s = cos_sin[(row * half + j) * 2 + 1];
-    const int a = neox ? j : 2 * j, b = neox ? j + half : 2 * j + 1;
-    const float x0 = v[a], x1 = v[b];
-    v[a] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
-    v[b] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+    const int64_t row = t / per_row;
+    RotatePair(x + row * heads * head_dim, static_cast<int>(t % per_row), head_dim, cos_sin + row * half * 2, neox);
   }
 }
 
