@@ -44,10 +44,12 @@ void CheckBlas(cublasStatus_t s, const char* what) {
   std::abort();
 }
 
+void Untrack(void* p);
+
 class CudaBuffer : public Buffer {
  public:
   CudaBuffer(void* p, size_t n) : p_(p), n_(n) {}
-  ~CudaBuffer() override { cudaFree(p_); }
+  ~CudaBuffer() override { Untrack(p_), cudaFree(p_); }
   void* data() override { return p_; }
   size_t size() const override { return n_; }
 
@@ -61,6 +63,7 @@ class CudaBuffer : public Buffer {
 // DYN_CUDA_POISON_BYTES=min,max limits it to allocations of that size range (bisecting).
 int g_poison = -1;
 size_t g_poison_min = 0, g_poison_max = SIZE_MAX;
+int g_debug_sync = 0;  // DYN_CUDA_SYNC: 1 waits after each run of the pending list, 2 after each launch too
 void Poison(void* p, size_t bytes) {
   if (g_poison >= 0 && p != nullptr && bytes >= g_poison_min && bytes <= g_poison_max) {
     // cudaMemset runs on the legacy default stream, unordered with the backend's non-blocking
@@ -70,22 +73,56 @@ void Poison(void* p, size_t bytes) {
   }
 }
 
+// DYN_CUDA_SYNC=3: after each launch, a hash of every live allocation's bytes is printed (with
+// the launch's op), so two runs can be diffed to find the first kernel whose results differ.
+struct LiveAlloc {
+  uint64_t serial;
+  size_t bytes;
+};
+std::map<void*, LiveAlloc> g_live;
+uint64_t g_alloc_serial = 0, g_trace_launch = 0;
+void Track(void* p, size_t bytes) {
+  if (g_debug_sync >= 3 && p != nullptr) g_live[p] = {g_alloc_serial++, bytes};
+}
+void Untrack(void* p) { g_live.erase(p); }
+void TraceMemory(int op) {
+  std::vector<std::pair<uint64_t, std::pair<void*, size_t>>> order;
+  for (auto& [p, a] : g_live) order.push_back({a.serial, {p, a.bytes}});
+  std::sort(order.begin(), order.end());
+  std::vector<unsigned char> host;
+  std::string line = "trace " + std::to_string(g_trace_launch++) + " op " + std::to_string(op) + ":";
+  for (auto& [serial, pb] : order) {
+    host.resize(pb.second);
+    DYN_CUDA_CHECK(cudaMemcpy(host.data(), pb.first, pb.second, cudaMemcpyDeviceToHost));
+    uint64_t h = 1469598103934665603ull;
+    for (unsigned char c : host) h = (h ^ c) * 1099511628211ull;
+    char buf[48];
+    std::snprintf(buf, sizeof buf, " %llu:%04llx", static_cast<unsigned long long>(serial), static_cast<unsigned long long>(h & 0xffff));
+    line += buf;
+  }
+  std::printf("%s\n", line.c_str());
+}
+
 // A device array that grows on demand (the old one is freed; cudaFree waits for the device).
 struct Scratch {
-  ~Scratch() { cudaFree(p); }
+  ~Scratch() { Untrack(p), cudaFree(p); }
   bool Fits(size_t bytes) const { return bytes <= cap; }
   void* Get(size_t bytes) {
     if (bytes > cap) {
+      Untrack(p);
       DYN_CUDA_CHECK(cudaFree(p));
       cap = bytes * 5 / 4 + 256;
       DYN_CUDA_CHECK(cudaMalloc(&p, cap));
       Poison(p, cap);
+      Track(p, cap);
     }
     return p;
   }
   void* p = nullptr;
   size_t cap = 0;
-  bool written = false;  // uploaded to since the pending list last ran
+  // A pending kernel reads it: uploaded to, or its device values reused, since the pending list
+  // last ran. A new upload then runs the list first.
+  bool read_by_pending = false;
 };
 
 bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -140,6 +177,7 @@ class CudaBackend : public Backend {
     fuse_ = fuse == nullptr ? kFuseAll : std::atoi(fuse) & kFuseAll;
     cuda::SetProgrammaticLaunch(env_on("DYN_CUDA_PDL"));
     if (const char* poison = std::getenv("DYN_CUDA_POISON")) g_poison = std::atoi(poison) & 0xff;
+    if (const char* sync = std::getenv("DYN_CUDA_SYNC")) g_debug_sync = std::atoi(sync);
     if (const char* range = std::getenv("DYN_CUDA_POISON_BYTES")) std::sscanf(range, "%zu,%zu", &g_poison_min, &g_poison_max);
     const char* attn = std::getenv("DYN_CUDA_ATTN");
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
@@ -177,6 +215,7 @@ class CudaBackend : public Backend {
       return Status::ResourceExhausted("cuda backend: cannot allocate " + std::to_string(bytes) + " bytes: " + cudaGetErrorString(e));
     }
     Poison(p, bytes);
+    Track(p, bytes);
     return std::unique_ptr<Buffer>(new CudaBuffer(p, bytes));
   }
 
@@ -280,6 +319,7 @@ class CudaBackend : public Backend {
       inv_freq_host_.assign(inv_freq.begin(), inv_freq.end());
       inv_freq_dev_ = Upload(inv_freq_, inv_freq);
     }
+    ReadByPending(inv_freq_);
     const float* inv = inv_freq_dev_;
     const int m = static_cast<int>(positions.size()), half = static_cast<int>(inv_freq.size());
     Defer([=, this] { cuda::RopeTable(stream_, pos, m, inv, half, cos_sin); }, kRopeTab, pos, m, inv, half, cos_sin);
@@ -369,7 +409,7 @@ class CudaBackend : public Backend {
     ClearFusable();
     sig_.push_back(static_cast<char>(op));
     (AppendBytes(args), ...);
-    pending_.emplace_back(std::forward<F>(launch));
+    pending_.emplace_back(op, std::forward<F>(launch));
   }
   template <class T>
   void AppendBytes(const T& v) {
@@ -415,12 +455,20 @@ class CudaBackend : public Backend {
   // a copy from pageable memory is staged before cudaMemcpyAsync returns).
   template <class T>
   const T* Upload(Scratch& s, std::span<const T> host) {
-    if (!pending_.empty() && (s.written || !s.Fits(host.size_bytes()))) Flush();  // pending kernels read the old values
+    if (!pending_.empty() && (s.read_by_pending || !s.Fits(host.size_bytes()))) Flush();  // pending kernels read the old values
     void* p = s.Get(host.size_bytes());
     if (!host.empty()) DYN_CUDA_CHECK(cudaMemcpyAsync(p, host.data(), host.size_bytes(), cudaMemcpyHostToDevice, stream_));
-    s.written = true;
-    written_.push_back(&s);
+    ReadByPending(s);
     return static_cast<const T*>(p);
+  }
+  // Marks `s` as read by the call about to be deferred. Every call that passes a scratch's device
+  // values (uploaded now or earlier) must, or a later upload could overwrite them before a pending
+  // kernel reads them: the list can run in parts (a growing buffer runs it), after which values
+  // uploaded before the run are still read by calls deferred after it.
+  void ReadByPending(Scratch& s) {
+    if (s.read_by_pending) return;
+    s.read_by_pending = true;
+    read_by_pending_.push_back(&s);
   }
 
   // Per-row positions and block tables of a step (see cuda::AttnRows); uploaded only when they
@@ -437,7 +485,7 @@ class CudaBackend : public Backend {
   bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;
-  std::vector<Scratch*> written_;
+  std::vector<Scratch*> read_by_pending_;
   std::vector<float> inv_freq_host_;
   const float* inv_freq_dev_ = nullptr;
   std::vector<int32_t> attn_meta_host_, attn_meta_last_, attn_tiles_, attn_rowwise_;
@@ -448,7 +496,7 @@ class CudaBackend : public Backend {
   uint64_t dummy_seed_ = 1;
   // Deferred launches and CUDA graphs.
   bool graphs_enabled_ = true;
-  std::vector<std::function<void()>> pending_;
+  std::vector<std::pair<Op, std::function<void()>>> pending_;
   struct PendingAdd {  // the last pending call, when it is an Add (fused with a following RmsNorm)
     float* x = nullptr;
     const float* y = nullptr;
@@ -489,7 +537,7 @@ void CudaBackend::Flush() {
     }
     cudaGraph_t graph;
     DYN_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    for (auto& launch : pending_) launch();
+    for (auto& [op, launch] : pending_) launch();
     DYN_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
     cudaGraphExec_t exec;
     DYN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
@@ -497,14 +545,19 @@ void CudaBackend::Flush() {
     DYN_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
     graphs_.emplace(sig_, exec);
   } else {
-    for (auto& launch : pending_) launch();
+    for (auto& [op, launch] : pending_) {
+      launch();
+      if (g_debug_sync >= 2) DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+      if (g_debug_sync >= 3) TraceMemory(op);
+    }
   }
+  if (g_debug_sync >= 1) DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   pending_.clear();
   ClearFusable();
   last_sig_.swap(sig_);
   sig_.clear();
-  for (Scratch* s : written_) s->written = false;
-  written_.clear();
+  for (Scratch* s : read_by_pending_) s->read_by_pending = false;
+  read_by_pending_.clear();
 }
 
 Result<Weight> CudaBackend::PrepareWeight(const Weight& host, std::vector<std::unique_ptr<Buffer>>* owned) {
@@ -646,6 +699,7 @@ cuda::AttnRows CudaBackend::AttnMeta(const KvLayout& layout, std::span<const Att
     attn_rows_ = {dev, dev + rows, dev + 2 * rows, dev + tables_end, dev + tables_end + 2 * num_tiles, rows, num_tiles, num_rowwise, 0};
     attn_meta_last_ = h;
   }
+  ReadByPending(attn_meta_);  // also when reused: the list may have run since the upload
   attn_rows_.max_len = max_len;
   return attn_rows_;
 }

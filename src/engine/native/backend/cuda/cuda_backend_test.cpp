@@ -399,6 +399,40 @@ TEST_F(CudaBackendTest, PagedAttentionMatchesCpu) {
       for (int hd : {8, 64, 128, 256}) CheckAttention(*this, *cpu_, *gpu_, hd, p, c, kv);
 }
 
+// A step's attention metadata is uploaded once and reused by every layer. When the pending list
+// runs in parts (here: an Allocate between the calls, as a growing buffer does mid-step), a call
+// deferred after that run still reads the uploaded values, so the next step's upload must not
+// overwrite them before it runs (it did: the cause of greedy output that changed from run to run
+// after a prefill that returned no logits).
+TEST_F(CudaBackendTest, NextStepsMetadataWaitsForPendingReaders) {
+  KvLayout layout;
+  layout.num_layers = 1;
+  layout.num_kv_heads = 2;
+  layout.head_dim = 64;
+  layout.block_size = 16;
+  layout.num_blocks = 16;
+  const int heads = 4, rows = 40;
+  std::vector<int32_t> table_a = {3, 9, 4}, table_b = {12, 13, 14};
+  const std::vector<AttentionSeq> step_a = {{0, rows, 0, table_a}}, step_b = {{0, 1, 7, table_b}};
+  const size_t tf = layout.TokenFloats();
+  const std::vector<float> q = RandomVec(rows * heads * 64, 31), k = RandomVec(rows * tf, 32), v = RandomVec(rows * tf, 33);
+  const float scale = 0.125f;
+  auto run = [&](bool flush_before_next_step) {
+    float* cache = Up(std::vector<float>(layout.BlockFloats() * layout.num_blocks, 0.0f));
+    float *dq = Up(q), *dk = Up(k), *dv = Up(v), *out = Poisoned(rows * heads * 64), *out_b = Poisoned(heads * 64);
+    gpu_->WriteKv(cache, layout, 0, step_a, dk, dv);  // uploads step a's metadata
+    auto extra = gpu_->Allocate(256);                 // runs the pending list
+    gpu_->Attention(cache, layout, 0, step_a, dq, heads, scale, out);  // reuses the uploaded metadata
+    if (flush_before_next_step) Down(out, 1);
+    gpu_->WriteKv(cache, layout, 0, step_b, dk, dv);  // the next step: new metadata
+    gpu_->Attention(cache, layout, 0, step_b, dq, heads, scale, out_b);
+    return Down(out, rows * heads * 64);
+  };
+  const std::vector<float> want = run(true), got = run(false);
+  for (float x : want) ASSERT_TRUE(std::isfinite(x));
+  EXPECT_EQ(got, want);
+}
+
 // The peephole fusions (gate/up GEMV + SwiGlu, Rope of q and k + WriteKv, the split merge inside
 // the attention kernel) give the same bits as the separate kernels of a backend made with
 // DYN_CUDA_FUSE=0, on the call sequence the model issues at decode.

@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdlib>
@@ -215,6 +216,11 @@ int ModelBench(const std::string& dir, int steps, const std::vector<int>& batche
     // --repeat-prefill N: the same prefill again (same tables: each rewrites its slots before
     // reading them); its last-row logits must be bitwise those of the first.
     const std::vector<float> first(logits.begin(), logits.begin() + (check ? static_cast<size_t>(max_batch) * c.vocab_size : 0));
+    if (check) {  // equal between processes when the prefill is repeatable across runs, not only within one
+      uint64_t hash = 1469598103934665603ull;
+      for (float f : first) hash = (hash ^ std::bit_cast<uint32_t>(f)) * 1099511628211ull;
+      std::printf("prefill logits hash %016llx\n", static_cast<unsigned long long>(hash));
+    }
     for (int rep = 1; check && context > 0 && rep <= g_repeat_prefill; ++rep) {
       DYN_CUDA_CHECK(m.Forward(fill, logits.data()).ok() ? cudaSuccess : cudaErrorUnknown);
       size_t differ = 0;
@@ -228,8 +234,8 @@ int ModelBench(const std::string& dir, int steps, const std::vector<int>& batche
   std::printf("decode at context %d, sampling on the %s; weights read per step: %.2f GB\n", context, host_sampling ? "host" : "GPU",
               weight_gb);
   // "tokens": a hash of every greedy token of the timed steps, equal between builds and settings
-  // (DYN_CUDA_PDL, DYN_CUDA_FUSE) whose arithmetic is the same; not yet repeatable after a large
-  // prefill (--context of a few hundred tokens, docs/benchmarks/cuda.md "Determinism").
+  // (DYN_CUDA_PDL, DYN_CUDA_FUSE) whose arithmetic is the same, and between runs
+  // (docs/benchmarks/cuda.md "Determinism").
   std::printf("%6s %10s %12s %12s %14s %18s\n", "batch", "ms/step", "tok/s/seq", "tok/s", "weight GB/s", "tokens");
   for (int B : batches) {
     std::vector<std::vector<uint32_t>> tok(B, std::vector<uint32_t>(1));
