@@ -165,18 +165,39 @@ __device__ void MergeSplits(const AttnRows& meta, int ri, int r, int h0, int nh,
     s_inv[gi] = 1.0f / total;
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < nh * head_dim; e += blockDim.x) {
-    const int gi = e / head_dim, d = e % head_dim;
-    const float* w = s_w + gi * splits;
-    const float* l = s_l + gi * splits;
-    const float* p = partial + (part0 + static_cast<size_t>(gi) * splits) * head_dim + d;
-    float o = 0.0f;
-#pragma unroll 4
-    for (int s = 0; s < splits; ++s) {
-      const float v = __ldcg(p + static_cast<size_t>(s) * head_dim);
-      if (l[s] > 0.0f) o += v * w[s];
+  // Each thread's loads for kChunk splits of kElems of its elements are issued before any is used:
+  // this runs in one block at the end of the step's attention, and loads one after another (L2
+  // latency each) made it the longest part of a batch-1 attention call.
+  constexpr int kChunk = 16, kElems = 4;
+  const int n = nh * head_dim;
+  for (int e0 = threadIdx.x; e0 < n; e0 += kElems * blockDim.x) {
+    float o[kElems] = {};
+    for (int s0 = 0; s0 < splits; s0 += kChunk) {
+      float v[kElems][kChunk];
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) {
+        const int e = e0 + k * blockDim.x;
+        const float* p = partial + (part0 + static_cast<size_t>(e / head_dim) * splits + s0) * head_dim + e % head_dim;
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) v[k][i] = e < n && s0 + i < splits ? __ldcg(p + static_cast<size_t>(i) * head_dim) : 0.0f;
+      }
+#pragma unroll
+      for (int k = 0; k < kElems; ++k) {
+        const int e = e0 + k * blockDim.x;
+        if (e >= n) continue;
+        const float* w = s_w + (e / head_dim) * splits + s0;
+        const float* l = s_l + (e / head_dim) * splits + s0;
+#pragma unroll
+        for (int i = 0; i < kChunk; ++i) {
+          if (s0 + i < splits && l[i] > 0.0f) o[k] += v[k][i] * w[i];  // the splits in order, as before
+        }
+      }
     }
-    out[(static_cast<size_t>(r) * num_heads + h0 + gi) * head_dim + d] = o * s_inv[gi];
+#pragma unroll
+    for (int k = 0; k < kElems; ++k) {
+      const int e = e0 + k * blockDim.x;
+      if (e < n) out[(static_cast<size_t>(r) * num_heads + h0 + e / head_dim) * head_dim + e % head_dim] = o[k] * s_inv[e / head_dim];
+    }
   }
 }
 
