@@ -137,6 +137,13 @@ constexpr size_t kMaxGraphs = 16;
 // Fusions beyond Add + RmsNorm (DYN_CUDA_FUSE, a mask; unset = all): Rope q + Rope k + WriteKv,
 // gate/up GEMV + SwiGlu, the split merge inside the attention kernel.
 constexpr int kFuseRopeKv = 1, kFuseSwiGlu = 2, kFuseMerge = 4, kFuseAll = 7;
+// Beyond this many key splits the combine kernel merges them, not the attention kernel's last
+// block of each group. Measured on an H200 (8B shape, docs/benchmarks/cuda.md round 5): with 4
+// splits (batch 8 and 32 at context 512) the in-kernel merge is 0.2-0.25 ms a step faster; with
+// 16-32 (batch 1 at 2048-4096, batch 8 at 4096) the combine kernel is 0.13-0.16 ms faster (its
+// 32 blocks a row merge in parallel what 8 last blocks do one after another); at 16 and batch 1
+// or 8 at 512-2048 they tie.
+constexpr int kMaxSplitsMergedInKernel = 8;
 
 enum Op : uint8_t {
   kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
@@ -371,7 +378,7 @@ class CudaBackend : public Backend {
     if (!pending_.empty() && !attn_partial_.Fits(part_bytes)) Flush();  // growing frees what a pending kernel writes
     float* partial = part_bytes > 0 ? static_cast<float*>(attn_partial_.Get(part_bytes)) : nullptr;
     int* counters = nullptr;  // the last block of each split group merges the splits (no combine launch)
-    if (splits > 1 && (fuse_ & kFuseMerge)) {
+    if (splits > 1 && splits <= kMaxSplitsMergedInKernel && (fuse_ & kFuseMerge)) {
       const size_t count_bytes = cuda::AttentionCounters(layout, num_heads, meta) * sizeof(int);
       if (!attn_counters_.Fits(count_bytes)) {
         if (!pending_.empty()) Flush();  // growing frees what a pending kernel uses
