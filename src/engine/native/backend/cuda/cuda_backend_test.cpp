@@ -323,12 +323,7 @@ std::vector<float> RoundBf16(std::vector<float> v) {
 // reference runs on the same bf16-rounded values in F32; chunks of >= 16 rows of head_dim 64/128
 // then take the tensor-core kernel (bf16 q and P: a looser tolerance).
 void CheckAttention(CudaBackendTest& t, Backend& cpu, Backend& gpu, int head_dim, int prefill_rows, int chunk_rows, DType kv) {
-  KvLayout layout;
-  layout.num_layers = 2;
-  layout.num_kv_heads = 2;
-  layout.head_dim = head_dim;
-  layout.block_size = 4;
-  layout.num_blocks = 200;
+  const KvLayout layout = TestKvLayout(2, 2, head_dim, 4, 200);
   const int heads = 4, layer = 1;
   const bool bf16 = kv == DType::kBF16;
   std::vector<float> cache = RandomVec(layout.BlockFloats() * layout.num_blocks, 21);
@@ -405,12 +400,7 @@ TEST_F(CudaBackendTest, PagedAttentionMatchesCpu) {
 // overwrite them before it runs (it did: the cause of greedy output that changed from run to run
 // after a prefill that returned no logits).
 TEST_F(CudaBackendTest, NextStepsMetadataWaitsForPendingReaders) {
-  KvLayout layout;
-  layout.num_layers = 1;
-  layout.num_kv_heads = 2;
-  layout.head_dim = 64;
-  layout.block_size = 16;
-  layout.num_blocks = 16;
+  const KvLayout layout = TestKvLayout(1, 2, 64, 16, 16);
   const int heads = 4, rows = 40;
   std::vector<int32_t> table_a = {3, 9, 4}, table_b = {12, 13, 14};
   const std::vector<AttentionSeq> step_a = {{0, rows, 0, table_a}}, step_b = {{0, 1, 7, table_b}};
@@ -497,13 +487,7 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
     }
   }
   for (DType kv : {DType::kBF16, DType::kF32}) {  // RopeTable, Rope q, Rope k, WriteKv, Attention: two decode rows
-    KvLayout layout;
-    layout.num_layers = 2;
-    layout.num_kv_heads = 2;
-    layout.head_dim = 64;
-    layout.block_size = 16;
-    layout.num_blocks = 64;
-    layout.dtype = kv;
+    const KvLayout layout = TestKvLayout(2, 2, 64, 16, 64, kv);
     const int heads = 4, layer = 1, rows = 2;
     std::vector<int32_t> table_a, table_b;
     for (int i = 0; i < 30; ++i) table_a.push_back((i * 5 + 3) % 64), table_b.push_back((i * 5 + 4) % 64);

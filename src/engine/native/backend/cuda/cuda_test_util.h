@@ -16,6 +16,19 @@
 
 namespace dyn {
 
+// A paged KV layout for the tests.
+inline KvLayout TestKvLayout(int num_layers, int num_kv_heads, int head_dim, int block_size, int num_blocks,
+                             DType dtype = DType::kF32) {
+  KvLayout l;
+  l.num_layers = num_layers;
+  l.num_kv_heads = num_kv_heads;
+  l.head_dim = head_dim;
+  l.block_size = block_size;
+  l.num_blocks = num_blocks;
+  l.dtype = dtype;
+  return l;
+}
+
 inline std::vector<float> RandomVec(size_t n, uint32_t seed, float scale = 1.0f) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> dist(0.0f, scale);
