@@ -50,6 +50,7 @@ struct BenchFlags {
   std::string json_path, csv_path, plots_dir;
   double timeout = 600;
   bool stream = true, progress = true, ignore_eos = true, dry_run = false;
+  std::string extra_body;
 };
 
 void RegisterFlags(FlagSet& fs, BenchFlags& f) {
@@ -83,6 +84,7 @@ void RegisterFlags(FlagSet& fs, BenchFlags& f) {
   fs.Double("timeout", &f.timeout, "per-request timeout (s)");
   fs.Bool("stream", &f.stream, "stream responses (SSE)");
   fs.Bool("ignore-eos", &f.ignore_eos, "send ignore_eos so outputs have max_tokens tokens");
+  fs.String("extra-body", &f.extra_body, "JSON object added to every request, e.g. '{\"temperature\":0.8,\"top_p\":0.9}'");
   fs.Bool("dry-run", &f.dry_run, "build the workload, print what it is (trace: prefix-hit ratios) and send nothing");
   fs.Bool("progress", &f.progress, "progress bar on stderr (when it is a terminal)");
 }
@@ -205,7 +207,7 @@ int Bench(int argc, char** argv) {
                       {"output_tokens", f.output_tokens}, {"output_stddev", f.output_stddev},
                       {"prefix_groups", f.prefix_groups}, {"prefix_tokens", f.prefix_tokens},
                       {"duration_s", f.duration}, {"ttft_target_ms", f.ttft_target_ms},
-                      {"itl_target_ms", f.itl_target_ms}, {"tokenizer", f.tokenizer}};
+                      {"itl_target_ms", f.itl_target_ms}, {"tokenizer", f.tokenizer}, {"extra_body", f.extra_body}};
   // The measured requests are the workload's first num_requests whatever the warm-up count: the
   // warm-up requests are generated after them and moved to the front. A trace's warm-up is its
   // own first requests.
@@ -241,6 +243,7 @@ int Bench(int argc, char** argv) {
   co.ignore_eos = f.ignore_eos;
   co.timeout_s = f.timeout;
   co.api_key = f.api_key;
+  co.extra_body = f.extra_body;
   auto client = LoadClient::Create(co);
   if (!client.ok()) return fail(client.status());
 

@@ -54,6 +54,15 @@ std::string RequestBody(const ClientOptions& o, const RequestSpec& spec) {
   }
   body["stream"] = o.stream;
   if (o.stream) body["stream_options"] = json::object{{"include_usage", true}};
+  if (!o.extra_body.empty()) {
+    boost::system::error_code ec;
+    const json::value extra = json::parse(o.extra_body, ec);  // validated by LoadClient::Create
+    if (!ec && extra.is_object()) {
+      for (const auto& kv : extra.as_object()) {
+        if (!body.contains(kv.key())) body[kv.key()] = kv.value();
+      }
+    }
+  }
   return json::serialize(body);
 }
 
@@ -342,6 +351,13 @@ LoadClient::LoadClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 LoadClient::~LoadClient() = default;
 
 Result<std::unique_ptr<LoadClient>> LoadClient::Create(const ClientOptions& options) {
+  if (!options.extra_body.empty()) {
+    boost::system::error_code ec;
+    const json::value extra = json::parse(options.extra_body, ec);
+    if (ec || !extra.is_object()) {
+      return Status::InvalidArgument("--extra-body must be a JSON object, e.g. '{\"temperature\": 0.8, \"top_p\": 0.9}': " + options.extra_body);
+    }
+  }
   auto impl = std::make_unique<Impl>();
   impl->options = options;
   DYN_ASSIGN_OR_RETURN(impl->url, ParseUrl(options.url));

@@ -29,6 +29,9 @@ struct ClientOptions {
   bool ignore_eos = true;  // so that output lengths are what the workload says
   double timeout_s = 600;  // per request, connect to last byte
   std::string api_key;     // sent as "Authorization: Bearer" when set
+  // A JSON object whose fields are added to every request body (sampling parameters such as
+  // temperature or top_p); the client's own fields (model, prompt, max_tokens, stream, ...) win.
+  std::string extra_body;
 };
 
 struct RunOptions {

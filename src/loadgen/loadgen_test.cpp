@@ -222,6 +222,15 @@ TEST(Client, RequestBody) {
   EXPECT_EQ(RequestBody(o, s),
             R"({"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":9,"ignore_eos":true,)"
             R"("min_tokens":9,"stream":false})");
+  // Extra fields are added; the client's own win.
+  o.extra_body = R"({"temperature":0.8,"top_p":0.9,"max_tokens":1,"stream":true})";
+  EXPECT_EQ(RequestBody(o, s),
+            R"({"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":9,"ignore_eos":true,)"
+            R"("min_tokens":9,"stream":false,"temperature":8E-1,"top_p":9E-1})");
+  o.extra_body = "[1]";
+  EXPECT_FALSE(LoadClient::Create(o).ok());
+  o.extra_body = "{not json";
+  EXPECT_FALSE(LoadClient::Create(o).ok());
 }
 
 TEST(Client, DeadServerIsRecordedAsConnectErrors) {

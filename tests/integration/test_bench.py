@@ -121,3 +121,19 @@ def test_unknown_model_is_an_http_4xx(server, tmp_path):
     assert p.returncode == 1
     s = json.loads(out.read_text())["runs"][0]["summary"]
     assert s["errors_by_kind"] == {"http_4xx": 3}
+
+
+def test_extra_body_fields_reach_the_server(server, tmp_path):
+    # Sampling fields go into every request: valid ones are served, an out-of-range top_p is
+    # refused by the server (so the field was sent), and the report records what was sent.
+    sampling = '{"temperature": 0.8, "top_p": 0.9, "seed": 3}'
+    report, _ = bench(server.url, tmp_path, "--num-requests", "4", "--input-tokens", "10", "--output-tokens", "4",
+                      "--extra-body", sampling)
+    assert report["runs"][0]["summary"]["completed"] == 4
+    assert json.loads(report["config"]["extra_body"]) == {"temperature": 0.8, "top_p": 0.9, "seed": 3}
+    report, _ = bench(server.url, tmp_path, "--num-requests", "3", "--input-tokens", "10", "--output-tokens", "4",
+                      "--extra-body", '{"top_p": 5}', expect_rc=1)
+    assert report["runs"][0]["summary"]["errors_by_kind"] == {"http_4xx": 3}
+    p = subprocess.run([dyn_bin(), "bench", "--url", server.url, "--model", MODEL, "--num-requests", "1",
+                        "--no-progress", "--extra-body", "{oops"], capture_output=True, text=True, timeout=30)
+    assert p.returncode != 0 and "--extra-body must be a JSON object" in p.stderr + p.stdout
