@@ -12,6 +12,7 @@
 
 #include "base/log.h"
 #include "engine/request_inbox.h"
+#include "engine/native/sched/batch_sampler.h"
 #include "engine/native/sched/sampler.h"
 #include "engine/native/sched/scheduler.h"
 
@@ -22,6 +23,12 @@ using Incoming = IncomingRequest;
 
 bool Contains(const std::vector<uint32_t>& v, uint32_t t) { return std::find(v.begin(), v.end(), t) != v.end(); }
 
+int SamplingThreads(const NativeEngineOptions& o, const Model& model) {
+  if (o.sampling_threads > 0) return o.sampling_threads;
+  if (!model.samples_on_device()) return 1;
+  return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 8u));
+}
+
 class NativeEngine final : public Engine {
  public:
   NativeEngine(std::unique_ptr<Model> model, const NativeEngineOptions& options, int num_blocks)
@@ -29,7 +36,7 @@ class NativeEngine final : public Engine {
         vocab_size_(model_->config().vocab_size),
         pool_(num_blocks, options.block_size, options.enable_prefix_caching),
         scheduler_(pool_, SchedulerConfig{options.max_num_seqs, options.max_num_batched_tokens, 0}),
-        sampler_(vocab_size_),
+        sampler_(vocab_size_, SamplingThreads(options, *model_)),
         hooks_(options.kv_transfer) {
     const int pool_tokens = num_blocks * options.block_size;
     const int max_pos = model_->config().max_position_embeddings;
@@ -126,14 +133,16 @@ class NativeEngine final : public Engine {
   // Step-thread state.
   BlockPool pool_;
   Scheduler scheduler_;
-  Sampler sampler_;
+  BatchSampler sampler_;
+  std::vector<BatchSampler::Row> host_rows_;       // per sampled row, when the host samples the step
+  std::vector<std::vector<uint32_t>> row_banned_;  // their banned ids
+  std::vector<TokenLogprob> row_logprobs_;
   std::unordered_map<SeqId, Active> active_;
   SeqId next_id_ = 1;
   std::vector<float> logits_;
   std::vector<DeviceSampling> device_sampling_;  // per sampled row, when the device samples the step
   std::vector<uint32_t> device_tokens_;
   std::vector<ForwardSeq> batch_;
-  std::vector<uint32_t> banned_;
   std::vector<Delivery> outbox_;
   uint64_t prompt_tokens_ = 0, cached_prompt_tokens_ = 0, generated_tokens_ = 0, steps_ = 0;
 
@@ -390,32 +399,50 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
   }
   scheduler_.CommitStep();
 
+  if (!on_device) {  // every row's draw first, on the sampling threads
+    host_rows_.assign(num_logits, {});
+    row_banned_.resize(num_logits);
+    row_logprobs_.assign(num_logits, {});
+    int row = 0;
+    for (const ScheduledChunk& c : out.batch) {
+      if (!c.sample) continue;
+      const int r_index = row++;
+      Active& a = active_.at(c.id);
+      const PreprocessedRequest& r = a.request;
+      auto all = scheduler_.tokens(c.id);
+      const int prompt_len = scheduler_.prompt_len(c.id);
+      std::vector<uint32_t>& banned = row_banned_[r_index];
+      banned.clear();
+      if (a.generated < r.stop.min_tokens) {
+        banned = r.stop.stop_token_ids;
+        if (!r.stop.ignore_eos) banned.insert(banned.end(), r.eos_token_ids.begin(), r.eos_token_ids.end());
+        std::erase_if(banned, [&](uint32_t t) { return t >= static_cast<uint32_t>(vocab_size_); });
+      }
+      BatchSampler::Row& h = host_rows_[r_index];
+      h.logits = std::span<float>(logits_.data() + static_cast<size_t>(r_index) * vocab_size_, vocab_size_);
+      h.params = &r.sampling;
+      h.prompt = all.first(prompt_len);
+      h.output = all.subspan(prompt_len);
+      h.banned = banned;
+      h.rng = &a.rng;
+      h.logprob = r.sampling.logprobs || r.sampling.top_logprobs > 0 ? &row_logprobs_[r_index] : nullptr;
+    }
+    sampler_.Sample(host_rows_);
+  }
+
   int row = 0;
   for (const ScheduledChunk& c : out.batch) {
     if (!c.sample) continue;
     const int r_index = row++;
     Active& a = active_.at(c.id);
     const PreprocessedRequest& r = a.request;
-    auto all = scheduler_.tokens(c.id);
     const int prompt_len = scheduler_.prompt_len(c.id);
-    banned_.clear();
-    if (a.generated < r.stop.min_tokens) {
-      banned_ = r.stop.stop_token_ids;
-      if (!r.stop.ignore_eos) banned_.insert(banned_.end(), r.eos_token_ids.begin(), r.eos_token_ids.end());
-      std::erase_if(banned_, [&](uint32_t t) { return t >= static_cast<uint32_t>(vocab_size_); });
-    }
     EngineOutput delta;
-    TokenLogprob lp;
-    const bool want_lp = r.sampling.logprobs || r.sampling.top_logprobs > 0;
-    const uint32_t token =
-        on_device ? device_tokens_[r_index]
-                  : sampler_.Sample(std::span<float>(logits_.data() + static_cast<size_t>(r_index) * vocab_size_, vocab_size_),
-                                    r.sampling, all.first(prompt_len), all.subspan(prompt_len), banned_, a.rng,
-                                    want_lp ? &lp : nullptr);
+    const uint32_t token = on_device ? device_tokens_[r_index] : host_rows_[r_index].token;
     ++a.generated;
     ++generated_tokens_;
     delta.token_ids.push_back(token);
-    if (want_lp) delta.logprobs.push_back(std::move(lp));
+    if (!on_device && host_rows_[r_index].logprob != nullptr) delta.logprobs.push_back(std::move(row_logprobs_[r_index]));
     if (!a.sent_first) {
       a.sent_first = true;
       delta.prompt_tokens = static_cast<uint32_t>(prompt_len);

@@ -42,6 +42,10 @@ struct NativeEngineOptions {
   int max_num_seqs = 64;
   int max_num_batched_tokens = 2048;
   bool enable_prefix_caching = true;
+  // Threads that sample a step's rows on the host (BatchSampler), counting the step thread.
+  // 0: up to 8 when the model samples on a device (the host cores are idle during the step),
+  // else 1 (a CPU model's cores are its backend's).
+  int sampling_threads = 0;
   // Receives the block pool's KV events on the engine's step thread; must outlive the engine.
   KvEventSink* kv_event_sink = nullptr;
   // Disaggregated serving (RequestPhase): without describe, kPrefillOnly requests are refused;

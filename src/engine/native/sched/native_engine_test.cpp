@@ -94,6 +94,47 @@ TEST(NativeEngineTest, SeededSamplingIsTheSameAloneAndBatched) {
   }
 }
 
+// Sampling a step's rows on several threads gives every request the tokens (and logprobs) of
+// sampling them one by one: top-k/top-p, penalties, min_tokens bans and logprobs, 16 at once.
+TEST(NativeEngineTest, ParallelHostSamplingEqualsSerial) {
+  auto seeded = [](int i) {
+    PreprocessedRequest r = Request(Prompt(10 + i, 300 + i), 16);
+    r.sampling.temperature = 0.7f + 0.1f * (i % 4);
+    r.sampling.top_p = i % 3 ? 0.9f : 1.0f;
+    r.sampling.top_k = i % 2 ? 50 : 0;
+    r.sampling.repetition_penalty = i % 5 == 0 ? 1.3f : 1.0f;
+    r.sampling.logprobs = i % 4 == 1;
+    r.sampling.top_logprobs = i % 4 == 1 ? 3 : 0;
+    r.stop.min_tokens = i % 6 == 0 ? 5 : 0;
+    r.sampling.seed = 900 + i;
+    return r;
+  };
+  auto run = [&](int threads) {
+    NativeEngineOptions o = SmallOptions();
+    o.max_num_seqs = 16;
+    o.sampling_threads = threads;
+    Fixture f(o, /*vocab=*/4096);
+    f.model->step_delay_us = 200;  // all 16 arrive before the first steps end
+    std::vector<Stream> streams(16);
+    for (int i = 0; i < 16; ++i) f.Run(streams[i], seeded(i));
+    for (auto& s : streams) EXPECT_TRUE(s.Wait());
+    return streams;
+  };
+  const std::vector<Stream> serial = run(1), parallel = run(4);
+  for (int i = 0; i < 16; ++i) {
+    EXPECT_EQ(parallel[i].tokens, serial[i].tokens) << "request " << i;
+    ASSERT_EQ(parallel[i].logprobs.size(), serial[i].logprobs.size()) << "request " << i;
+    for (size_t t = 0; t < serial[i].logprobs.size(); ++t) {
+      EXPECT_EQ(parallel[i].logprobs[t].token, serial[i].logprobs[t].token);
+      EXPECT_EQ(parallel[i].logprobs[t].logprob, serial[i].logprobs[t].logprob);
+      EXPECT_EQ(parallel[i].logprobs[t].top.size(), serial[i].logprobs[t].top.size());
+    }
+    if (i % 4 == 1) {
+      EXPECT_EQ(serial[i].logprobs.size(), 16u) << "request " << i;
+    }
+  }
+}
+
 TEST(NativeEngineTest, PrefixCachingComputesOnlyTheSuffix) {
   Fixture f(SmallOptions());
   auto a = Prompt(100, 7);

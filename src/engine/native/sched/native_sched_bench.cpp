@@ -3,6 +3,7 @@
 
 #include <random>
 
+#include "engine/native/sched/batch_sampler.h"
 #include "engine/native/sched/sampler.h"
 #include "engine/native/sched/scheduler.h"
 
@@ -102,6 +103,33 @@ void BM_SampleTopKTopPPenalties(benchmark::State& state) {
   RunSampler(state, p);
 }
 BENCHMARK(BM_SampleTopKTopPPenalties)->Arg(49152)->Arg(151936);
+
+// A step's host sampling: 64 rows of Llama 3's vocabulary (128256) at top_p 0.95, on 1 or 2
+// threads (BatchSampler, what the engine runs); items = rows.
+void BM_BatchSampleTopP(benchmark::State& state) {
+  const int vocab = 128256, rows = 64, threads = static_cast<int>(state.range(0));
+  const auto logits = LmLikeLogits(vocab);
+  std::vector<std::vector<float>> scratch(rows);
+  std::vector<SamplerRng> rngs;
+  for (int r = 0; r < rows; ++r) rngs.emplace_back(r + 1);
+  SamplingParams p;
+  p.temperature = 0.8f;
+  p.top_p = 0.95f;
+  BatchSampler sampler(vocab, threads);
+  std::vector<BatchSampler::Row> batch(rows);
+  for (auto _ : state) {
+    for (int r = 0; r < rows; ++r) {
+      scratch[r] = logits;
+      batch[r].logits = scratch[r];
+      batch[r].params = &p;
+      batch[r].rng = &rngs[r];
+    }
+    sampler.Sample(batch);
+    benchmark::DoNotOptimize(batch[0].token);
+  }
+  state.SetItemsProcessed(state.iterations() * rows);
+}
+BENCHMARK(BM_BatchSampleTopP)->Arg(1)->Arg(2)->UseRealTime();
 
 void BM_SampleTemperatureOnly(benchmark::State& state) {
   SamplingParams p;
