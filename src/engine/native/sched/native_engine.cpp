@@ -113,6 +113,9 @@ class NativeEngine final : public Engine {
   void Admit(Incoming in);
   void DropCancelled();
   void RunStep(const SchedulerOutput& out);
+  // Draws every sampled row's token (and logprobs) of a step on the host into host_rows_, on the
+  // sampling threads: the step's logits are in logits_, one row per sampled chunk in batch order.
+  void SampleOnHost(const SchedulerOutput& out, int num_logits);
   void Finish(SeqId id, FinishReason reason, std::string error = {});
   void PublishMetrics();
   Status Validate(const PreprocessedRequest& r) const;
@@ -399,36 +402,7 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
   }
   scheduler_.CommitStep();
 
-  if (!on_device) {  // every row's draw first, on the sampling threads
-    host_rows_.assign(num_logits, {});
-    row_banned_.resize(num_logits);
-    row_logprobs_.assign(num_logits, {});
-    int row = 0;
-    for (const ScheduledChunk& c : out.batch) {
-      if (!c.sample) continue;
-      const int r_index = row++;
-      Active& a = active_.at(c.id);
-      const PreprocessedRequest& r = a.request;
-      auto all = scheduler_.tokens(c.id);
-      const int prompt_len = scheduler_.prompt_len(c.id);
-      std::vector<uint32_t>& banned = row_banned_[r_index];
-      banned.clear();
-      if (a.generated < r.stop.min_tokens) {
-        banned = r.stop.stop_token_ids;
-        if (!r.stop.ignore_eos) banned.insert(banned.end(), r.eos_token_ids.begin(), r.eos_token_ids.end());
-        std::erase_if(banned, [&](uint32_t t) { return t >= static_cast<uint32_t>(vocab_size_); });
-      }
-      BatchSampler::Row& h = host_rows_[r_index];
-      h.logits = std::span<float>(logits_.data() + static_cast<size_t>(r_index) * vocab_size_, vocab_size_);
-      h.params = &r.sampling;
-      h.prompt = all.first(prompt_len);
-      h.output = all.subspan(prompt_len);
-      h.banned = banned;
-      h.rng = &a.rng;
-      h.logprob = r.sampling.logprobs || r.sampling.top_logprobs > 0 ? &row_logprobs_[r_index] : nullptr;
-    }
-    sampler_.Sample(host_rows_);
-  }
+  if (!on_device) SampleOnHost(out, num_logits);
 
   int row = 0;
   for (const ScheduledChunk& c : out.batch) {
@@ -468,6 +442,37 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
       outbox_.push_back({&a.sink, nullptr, std::move(delta)});
     }
   }
+}
+
+void NativeEngine::SampleOnHost(const SchedulerOutput& out, int num_logits) {
+  host_rows_.assign(num_logits, {});
+  row_banned_.resize(num_logits);
+  row_logprobs_.assign(num_logits, {});
+  int row = 0;
+  for (const ScheduledChunk& c : out.batch) {
+    if (!c.sample) continue;
+    const int r_index = row++;
+    Active& a = active_.at(c.id);
+    const PreprocessedRequest& r = a.request;
+    auto all = scheduler_.tokens(c.id);
+    const int prompt_len = scheduler_.prompt_len(c.id);
+    std::vector<uint32_t>& banned = row_banned_[r_index];
+    banned.clear();
+    if (a.generated < r.stop.min_tokens) {
+      banned = r.stop.stop_token_ids;
+      if (!r.stop.ignore_eos) banned.insert(banned.end(), r.eos_token_ids.begin(), r.eos_token_ids.end());
+      std::erase_if(banned, [&](uint32_t t) { return t >= static_cast<uint32_t>(vocab_size_); });
+    }
+    BatchSampler::Row& h = host_rows_[r_index];
+    h.logits = std::span<float>(logits_.data() + static_cast<size_t>(r_index) * vocab_size_, vocab_size_);
+    h.params = &r.sampling;
+    h.prompt = all.first(prompt_len);
+    h.output = all.subspan(prompt_len);
+    h.banned = banned;
+    h.rng = &a.rng;
+    h.logprob = r.sampling.logprobs || r.sampling.top_logprobs > 0 ? &row_logprobs_[r_index] : nullptr;
+  }
+  sampler_.Sample(host_rows_);
 }
 
 void NativeEngine::EndLater(OutputSink sink, FinishReason reason, std::string error) {
