@@ -1,10 +1,15 @@
 #include "engine/native/sched/sampler.h"
 
+#include <random>
+
+#include "engine/native/sched/batch_sampler.h"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <set>
 
 namespace dyn {
 namespace {
@@ -255,6 +260,57 @@ TEST(SamplerTest, ValidatesParameters) {
   p = {};
   p.top_logprobs = 21;
   EXPECT_FALSE(ValidateSamplingParams(p).ok());
+}
+
+// A batch sampled on 3 threads gives each row what sampling it alone gives: tokens and logprobs,
+// over greedy, top-k/top-p, min-p, penalties and banned ids (each row has its own RNG).
+TEST(BatchSamplerTest, ThreadsGiveTheTokensOfOneByOne) {
+  const int vocab = 3000, rows = 40;
+  std::mt19937 gen(4);
+  std::normal_distribution<float> noise(0.0f, 2.0f);
+  std::vector<std::vector<float>> logits(rows, std::vector<float>(vocab));
+  for (auto& l : logits)
+    for (float& x : l) x = noise(gen);
+  std::vector<SamplingParams> params(rows);
+  for (int r = 0; r < rows; ++r) {
+    params[r].temperature = r % 7 == 0 ? 0.0f : 0.6f + 0.1f * (r % 5);
+    params[r].top_k = r % 3 == 0 ? 40 : 0;
+    params[r].top_p = r % 2 ? 0.9f : 1.0f;
+    params[r].min_p = r % 4 == 3 ? 0.05f : 0.0f;
+    params[r].repetition_penalty = r % 6 == 1 ? 1.2f : 1.0f;
+    params[r].logprobs = r % 5 == 2;
+    params[r].top_logprobs = r % 5 == 2 ? 4 : 0;
+  }
+  const std::vector<uint32_t> prompt = {5, 17, 999, 5}, output = {42, 7}, banned = {1, 2, 3};
+  auto run = [&](int threads) {
+    BatchSampler sampler(vocab, threads);
+    std::vector<std::vector<float>> scratch = logits;
+    std::vector<SamplerRng> rngs;
+    for (int r = 0; r < rows; ++r) rngs.emplace_back(100 + r);
+    std::vector<TokenLogprob> lps(rows);
+    std::vector<BatchSampler::Row> batch(rows);
+    for (int r = 0; r < rows; ++r) {
+      batch[r].logits = scratch[r];
+      batch[r].params = &params[r];
+      batch[r].prompt = prompt;
+      batch[r].output = output;
+      batch[r].banned = r % 2 ? std::span<const uint32_t>(banned) : std::span<const uint32_t>();
+      batch[r].rng = &rngs[r];
+      batch[r].logprob = &lps[r];
+    }
+    sampler.Sample(batch);
+    std::vector<std::pair<uint32_t, float>> out;
+    for (int r = 0; r < rows; ++r) out.push_back({batch[r].token, params[r].logprobs ? lps[r].logprob : 0.0f});
+    return out;
+  };
+  const auto one = run(1), three = run(3);
+  EXPECT_EQ(three, one);
+  std::set<uint32_t> distinct;
+  for (auto& [t, lp] : one) distinct.insert(t);
+  EXPECT_GT(distinct.size(), 10u);  // rows really differ
+  for (int r = 1; r < rows; r += 2) {
+    EXPECT_TRUE(one[r].first < 1 || one[r].first > 3) << "a banned id was drawn, row " << r;
+  }
 }
 
 }  // namespace
