@@ -88,6 +88,20 @@ def test_concurrent_requests_match_solo_output(server):
     assert len(set(solo)) > 8  # different prompts really gave different outputs
 
 
+def test_logprobs_requests_batched_with_plain_ones_match_solo(server):
+    # Requests with logprobs need the host sampler; plain greedy ones can be sampled on a device.
+    # Batched together (a step mixes both kinds), every text equals the request's solo text.
+    words = ["Tom", "Lily", "The cat", "A big dog", "Once", "Sam and", "The sun", "Mom said"]
+    extra = lambda i: {"logprobs": 2} if i % 2 else {}
+    solo = [complete(server, w, 32, **extra(i))["choices"][0]["text"] for i, w in enumerate(words)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda iw: complete(server, iw[1], 32, **extra(iw[0]))["choices"][0]["text"],
+                                 enumerate(words)))
+    assert together == solo
+    with_lp = complete(server, words[1], 4, logprobs=2)["choices"][0]["logprobs"]
+    assert len(with_lp["tokens"]) == 4 and len(with_lp["top_logprobs"][0]) == 2
+
+
 def test_shared_prefix_is_served_from_cache(server):
     prefix = "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. " * 3
     first = complete(server, prefix + "One day", 8)
