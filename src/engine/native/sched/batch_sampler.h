@@ -33,8 +33,6 @@ class BatchSampler {
   // Samples every row (Sampler::Sample each); rows must not share an RNG.
   void Sample(std::span<Row> rows);
 
-  int threads() const { return static_cast<int>(samplers_.size()); }
-
  private:
   std::vector<std::unique_ptr<Sampler>> samplers_;  // one per group of rows
   std::unique_ptr<ThreadPool> pool_;                // null with one thread

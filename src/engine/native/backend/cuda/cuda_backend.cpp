@@ -74,7 +74,9 @@ void Poison(void* p, size_t bytes) {
 }
 
 // DYN_CUDA_SYNC=3: after each launch, a hash of every live allocation's bytes is printed (with
-// the launch's op), so two runs can be diffed to find the first kernel whose results differ.
+// the launch's op), so two runs can be diffed to find the first kernel whose results differ. The
+// registry is touched only then: it is one map for the process, and engines free buffers on their
+// own step threads.
 struct LiveAlloc {
   uint64_t serial;
   size_t bytes;
@@ -84,7 +86,9 @@ uint64_t g_alloc_serial = 0, g_trace_launch = 0;
 void Track(void* p, size_t bytes) {
   if (g_debug_sync >= 3 && p != nullptr) g_live[p] = {g_alloc_serial++, bytes};
 }
-void Untrack(void* p) { g_live.erase(p); }
+void Untrack(void* p) {
+  if (g_debug_sync >= 3) g_live.erase(p);
+}
 void TraceMemory(int op) {
   std::vector<std::pair<uint64_t, std::pair<void*, size_t>>> order;
   for (auto& [p, a] : g_live) order.push_back({a.serial, {p, a.bytes}});

@@ -313,7 +313,7 @@ TEST_F(CudaBackendTest, RopeBothStyles) {
 }
 
 std::vector<float> RoundBf16(std::vector<float> v) {
-  for (float& x : v) x = FromBf16Bits(ToBf16Bits(x));
+  for (float& x : v) x = BF16ToF32(ToBf16Bits(x));
   return v;
 }
 
@@ -363,7 +363,7 @@ void CheckAttention(CudaBackendTest& t, Backend& cpu, Backend& gpu, int head_dim
   if (bf16) {
     std::vector<uint16_t> bits(cache.size());
     gpu.CopyToHost(bits.data(), dcache, bits.size() * 2);
-    for (uint16_t b : bits) got_cache.push_back(FromBf16Bits(b));
+    for (uint16_t b : bits) got_cache.push_back(BF16ToF32(b));
   } else {
     got_cache = t.Down(dcache, cache.size());
   }

@@ -102,11 +102,5 @@ inline uint16_t ToBf16Bits(float f) {  // round to nearest even (inputs are fini
   std::memcpy(&u, &f, 4);
   return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
-inline float FromBf16Bits(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 }  // namespace dyn
