@@ -29,6 +29,7 @@ constexpr int kRowWarps = 4;
 constexpr int kKeys = 4;  // keys per warp per iteration, loads in flight together
 int g_multiprocessors = 132;  // an H100/H200's, until SetMultiprocessorCount
 bool g_half_warp_rows = true;  // RowAttentionHalfWarpKernel where it applies (SetHalfWarpAttention)
+int g_forced_splits = 0;       // ForceAttentionSplits
 
 // n contiguous elements at p (16-byte vector loads where n allows) as floats.
 template <int kN>
@@ -513,6 +514,7 @@ void LaunchRowsAnyDim(cudaStream_t stream, const T* cache, const CacheGeometry& 
 
 void SetMultiprocessorCount(int n) { g_multiprocessors = n > 0 ? n : 1; }
 void SetHalfWarpAttention(bool on) { g_half_warp_rows = on; }
+void ForceAttentionSplits(int splits) { g_forced_splits = std::clamp(splits, 0, kMaxSplits); }
 
 void WriteKv(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,
              const float* v) {
@@ -547,6 +549,7 @@ void RopeWriteKv(cudaStream_t stream, float* q, int num_heads, float* k, const f
 
 int AttentionSplits(const KvLayout& layout, int num_heads, const AttnRows& meta) {
   if (meta.num_rowwise == 0) return 1;
+  if (g_forced_splits > 0) return g_forced_splits;
   const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
   const int base = layout.num_kv_heads * ((group + kg - 1) / kg) * meta.num_rowwise;
   // Measured on an H200 (8B shape, docs/benchmarks/cuda.md): splitting only to fill the GPU twice

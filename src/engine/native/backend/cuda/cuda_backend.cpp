@@ -147,7 +147,7 @@ constexpr int kFuseRopeKv = 1, kFuseSwiGlu = 2, kFuseMerge = 4, kFuseAll = 7;
 // 16-32 (batch 1 at 2048-4096, batch 8 at 4096) the combine kernel is 0.13-0.16 ms faster (its
 // 32 blocks a row merge in parallel what 8 last blocks do one after another); at 16 and batch 1
 // or 8 at 512-2048 they tie.
-constexpr int kMaxSplitsMergedInKernel = 8;
+constexpr int kMaxSplitsMergedInKernel = 8;  // DYN_CUDA_MERGE_MAX overrides it (comparisons)
 
 enum Op : uint8_t {
   kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
@@ -192,6 +192,8 @@ class CudaBackend : public Backend {
     if (const char* range = std::getenv("DYN_CUDA_POISON_BYTES")) std::sscanf(range, "%zu,%zu", &g_poison_min, &g_poison_max);
     const char* attn = std::getenv("DYN_CUDA_ATTN");
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
+    if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
+    if (const char* merge = std::getenv("DYN_CUDA_MERGE_MAX")) max_splits_merged_in_kernel_ = std::atoi(merge);
     const char* weights = std::getenv("DYN_CUDA_WEIGHTS");
     f32_weights_to_bf16_ = weights != nullptr && std::string(weights) == "bf16";
     const char* kv = std::getenv("DYN_CUDA_KV");
@@ -382,7 +384,7 @@ class CudaBackend : public Backend {
     if (!pending_.empty() && !attn_partial_.Fits(part_bytes)) Flush();  // growing frees what a pending kernel writes
     float* partial = part_bytes > 0 ? static_cast<float*>(attn_partial_.Get(part_bytes)) : nullptr;
     int* counters = nullptr;  // the last block of each split group merges the splits (no combine launch)
-    if (splits > 1 && splits <= kMaxSplitsMergedInKernel && (fuse_ & kFuseMerge)) {
+    if (splits > 1 && splits <= max_splits_merged_in_kernel_ && (fuse_ & kFuseMerge)) {
       const size_t count_bytes = cuda::AttentionCounters(layout, num_heads, meta) * sizeof(int);
       if (!attn_counters_.Fits(count_bytes)) {
         if (!pending_.empty()) Flush();  // growing frees what a pending kernel uses
@@ -493,6 +495,7 @@ class CudaBackend : public Backend {
   void* blas_workspace_ = nullptr;
   Scratch ids_, gather_rows_, positions_, inv_freq_, attn_meta_, attn_partial_, attn_counters_, x_bf16_, sample_params_, sample_out_;
   int fuse_ = kFuseAll;               // DYN_CUDA_FUSE: which fusions run (0: none)
+  int max_splits_merged_in_kernel_ = kMaxSplitsMergedInKernel;
   bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;

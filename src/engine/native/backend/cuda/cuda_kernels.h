@@ -89,6 +89,8 @@ void SetHalfWarpAttention(bool on);
 // cuda_attention.cu); a power of two, so a growing decode context changes it, and the step's
 // graph, rarely.
 int AttentionSplits(const KvLayout& layout, int num_heads, const AttnRows& meta);
+// A fixed split count for every call (comparisons: DYN_CUDA_SPLITS); 0 restores the rule.
+void ForceAttentionSplits(int splits);
 // Floats of the partial-result scratch Attention needs for `splits` > 1.
 size_t AttentionPartialFloats(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits);
 // Arrival counters the split merge needs (ints; zero before the first call, left zero after each).
