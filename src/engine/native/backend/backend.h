@@ -85,6 +85,14 @@ struct AttentionSeq {
   std::span<const int32_t> block_table;  // host memory; covers [0, start_pos + num_rows)
 };
 
+// Truncation of one row's distribution before a device draw (see Backend::SampleRows).
+struct SampleCut {
+  int top_k = 0;        // 0 or >= vocab: off
+  float top_p = 1.0f;   // 1: off
+  float min_p = 0.0f;   // 0: off
+  bool active(int vocab) const { return (top_k > 0 && top_k < vocab) || top_p < 1.0f || min_p > 0.0f; }
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -149,12 +157,18 @@ class Backend {
   // ---- sampling on the device (optional) ----
   // Whether SampleRows works; the model otherwise copies the logits and the host samples.
   virtual bool samples_on_device() const { return false; }
+  // Whether SampleRows also applies SampleCuts (top-k / top-p / min-p).
+  virtual bool samples_truncated_on_device() const { return false; }
   // tokens[r] (host) = one token from row r of logits ([rows][vocab], backend memory): argmax
   // (lowest id on ties) where temperature[r] == 0, else the host Sampler's plain-temperature draw
   // at uniform[r] in [0, 1): the first id where the running sum of exp((l - max) / T) passes
   // uniform[r] times the total. Only the ids come back.
+  // With `cuts` (one per row, or empty for none) a row with an active cut draws from the host
+  // Sampler's kept set (the k best by weight then lowest id; of those the shortest best-first
+  // prefix with top_p of their mass; of those w >= min_p), in id order: the same distribution as
+  // the host, not the same token for a given uniform.
   virtual void SampleRows(const float* logits, int rows, int vocab, std::span<const float> temperature,
-                          std::span<const float> uniform, uint32_t* tokens) {}
+                          std::span<const float> uniform, std::span<const SampleCut> cuts, uint32_t* tokens) {}
 };
 
 // The CPU backend: a persistent thread pool of num_threads (0 = hardware threads) threads.

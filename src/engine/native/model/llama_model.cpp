@@ -2,6 +2,7 @@
 // the Backend interface. One Forward flattens every sequence's new tokens into one activation
 // matrix, so each weight matrix is streamed once per step for the whole batch; only attention
 // looks at sequences separately (over their block tables).
+#include <algorithm>
 #include <cmath>
 #include <numbers>
 #include <sstream>
@@ -120,9 +121,11 @@ class LlamaModel : public Model {
 
   Status Forward(std::span<const ForwardSeq> batch, float* logits) override { return Run(batch, logits, {}, nullptr); }
   bool samples_on_device() const override { return backend_->samples_on_device(); }
-  Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens) override {
-    if (!backend_->samples_on_device()) return Model::ForwardSample(batch, sampling, tokens);
-    return Run(batch, nullptr, sampling, tokens);
+  bool samples_truncated_on_device() const override { return backend_->samples_truncated_on_device(); }
+  Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens,
+                       float* host_logits = nullptr) override {
+    if (!backend_->samples_on_device()) return Model::ForwardSample(batch, sampling, tokens, host_logits);
+    return Run(batch, host_logits, sampling, tokens);
   }
 
   std::string Describe() const override {
@@ -150,7 +153,8 @@ class LlamaModel : public Model {
   }
 
   Status Validate(std::span<const ForwardSeq> batch) const;
-  // Forward, ending with the logits copied to `logits` or, with `tokens`, sampled on the device.
+  // Forward, ending with the logits copied to `logits` or, with `tokens`, sampled on the device
+  // (then `logits` receives the rows marked on_host).
   Status Run(std::span<const ForwardSeq> batch, float* logits, std::span<const DeviceSampling> sampling, uint32_t* tokens);
 
   Status SetKvLayout(int num_blocks, int block_size) {
@@ -315,8 +319,35 @@ Status LlamaModel::Run(std::span<const ForwardSeq> batch, float* logits, std::sp
   if (tokens != nullptr) {
     if (sampling.size() != static_cast<size_t>(S)) return Status::InvalidArgument("ForwardSample: one DeviceSampling per sampled sequence");
     std::vector<float> temperature(S), uniform(S);
-    for (int i = 0; i < S; ++i) temperature[i] = sampling[i].temperature, uniform[i] = sampling[i].uniform;
-    be.SampleRows(logits_->f32(), S, c.vocab_size, temperature, uniform, tokens);
+    std::vector<SampleCut> cuts;  // empty: no row truncates
+    for (int i = 0; i < S; ++i) {
+      // A row the host samples gets the cheapest draw (greedy), whose token is ignored.
+      temperature[i] = sampling[i].on_host ? 0.0f : sampling[i].temperature;
+      uniform[i] = sampling[i].uniform;
+    }
+    const bool any_cut = std::any_of(sampling.begin(), sampling.end(), [&](const DeviceSampling& d) {
+      return !d.on_host && d.temperature > 0.0f && d.cut.active(c.vocab_size);
+    });
+    if (any_cut) {
+      if (!be.samples_truncated_on_device()) return Status::Unsupported("ForwardSample: this backend does not truncate on the device");
+      for (const DeviceSampling& d : sampling) cuts.push_back(d.on_host ? SampleCut{} : d.cut);
+    }
+    be.SampleRows(logits_->f32(), S, c.vocab_size, temperature, uniform, cuts, tokens);
+    // The host rows' logits, one copy per run of consecutive host rows.
+    const size_t row = static_cast<size_t>(c.vocab_size);
+    size_t copied = 0;
+    for (int i = 0; i < S;) {
+      if (!sampling[i].on_host) {
+        ++i;
+        continue;
+      }
+      if (logits == nullptr) return Status::InvalidArgument("ForwardSample: rows on the host need host_logits");
+      int end = i + 1;
+      while (end < S && sampling[end].on_host) ++end;
+      be.CopyToHost(logits + copied * row, logits_->f32() + static_cast<size_t>(i) * row, (end - i) * row * sizeof(float));
+      copied += static_cast<size_t>(end - i);
+      i = end;
+    }
     return Status::Ok();
   }
   be.CopyToHost(logits, logits_->f32(), static_cast<size_t>(S) * c.vocab_size * sizeof(float));

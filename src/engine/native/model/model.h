@@ -51,11 +51,13 @@ struct ForwardSeq {
   bool want_logits = true;               // produce logits for the last new token
 };
 
-// One sequence's sampling in Model::ForwardSample (penalties, logprobs, banned ids and top-k/p
-// or min-p truncation stay with the host Sampler).
+// One sequence's sampling in Model::ForwardSample (penalties, logprobs and banned ids stay with
+// the host Sampler; top-k / top-p / min-p only where samples_truncated_on_device()).
 struct DeviceSampling {
   float temperature = 0.0f;  // 0: greedy
   float uniform = 0.0f;      // the draw in [0, 1) when temperature > 0
+  SampleCut cut;             // truncation before the draw
+  bool on_host = false;      // the host samples this row: its logits come back (host_logits)
 };
 
 class Model {
@@ -85,7 +87,11 @@ class Model {
   // want_logits (in batch order) tokens[i] = argmax of its logits if sampling[i].temperature == 0,
   // else the host Sampler's plain-temperature draw at sampling[i].uniform; only the ids come back.
   virtual bool samples_on_device() const { return false; }
-  virtual Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens) {
+  virtual bool samples_truncated_on_device() const { return false; }
+  // Rows marked on_host are not sampled: their logits are copied to host_logits (vocab_size
+  // floats each, in row order) and their tokens[i] are unspecified.
+  virtual Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens,
+                               float* host_logits = nullptr) {
     return Status::Unsupported("this model's backend does not sample");
   }
   // A device backend's free and total memory now (false on the CPU backend).

@@ -113,9 +113,10 @@ class NativeEngine final : public Engine {
   void Admit(Incoming in);
   void DropCancelled();
   void RunStep(const SchedulerOutput& out);
-  // Draws every sampled row's token (and logprobs) of a step on the host into host_rows_, on the
-  // sampling threads: the step's logits are in logits_, one row per sampled chunk in batch order.
-  void SampleOnHost(const SchedulerOutput& out, int num_logits);
+  // Draws the token (and logprobs) of every sampled row marked in row_on_host_ into host_rows_
+  // (host_index_ maps a row to its entry), on the sampling threads; their logits are in logits_,
+  // one row each in batch order.
+  void SampleOnHost(const SchedulerOutput& out, int host_rows);
   void Finish(SeqId id, FinishReason reason, std::string error = {});
   void PublishMetrics();
   Status Validate(const PreprocessedRequest& r) const;
@@ -137,7 +138,9 @@ class NativeEngine final : public Engine {
   BlockPool pool_;
   Scheduler scheduler_;
   BatchSampler sampler_;
-  std::vector<BatchSampler::Row> host_rows_;       // per sampled row, when the host samples the step
+  std::vector<uint8_t> row_on_host_;               // per sampled row: the host samples it
+  std::vector<int> host_index_;                     // per sampled row: its entry in host_rows_
+  std::vector<BatchSampler::Row> host_rows_;       // per row the host samples
   std::vector<std::vector<uint32_t>> row_banned_;  // their banned ids
   std::vector<TokenLogprob> row_logprobs_;
   std::unordered_map<SeqId, Active> active_;
@@ -373,26 +376,43 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
     batch_.push_back(ForwardSeq{c.tokens, c.start_pos, c.block_table, c.sample});
     num_logits += c.sample ? 1 : 0;
   }
-  // The device samples the step when every sampled row allows it (greedy or plain temperature,
-  // no banned ids): then only token ids come back, not num_logits x vocab floats.
-  bool on_device = model_->samples_on_device();
-  for (const ScheduledChunk& c : out.batch) {
-    if (!on_device || !c.sample) continue;
-    const Active& a = active_.at(c.id);
-    const StopConditions& stop = a.request.stop;
-    const bool bans = a.generated < stop.min_tokens && (!stop.stop_token_ids.empty() || (!stop.ignore_eos && !a.request.eos_token_ids.empty()));
-    on_device = !bans && DeviceSamplable(a.request.sampling, vocab_size_);
+  // Rows the device can sample (greedy or temperature, with top-k/top-p/min-p where the device
+  // truncates; no penalties, logprobs or banned ids) come back as token ids; only the others'
+  // logits (vocab_size floats each) are copied, and drawn on the host. No device row: Forward.
+  const bool device = model_->samples_on_device(), truncation = model_->samples_truncated_on_device();
+  row_on_host_.assign(num_logits, true);
+  int host_rows = num_logits;
+  if (device) {
+    int row = 0;
+    for (const ScheduledChunk& c : out.batch) {
+      if (!c.sample) continue;
+      const int r_index = row++;
+      const Active& a = active_.at(c.id);
+      const StopConditions& stop = a.request.stop;
+      const bool bans = a.generated < stop.min_tokens && (!stop.stop_token_ids.empty() || (!stop.ignore_eos && !a.request.eos_token_ids.empty()));
+      if (!bans && DeviceSamplable(a.request.sampling, vocab_size_, truncation)) row_on_host_[r_index] = false, --host_rows;
+    }
   }
+  const bool on_device = host_rows < num_logits;
   device_sampling_.clear();
-  for (const ScheduledChunk& c : out.batch) {
-    if (!on_device || !c.sample) continue;
-    Active& a = active_.at(c.id);
-    const float t = a.request.sampling.temperature;
-    device_sampling_.push_back({t, t > 0.0f ? static_cast<float>(SamplerUniform01(a.rng)) : 0.0f});
+  if (on_device) {
+    int row = 0;
+    for (const ScheduledChunk& c : out.batch) {
+      if (!c.sample) continue;
+      if (row_on_host_[row++]) {
+        device_sampling_.push_back({0.0f, 0.0f, SampleCut{}, true});
+        continue;
+      }
+      Active& a = active_.at(c.id);
+      const SamplingParams& p = a.request.sampling;
+      const float t = p.temperature;
+      device_sampling_.push_back({t, t > 0.0f ? static_cast<float>(SamplerUniform01(a.rng)) : 0.0f, SampleCut{p.top_k, p.top_p, p.min_p}});
+    }
   }
   device_tokens_.resize(num_logits);
-  logits_.resize(on_device ? 0 : static_cast<size_t>(num_logits) * vocab_size_);
-  Status st = on_device ? model_->ForwardSample(batch_, device_sampling_, device_tokens_.data()) : model_->Forward(batch_, logits_.data());
+  logits_.resize(static_cast<size_t>(host_rows) * vocab_size_);
+  Status st = on_device ? model_->ForwardSample(batch_, device_sampling_, device_tokens_.data(), host_rows > 0 ? logits_.data() : nullptr)
+                        : model_->Forward(batch_, logits_.data());
   ++steps_;
   if (!st.ok()) {
     DYN_LOG(ERROR) << "forward pass failed: " << st.ToString();
@@ -402,7 +422,7 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
   }
   scheduler_.CommitStep();
 
-  if (!on_device) SampleOnHost(out, num_logits);
+  if (host_rows > 0) SampleOnHost(out, host_rows);
 
   int row = 0;
   for (const ScheduledChunk& c : out.batch) {
@@ -412,11 +432,14 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
     const PreprocessedRequest& r = a.request;
     const int prompt_len = scheduler_.prompt_len(c.id);
     EngineOutput delta;
-    const uint32_t token = on_device ? device_tokens_[r_index] : host_rows_[r_index].token;
+    const bool on_host = row_on_host_[r_index];
+    const uint32_t token = on_host ? host_rows_[host_index_[r_index]].token : device_tokens_[r_index];
     ++a.generated;
     ++generated_tokens_;
     delta.token_ids.push_back(token);
-    if (!on_device && host_rows_[r_index].logprob != nullptr) delta.logprobs.push_back(std::move(row_logprobs_[r_index]));
+    if (on_host && host_rows_[host_index_[r_index]].logprob != nullptr) {
+      delta.logprobs.push_back(std::move(row_logprobs_[host_index_[r_index]]));
+    }
     if (!a.sent_first) {
       a.sent_first = true;
       delta.prompt_tokens = static_cast<uint32_t>(prompt_len);
@@ -444,33 +467,36 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
   }
 }
 
-void NativeEngine::SampleOnHost(const SchedulerOutput& out, int num_logits) {
-  host_rows_.assign(num_logits, {});
-  row_banned_.resize(num_logits);
-  row_logprobs_.assign(num_logits, {});
-  int row = 0;
+void NativeEngine::SampleOnHost(const SchedulerOutput& out, int host_rows) {
+  host_rows_.assign(host_rows, {});
+  row_banned_.resize(host_rows);
+  row_logprobs_.assign(host_rows, {});
+  host_index_.assign(row_on_host_.size(), -1);
+  int row = 0, k = 0;
   for (const ScheduledChunk& c : out.batch) {
     if (!c.sample) continue;
-    const int r_index = row++;
+    if (!row_on_host_[row++]) continue;
+    const int h_index = k++;  // its logits row and host_rows_ entry
+    host_index_[row - 1] = h_index;
     Active& a = active_.at(c.id);
     const PreprocessedRequest& r = a.request;
     auto all = scheduler_.tokens(c.id);
     const int prompt_len = scheduler_.prompt_len(c.id);
-    std::vector<uint32_t>& banned = row_banned_[r_index];
+    std::vector<uint32_t>& banned = row_banned_[h_index];
     banned.clear();
     if (a.generated < r.stop.min_tokens) {
       banned = r.stop.stop_token_ids;
       if (!r.stop.ignore_eos) banned.insert(banned.end(), r.eos_token_ids.begin(), r.eos_token_ids.end());
       std::erase_if(banned, [&](uint32_t t) { return t >= static_cast<uint32_t>(vocab_size_); });
     }
-    BatchSampler::Row& h = host_rows_[r_index];
-    h.logits = std::span<float>(logits_.data() + static_cast<size_t>(r_index) * vocab_size_, vocab_size_);
+    BatchSampler::Row& h = host_rows_[h_index];
+    h.logits = std::span<float>(logits_.data() + static_cast<size_t>(h_index) * vocab_size_, vocab_size_);
     h.params = &r.sampling;
     h.prompt = all.first(prompt_len);
     h.output = all.subspan(prompt_len);
     h.banned = banned;
     h.rng = &a.rng;
-    h.logprob = r.sampling.logprobs || r.sampling.top_logprobs > 0 ? &row_logprobs_[r_index] : nullptr;
+    h.logprob = r.sampling.logprobs || r.sampling.top_logprobs > 0 ? &row_logprobs_[h_index] : nullptr;
   }
   sampler_.Sample(host_rows_);
 }

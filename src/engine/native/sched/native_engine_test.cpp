@@ -341,5 +341,122 @@ TEST(NativeEngineTest, PoolIsSizedFromKvCacheBytes) {
   EXPECT_FALSE(e.ok());
 }
 
+// A FakeModel that "samples on the device": ForwardSample records what the engine asked for and
+// returns the argmax of each row (the draw itself is the backend's, tested in cuda_backend_test).
+class DeviceSamplingFakeModel : public FakeModel {
+ public:
+  explicit DeviceSamplingFakeModel(bool truncates) : truncates_(truncates) {}
+  bool samples_on_device() const override { return true; }
+  bool samples_truncated_on_device() const override { return truncates_; }
+  Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens,
+                       float* host_logits) override {
+    const int vocab = config().vocab_size;
+    std::vector<float> logits(sampling.size() * vocab);
+    DYN_RETURN_IF_ERROR(Forward(batch, logits.data()));
+    std::lock_guard<std::mutex> lock(mu);
+    size_t host = 0;
+    for (size_t r = 0; r < sampling.size(); ++r) {
+      seen.push_back(sampling[r]);
+      const float* l = logits.data() + r * vocab;
+      if (sampling[r].on_host) {
+        if (host_logits == nullptr) return Status::InvalidArgument("rows on the host need host_logits");
+        std::copy(l, l + vocab, host_logits + host++ * vocab);
+        continue;
+      }
+      tokens[r] = static_cast<uint32_t>(std::max_element(l, l + vocab) - l);
+    }
+    return Status::Ok();
+  }
+  std::mutex mu;
+  std::vector<DeviceSampling> seen;
+
+ private:
+  bool truncates_;
+};
+
+// Top-k / top-p / min-p requests sample on a device that truncates (the cut reaches it) and on the
+// host where it does not; penalties always sample on the host.
+TEST(NativeEngineTest, TruncatedSamplingGoesToADeviceThatTruncates) {
+  for (bool truncates : {true, false}) {
+    auto m = std::make_unique<DeviceSamplingFakeModel>(truncates);
+    DeviceSamplingFakeModel* model = m.get();
+    auto e = CreateNativeEngine(std::move(m), SmallOptions());
+    ASSERT_TRUE(e.ok()) << e.status().ToString();
+    PreprocessedRequest r = Request(Prompt(12, 7), 3);
+    r.sampling.temperature = 0.8f;
+    r.sampling.top_k = 20;
+    r.sampling.top_p = 0.9f;
+    r.sampling.min_p = 0.05f;
+    Stream s;
+    (*e)->Generate(r, std::make_shared<RequestContext>("cut"), s.Sink());
+    ASSERT_TRUE(s.Wait());
+    EXPECT_EQ(s.tokens.size(), 3u);
+    {
+      std::lock_guard<std::mutex> lock(model->mu);
+      if (truncates) {
+        ASSERT_EQ(model->seen.size(), 3u);
+        for (const DeviceSampling& d : model->seen) {
+          EXPECT_EQ(d.temperature, 0.8f);
+          EXPECT_EQ(d.cut.top_k, 20);
+          EXPECT_EQ(d.cut.top_p, 0.9f);
+          EXPECT_EQ(d.cut.min_p, 0.05f);
+          EXPECT_GE(d.uniform, 0.0f);
+          EXPECT_LT(d.uniform, 1.0f);
+        }
+      } else {
+        EXPECT_TRUE(model->seen.empty()) << "a device that does not truncate was asked to";
+      }
+      model->seen.clear();
+    }
+    PreprocessedRequest pen = Request(Prompt(12, 8), 2);
+    pen.sampling.temperature = 0.8f;
+    pen.sampling.repetition_penalty = 1.2f;
+    Stream s2;
+    (*e)->Generate(pen, std::make_shared<RequestContext>("pen"), s2.Sink());
+    ASSERT_TRUE(s2.Wait());
+    std::lock_guard<std::mutex> lock(model->mu);
+    for (const DeviceSampling& d : model->seen) EXPECT_TRUE(d.on_host) << "penalties are applied by the host sampler";
+  }
+}
+
+// A step that mixes device rows and host rows (a repetition penalty) samples each where it can:
+// the host rows' logits come back and their tokens are those of host sampling, with the same seed.
+TEST(NativeEngineTest, MixedStepsSampleEachRowWhereItCan) {
+  auto penalised = [] {
+    PreprocessedRequest r = Request(Prompt(16, 21), 12);
+    r.sampling.temperature = 0.9f;
+    r.sampling.repetition_penalty = 1.3f;
+    r.sampling.seed = 77;
+    return r;
+  };
+  // The reference: a model that never samples on a device.
+  Fixture host_only(SmallOptions());
+  Stream want;
+  host_only.Run(want, penalised());
+  ASSERT_TRUE(want.Wait());
+
+  auto m = std::make_unique<DeviceSamplingFakeModel>(true);
+  DeviceSamplingFakeModel* model = m.get();
+  model->step_delay_us = 300;  // keep both requests in the same steps
+  auto e = CreateNativeEngine(std::move(m), SmallOptions());
+  ASSERT_TRUE(e.ok());
+  PreprocessedRequest plain = Request(Prompt(16, 22), 40);  // outlasts the other: their steps mix
+  plain.sampling.temperature = 0.8f;
+  plain.sampling.top_p = 0.9f;
+  Stream a, b;
+  (*e)->Generate(plain, std::make_shared<RequestContext>("plain"), a.Sink());
+  (*e)->Generate(penalised(), std::make_shared<RequestContext>("pen"), b.Sink());
+  ASSERT_TRUE(a.Wait());
+  ASSERT_TRUE(b.Wait());
+  EXPECT_EQ(b.tokens, want.tokens) << "the host row's draws";
+  std::lock_guard<std::mutex> lock(model->mu);
+  int host = 0, device = 0;
+  for (const DeviceSampling& d : model->seen) (d.on_host ? host : device) += 1;
+  EXPECT_EQ(device, 40);
+  // A step in which the penalised request ran alone went through Forward, not counted here.
+  EXPECT_GE(host, 10);
+  EXPECT_LE(host, 12);
+}
+
 }  // namespace
 }  // namespace dyn

@@ -38,12 +38,15 @@ SamplerRng MakeSamplerRng(const SamplingParams& params);
 // uniform_real_distribution, whose algorithm is the library's choice). Sampler's draws use it.
 inline double SamplerUniform01(SamplerRng& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
 
-// Whether a device backend can sample with these params (Model::ForwardSample): greedy or plain
-// temperature sampling, the latter at one SamplerUniform01 draw as Sample would make; penalties,
-// logprobs and top-k/top-p/min-p truncation need this Sampler.
-inline bool DeviceSamplable(const SamplingParams& p, int vocab_size) {
+// Whether a device backend can sample with these params (Model::ForwardSample): greedy or
+// temperature sampling at one SamplerUniform01 draw as Sample would make (plain: the same token;
+// truncated, where the device can: the same kept set and distribution); penalties and logprobs
+// need this Sampler.
+// `truncation`: the device also applies top-k / top-p / min-p (Model::samples_truncated_on_device).
+inline bool DeviceSamplable(const SamplingParams& p, int vocab_size, bool truncation = false) {
   return p.repetition_penalty == 1.0f && p.frequency_penalty == 0.0f && p.presence_penalty == 0.0f && !p.logprobs &&
-         p.top_logprobs == 0 && (p.temperature == 0.0f || ((p.top_k <= 0 || p.top_k >= vocab_size) && p.top_p >= 1.0f && p.min_p <= 0.0f));
+         p.top_logprobs == 0 &&
+         (p.temperature == 0.0f || truncation || ((p.top_k <= 0 || p.top_k >= vocab_size) && p.top_p >= 1.0f && p.min_p <= 0.0f));
 }
 
 // Owns scratch buffers sized to the vocabulary; one per thread (not thread-safe).

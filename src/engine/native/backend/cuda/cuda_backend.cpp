@@ -398,19 +398,28 @@ class CudaBackend : public Backend {
   }
 
   bool samples_on_device() const override { return true; }
+  bool samples_truncated_on_device() const override { return true; }
   // The sampling kernel joins the step's pending list (and its graph); its per-row parameters are
   // metadata uploaded like token ids, and only rows x 4 bytes of ids come back.
   void SampleRows(const float* logits, int rows, int vocab, std::span<const float> temperature, std::span<const float> uniform,
-                  uint32_t* tokens) override {
+                  std::span<const SampleCut> cuts, uint32_t* tokens) override {
     if (rows == 0) return;
+    // [temperature][uniform], then with cuts [top_k][top_p][min_p], rows floats each.
     sample_params_host_.assign(temperature.begin(), temperature.begin() + rows);
     sample_params_host_.insert(sample_params_host_.end(), uniform.begin(), uniform.begin() + rows);
+    const bool with_cuts = !cuts.empty();
+    if (with_cuts) {
+      for (int r = 0; r < rows; ++r) sample_params_host_.push_back(static_cast<float>(cuts[r].top_k));
+      for (int r = 0; r < rows; ++r) sample_params_host_.push_back(cuts[r].top_p);
+      for (int r = 0; r < rows; ++r) sample_params_host_.push_back(cuts[r].min_p);
+    }
     const float* params = Upload(sample_params_, std::span<const float>(sample_params_host_));
+    const float* cut_params = with_cuts ? params + 2 * rows : nullptr;
     const size_t out_bytes = static_cast<size_t>(rows) * sizeof(uint32_t);
     if (!pending_.empty() && !sample_out_.Fits(out_bytes)) Flush();  // growing frees what a pending kernel writes
     uint32_t* out = static_cast<uint32_t*>(sample_out_.Get(out_bytes));
-    Defer([=, this] { cuda::SampleRows(stream_, logits, rows, vocab, params, params + rows, out); }, kSample, logits, rows, vocab,
-          params, out);
+    Defer([=, this] { cuda::SampleRows(stream_, logits, rows, vocab, params, params + rows, cut_params, out); }, kSample, logits, rows,
+          vocab, params, cut_params, out);
     CopyToHost(tokens, out, out_bytes);
   }
 

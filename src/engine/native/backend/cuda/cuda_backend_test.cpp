@@ -180,7 +180,7 @@ TEST_F(CudaBackendTest, SampleRowsMatchesHostSampler) {
       std::vector<float> uniform(rows);
       for (float& x : uniform) x = u01(rng);
       std::vector<uint32_t> got(rows, 0xFFFFFFFFu);
-      gpu_->SampleRows(d, rows, vocab, temperature, uniform, got.data());
+      gpu_->SampleRows(d, rows, vocab, temperature, uniform, {}, got.data());
       for (int r = 0; r < rows; ++r) {
         EXPECT_EQ(got[r], ReferenceSample(logits.data() + static_cast<size_t>(r) * vocab, vocab, temperature[r], uniform[r]))
             << "vocab " << vocab << " row " << r << " round " << round;
@@ -199,13 +199,126 @@ TEST_F(CudaBackendTest, SampleRowsMatchesHostSampler) {
   std::vector<float> temperature(rows, 1.0f), uniform(rows);
   for (float& x : uniform) x = u01(rng);
   std::vector<uint32_t> got(rows);
-  gpu_->SampleRows(d, rows, 4, temperature, uniform, got.data());
+  gpu_->SampleRows(d, rows, 4, temperature, uniform, {}, got.data());
   int count[4] = {};
   for (uint32_t t : got) {
     ASSERT_LT(t, 4u);
     ++count[t];
   }
   for (int i = 0; i < 4; ++i) EXPECT_NEAR(count[i] / double(rows), 0.1 * (i + 1), 0.03) << "token " << i;
+}
+
+// The host Sampler's kept set under a cut (weights in double): the k best by (weight, lowest
+// id), the shortest best-first prefix holding top_p of their mass, then w >= min_p; by id.
+std::vector<std::pair<uint32_t, double>> ReferenceKept(const float* l, int vocab, float t, const SampleCut& c) {
+  const float mx = *std::max_element(l, l + vocab);
+  std::vector<std::pair<uint32_t, double>> v;
+  for (int i = 0; i < vocab; ++i) {
+    const double w = std::exp((static_cast<double>(l[i]) - mx) / t);
+    if (w > 0) v.push_back({static_cast<uint32_t>(i), w});
+  }
+  std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.second > b.second || (a.second == b.second && a.first < b.first); });
+  if (c.top_k > 0 && c.top_k < static_cast<int>(v.size())) v.resize(c.top_k);
+  if (c.top_p < 1.0f) {
+    double total = 0, cum = 0;
+    for (auto& e : v) total += e.second;
+    size_t keep = v.size();
+    for (size_t i = 0; i < v.size(); ++i) {
+      cum += v[i].second;
+      if (cum >= c.top_p * total) {
+        keep = i + 1;
+        break;
+      }
+    }
+    v.resize(keep);
+  }
+  std::erase_if(v, [&](const auto& e) { return e.second < c.min_p; });
+  std::sort(v.begin(), v.end());
+  return v;
+}
+
+// Truncated draws: every token is in the host Sampler's kept set (up to ties within float
+// rounding at its edge), and at a given uniform it is the id-order draw over that set (up to
+// draws within 1e-4 of the boundary between two tokens, where rounding may pick either).
+TEST_F(CudaBackendTest, SampleRowsTruncatedKeepsTheHostSamplersSet) {
+  ASSERT_TRUE(gpu_->samples_truncated_on_device());
+  std::mt19937 rng(72);
+  std::uniform_real_distribution<float> u01(0.0f, 1.0f);
+  const std::vector<SampleCut> kinds = {{1, 1.0f, 0.0f},    {5, 1.0f, 0.0f},   {50, 1.0f, 0.0f}, {0, 0.9f, 0.0f},  {0, 0.5f, 0.0f},
+                                        {0, 1.0f, 0.05f},   {40, 0.8f, 0.0f},  {0, 0.95f, 0.1f}, {7, 0.9f, 0.02f}, {0, 1.0f, 0.0f},
+                                        {100000, 0.99f, 0.0f}, {3, 0.01f, 0.0f}};
+  for (int vocab : {64, 1000, 128256}) {
+    const int rows = static_cast<int>(kinds.size()) * 2;
+    std::vector<float> logits = RandomVec(static_cast<size_t>(rows) * vocab, 90 + vocab, 2.0f);
+    for (int i = 10; i < 20 && i < vocab; ++i) logits[i] = logits[9];  // row 0: ties at the top
+    const float* d = Up(logits);
+    std::vector<float> temperature(rows), uniform(rows);
+    std::vector<SampleCut> cuts(rows);
+    for (int r = 0; r < rows; ++r) {
+      temperature[r] = r % 2 ? 0.7f : 1.3f;
+      cuts[r] = kinds[r / 2];
+      uniform[r] = u01(rng);
+    }
+    std::vector<uint32_t> got(rows, 0xFFFFFFFFu);
+    gpu_->SampleRows(d, rows, vocab, temperature, uniform, cuts, got.data());
+    for (int r = 0; r < rows; ++r) {
+      const float* l = logits.data() + static_cast<size_t>(r) * vocab;
+      const auto kept = ReferenceKept(l, vocab, temperature[r], cuts[r]);
+      ASSERT_FALSE(kept.empty());
+      double sum = 0;
+      for (auto& e : kept) sum += e.second;
+      const double target = uniform[r] * sum;
+      uint32_t want = kept.back().first;
+      double cum = 0, near = 1e300;
+      for (auto& e : kept) {
+        cum += e.second;
+        near = std::min(near, std::abs(cum - target));
+        if (target < cum) {
+          want = e.first;
+          break;
+        }
+      }
+      const bool in_set = std::any_of(kept.begin(), kept.end(), [&](const auto& e) { return e.first == got[r]; });
+      const std::string what = "vocab " + std::to_string(vocab) + " row " + std::to_string(r) + " top_k " + std::to_string(cuts[r].top_k) +
+                               " top_p " + std::to_string(cuts[r].top_p) + " min_p " + std::to_string(cuts[r].min_p);
+      ASSERT_LT(got[r], static_cast<uint32_t>(vocab)) << what;
+      if (!in_set) {  // only a token whose weight ties the set's edge within float rounding
+        const double w = std::exp((static_cast<double>(l[got[r]]) - *std::max_element(l, l + vocab)) / temperature[r]);
+        double edge = 1e300;
+        for (auto& e : kept) edge = std::min(edge, e.second);
+        EXPECT_NEAR(w, edge, 1e-5 * edge) << "token outside the kept set, " << what;
+      } else if (got[r] != want) {
+        EXPECT_LT(near, 1e-4 * sum) << "draw " << got[r] << " instead of " << want << ", " << what;
+      }
+    }
+  }
+  // Distributions: 4 tokens of probability 0.1, 0.2, 0.3, 0.4.
+  const int rows = 4000;
+  std::vector<float> logits;
+  for (int r = 0; r < rows; ++r)
+    for (float p : {0.1f, 0.2f, 0.3f, 0.4f}) logits.push_back(std::log(p));
+  const float* d = Up(logits);
+  std::vector<float> temperature(rows, 1.0f), uniform(rows);
+  for (float& x : uniform) x = u01(rng);
+  struct Case {
+    SampleCut cut;
+    double p[4];
+  } cases[] = {{{1, 1.0f, 0.0f}, {0, 0, 0, 1}},                         // top-k 1: the best
+               {{0, 0.6f, 0.0f}, {0, 0, 3.0 / 7, 4.0 / 7}},             // 0.4 + 0.3 reach 0.6
+               {{0, 1.0f, 0.45f}, {0, 2.0 / 9, 3.0 / 9, 4.0 / 9}},      // w = p / 0.4 >= 0.45 (0.5 would tie the edge)
+               {{3, 0.5f, 0.0f}, {0, 0, 3.0 / 7, 4.0 / 7}}};            // of the best 3 (0.9), half is 0.45
+  for (const Case& c : cases) {
+    std::vector<uint32_t> got(rows);
+    gpu_->SampleRows(d, rows, 4, temperature, uniform, std::vector<SampleCut>(rows, c.cut), got.data());
+    int count[4] = {};
+    for (uint32_t t : got) {
+      ASSERT_LT(t, 4u);
+      ++count[t];
+    }
+    for (int i = 0; i < 4; ++i) {
+      EXPECT_NEAR(count[i] / double(rows), c.p[i], 0.03) << "token " << i << " top_k " << c.cut.top_k << " top_p " << c.cut.top_p;
+    }
+  }
 }
 
 TEST_F(CudaBackendTest, TiedWeightIsUploadedOnce) {

@@ -125,7 +125,8 @@ void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* 
 // One token per row of logits ([rows][vocab]): argmax (lowest id on ties) where temperature[r]
 // <= 0, else the first id where the running sum of exp((l - max) / T) passes uniform[r] * total.
 // temperature, uniform: device arrays of rows floats; out: device array of rows ids.
+// cuts (null: none): [top_k][top_p][min_p], rows floats each (see Backend::SampleRows).
 void SampleRows(cudaStream_t stream, const float* logits, int rows, int vocab, const float* temperature, const float* uniform,
-                uint32_t* out);
+                const float* cuts, uint32_t* out);
 
 }  // namespace dyn::cuda
