@@ -18,7 +18,12 @@ namespace dyn::cuda {
 namespace {
 
 constexpr int kWarpsPerRow = 4;
-constexpr int kRowsPerBlock = 2;
+constexpr int kRowsPerBlock = 2;  // SwiGLU (gate and up rows together) and m > 1
+// Rows per block at m = 1 without SwiGLU (SetGemvRowsPerBlock). Measured on an H200
+// (docs/benchmarks/cuda.md, round 6): one row per block streams the down projection (28 KB rows)
+// at 4.08 TB/s instead of 3.67 (two 28 KB rows kept a block ~9 us, so the grid's last blocks left
+// SMs idle longer), the o projection 2% faster, Q/K/V and the LM head level.
+int g_rows_one = 1;
 constexpr int kUnroll = 4;
 
 // Up to kGemvMaxJobs weights sharing one input (Q/K/V, gate/up), passed by value.
@@ -69,10 +74,10 @@ __device__ __forceinline__ void Accumulate(const uint4& wv, const float* __restr
 
 // kSwiGlu: jobs are (gate, up) of equal rows; block b computes row b of both (row_in_block 0: gate,
 // 1: up) and also writes silu(gate) * up to jobs.swiglu_out.
-template <int M, bool kSwiGlu>
-__global__ void __launch_bounds__(kWarpsPerRow * kRowsPerBlock * 32)
+template <int M, bool kSwiGlu, int R = kRowsPerBlock>
+__global__ void __launch_bounds__(kWarpsPerRow * R * 32)
     GemvBf16Kernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols) {
-  static_assert(!kSwiGlu || kRowsPerBlock == 2);
+  static_assert(!kSwiGlu || R == 2);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_in_block = warp / kWarpsPerRow, part = warp % kWarpsPerRow;
   // Constant indices only, so the parameter struct is not copied to local memory.
@@ -96,7 +101,7 @@ __global__ void __launch_bounds__(kWarpsPerRow * kRowsPerBlock * 32)
         first = jobs.first_block[j];
       }
     }
-    row = (blockIdx.x - first) * int64_t{kRowsPerBlock} + row_in_block;
+    row = (blockIdx.x - first) * int64_t{R} + row_in_block;
   }
   const bool live = row < rows;
   const int64_t n8 = cols / 8;
@@ -129,7 +134,7 @@ __global__ void __launch_bounds__(kWarpsPerRow * kRowsPerBlock * 32)
   if (live) {
     for (; c < n8; c += kStride) Accumulate<M>(LoadStreaming(wr + c), x, cols, c, acc);
   }
-  __shared__ float partial[kRowsPerBlock][kWarpsPerRow][M];
+  __shared__ float partial[R][kWarpsPerRow][M];
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     float v = acc[m];
@@ -159,6 +164,12 @@ __global__ void __launch_bounds__(kWarpsPerRow * kRowsPerBlock * 32)
 
 template <int M, bool kSwiGlu = false>
 void Launch(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
+  if constexpr (!kSwiGlu && M == 1) {
+    if (g_rows_one == 1) {
+      LaunchKernel(GemvBf16Kernel<M, kSwiGlu, 1>, blocks, kWarpsPerRow * 32, 0, stream, x, jobs, cols);
+      return;
+    }
+  }
   LaunchKernel(GemvBf16Kernel<M, kSwiGlu>, blocks, kWarpsPerRow * kRowsPerBlock * 32, 0, stream, x, jobs, cols);
 }
 
@@ -179,6 +190,8 @@ void LaunchAnyM(cudaStream_t stream, const float* x, int m, const GemvJobs& jobs
 
 }  // namespace
 
+void SetGemvRowsPerBlock(int rows) { g_rows_one = rows == 2 ? 2 : 1; }
+
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out) {
   if (count < 1 || count > kGemvMaxJobs) Check(cudaErrorInvalidValue, "GemvBf16Multi: job count", __FILE__, __LINE__);
@@ -190,7 +203,8 @@ void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const 
     jobs.out[i] = out[i];
     jobs.rows[i] = rows[i];
     jobs.first_block[i] = static_cast<unsigned>(blocks);
-    blocks += (rows[i] + kRowsPerBlock - 1) / kRowsPerBlock;
+    const int r = m == 1 ? g_rows_one : kRowsPerBlock;
+    blocks += (rows[i] + r - 1) / r;
   }
   LaunchAnyM<false>(stream, x, m, jobs, cols, static_cast<unsigned>(blocks));
   DYN_CUDA_CHECK_LAUNCH();

@@ -110,6 +110,9 @@ void AttentionTiles(cudaStream_t stream, const void* cache, const KvLayout& layo
 // Each activation row adds L1 traffic (2 x 16-byte loads per 16-byte weight load), so from m = 2
 // on cuBLAS is faster on an H200 and the backend uses it only at m = 1 (docs/benchmarks/cuda.md).
 constexpr int kGemvMaxRows = 8;
+// Output rows per block of the m = 1, non-SwiGLU GEMV: 1 (default) or 2 (DYN_CUDA_GEMV_ROWS=2,
+// comparisons); set once by the backend.
+void SetGemvRowsPerBlock(int rows);
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
 constexpr int kGemvMaxJobs = 4;
