@@ -48,6 +48,14 @@ class CudaBackendTest : public ::testing::Test {
   std::vector<std::unique_ptr<Buffer>> bufs_;
 };
 
+// `rows` rows of logits for 4 tokens of probability 0.1, 0.2, 0.3, 0.4.
+std::vector<float> FourTokenLogits(int rows) {
+  std::vector<float> logits;
+  for (int r = 0; r < rows; ++r)
+    for (float p : {0.1f, 0.2f, 0.3f, 0.4f}) logits.push_back(std::log(p));
+  return logits;
+}
+
 constexpr DType kAllTypes[] = {DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ4_0, DType::kQ4_1};
 
 TEST_F(CudaBackendTest, EmbeddingEveryType) {
@@ -192,10 +200,7 @@ TEST_F(CudaBackendTest, SampleRowsMatchesHostSampler) {
   }
   // A draw follows the distribution: 4 tokens with probabilities 0.1, 0.2, 0.3, 0.4.
   const int rows = 4000;
-  std::vector<float> logits;
-  for (int r = 0; r < rows; ++r)
-    for (float p : {0.1f, 0.2f, 0.3f, 0.4f}) logits.push_back(std::log(p));
-  const float* d = Up(logits);
+  const float* d = Up(FourTokenLogits(rows));
   std::vector<float> temperature(rows, 1.0f), uniform(rows);
   for (float& x : uniform) x = u01(rng);
   std::vector<uint32_t> got(rows);
@@ -294,10 +299,7 @@ TEST_F(CudaBackendTest, SampleRowsTruncatedKeepsTheHostSamplersSet) {
   }
   // Distributions: 4 tokens of probability 0.1, 0.2, 0.3, 0.4.
   const int rows = 4000;
-  std::vector<float> logits;
-  for (int r = 0; r < rows; ++r)
-    for (float p : {0.1f, 0.2f, 0.3f, 0.4f}) logits.push_back(std::log(p));
-  const float* d = Up(logits);
+  const float* d = Up(FourTokenLogits(rows));
   std::vector<float> temperature(rows, 1.0f), uniform(rows);
   for (float& x : uniform) x = u01(rng);
   struct Case {
