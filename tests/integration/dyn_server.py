@@ -1,5 +1,6 @@
 """Starts real `dyn` processes for integration tests and stops them afterwards."""
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -17,10 +18,37 @@ def dyn_bin():
     return os.environ.get("DYN_BIN", os.path.join(REPO, "build", "apps", "dyn", "dyn"))
 
 
+_handed_out = set()
+_rng = random.Random()  # seeded from the OS: parallel test processes draw different ports
+
+
+def _ephemeral_low():
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port free now for a server started next. Drawn below the kernel's ephemeral
+    range: a port the kernel picks for `bind(0)` is an ephemeral one, and before the server binds
+    it another process's outgoing connection (to etcd, NATS, a worker) can take it as its source
+    port ("Address already in use" in CI). Not handed out twice by this process."""
+    low = _ephemeral_low()
+    for _ in range(500):
+        port = _rng.randrange(10000, low) if low > 11000 else 0
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free loopback port")
 
 
 class DynServer:

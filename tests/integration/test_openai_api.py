@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,6 +15,8 @@ import time
 import httpx
 import openai
 import pytest
+
+from dyn_server import free_port
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 STORIES = os.path.abspath(os.path.join(REPO, "..", "shared", "models", "stories260K", "hf"))
@@ -28,17 +29,11 @@ if not os.path.exists(DYN_BIN):
     pytest.skip(f"dyn binary not found at {DYN_BIN} (build it, or set DYN_BIN)", allow_module_level=True)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """`dyn run` on a free loopback port, ready once GET /health answers 200."""
 
     def __init__(self, *args, timeout=60):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", prefix="dyn-openai-", suffix=".log", delete=False)
         cmd = [DYN_BIN, "run", "--host", "127.0.0.1", "--port", str(self.port), *args]
