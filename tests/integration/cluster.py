@@ -172,3 +172,18 @@ class Frontend(Proc):
             if line.startswith(name) and (model is None or f'model="{model}"' in line):
                 return float(line.rsplit(" ", 1)[1])
         return None
+
+    def wait_kv_events(self, at_least, timeout=20, quiet=0.3):
+        """Waits until the KV router has applied at least `at_least` worker KV events in all and
+        none has arrived for `quiet` s (events travel through NATS or ZMQ, asynchronously)."""
+        name = "dyn_router_kv_events_applied_total"
+        deadline = time.time() + timeout
+        last, since = None, time.time()
+        while time.time() < deadline:
+            value = self.metric(name) or 0
+            if value != last:
+                last, since = value, time.time()
+            elif value >= at_least and time.time() - since >= quiet:
+                return value
+            time.sleep(0.05)
+        raise RuntimeError(f"KV events at the router: {last} applied, wanted {at_least}: {self.logs()}")

@@ -295,8 +295,12 @@ def test_kv_router_follows_workers_kv_events(etcd, procs):
                  for w, p in [("Ben", "cat"), ("Amy", "owl"), ("Kim", "fox")]]
         # Fill worker 1's cache behind the frontend's back (its own local API): only its KV events
         # can tell the router where these prefixes are.
+        applied = fe.metric("dyn_router_kv_events_applied_total") or 0
         reference_texts(workers[1].url, stems, 2)
-        time.sleep(0.5)  # events travel through NATS
+        if os.environ.get("DYN_TEST_KV_EVENTS", "true") == "true":
+            fe.wait_kv_events(applied + 3)  # a stored event per prompt at least, through NATS
+        else:
+            time.sleep(0.5)
         before = [w.metrics() for w in workers]
         reference_texts(fe.url, [s + " The end." for s in stems], 2)
         after = [w.metrics() for w in workers]
@@ -321,9 +325,10 @@ def test_kv_router_with_mocker_workers(etcd, procs):
         wait_instances(fe, 2)
         stems = [" ".join([f"{w} went to the {p} with a {p}." for _ in range(12)])
                  for w, p in [("Tom", "park"), ("Lily", "shop"), ("Sam", "sea")]]
+        applied = fe.metric("dyn_router_kv_events_applied_total") or 0
         for s in stems:
             asyncio.run(stream_one(client_for(fe.url), s, 4, model="mock"))
-        time.sleep(0.3)
+        fe.wait_kv_events(applied + 3)  # the mockers' stored events, through NATS
         before = sum(w.metrics()["dyn_engine_cached_prompt_tokens_total"] for w in workers)
         for s in stems:
             asyncio.run(stream_one(client_for(fe.url), s + " The end.", 4, model="mock"))
