@@ -32,6 +32,18 @@ using tcp = asio::ip::tcp;
 using Clock = std::chrono::steady_clock;
 constexpr auto kNoThrow = asio::as_tuple(asio::use_awaitable);
 
+namespace {
+// The fields of ClientOptions::extra_body (none when it is empty); nullopt when it is not a JSON
+// object.
+std::optional<json::object> ExtraFields(const std::string& extra_body) {
+  if (extra_body.empty()) return json::object{};
+  boost::system::error_code ec;
+  json::value v = json::parse(extra_body, ec);
+  if (ec || !v.is_object()) return std::nullopt;
+  return std::move(v.as_object());
+}
+}  // namespace
+
 std::string RequestBody(const ClientOptions& o, const RequestSpec& spec) {
   json::object body;
   body["model"] = o.model;
@@ -54,14 +66,8 @@ std::string RequestBody(const ClientOptions& o, const RequestSpec& spec) {
   }
   body["stream"] = o.stream;
   if (o.stream) body["stream_options"] = json::object{{"include_usage", true}};
-  if (!o.extra_body.empty()) {
-    boost::system::error_code ec;
-    const json::value extra = json::parse(o.extra_body, ec);  // validated by LoadClient::Create
-    if (!ec && extra.is_object()) {
-      for (const auto& kv : extra.as_object()) {
-        if (!body.contains(kv.key())) body[kv.key()] = kv.value();
-      }
-    }
+  for (const auto& kv : ExtraFields(o.extra_body).value_or(json::object{})) {  // validated by LoadClient::Create
+    if (!body.contains(kv.key())) body[kv.key()] = kv.value();
   }
   return json::serialize(body);
 }
@@ -351,12 +357,8 @@ LoadClient::LoadClient(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 LoadClient::~LoadClient() = default;
 
 Result<std::unique_ptr<LoadClient>> LoadClient::Create(const ClientOptions& options) {
-  if (!options.extra_body.empty()) {
-    boost::system::error_code ec;
-    const json::value extra = json::parse(options.extra_body, ec);
-    if (ec || !extra.is_object()) {
-      return Status::InvalidArgument("--extra-body must be a JSON object, e.g. '{\"temperature\": 0.8, \"top_p\": 0.9}': " + options.extra_body);
-    }
+  if (!ExtraFields(options.extra_body)) {
+    return Status::InvalidArgument("--extra-body must be a JSON object, e.g. '{\"temperature\": 0.8, \"top_p\": 0.9}': " + options.extra_body);
   }
   auto impl = std::make_unique<Impl>();
   impl->options = options;

@@ -113,10 +113,12 @@ class NativeEngine final : public Engine {
   void Admit(Incoming in);
   void DropCancelled();
   void RunStep(const SchedulerOutput& out);
-  // Draws the token (and logprobs) of every sampled row marked in row_on_host_ into host_rows_
-  // (host_index_ maps a row to its entry), on the sampling threads; their logits are in logits_,
-  // one row each in batch order.
-  void SampleOnHost(const SchedulerOutput& out, int host_rows);
+  // Draws the token (and logprobs) of every sampled row with a host_index_ into that entry of
+  // host_rows_, on the sampling threads; their logits are in logits_, one row each in that order.
+  void SampleOnHost(const SchedulerOutput& out);
+  // Ids the request may not produce yet (min_tokens not reached: its stop ids and EOS), within
+  // the vocabulary.
+  void BannedIds(const Active& a, std::vector<uint32_t>* out) const;
   void Finish(SeqId id, FinishReason reason, std::string error = {});
   void PublishMetrics();
   Status Validate(const PreprocessedRequest& r) const;
@@ -138,10 +140,10 @@ class NativeEngine final : public Engine {
   BlockPool pool_;
   Scheduler scheduler_;
   BatchSampler sampler_;
-  std::vector<uint8_t> row_on_host_;               // per sampled row: the host samples it
-  std::vector<int> host_index_;                     // per sampled row: its entry in host_rows_
+  std::vector<int> host_index_;                     // per sampled row: its entry in host_rows_; -1: the device samples it
   std::vector<BatchSampler::Row> host_rows_;       // per row the host samples
   std::vector<std::vector<uint32_t>> row_banned_;  // their banned ids
+  std::vector<uint32_t> banned_scratch_;           // BannedIds of a row being routed
   std::vector<TokenLogprob> row_logprobs_;
   std::unordered_map<SeqId, Active> active_;
   SeqId next_id_ = 1;
@@ -380,26 +382,26 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
   // truncates; no penalties, logprobs or banned ids) come back as token ids; only the others'
   // logits (vocab_size floats each) are copied, and drawn on the host. No device row: Forward.
   const bool device = model_->samples_on_device(), truncation = model_->samples_truncated_on_device();
-  row_on_host_.assign(num_logits, true);
-  int host_rows = num_logits;
-  if (device) {
-    int row = 0;
-    for (const ScheduledChunk& c : out.batch) {
-      if (!c.sample) continue;
-      const int r_index = row++;
+  host_index_.assign(num_logits, -1);
+  int host_rows = 0, row = 0;
+  for (const ScheduledChunk& c : out.batch) {
+    if (!c.sample) continue;
+    const int r_index = row++;
+    bool on_host = !device;
+    if (device) {
       const Active& a = active_.at(c.id);
-      const StopConditions& stop = a.request.stop;
-      const bool bans = a.generated < stop.min_tokens && (!stop.stop_token_ids.empty() || (!stop.ignore_eos && !a.request.eos_token_ids.empty()));
-      if (!bans && DeviceSamplable(a.request.sampling, vocab_size_, truncation)) row_on_host_[r_index] = false, --host_rows;
+      BannedIds(a, &banned_scratch_);
+      on_host = !banned_scratch_.empty() || !DeviceSamplable(a.request.sampling, vocab_size_, truncation);
     }
+    if (on_host) host_index_[r_index] = host_rows++;
   }
   const bool on_device = host_rows < num_logits;
   device_sampling_.clear();
   if (on_device) {
-    int row = 0;
+    row = 0;
     for (const ScheduledChunk& c : out.batch) {
       if (!c.sample) continue;
-      if (row_on_host_[row++]) {
+      if (host_index_[row++] >= 0) {
         device_sampling_.push_back({0.0f, 0.0f, SampleCut{}, true});
         continue;
       }
@@ -422,9 +424,9 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
   }
   scheduler_.CommitStep();
 
-  if (host_rows > 0) SampleOnHost(out, host_rows);
+  if (host_rows > 0) SampleOnHost(out);
 
-  int row = 0;
+  row = 0;
   for (const ScheduledChunk& c : out.batch) {
     if (!c.sample) continue;
     const int r_index = row++;
@@ -432,14 +434,12 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
     const PreprocessedRequest& r = a.request;
     const int prompt_len = scheduler_.prompt_len(c.id);
     EngineOutput delta;
-    const bool on_host = row_on_host_[r_index];
-    const uint32_t token = on_host ? host_rows_[host_index_[r_index]].token : device_tokens_[r_index];
+    const int h_index = host_index_[r_index];
+    const uint32_t token = h_index >= 0 ? host_rows_[h_index].token : device_tokens_[r_index];
     ++a.generated;
     ++generated_tokens_;
     delta.token_ids.push_back(token);
-    if (on_host && host_rows_[host_index_[r_index]].logprob != nullptr) {
-      delta.logprobs.push_back(std::move(row_logprobs_[host_index_[r_index]]));
-    }
+    if (h_index >= 0 && host_rows_[h_index].logprob != nullptr) delta.logprobs.push_back(std::move(row_logprobs_[h_index]));
     if (!a.sent_first) {
       a.sent_first = true;
       delta.prompt_tokens = static_cast<uint32_t>(prompt_len);
@@ -467,34 +467,36 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
   }
 }
 
-void NativeEngine::SampleOnHost(const SchedulerOutput& out, int host_rows) {
+void NativeEngine::BannedIds(const Active& a, std::vector<uint32_t>* out) const {
+  out->clear();
+  const PreprocessedRequest& r = a.request;
+  if (a.generated >= r.stop.min_tokens) return;
+  *out = r.stop.stop_token_ids;
+  if (!r.stop.ignore_eos) out->insert(out->end(), r.eos_token_ids.begin(), r.eos_token_ids.end());
+  std::erase_if(*out, [&](uint32_t t) { return t >= static_cast<uint32_t>(vocab_size_); });
+}
+
+void NativeEngine::SampleOnHost(const SchedulerOutput& out) {
+  const int host_rows = static_cast<int>(std::count_if(host_index_.begin(), host_index_.end(), [](int h) { return h >= 0; }));
   host_rows_.assign(host_rows, {});
   row_banned_.resize(host_rows);
   row_logprobs_.assign(host_rows, {});
-  host_index_.assign(row_on_host_.size(), -1);
-  int row = 0, k = 0;
+  int row = 0;
   for (const ScheduledChunk& c : out.batch) {
     if (!c.sample) continue;
-    if (!row_on_host_[row++]) continue;
-    const int h_index = k++;  // its logits row and host_rows_ entry
-    host_index_[row - 1] = h_index;
+    const int h_index = host_index_[row++];  // its logits row and host_rows_ entry
+    if (h_index < 0) continue;
     Active& a = active_.at(c.id);
     const PreprocessedRequest& r = a.request;
     auto all = scheduler_.tokens(c.id);
     const int prompt_len = scheduler_.prompt_len(c.id);
-    std::vector<uint32_t>& banned = row_banned_[h_index];
-    banned.clear();
-    if (a.generated < r.stop.min_tokens) {
-      banned = r.stop.stop_token_ids;
-      if (!r.stop.ignore_eos) banned.insert(banned.end(), r.eos_token_ids.begin(), r.eos_token_ids.end());
-      std::erase_if(banned, [&](uint32_t t) { return t >= static_cast<uint32_t>(vocab_size_); });
-    }
+    BannedIds(a, &row_banned_[h_index]);
     BatchSampler::Row& h = host_rows_[h_index];
     h.logits = std::span<float>(logits_.data() + static_cast<size_t>(h_index) * vocab_size_, vocab_size_);
     h.params = &r.sampling;
     h.prompt = all.first(prompt_len);
     h.output = all.subspan(prompt_len);
-    h.banned = banned;
+    h.banned = row_banned_[h_index];
     h.rng = &a.rng;
     h.logprob = r.sampling.logprobs || r.sampling.top_logprobs > 0 ? &row_logprobs_[h_index] : nullptr;
   }

@@ -1,15 +1,14 @@
 #include "engine/native/sched/sampler.h"
 
-#include <random>
-
-#include "engine/native/sched/batch_sampler.h"
-
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <random>
 #include <set>
+
+#include "engine/native/sched/batch_sampler.h"
 
 namespace dyn {
 namespace {

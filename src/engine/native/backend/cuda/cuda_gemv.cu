@@ -23,7 +23,9 @@ constexpr int kRowsPerBlock = 2;  // SwiGLU (gate and up rows together) and m > 
 // (docs/benchmarks/cuda.md, round 6): one row per block streams the down projection (28 KB rows)
 // at 4.08 TB/s instead of 3.67 (two 28 KB rows kept a block ~9 us, so the grid's last blocks left
 // SMs idle longer), the o projection 2% faster, Q/K/V and the LM head level.
-int g_rows_one = 1;
+int g_rows_at_m1 = 1;
+// Output rows per block of a non-SwiGLU launch: the block count and the kernel's R follow it.
+int RowsPerBlock(int m) { return m == 1 ? g_rows_at_m1 : kRowsPerBlock; }
 constexpr int kUnroll = 4;
 
 // Up to kGemvMaxJobs weights sharing one input (Q/K/V, gate/up), passed by value.
@@ -165,7 +167,7 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
 template <int M, bool kSwiGlu = false>
 void Launch(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
   if constexpr (!kSwiGlu && M == 1) {
-    if (g_rows_one == 1) {
+    if (RowsPerBlock(M) == 1) {
       LaunchKernel(GemvBf16Kernel<M, kSwiGlu, 1>, blocks, kWarpsPerRow * 32, 0, stream, x, jobs, cols);
       return;
     }
@@ -190,7 +192,7 @@ void LaunchAnyM(cudaStream_t stream, const float* x, int m, const GemvJobs& jobs
 
 }  // namespace
 
-void SetGemvRowsPerBlock(int rows) { g_rows_one = rows == 2 ? 2 : 1; }
+void SetGemvRowsPerBlock(int rows) { g_rows_at_m1 = rows == 2 ? 2 : 1; }
 
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out) {
@@ -203,8 +205,7 @@ void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const 
     jobs.out[i] = out[i];
     jobs.rows[i] = rows[i];
     jobs.first_block[i] = static_cast<unsigned>(blocks);
-    const int r = m == 1 ? g_rows_one : kRowsPerBlock;
-    blocks += (rows[i] + r - 1) / r;
+    blocks += (rows[i] + RowsPerBlock(m) - 1) / RowsPerBlock(m);
   }
   LaunchAnyM<false>(stream, x, m, jobs, cols, static_cast<unsigned>(blocks));
   DYN_CUDA_CHECK_LAUNCH();

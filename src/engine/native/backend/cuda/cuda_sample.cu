@@ -114,6 +114,10 @@ struct KeptSet {
   uint32_t tau;
   int ties;
 };
+// The fixed-point mass of the set's ties (of key tau).
+__device__ __forceinline__ unsigned long long TieMass(const KeptSet& s) {
+  return s.ties > 0 ? static_cast<unsigned long long>(s.ties) * MassOf(__uint_as_float(s.tau)) : 0;
+}
 
 // Radix selection over the keys of l's weights. `count_mode`: the k-th largest key by count among
 // keys in `in` (keys > in.tau, plus in.ties of key in.tau when in.ties > 0) with need = k; else
@@ -123,7 +127,7 @@ template <bool kCount>
 __device__ KeptSet RadixSelect(const float* l, int vocab, float best, float inv_t, KeptSet in, unsigned long long need,
                                unsigned long long* s_bins, unsigned long long* s_above, uint32_t* s_prefix, int* s_digit) {
   uint32_t prefix = 0, mask = 0;
-  const unsigned long long tie_mass = in.ties > 0 ? static_cast<unsigned long long>(in.ties) * MassOf(__uint_as_float(in.tau)) : 0;
+  const unsigned long long tie_mass = TieMass(in);
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int d = threadIdx.x; d < 256; d += kSampleThreads) s_bins[d] = 0;
     __syncthreads();
@@ -187,7 +191,7 @@ __device__ int SampleTruncated(const float* l, int vocab, float best, float inv_
       if (__float_as_uint(w) > set.tau) mass += MassOf(w);
     }
     mass = BlockInclusiveScan<unsigned long long>(mass, s_scan64);
-    const unsigned long long total = s_scan64[kWarps - 1] + (set.ties > 0 ? static_cast<unsigned long long>(set.ties) * MassOf(__uint_as_float(set.tau)) : 0);
+    const unsigned long long total = s_scan64[kWarps - 1] + TieMass(set);
     __syncthreads();
     unsigned long long need = static_cast<unsigned long long>(static_cast<double>(top_p) * static_cast<double>(total));
     if (need == 0) need = 1;

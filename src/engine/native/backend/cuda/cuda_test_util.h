@@ -19,14 +19,8 @@ namespace dyn {
 // A paged KV layout for the tests.
 inline KvLayout TestKvLayout(int num_layers, int num_kv_heads, int head_dim, int block_size, int num_blocks,
                              DType dtype = DType::kF32) {
-  KvLayout l;
-  l.num_layers = num_layers;
-  l.num_kv_heads = num_kv_heads;
-  l.head_dim = head_dim;
-  l.block_size = block_size;
-  l.num_blocks = num_blocks;
-  l.dtype = dtype;
-  return l;
+  return KvLayout{.num_layers = num_layers, .num_kv_heads = num_kv_heads, .head_dim = head_dim, .block_size = block_size,
+                  .num_blocks = num_blocks, .dtype = dtype};
 }
 
 inline std::vector<float> RandomVec(size_t n, uint32_t seed, float scale = 1.0f) {
