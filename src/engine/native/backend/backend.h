@@ -145,7 +145,9 @@ class Backend {
   virtual void Rope(float* x, int m, int heads, int head_dim, const float* cos_sin, RopeStyle style) = 0;
   // RMSNorm over each head of x[m][heads][head_dim] in place with weight[head_dim] (Qwen3 q/k norm).
   virtual void HeadRmsNorm(float* x, int m, int heads, int head_dim, const float* weight, float eps) = 0;
-  // Writes k/v rows ([rows][kv_heads][head_dim]) of `layer` into their cache slots.
+  // Writes k/v rows ([rows][kv_heads][head_dim]) of `layer` into their cache slots. The slots a
+  // call writes lie in blocks no other sequence of the call reads (only full blocks are shared,
+  // through the prefix cache), so a backend may fuse each sequence's write with its attention.
   virtual void WriteKv(float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs,
                        const float* k, const float* v) = 0;
   // Causal attention of q ([rows][heads][head_dim]) over each sequence's cached prefix and new

@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "engine/native/backend/cuda/cuda_attention.cuh"
+#include "engine/native/backend/cuda/cuda_attention_rows.cuh"
 #include "engine/native/backend/cuda/cuda_launch.cuh"
 #include "engine/native/backend/cuda/cuda_rope.cuh"
 
@@ -25,56 +26,9 @@ namespace dyn::cuda {
 namespace {
 
 constexpr int kMaxHeadDim = 256;
-constexpr int kRowWarps = 4;
-constexpr int kKeys = 4;  // keys per warp per iteration, loads in flight together
 int g_multiprocessors = 132;  // an H100/H200's, until SetMultiprocessorCount
 bool g_half_warp_rows = true;  // RowAttentionHalfWarpKernel where it applies (SetHalfWarpAttention)
 int g_forced_splits = 0;       // ForceAttentionSplits
-
-// n contiguous elements at p (16-byte vector loads where n allows) as floats.
-template <int kN>
-__device__ __forceinline__ void LoadVec(const float* p, float (&out)[kN]) {
-  if constexpr (kN % 4 == 0) {
-#pragma unroll
-    for (int i = 0; i < kN; i += 4) {
-      const float4 v = *reinterpret_cast<const float4*>(p + i);
-      out[i] = v.x, out[i + 1] = v.y, out[i + 2] = v.z, out[i + 3] = v.w;
-    }
-  } else if constexpr (kN == 2) {
-    const float2 v = *reinterpret_cast<const float2*>(p);
-    out[0] = v.x, out[1] = v.y;
-  } else {
-    out[0] = *p;
-  }
-}
-template <int kN>
-__device__ __forceinline__ void LoadVec(const __nv_bfloat16* p, float (&out)[kN]) {
-  if constexpr (kN == 8) {
-    const uint4 v = *reinterpret_cast<const uint4*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      out[2 * i] = f.x, out[2 * i + 1] = f.y;
-    }
-  } else if constexpr (kN == 4) {
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const float2 f = __bfloat1622float2(h[i]);
-      out[2 * i] = f.x, out[2 * i + 1] = f.y;
-    }
-  } else if constexpr (kN == 2) {
-    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
-    out[0] = f.x, out[1] = f.y;
-  } else {
-    out[0] = __bfloat162float(*p);
-  }
-}
-
-__device__ __forceinline__ void StoreElem(float* p, float v) { *p = v; }
-__device__ __forceinline__ void StoreElem(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // One block per row; threads over kv_heads * head_dim.
 template <class T>
@@ -126,15 +80,6 @@ __device__ __forceinline__ float WarpSum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
-
-struct RowArgs {
-  const float* q;
-  int num_heads, group, head_chunks, splits;
-  float scale;
-  float* partial;  // [num_rowwise][heads][splits][head_dim] outputs, then [..][splits][2] (max, sum)
-  float* out;
-  int* counters;  // splits > 1: per (block column, row) arrival counts, zero between launches; null: separate combine kernel
-};
 
 constexpr int kMaxSplits = 128;       // AttentionSplits' cap
 constexpr int kMaxMergePairs = 1024;  // (query head, split) pairs one merge handles: kG (<= 8) x kMaxSplits
@@ -201,25 +146,6 @@ __device__ void MergeSplits(const AttnRows& meta, int ri, int r, int h0, int nh,
     }
   }
 }
-
-// What a row-wise block works on: blockIdx.x = (kv head, chunk of kG of its query heads),
-// blockIdx.y = row-wise row, blockIdx.z = key split.
-struct RowBlock {
-  int kv_head, h0, nh, ri, r, split, begin, end;
-  const int32_t* table;
-  __device__ RowBlock(const AttnRows& meta, const RowArgs& a, int kG) {
-    kv_head = blockIdx.x / a.head_chunks;
-    h0 = kv_head * a.group + (blockIdx.x % a.head_chunks) * kG;
-    nh = min(kG, (kv_head + 1) * a.group - h0);
-    ri = blockIdx.y;
-    r = meta.rowwise[ri];
-    split = blockIdx.z;
-    const int len = meta.pos[r] + 1, chunk = (len + a.splits - 1) / a.splits;
-    begin = split * chunk;
-    end = min(len, begin + chunk);
-    table = meta.tables + meta.table_offset[r];
-  }
-};
 
 // The end of a row-wise block: the warps' (max, sum, V accumulator) per query head merge through
 // shared memory into the output (one split) or into this split's partial result; with arrival
@@ -367,91 +293,21 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4) RowAttentionHalfWarpKernel(
                                                                              AttnRows meta, RowArgs a) {
   LetNextKernelLaunch();
   WaitForPreviousKernel();
-  using Raw = std::conditional_t<kPerLane == 8, uint4, uint2>;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16;
+  const int lane = threadIdx.x % 32, half = lane / 16;
   const int D = g.head_dim;
   const RowBlock b(meta, a, kG);
-  const int kv_head = b.kv_head, h0 = b.h0, nh = b.nh, ri = b.ri, r = b.r, split = b.split, begin = b.begin, end = b.end;
-  const int32_t* table = b.table;
   const int d0 = (lane % 16) * kPerLane;
-  constexpr int kStride = kRowWarps * 2;  // keys per block per step
-
   float qv[kG][kPerLane], acc[kG][kPerLane], mx[kG], sum[kG];
 #pragma unroll
   for (int gi = 0; gi < kG; ++gi) {
 #pragma unroll
     for (int i = 0; i < kPerLane; ++i) qv[gi][i] = acc[gi][i] = 0.0f;
-    if (gi < nh) LoadVec(a.q + (static_cast<size_t>(r) * a.num_heads + h0 + gi) * D + d0, qv[gi]);
+    if (gi < b.nh) LoadVec(a.q + (static_cast<size_t>(b.r) * a.num_heads + b.h0 + gi) * D + d0, qv[gi]);
     mx[gi] = -INFINITY;
     sum[gi] = 0.0f;
   }
-  // Warp-uniform loop; each half takes key j0 + half + u * kStride (masked past the end).
-  for (int j0 = begin + warp * 2; j0 < end; j0 += kStride * kKeys) {
-    Raw kr[kKeys], vr[kKeys];
-#pragma unroll
-    for (int u = 0; u < kKeys; ++u) {
-      const int j = min(j0 + half + u * kStride, end - 1);
-      const __nv_bfloat16* kp = cache + SlotOffset(g, table, j) + static_cast<size_t>(kv_head) * D + d0;
-      kr[u] = __ldg(reinterpret_cast<const Raw*>(kp));
-      vr[u] = __ldg(reinterpret_cast<const Raw*>(kp + g.v_delta));
-    }
-    float s[kKeys][kG];
-#pragma unroll
-    for (int u = 0; u < kKeys; ++u) {
-      float kf[kPerLane];
-      LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&kr[u]), kf);
-      const bool valid = j0 + half + u * kStride < end;
-#pragma unroll
-      for (int gi = 0; gi < kG; ++gi) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) dot = fmaf(qv[gi][i], kf[i], dot);
-#pragma unroll
-        for (int o = 8; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-        s[u][gi] = valid ? dot * a.scale : -INFINITY;
-      }
-    }
-#pragma unroll
-    for (int gi = 0; gi < kG; ++gi) {
-      float new_mx = mx[gi];
-#pragma unroll
-      for (int u = 0; u < kKeys; ++u) new_mx = fmaxf(new_mx, s[u][gi]);
-      if (new_mx == -INFINITY) continue;  // this half has no key yet
-      const float corr = expf(mx[gi] - new_mx);  // 0 while mx is -inf
-      sum[gi] *= corr;
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) acc[gi][i] *= corr;
-      mx[gi] = new_mx;
-    }
-#pragma unroll
-    for (int u = 0; u < kKeys; ++u) {
-      float vf[kPerLane];
-      LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&vr[u]), vf);
-#pragma unroll
-      for (int gi = 0; gi < kG; ++gi) {
-        const float p = s[u][gi] == -INFINITY ? 0.0f : expf(s[u][gi] - mx[gi]);
-        sum[gi] += p;
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) acc[gi][i] = fmaf(p, vf[i], acc[gi][i]);
-      }
-    }
-  }
-  // The two halves of the warp merge (lanes l and l + 16 hold the same dims).
-#pragma unroll
-  for (int gi = 0; gi < kG; ++gi) {
-    const float other_mx = __shfl_xor_sync(0xffffffffu, mx[gi], 16);
-    const float other_sum = __shfl_xor_sync(0xffffffffu, sum[gi], 16);
-    const float m = fmaxf(mx[gi], other_mx);
-    const float ws = sum[gi] > 0.0f ? expf(mx[gi] - m) : 0.0f, wo = other_sum > 0.0f ? expf(other_mx - m) : 0.0f;
-    sum[gi] = sum[gi] * ws + other_sum * wo;
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      const float other = __shfl_xor_sync(0xffffffffu, acc[gi][i], 16);
-      acc[gi][i] = acc[gi][i] * ws + other * wo;
-    }
-    mx[gi] = sum[gi] > 0.0f ? m : -INFINITY;
-  }
-  FinishRow<kPerLane, kG>(meta, a, D, h0, nh, ri, r, split, half == 0, d0, mx, sum, acc);
+  HalfWarpAttend<kPerLane, kG, false>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
+  FinishRow<kPerLane, kG>(meta, a, D, b.h0, b.nh, b.ri, b.r, b.split, half == 0, d0, mx, sum, acc);
 }
 
 // One block per (head, row-wise row): out = the splits' outputs weighted by sum * exp(max - max').
@@ -462,8 +318,6 @@ __global__ void CombineSplitsKernel(AttnRows meta, int num_heads, int head_dim, 
   const int ri = blockIdx.y;
   MergeSplits(meta, ri, meta.rowwise[ri], blockIdx.x, 1, num_heads, head_dim, splits, partial, out, s_w, s_l, s_inv);
 }
-
-int GroupPerBlock(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
 
 template <class T, int kPerLane>
 void LaunchRows(cudaStream_t stream, const T* cache, const CacheGeometry& g, const AttnRows& meta, const RowArgs& a, int kg) {
@@ -513,7 +367,9 @@ void LaunchRowsAnyDim(cudaStream_t stream, const T* cache, const CacheGeometry& 
 }  // namespace
 
 void SetMultiprocessorCount(int n) { g_multiprocessors = n > 0 ? n : 1; }
+int MultiprocessorCount() { return g_multiprocessors; }
 void SetHalfWarpAttention(bool on) { g_half_warp_rows = on; }
+bool HalfWarpAttention() { return g_half_warp_rows; }
 void ForceAttentionSplits(int splits) { g_forced_splits = std::clamp(splits, 0, kMaxSplits); }
 
 void WriteKv(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* k,

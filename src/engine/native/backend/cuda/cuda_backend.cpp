@@ -139,8 +139,9 @@ constexpr int kGemvRows = 1;
 constexpr size_t kBlasWorkspace = size_t{32} << 20;  // fixed, so cuBLAS calls can be captured
 constexpr size_t kMaxGraphs = 16;
 // Fusions beyond Add + RmsNorm (DYN_CUDA_FUSE, a mask; unset = all): Rope q + Rope k + WriteKv,
-// gate/up GEMV + SwiGlu, the split merge inside the attention kernel.
-constexpr int kFuseRopeKv = 1, kFuseSwiGlu = 2, kFuseMerge = 4, kFuseAll = 7;
+// gate/up GEMV + SwiGlu, the split merge inside the attention kernel, decode attention as one
+// cluster per (kv head, row) with the RoPE + KV write inside it (cuda::DecodeAttention).
+constexpr int kFuseRopeKv = 1, kFuseSwiGlu = 2, kFuseMerge = 4, kFuseDecode = 8, kFuseAll = 15;
 // Beyond this many key splits the combine kernel merges them, not the attention kernel's last
 // block of each group. Measured on an H200 (8B shape, docs/benchmarks/cuda.md round 5): with 4
 // splits (batch 8 and 32 at context 512) the in-kernel merge is 0.2-0.25 ms a step faster; with
@@ -151,7 +152,7 @@ constexpr int kMaxSplitsMergedInKernel = 8;  // DYN_CUDA_MERGE_MAX overrides it 
 
 enum Op : uint8_t {
   kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
-  kRopeWriteKv, kAttn, kSample
+  kRopeWriteKv, kAttn, kDecodeAttn, kSample
 };
 
 class CudaBackend : public Backend {
@@ -372,6 +373,7 @@ class CudaBackend : public Backend {
         sig_.resize(rq.sig_size);
         Defer([=, this] { cuda::RopeWriteKv(stream_, rq.x, rq.heads, rk.x, v, rq.cos_sin, rq.style, cache, layout, layer, meta); },
               kRopeWriteKv, rq.x, rq.heads, k, v, rq.cos_sin, rq.style, cache, layout, layer, meta);
+        last_rope_kv_ = {rq.x, rk.x, v, rq.cos_sin, rq.style, cache, layer, rq.sig_size};
         return;
       }
     }
@@ -381,6 +383,29 @@ class CudaBackend : public Backend {
                  int num_heads, float scale, float* out) override {
     const cuda::AttnRows meta = AttnMeta(layout, seqs);
     const int splits = cuda::AttentionSplits(layout, num_heads, meta);
+    if ((fuse_ & kFuseDecode) && cuda::DecodeAttentionApplies(layout, num_heads, meta, splits)) {
+      // The RopeWriteKv of this q right before it (same cache and layer) joins the kernel.
+      const RopeKvCall rk = last_rope_kv_;
+      const bool with_rope = rk.q == q && rk.cache == cache && rk.layer == layer && !pending_.empty() &&
+                             pending_.back().first == kRopeWriteKv;
+      if (with_rope) {
+        pending_.pop_back();
+        sig_.resize(rk.sig_size);
+      }
+      const float* cos_sin = with_rope ? rk.cos_sin : nullptr;
+      const bool neox = rk.style == RopeStyle::kNeox;
+      float* k = with_rope ? rk.k : nullptr;
+      const float* v = with_rope ? rk.v : nullptr;
+      float* qm = const_cast<float*>(q);  // rotated in place with the RoPE, as RopeWriteKv did
+      Defer(
+          [=, this] {
+            const cuda::DecodeRope rope{qm, k, v, cos_sin, neox};
+            cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits,
+                                  cos_sin != nullptr ? &rope : nullptr, out);
+          },
+          kDecodeAttn, cache, layout, layer, meta, q, num_heads, scale, splits, k, v, cos_sin, neox, out);
+      return;
+    }
     const size_t part_bytes = cuda::AttentionPartialFloats(layout, num_heads, meta, splits) * sizeof(float);
     if (!pending_.empty() && !attn_partial_.Fits(part_bytes)) Flush();  // growing frees what a pending kernel writes
     float* partial = part_bytes > 0 ? static_cast<float*>(attn_partial_.Get(part_bytes)) : nullptr;
@@ -448,6 +473,7 @@ class CudaBackend : public Backend {
     AppendBytes(m.rowwise);
     AppendBytes(m.rows);
     AppendBytes(m.num_tiles);
+    AppendBytes(m.decode);
     AppendBytes(m.num_rowwise);  // not max_len: it grows every decode step; the split count it sets is appended
   }
   // What a peephole fusion needs of the trailing pending calls; any new call or a run of the list
@@ -456,6 +482,7 @@ class CudaBackend : public Backend {
     last_add_ = {};
     num_ropes_ = 0;
     has_gate_up_ = false;
+    last_rope_kv_ = {};
   }
   void AppendBytes(const KvLayout& l) {
     AppendBytes(l.num_layers);
@@ -535,6 +562,16 @@ class CudaBackend : public Backend {
     size_t sig_size = 0;
   } ropes_[2];
   int num_ropes_ = 0;
+  struct RopeKvCall {  // the last pending call, when it is a RopeWriteKv (fused into decode attention)
+    float* q = nullptr;
+    float* k = nullptr;
+    const float* v = nullptr;
+    const float* cos_sin = nullptr;
+    RopeStyle style = RopeStyle::kNeox;
+    const float* cache = nullptr;
+    int layer = -1;
+    size_t sig_size = 0;
+  } last_rope_kv_;
   struct GateUpCall {  // the last pending call, when it is a two-weight GEMV (gate/up), fused with SwiGlu
     const float* x = nullptr;
     int m = 0;
@@ -691,7 +728,11 @@ cuda::AttnRows CudaBackend::AttnMeta(const KvLayout& layout, std::span<const Att
   constexpr int kMinTileRows = 16;
   const bool tiles_ok = cuda::AttentionHasTileKernel(layout);
   int rows = 0, max_len = 0;
-  for (const AttentionSeq& s : seqs) rows += s.num_rows;
+  bool decode = true;
+  for (const AttentionSeq& s : seqs) {
+    rows += s.num_rows;
+    decode = decode && s.num_rows == 1;
+  }
   std::vector<int32_t>& h = attn_meta_host_;
   h.assign(2 * static_cast<size_t>(rows), 0);
   attn_tiles_.clear();
@@ -725,6 +766,7 @@ cuda::AttnRows CudaBackend::AttnMeta(const KvLayout& layout, std::span<const Att
   }
   ReadByPending(attn_meta_);  // also when reused: the list may have run since the upload
   attn_rows_.max_len = max_len;
+  attn_rows_.decode = decode;
   return attn_rows_;
 }
 

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "engine/native/backend/backend.h"
@@ -101,6 +102,68 @@ TEST_F(CudaBackendTest, MatMulEveryTypeAndBatch) {
       // F32 stays F32 (SGEMM); the rest is bf16 weights (and bf16 activations for m > 8).
       EXPECT_LE(err, t == DType::kF32 ? 1e-5 : 1e-2) << DTypeName(t) << " m=" << m;
     }
+  }
+}
+
+// The m = 1 GEMV at the widths of real models (2048 to 14336 columns; the tests above use 256-512):
+// one weight, three sharing one launch (Q/K/V) and the fused gate/up + SwiGLU, against a double
+// product of the same bf16 values.
+TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
+  auto product = [](const std::vector<uint8_t>& bytes, int64_t N, int64_t K, const std::vector<float>& x) {
+    std::vector<float> want(N);
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0;
+      for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[k]) * BF16ToF32(bytes[2 * (n * K + k)] | bytes[2 * (n * K + k) + 1] << 8);
+      want[n] = static_cast<float>(s);
+    }
+    return want;
+  };
+  std::vector<std::unique_ptr<Buffer>> owned;
+  for (const int64_t K : {2048, 14336}) {
+    for (const int64_t N : {37, 1001}) {
+      const std::vector<uint8_t> bytes = RandomWeightBytes(DType::kBF16, N, K, 90 + N);
+      auto dev = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, bytes.data()}, &owned);
+      ASSERT_TRUE(dev.ok());
+      const std::vector<float> x = RandomVec(K, 91);
+      float* out = Poisoned(N);
+      gpu_->MatMul(Up(x), 1, *dev, out);
+      EXPECT_LE(RelErr(Down(out, N), product(bytes, N, K, x)), 1e-5) << "N=" << N << " K=" << K;
+    }
+  }
+  {  // Q/K/V-like: three weights in one launch
+    const int64_t K = 4096, rows[3] = {1000, 333, 333};
+    std::vector<std::vector<uint8_t>> bytes;
+    std::vector<Weight> ws;
+    for (int i = 0; i < 3; ++i) {
+      bytes.push_back(RandomWeightBytes(DType::kBF16, rows[i], K, 95 + i));
+      auto w = gpu_->PrepareWeight(Weight{DType::kBF16, rows[i], K, bytes.back().data()}, &owned);
+      ASSERT_TRUE(w.ok());
+      ws.push_back(*w);
+    }
+    const std::vector<float> x = RandomVec(K, 98);
+    float* outs[3];
+    for (int i = 0; i < 3; ++i) outs[i] = Poisoned(rows[i]);
+    gpu_->MatMulShared(Up(x), 1, ws, outs);
+    for (int i = 0; i < 3; ++i) EXPECT_LE(RelErr(Down(outs[i], rows[i]), product(bytes[i], rows[i], K, x)), 1e-5) << "weight " << i;
+  }
+  {  // gate/up + SwiGLU (fused on the pending list), the output aliasing gate as the model does
+    const int64_t K = 2048, N = 999;
+    const std::vector<uint8_t> wg = RandomWeightBytes(DType::kBF16, N, K, 99), wu = RandomWeightBytes(DType::kBF16, N, K, 100);
+    auto g = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, wg.data()}, &owned);
+    auto u = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, wu.data()}, &owned);
+    ASSERT_TRUE(g.ok() && u.ok());
+    const std::vector<float> x = RandomVec(K, 101);
+    std::vector<float> want_gate = product(wg, N, K, x);
+    const std::vector<float> want_up = product(wu, N, K, x);
+    cpu_->SwiGlu(want_gate.data(), want_up.data(), N, want_gate.data());
+    float* gate = Poisoned(N);
+    float* upo = Poisoned(N);
+    const Weight ws[2] = {*g, *u};
+    float* const outs[2] = {gate, upo};
+    gpu_->MatMulShared(Up(x), 1, ws, outs);
+    gpu_->SwiGlu(gate, upo, N, gate);
+    EXPECT_LE(RelErr(Down(upo, N), want_up), 1e-5);
+    EXPECT_LE(RelErr(Down(gate, N), want_gate), 1e-5);
   }
 }
 
@@ -601,13 +664,22 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
       EXPECT_EQ(got[0], got[1]) << "fused gate/up/SwiGlu m=" << m;
     }
   }
-  for (DType kv : {DType::kBF16, DType::kF32}) {  // RopeTable, Rope q, Rope k, WriteKv, Attention: two decode rows
-    const KvLayout layout = TestKvLayout(2, 2, 64, 16, 64, kv);
-    const int heads = 4, layer = 1, rows = 2;
+  // RopeTable, Rope q, Rope k, WriteKv, Attention: two decode rows. With a bf16 cache the fused
+  // backend runs decode attention as clusters with the RoPE + KV write inside (8 splits at head_dim
+  // 64, GQA 2; 16 at head_dim 128, GQA 4), the other RopeWriteKv + attention + combine kernel.
+  struct Case {
+    DType kv;
+    int head_dim, heads, pos0;
+  };
+  for (const Case c : {Case{DType::kBF16, 64, 4, 450}, Case{DType::kF32, 64, 4, 450}, Case{DType::kBF16, 128, 8, 600}}) {
+    const DType kv = c.kv;
+    const int hd = c.head_dim, heads = c.heads, layer = 1, rows = 2;
+    const KvLayout layout = TestKvLayout(2, 2, hd, 16, 128, kv);
+    // Disjoint blocks (Backend::WriteKv: no sequence reads a block another one writes this call).
     std::vector<int32_t> table_a, table_b;
-    for (int i = 0; i < 30; ++i) table_a.push_back((i * 5 + 3) % 64), table_b.push_back((i * 5 + 4) % 64);
-    const std::vector<AttentionSeq> seqs = {{0, 1, 450, table_a}, {1, 1, 77, table_b}};
-    const std::vector<int32_t> positions = {450, 77};
+    for (int i = 0; i < 40; ++i) table_a.push_back((i * 5 + 3) % 64), table_b.push_back(64 + (i * 5 + 4) % 64);
+    const std::vector<AttentionSeq> seqs = {{0, 1, c.pos0, table_a}, {1, 1, 77, table_b}};
+    const std::vector<int32_t> positions = {c.pos0, 77};
     std::vector<float> inv(layout.head_dim / 2);
     for (size_t j = 0; j < inv.size(); ++j) inv[j] = 1.0f / std::pow(10000.0f, 2.0f * j / layout.head_dim);
     const size_t cache_bytes = layout.BlockFloats() * layout.num_blocks * layout.ElementBytes();
@@ -619,7 +691,7 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
       const std::vector<float> c = RandomVec(cache_bytes / 4, 80);
       std::memcpy(cache0.data(), c.data(), cache_bytes);
     }
-    const std::vector<float> q = RandomVec(rows * heads * 64, 81), k = RandomVec(rows * 128, 82), v = RandomVec(rows * 128, 83);
+    const std::vector<float> q = RandomVec(rows * heads * hd, 81), k = RandomVec(rows * 2 * hd, 82), v = RandomVec(rows * 2 * hd, 83);
     for (RopeStyle style : {RopeStyle::kNeox, RopeStyle::kInterleaved}) {
       std::vector<float> got_q[2], got_k[2], got_out[2];
       std::vector<uint8_t> got_cache[2];
@@ -629,12 +701,12 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
         float* dq = up(b, q.data(), q.size() * 4);
         float* dk = up(b, k.data(), k.size() * 4);
         float* dv = up(b, v.data(), v.size() * 4);
-        const std::vector<float> nan(rows * heads * 64, std::numeric_limits<float>::quiet_NaN());
-        float* cs = up(b, nan.data(), rows * 64 * 4);
+        const std::vector<float> nan(rows * heads * hd, std::numeric_limits<float>::quiet_NaN());
+        float* cs = up(b, nan.data(), rows * hd * 4);
         float* out = up(b, nan.data(), nan.size() * 4);
         b.RopeTable(positions, inv, cs);
-        b.Rope(dq, rows, heads, 64, cs, style);
-        b.Rope(dk, rows, 2, 64, cs, style);
+        b.Rope(dq, rows, heads, hd, cs, style);
+        b.Rope(dk, rows, 2, hd, cs, style);
         b.WriteKv(dcache, layout, layer, seqs, dk, dv);
         b.Attention(dcache, layout, layer, seqs, dq, heads, 0.125f, out);
         got_out[i] = down(b, out, nan.size());
@@ -645,7 +717,7 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
         EXPECT_TRUE(std::all_of(got_out[i].begin(), got_out[i].end(), [](float f) { return std::isfinite(f); }))
             << "NaN or inf in attention output, backend " << i;
       }
-      const char* what = kv == DType::kBF16 ? "bf16 cache" : "f32 cache";
+      const std::string what = std::string(kv == DType::kBF16 ? "bf16 cache" : "f32 cache") + " head_dim " + std::to_string(hd);
       EXPECT_EQ(got_q[0], got_q[1]) << "rotated q, " << what;
       EXPECT_EQ(got_k[0], got_k[1]) << "rotated k, " << what;
       EXPECT_TRUE(got_cache[0] == got_cache[1]) << "cache, " << what;

@@ -64,6 +64,7 @@ struct AttnRows {
   int num_tiles = 0;
   int num_rowwise = 0;
   int max_len = 0;  // longest causal range of a row-wise row (key count), sizes the split
+  bool decode = false;  // every sequence has one new row (all rows row-wise): DecodeAttention applies
 };
 constexpr int kAttnTileRows = 64;
 // Whether query tiles of `layout` can run on the tensor-core kernel (bf16 cache, head_dim 64 or 128).
@@ -78,6 +79,25 @@ void WriteKv(cudaStream_t stream, void* cache, const KvLayout& layout, int layer
 // same results).
 void RopeWriteKv(cudaStream_t stream, float* q, int num_heads, float* k, const float* v, const float* cos_sin, RopeStyle style,
                  void* cache, const KvLayout& layout, int layer, const AttnRows& meta);
+// Decode attention (meta.decode) on a bf16 cache, head_dim 64 or 128, GQA groups up to 4 and at
+// most kMaxClusterSplits key splits (cuda_attention_decode.cu): the splits of a (kv head, row) run
+// as one thread-block cluster and merge through distributed shared memory, so there is no partial
+// buffer, arrival counter or combine kernel. With `rope` the kernel first does RopeWriteKv's work
+// for its row (q heads rotated in shared memory, the new token's k rotated and written to the
+// cache with its v by the block whose split holds it; q and k are rotated in place as
+// RopeWriteKv leaves them), one kernel boundary fewer per layer; same arithmetic, same bits.
+constexpr int kMaxClusterSplits = 16;
+struct DecodeRope {
+  float* q;  // the call's q (rotated in place)
+  float* k;  // [rows][kv_heads * head_dim], rotated in place
+  const float* v;
+  const float* cos_sin;
+  bool neox;
+};
+bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits);
+void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* q,
+                     int num_heads, float scale, int splits, const DecodeRope* rope, float* out);
+
 // The GPU's multiprocessor count, which sizes the attention grid; set once by the backend
 // (device queries are kept out of kernel calls, which may run inside a graph capture).
 void SetMultiprocessorCount(int n);

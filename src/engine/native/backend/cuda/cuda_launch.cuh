@@ -55,4 +55,24 @@ void LaunchKernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cuda
   Check(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...), "cudaLaunchKernelEx", __FILE__, __LINE__);
 }
 
+// LaunchKernel for a grid of thread-block clusters of (1, 1, cluster_z) blocks.
+template <class... P, class... A>
+void LaunchClusterKernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int cluster_z, A&&... args) {
+  cudaLaunchAttribute attr[2];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = 1;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = static_cast<unsigned>(cluster_z);
+  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[1].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cfg.attrs = attr;
+  cfg.numAttrs = ProgrammaticLaunch() ? 2 : 1;
+  Check(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...), "cudaLaunchKernelEx", __FILE__, __LINE__);
+}
+
 }  // namespace dyn::cuda

@@ -1,0 +1,214 @@
+// Decode attention with the key splits of a (kv head, row) merged inside a thread-block cluster.
+//
+// Why: at batch 1 the row-wise kernel splits the context over 16+ blocks per kv head to have
+// enough loads in flight; their partial results then went through global memory to the last block
+// to arrive or to a combine kernel, and the RoPE + KV write ran as a kernel before it. Each of
+// those is a dependent step of a few microseconds, 32 times a token. Here the splits of one
+// (kv head, row) are one cluster: each block writes its (max, sum, output) to its own shared
+// memory, and after a cluster barrier every block merges a share of the outputs by reading its
+// peers' shared memory. Optionally the kernel starts with RopeWriteKv's work for its row.
+// The key loop is the half-warp one of RowAttentionHalfWarpKernel (cuda_attention_rows.cuh).
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "engine/native/backend/cuda/cuda_attention_rows.cuh"
+#include "engine/native/backend/cuda/cuda_kernels.h"
+#include "engine/native/backend/cuda/cuda_launch.cuh"
+#include "engine/native/backend/cuda/cuda_rope.cuh"
+
+namespace dyn::cuda {
+namespace {
+
+namespace cg = cooperative_groups;
+constexpr int kMaxDecodeDim = 128;
+
+struct RopeArgs {  // cos_sin null: q and the cache are ready (no RoPE in this kernel)
+  float* q;
+  float* k;
+  const float* v;
+  const float* cos_sin;
+  int neox;
+};
+
+// Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits).
+template <int kPerLane, int kG>
+__global__ void __launch_bounds__(kRowWarps * 32, 4)
+    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, RopeArgs rope) {
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16;
+  const int D = g.head_dim, d0 = (lane % 16) * kPerLane;
+  const RowBlock b(meta, a, kG);
+  __shared__ float s_q[kG * kMaxDecodeDim], s_k[kMaxDecodeDim];
+  const size_t q_off = (static_cast<size_t>(b.r) * a.num_heads + b.h0) * D;
+  for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) s_q[e] = a.q[q_off + e];
+  if (rope.cos_sin != nullptr) {
+    // RopeWriteKv's arithmetic (RotatePair), on shared copies: every split's block rotates its q
+    // heads; the block whose split holds the new token (and serves the kv head's first query
+    // heads) rotates k and writes K and V to the cache before its own loads read them.
+    const int pos = meta.pos[b.r];
+    const bool owner = b.begin <= pos && pos < b.end && blockIdx.x % a.head_chunks == 0;
+    float* k = rope.k + static_cast<size_t>(b.r) * g.token_elems + static_cast<size_t>(b.kv_head) * D;
+    if (owner) {
+      for (int e = threadIdx.x; e < D; e += blockDim.x) s_k[e] = k[e];
+    }
+    __syncthreads();
+    const float* cs = rope.cos_sin + static_cast<size_t>(b.r) * D;  // head_dim / 2 (cos, sin) pairs
+    for (int t = threadIdx.x; t < b.nh * (D / 2); t += blockDim.x) RotatePair(s_q, t, D, cs, rope.neox != 0);
+    if (owner) {
+      for (int t = threadIdx.x; t < D / 2; t += blockDim.x) RotatePair(s_k, t, D, cs, rope.neox != 0);
+    }
+    __syncthreads();
+    if (a.splits == 1) {  // with several, only once every block of the cluster has read q (below)
+      for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];
+    }
+    if (owner) {
+      const size_t off = SlotOffset(g, b.table, pos) + static_cast<size_t>(b.kv_head) * D;
+      const float* v = rope.v + static_cast<size_t>(b.r) * g.token_elems + static_cast<size_t>(b.kv_head) * D;
+      for (int e = threadIdx.x; e < D; e += blockDim.x) {
+        k[e] = s_k[e];
+        StoreElem(cache + off + e, s_k[e]);
+        StoreElem(cache + off + g.v_delta + e, v[e]);
+      }
+    }
+  }
+  __syncthreads();
+
+  float qv[kG][kPerLane], acc[kG][kPerLane], mx[kG], sum[kG];
+#pragma unroll
+  for (int gi = 0; gi < kG; ++gi) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      qv[gi][i] = gi < b.nh ? s_q[gi * D + d0 + i] : 0.0f;
+      acc[gi][i] = 0.0f;
+    }
+    mx[gi] = -INFINITY;
+    sum[gi] = 0.0f;
+  }
+  HalfWarpAttend<kPerLane, kG, true>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
+
+  // The warps merge in shared memory (FinishRow's arithmetic): this split's normalized output and
+  // its (max, sum), or with one split the output itself.
+  __shared__ float s_max[kRowWarps][kG], s_sum[kRowWarps][kG], s_acc[kRowWarps][kG][kMaxDecodeDim];
+  __shared__ float s_o[kG * kMaxDecodeDim], s_ml[kG][2];
+#pragma unroll
+  for (int gi = 0; gi < kG; ++gi) {
+    if (lane == 0) {
+      s_max[warp][gi] = mx[gi];
+      s_sum[warp][gi] = sum[gi];
+    }
+    if (half == 0) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) s_acc[warp][gi][d0 + i] = acc[gi][i];
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) {
+    const int gi = e / D, d = e % D;
+    float total_max = -INFINITY;
+    for (int w = 0; w < kRowWarps; ++w) total_max = fmaxf(total_max, s_max[w][gi]);
+    float total_sum = 0.0f, o = 0.0f;
+    for (int w = 0; w < kRowWarps; ++w) {
+      const float wt = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - total_max) : 0.0f;  // a warp with no keys has max -inf
+      total_sum += s_sum[w][gi] * wt;
+      o += s_acc[w][gi][d] * wt;
+    }
+    if (a.splits == 1) {
+      a.out[q_off + e] = o / total_sum;
+      continue;
+    }
+    s_o[e] = total_sum > 0.0f ? o / total_sum : 0.0f;  // an empty split: weight 0 below
+    if (d == 0) {
+      s_ml[gi][0] = total_max;
+      s_ml[gi][1] = total_sum;
+    }
+  }
+  if (a.splits == 1) return;
+
+  // The splits merge (MergeSplits' arithmetic): block `rank` of the cluster writes every
+  // splits-th share of the outputs, reading each peer's shared memory.
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int rank = static_cast<int>(cluster.block_rank());
+  if (rope.cos_sin != nullptr && rank == 0) {  // the rotated q back in place, as RopeWriteKv leaves it
+    for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];
+  }
+  for (int e = rank * blockDim.x + threadIdx.x; e < b.nh * D; e += a.splits * blockDim.x) {
+    const int gi = e / D;
+    float total_max = -INFINITY;
+    for (int s = 0; s < a.splits; ++s) {
+      const float* ml = cluster.map_shared_rank(&s_ml[gi][0], s);
+      if (ml[1] > 0.0f) total_max = fmaxf(total_max, ml[0]);
+    }
+    float total = 0.0f, o = 0.0f;
+    for (int s = 0; s < a.splits; ++s) {
+      const float* ml = cluster.map_shared_rank(&s_ml[gi][0], s);
+      const float w = ml[1] > 0.0f ? ml[1] * expf(ml[0] - total_max) : 0.0f;
+      total += w;
+      if (w > 0.0f) o += *cluster.map_shared_rank(&s_o[e], s) * w;
+    }
+    a.out[q_off + e] = o * (1.0f / total);
+  }
+  cluster.sync();  // no block leaves while a peer reads its shared memory
+}
+
+template <int kPerLane, int kG>
+void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cache, const CacheGeometry& g, const AttnRows& meta,
+                  const RowArgs& a, const RopeArgs& rope) {
+  static const bool non_portable = [] {  // clusters of up to 16 blocks (8 is the portable size)
+    Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+          "cudaFuncSetAttribute", __FILE__, __LINE__);
+    return true;
+  }();
+  (void)non_portable;
+  LaunchClusterKernel(DecodeAttentionKernel<kPerLane, kG>, grid, kRowWarps * 32, 0, stream, splits, cache, g, meta, a, rope);
+}
+
+int DecodeBlocks(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits) {
+  const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
+  return layout.num_kv_heads * ((group + kg - 1) / kg) * meta.num_rowwise * splits;
+}
+
+}  // namespace
+
+// Measured on an H200 (8B shape, docs/benchmarks/cuda.md round 7): batch 1 at context 512 (16
+// splits, 128 blocks) 0.13 ms a step faster than the row-wise kernel + combine; batch 8 at 4096
+// (16 splits, 1024 blocks, several waves of 16-block clusters) 0.65 ms slower. So: only grids of
+// at most two blocks per multiprocessor.
+bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits) {
+  const int group = num_heads / layout.num_kv_heads;
+  return meta.decode && meta.num_tiles == 0 && meta.num_rowwise == meta.rows && meta.rows > 0 && layout.dtype == DType::kBF16 &&
+         (layout.head_dim == 128 || layout.head_dim == 64) && GroupPerBlock(group) <= 4 && HalfWarpAttention() && splits >= 1 &&
+         splits <= kMaxClusterSplits && DecodeBlocks(layout, num_heads, meta, splits) <= 2 * MultiprocessorCount();
+}
+
+void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* q,
+                     int num_heads, float scale, int splits, const DecodeRope* rope, float* out) {
+  if (!DecodeAttentionApplies(layout, num_heads, meta, splits)) {
+    Check(cudaErrorInvalidValue, "DecodeAttention: does not apply", __FILE__, __LINE__);
+  }
+  const CacheGeometry g = Geometry(layout, layer);
+  const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
+  const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, splits, scale, nullptr, out, nullptr};
+  const RopeArgs r = rope == nullptr ? RopeArgs{}
+                                     : RopeArgs{rope->q, rope->k, rope->v, rope->cos_sin, rope->neox ? 1 : 0};
+  const dim3 grid(layout.num_kv_heads * a.head_chunks, meta.num_rowwise, splits);
+  auto* c = static_cast<__nv_bfloat16*>(cache);
+  if (layout.head_dim == 128) {
+    switch (kg) {
+      case 1: LaunchDecode<8, 1>(stream, grid, splits, c, g, meta, a, r); break;
+      case 2: LaunchDecode<8, 2>(stream, grid, splits, c, g, meta, a, r); break;
+      default: LaunchDecode<8, 4>(stream, grid, splits, c, g, meta, a, r); break;
+    }
+  } else {
+    switch (kg) {
+      case 1: LaunchDecode<4, 1>(stream, grid, splits, c, g, meta, a, r); break;
+      case 2: LaunchDecode<4, 2>(stream, grid, splits, c, g, meta, a, r); break;
+      default: LaunchDecode<4, 4>(stream, grid, splits, c, g, meta, a, r); break;
+    }
+  }
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace dyn::cuda

@@ -1,0 +1,184 @@
+// Private to cuda_attention.cu and cuda_attention_decode.cu: the row-wise attention pieces both
+// use - a block's work (RowBlock), element loads, and the half-warp key loop over the paged bf16
+// cache with its online softmax (HalfWarpAttend).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <type_traits>
+
+#include "engine/native/backend/cuda/cuda_attention.cuh"
+
+namespace dyn::cuda {
+
+constexpr int kRowWarps = 4;
+constexpr int kKeys = 4;  // keys per warp per iteration, loads in flight together
+
+// Query heads of a GQA group one row-wise block serves.
+inline int GroupPerBlock(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
+// Whether the half-warp kernels run where they apply (DYN_CUDA_ATTN=warp: no; SetHalfWarpAttention).
+bool HalfWarpAttention();
+int MultiprocessorCount();  // SetMultiprocessorCount's
+
+// n contiguous elements at p (16-byte vector loads where n allows) as floats.
+template <int kN>
+__device__ __forceinline__ void LoadVec(const float* p, float (&out)[kN]) {
+  if constexpr (kN % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < kN; i += 4) {
+      const float4 v = *reinterpret_cast<const float4*>(p + i);
+      out[i] = v.x, out[i + 1] = v.y, out[i + 2] = v.z, out[i + 3] = v.w;
+    }
+  } else if constexpr (kN == 2) {
+    const float2 v = *reinterpret_cast<const float2*>(p);
+    out[0] = v.x, out[1] = v.y;
+  } else {
+    out[0] = *p;
+  }
+}
+template <int kN>
+__device__ __forceinline__ void LoadVec(const __nv_bfloat16* p, float (&out)[kN]) {
+  if constexpr (kN == 8) {
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      out[2 * i] = f.x, out[2 * i + 1] = f.y;
+    }
+  } else if constexpr (kN == 4) {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&v);
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const float2 f = __bfloat1622float2(h[i]);
+      out[2 * i] = f.x, out[2 * i + 1] = f.y;
+    }
+  } else if constexpr (kN == 2) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+    out[0] = f.x, out[1] = f.y;
+  } else {
+    out[0] = __bfloat162float(*p);
+  }
+}
+
+__device__ __forceinline__ void StoreElem(float* p, float v) { *p = v; }
+__device__ __forceinline__ void StoreElem(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+struct RowArgs {
+  const float* q;
+  int num_heads, group, head_chunks, splits;
+  float scale;
+  float* partial;  // [num_rowwise][heads][splits][head_dim] outputs, then [..][splits][2] (max, sum)
+  float* out;
+  int* counters;  // splits > 1: per (block column, row) arrival counts, zero between launches; null: separate combine kernel
+};
+
+// What a row-wise block works on: blockIdx.x = (kv head, chunk of kG of its query heads),
+// blockIdx.y = row-wise row, blockIdx.z = key split.
+struct RowBlock {
+  int kv_head, h0, nh, ri, r, split, begin, end;
+  const int32_t* table;
+  __device__ RowBlock(const AttnRows& meta, const RowArgs& a, int kG) {
+    kv_head = blockIdx.x / a.head_chunks;
+    h0 = kv_head * a.group + (blockIdx.x % a.head_chunks) * kG;
+    nh = min(kG, (kv_head + 1) * a.group - h0);
+    ri = blockIdx.y;
+    r = meta.rowwise[ri];
+    split = blockIdx.z;
+    const int len = meta.pos[r] + 1, chunk = (len + a.splits - 1) / a.splits;
+    begin = split * chunk;
+    end = min(len, begin + chunk);
+    table = meta.tables + meta.table_offset[r];
+  }
+};
+
+// The half-warp key loop of RowAttentionHalfWarpKernel and DecodeAttentionKernel: the keys
+// [begin, end) of kv head `kv_head`, warp w taking keys begin + 2w + {0, 1} (its two halves) +
+// k * kStride; per query head an online softmax (mx, sum, acc) per lane, the warp's two halves
+// merged at the end (lanes l and l + 16 hold the same dims). kCoherent: the cache is read with
+// L2-coherent loads, for a kernel that wrote some of the keys itself (not via the read-only path).
+template <int kPerLane, int kG, bool kCoherent>
+__device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__ cache, const CacheGeometry& g, const int32_t* table,
+                                               int kv_head, int begin, int end, float scale, const float (&qv)[kG][kPerLane],
+                                               float (&mx)[kG], float (&sum)[kG], float (&acc)[kG][kPerLane]) {
+  using Raw = std::conditional_t<kPerLane == 8, uint4, uint2>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16;
+  const int D = g.head_dim, d0 = (lane % 16) * kPerLane;
+  constexpr int kStride = kRowWarps * 2;  // keys per block per step
+  // Warp-uniform loop; each half takes key j0 + half + u * kStride (masked past the end).
+  for (int j0 = begin + warp * 2; j0 < end; j0 += kStride * kKeys) {
+    Raw kr[kKeys], vr[kKeys];
+#pragma unroll
+    for (int u = 0; u < kKeys; ++u) {
+      const int j = min(j0 + half + u * kStride, end - 1);
+      const __nv_bfloat16* kp = cache + SlotOffset(g, table, j) + static_cast<size_t>(kv_head) * D + d0;
+      if constexpr (kCoherent) {
+        kr[u] = __ldcg(reinterpret_cast<const Raw*>(kp));
+        vr[u] = __ldcg(reinterpret_cast<const Raw*>(kp + g.v_delta));
+      } else {
+        kr[u] = __ldg(reinterpret_cast<const Raw*>(kp));
+        vr[u] = __ldg(reinterpret_cast<const Raw*>(kp + g.v_delta));
+      }
+    }
+    float s[kKeys][kG];
+#pragma unroll
+    for (int u = 0; u < kKeys; ++u) {
+      float kf[kPerLane];
+      LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&kr[u]), kf);
+      const bool valid = j0 + half + u * kStride < end;
+#pragma unroll
+      for (int gi = 0; gi < kG; ++gi) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) dot = fmaf(qv[gi][i], kf[i], dot);
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        s[u][gi] = valid ? dot * scale : -INFINITY;
+      }
+    }
+#pragma unroll
+    for (int gi = 0; gi < kG; ++gi) {
+      float new_mx = mx[gi];
+#pragma unroll
+      for (int u = 0; u < kKeys; ++u) new_mx = fmaxf(new_mx, s[u][gi]);
+      if (new_mx == -INFINITY) continue;  // this half has no key yet
+      const float corr = expf(mx[gi] - new_mx);  // 0 while mx is -inf
+      sum[gi] *= corr;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[gi][i] *= corr;
+      mx[gi] = new_mx;
+    }
+#pragma unroll
+    for (int u = 0; u < kKeys; ++u) {
+      float vf[kPerLane];
+      LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&vr[u]), vf);
+#pragma unroll
+      for (int gi = 0; gi < kG; ++gi) {
+        const float p = s[u][gi] == -INFINITY ? 0.0f : expf(s[u][gi] - mx[gi]);
+        sum[gi] += p;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) acc[gi][i] = fmaf(p, vf[i], acc[gi][i]);
+      }
+    }
+  }
+  // The two halves of the warp merge (lanes l and l + 16 hold the same dims).
+#pragma unroll
+  for (int gi = 0; gi < kG; ++gi) {
+    const float other_mx = __shfl_xor_sync(0xffffffffu, mx[gi], 16);
+    const float other_sum = __shfl_xor_sync(0xffffffffu, sum[gi], 16);
+    const float m = fmaxf(mx[gi], other_mx);
+    const float ws = sum[gi] > 0.0f ? expf(mx[gi] - m) : 0.0f, wo = other_sum > 0.0f ? expf(other_mx - m) : 0.0f;
+    sum[gi] = sum[gi] * ws + other_sum * wo;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      const float other = __shfl_xor_sync(0xffffffffu, acc[gi][i], 16);
+      acc[gi][i] = acc[gi][i] * ws + other * wo;
+    }
+    mx[gi] = sum[gi] > 0.0f ? m : -INFINITY;
+  }
+}
+
+}  // namespace dyn::cuda
