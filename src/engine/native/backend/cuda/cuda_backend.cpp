@@ -185,6 +185,7 @@ class CudaBackend : public Backend {
       return v == nullptr || std::string(v) != "0";
     };
     graphs_enabled_ = env_on("DYN_CUDA_GRAPHS");
+    skinny_ = env_on("DYN_CUDA_SKINNY");
     const char* fuse = std::getenv("DYN_CUDA_FUSE");  // a mask of kFuse* bits; unset: all
     fuse_ = fuse == nullptr ? kFuseAll : std::atoi(fuse) & kFuseAll;
     cuda::SetProgrammaticLaunch(env_on("DYN_CUDA_PDL"));
@@ -202,7 +203,8 @@ class CudaBackend : public Backend {
     kv_override_ = kv != nullptr ? kv : "";
     description_ = "cuda (" + std::string(prop.name) + ", sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
                    std::to_string(prop.totalGlobalMem >> 30) + " GiB" + (graphs_enabled_ ? ", graphs" : "") +
-                   (cuda::ProgrammaticLaunch() ? ", pdl" : "") + (fuse_ == kFuseAll ? ", fused" : ", fuse " + std::to_string(fuse_)) + ")";
+                   (cuda::ProgrammaticLaunch() ? ", pdl" : "") + (fuse_ == kFuseAll ? ", fused" : ", fuse " + std::to_string(fuse_)) +
+                   (skinny_ ? ", skinny" : "") + ")";
     return Status::Ok();
   }
 
@@ -532,6 +534,7 @@ class CudaBackend : public Backend {
   void* blas_workspace_ = nullptr;
   Scratch ids_, gather_rows_, positions_, inv_freq_, attn_meta_, attn_partial_, attn_counters_, x_bf16_, sample_params_, sample_out_;
   int fuse_ = kFuseAll;               // DYN_CUDA_FUSE: which fusions run (0: none)
+  bool skinny_ = true;                // DYN_CUDA_SKINNY=0: batches of 2-8 rows on cuBLAS instead of SkinnyGemmBf16
   int max_splits_merged_in_kernel_ = kMaxSplitsMergedInKernel;
   bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
@@ -710,7 +713,14 @@ bool CudaBackend::BlasBf16(const float* x, int m, std::span<const Weight> ws, st
   uint16_t* xb = static_cast<uint16_t*>(x_bf16_.Get(xb_bytes));
   Defer(
       [=, this] {
-        cuda::F32ToBf16(stream_, x, static_cast<size_t>(m) * K, xb);
+        const bool skinny = skinny_ && cuda::SkinnyGemmApplies(m, K);
+        cuda::F32ToBf16(stream_, x, static_cast<size_t>(m) * K, xb, skinny);
+        if (skinny) {
+          int64_t rows[cuda::kGemvMaxJobs];
+          for (int i = 0; i < count; ++i) rows[i] = j.rows[i];
+          cuda::SkinnyGemmBf16(stream_, xb, m, count, j.w, rows, K, j.out);
+          return;
+        }
         const float one = 1.0f, zero = 0.0f;
         for (int i = 0; i < count; ++i) {
           CheckBlas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, j.rows[i], m, K, &one, j.w[i], CUDA_R_16BF, K, xb, CUDA_R_16BF, K,

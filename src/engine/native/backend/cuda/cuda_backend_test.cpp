@@ -105,9 +105,9 @@ TEST_F(CudaBackendTest, MatMulEveryTypeAndBatch) {
   }
 }
 
-// The m = 1 GEMV at the widths of real models (2048 to 14336 columns; the tests above use 256-512):
-// one weight, three sharing one launch (Q/K/V) and the fused gate/up + SwiGLU, against a double
-// product of the same bf16 values.
+// The m = 1 GEMV and the m = 5 skinny GEMM at the widths of real models (2048 to 14336 columns; the
+// tests above use 256-512): one weight, three sharing one launch (Q/K/V) and the fused gate/up +
+// SwiGLU, against a double product of the same bf16 values.
 TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
   auto product = [](const std::vector<uint8_t>& bytes, int64_t N, int64_t K, const std::vector<float>& x) {
     std::vector<float> want(N);
@@ -124,10 +124,23 @@ TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
       const std::vector<uint8_t> bytes = RandomWeightBytes(DType::kBF16, N, K, 90 + N);
       auto dev = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, bytes.data()}, &owned);
       ASSERT_TRUE(dev.ok());
-      const std::vector<float> x = RandomVec(K, 91);
-      float* out = Poisoned(N);
-      gpu_->MatMul(Up(x), 1, *dev, out);
-      EXPECT_LE(RelErr(Down(out, N), product(bytes, N, K, x)), 1e-5) << "N=" << N << " K=" << K;
+      // m = 1: the GEMV (F32 x); m = 5: the skinny tensor-core GEMM, whose x is bf16 (so is the
+      // reference's here: the products are then exact and only the F32 sums differ).
+      for (const int m : {1, 5}) {
+        std::vector<float> x = RandomVec(m * K, 91);
+        if (m > 1) {
+          for (float& f : x) f = BF16ToF32(ToBf16Bits(f));
+        }
+        std::vector<float> want;
+        for (int i = 0; i < m; ++i) {
+          const std::vector<float> xi(x.begin() + i * K, x.begin() + (i + 1) * K);
+          const std::vector<float> row = product(bytes, N, K, xi);
+          want.insert(want.end(), row.begin(), row.end());
+        }
+        float* out = Poisoned(m * N);
+        gpu_->MatMul(Up(x), m, *dev, out);
+        EXPECT_LE(RelErr(Down(out, m * N), want), 1e-5) << "N=" << N << " K=" << K << " m=" << m;
+      }
     }
   }
   {  // Q/K/V-like: three weights in one launch

@@ -103,7 +103,9 @@ double Kernels() {
   const Shape shapes[] = {{"qkv 6144x4096", 6144, 4096},    {"o 4096x4096", 4096, 4096},         {"kv 1024x4096", 1024, 4096},
                           {"gate+up 28672x4096", 28672, 4096}, {"down 4096x14336", 4096, 14336}, {"lm_head 128256x4096", 128256, 4096}};
   if (const char* rows = std::getenv("DYN_CUDA_GEMV_ROWS")) cuda::SetGemvRowsPerBlock(std::atoi(rows));  // as the backend does
-  std::printf("%-22s %3s %12s %12s %12s %12s\n", "bf16 matmul", "m", "gemv us", "gemv GB/s", "cublas us", "cublas GB/s");
+  // skinny: the tensor-core kernel for 2 <= m <= 8 (cuda_gemm_skinny.cu), bf16 x like cuBLAS.
+  std::printf("%-22s %3s %10s %10s %10s %11s %10s %11s\n", "bf16 matmul", "m", "gemv us", "gemv GB/s", "skinny us", "skinny GB/s",
+              "cublas us", "cublas GB/s");
   for (const Shape& s : shapes) {
     // Several copies of the weight so repeated calls stream from HBM, not from the 60 MB L2.
     const size_t wbytes = static_cast<size_t>(s.rows) * s.cols * 2;
@@ -113,7 +115,7 @@ double Kernels() {
       DYN_CUDA_CHECK(cudaMalloc(&w, wbytes));
       cuda::FillRandomBf16(0, static_cast<uint16_t*>(w), wbytes / 2, 7, 0.02f);
     }
-    for (int m : {1, 2, 4}) {
+    for (int m : {1, 2, 4, 8}) {
       float *x, *out;
       void* xb;
       DYN_CUDA_CHECK(cudaMalloc(&x, s.cols * m * 4));
@@ -124,6 +126,16 @@ double Kernels() {
       int i = 0;
       const double gemv = TimeDevice(
           [&] { cuda::GemvBf16(0, x, m, static_cast<const uint16_t*>(ws[i++ % copies]), s.rows, s.cols, out); }, 50);
+      double skinny = 0;
+      if (m > 1) {
+        const uint16_t* xw = static_cast<const uint16_t*>(xb);
+        skinny = TimeDevice(
+            [&] {
+              const uint16_t* w = static_cast<const uint16_t*>(ws[i++ % copies]);
+              cuda::SkinnyGemmBf16(0, xw, m, 1, &w, &s.rows, s.cols, &out);
+            },
+            50);
+      }
       const float one = 1.0f, zero = 0.0f;
       const double blas_s = TimeDevice(
           [&] {
@@ -132,8 +144,8 @@ double Kernels() {
                          out, CUDA_R_32F, static_cast<int>(s.rows), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
           },
           50);
-      std::printf("%-22s %3d %12.1f %12.0f %12.1f %12.0f\n", s.name, m, gemv * 1e6, wbytes / gemv / 1e9, blas_s * 1e6,
-                  wbytes / blas_s / 1e9);
+      std::printf("%-22s %3d %10.1f %10.0f %10.1f %11.0f %10.1f %11.0f\n", s.name, m, gemv * 1e6, wbytes / gemv / 1e9, skinny * 1e6,
+                  m > 1 ? wbytes / skinny / 1e9 : 0.0, blas_s * 1e6, wbytes / blas_s / 1e9);
       cudaFree(x);
       cudaFree(xb);
       cudaFree(out);

@@ -145,7 +145,8 @@ __device__ __forceinline__ void GridStride(size_t n, bool vec4, Quad quad, One o
 // Runs right before a cuBLAS matmul that reads `out`, so it does not let the next kernel launch
 // early: whether cuBLAS launches its kernels with programmatic serialization, and whether they wait
 // before reading their inputs, is not documented (a precaution, see cuda_launch.cuh).
-__global__ void F32ToBf16Kernel(const float* x, size_t n, __nv_bfloat16* out, bool vec4) {
+__global__ void F32ToBf16Kernel(const float* x, size_t n, __nv_bfloat16* out, bool vec4, bool next_early) {
+  if (next_early) LetNextKernelLaunch();
   WaitForPreviousKernel();
   GridStride(
       n, vec4,
@@ -313,9 +314,10 @@ void BeforeLibraryCall(cudaStream_t stream) {
   DYN_CUDA_CHECK_LAUNCH();
 }
 
-void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out) {
+void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, bool next_early) {
   const bool vec4 = Vec4(x, out) && reinterpret_cast<uintptr_t>(out) % 8 == 0;
-  LaunchKernel(F32ToBf16Kernel, Blocks(vec4 ? (n + 3) / 4 : n, 256), 256, 0, stream, x, n, reinterpret_cast<__nv_bfloat16*>(out), vec4);
+  LaunchKernel(F32ToBf16Kernel, Blocks(vec4 ? (n + 3) / 4 : n, 256), 256, 0, stream, x, n, reinterpret_cast<__nv_bfloat16*>(out), vec4,
+               next_early);
   DYN_CUDA_CHECK_LAUNCH();
 }
 

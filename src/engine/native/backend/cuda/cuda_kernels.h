@@ -30,8 +30,9 @@ void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols
 void ConvertToBf16(cudaStream_t stream, DType dtype, const void* src, int64_t rows, int64_t cols, uint16_t* dst);
 // dst[i] = bf16 of uniform(-scale, scale) from a counter-based hash of (seed, i).
 void FillRandomBf16(cudaStream_t stream, uint16_t* dst, size_t n, uint64_t seed, float scale);
-// out[i] = bf16(x[i]). Like BeforeLibraryCall, lets the next kernel (cuBLAS) start only once done.
-void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out);
+// out[i] = bf16(x[i]). Like BeforeLibraryCall, lets the next kernel (cuBLAS) start only once done,
+// unless next_early (the next kernel is one of ours, which waits before reading).
+void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, bool next_early = false);
 // A one-block kernel to put before a library call (cuBLAS) that does not follow F32ToBf16, so the
 // library's kernels cannot start before the previous kernel has finished (cuda_launch.cuh).
 void BeforeLibraryCall(cudaStream_t stream);
@@ -138,6 +139,14 @@ void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int
 constexpr int kGemvMaxJobs = 4;
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out);
+
+// out[i][m][rows] = x[m][cols] * w[i]^T for bf16 x and w, 1 <= m <= kSkinnyMaxRows, cols % 32 == 0,
+// 16-byte aligned x and w, F32 out (cuda_gemm_skinny.cu): small decode batches on the tensor
+// cores, each weight read once for all m rows. Up to kGemvMaxJobs weights sharing x in one launch.
+constexpr int kSkinnyMaxRows = 8;
+bool SkinnyGemmApplies(int m, int64_t cols);
+void SkinnyGemmBf16(cudaStream_t stream, const uint16_t* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
+                    int64_t cols, float* const* out);
 
 // gate = x * w_gate^T and up = x * w_up^T (both [m][rows]) as GemvBf16Multi, and out = SwiGlu(gate,
 // up) in the same kernel (one block computes row r of both, so the product needs no second pass;
