@@ -31,9 +31,9 @@ struct RopeArgs {  // cos_sin null: q and the cache are ready (no RoPE in this k
   int neox;
 };
 
-// Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits).
-template <int kPerLane, int kG>
-__global__ void __launch_bounds__(kRowWarps * 32, 4)
+// Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits); kWarps warps a block.
+template <int kPerLane, int kG, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
     DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, RopeArgs rope) {
   LetNextKernelLaunch();
   WaitForPreviousKernel();
@@ -86,11 +86,11 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4)
     mx[gi] = -INFINITY;
     sum[gi] = 0.0f;
   }
-  HalfWarpAttend<kPerLane, kG, true>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
+  HalfWarpAttend<kPerLane, kG, true, kWarps>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
 
   // The warps merge in shared memory (FinishRow's arithmetic): this split's normalized output and
   // its (max, sum), or with one split the output itself.
-  __shared__ float s_max[kRowWarps][kG], s_sum[kRowWarps][kG], s_acc[kRowWarps][kG][kMaxDecodeDim];
+  __shared__ float s_max[kWarps][kG], s_sum[kWarps][kG], s_acc[kWarps][kG][kMaxDecodeDim];
   __shared__ float s_o[kG * kMaxDecodeDim], s_ml[kG][2];
 #pragma unroll
   for (int gi = 0; gi < kG; ++gi) {
@@ -107,9 +107,9 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4)
   for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) {
     const int gi = e / D, d = e % D;
     float total_max = -INFINITY;
-    for (int w = 0; w < kRowWarps; ++w) total_max = fmaxf(total_max, s_max[w][gi]);
+    for (int w = 0; w < kWarps; ++w) total_max = fmaxf(total_max, s_max[w][gi]);
     float total_sum = 0.0f, o = 0.0f;
-    for (int w = 0; w < kRowWarps; ++w) {
+    for (int w = 0; w < kWarps; ++w) {
       const float wt = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - total_max) : 0.0f;  // a warp with no keys has max -inf
       total_sum += s_sum[w][gi] * wt;
       o += s_acc[w][gi][d] * wt;
@@ -153,21 +153,37 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4)
   cluster.sync();  // no block leaves while a peer reads its shared memory
 }
 
-template <int kPerLane, int kG>
+template <int kPerLane, int kG, int kWarps>
 void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cache, const CacheGeometry& g, const AttnRows& meta,
                   const RowArgs& a, const RopeArgs& rope) {
   static const bool non_portable = [] {  // clusters of up to 16 blocks (8 is the portable size)
-    Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+    Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG, kWarps>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
           "cudaFuncSetAttribute", __FILE__, __LINE__);
     return true;
   }();
   (void)non_portable;
-  LaunchClusterKernel(DecodeAttentionKernel<kPerLane, kG>, grid, kRowWarps * 32, 0, stream, splits, cache, g, meta, a, rope);
+  LaunchClusterKernel(DecodeAttentionKernel<kPerLane, kG, kWarps>, grid, kWarps * 32, 0, stream, splits, cache, g, meta, a, rope);
 }
 
+template <int kPerLane, int kG>
+void LaunchDecodeWarps(cudaStream_t stream, dim3 grid, int splits, int warps, __nv_bfloat16* cache, const CacheGeometry& g,
+                       const AttnRows& meta, const RowArgs& a, const RopeArgs& rope) {
+  if (warps == 8) {
+    LaunchDecode<kPerLane, kG, 8>(stream, grid, splits, cache, g, meta, a, rope);
+  } else {
+    LaunchDecode<kPerLane, kG, kRowWarps>(stream, grid, splits, cache, g, meta, a, rope);
+  }
+}
+
+// The row-wise rule's split count beyond the cluster limit (32 at batch 1 from ~1k tokens) runs
+// as half as many blocks of twice the warps, so the keys in flight stay the same.
+int ClusterSplits(int splits) { return splits <= kMaxClusterSplits ? splits : splits / 2; }
+int ClusterWarps(int splits) { return splits <= kMaxClusterSplits ? kRowWarps : 2 * kRowWarps; }
+
+// The grid's size in 4-warp blocks.
 int DecodeBlocks(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits) {
   const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
-  return layout.num_kv_heads * ((group + kg - 1) / kg) * meta.num_rowwise * splits;
+  return layout.num_kv_heads * ((group + kg - 1) / kg) * meta.num_rowwise * ClusterSplits(splits) * ClusterWarps(splits) / kRowWarps;
 }
 
 }  // namespace
@@ -175,12 +191,15 @@ int DecodeBlocks(const KvLayout& layout, int num_heads, const AttnRows& meta, in
 // Measured on an H200 (8B shape, docs/benchmarks/cuda.md round 7): batch 1 at context 512 (16
 // splits, 128 blocks) 0.13 ms a step faster than the row-wise kernel + combine; batch 8 at 4096
 // (16 splits, 1024 blocks, several waves of 16-block clusters) 0.65 ms slower. So: only grids of
-// at most two blocks per multiprocessor.
+// at most two blocks per multiprocessor. 32 splits run as 16 blocks of 8 warps (not bitwise the
+// row-wise kernel's sums: the keys are spread over the warps differently): batch 1 at 2048-4096
+// 0.25 ms a step faster; batch 2 at 4096 (256 such blocks) 0.3 ms slower, so the limit counts
+// 4-warp blocks.
 bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits) {
   const int group = num_heads / layout.num_kv_heads;
   return meta.decode && meta.num_tiles == 0 && meta.num_rowwise == meta.rows && meta.rows > 0 && layout.dtype == DType::kBF16 &&
          (layout.head_dim == 128 || layout.head_dim == 64) && GroupPerBlock(group) <= 4 && HalfWarpAttention() && splits >= 1 &&
-         splits <= kMaxClusterSplits && DecodeBlocks(layout, num_heads, meta, splits) <= 2 * MultiprocessorCount();
+         ClusterSplits(splits) <= kMaxClusterSplits && DecodeBlocks(layout, num_heads, meta, splits) <= 2 * MultiprocessorCount();
 }
 
 void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* q,
@@ -190,22 +209,23 @@ void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, i
   }
   const CacheGeometry g = Geometry(layout, layer);
   const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
-  const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, splits, scale, nullptr, out, nullptr};
+  const int cluster = ClusterSplits(splits), warps = ClusterWarps(splits);
+  const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, cluster, scale, nullptr, out, nullptr};
   const RopeArgs r = rope == nullptr ? RopeArgs{}
                                      : RopeArgs{rope->q, rope->k, rope->v, rope->cos_sin, rope->neox ? 1 : 0};
-  const dim3 grid(layout.num_kv_heads * a.head_chunks, meta.num_rowwise, splits);
+  const dim3 grid(layout.num_kv_heads * a.head_chunks, meta.num_rowwise, cluster);
   auto* c = static_cast<__nv_bfloat16*>(cache);
   if (layout.head_dim == 128) {
     switch (kg) {
-      case 1: LaunchDecode<8, 1>(stream, grid, splits, c, g, meta, a, r); break;
-      case 2: LaunchDecode<8, 2>(stream, grid, splits, c, g, meta, a, r); break;
-      default: LaunchDecode<8, 4>(stream, grid, splits, c, g, meta, a, r); break;
+      case 1: LaunchDecodeWarps<8, 1>(stream, grid, cluster, warps, c, g, meta, a, r); break;
+      case 2: LaunchDecodeWarps<8, 2>(stream, grid, cluster, warps, c, g, meta, a, r); break;
+      default: LaunchDecodeWarps<8, 4>(stream, grid, cluster, warps, c, g, meta, a, r); break;
     }
   } else {
     switch (kg) {
-      case 1: LaunchDecode<4, 1>(stream, grid, splits, c, g, meta, a, r); break;
-      case 2: LaunchDecode<4, 2>(stream, grid, splits, c, g, meta, a, r); break;
-      default: LaunchDecode<4, 4>(stream, grid, splits, c, g, meta, a, r); break;
+      case 1: LaunchDecodeWarps<4, 1>(stream, grid, cluster, warps, c, g, meta, a, r); break;
+      case 2: LaunchDecodeWarps<4, 2>(stream, grid, cluster, warps, c, g, meta, a, r); break;
+      default: LaunchDecodeWarps<4, 4>(stream, grid, cluster, warps, c, g, meta, a, r); break;
     }
   }
   DYN_CUDA_CHECK_LAUNCH();

@@ -96,18 +96,18 @@ struct RowBlock {
 };
 
 // The half-warp key loop of RowAttentionHalfWarpKernel and DecodeAttentionKernel: the keys
-// [begin, end) of kv head `kv_head`, warp w taking keys begin + 2w + {0, 1} (its two halves) +
-// k * kStride; per query head an online softmax (mx, sum, acc) per lane, the warp's two halves
+// [begin, end) of kv head `kv_head` by a block of kWarps warps, warp w taking keys begin + 2w +
+// {0, 1} (its two halves) + k * kStride; per query head an online softmax (mx, sum, acc) per lane, the warp's two halves
 // merged at the end (lanes l and l + 16 hold the same dims). kCoherent: the cache is read with
 // L2-coherent loads, for a kernel that wrote some of the keys itself (not via the read-only path).
-template <int kPerLane, int kG, bool kCoherent>
+template <int kPerLane, int kG, bool kCoherent, int kWarps = kRowWarps>
 __device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__ cache, const CacheGeometry& g, const int32_t* table,
                                                int kv_head, int begin, int end, float scale, const float (&qv)[kG][kPerLane],
                                                float (&mx)[kG], float (&sum)[kG], float (&acc)[kG][kPerLane]) {
   using Raw = std::conditional_t<kPerLane == 8, uint4, uint2>;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16;
   const int D = g.head_dim, d0 = (lane % 16) * kPerLane;
-  constexpr int kStride = kRowWarps * 2;  // keys per block per step
+  constexpr int kStride = kWarps * 2;  // keys per block per step
   // Warp-uniform loop; each half takes key j0 + half + u * kStride (masked past the end).
   for (int j0 = begin + warp * 2; j0 < end; j0 += kStride * kKeys) {
     Raw kr[kKeys], vr[kKeys];
