@@ -172,14 +172,8 @@ __device__ __forceinline__ void FinishRow(const AttnRows& meta, const RowArgs& a
   __syncthreads();
   for (int e = threadIdx.x; e < nh * D; e += blockDim.x) {
     const int gi = e / D, d = e % D;
-    float total_max = -INFINITY;
-    for (int w = 0; w < kRowWarps; ++w) total_max = fmaxf(total_max, s_max[w][gi]);
-    float total_sum = 0.0f, o = 0.0f;
-    for (int w = 0; w < kRowWarps; ++w) {
-      const float wt = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - total_max) : 0.0f;  // a warp with no keys has max -inf
-      total_sum += s_sum[w][gi] * wt;
-      o += s_acc[w][gi][d] * wt;
-    }
+    const WarpMerged mw = MergeWarps(s_max, s_sum, s_acc, gi, d);
+    const float total_max = mw.max, total_sum = mw.sum, o = mw.o;
     const int h = h0 + gi;
     if (a.splits == 1) {
       a.out[(static_cast<size_t>(r) * a.num_heads + h) * D + d] = o / total_sum;

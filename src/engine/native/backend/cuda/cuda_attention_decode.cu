@@ -106,14 +106,8 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   __syncthreads();
   for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) {
     const int gi = e / D, d = e % D;
-    float total_max = -INFINITY;
-    for (int w = 0; w < kWarps; ++w) total_max = fmaxf(total_max, s_max[w][gi]);
-    float total_sum = 0.0f, o = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      const float wt = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - total_max) : 0.0f;  // a warp with no keys has max -inf
-      total_sum += s_sum[w][gi] * wt;
-      o += s_acc[w][gi][d] * wt;
-    }
+    const WarpMerged mw = MergeWarps(s_max, s_sum, s_acc, gi, d);
+    const float total_max = mw.max, total_sum = mw.sum, o = mw.o;
     if (a.splits == 1) {
       a.out[q_off + e] = o / total_sum;
       continue;
@@ -162,7 +156,7 @@ void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cac
     return true;
   }();
   (void)non_portable;
-  LaunchClusterKernel(DecodeAttentionKernel<kPerLane, kG, kWarps>, grid, kWarps * 32, 0, stream, splits, cache, g, meta, a, rope);
+  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope);
 }
 
 template <int kPerLane, int kG>

@@ -181,4 +181,22 @@ __device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__
   }
 }
 
+// The kWarps warps' online-softmax states of query head gi (max, sum; V accumulator at dim d),
+// merged in warp order: the block's (max, sum) and unnormalized output of (gi, d).
+struct WarpMerged {
+  float max, sum, o;
+};
+template <int kWarps, int kG, int kDims>
+__device__ __forceinline__ WarpMerged MergeWarps(const float (&s_max)[kWarps][kG], const float (&s_sum)[kWarps][kG],
+                                                 const float (&s_acc)[kWarps][kG][kDims], int gi, int d) {
+  WarpMerged m{-INFINITY, 0.0f, 0.0f};
+  for (int w = 0; w < kWarps; ++w) m.max = fmaxf(m.max, s_max[w][gi]);
+  for (int w = 0; w < kWarps; ++w) {
+    const float wt = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - m.max) : 0.0f;  // a warp with no keys has max -inf
+    m.sum += s_sum[w][gi] * wt;
+    m.o += s_acc[w][gi][d] * wt;
+  }
+  return m;
+}
+
 }  // namespace dyn::cuda

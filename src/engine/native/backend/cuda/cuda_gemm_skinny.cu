@@ -22,22 +22,6 @@ constexpr int kWarps = 8;
 constexpr int kRowsPerBlock = 16;
 constexpr int kUnroll = 4;  // chunks per warp with their loads in flight together
 
-struct SkinnyJobs {
-  const uint16_t* w[kGemvMaxJobs];
-  float* out[kGemvMaxJobs];
-  int64_t rows[kGemvMaxJobs];
-  unsigned first_block[kGemvMaxJobs];
-  int count;
-};
-
-__device__ __forceinline__ uint4 LoadWeight(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 // d += a (16 x 16, row) * b (16 x 8, col): bf16 in, F32 accumulate.
 __device__ __forceinline__ void Mma(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0, uint32_t b1) {
   asm volatile(
@@ -52,22 +36,13 @@ __device__ __forceinline__ void MmaChunk(float (&d)[4], const uint4& lo, const u
   Mma(d, lo.z, hi.z, lo.w, hi.w, xb.z, xb.w);
 }
 
-__global__ void __launch_bounds__(kWarps * 32) SkinnyGemmKernel(const uint16_t* __restrict__ x, int m, SkinnyJobs jobs, int64_t cols) {
+__global__ void __launch_bounds__(kWarps * 32) SkinnyGemmKernel(const uint16_t* __restrict__ x, int m, GemvJobs jobs, int64_t cols) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  // Blocks are dealt out over the weights in order (constant indices: no local copy of jobs).
-  const uint16_t* w = jobs.w[0];
-  float* out = jobs.out[0];
-  int64_t rows = jobs.rows[0];
-  unsigned first = 0;
-#pragma unroll
-  for (int j = 1; j < kGemvMaxJobs; ++j) {
-    if (j < jobs.count && blockIdx.x >= jobs.first_block[j]) {
-      w = jobs.w[j];
-      out = jobs.out[j];
-      rows = jobs.rows[j];
-      first = jobs.first_block[j];
-    }
-  }
+  const uint16_t* w;
+  float* out;
+  int64_t rows;
+  unsigned first;
+  PickJob(jobs, w, out, rows, first);
   const int64_t row0 = static_cast<int64_t>(blockIdx.x - first) * kRowsPerBlock;
   const int64_t r_lo = min(row0 + g, rows - 1), r_hi = min(row0 + g + 8, rows - 1);  // past the end: a valid row, not written
   const int64_t chunks = cols / 32, n16 = cols / 8;  // 16-byte units per row
@@ -84,8 +59,8 @@ __global__ void __launch_bounds__(kWarps * 32) SkinnyGemmKernel(const uint16_t* 
   if (full) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      lo[u] = LoadWeight(wlo + (c + u * kWarps) * 4);
-      hi[u] = LoadWeight(whi + (c + u * kWarps) * 4);
+      lo[u] = LoadStreaming(wlo + (c + u * kWarps) * 4);
+      hi[u] = LoadStreaming(whi + (c + u * kWarps) * 4);
     }
   }
   LetNextKernelLaunch();
@@ -101,14 +76,14 @@ __global__ void __launch_bounds__(kWarps * 32) SkinnyGemmKernel(const uint16_t* 
       if (c + (kUnroll - 1) * kWarps >= chunks) break;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        lo[u] = LoadWeight(wlo + (c + u * kWarps) * 4);
-        hi[u] = LoadWeight(whi + (c + u * kWarps) * 4);
+        lo[u] = LoadStreaming(wlo + (c + u * kWarps) * 4);
+        hi[u] = LoadStreaming(whi + (c + u * kWarps) * 4);
       }
     }
   }
   for (; c < chunks; c += kWarps) {
     const uint4 xv = x_live ? __ldg(xr + c * 4) : make_uint4(0, 0, 0, 0);
-    MmaChunk(d, LoadWeight(wlo + c * 4), LoadWeight(whi + c * 4), xv);
+    MmaChunk(d, LoadStreaming(wlo + c * 4), LoadStreaming(whi + c * 4), xv);
   }
 
   // d: (row g, x rows 2t, 2t + 1), (row g + 8, the same); warps summed in order.
@@ -139,7 +114,7 @@ void SkinnyGemmBf16(cudaStream_t stream, const uint16_t* x, int m, int count, co
   if (!SkinnyGemmApplies(m, cols) || count < 1 || count > kGemvMaxJobs) {
     Check(cudaErrorInvalidValue, "SkinnyGemmBf16: shape", __FILE__, __LINE__);
   }
-  SkinnyJobs jobs{};
+  GemvJobs jobs{};
   jobs.count = count;
   int64_t blocks = 0;
   for (int i = 0; i < count; ++i) {

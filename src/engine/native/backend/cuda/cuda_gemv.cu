@@ -28,24 +28,6 @@ int g_rows_at_m1 = 1;
 int RowsPerBlock(int m) { return m == 1 ? g_rows_at_m1 : kRowsPerBlock; }
 constexpr int kUnroll = 4;
 
-// Up to kGemvMaxJobs weights sharing one input (Q/K/V, gate/up), passed by value.
-struct GemvJobs {
-  const uint16_t* w[kGemvMaxJobs];
-  float* out[kGemvMaxJobs];
-  int64_t rows[kGemvMaxJobs];
-  unsigned first_block[kGemvMaxJobs];
-  float* swiglu_out;  // GemvBf16SwiGlu only
-  int count;
-};
-
-__device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
-  uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-               : "l"(p));
-  return v;
-}
-
 __device__ __forceinline__ void Bf16x2ToFloat(uint32_t bits, float& lo, float& hi) {
   lo = __uint_as_float(bits << 16);
   hi = __uint_as_float(bits & 0xFFFF0000u);
@@ -91,18 +73,9 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
     if (row_in_block == 1) wj = jobs.w[1];
     row = blockIdx.x;
   } else {
-    // Blocks are dealt out over the weights' rows in order; a block never straddles two weights
-    // (each weight's block range is rounded up).
-    unsigned first = 0;
-#pragma unroll
-    for (int j = 1; j < kGemvMaxJobs; ++j) {
-      if (j < jobs.count && blockIdx.x >= jobs.first_block[j]) {
-        wj = jobs.w[j];
-        outj = jobs.out[j];
-        rows = jobs.rows[j];
-        first = jobs.first_block[j];
-      }
-    }
+    // A block never straddles two weights (each weight's block range is rounded up).
+    unsigned first;
+    PickJob(jobs, wj, outj, rows, first);
     row = (blockIdx.x - first) * int64_t{R} + row_in_block;
   }
   const bool live = row < rows;

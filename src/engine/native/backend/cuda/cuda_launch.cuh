@@ -39,40 +39,73 @@ __device__ __forceinline__ void LetNextKernelLaunch() {
 #endif
 }
 
-// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when enabled.
+// kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when enabled, as a grid
+// of thread-block clusters of (1, 1, cluster_z) blocks when cluster_z > 0.
 template <class... P, class... A>
-void LaunchKernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
+void LaunchKernelIn(int cluster_z, void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  cudaLaunchAttribute attr[2];
+  int n = 0;
+  if (ProgrammaticLaunch()) {
+    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[n++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (cluster_z > 0) {
+    attr[n].id = cudaLaunchAttributeClusterDimension;
+    attr[n].val.clusterDim.x = 1;
+    attr[n].val.clusterDim.y = 1;
+    attr[n++].val.clusterDim.z = static_cast<unsigned>(cluster_z);
+  }
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
   cfg.attrs = attr;
-  cfg.numAttrs = ProgrammaticLaunch() ? 1 : 0;
+  cfg.numAttrs = static_cast<unsigned>(n);
   Check(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...), "cudaLaunchKernelEx", __FILE__, __LINE__);
 }
 
-// LaunchKernel for a grid of thread-block clusters of (1, 1, cluster_z) blocks.
 template <class... P, class... A>
-void LaunchClusterKernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int cluster_z, A&&... args) {
-  cudaLaunchAttribute attr[2];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = 1;
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = static_cast<unsigned>(cluster_z);
-  attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[1].val.programmaticStreamSerializationAllowed = 1;
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = block;
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cfg.attrs = attr;
-  cfg.numAttrs = ProgrammaticLaunch() ? 2 : 1;
-  Check(cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...), "cudaLaunchKernelEx", __FILE__, __LINE__);
+void LaunchKernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, A&&... args) {
+  LaunchKernelIn(0, kernel, grid, block, smem, stream, std::forward<A>(args)...);
+}
+
+// A device load of 16 bytes that is read once (weights): not kept in L1.
+__device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// Up to kGemvMaxJobs weights sharing one input (Q/K/V, gate/up), passed by value to the GEMV and
+// skinny GEMM kernels; blocks are dealt out over the weights in order.
+struct GemvJobs {
+  const uint16_t* w[kGemvMaxJobs];
+  float* out[kGemvMaxJobs];
+  int64_t rows[kGemvMaxJobs];
+  unsigned first_block[kGemvMaxJobs];
+  float* swiglu_out;  // GemvBf16SwiGlu only
+  int count;
+};
+
+// This block's weight, output and rows, and the weight's first block (constant indices only, so
+// the parameter struct is not copied to local memory).
+__device__ __forceinline__ void PickJob(const GemvJobs& jobs, const uint16_t*& w, float*& out, int64_t& rows, unsigned& first) {
+  w = jobs.w[0];
+  out = jobs.out[0];
+  rows = jobs.rows[0];
+  first = 0;
+#pragma unroll
+  for (int j = 1; j < kGemvMaxJobs; ++j) {
+    if (j < jobs.count && blockIdx.x >= jobs.first_block[j]) {
+      w = jobs.w[j];
+      out = jobs.out[j];
+      rows = jobs.rows[j];
+      first = jobs.first_block[j];
+    }
+  }
 }
 
 }  // namespace dyn::cuda
