@@ -114,16 +114,8 @@ void SkinnyGemmBf16(cudaStream_t stream, const uint16_t* x, int m, int count, co
   if (!SkinnyGemmApplies(m, cols) || count < 1 || count > kGemvMaxJobs) {
     Check(cudaErrorInvalidValue, "SkinnyGemmBf16: shape", __FILE__, __LINE__);
   }
-  GemvJobs jobs{};
-  jobs.count = count;
   int64_t blocks = 0;
-  for (int i = 0; i < count; ++i) {
-    jobs.w[i] = w[i];
-    jobs.out[i] = out[i];
-    jobs.rows[i] = rows[i];
-    jobs.first_block[i] = static_cast<unsigned>(blocks);
-    blocks += (rows[i] + kRowsPerBlock - 1) / kRowsPerBlock;
-  }
+  const GemvJobs jobs = MakeGemvJobs(count, w, rows, out, kRowsPerBlock, &blocks);
   if (blocks == 0) return;
   LaunchKernel(SkinnyGemmKernel, static_cast<unsigned>(blocks), kWarps * 32, 0, stream, x, m, jobs, cols);
   DYN_CUDA_CHECK_LAUNCH();

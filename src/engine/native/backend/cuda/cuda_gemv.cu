@@ -170,16 +170,8 @@ void SetGemvRowsPerBlock(int rows) { g_rows_at_m1 = rows == 2 ? 2 : 1; }
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out) {
   if (count < 1 || count > kGemvMaxJobs) Check(cudaErrorInvalidValue, "GemvBf16Multi: job count", __FILE__, __LINE__);
-  GemvJobs jobs{};
-  jobs.count = count;
   int64_t blocks = 0;
-  for (int i = 0; i < count; ++i) {
-    jobs.w[i] = w[i];
-    jobs.out[i] = out[i];
-    jobs.rows[i] = rows[i];
-    jobs.first_block[i] = static_cast<unsigned>(blocks);
-    blocks += (rows[i] + RowsPerBlock(m) - 1) / RowsPerBlock(m);
-  }
+  const GemvJobs jobs = MakeGemvJobs(count, w, rows, out, RowsPerBlock(m), &blocks);
   LaunchAnyM<false>(stream, x, m, jobs, cols, static_cast<unsigned>(blocks));
   DYN_CUDA_CHECK_LAUNCH();
 }

@@ -90,6 +90,22 @@ struct GemvJobs {
   int count;
 };
 
+// The jobs of `count` weights, each given ceil(rows / rows_per_block) blocks; *blocks: the total.
+inline GemvJobs MakeGemvJobs(int count, const uint16_t* const* w, const int64_t* rows, float* const* out, int64_t rows_per_block,
+                             int64_t* blocks) {
+  GemvJobs jobs{};
+  jobs.count = count;
+  *blocks = 0;
+  for (int i = 0; i < count; ++i) {
+    jobs.w[i] = w[i];
+    jobs.out[i] = out[i];
+    jobs.rows[i] = rows[i];
+    jobs.first_block[i] = static_cast<unsigned>(*blocks);
+    *blocks += (rows[i] + rows_per_block - 1) / rows_per_block;
+  }
+  return jobs;
+}
+
 // This block's weight, output and rows, and the weight's first block (constant indices only, so
 // the parameter struct is not copied to local memory).
 __device__ __forceinline__ void PickJob(const GemvJobs& jobs, const uint16_t*& w, float*& out, int64_t& rows, unsigned& first) {
