@@ -15,6 +15,7 @@
 #include "engine/native/backend/backend.h"
 #include "engine/native/backend/cpu/quant_blocks.h"
 #include "engine/native/backend/cuda/cuda_backend.h"
+#include "engine/native/backend/cuda/cuda_kernels.h"
 #include "engine/native/backend/cuda/cuda_test_util.h"
 
 namespace dyn {
@@ -48,6 +49,45 @@ class CudaBackendTest : public ::testing::Test {
   std::unique_ptr<Backend> gpu_, cpu_;
   std::vector<std::unique_ptr<Buffer>> bufs_;
 };
+
+// Which decode steps take the cluster attention kernel (host logic; needs no GPU). The 8B shape's
+// KV layout (8 kv heads x 128, GQA 4) on a 132-multiprocessor GPU, as the backend sets it.
+TEST(CudaKernelRulesTest, DecodeAttentionAppliesToSmallDecodeGrids) {
+  cuda::SetMultiprocessorCount(132);
+  const KvLayout bf16 = TestKvLayout(32, 8, 128, 16, 1024, DType::kBF16);
+  auto decode = [](int rows, int len) {
+    cuda::AttnRows m;
+    m.rows = m.num_rowwise = rows;
+    m.max_len = len;
+    m.decode = true;
+    return m;
+  };
+  auto applies = [&](const KvLayout& l, const cuda::AttnRows& m) {
+    return cuda::DecodeAttentionApplies(l, 32, m, cuda::AttentionSplits(l, 32, m));
+  };
+  EXPECT_EQ(cuda::AttentionSplits(bf16, 32, decode(1, 512)), 16);
+  EXPECT_TRUE(applies(bf16, decode(1, 512)));    // 16 splits: 128 blocks
+  EXPECT_EQ(cuda::AttentionSplits(bf16, 32, decode(1, 4096)), 32);
+  EXPECT_TRUE(applies(bf16, decode(1, 4096)));   // 32 splits as 16 blocks of 8 warps
+  EXPECT_FALSE(applies(bf16, decode(1, 8192)));  // 64 splits
+  EXPECT_TRUE(applies(bf16, decode(8, 512)));    // 4 splits: 256 blocks
+  EXPECT_FALSE(applies(bf16, decode(2, 4096)));  // 32 splits of 8-warp blocks: 512 4-warp blocks
+  EXPECT_FALSE(applies(bf16, decode(8, 4096)));  // 16 splits: 1024 blocks
+  cuda::AttnRows chunk = decode(1, 512);
+  chunk.decode = false;  // a prefill chunk's rows read each other's new keys
+  EXPECT_FALSE(applies(bf16, chunk));
+  EXPECT_FALSE(applies(TestKvLayout(32, 8, 128, 16, 1024, DType::kF32), decode(1, 512)));
+  EXPECT_FALSE(applies(TestKvLayout(32, 8, 96, 16, 1024, DType::kBF16), decode(1, 512)));
+  EXPECT_FALSE(cuda::DecodeAttentionApplies(bf16, 64, decode(1, 512), 16));  // GQA 8
+}
+
+TEST(CudaKernelRulesTest, SkinnyGemmTakesUpToEightRowsOfAlignedWidth) {
+  EXPECT_TRUE(cuda::SkinnyGemmApplies(2, 4096));
+  EXPECT_TRUE(cuda::SkinnyGemmApplies(8, 14336));
+  EXPECT_FALSE(cuda::SkinnyGemmApplies(9, 4096));
+  EXPECT_FALSE(cuda::SkinnyGemmApplies(4, 4100));
+  EXPECT_FALSE(cuda::SkinnyGemmApplies(0, 4096));
+}
 
 // `rows` rows of logits for 4 tokens of probability 0.1, 0.2, 0.3, 0.4.
 std::vector<float> FourTokenLogits(int rows) {
