@@ -2,12 +2,15 @@
 // invariance), RoPE styles, and paged attention against a dense computation.
 #include <gtest/gtest.h>
 
+#include <atomic>
+
 #include <cmath>
 #include <random>
 #include <vector>
 
 #include "engine/native/backend/backend.h"
 #include "engine/native/backend/cpu/quant_blocks.h"
+#include "engine/native/backend/cpu/thread_pool.h"
 
 namespace dyn {
 namespace {
@@ -143,6 +146,28 @@ TEST_P(MatMulTest, MatchesDequantizedReferenceAndIsBatchInvariant) {
 INSTANTIATE_TEST_SUITE_P(AllTypes, MatMulTest,
                          ::testing::Values(DType::kF32, DType::kF16, DType::kBF16, DType::kQ8_0, DType::kQ4_0, DType::kQ4_1),
                          [](const auto& info) { return std::string(DTypeName(info.param)); });
+
+// Back-to-back jobs whose sizes change: every index of every job runs exactly once, and each
+// call returns only once its job is done. A worker still draining one job used to be able to claim
+// a stale index of it with the next job's task while Dispatch was writing that job (the new task
+// ran before it was published, one index twice, and the done count went one past the job: calls
+// that hung or returned early - a segfault and a hang in CPU tests under load).
+TEST(ThreadPool, EveryIndexOfEveryJobRunsOnceWhileSizesChange) {
+  ThreadPool pool(4);
+  constexpr int kMax = 48;
+  std::vector<std::atomic<int>> hits(kMax);
+  for (int call = 0; call < 200000; ++call) {  // the old pool failed ~2 of 3 runs of 30,000 calls
+    const int64_t n = 1 + (call * 7) % kMax;  // grows and shrinks
+    for (int64_t i = 0; i < n; ++i) hits[i].store(0, std::memory_order_relaxed);
+    std::atomic<int64_t> ran{0};
+    pool.ParallelFor(n, [&](int64_t i) {
+      hits[i].fetch_add(1, std::memory_order_relaxed);
+      ran.fetch_add(1, std::memory_order_release);
+    });
+    ASSERT_EQ(ran.load(std::memory_order_acquire), n) << "call " << call << " returned before its job was done";
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[i].load(std::memory_order_relaxed), 1) << "call " << call << " index " << i;
+  }
+}
 
 TEST(CpuBackend, RopeStylesRotatePairs) {
   auto backend = CreateCpuBackend(1);
