@@ -51,8 +51,9 @@ class ThreadPool {
   std::atomic<Task> task_{nullptr};
   std::atomic<void*> ctx_{nullptr};
   std::atomic<int64_t> count_{0};
-  // High 32 bits: job epoch; low 32 bits: next unclaimed index. One word, so a late worker can
-  // only claim an index of the job it read the task of.
+  // High 32 bits: job epoch; low 32 bits: next unclaimed index, or 0xFFFFFFFF while Dispatch
+  // writes the job (next_ leaves the old epoch first, so a late worker cannot claim an index of
+  // the old job once the task and count it reads may be the new job's).
   std::atomic<uint64_t> next_{0};
   std::atomic<int64_t> done_{0};
   std::atomic<bool> stop_{false};
