@@ -23,18 +23,10 @@ namespace {
 namespace cg = cooperative_groups;
 constexpr int kMaxDecodeDim = 128;
 
-struct RopeArgs {  // cos_sin null: q and the cache are ready (no RoPE in this kernel)
-  float* q;
-  float* k;
-  const float* v;
-  const float* cos_sin;
-  int neox;
-};
-
 // Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits); kWarps warps a block.
 template <int kPerLane, int kG, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
-    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, RopeArgs rope) {
+    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope) {
   LetNextKernelLaunch();
   WaitForPreviousKernel();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16;
@@ -55,9 +47,9 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
     }
     __syncthreads();
     const float* cs = rope.cos_sin + static_cast<size_t>(b.r) * D;  // head_dim / 2 (cos, sin) pairs
-    for (int t = threadIdx.x; t < b.nh * (D / 2); t += blockDim.x) RotatePair(s_q, t, D, cs, rope.neox != 0);
+    for (int t = threadIdx.x; t < b.nh * (D / 2); t += blockDim.x) RotatePair(s_q, t, D, cs, rope.neox);
     if (owner) {
-      for (int t = threadIdx.x; t < D / 2; t += blockDim.x) RotatePair(s_k, t, D, cs, rope.neox != 0);
+      for (int t = threadIdx.x; t < D / 2; t += blockDim.x) RotatePair(s_k, t, D, cs, rope.neox);
     }
     __syncthreads();
     if (a.splits == 1) {  // with several, only once every block of the cluster has read q (below)
@@ -149,7 +141,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
 
 template <int kPerLane, int kG, int kWarps>
 void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cache, const CacheGeometry& g, const AttnRows& meta,
-                  const RowArgs& a, const RopeArgs& rope) {
+                  const RowArgs& a, const DecodeRope& rope) {
   static const bool non_portable = [] {  // clusters of up to 16 blocks (8 is the portable size)
     Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG, kWarps>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
           "cudaFuncSetAttribute", __FILE__, __LINE__);
@@ -161,7 +153,7 @@ void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cac
 
 template <int kPerLane, int kG>
 void LaunchDecodeWarps(cudaStream_t stream, dim3 grid, int splits, int warps, __nv_bfloat16* cache, const CacheGeometry& g,
-                       const AttnRows& meta, const RowArgs& a, const RopeArgs& rope) {
+                       const AttnRows& meta, const RowArgs& a, const DecodeRope& rope) {
   if (warps == 8) {
     LaunchDecode<kPerLane, kG, 8>(stream, grid, splits, cache, g, meta, a, rope);
   } else {
@@ -197,7 +189,7 @@ bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRow
 }
 
 void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* q,
-                     int num_heads, float scale, int splits, const DecodeRope* rope, float* out) {
+                     int num_heads, float scale, int splits, const DecodeRope& rope, float* out) {
   if (!DecodeAttentionApplies(layout, num_heads, meta, splits)) {
     Check(cudaErrorInvalidValue, "DecodeAttention: does not apply", __FILE__, __LINE__);
   }
@@ -205,21 +197,19 @@ void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, i
   const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
   const int cluster = ClusterSplits(splits), warps = ClusterWarps(splits);
   const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, cluster, scale, nullptr, out, nullptr};
-  const RopeArgs r = rope == nullptr ? RopeArgs{}
-                                     : RopeArgs{rope->q, rope->k, rope->v, rope->cos_sin, rope->neox ? 1 : 0};
   const dim3 grid(layout.num_kv_heads * a.head_chunks, meta.num_rowwise, cluster);
   auto* c = static_cast<__nv_bfloat16*>(cache);
   if (layout.head_dim == 128) {
     switch (kg) {
-      case 1: LaunchDecodeWarps<8, 1>(stream, grid, cluster, warps, c, g, meta, a, r); break;
-      case 2: LaunchDecodeWarps<8, 2>(stream, grid, cluster, warps, c, g, meta, a, r); break;
-      default: LaunchDecodeWarps<8, 4>(stream, grid, cluster, warps, c, g, meta, a, r); break;
+      case 1: LaunchDecodeWarps<8, 1>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
+      case 2: LaunchDecodeWarps<8, 2>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
+      default: LaunchDecodeWarps<8, 4>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
     }
   } else {
     switch (kg) {
-      case 1: LaunchDecodeWarps<4, 1>(stream, grid, cluster, warps, c, g, meta, a, r); break;
-      case 2: LaunchDecodeWarps<4, 2>(stream, grid, cluster, warps, c, g, meta, a, r); break;
-      default: LaunchDecodeWarps<4, 4>(stream, grid, cluster, warps, c, g, meta, a, r); break;
+      case 1: LaunchDecodeWarps<4, 1>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
+      case 2: LaunchDecodeWarps<4, 2>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
+      default: LaunchDecodeWarps<4, 4>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
     }
   }
   DYN_CUDA_CHECK_LAUNCH();

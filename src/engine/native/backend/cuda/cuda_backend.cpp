@@ -284,17 +284,8 @@ class CudaBackend : public Backend {
       }
       return;
     }
-    struct Jobs {
-      const uint16_t* w[cuda::kGemvMaxJobs];
-      int64_t rows[cuda::kGemvMaxJobs];
-      float* out[cuda::kGemvMaxJobs];
-    } j{};
+    const WeightJobs j = JobsOf(ws, outs);
     const int count = static_cast<int>(ws.size());
-    for (int i = 0; i < count; ++i) {
-      j.w[i] = static_cast<const uint16_t*>(ws[i].data);
-      j.rows[i] = ws[i].rows;
-      j.out[i] = outs[i];
-    }
     const int64_t cols = ws[0].cols;
     const size_t sig_size = sig_.size();
     Defer([=, this] { cuda::GemvBf16Multi(stream_, x, m, count, j.w, j.rows, cols, j.out); }, kGemvMulti, x, m, count, j, cols);
@@ -386,26 +377,20 @@ class CudaBackend : public Backend {
     const cuda::AttnRows meta = AttnMeta(layout, seqs);
     const int splits = cuda::AttentionSplits(layout, num_heads, meta);
     if ((fuse_ & kFuseDecode) && cuda::DecodeAttentionApplies(layout, num_heads, meta, splits)) {
-      // The RopeWriteKv of this q right before it (same cache and layer) joins the kernel.
+      // The RopeWriteKv of this q, when it is the last pending call (same cache and layer), joins
+      // the kernel.
       const RopeKvCall rk = last_rope_kv_;
-      const bool with_rope = rk.q == q && rk.cache == cache && rk.layer == layer && !pending_.empty() &&
-                             pending_.back().first == kRopeWriteKv;
-      if (with_rope) {
+      cuda::DecodeRope rope{};  // cos_sin null: no RoPE in the kernel
+      if (rk.q == q && rk.cache == cache && rk.layer == layer) {
         pending_.pop_back();
         sig_.resize(rk.sig_size);
+        rope = {rk.q, rk.k, rk.v, rk.cos_sin, rk.style == RopeStyle::kNeox};
       }
-      const float* cos_sin = with_rope ? rk.cos_sin : nullptr;
-      const bool neox = rk.style == RopeStyle::kNeox;
-      float* k = with_rope ? rk.k : nullptr;
-      const float* v = with_rope ? rk.v : nullptr;
-      float* qm = const_cast<float*>(q);  // rotated in place with the RoPE, as RopeWriteKv did
       Defer(
           [=, this] {
-            const cuda::DecodeRope rope{qm, k, v, cos_sin, neox};
-            cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits,
-                                  cos_sin != nullptr ? &rope : nullptr, out);
+            cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, out);
           },
-          kDecodeAttn, cache, layout, layer, meta, q, num_heads, scale, splits, k, v, cos_sin, neox, out);
+          kDecodeAttn, cache, layout, layer, meta, q, num_heads, scale, splits, rope.k, rope.v, rope.cos_sin, rope.neox, out);
       return;
     }
     const size_t part_bytes = cuda::AttentionPartialFloats(layout, num_heads, meta, splits) * sizeof(float);
@@ -495,6 +480,21 @@ class CudaBackend : public Backend {
     AppendBytes(l.dtype);
   }
 
+  // Up to kGemvMaxJobs bf16 weights that share one input, as the GEMV and GEMM launchers take them.
+  struct WeightJobs {
+    const uint16_t* w[cuda::kGemvMaxJobs];
+    int64_t rows[cuda::kGemvMaxJobs];
+    float* out[cuda::kGemvMaxJobs];
+  };
+  static WeightJobs JobsOf(std::span<const Weight> ws, std::span<float* const> outs) {
+    WeightJobs j{};
+    for (size_t i = 0; i < ws.size(); ++i) {
+      j.w[i] = static_cast<const uint16_t*>(ws[i].data);
+      j.rows[i] = ws[i].rows;
+      j.out[i] = outs[i];
+    }
+    return j;
+  }
   // out[i] = x * ws[i]^T on cuBLAS for bf16 weights of one width (up to kGemvMaxJobs): x is
   // converted to bf16 once for all of them. False (nothing queued) when the weights do not qualify.
   bool BlasBf16(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs);
@@ -696,35 +696,25 @@ bool CudaBackend::BlasBf16(const float* x, int m, std::span<const Weight> ws, st
   for (const Weight& w : ws) {
     if (w.dtype != DType::kBF16 || w.cols != ws[0].cols || w.rows == 0) return false;
   }
-  struct Jobs {
-    const uint16_t* w[cuda::kGemvMaxJobs];
-    int rows[cuda::kGemvMaxJobs];
-    float* out[cuda::kGemvMaxJobs];
-  } j{};
+  const WeightJobs j = JobsOf(ws, outs);
   const int count = static_cast<int>(ws.size()), K = static_cast<int>(ws[0].cols);
-  for (int i = 0; i < count; ++i) {
-    j.w[i] = static_cast<const uint16_t*>(ws[i].data);
-    j.rows[i] = static_cast<int>(ws[i].rows);
-    j.out[i] = outs[i];
-  }
+  const bool skinny = skinny_ && cuda::SkinnyGemmApplies(m, K);
   // The bf16 copy of x: growing the scratch would free memory a pending conversion writes.
   const size_t xb_bytes = static_cast<size_t>(m) * K * 2;
   if (!pending_.empty() && !x_bf16_.Fits(xb_bytes)) Flush();
   uint16_t* xb = static_cast<uint16_t*>(x_bf16_.Get(xb_bytes));
   Defer(
       [=, this] {
-        const bool skinny = skinny_ && cuda::SkinnyGemmApplies(m, K);
         cuda::F32ToBf16(stream_, x, static_cast<size_t>(m) * K, xb, skinny);
         if (skinny) {
-          int64_t rows[cuda::kGemvMaxJobs];
-          for (int i = 0; i < count; ++i) rows[i] = j.rows[i];
-          cuda::SkinnyGemmBf16(stream_, xb, m, count, j.w, rows, K, j.out);
+          cuda::SkinnyGemmBf16(stream_, xb, m, count, j.w, j.rows, K, j.out);
           return;
         }
         const float one = 1.0f, zero = 0.0f;
         for (int i = 0; i < count; ++i) {
-          CheckBlas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, j.rows[i], m, K, &one, j.w[i], CUDA_R_16BF, K, xb, CUDA_R_16BF, K,
-                                 &zero, j.out[i], CUDA_R_32F, j.rows[i], CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+          const int rows = static_cast<int>(j.rows[i]);
+          CheckBlas(cublasGemmEx(blas_, CUBLAS_OP_T, CUBLAS_OP_N, rows, m, K, &one, j.w[i], CUDA_R_16BF, K, xb, CUDA_R_16BF, K, &zero,
+                                 j.out[i], CUDA_R_32F, rows, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
                     "cublasGemmEx");
         }
       },

@@ -150,10 +150,11 @@ TEST_F(CudaBackendTest, MatMulEveryTypeAndBatch) {
 // SwiGLU, against a double product of the same bf16 values.
 TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
   auto product = [](const std::vector<uint8_t>& bytes, int64_t N, int64_t K, const std::vector<float>& x) {
-    std::vector<float> want(N);
+    std::vector<float> want(N), w(K);
     for (int64_t n = 0; n < N; ++n) {
+      DequantizeRow(DType::kBF16, bytes.data() + n * DTypeRowBytes(DType::kBF16, K), K, w.data());
       double s = 0;
-      for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[k]) * BF16ToF32(bytes[2 * (n * K + k)] | bytes[2 * (n * K + k) + 1] << 8);
+      for (int64_t k = 0; k < K; ++k) s += static_cast<double>(x[k]) * w[k];
       want[n] = static_cast<float>(s);
     }
     return want;

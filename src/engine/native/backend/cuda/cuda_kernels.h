@@ -88,7 +88,7 @@ void RopeWriteKv(cudaStream_t stream, float* q, int num_heads, float* k, const f
 // cache with its v by the block whose split holds it; q and k are rotated in place as
 // RopeWriteKv leaves them), one kernel boundary fewer per layer; same arithmetic, same bits.
 constexpr int kMaxClusterSplits = 16;
-struct DecodeRope {
+struct DecodeRope {  // cos_sin null: no RoPE (q and the cache are ready)
   float* q;  // the call's q (rotated in place)
   float* k;  // [rows][kv_heads * head_dim], rotated in place
   const float* v;
@@ -97,7 +97,7 @@ struct DecodeRope {
 };
 bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits);
 void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* q,
-                     int num_heads, float scale, int splits, const DecodeRope* rope, float* out);
+                     int num_heads, float scale, int splits, const DecodeRope& rope, float* out);
 
 // The GPU's multiprocessor count, which sizes the attention grid; set once by the backend
 // (device queries are kept out of kernel calls, which may run inside a graph capture).
