@@ -152,7 +152,7 @@ constexpr int kMaxSplitsMergedInKernel = 8;  // DYN_CUDA_MERGE_MAX overrides it 
 
 enum Op : uint8_t {
   kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
-  kRopeWriteKv, kAttn, kDecodeAttn, kSample
+  kRopeWriteKv, kAttn, kDecodeAttn, kSample, kPersistent
 };
 
 class CudaBackend : public Backend {
@@ -163,6 +163,8 @@ class CudaBackend : public Backend {
     if (stream_) Flush();
     if (stream_) cudaStreamSynchronize(stream_);
     for (auto& [sig, exec] : graphs_) cudaGraphExecDestroy(exec);
+    for (auto& [bytes, p] : persist_programs_) cudaFree(p);
+    cudaFree(persist_scratch_);
     if (blas_) cublasDestroy(blas_);
     cudaFree(blas_workspace_);
     if (stream_) cudaStreamDestroy(stream_);
@@ -186,6 +188,8 @@ class CudaBackend : public Backend {
     };
     graphs_enabled_ = env_on("DYN_CUDA_GRAPHS");
     skinny_ = env_on("DYN_CUDA_SKINNY");
+    const char* persist = std::getenv("DYN_CUDA_PERSIST");
+    persistent_ = persist != nullptr && std::string(persist) == "1";
     const char* fuse = std::getenv("DYN_CUDA_FUSE");  // a mask of kFuse* bits; unset: all
     fuse_ = fuse == nullptr ? kFuseAll : std::atoi(fuse) & kFuseAll;
     cuda::SetProgrammaticLaunch(env_on("DYN_CUDA_PDL"));
@@ -204,7 +208,7 @@ class CudaBackend : public Backend {
     description_ = "cuda (" + std::string(prop.name) + ", sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
                    std::to_string(prop.totalGlobalMem >> 30) + " GiB" + (graphs_enabled_ ? ", graphs" : "") +
                    (cuda::ProgrammaticLaunch() ? ", pdl" : "") + (fuse_ == kFuseAll ? ", fused" : ", fuse " + std::to_string(fuse_)) +
-                   (skinny_ ? ", skinny" : "") + ")";
+                   (skinny_ ? ", skinny" : "") + (persistent_ ? ", persistent" : "") + ")";
     return Status::Ok();
   }
 
@@ -265,9 +269,11 @@ class CudaBackend : public Backend {
       sig_.resize(last_add_.sig_size);
       Defer([=, this] { cuda::AddRmsNorm(stream_, xa, y, weight, m, dim, eps, out); }, kAddNorm, xa, y, weight, int64_t{m}, dim, eps,
             out);
+      if (m == 1) Persists({.kind = cuda::PersistentCall::kAddNorm, .x = xa, .y = y, .norm_w = weight, .dim = dim, .eps = eps, .norm_out = out});
       return;
     }
     Defer([=, this] { cuda::RmsNorm(stream_, x, weight, m, dim, eps, out); }, kNorm, x, weight, int64_t{m}, dim, eps, out);
+    if (m == 1) Persists({.kind = cuda::PersistentCall::kNorm, .x = const_cast<float*>(x), .norm_w = weight, .dim = dim, .eps = eps, .norm_out = out});
   }
 
   void MatMul(const float* x, int m, const Weight& w, float* out) override;
@@ -289,6 +295,7 @@ class CudaBackend : public Backend {
     const int64_t cols = ws[0].cols;
     const size_t sig_size = sig_.size();
     Defer([=, this] { cuda::GemvBf16Multi(stream_, x, m, count, j.w, j.rows, cols, j.out); }, kGemvMulti, x, m, count, j, cols);
+    if (m == 1) PersistsGemv(x, count, j, cols, nullptr);
     if ((fuse_ & kFuseSwiGlu) && count == 2 && j.rows[0] == j.rows[1]) {  // gate/up: a following SwiGlu joins this kernel
       gate_up_ = {x, m, j.w[0], j.w[1], j.rows[0], cols, j.out[0], j.out[1], sig_size};
       has_gate_up_ = true;
@@ -315,6 +322,7 @@ class CudaBackend : public Backend {
       sig_.resize(c.sig_size);
       Defer([=, this] { cuda::GemvBf16SwiGlu(stream_, c.x, c.m, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out); }, kGemvSwiGlu,
             c.x, c.m, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out);
+      if (c.m == 1) PersistsGemv(c.x, 2, WeightJobs{{c.w_gate, c.w_up}, {c.rows, c.rows}, {c.gate, c.up}}, c.cols, out);
       return;
     }
     Defer([=, this] { cuda::SwiGlu(stream_, gate, up, n, out); }, kSwiGlu, gate, up, n, out);
@@ -391,6 +399,8 @@ class CudaBackend : public Backend {
             cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, out);
           },
           kDecodeAttn, cache, layout, layer, meta, q, num_heads, scale, splits, rope.k, rope.v, rope.cos_sin, rope.neox, out);
+      Persists({.kind = cuda::PersistentCall::kDecodeAttention, .cache = const_cast<float*>(cache), .layout = layout, .layer = layer,
+                .meta = meta, .q = q, .num_heads = num_heads, .scale = scale, .rope = rope, .attn_out = out});
       return;
     }
     const size_t part_bytes = cuda::AttentionPartialFloats(layout, num_heads, meta, splits) * sizeof(float);
@@ -444,7 +454,7 @@ class CudaBackend : public Backend {
     ClearFusable();
     sig_.push_back(static_cast<char>(op));
     (AppendBytes(args), ...);
-    pending_.emplace_back(op, std::forward<F>(launch));
+    pending_.push_back({op, std::forward<F>(launch), {}});
   }
   template <class T>
   void AppendBytes(const T& v) {
@@ -494,6 +504,17 @@ class CudaBackend : public Backend {
       j.out[i] = outs[i];
     }
     return j;
+  }
+  // The last pending call as the persistent kernel's planner sees it.
+  void Persists(const cuda::PersistentCall& c) { pending_.back().persist = c; }
+  void PersistsGemv(const float* x, int count, const WeightJobs& j, int64_t cols, float* swiglu_out) {
+    cuda::PersistentCall c{.kind = cuda::PersistentCall::kGemv, .in = x, .count = count, .cols = cols, .swiglu_out = swiglu_out};
+    for (int i = 0; i < count; ++i) {
+      c.w[i] = j.w[i];
+      c.rows[i] = j.rows[i];
+      c.out[i] = j.out[i];
+    }
+    Persists(c);
   }
   // out[i] = x * ws[i]^T on cuBLAS for bf16 weights of one width (up to kGemvMaxJobs): x is
   // converted to bf16 once for all of them. False (nothing queued) when the weights do not qualify.
@@ -550,7 +571,17 @@ class CudaBackend : public Backend {
   uint64_t dummy_seed_ = 1;
   // Deferred launches and CUDA graphs.
   bool graphs_enabled_ = true;
-  std::vector<std::pair<Op, std::function<void()>>> pending_;
+  struct Pending {
+    Op op;
+    std::function<void()> launch;
+    cuda::PersistentCall persist;  // what the persistent kernel's planner sees of it (kNone: not one it takes)
+  };
+  std::vector<Pending> pending_;
+  bool persistent_ = false;  // DYN_CUDA_PERSIST=1: batch-1 runs of calls as one persistent kernel
+  void* persist_scratch_ = nullptr;
+  std::map<std::string, void*> persist_programs_;  // by program bytes  // uploaded programs, kept while graphs may use them
+  // Replaces each run of pending calls the persistent kernel can take by one launch of it.
+  void PlanPersistentRuns();
   struct PendingAdd {  // the last pending call, when it is an Add (fused with a following RmsNorm)
     float* x = nullptr;
     const float* y = nullptr;
@@ -591,6 +622,7 @@ class CudaBackend : public Backend {
 void CudaBackend::Flush() {
   if (pending_.empty()) return;
   auto it = graphs_.find(sig_);
+  if (it == graphs_.end() && persistent_) PlanPersistentRuns();
   if (it != graphs_.end()) {
     DYN_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
   } else if (graphs_enabled_ && sig_ == last_sig_) {
@@ -601,7 +633,7 @@ void CudaBackend::Flush() {
     }
     cudaGraph_t graph;
     DYN_CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
-    for (auto& [op, launch] : pending_) launch();
+    for (auto& p : pending_) p.launch();
     DYN_CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
     cudaGraphExec_t exec;
     DYN_CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
@@ -609,7 +641,7 @@ void CudaBackend::Flush() {
     DYN_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
     graphs_.emplace(sig_, exec);
   } else {
-    for (auto& [op, launch] : pending_) {
+    for (auto& [op, launch, persist] : pending_) {
       launch();
       if (g_debug_sync >= 2) DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
       if (g_debug_sync >= 3) TraceMemory(op);
@@ -622,6 +654,35 @@ void CudaBackend::Flush() {
   sig_.clear();
   for (Scratch* s : read_by_pending_) s->read_by_pending = false;
   read_by_pending_.clear();
+}
+
+void CudaBackend::PlanPersistentRuns() {
+  std::vector<cuda::PersistentCall> calls(pending_.size());
+  for (size_t i = 0; i < pending_.size(); ++i) calls[i] = pending_[i].persist;
+  std::vector<Pending> planned;
+  std::vector<unsigned char> program;
+  for (size_t i = 0; i < pending_.size();) {
+    const int taken =
+        calls[i].kind == cuda::PersistentCall::kNone ? 0 : cuda::PlanPersistent(std::span(calls).subspan(i), &program);
+    if (taken == 0) {
+      planned.push_back(std::move(pending_[i++]));
+      continue;
+    }
+    if (persist_scratch_ == nullptr) {
+      DYN_CUDA_CHECK(cudaMalloc(&persist_scratch_, cuda::PersistentScratchBytes()));
+      DYN_CUDA_CHECK(cudaMemset(persist_scratch_, 0, cuda::PersistentScratchBytes()));
+    }
+    void*& dev = persist_programs_[std::string(program.begin(), program.end())];
+    if (dev == nullptr) {
+      DYN_CUDA_CHECK(cudaMalloc(&dev, program.size()));
+      DYN_CUDA_CHECK(cudaMemcpy(dev, program.data(), program.size(), cudaMemcpyHostToDevice));
+    }
+    const void* prog = dev;
+    void* scratch = persist_scratch_;
+    planned.push_back({kPersistent, [=, this] { cuda::LaunchPersistent(stream_, prog, scratch); }, {}});
+    i += static_cast<size_t>(taken);
+  }
+  pending_.swap(planned);
 }
 
 Result<Weight> CudaBackend::PrepareWeight(const Weight& host, std::vector<std::unique_ptr<Buffer>>* owned) {
@@ -686,6 +747,7 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
   const uint16_t* wb = static_cast<const uint16_t*>(w.data);
   if (m <= kGemvRows && K % 8 == 0 && Aligned16(x) && Aligned16(wb)) {
     Defer([=, this] { cuda::GemvBf16(stream_, x, m, wb, N, K, out); }, kGemv, x, m, wb, int64_t{N}, int64_t{K}, out);
+    if (m == 1) PersistsGemv(x, 1, WeightJobs{{wb}, {N}, {out}}, K, nullptr);
     return;
   }
   BlasBf16(x, m, std::span<const Weight>(&w, 1), std::span<float* const>(&out, 1));

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -786,6 +787,163 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
       EXPECT_NE(got_cache[0], cache0) << "nothing written, " << what;
     }
   }
+}
+
+// A Llama-style stack (GQA 4, head_dim 128, bf16 weights and cache) run call by call as the model
+// does: prefill on both backends, then decode steps at one row, where a backend with
+// DYN_CUDA_PERSIST=1 runs the layers as one persistent kernel (norms folded into the GEMVs'
+// input staging, residual adds into their epilogues, attention split over the grid). Its logits
+// must match the kernel-by-kernel backend's within float rounding, through eager launches, graph
+// capture and replay, and a context that crosses the 128-key split boundary.
+TEST_F(CudaBackendTest, PersistentDecodeMatchesKernelByKernel) {
+  setenv("DYN_CUDA_PERSIST", "1", 1);
+  auto persist_or = CreateCudaBackend(0);
+  unsetenv("DYN_CUDA_PERSIST");
+  ASSERT_TRUE(persist_or.ok());
+  std::unique_ptr<Backend> persist = std::move(persist_or).value();
+  ASSERT_NE(persist->Describe().find("persistent"), std::string::npos) << persist->Describe();
+  constexpr int kLayers = 4, kHidden = 1024, kHeads = 8, kKvHeads = 2, kDim = 128, kFfn = 2816, kVocab = 512;
+  constexpr int kBlock = 16, kBlocks = 24, kPrompt = 120, kSteps = 20;
+  constexpr float kEps = 1e-5f;
+  struct HostLayer {
+    std::vector<uint8_t> wq, wk, wv, wo, wg, wu, wd;
+    std::vector<float> attn_norm, ffn_norm;
+  };
+  // bf16 weights of variance 1/cols, so activations keep their scale through the layers.
+  auto ScaledBf16 = [](int64_t rows, int64_t cols, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::uniform_real_distribution<float> u(-1.0f, 1.0f);
+    const float scale = std::sqrt(3.0f / static_cast<float>(cols));
+    std::vector<uint8_t> bytes(rows * cols * 2);
+    for (int64_t i = 0; i < rows * cols; ++i) reinterpret_cast<uint16_t*>(bytes.data())[i] = ToBf16Bits(u(rng) * scale);
+    return bytes;
+  };
+  std::vector<HostLayer> host(kLayers);
+  uint32_t seed = 900;
+  for (HostLayer& l : host) {
+    l.wq = ScaledBf16(kHeads * kDim, kHidden, seed++);
+    l.wk = ScaledBf16(kKvHeads * kDim, kHidden, seed++);
+    l.wv = ScaledBf16(kKvHeads * kDim, kHidden, seed++);
+    l.wo = ScaledBf16(kHidden, kHeads * kDim, seed++);
+    l.wg = ScaledBf16(kFfn, kHidden, seed++);
+    l.wu = ScaledBf16(kFfn, kHidden, seed++);
+    l.wd = ScaledBf16(kHidden, kFfn, seed++);
+    l.attn_norm = RandomVec(kHidden, seed++, 0.1f);
+    l.ffn_norm = RandomVec(kHidden, seed++, 0.1f);
+    for (float& v : l.attn_norm) v += 1.0f;
+    for (float& v : l.ffn_norm) v += 1.0f;
+  }
+  const std::vector<uint8_t> embed = ScaledBf16(kVocab, kHidden, seed++);
+  const std::vector<uint8_t> lm_head = ScaledBf16(kVocab, kHidden, seed++);
+  std::vector<float> out_norm = RandomVec(kHidden, seed++, 0.1f);
+  for (float& v : out_norm) v += 1.0f;
+  std::vector<float> inv_freq(kDim / 2);
+  for (int i = 0; i < kDim / 2; ++i) inv_freq[i] = std::pow(500000.0f, -2.0f * i / kDim);
+  const KvLayout kv = TestKvLayout(kLayers, kKvHeads, kDim, kBlock, kBlocks, DType::kBF16);
+  std::vector<int32_t> table(kBlocks);
+  for (int i = 0; i < kBlocks; ++i) table[i] = kBlocks - 1 - i;  // not the identity
+
+  // One backend's weights, workspace and cache.
+  struct Side {
+    Backend* be = nullptr;
+    std::vector<std::unique_ptr<Buffer>> owned;
+    std::vector<std::array<Weight, 7>> w;
+    std::vector<std::array<float*, 2>> norms;
+    Weight embed, lm_head;
+    float *out_norm = nullptr, *x = nullptr, *h = nullptr, *q = nullptr, *k = nullptr, *v = nullptr, *attn = nullptr, *gate = nullptr,
+          *up = nullptr, *cos_sin = nullptr, *logits = nullptr, *cache = nullptr;
+    float* Alloc(size_t floats) {
+      auto b = be->Allocate(floats * sizeof(float));
+      EXPECT_TRUE(b.ok());
+      float* p = (*b)->f32();
+      owned.push_back(std::move(b).value());
+      return p;
+    }
+    float* Copy(const std::vector<float>& v) {
+      float* p = Alloc(v.size());
+      be->CopyToBackend(p, v.data(), v.size() * sizeof(float));
+      return p;
+    }
+    Weight Prep(const std::vector<uint8_t>& bytes, int64_t rows, int64_t cols) {
+      auto r = be->PrepareWeight(Weight{DType::kBF16, rows, cols, bytes.data()}, &owned);
+      EXPECT_TRUE(r.ok());
+      return *r;
+    }
+  };
+  Side sides[2];
+  sides[0].be = gpu_.get();
+  sides[1].be = persist.get();
+  for (Side& s : sides) {
+    for (const HostLayer& l : host) {
+      s.w.push_back({s.Prep(l.wq, kHeads * kDim, kHidden), s.Prep(l.wk, kKvHeads * kDim, kHidden),
+                     s.Prep(l.wv, kKvHeads * kDim, kHidden), s.Prep(l.wo, kHidden, kHeads * kDim), s.Prep(l.wg, kFfn, kHidden),
+                     s.Prep(l.wu, kFfn, kHidden), s.Prep(l.wd, kHidden, kFfn)});
+      s.norms.push_back({s.Copy(l.attn_norm), s.Copy(l.ffn_norm)});
+    }
+    s.embed = s.Prep(embed, kVocab, kHidden);
+    s.lm_head = s.Prep(lm_head, kVocab, kHidden);
+    s.out_norm = s.Copy(out_norm);
+    s.x = s.Alloc(kPrompt * kHidden);
+    s.h = s.Alloc(kPrompt * kHidden);
+    s.q = s.Alloc(kPrompt * kHeads * kDim);
+    s.k = s.Alloc(kPrompt * kKvHeads * kDim);
+    s.v = s.Alloc(kPrompt * kKvHeads * kDim);
+    s.attn = s.Alloc(kPrompt * kHeads * kDim);
+    s.gate = s.Alloc(kPrompt * kFfn);
+    s.up = s.Alloc(kPrompt * kFfn);
+    s.cos_sin = s.Alloc(kPrompt * kDim);
+    s.logits = s.Alloc(kPrompt * kVocab);
+    s.cache = s.Alloc(kv.BlockFloats() * kBlocks / 2);  // bf16: two bytes an element
+  }
+  // The model's call sequence for rows [start, start + ids.size()) of one sequence; the logits of
+  // every row (a decode step: its one row).
+  auto forward = [&](Side& s, const std::vector<uint32_t>& ids, int start) {
+    Backend& be = *s.be;
+    const int T = static_cast<int>(ids.size());
+    std::vector<int32_t> pos(T);
+    for (int i = 0; i < T; ++i) pos[i] = start + i;
+    const AttentionSeq seq{0, T, start, std::span<const int32_t>(table)};
+    be.Embedding(s.embed, ids, s.x);
+    be.RopeTable(pos, inv_freq, s.cos_sin);
+    for (int l = 0; l < kLayers; ++l) {
+      const auto& w = s.w[l];
+      be.RmsNorm(s.x, s.norms[l][0], T, kHidden, kEps, s.h);
+      const Weight qkv[3] = {w[0], w[1], w[2]};
+      float* const qkv_out[3] = {s.q, s.k, s.v};
+      be.MatMulShared(s.h, T, qkv, qkv_out);
+      be.Rope(s.q, T, kHeads, kDim, s.cos_sin, RopeStyle::kNeox);
+      be.Rope(s.k, T, kKvHeads, kDim, s.cos_sin, RopeStyle::kNeox);
+      be.WriteKv(s.cache, kv, l, std::span(&seq, 1), s.k, s.v);
+      be.Attention(s.cache, kv, l, std::span(&seq, 1), s.q, kHeads, 1.0f / std::sqrt(float{kDim}), s.attn);
+      be.MatMul(s.attn, T, w[3], s.h);
+      be.Add(s.x, s.h, static_cast<size_t>(T) * kHidden);
+      be.RmsNorm(s.x, s.norms[l][1], T, kHidden, kEps, s.h);
+      const Weight gu[2] = {w[4], w[5]};
+      float* const gu_out[2] = {s.gate, s.up};
+      be.MatMulShared(s.h, T, gu, gu_out);
+      be.SwiGlu(s.gate, s.up, static_cast<size_t>(T) * kFfn, s.gate);
+      be.MatMul(s.gate, T, w[6], s.h);
+      be.Add(s.x, s.h, static_cast<size_t>(T) * kHidden);
+    }
+    be.RmsNorm(s.x, s.out_norm, T, kHidden, kEps, s.h);
+    be.MatMul(s.h, T, s.lm_head, s.logits);
+    std::vector<float> logits(static_cast<size_t>(T) * kVocab);
+    be.CopyToHost(logits.data(), s.logits, logits.size() * sizeof(float));
+    return logits;
+  };
+  std::vector<uint32_t> prompt(kPrompt);
+  for (int i = 0; i < kPrompt; ++i) prompt[i] = static_cast<uint32_t>((i * 37 + 5) % kVocab);
+  const std::vector<float> pre0 = forward(sides[0], prompt, 0), pre1 = forward(sides[1], prompt, 0);
+  ASSERT_EQ(pre0, pre1) << "prefill (no persistent kernel at many rows) differs";
+  const int launches_before = cuda::PersistentLaunches();
+  uint32_t token = static_cast<uint32_t>(std::max_element(pre0.end() - kVocab, pre0.end()) - (pre0.end() - kVocab));
+  for (int step = 0; step < kSteps; ++step) {
+    const std::vector<float> want = forward(sides[0], {token}, kPrompt + step);
+    const std::vector<float> got = forward(sides[1], {token}, kPrompt + step);
+    ASSERT_LE(RelErr(got, want), 1e-4) << "decode step " << step << " (context " << kPrompt + step + 1 << ")";
+    token = static_cast<uint32_t>(std::max_element(want.begin(), want.end()) - want.begin());
+  }
+  EXPECT_GT(cuda::PersistentLaunches(), launches_before) << "the persistent kernel never ran";
 }
 
 TEST_F(CudaBackendTest, DummyWeightsAreRandomBf16) {

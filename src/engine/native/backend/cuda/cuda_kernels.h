@@ -8,6 +8,8 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
+#include <vector>
 
 #include "engine/native/backend/backend.h"
 
@@ -153,6 +155,49 @@ void SkinnyGemmBf16(cudaStream_t stream, const uint16_t* x, int m, int count, co
 // the same arithmetic as SwiGlu). out may alias gate.
 void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* w_gate, const uint16_t* w_up, int64_t rows,
                     int64_t cols, float* gate, float* up, float* out);
+
+// ---- batch-1 decode as one persistent kernel (cuda_persistent.cu) ----
+// One pending call as the persistent kernel's planner sees it; kNone: any call it cannot take.
+struct PersistentCall {
+  enum Kind : uint8_t { kNone, kNorm, kAddNorm, kGemv, kDecodeAttention } kind = kNone;
+  // kNorm: norm_out = RmsNorm(x) with norm_w over dim; kAddNorm: x += y first (one row).
+  float* x = nullptr;
+  const float* y = nullptr;
+  const float* norm_w = nullptr;
+  int dim = 0;
+  float eps = 0.0f;
+  float* norm_out = nullptr;
+  // kGemv (one row, bf16 weights): out[j] = in * w[j]^T; with swiglu_out (count 2: gate, up) also
+  // swiglu_out = silu(out[0]) * out[1].
+  const float* in = nullptr;
+  int count = 0;
+  const uint16_t* w[kGemvMaxJobs] = {};
+  int64_t rows[kGemvMaxJobs] = {};
+  int64_t cols = 0;
+  float* out[kGemvMaxJobs] = {};
+  float* swiglu_out = nullptr;
+  // kDecodeAttention: DecodeAttention's arguments (with its RoPE + KV write).
+  void* cache = nullptr;
+  KvLayout layout{};
+  int layer = 0;
+  AttnRows meta{};
+  const float* q = nullptr;
+  int num_heads = 0;
+  float scale = 0.0f;
+  DecodeRope rope{};
+  float* attn_out = nullptr;
+};
+// How many calls from calls[0] one persistent kernel runs (0: none, or too few to pay), and its
+// program (device bytes to upload once, then pass to LaunchPersistent). It takes one-row RMSNorms
+// (folded into the next GEMV's input), residual adds (into the GEMV before), bf16 GEMVs of up to
+// 16384 columns (a multiple of 256) with SwiGLU, and decode attention with RoPE on a bf16 cache of
+// head_dim 128 with GQA groups of 4.
+int PlanPersistent(std::span<const PersistentCall> calls, std::vector<unsigned char>* program);
+// Device scratch the kernel needs (zeroed once before the first launch; launches leave it so).
+size_t PersistentScratchBytes();
+void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch);
+// Host calls of LaunchPersistent so far (tests: the kernel ran; graph replays do not count).
+int PersistentLaunches();
 
 // One token per row of logits ([rows][vocab]): argmax (lowest id on ties) where temperature[r]
 // <= 0, else the first id where the running sum of exp((l - max) / T) passes uniform[r] * total.
