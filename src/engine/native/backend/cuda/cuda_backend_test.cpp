@@ -90,6 +90,80 @@ TEST(CudaKernelRulesTest, SkinnyGemmTakesUpToEightRowsOfAlignedWidth) {
   EXPECT_FALSE(cuda::SkinnyGemmApplies(0, 4096));
 }
 
+// Which runs of a batch-1 step the persistent kernel's planner takes (host logic; needs no GPU):
+// the model's calls for a Llama-style stack (GQA 4, head_dim 128, bf16 cache), as the backend
+// records them.
+TEST(CudaKernelRulesTest, PersistentPlannerTakesWholeDecodeLayers) {
+  using Call = cuda::PersistentCall;
+  auto addr = [](int i) { return reinterpret_cast<float*>(uintptr_t{0x100000} + uintptr_t(i) * 0x10000); };
+  float *x = addr(1), *h = addr(2), *q = addr(3), *k = addr(4), *v = addr(5), *attn = addr(6), *gate = addr(7), *up = addr(8),
+        *logits = addr(9), *norm_w = addr(10), *cos_sin = addr(11);
+  auto w = [](int i) { return reinterpret_cast<const uint16_t*>(uintptr_t{0x8000000} + uintptr_t(i) * 0x100000); };
+  constexpr int kHidden = 256, kFfn = 512, kKvHeads = 2, kHeads = 8;
+  const KvLayout kv = TestKvLayout(4, kKvHeads, 128, 16, 8, DType::kBF16);
+  cuda::AttnRows meta;
+  meta.rows = meta.num_rowwise = 1;
+  meta.decode = true;
+  auto gemv = [&](const float* in, std::initializer_list<std::pair<const uint16_t*, int64_t>> ws, std::initializer_list<float*> outs,
+                  int64_t cols, float* swiglu_out = nullptr) {
+    Call c{.kind = Call::kGemv, .in = in, .count = static_cast<int>(ws.size()), .cols = cols, .swiglu_out = swiglu_out};
+    int j = 0;
+    for (auto [wp, rows] : ws) c.w[j] = wp, c.rows[j++] = rows;
+    j = 0;
+    for (float* o : outs) c.out[j++] = o;
+    return c;
+  };
+  auto layer = [&](std::vector<Call>& calls, int l, int head_dim) {
+    const Call norm = l == 0 ? Call{.kind = Call::kNorm, .x = x, .norm_w = norm_w, .dim = kHidden, .eps = 1e-5f, .norm_out = h}
+                             : Call{.kind = Call::kAddNorm, .x = x, .y = h, .norm_w = norm_w, .dim = kHidden, .eps = 1e-5f, .norm_out = h};
+    calls.push_back(norm);
+    calls.push_back(gemv(h, {{w(l * 8), kHeads * 128}, {w(l * 8 + 1), kKvHeads * 128}, {w(l * 8 + 2), kKvHeads * 128}}, {q, k, v}, kHidden));
+    KvLayout layout = kv;
+    layout.head_dim = head_dim;
+    calls.push_back(Call{.kind = Call::kDecodeAttention, .cache = addr(12), .layout = layout, .layer = l, .meta = meta, .q = q,
+                         .num_heads = kHeads, .scale = 0.088f, .rope = {q, k, v, cos_sin, true}, .attn_out = attn});
+    calls.push_back(gemv(attn, {{w(l * 8 + 3), kHidden}}, {h}, kHeads * 128));
+    calls.push_back(Call{.kind = Call::kAddNorm, .x = x, .y = h, .norm_w = norm_w, .dim = kHidden, .eps = 1e-5f, .norm_out = h});
+    calls.push_back(gemv(h, {{w(l * 8 + 4), kFfn}, {w(l * 8 + 5), kFfn}}, {gate, up}, kHidden, gate));
+    calls.push_back(gemv(gate, {{w(l * 8 + 6), kHidden}}, {h}, kFfn));
+  };
+  auto phases = [](const std::vector<unsigned char>& program) {
+    int32_t n = 0;
+    std::memcpy(&n, program.data(), sizeof(n));
+    return n;
+  };
+  std::vector<unsigned char> program;
+  {  // two layers, the final norm and the LM head, then the sampler: all but the sampler
+    std::vector<Call> calls;
+    layer(calls, 0, 128);
+    layer(calls, 1, 128);
+    calls.push_back(Call{.kind = Call::kAddNorm, .x = x, .y = h, .norm_w = norm_w, .dim = kHidden, .eps = 1e-5f, .norm_out = h});
+    calls.push_back(gemv(h, {{w(99), 1000}}, {logits}, kHidden));
+    calls.push_back(Call{});  // the sampler
+    EXPECT_EQ(cuda::PlanPersistent(calls, &program), static_cast<int>(calls.size()) - 1);
+    EXPECT_EQ(phases(program), 2 * 5 + 1);  // per layer Q/K/V, attention, o, gate/up, down; the LM head
+    EXPECT_EQ(cuda::PlanPersistent(std::span(calls).last(1), &program), 0);
+  }
+  {  // one layer: too short to pay
+    std::vector<Call> calls;
+    layer(calls, 0, 128);
+    EXPECT_EQ(cuda::PlanPersistent(calls, &program), 0);
+  }
+  {  // the third layer's attention (head_dim 64) ends the run before it; a run ending on a norm
+     // leaves the norm (and the residual add it would fold into the GEMV before) out
+    std::vector<Call> calls;
+    layer(calls, 0, 128);
+    layer(calls, 1, 128);
+    layer(calls, 2, 64);
+    EXPECT_EQ(cuda::PlanPersistent(calls, &program), 2 * 7 + 2);
+    EXPECT_EQ(phases(program), 2 * 5 + 1);
+    calls.resize(2 * 7 + 1);  // ... down projection of layer 1, AddNorm of layer 2
+    calls.push_back(Call{});
+    EXPECT_EQ(cuda::PlanPersistent(calls, &program), 2 * 7);
+    EXPECT_EQ(phases(program), 2 * 5);
+  }
+}
+
 // `rows` rows of logits for 4 tokens of probability 0.1, 0.2, 0.3, 0.4.
 std::vector<float> FourTokenLogits(int rows) {
   std::vector<float> logits;

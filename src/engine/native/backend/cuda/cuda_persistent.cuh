@@ -1,0 +1,66 @@
+// Private to cuda_persistent.cu (the kernel) and cuda_persistent_plan.cu (its planner): the program
+// the planner builds from a run of calls and the kernel executes, phase by phase.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+
+#include "engine/native/backend/cuda/cuda_attention.cuh"
+#include "engine/native/backend/cuda/cuda_kernels.h"
+
+namespace dyn::cuda::persist {
+
+constexpr int kTileBytes = 512;  // a warp's tile: 16 bytes (8 bf16) a lane
+constexpr int kTileCols = kTileBytes / 2;
+constexpr int kStageFloats = 16384;  // the widest input row a GEMV phase stages
+constexpr int kHeadDim = 128, kGroup = 4;
+constexpr int kMaxSplits = 16;
+constexpr int kPartFloats = kGroup * (kHeadDim + 2);  // a (kv head, split)'s outputs [4][128], then (max, sum) [4]
+constexpr int kMaxKvHeads = 16;
+constexpr size_t kSmemBytes = kStageFloats * sizeof(float);
+constexpr int kMinGemvPhases = 8;  // shorter runs stay separate kernels
+constexpr size_t kMaxPhases = 1024;  // sizes the trace buffer
+
+enum PhaseKind : int32_t { kGemvPhase, kAttentionPhase };
+
+struct Phase {
+  int32_t kind;
+  // kGemvPhase: out[j] = input * w[j]^T; units are rows over the jobs in order, or (gate, up) row
+  // pairs with SwiGLU.
+  int32_t count, swiglu, tiles, cols;
+  int64_t units;
+  int64_t rows[kGemvMaxJobs];
+  const uint16_t* w[kGemvMaxJobs];
+  float* out[kGemvMaxJobs];
+  float* swiglu_out;
+  const float* in;      // the input row
+  const float* norm_w;  // non-null: the input is RmsNorm(in) with this weight
+  float eps;
+  float* norm_out;  // with norm_w: block 0 also writes the normalized row here
+  float* residual;  // non-null: residual[r] += out[0][r] (the Add after this GEMV)
+  // kAttentionPhase (one row)
+  __nv_bfloat16* cache;
+  CacheGeometry g;
+  AttnRows meta;
+  float* q;
+  float* k;
+  const float* v;
+  const float* cos_sin;
+  int32_t neox, num_heads, kv_heads;
+  float scale;
+  float* attn_out;
+};
+
+struct Program {
+  int32_t num_phases;
+  int32_t pad_;
+  Phase phases[1];  // num_phases of them
+};
+
+// The per-phase times of a traced launch on stderr (DYN_CUDA_PERSIST_TRACE=1; waits for it).
+void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsigned long long* trace, int grid);
+
+}  // namespace dyn::cuda::persist

@@ -1,0 +1,179 @@
+// The persistent decode kernel's planner (host code): which runs of pending calls it takes and
+// the program it runs for them (cuda_persistent.cuh), and the trace printer.
+#include <algorithm>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "engine/native/backend/cuda/cuda_kernels.h"
+#include "engine/native/backend/cuda/cuda_persistent.cuh"
+
+namespace dyn::cuda {
+namespace persist {
+namespace {
+
+bool GemvFits(const PersistentCall& c) {
+  if (c.count < 1 || c.count > kGemvMaxJobs || c.cols <= 0 || c.cols % kTileCols != 0 || c.cols > kStageFloats) return false;
+  if (c.swiglu_out != nullptr && (c.count != 2 || c.rows[0] != c.rows[1])) return false;
+  int64_t units = 0;  // the kernel counts rows in int
+  for (int j = 0; j < c.count; ++j) {
+    if (c.w[j] == nullptr || c.rows[j] <= 0 || reinterpret_cast<uintptr_t>(c.w[j]) % 16 != 0) return false;
+    units += c.rows[j];
+  }
+  if (units >= (int64_t{1} << 30)) return false;
+  return reinterpret_cast<uintptr_t>(c.in) % 16 == 0;
+}
+
+bool AttentionFits(const PersistentCall& c) {
+  const KvLayout& l = c.layout;
+  return c.rope.cos_sin != nullptr && c.meta.decode && c.meta.rows == 1 && c.meta.num_rowwise == 1 && c.meta.num_tiles == 0 &&
+         l.dtype == DType::kBF16 && l.head_dim == kHeadDim && l.num_kv_heads > 0 && l.num_kv_heads <= kMaxKvHeads &&
+         c.num_heads == kGroup * l.num_kv_heads && c.rope.q == c.q;
+}
+
+}  // namespace
+
+// Per phase kind, averaged over the phases of that kind: the time from the phase's start (the
+// earliest block's) to the median and the last block's end, and from the last end to the next
+// phase's start (the barrier).
+void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsigned long long* trace, int grid) {
+  Check(cudaStreamSynchronize(stream), "cudaStreamSynchronize", __FILE__, __LINE__);
+  int32_t n = 0;
+  Check(cudaMemcpy(&n, program, sizeof(n), cudaMemcpyDeviceToHost), "cudaMemcpy", __FILE__, __LINE__);
+  std::vector<Phase> phases(n);
+  Check(cudaMemcpy(phases.data(), static_cast<const char*>(program) + offsetof(Program, phases), n * sizeof(Phase),
+                   cudaMemcpyDeviceToHost), "cudaMemcpy", __FILE__, __LINE__);
+  std::vector<unsigned long long> t(size_t{2} * n * grid);
+  Check(cudaMemcpy(t.data(), trace, t.size() * sizeof(t[0]), cudaMemcpyDeviceToHost), "cudaMemcpy", __FILE__, __LINE__);
+  struct Acc { double work = 0, tail = 0, barrier = 0; int count = 0; };
+  std::map<std::string, Acc> by_kind;
+  const unsigned long long t0 = *std::min_element(t.begin(), t.begin() + grid);
+  unsigned long long last_end = 0;
+  for (int p = 0; p < n; ++p) {
+    std::vector<unsigned long long> starts(t.begin() + static_cast<size_t>(p) * grid, t.begin() + static_cast<size_t>(p + 1) * grid);
+    std::vector<unsigned long long> ends(t.begin() + static_cast<size_t>(n + p) * grid, t.begin() + static_cast<size_t>(n + p + 1) * grid);
+    std::sort(ends.begin(), ends.end());
+    const unsigned long long start = *std::min_element(starts.begin(), starts.end());
+    const Phase& ph = phases[p];
+    std::string kind = ph.kind == kAttentionPhase ? "attention" : "gemv";
+    if (ph.kind == kGemvPhase) kind += " " + std::to_string(ph.units) + "x" + std::to_string(ph.cols) + (ph.swiglu ? " swiglu" : "") + (ph.norm_w ? " norm" : "");
+    Acc& a = by_kind[kind];
+    a.work += (ends[grid / 2] - start) * 1e-3;
+    a.tail += (ends.back() - ends[grid / 2]) * 1e-3;
+    if (p > 0) by_kind[kind].barrier += (start - last_end) * 1e-3;
+    ++a.count;
+    last_end = ends.back();
+  }
+  std::fprintf(stderr, "persistent kernel: %d phases, %.1f us from the first block's start to the last end\n", n, (last_end - t0) * 1e-3);
+  for (const auto& [kind, a] : by_kind) {
+    std::fprintf(stderr, "  %-32s x%3d: work %7.2f us (median block), tail %6.2f, barrier before %6.2f; total %8.1f us\n", kind.c_str(), a.count,
+                 a.work / a.count, a.tail / a.count, a.barrier / a.count, a.work + a.tail + a.barrier);
+  }
+}
+
+}  // namespace persist
+
+using namespace persist;
+
+size_t PersistentScratchBytes() { return (size_t{kMaxKvHeads} * kMaxSplits * kPartFloats + 64) * sizeof(float); }
+
+int PlanPersistent(std::span<const PersistentCall> calls, std::vector<unsigned char>* program) {
+  std::vector<Phase> phases;
+  struct {
+    bool active = false;
+    const float* x = nullptr;
+    const float* w = nullptr;
+    float eps = 0.0f;
+    float* out = nullptr;
+    int dim = 0;
+  } norm;
+  int complete = 0;                 // calls taken so far that leave no norm pending
+  size_t complete_phases = 0;
+  int residual_phase = -1;          // the phase an AddNorm not yet consumed gave a residual
+  int gemv_phases = 0, complete_gemv_phases = 0;
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const PersistentCall& c = calls[i];
+    if (c.kind == PersistentCall::kNorm) {
+      if (norm.active || c.dim <= 0) break;
+      norm = {true, c.x, c.norm_w, c.eps, c.norm_out, c.dim};
+      continue;
+    }
+    if (c.kind == PersistentCall::kAddNorm) {
+      if (norm.active || phases.empty()) break;
+      Phase& prev = phases.back();
+      if (prev.kind != kGemvPhase || prev.swiglu || prev.count != 1 || prev.residual != nullptr || prev.out[0] != c.y ||
+          prev.rows[0] != c.dim) {
+        break;
+      }
+      prev.residual = c.x;
+      residual_phase = static_cast<int>(phases.size()) - 1;
+      norm = {true, c.x, c.norm_w, c.eps, c.norm_out, c.dim};
+      continue;
+    }
+    if (c.kind == PersistentCall::kGemv) {
+      if (!GemvFits(c)) break;
+      Phase p{};
+      p.kind = kGemvPhase;
+      p.count = c.count;
+      p.swiglu = c.swiglu_out != nullptr;
+      p.cols = static_cast<int32_t>(c.cols);
+      p.tiles = p.cols / kTileCols;
+      p.units = 0;
+      for (int j = 0; j < c.count; ++j) {
+        p.rows[j] = c.rows[j];
+        p.w[j] = c.w[j];
+        p.out[j] = c.out[j];
+        p.units += c.rows[j];
+      }
+      if (p.swiglu) p.units = c.rows[0];
+      p.swiglu_out = c.swiglu_out;
+      p.in = c.in;
+      if (norm.active) {
+        if (c.in != norm.out || c.cols != norm.dim || reinterpret_cast<uintptr_t>(norm.x) % 16 != 0) break;
+        p.in = norm.x;
+        p.norm_w = norm.w;
+        p.eps = norm.eps;
+        p.norm_out = norm.out;
+        norm.active = false;
+        residual_phase = -1;
+      }
+      phases.push_back(p);
+      ++gemv_phases;
+    } else if (c.kind == PersistentCall::kDecodeAttention) {
+      if (norm.active || !AttentionFits(c)) break;
+      Phase p{};
+      p.kind = kAttentionPhase;
+      p.cache = static_cast<__nv_bfloat16*>(c.cache);
+      p.g = Geometry(c.layout, c.layer);
+      p.meta = c.meta;
+      p.q = c.rope.q;
+      p.k = c.rope.k;
+      p.v = c.rope.v;
+      p.cos_sin = c.rope.cos_sin;
+      p.neox = c.rope.neox ? 1 : 0;
+      p.num_heads = c.num_heads;
+      p.kv_heads = c.layout.num_kv_heads;
+      p.scale = c.scale;
+      p.attn_out = c.attn_out;
+      phases.push_back(p);
+    } else {
+      break;
+    }
+    complete = static_cast<int>(i) + 1;
+    complete_phases = phases.size();
+    complete_gemv_phases = gemv_phases;
+  }
+  if (residual_phase >= 0 && static_cast<size_t>(residual_phase) < complete_phases) phases[residual_phase].residual = nullptr;
+  if (complete_gemv_phases < kMinGemvPhases) return 0;
+  if (complete_phases > kMaxPhases) return 0;
+  phases.resize(complete_phases);
+  program->assign(offsetof(Program, phases) + phases.size() * sizeof(Phase), 0);
+  const int32_t count = static_cast<int32_t>(phases.size());
+  std::memcpy(program->data(), &count, sizeof(count));
+  std::memcpy(program->data() + offsetof(Program, phases), phases.data(), phases.size() * sizeof(Phase));
+  return complete;
+}
+
+}  // namespace dyn::cuda
