@@ -67,6 +67,38 @@ __device__ __forceinline__ void LoadVec(const __nv_bfloat16* p, float (&out)[kN]
 __device__ __forceinline__ void StoreElem(float* p, float v) { *p = v; }
 __device__ __forceinline__ void StoreElem(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
+// Folds kN keys into each query head's online softmax: s[u][gi] the scores (-inf: masked or past
+// the end), vr[u] this lane's kPerLane bf16 values of key u (a uint2 or uint4), then (mx, sum, acc)
+// rescaled to the new maximum and the weighted values added.
+template <int kN, int kG, int kPerLane, class Raw>
+__device__ __forceinline__ void OnlineSoftmaxStep(const float (&s)[kN][kG], const Raw (&vr)[kN], float (&mx)[kG], float (&sum)[kG],
+                                                  float (&acc)[kG][kPerLane]) {
+#pragma unroll
+  for (int gi = 0; gi < kG; ++gi) {
+    float new_mx = mx[gi];
+#pragma unroll
+    for (int u = 0; u < kN; ++u) new_mx = fmaxf(new_mx, s[u][gi]);
+    if (new_mx == -INFINITY) continue;  // no key yet
+    const float corr = expf(mx[gi] - new_mx);  // 0 while mx is -inf
+    sum[gi] *= corr;
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) acc[gi][i] *= corr;
+    mx[gi] = new_mx;
+  }
+#pragma unroll
+  for (int u = 0; u < kN; ++u) {
+    float vf[kPerLane];
+    LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&vr[u]), vf);
+#pragma unroll
+    for (int gi = 0; gi < kG; ++gi) {
+      const float p = s[u][gi] == -INFINITY ? 0.0f : expf(s[u][gi] - mx[gi]);
+      sum[gi] += p;
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) acc[gi][i] = fmaf(p, vf[i], acc[gi][i]);
+    }
+  }
+}
+
 struct RowArgs {
   const float* q;
   int num_heads, group, head_chunks, splits;
@@ -139,30 +171,7 @@ __device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__
         s[u][gi] = valid ? dot * scale : -INFINITY;
       }
     }
-#pragma unroll
-    for (int gi = 0; gi < kG; ++gi) {
-      float new_mx = mx[gi];
-#pragma unroll
-      for (int u = 0; u < kKeys; ++u) new_mx = fmaxf(new_mx, s[u][gi]);
-      if (new_mx == -INFINITY) continue;  // this half has no key yet
-      const float corr = expf(mx[gi] - new_mx);  // 0 while mx is -inf
-      sum[gi] *= corr;
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) acc[gi][i] *= corr;
-      mx[gi] = new_mx;
-    }
-#pragma unroll
-    for (int u = 0; u < kKeys; ++u) {
-      float vf[kPerLane];
-      LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&vr[u]), vf);
-#pragma unroll
-      for (int gi = 0; gi < kG; ++gi) {
-        const float p = s[u][gi] == -INFINITY ? 0.0f : expf(s[u][gi] - mx[gi]);
-        sum[gi] += p;
-#pragma unroll
-        for (int i = 0; i < kPerLane; ++i) acc[gi][i] = fmaf(p, vf[i], acc[gi][i]);
-      }
-    }
+    OnlineSoftmaxStep(s, vr, mx, sum, acc);
   }
   // The two halves of the warp merge (lanes l and l + 16 hold the same dims).
 #pragma unroll

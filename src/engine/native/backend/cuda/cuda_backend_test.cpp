@@ -22,6 +22,14 @@
 namespace dyn {
 namespace {
 
+// A second CUDA backend made with one setting of the environment (read when it is created).
+std::unique_ptr<Backend> CudaBackendWith(const char* name, const char* value) {
+  setenv(name, value, 1);
+  auto b = CreateCudaBackend(0);
+  unsetenv(name);
+  return b.ok() ? std::move(b).value() : nullptr;
+}
+
 class CudaBackendTest : public ::testing::Test {
  public:  // also used by CheckAttention
   void SetUp() override {
@@ -734,11 +742,8 @@ TEST_F(CudaBackendTest, NextStepsMetadataWaitsForPendingReaders) {
 // the attention kernel) give the same bits as the separate kernels of a backend made with
 // DYN_CUDA_FUSE=0, on the call sequence the model issues at decode.
 TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
-  setenv("DYN_CUDA_FUSE", "0", 1);
-  auto plain_or = CreateCudaBackend(0);
-  unsetenv("DYN_CUDA_FUSE");
-  ASSERT_TRUE(plain_or.ok());
-  std::unique_ptr<Backend> plain = std::move(plain_or).value();
+  std::unique_ptr<Backend> plain = CudaBackendWith("DYN_CUDA_FUSE", "0");
+  ASSERT_NE(plain, nullptr);
   Backend* both[2] = {gpu_.get(), plain.get()};
   std::vector<std::unique_ptr<Buffer>> keep;
   auto up = [&](Backend& b, const void* data, size_t bytes) {
@@ -870,11 +875,8 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
 // must match the kernel-by-kernel backend's within float rounding, through eager launches, graph
 // capture and replay, and a context that crosses the 128-key split boundary.
 TEST_F(CudaBackendTest, PersistentDecodeMatchesKernelByKernel) {
-  setenv("DYN_CUDA_PERSIST", "1", 1);
-  auto persist_or = CreateCudaBackend(0);
-  unsetenv("DYN_CUDA_PERSIST");
-  ASSERT_TRUE(persist_or.ok());
-  std::unique_ptr<Backend> persist = std::move(persist_or).value();
+  std::unique_ptr<Backend> persist = CudaBackendWith("DYN_CUDA_PERSIST", "1");
+  ASSERT_NE(persist, nullptr);
   ASSERT_NE(persist->Describe().find("persistent"), std::string::npos) << persist->Describe();
   constexpr int kLayers = 4, kHidden = 1024, kHeads = 8, kKvHeads = 2, kDim = 128, kFfn = 2816, kVocab = 512;
   constexpr int kBlock = 16, kBlocks = 24, kPrompt = 120, kSteps = 20;

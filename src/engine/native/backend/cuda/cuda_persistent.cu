@@ -296,30 +296,7 @@ __device__ __forceinline__ void WarpAttend(const __nv_bfloat16* __restrict__ cac
         s[u][gi] = valid ? dot * scale : -INFINITY;
       }
     }
-#pragma unroll
-    for (int gi = 0; gi < kGroup; ++gi) {
-      float new_mx = mx[gi];
-#pragma unroll
-      for (int u = 0; u < kKeyUnroll; ++u) new_mx = fmaxf(new_mx, s[u][gi]);
-      if (new_mx == -INFINITY) continue;
-      const float corr = expf(mx[gi] - new_mx);  // 0 while mx is -inf
-      sum[gi] *= corr;
-#pragma unroll
-      for (int i = 0; i < kDimsPerLane; ++i) acc[gi][i] *= corr;
-      mx[gi] = new_mx;
-    }
-#pragma unroll
-    for (int u = 0; u < kKeyUnroll; ++u) {
-      float vf[kDimsPerLane];
-      LoadVec<kDimsPerLane>(reinterpret_cast<const __nv_bfloat16*>(&vr[u]), vf);
-#pragma unroll
-      for (int gi = 0; gi < kGroup; ++gi) {
-        const float p = s[u][gi] == -INFINITY ? 0.0f : expf(s[u][gi] - mx[gi]);
-        sum[gi] += p;
-#pragma unroll
-        for (int i = 0; i < kDimsPerLane; ++i) acc[gi][i] = fmaf(p, vf[i], acc[gi][i]);
-      }
-    }
+    OnlineSoftmaxStep(s, vr, mx, sum, acc);
   }
 }
 
