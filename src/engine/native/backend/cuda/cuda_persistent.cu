@@ -245,23 +245,6 @@ __device__ __forceinline__ void GemvPhase(const Phase* phs, int n, int p, Stream
   }
 }
 
-// Asks L2 for the keys and values the block's attention task will read (all but the new token,
-// written by the attention phase itself), so that its loads do not queue behind the weight stream.
-__device__ __forceinline__ void PrefetchKv(const Phase& ph) {
-  const int pos = __ldg(ph.meta.pos), len = pos + 1, S = Splits(len), chunk = (len + S - 1) / S;
-  const int32_t* table = ph.meta.tables + __ldg(ph.meta.table_offset);
-  for (int task = blockIdx.x; task < ph.kv_heads * S; task += gridDim.x) {
-    const int kv = task / S, begin = (task % S) * chunk, end = min(pos, begin + chunk);
-    // 4 lines of 128 bytes a key: K and V of one kv head (128 bf16 each).
-    for (int e = threadIdx.x; e < (end - begin) * 4; e += kThreads) {
-      const int j = begin + e / 4, part = e % 4;
-      const __nv_bfloat16* p = ph.cache + SlotOffset(ph.g, table, j) + static_cast<size_t>(kv) * kHeadDim + (part % 2) * 64 +
-                               (part / 2) * ph.g.v_delta;
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-    }
-  }
-}
-
 constexpr int kAttnWarps = 16;  // warps of a block that run an attention task (the rest wait)
 constexpr int kKeyUnroll = 4;   // keys a warp has in flight
 constexpr int kDimsPerLane = kHeadDim / 32;
@@ -440,7 +423,6 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (trace != nullptr && threadIdx.x == 0) trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x] = GlobalTimer();
     const Phase& cur = ph[p];
     if (cur.kind == kGemvPhase) {
-      if (p + 1 < n && ph[p + 1].kind == kAttentionPhase) PrefetchKv(ph[p + 1]);
       StageInput(cur, stage, red);
       GemvPhase(ph, n, p, st, stage, buf);
     } else if (cur.kind == kAttentionPhase) {
