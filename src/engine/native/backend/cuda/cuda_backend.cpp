@@ -269,11 +269,16 @@ class CudaBackend : public Backend {
       sig_.resize(last_add_.sig_size);
       Defer([=, this] { cuda::AddRmsNorm(stream_, xa, y, weight, m, dim, eps, out); }, kAddNorm, xa, y, weight, int64_t{m}, dim, eps,
             out);
-      if (m == 1) Persists({.kind = cuda::PersistentCall::kAddNorm, .x = xa, .y = y, .norm_w = weight, .dim = dim, .eps = eps, .norm_out = out});
+      if (m == 1) {
+        Persists({.kind = cuda::PersistentCall::kAddNorm, .x = xa, .y = y, .norm_w = weight, .dim = dim, .eps = eps, .norm_out = out});
+      }
       return;
     }
     Defer([=, this] { cuda::RmsNorm(stream_, x, weight, m, dim, eps, out); }, kNorm, x, weight, int64_t{m}, dim, eps, out);
-    if (m == 1) Persists({.kind = cuda::PersistentCall::kNorm, .x = const_cast<float*>(x), .norm_w = weight, .dim = dim, .eps = eps, .norm_out = out});
+    if (m == 1) {
+      Persists({.kind = cuda::PersistentCall::kNorm, .x = const_cast<float*>(x), .norm_w = weight, .dim = dim, .eps = eps,
+                .norm_out = out});
+    }
   }
 
   void MatMul(const float* x, int m, const Weight& w, float* out) override;
@@ -579,7 +584,8 @@ class CudaBackend : public Backend {
   std::vector<Pending> pending_;
   bool persistent_ = false;  // DYN_CUDA_PERSIST=1: batch-1 runs of calls as one persistent kernel
   void* persist_scratch_ = nullptr;
-  std::map<std::string, void*> persist_programs_;  // by program bytes  // uploaded programs, kept while graphs may use them
+  // Uploaded programs by their bytes, kept while a graph may use them.
+  std::map<std::string, void*> persist_programs_;
   // Replaces each run of pending calls the persistent kernel can take by one launch of it.
   void PlanPersistentRuns();
   struct PendingAdd {  // the last pending call, when it is an Add (fused with a following RmsNorm)

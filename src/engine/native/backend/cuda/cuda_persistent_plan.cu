@@ -58,18 +58,20 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
     const unsigned long long start = *std::min_element(starts.begin(), starts.end());
     const Phase& ph = phases[p];
     std::string kind = ph.kind == kAttentionPhase ? "attention" : "gemv";
-    if (ph.kind == kGemvPhase) kind += " " + std::to_string(ph.units) + "x" + std::to_string(ph.cols) + (ph.swiglu ? " swiglu" : "") + (ph.norm_w ? " norm" : "");
+    if (ph.kind == kGemvPhase) {
+      kind += " " + std::to_string(ph.units) + "x" + std::to_string(ph.cols) + (ph.swiglu ? " swiglu" : "") + (ph.norm_w ? " norm" : "");
+    }
     Acc& a = by_kind[kind];
     a.work += (ends[grid / 2] - start) * 1e-3;
     a.tail += (ends.back() - ends[grid / 2]) * 1e-3;
-    if (p > 0) by_kind[kind].barrier += (start - last_end) * 1e-3;
+    if (p > 0) a.barrier += (start - last_end) * 1e-3;
     ++a.count;
     last_end = ends.back();
   }
   std::fprintf(stderr, "persistent kernel: %d phases, %.1f us from the first block's start to the last end\n", n, (last_end - t0) * 1e-3);
   for (const auto& [kind, a] : by_kind) {
-    std::fprintf(stderr, "  %-32s x%3d: work %7.2f us (median block), tail %6.2f, barrier before %6.2f; total %8.1f us\n", kind.c_str(), a.count,
-                 a.work / a.count, a.tail / a.count, a.barrier / a.count, a.work + a.tail + a.barrier);
+    std::fprintf(stderr, "  %-32s x%3d: work %7.2f us (median block), tail %6.2f, barrier before %6.2f; total %8.1f us\n",
+                 kind.c_str(), a.count, a.work / a.count, a.tail / a.count, a.barrier / a.count, a.work + a.tail + a.barrier);
   }
 }
 
