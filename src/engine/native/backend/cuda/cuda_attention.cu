@@ -76,11 +76,6 @@ __global__ void RopeWriteKvKernel(T* cache, CacheGeometry g, AttnRows meta, floa
   for (int i = tid; i < D; i += head_threads) StoreElem(cache + off + g.v_delta + i, vh[i]);
 }
 
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 constexpr int kMaxSplits = 128;       // AttentionSplits' cap
 constexpr int kMaxMergePairs = 1024;  // (query head, split) pairs one merge handles: kG (<= 8) x kMaxSplits
 

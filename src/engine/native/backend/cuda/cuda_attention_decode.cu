@@ -122,19 +122,13 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   }
   for (int e = rank * blockDim.x + threadIdx.x; e < b.nh * D; e += a.splits * blockDim.x) {
     const int gi = e / D;
-    float total_max = -INFINITY;
-    for (int s = 0; s < a.splits; ++s) {
-      const float* ml = cluster.map_shared_rank(&s_ml[gi][0], s);
-      if (ml[1] > 0.0f) total_max = fmaxf(total_max, ml[0]);
-    }
-    float total = 0.0f, o = 0.0f;
-    for (int s = 0; s < a.splits; ++s) {
-      const float* ml = cluster.map_shared_rank(&s_ml[gi][0], s);
-      const float w = ml[1] > 0.0f ? ml[1] * expf(ml[0] - total_max) : 0.0f;
-      total += w;
-      if (w > 0.0f) o += *cluster.map_shared_rank(&s_o[e], s) * w;
-    }
-    a.out[q_off + e] = o * (1.0f / total);
+    a.out[q_off + e] = MergeSplitElement(
+        a.splits,
+        [&](int s) {
+          const float* ml = cluster.map_shared_rank(&s_ml[gi][0], s);
+          return make_float2(ml[0], ml[1]);
+        },
+        [&](int s) { return *cluster.map_shared_rank(&s_o[e], s); });
   }
   cluster.sync();  // no block leaves while a peer reads its shared memory
 }

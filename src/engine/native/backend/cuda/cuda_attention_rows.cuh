@@ -99,6 +99,27 @@ __device__ __forceinline__ void OnlineSoftmaxStep(const float (&s)[kN][kG], cons
   }
 }
 
+// One output element merged over `splits` key splits (MergeSplits' arithmetic: each split's
+// normalized output weighted by sum * exp(max - max')): ml(s) gives split s's (max, sum) (sum 0:
+// an empty split), out(s) its output element. Used where the splits' results sit in a cluster's
+// shared memory (DecodeAttentionKernel) or in global memory (the persistent kernel).
+template <class Ml, class Out>
+__device__ __forceinline__ float MergeSplitElement(int splits, Ml ml, Out out) {
+  float total_max = -INFINITY;
+  for (int s = 0; s < splits; ++s) {
+    const float2 m = ml(s);
+    if (m.y > 0.0f) total_max = fmaxf(total_max, m.x);
+  }
+  float total = 0.0f, o = 0.0f;
+  for (int s = 0; s < splits; ++s) {
+    const float2 m = ml(s);
+    const float w = m.y > 0.0f ? m.y * expf(m.x - total_max) : 0.0f;
+    total += w;
+    if (w > 0.0f) o += out(s) * w;
+  }
+  return o * (1.0f / total);
+}
+
 struct RowArgs {
   const float* q;
   int num_heads, group, head_chunks, splits;

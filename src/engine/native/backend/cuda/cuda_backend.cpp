@@ -510,9 +510,13 @@ class CudaBackend : public Backend {
     }
     return j;
   }
-  // The last pending call as the persistent kernel's planner sees it.
-  void Persists(const cuda::PersistentCall& c) { pending_.back().persist = c; }
+  // The last pending call as the persistent kernel's planner sees it (recorded only when the
+  // planner runs: DYN_CUDA_PERSIST=1).
+  void Persists(const cuda::PersistentCall& c) {
+    if (persistent_) pending_.back().persist = c;
+  }
   void PersistsGemv(const float* x, int count, const WeightJobs& j, int64_t cols, float* swiglu_out) {
+    if (!persistent_) return;
     cuda::PersistentCall c{.kind = cuda::PersistentCall::kGemv, .in = x, .count = count, .cols = cols, .swiglu_out = swiglu_out};
     for (int i = 0; i < count; ++i) {
       c.w[i] = j.w[i];

@@ -159,11 +159,6 @@ __global__ void F32ToBf16Kernel(const float* x, size_t n, __nv_bfloat16* out, bo
       [&](size_t i) { out[i] = __float2bfloat16_rn(x[i]); });
 }
 
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // One block per row.
 __global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps, float* out) {
   LetNextKernelLaunch();

@@ -70,6 +70,12 @@ void LaunchKernel(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cuda
   LaunchKernelIn(0, kernel, grid, block, smem, stream, std::forward<A>(args)...);
 }
 
+// The sum of v over the warp's 32 lanes, in every lane.
+__device__ __forceinline__ float WarpSum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // A device load of 16 bytes that is read once (weights): not kept in L1.
 __device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
   uint4 v;

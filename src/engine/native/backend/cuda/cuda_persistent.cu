@@ -40,19 +40,22 @@ constexpr int kStepLoads = 16;
 
 std::atomic<int> g_launches{0};  // PersistentLaunches
 
-__device__ __forceinline__ float WarpSum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 __device__ __forceinline__ int Splits(int len) { return min(kMaxSplits, max(1, (len + 63) / 64)); }
 
 // ---- the weight stream ----
 
-__device__ __forceinline__ const char* RowAddress(const Phase& ph, int u, int s) {
-  if (ph.swiglu) return reinterpret_cast<const char*>(ph.w[s]) + static_cast<size_t>(u) * ph.cols * 2;
-  int j = 0, r = u;
+// Unit u of a phase without SwiGLU as (weight j, row r): units count rows over the weights in order.
+__device__ __forceinline__ int JobRow(const Phase& ph, int u, int& r) {
+  int j = 0;
+  r = u;
   while (j + 1 < ph.count && r >= ph.rows[j]) r -= static_cast<int>(ph.rows[j++]);
+  return j;
+}
+
+// The first byte of unit u's weight row (with SwiGLU s = 0: the gate row, 1: the up row).
+__device__ __forceinline__ const char* RowAddress(const Phase& ph, int u, int s) {
+  int r = u;
+  const int j = ph.swiglu ? s : JobRow(ph, u, r);
   return reinterpret_cast<const char*>(ph.w[j]) + static_cast<size_t>(r) * ph.cols * 2;
 }
 
@@ -237,8 +240,8 @@ __device__ __forceinline__ void GemvPhase(const Phase* phs, int n, int p, Stream
       __stcg(ph.out[1] + u, sum1);
       __stcg(ph.swiglu_out + u, __fmul_rn(sum0 / (1.0f + expf(-sum0)), sum1));  // SwiGluKernel's arithmetic; may alias gate
     } else {
-      int j = 0, r = u;
-      while (j + 1 < ph.count && r >= ph.rows[j]) r -= static_cast<int>(ph.rows[j++]);
+      int r;
+      const int j = JobRow(ph, u, r);
       __stcg(ph.out[j] + r, sum0);
       if (ph.residual != nullptr) __stcg(ph.residual + r, __ldcg(ph.residual + r) + sum0);
     }
@@ -364,27 +367,20 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     __threadfence();
     const float* base = partial + static_cast<size_t>(kv) * S * kPartFloats;
     for (int e = tid; e < kGroup * kHeadDim; e += kThreads) {
-      const int gi = e / kHeadDim, d = e % kHeadDim;
-      float total_max = -INFINITY;
-      for (int sp = 0; sp < S; ++sp) {
-        const float* ml = base + sp * kPartFloats + kGroup * kHeadDim + 2 * gi;
-        if (__ldcg(ml + 1) > 0.0f) total_max = fmaxf(total_max, __ldcg(ml));
-      }
-      float total = 0.0f, o = 0.0f;
-      for (int sp = 0; sp < S; ++sp) {
-        const float* ml = base + sp * kPartFloats + kGroup * kHeadDim + 2 * gi;
-        const float sm = __ldcg(ml + 1);
-        const float w = sm > 0.0f ? sm * expf(__ldcg(ml) - total_max) : 0.0f;
-        total += w;
-        if (w > 0.0f) o += __ldcg(base + sp * kPartFloats + gi * kHeadDim + d) * w;
-      }
-      __stcg(ph.attn_out + q_off + e, o * (1.0f / total));
+      const int gi = e / kHeadDim;
+      const float o = MergeSplitElement(
+          S,
+          [&](int sp) {
+            const float* ml = base + sp * kPartFloats + kGroup * kHeadDim + 2 * gi;
+            return make_float2(__ldcg(ml), __ldcg(ml + 1));
+          },
+          [&](int sp) { return __ldcg(base + sp * kPartFloats + e); });
+      __stcg(ph.attn_out + q_off + e, o);
       __stcg(ph.q + q_off + e, s_q[e]);
     }
   }
 }
 
-// scratch: [partial floats][barrier count][exit count][attention arrivals per kv head].
 // trace (DYN_CUDA_PERSIST_TRACE=1, eager launches): each block's global timer at each phase's start
 // and end, [2][phases][grid] nanoseconds.
 __device__ __forceinline__ unsigned long long GlobalTimer() {
@@ -463,7 +459,7 @@ void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch) {
     return MultiprocessorCount();  // one block each: all resident at once, as the barriers need
   }();
   float* partial = static_cast<float*>(scratch);
-  unsigned* sync = reinterpret_cast<unsigned*>(partial + size_t{kMaxKvHeads} * kMaxSplits * kPartFloats);
+  unsigned* sync = reinterpret_cast<unsigned*>(partial + kPartialFloats);
   static const bool tracing = [] {
     const char* t = std::getenv("DYN_CUDA_PERSIST_TRACE");
     return t != nullptr && std::string(t) == "1";

@@ -20,6 +20,10 @@ constexpr int kHeadDim = 128, kGroup = 4;
 constexpr int kMaxSplits = 16;
 constexpr int kPartFloats = kGroup * (kHeadDim + 2);  // a (kv head, split)'s outputs [4][128], then (max, sum) [4]
 constexpr int kMaxKvHeads = 16;
+// The kernel's scratch: kPartialFloats of attention partial results, then kSyncWords counters (the
+// barrier count, the exit count, an attention arrival count per kv head).
+constexpr size_t kPartialFloats = size_t{kMaxKvHeads} * kMaxSplits * kPartFloats;
+constexpr int kSyncWords = 2 + kMaxKvHeads;
 constexpr size_t kSmemBytes = kStageFloats * sizeof(float);
 constexpr int kMinGemvPhases = 8;  // shorter runs stay separate kernels
 constexpr size_t kMaxPhases = 1024;  // sizes the trace buffer

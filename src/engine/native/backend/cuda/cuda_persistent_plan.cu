@@ -79,7 +79,7 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
 
 using namespace persist;
 
-size_t PersistentScratchBytes() { return (size_t{kMaxKvHeads} * kMaxSplits * kPartFloats + 64) * sizeof(float); }
+size_t PersistentScratchBytes() { return kPartialFloats * sizeof(float) + kSyncWords * sizeof(unsigned); }
 
 int PlanPersistent(std::span<const PersistentCall> calls, std::vector<unsigned char>* program) {
   std::vector<Phase> phases;
@@ -91,10 +91,9 @@ int PlanPersistent(std::span<const PersistentCall> calls, std::vector<unsigned c
     float* out = nullptr;
     int dim = 0;
   } norm;
-  int complete = 0;                 // calls taken so far that leave no norm pending
+  int complete = 0;  // calls taken so far that leave no norm pending
   size_t complete_phases = 0;
-  int residual_phase = -1;          // the phase an AddNorm not yet consumed gave a residual
-  int gemv_phases = 0, complete_gemv_phases = 0;
+  int residual_phase = -1;  // the phase an AddNorm not yet consumed gave a residual
   for (size_t i = 0; i < calls.size(); ++i) {
     const PersistentCall& c = calls[i];
     if (c.kind == PersistentCall::kNorm) {
@@ -122,14 +121,13 @@ int PlanPersistent(std::span<const PersistentCall> calls, std::vector<unsigned c
       p.swiglu = c.swiglu_out != nullptr;
       p.cols = static_cast<int32_t>(c.cols);
       p.tiles = p.cols / kTileCols;
-      p.units = 0;
       for (int j = 0; j < c.count; ++j) {
         p.rows[j] = c.rows[j];
         p.w[j] = c.w[j];
         p.out[j] = c.out[j];
         p.units += c.rows[j];
       }
-      if (p.swiglu) p.units = c.rows[0];
+      if (p.swiglu) p.units = c.rows[0];  // (gate, up) pairs
       p.swiglu_out = c.swiglu_out;
       p.in = c.in;
       if (norm.active) {
@@ -142,7 +140,6 @@ int PlanPersistent(std::span<const PersistentCall> calls, std::vector<unsigned c
         residual_phase = -1;
       }
       phases.push_back(p);
-      ++gemv_phases;
     } else if (c.kind == PersistentCall::kDecodeAttention) {
       if (norm.active || !AttentionFits(c)) break;
       Phase p{};
@@ -165,12 +162,11 @@ int PlanPersistent(std::span<const PersistentCall> calls, std::vector<unsigned c
     }
     complete = static_cast<int>(i) + 1;
     complete_phases = phases.size();
-    complete_gemv_phases = gemv_phases;
   }
   if (residual_phase >= 0 && static_cast<size_t>(residual_phase) < complete_phases) phases[residual_phase].residual = nullptr;
-  if (complete_gemv_phases < kMinGemvPhases) return 0;
-  if (complete_phases > kMaxPhases) return 0;
   phases.resize(complete_phases);
+  const auto gemv_phases = std::count_if(phases.begin(), phases.end(), [](const Phase& p) { return p.kind == kGemvPhase; });
+  if (gemv_phases < kMinGemvPhases || phases.size() > kMaxPhases) return 0;
   program->assign(offsetof(Program, phases) + phases.size() * sizeof(Phase), 0);
   const int32_t count = static_cast<int32_t>(phases.size());
   std::memcpy(program->data(), &count, sizeof(count));
