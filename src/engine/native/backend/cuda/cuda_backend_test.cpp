@@ -878,7 +878,7 @@ TEST_F(CudaBackendTest, PersistentDecodeMatchesKernelByKernel) {
   std::unique_ptr<Backend> persist = CudaBackendWith("DYN_CUDA_PERSIST", "1");
   ASSERT_NE(persist, nullptr);
   ASSERT_NE(persist->Describe().find("persistent"), std::string::npos) << persist->Describe();
-  constexpr int kLayers = 4, kHidden = 1024, kHeads = 8, kKvHeads = 2, kDim = 128, kFfn = 2816, kVocab = 512;
+  constexpr int kLayers = 4, kHidden = 1024, kHeads = 8, kKvHeads = 2, kDim = 128, kFfn = 5632, kVocab = 512;
   constexpr int kBlock = 16, kBlocks = 24, kPrompt = 120, kSteps = 20;
   constexpr float kEps = 1e-5f;
   struct HostLayer {
@@ -1016,7 +1016,8 @@ TEST_F(CudaBackendTest, PersistentDecodeMatchesKernelByKernel) {
   for (int step = 0; step < kSteps; ++step) {
     const std::vector<float> want = forward(sides[0], {token}, kPrompt + step);
     const std::vector<float> got = forward(sides[1], {token}, kPrompt + step);
-    ASSERT_LE(RelErr(got, want), 1e-4) << "decode step " << step << " (context " << kPrompt + step + 1 << ")";
+    // Float sums in another order (the FFN's 5632-column rows are two ring chunks summed apart).
+    ASSERT_LE(RelErr(got, want), 3e-4) << "decode step " << step << " (context " << kPrompt + step + 1 << ")";
     token = static_cast<uint32_t>(std::max_element(want.begin(), want.end()) - want.begin());
   }
   EXPECT_GT(cuda::PersistentLaunches(), launches_before) << "the persistent kernel never ran";

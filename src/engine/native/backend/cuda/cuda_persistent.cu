@@ -6,9 +6,10 @@
 // Why: at batch 1 the step is bound by reading the weights once (16 GB for the 8B shape), but as
 // separate kernels HBM idles while each grid ramps up and drains and while the small kernels
 // (norms, attention) run: the GEMVs alone stream at ~4 TB/s and the step loses a further ~20% to
-// the kernels between them (rounds 5-7). Here each warp streams its rows in steps of 8 KB held in
-// registers, and the last step of a phase requests the next phase's first: the next matrix is on
-// its way while the grid meets at the barrier and the input row is staged. RMSNorm runs inside the
+// the kernels between them (rounds 5-7). Here a producer warp in each block streams the block's
+// rows of every matrix, one after another, into a shared-memory ring by bulk copies, ahead of the
+// warps that multiply them: the next matrix is on its way while the grid meets at a barrier, a norm
+// is computed or attention runs. RMSNorm runs inside the
 // next GEMV's input staging (every block normalizes the row into shared memory), the residual add
 // in the epilogue of the GEMV before it, the attention split merge in the last task of each kv
 // head. DYN_CUDA_PERSIST_TRACE=1 (with DYN_CUDA_GRAPHS=0) prints where a launch spent its time.
@@ -31,16 +32,72 @@ namespace {
 
 using namespace persist;
 
-// One block of 16 warps per multiprocessor, each lane with a step of 16 loads of 16 bytes in flight
-// (8 KB a warp, 128 KB a multiprocessor, about what the per-row GEMV's resident blocks hold).
-// Measured on an H200 (docs/benchmarks/cuda.md, round 8): 32 warps of 8 loads (64 registers) and
-// 16 warps of 20 loads spill registers and were 0.1-1.5 ms a step slower.
-constexpr int kWarps = 16, kThreads = kWarps * 32;
-constexpr int kStepLoads = 16;
+// One block per multiprocessor: kConsumers warps compute (the GEMV phases, attention) and one
+// producer warp streams the block's weights, phase after phase, through a ring of kRingSlots
+// shared-memory slots of kChunkBytes filled by bulk copies (TMA) on mbarriers. The producer runs
+// ahead of the consumers across grid barriers, norms and attention (up to the ring's 160 KB a
+// multiprocessor, ~21 MB over the grid), so HBM keeps streaming while the latency-bound steps
+// between the matrices run.
+constexpr int kConsumers = 15, kConsumerThreads = kConsumers * 32;
+constexpr int kThreads = kConsumerThreads + 32;
+constexpr int kChunkTiles = kChunkBytes / kTileBytes;
+constexpr int kRingSlots = 20;
+constexpr size_t kRingOffset = kStageFloats * sizeof(float);
+constexpr size_t kBarrierOffset = kRingOffset + size_t{kRingSlots} * kChunkBytes;
+constexpr size_t kDynamicSmem = kBarrierOffset + kRingSlots * (sizeof(uint64_t) + sizeof(unsigned));
 
 std::atomic<int> g_launches{0};  // PersistentLaunches
 
 __device__ __forceinline__ int Splits(int len) { return min(kMaxSplits, max(1, (len + 63) / 64)); }
+
+// The consumer warps' barrier (the producer warp never joins it).
+__device__ __forceinline__ void ConsumerSync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory"); }
+
+// ---- mbarriers and bulk copies ----
+
+__device__ __forceinline__ uint32_t SmemAddress(const void* p) { return static_cast<uint32_t>(__cvta_generic_to_shared(p)); }
+
+__device__ __forceinline__ void BarrierInit(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SmemAddress(bar)), "r"(count) : "memory");
+}
+
+// Waits until the barrier's phase of this parity has completed.
+__device__ __forceinline__ void BarrierWait(uint64_t* bar, unsigned parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done)
+        : "r"(SmemAddress(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
+// A slot's count of consumed rounds: monotonic, so a warp several rounds ahead of a slot cannot
+// mistake an old round for its own (an mbarrier's parity only tells its last two phases apart).
+// backoff: nanoseconds to sleep between polls (consumers that wait for a slot to come round again
+// should leave the issue slots to the warps that compute).
+__device__ __forceinline__ void WaitConsumed(const unsigned* count, unsigned rounds, unsigned backoff = 0) {
+  while (true) {
+    unsigned v;
+    asm volatile("ld.acquire.cta.shared::cta.u32 %0, [%1];" : "=r"(v) : "r"(SmemAddress(count)) : "memory");
+    if (v >= rounds) return;
+    if (backoff != 0) __nanosleep(backoff);
+  }
+}
+__device__ __forceinline__ void SetConsumed(unsigned* count, unsigned rounds) {
+  asm volatile("st.release.cta.shared::cta.u32 [%0], %1;" ::"r"(SmemAddress(count)), "r"(rounds) : "memory");
+}
+
+// bytes from global src into shared dst; bar's phase completes when they have landed.
+__device__ __forceinline__ void BulkLoad(void* dst, const void* src, unsigned bytes, uint64_t* bar, uint64_t policy) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SmemAddress(bar)), "r"(bytes) : "memory");
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          SmemAddress(dst)),
+      "l"(src), "r"(bytes), "r"(SmemAddress(bar)), "l"(policy)
+      : "memory");
+}
 
 // ---- the weight stream ----
 
@@ -52,58 +109,70 @@ __device__ __forceinline__ int JobRow(const Phase& ph, int u, int& r) {
   return j;
 }
 
-// The first byte of unit u's weight row (with SwiGLU s = 0: the gate row, 1: the up row).
-__device__ __forceinline__ const char* RowAddress(const Phase& ph, int u, int s) {
-  int r = u;
-  const int j = ph.swiglu ? s : JobRow(ph, u, r);
-  return reinterpret_cast<const char*>(ph.w[j]) + static_cast<size_t>(r) * ph.cols * 2;
+// Block b's units of a GEMV phase are [first, first + count): contiguous, so its weights are a few
+// long runs of memory. In the stream each unit is its row's chunks in order, or with SwiGLU the gate
+// row's and the up row's chunks alternately.
+struct BlockUnits {
+  int first, count;
+};
+__device__ __forceinline__ BlockUnits UnitsOf(const Phase& ph, int b, int blocks) {
+  const int a = static_cast<int>(ph.units * b / blocks), e = static_cast<int>(ph.units * (b + 1) / blocks);
+  return {a, e - a};
 }
+__device__ __forceinline__ int RowChunks(const Phase& ph) { return (ph.tiles + kChunkTiles - 1) / kChunkTiles; }
 
-// A step of a warp's weight stream: kStepLoads tiles of one row from tile t0 (fewer at the row's
-// end), or with SwiGLU tiles [t0, t0 + kStepLoads / 2) of the gate row and of the up row, so one
-// read of the input serves both. p < 0: none.
-struct StepPos {
-  int p, t0, u;
+// Chunk `seq` of a block's stream goes to slot seq % kRingSlots in round seq / kRingSlots. Its
+// producer and its consumer warp first wait until the slot's earlier rounds are consumed; then the
+// consumer waits on the slot's mbarrier for the copy (no other round of it can be pending).
+struct Ring {
+  unsigned char* slots;  // kRingSlots x kChunkBytes
+  uint64_t* full;        // completes a phase when a slot's copy has landed
+  unsigned* consumed;    // rounds of each slot read by their consumer warp
 };
 
-__device__ __forceinline__ int StepTiles(const Phase& ph) { return ph.swiglu ? kStepLoads / 2 : kStepLoads; }
-
-// Warp gw's first step of phase p, when p is a GEMV phase that gives it a unit.
-__device__ __forceinline__ StepPos FirstStep(const Phase* ph, int n, int p, int gw) {
-  if (p < n && ph[p].kind == kGemvPhase && gw < ph[p].units) return {p, 0, gw};
-  return {-1, 0, 0};
-}
-
-// The step after s in its phase, or none at the phase's end.
-__device__ __forceinline__ StepPos NextInPhase(const Phase& ph, StepPos s, int nw) {
-  s.t0 += StepTiles(ph);
-  if (s.t0 < ph.tiles) return s;
-  s.t0 = 0;
-  s.u += nw;
-  if (s.u >= ph.units) s.p = -1;
-  return s;
-}
-
-// Requests a step's weights into registers (this lane's 16 bytes of each tile).
-__device__ __forceinline__ void LoadStep(const Phase& ph, StepPos s, int lane, uint4 (&buf)[kStepLoads]) {
-  const size_t off = static_cast<size_t>(s.t0) * kTileBytes + lane * 16;
-  if (ph.swiglu) {
-    const char* g = RowAddress(ph, s.u, 0) + off;
-    const char* up = RowAddress(ph, s.u, 1) + off;
-    const int count = min(kStepLoads / 2, ph.tiles - s.t0);
-#pragma unroll
-    for (int i = 0; i < kStepLoads / 2; ++i) {
-      if (i < count) {
-        buf[i] = LoadStreaming(reinterpret_cast<const uint4*>(g + i * kTileBytes));
-        buf[kStepLoads / 2 + i] = LoadStreaming(reinterpret_cast<const uint4*>(up + i * kTileBytes));
+// The producer (one lane): every GEMV phase's chunks of this block, in the order the consumers take
+// them, each into the next slot once its previous contents have been read. The phase's fields are
+// read once per phase and the rows walked by pointer: a load from the program in global memory per
+// chunk waits on L2 behind the weight stream and throttled it (docs/benchmarks/cuda.md, round 9).
+__device__ void ProduceWeights(const Program* prog, const Ring& ring) {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+  unsigned seq = 0;
+  const int n = prog->num_phases;
+  for (int p = 0; p < n; ++p) {
+    const Phase& ph = prog->phases[p];
+    if (ph.kind != kGemvPhase) continue;
+    const BlockUnits bu = UnitsOf(ph, blockIdx.x, gridDim.x);
+    if (bu.count == 0) continue;
+    const bool swiglu = ph.swiglu != 0;
+    const int count = ph.count, row_chunks = RowChunks(ph);
+    const size_t row_bytes = static_cast<size_t>(ph.cols) * 2;
+    const unsigned last_bytes = static_cast<unsigned>(row_bytes - static_cast<size_t>(row_chunks - 1) * kChunkBytes);
+    int r;
+    int j = swiglu ? 0 : JobRow(ph, bu.first, r);
+    if (swiglu) r = bu.first;
+    int64_t job_rows = ph.rows[j];
+    const char* row = reinterpret_cast<const char*>(ph.w[j]) + static_cast<size_t>(r) * row_bytes;
+    const char* up = swiglu ? reinterpret_cast<const char*>(ph.w[1]) + static_cast<size_t>(r) * row_bytes : nullptr;
+    for (int i = 0; i < bu.count; ++i) {
+      for (int c = 0; c < row_chunks; ++c) {
+        const unsigned bytes = c + 1 < row_chunks ? kChunkBytes : last_bytes;
+        for (int half = 0; half < (swiglu ? 2 : 1); ++half, ++seq) {
+          const int slot = static_cast<int>(seq % kRingSlots);
+          WaitConsumed(ring.consumed + slot, seq / kRingSlots);
+          BulkLoad(ring.slots + static_cast<size_t>(slot) * kChunkBytes, (half ? up : row) + static_cast<size_t>(c) * kChunkBytes, bytes,
+                   ring.full + slot, policy);
+        }
       }
-    }
-  } else {
-    const char* r = RowAddress(ph, s.u, 0) + off;
-    const int count = min(kStepLoads, ph.tiles - s.t0);
-#pragma unroll
-    for (int i = 0; i < kStepLoads; ++i) {
-      if (i < count) buf[i] = LoadStreaming(reinterpret_cast<const uint4*>(r + i * kTileBytes));
+      row += row_bytes;
+      if (swiglu) {
+        up += row_bytes;
+      } else if (++r == job_rows && j + 1 < count) {
+        ++j;
+        r = 0;
+        job_rows = ph.rows[j];
+        row = reinterpret_cast<const char*>(ph.w[j]);
+      }
     }
   }
 }
@@ -122,10 +191,10 @@ __device__ __forceinline__ float Dot8(const uint4& wv, const float4& a, const fl
 
 // ---- grid barrier ----
 
-// Every block arrives at the monotonic counter and waits until all have (target grows by the grid
+// Every block's consumers arrive at the monotonic counter and waits until all have (target grows by the grid
 // each barrier). Writes before it are visible after it (fence before the arrival, acquire load).
 __device__ __forceinline__ void GridBarrier(unsigned* count, unsigned& target) {
-  __syncthreads();
+  ConsumerSync();
   target += gridDim.x;
   if (threadIdx.x == 0) {
     __threadfence();
@@ -135,7 +204,7 @@ __device__ __forceinline__ void GridBarrier(unsigned* count, unsigned& target) {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
     } while (v < target);
   }
-  __syncthreads();
+  ConsumerSync();
 }
 
 // ---- phases ----
@@ -150,7 +219,7 @@ __device__ __forceinline__ int StagePos(int i, int cols) { return (i / 8) * 4 + 
 __device__ __forceinline__ void StageInput(const Phase& ph, float* stage, float* red) {
   const int tid = threadIdx.x;
   float ss = 0.0f;
-  for (int i = tid * 4; i < ph.cols; i += kThreads * 4) {
+  for (int i = tid * 4; i < ph.cols; i += kConsumerThreads * 4) {
     const float4 v = __ldcg(reinterpret_cast<const float4*>(ph.in + i));
     *reinterpret_cast<float4*>(stage + StagePos(i, ph.cols)) = v;
     ss = fmaf(v.x, v.x, ss);
@@ -161,16 +230,16 @@ __device__ __forceinline__ void StageInput(const Phase& ph, float* stage, float*
   if (ph.norm_w != nullptr) {
     ss = WarpSum(ss);
     if (tid % 32 == 0) red[tid / 32] = ss;
-    __syncthreads();
+    ConsumerSync();
     if (tid == 0) {
       float total = 0.0f;
-      for (int w = 0; w < kWarps; ++w) total += red[w];
-      red[kWarps] = 1.0f / sqrtf(total / ph.cols + ph.eps);
+      for (int w = 0; w < kConsumers; ++w) total += red[w];
+      red[kConsumers] = 1.0f / sqrtf(total / ph.cols + ph.eps);
     }
-    __syncthreads();
-    const float scale = red[kWarps];
+    ConsumerSync();
+    const float scale = red[kConsumers];
     const bool write = blockIdx.x == 0 && ph.norm_out != nullptr;
-    for (int i = tid * 4; i < ph.cols; i += kThreads * 4) {
+    for (int i = tid * 4; i < ph.cols; i += kConsumerThreads * 4) {
       float4& v = *reinterpret_cast<float4*>(stage + StagePos(i, ph.cols));
       const float4 w = __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
       v.x = __fmul_rn(__fmul_rn(v.x, scale), w.x);
@@ -180,75 +249,89 @@ __device__ __forceinline__ void StageInput(const Phase& ph, float* stage, float*
       if (write) __stcg(reinterpret_cast<float4*>(ph.norm_out + i), v);
     }
   }
-  __syncthreads();
+  ConsumerSync();
 }
 
-struct Stream {
-  int gw, nw;  // this warp's index in the grid, warps in the grid
-  int lane;
-  StepPos pos;  // the step in buf
-};
-
-// Warp gw takes units gw, gw + nw, ...; buf holds its first step of this phase on entry (loaded
-// before the barrier). Each step's weights are multiplied while the next step's are requested,
-// and the last step of the phase requests the next phase's first when that is a GEMV too.
-__device__ __forceinline__ void GemvPhase(const Phase* phs, int n, int p, Stream& st, const float* stage, uint4 (&buf)[kStepLoads]) {
-  const Phase& ph = phs[p];
-  const int lane = st.lane;
-  const float* hi = stage + ph.cols / 2;
-  if (st.pos.p != p) {  // not loaded ahead
-    st.pos = FirstStep(phs, n, p, st.gw);
-    if (st.pos.p == p) LoadStep(ph, st.pos, lane, buf);
+// Unit u's outputs from its row sums (with SwiGLU sum0 the gate's, sum1 the up's).
+__device__ __forceinline__ void GemvEpilogue(const Phase& ph, int u, float sum0, float sum1) {
+  if (ph.swiglu) {
+    __stcg(ph.out[0] + u, sum0);
+    __stcg(ph.out[1] + u, sum1);
+    __stcg(ph.swiglu_out + u, __fmul_rn(sum0 / (1.0f + expf(-sum0)), sum1));  // SwiGluKernel's arithmetic; may alias gate
+  } else {
+    int r;
+    const int j = JobRow(ph, u, r);
+    __stcg(ph.out[j] + r, sum0);
+    if (ph.residual != nullptr) __stcg(ph.residual + r, __ldcg(ph.residual + r) + sum0);
   }
-  float acc0 = 0.0f, acc1 = 0.0f;  // the row's sum; with SwiGLU gate's and up's
-  while (st.pos.p == p) {
-    const StepPos cur = st.pos;
-    if (ph.swiglu) {
-      const int count = min(kStepLoads / 2, ph.tiles - cur.t0);
+}
+
+// The block's chunks of the phase, consumed by warp w as items w, w + kConsumers, ...: item k is
+// chunk k % row_chunks of unit k / row_chunks (with SwiGLU, that chunk of the gate row and of the
+// up row against one read of the input). Rows of one chunk are finished by their warp; longer rows
+// leave each chunk's sum in shared memory (after the staged input) and are added up in chunk order
+// once all are in. `seq` is the stream position of the block's first chunk of the phase (the
+// producer's count), advanced here.
+__device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, unsigned& seq, float* stage) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool swiglu = ph.swiglu != 0;
+  const int cols = ph.cols, tiles = ph.tiles, row_chunks = RowChunks(ph), per_chunk = swiglu ? 2 : 1;
+  const float* hi = stage + cols / 2;
+  float* sums = stage + cols;  // [unit][chunk][gate, up] when row_chunks > 1
+  const BlockUnits bu = UnitsOf(ph, blockIdx.x, gridDim.x);
+  const int items = bu.count * row_chunks;
+  for (int k = warp; k < items; k += kConsumers) {
+    const int c = k % row_chunks, t0 = c * kChunkTiles, count = min(kChunkTiles, tiles - t0);
+    const unsigned s0 = seq + static_cast<unsigned>(k * per_chunk);
+    const int slot0 = static_cast<int>(s0 % kRingSlots), slot1 = static_cast<int>((s0 + 1) % kRingSlots);
+    const unsigned r0 = s0 / kRingSlots, r1 = (s0 + 1) / kRingSlots;
+    if (lane == 0) {
+      WaitConsumed(ring.consumed + slot0, r0, 64);
+      if (swiglu) WaitConsumed(ring.consumed + slot1, r1, 64);
+    }
+    __syncwarp();
+    BarrierWait(ring.full + slot0, r0 % 2);
+    if (swiglu) BarrierWait(ring.full + slot1, r1 % 2);
+    const unsigned char* w0 = ring.slots + static_cast<size_t>(slot0) * kChunkBytes + lane * 16;
+    const unsigned char* w1 = ring.slots + static_cast<size_t>(slot1) * kChunkBytes + lane * 16;
+    float acc0 = 0.0f, acc1 = 0.0f;  // with SwiGLU gate's and up's
 #pragma unroll
-      for (int i = 0; i < kStepLoads / 2; ++i) {
-        if (i < count) {
-          const int c = ((cur.t0 + i) * 32 + lane) * 4;
-          const float4 a = *reinterpret_cast<const float4*>(stage + c), b = *reinterpret_cast<const float4*>(hi + c);
-          acc0 = Dot8(buf[i], a, b, acc0);
-          acc1 = Dot8(buf[kStepLoads / 2 + i], a, b, acc1);
-        }
-      }
-    } else {
-      const int count = min(kStepLoads, ph.tiles - cur.t0);
-#pragma unroll
-      for (int i = 0; i < kStepLoads; ++i) {
-        if (i < count) {
-          const int c = ((cur.t0 + i) * 32 + lane) * 4;
-          const float4 a = *reinterpret_cast<const float4*>(stage + c), b = *reinterpret_cast<const float4*>(hi + c);
-          acc0 = Dot8(buf[i], a, b, acc0);
-        }
+    for (int t = 0; t < kChunkTiles; ++t) {
+      if (t < count) {
+        const int x = ((t0 + t) * 32 + lane) * 4;
+        const float4 a = *reinterpret_cast<const float4*>(stage + x), b = *reinterpret_cast<const float4*>(hi + x);
+        acc0 = Dot8(*reinterpret_cast<const uint4*>(w0 + t * kTileBytes), a, b, acc0);
+        if (swiglu) acc1 = Dot8(*reinterpret_cast<const uint4*>(w1 + t * kTileBytes), a, b, acc1);
       }
     }
-    StepPos next = NextInPhase(ph, cur, st.nw);
-    if (next.p < 0) next = FirstStep(phs, n, p + 1, st.gw);
-    st.pos = next;
-    if (next.p >= 0) LoadStep(phs[next.p], next, lane, buf);
-    if (cur.t0 + StepTiles(ph) < ph.tiles) continue;
-    // The row's end: reduce and write.
-    const int u = cur.u;
-    const float sum0 = WarpSum(acc0), sum1 = ph.swiglu ? WarpSum(acc1) : 0.0f;
-    acc0 = acc1 = 0.0f;
+    __syncwarp();
+    if (lane == 0) {
+      SetConsumed(ring.consumed + slot0, r0 + 1);
+      if (swiglu) SetConsumed(ring.consumed + slot1, r1 + 1);
+    }
+    const float sum0 = WarpSum(acc0), sum1 = swiglu ? WarpSum(acc1) : 0.0f;
     if (lane != 0) continue;
-    if (ph.swiglu) {
-      __stcg(ph.out[0] + u, sum0);
-      __stcg(ph.out[1] + u, sum1);
-      __stcg(ph.swiglu_out + u, __fmul_rn(sum0 / (1.0f + expf(-sum0)), sum1));  // SwiGluKernel's arithmetic; may alias gate
+    if (row_chunks > 1) {
+      sums[2 * k] = sum0;
+      sums[2 * k + 1] = sum1;
     } else {
-      int r;
-      const int j = JobRow(ph, u, r);
-      __stcg(ph.out[j] + r, sum0);
-      if (ph.residual != nullptr) __stcg(ph.residual + r, __ldcg(ph.residual + r) + sum0);
+      GemvEpilogue(ph, bu.first + k, sum0, sum1);
     }
+  }
+  seq += static_cast<unsigned>(items * per_chunk);
+  if (row_chunks == 1) return;
+  ConsumerSync();
+  for (int i = threadIdx.x; i < bu.count; i += kConsumerThreads) {
+    float sum0 = 0.0f, sum1 = 0.0f;
+    for (int c = 0; c < row_chunks; ++c) {
+      sum0 += sums[2 * (i * row_chunks + c)];
+      sum1 += sums[2 * (i * row_chunks + c) + 1];
+    }
+    GemvEpilogue(ph, bu.first + i, sum0, sum1);
   }
 }
 
-constexpr int kAttnWarps = 16;  // warps of a block that run an attention task (the rest wait)
+constexpr int kAttnWarps = kConsumers;  // warps of a block that run an attention task
 constexpr int kKeyUnroll = 4;   // keys a warp has in flight
 constexpr int kDimsPerLane = kHeadDim / 32;
 
@@ -305,20 +388,20 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     const bool owner = begin <= pos && pos < end;
     const size_t q_off = static_cast<size_t>(kv) * kGroup * kHeadDim;
     float* k = ph.k + static_cast<size_t>(kv) * kHeadDim;
-    __syncthreads();  // the previous task's reads of shared memory are done
-    for (int e = tid; e < kGroup * kHeadDim; e += kThreads) s_q[e] = __ldcg(ph.q + q_off + e);
+    ConsumerSync();  // the previous task's reads of shared memory are done
+    for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) s_q[e] = __ldcg(ph.q + q_off + e);
     if (owner && tid < kHeadDim) s_k[tid] = __ldcg(k + tid);
-    __syncthreads();
-    for (int t = tid; t < kGroup * (kHeadDim / 2); t += kThreads) RotatePair(s_q, t, kHeadDim, ph.cos_sin, ph.neox);
+    ConsumerSync();
+    for (int t = tid; t < kGroup * (kHeadDim / 2); t += kConsumerThreads) RotatePair(s_q, t, kHeadDim, ph.cos_sin, ph.neox);
     if (owner && tid < kHeadDim / 2) RotatePair(s_k, tid, kHeadDim, ph.cos_sin, ph.neox);
-    __syncthreads();
+    ConsumerSync();
     if (owner && tid < kHeadDim) {
       const size_t off = SlotOffset(ph.g, table, pos) + static_cast<size_t>(kv) * kHeadDim;
       __stcg(k + tid, s_k[tid]);
       StoreElem(ph.cache + off + tid, s_k[tid]);
       StoreElem(ph.cache + off + ph.g.v_delta + tid, __ldcg(ph.v + static_cast<size_t>(kv) * kHeadDim + tid));
     }
-    __syncthreads();
+    ConsumerSync();
     if (warp < kAttnWarps) {
       float qv[kGroup][kDimsPerLane], acc[kGroup][kDimsPerLane], mx[kGroup], sum[kGroup];
 #pragma unroll
@@ -342,9 +425,9 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
         for (int i = 0; i < kDimsPerLane; ++i) s_acc[warp][gi][lane * kDimsPerLane + i] = acc[gi][i];
       }
     }
-    __syncthreads();
+    ConsumerSync();
     float* part = partial + static_cast<size_t>(kv * S + split) * kPartFloats;
-    for (int e = tid; e < kGroup * kHeadDim; e += kThreads) {
+    for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
       const int gi = e / kHeadDim, d = e % kHeadDim;
       const WarpMerged m = MergeWarps(s_max, s_sum, s_acc, gi, d);
       __stcg(part + e, m.sum > 0.0f ? m.o / m.sum : 0.0f);  // an empty split: weight 0 in the merge
@@ -355,18 +438,18 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     }
     // The last of the kv head's S tasks to finish merges the splits (the cluster kernel's
     // arithmetic) and writes the rotated q heads back, as RopeWriteKv leaves them.
-    __syncthreads();
+    ConsumerSync();
     if (tid == 0) {
       __threadfence();
       const bool last = atomicAdd(arrivals + kv, 1u) == static_cast<unsigned>(S - 1);
       if (last) arrivals[kv] = 0;  // for the next layer (every task of this kv head has arrived)
       s_last = last;
     }
-    __syncthreads();
+    ConsumerSync();
     if (!s_last) continue;
     __threadfence();
     const float* base = partial + static_cast<size_t>(kv) * S * kPartFloats;
-    for (int e = tid; e < kGroup * kHeadDim; e += kThreads) {
+    for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
       const int gi = e / kHeadDim;
       const float o = MergeSplitElement(
           S,
@@ -389,30 +472,30 @@ __device__ __forceinline__ unsigned long long GlobalTimer() {
   return t;
 }
 
-// Gives buf new values (it is not read before the next LoadStep), so that its old ones are dead in
-// the code before and need no registers or saving there.
-__device__ __forceinline__ void Forget(uint4 (&buf)[kStepLoads]) {
-#pragma unroll
-  for (int i = 0; i < kStepLoads; ++i) buf[i] = make_uint4(0, 0, 0, 0);
-}
-
 __global__ void __launch_bounds__(kThreads, 1)
     PersistentKernel(const Program* __restrict__ prog, float* partial, unsigned* sync, unsigned long long* trace) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  __shared__ float red[kWarps + 1];
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ float red[kConsumers + 1];
   const int n = prog->num_phases;
   const Phase* ph = prog->phases;
   float* stage = reinterpret_cast<float*>(smem);
-  Stream st;
-  st.gw = static_cast<int>(blockIdx.x * kWarps + threadIdx.x / 32);
-  st.nw = static_cast<int>(gridDim.x * kWarps);
-  st.lane = threadIdx.x % 32;
-  uint4 buf[kStepLoads];
-  // Weights do not depend on earlier kernels: the first step is requested before the wait.
-  st.pos = FirstStep(ph, n, 0, st.gw);
-  if (st.pos.p == 0) LoadStep(ph[0], st.pos, st.lane, buf);
+  Ring ring;
+  ring.slots = smem + kRingOffset;
+  ring.full = reinterpret_cast<uint64_t*>(smem + kBarrierOffset);
+  ring.consumed = reinterpret_cast<unsigned*>(ring.full + kRingSlots);
+  if (threadIdx.x < kRingSlots) {
+    BarrierInit(ring.full + threadIdx.x, 1);  // the producer's arrival (with the copy's bytes)
+    ring.consumed[threadIdx.x] = 0;
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x >= kConsumerThreads) {
+    // Weights do not depend on earlier kernels: the producer starts before the wait.
+    if (threadIdx.x == kConsumerThreads) ProduceWeights(prog, ring);
+    return;
+  }
   WaitForPreviousKernel();
-  unsigned target = 0;
+  unsigned target = 0, seq = 0;
   for (int p = 0; p < n; ++p) {
     if (p > 0) GridBarrier(sync, target);
     if (p == n - 1) LetNextKernelLaunch();
@@ -420,20 +503,16 @@ __global__ void __launch_bounds__(kThreads, 1)
     const Phase& cur = ph[p];
     if (cur.kind == kGemvPhase) {
       StageInput(cur, stage, red);
-      GemvPhase(ph, n, p, st, stage, buf);
+      GemvPhase(cur, ring, seq, stage);
     } else if (cur.kind == kAttentionPhase) {
       AttentionPhase(cur, stage, partial, sync + 2);
-      Forget(buf);  // nothing is loaded across attention: its registers are free for it
-      // The next GEMV's first step streams while the grid meets.
-      st.pos = FirstStep(ph, n, p + 1, st.gw);
-      if (st.pos.p >= 0) LoadStep(ph[st.pos.p], st.pos, st.lane, buf);
     }
     if (trace != nullptr) {
-      __syncthreads();
+      ConsumerSync();
       if (threadIdx.x == 0) trace[static_cast<size_t>(n + p) * gridDim.x + blockIdx.x] = GlobalTimer();
     }
   }
-  __syncthreads();
+  ConsumerSync();
   if (threadIdx.x == 0) {
     // Every block is past its last barrier once all have arrived here: the last one resets the
     // counters for the next launch (which reads them only after this grid has finished).
@@ -448,7 +527,7 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch) {
   auto kernel = PersistentKernel;
-  const size_t smem = kSmemBytes;
+  const size_t smem = kDynamicSmem;
   static const int grid = [&] {
     Check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), "cudaFuncSetAttribute",
           __FILE__, __LINE__);
@@ -456,6 +535,7 @@ void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch) {
     Check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem), "cudaOccupancyMaxActiveBlocksPerMultiprocessor",
           __FILE__, __LINE__);
     if (per_sm < 1) Check(cudaErrorInvalidConfiguration, "PersistentKernel does not fit a multiprocessor", __FILE__, __LINE__);
+    if (MultiprocessorCount() < kMinGrid) Check(cudaErrorInvalidConfiguration, "PersistentKernel needs more multiprocessors", __FILE__, __LINE__);
     return MultiprocessorCount();  // one block each: all resident at once, as the barriers need
   }();
   float* partial = static_cast<float*>(scratch);

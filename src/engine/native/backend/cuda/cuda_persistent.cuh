@@ -15,7 +15,9 @@ namespace dyn::cuda::persist {
 
 constexpr int kTileBytes = 512;  // a warp's tile: 16 bytes (8 bf16) a lane
 constexpr int kTileCols = kTileBytes / 2;
-constexpr int kStageFloats = 16384;  // the widest input row a GEMV phase stages
+constexpr int kStageFloats = 16384;  // the widest input row a GEMV phase stages, and its row sums
+constexpr int kChunkBytes = 8192;    // a slot of the weight ring: up to 16 tiles of one row
+constexpr int kMinGrid = 64;         // multiprocessors the planner assumes at least (row sums' space)
 constexpr int kHeadDim = 128, kGroup = 4;
 constexpr int kMaxSplits = 16;
 constexpr int kPartFloats = kGroup * (kHeadDim + 2);  // a (kv head, split)'s outputs [4][128], then (max, sum) [4]
@@ -24,7 +26,6 @@ constexpr int kMaxKvHeads = 16;
 // barrier count, the exit count, an attention arrival count per kv head).
 constexpr size_t kPartialFloats = size_t{kMaxKvHeads} * kMaxSplits * kPartFloats;
 constexpr int kSyncWords = 2 + kMaxKvHeads;
-constexpr size_t kSmemBytes = kStageFloats * sizeof(float);
 constexpr int kMinGemvPhases = 8;  // shorter runs stay separate kernels
 constexpr size_t kMaxPhases = 1024;  // sizes the trace buffer
 

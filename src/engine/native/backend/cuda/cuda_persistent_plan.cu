@@ -23,6 +23,10 @@ bool GemvFits(const PersistentCall& c) {
     units += c.rows[j];
   }
   if (units >= (int64_t{1} << 30)) return false;
+  // Rows longer than a ring slot leave per-chunk sums beside the staged input: [units a block][chunks][2].
+  const int64_t row_chunks = (c.cols * 2 + kChunkBytes - 1) / kChunkBytes;
+  const int64_t block_units = ((c.swiglu_out != nullptr ? c.rows[0] : units) + kMinGrid - 1) / kMinGrid;
+  if (row_chunks > 1 && c.cols + 2 * row_chunks * block_units > kStageFloats) return false;
   return reinterpret_cast<uintptr_t>(c.in) % 16 == 0;
 }
 
