@@ -369,11 +369,28 @@ __device__ __forceinline__ void WarpAttend(const __nv_bfloat16* __restrict__ cac
   }
 }
 
+// trace (DYN_CUDA_PERSIST_TRACE=1, eager launches): each block's global timer at each phase's start
+// and end, [2][phases][grid] nanoseconds, then per block the attention tasks' step times summed
+// over the launch's attention phases ([grid][kAttnMarks], AttentionPhase's `marks`).
+__device__ __forceinline__ unsigned long long GlobalTimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
+}
+
 // RoPE + KV write + attention of one row: task (kv head, key split) per block; each task's
 // normalized output and (max, sum) go to `partial`, and the kv head's last task merges them.
-__device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float* partial, unsigned* arrivals) {
+__device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float* partial, unsigned* arrivals, unsigned long long* marks) {
   __shared__ bool s_last;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  unsigned long long before = 0;
+  // Step k of a task took from the last mark to now (thread 0, traced launches only).
+  auto mark = [&](int k) {
+    if (marks == nullptr || tid != 0) return;
+    const unsigned long long now = GlobalTimer();
+    if (k >= 0) marks[k] += now - before;
+    before = now;
+  };
   const int pos = __ldg(ph.meta.pos), len = pos + 1, S = Splits(len);
   const int32_t* table = ph.meta.tables + __ldg(ph.meta.table_offset);
   const int chunk = (len + S - 1) / S;
@@ -389,12 +406,16 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     const size_t q_off = static_cast<size_t>(kv) * kGroup * kHeadDim;
     float* k = ph.k + static_cast<size_t>(kv) * kHeadDim;
     ConsumerSync();  // the previous task's reads of shared memory are done
+    mark(-1);
+    if (marks != nullptr && tid == 0) marks[7] += 1;
     for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) s_q[e] = __ldcg(ph.q + q_off + e);
     if (owner && tid < kHeadDim) s_k[tid] = __ldcg(k + tid);
     ConsumerSync();
+    mark(0);  // q (and k) loaded
     for (int t = tid; t < kGroup * (kHeadDim / 2); t += kConsumerThreads) RotatePair(s_q, t, kHeadDim, ph.cos_sin, ph.neox);
     if (owner && tid < kHeadDim / 2) RotatePair(s_k, tid, kHeadDim, ph.cos_sin, ph.neox);
     ConsumerSync();
+    mark(1);  // rotated
     if (owner && tid < kHeadDim) {
       const size_t off = SlotOffset(ph.g, table, pos) + static_cast<size_t>(kv) * kHeadDim;
       __stcg(k + tid, s_k[tid]);
@@ -402,6 +423,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
       StoreElem(ph.cache + off + ph.g.v_delta + tid, __ldcg(ph.v + static_cast<size_t>(kv) * kHeadDim + tid));
     }
     ConsumerSync();
+    mark(2);  // new K/V written
     if (warp < kAttnWarps) {
       float qv[kGroup][kDimsPerLane], acc[kGroup][kDimsPerLane], mx[kGroup], sum[kGroup];
 #pragma unroll
@@ -426,6 +448,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
       }
     }
     ConsumerSync();
+    mark(3);  // keys attended
     float* part = partial + static_cast<size_t>(kv * S + split) * kPartFloats;
     for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
       const int gi = e / kHeadDim, d = e % kHeadDim;
@@ -446,6 +469,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
       s_last = last;
     }
     ConsumerSync();
+    mark(4);  // partial written, arrival counted
     if (!s_last) continue;
     __threadfence();
     const float* base = partial + static_cast<size_t>(kv) * S * kPartFloats;
@@ -461,15 +485,9 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
       __stcg(ph.attn_out + q_off + e, o);
       __stcg(ph.q + q_off + e, s_q[e]);
     }
+    mark(5);  // splits merged (the last task)
+    if (marks != nullptr && tid == 0) marks[6] += 1;
   }
-}
-
-// trace (DYN_CUDA_PERSIST_TRACE=1, eager launches): each block's global timer at each phase's start
-// and end, [2][phases][grid] nanoseconds.
-__device__ __forceinline__ unsigned long long GlobalTimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
@@ -505,7 +523,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       StageInput(cur, stage, red);
       GemvPhase(cur, ring, seq, stage);
     } else if (cur.kind == kAttentionPhase) {
-      AttentionPhase(cur, stage, partial, sync + 2);
+      AttentionPhase(cur, stage, partial, sync + 2,
+                     trace != nullptr ? trace + 2 * kMaxPhases * gridDim.x + blockIdx.x * kAttnMarks : nullptr);
     }
     if (trace != nullptr) {
       ConsumerSync();
@@ -549,7 +568,9 @@ void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch) {
   unsigned long long* trace = nullptr;
   if (tracing && capturing == cudaStreamCaptureStatusNone) {
     static unsigned long long* buf = nullptr;
-    if (buf == nullptr) Check(cudaMalloc(&buf, 2 * kMaxPhases * grid * sizeof(unsigned long long)), "cudaMalloc", __FILE__, __LINE__);
+    const size_t words = (2 * kMaxPhases + kAttnMarks) * grid;
+    if (buf == nullptr) Check(cudaMalloc(&buf, words * sizeof(unsigned long long)), "cudaMalloc", __FILE__, __LINE__);
+    Check(cudaMemsetAsync(buf, 0, words * sizeof(unsigned long long), stream), "cudaMemsetAsync", __FILE__, __LINE__);
     trace = buf;
   }
   LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const Program*>(program), partial, sync, trace);

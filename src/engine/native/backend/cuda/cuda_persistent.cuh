@@ -28,6 +28,7 @@ constexpr size_t kPartialFloats = size_t{kMaxKvHeads} * kMaxSplits * kPartFloats
 constexpr int kSyncWords = 2 + kMaxKvHeads;
 constexpr int kMinGemvPhases = 8;  // shorter runs stay separate kernels
 constexpr size_t kMaxPhases = 1024;  // sizes the trace buffer
+constexpr int kAttnMarks = 8;        // per block in a trace: attention task step times 0-5, merges, tasks
 
 enum PhaseKind : int32_t { kGemvPhase, kAttentionPhase };
 

@@ -73,6 +73,25 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
     last_end = ends.back();
   }
   std::fprintf(stderr, "persistent kernel: %d phases, %.1f us from the first block's start to the last end\n", n, (last_end - t0) * 1e-3);
+  // Attention tasks' steps (summed over the launch's attention phases in each block): the median
+  // and the largest over the blocks that ran tasks, per phase.
+  std::vector<unsigned long long> marks(static_cast<size_t>(kAttnMarks) * grid);
+  Check(cudaMemcpy(marks.data(), trace + 2 * kMaxPhases * grid, marks.size() * sizeof(marks[0]), cudaMemcpyDeviceToHost), "cudaMemcpy",
+        __FILE__, __LINE__);
+  const int attention_phases = static_cast<int>(std::count_if(phases.begin(), phases.end(), [](const Phase& p) { return p.kind == kAttentionPhase; }));
+  static const char* const kSteps[] = {"q/k load", "rope", "kv write", "key loop", "partial + arrival", "merge (last task)"};
+  if (attention_phases > 0) {
+    for (int k = 0; k < 6; ++k) {
+      std::vector<double> v;
+      for (int b = 0; b < grid; ++b) {
+        const unsigned long long* m = &marks[static_cast<size_t>(b) * kAttnMarks];
+        if (m[k == 5 ? 6 : 7] > 0) v.push_back(m[k] * 1e-3 / static_cast<double>(m[k == 5 ? 6 : 7]));
+      }
+      if (v.empty()) continue;
+      std::sort(v.begin(), v.end());
+      std::fprintf(stderr, "  attention task step %-18s: median %6.2f us, max %6.2f (%zu blocks)\n", kSteps[k], v[v.size() / 2], v.back(), v.size());
+    }
+  }
   for (const auto& [kind, a] : by_kind) {
     std::fprintf(stderr, "  %-32s x%3d: work %7.2f us (median block), tail %6.2f, barrier before %6.2f; total %8.1f us\n",
                  kind.c_str(), a.count, a.work / a.count, a.tail / a.count, a.barrier / a.count, a.work + a.tail + a.barrier);
