@@ -170,6 +170,17 @@ TEST(CudaKernelRulesTest, PersistentPlannerTakesWholeDecodeLayers) {
     EXPECT_EQ(cuda::PlanPersistent(calls, &program), 2 * 7);
     EXPECT_EQ(phases(program), 2 * 5);
   }
+  // Rows longer than a ring slot (14336 columns: 4 chunks) leave each chunk's sum beside the staged
+  // input, 2 floats a chunk for every row a block may get (a grid of at least 64): 16384 rows fit
+  // in the 16384 floats, one more does not, and the run ends before that GEMV.
+  for (const auto& [rows, taken] : {std::pair<int64_t, bool>{16384, true}, std::pair<int64_t, bool>{16385, false}}) {
+    std::vector<Call> calls;
+    layer(calls, 0, 128);
+    layer(calls, 1, 128);
+    calls.push_back(gemv(gate, {{w(98), rows}}, {logits}, 14336));
+    calls.push_back(Call{});
+    EXPECT_EQ(cuda::PlanPersistent(calls, &program), 2 * 7 + (taken ? 1 : 0)) << rows << " rows";
+  }
 }
 
 // `rows` rows of logits for 4 tokens of probability 0.1, 0.2, 0.3, 0.4.
