@@ -142,10 +142,7 @@ Result<Value> Slice(const Value& obj, const Value& start_v, const Value& stop_v,
 }  // namespace
 
 Result<Value> Interpreter::Eval(const Expr& e, const std::shared_ptr<Scope>& scope) {
-  if (++eval_depth_ > kMaxEvalDepth) {
-    --eval_depth_;
-    return Status::ResourceExhausted("template evaluation nested too deeply");
-  }
+  DYN_RETURN_IF_ERROR(EnterFrame());
   struct Unwind {
     int& depth;
     ~Unwind() { --depth; }

@@ -75,6 +75,7 @@ Status Interpreter::Emit(std::string_view text) {
 Result<std::string> Interpreter::Run(const Body& body, std::shared_ptr<Scope> globals) {
   std::string out;
   out_ = &out;
+  stack_top_ = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
   auto flow = ExecBody(body, globals);
   out_ = nullptr;
   closures_.clear();
@@ -128,11 +129,17 @@ Status Interpreter::Assign(const Expr& target, Value value, const std::shared_pt
   return Status::Ok();
 }
 
-Result<Interpreter::Flow> Interpreter::Exec(const Stmt& s, const std::shared_ptr<Scope>& scope) {
-  if (++eval_depth_ > kMaxEvalDepth) {
-    --eval_depth_;
+Status Interpreter::EnterFrame() {
+  const auto here = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+  if (eval_depth_ >= kMaxEvalDepth || (stack_top_ > here && stack_top_ - here > kMaxEvalStackBytes)) {
     return Status::ResourceExhausted("template evaluation nested too deeply");
   }
+  ++eval_depth_;
+  return Status::Ok();
+}
+
+Result<Interpreter::Flow> Interpreter::Exec(const Stmt& s, const std::shared_ptr<Scope>& scope) {
+  DYN_RETURN_IF_ERROR(EnterFrame());
   struct Unwind {
     int& depth;
     ~Unwind() { --depth; }

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
@@ -39,8 +40,11 @@ struct Args {
 // Largest list or dict a template may build (strings are bounded by max_output_bytes).
 constexpr size_t kMaxContainerItems = 1u << 18;
 // Deepest nesting of statement and expression evaluation (C++ stack frames), whatever mix of
-// macro recursion, nested blocks and tall expressions produces it.
-constexpr int kMaxEvalDepth = 1000;  // about 1 MiB of stack at most
+// macro recursion, nested blocks and tall expressions produces it: at most kMaxEvalDepth frames
+// (about 1 MiB of stack in a normal build) and at most kMaxEvalStackBytes of stack below Run's
+// frame (sanitizer builds' frames are several times larger: 1000 of them overflowed 8 MiB).
+constexpr int kMaxEvalDepth = 1000;
+constexpr uintptr_t kMaxEvalStackBytes = uintptr_t{2} << 20;
 
 class Interpreter {
  public:
@@ -77,12 +81,15 @@ class Interpreter {
   Result<Value> EvalCompare(const Expr& e, const std::shared_ptr<Scope>& scope);
   Status EvalArgs(const Expr& e, size_t first, const std::shared_ptr<Scope>& scope, Args& args);
   Result<Value> CallMacro(const Callable& fn, Args args);
+  // Enters one more nested Exec/Eval frame, or says it would be too deep (then nothing changes).
+  Status EnterFrame();
 
   RenderLimits limits_;
   Clock clock_;
   uint64_t steps_ = 0;
   int depth_ = 0;        // macro / recursive loop calls
   int eval_depth_ = 0;   // nested Exec/Eval frames on the C++ stack
+  uintptr_t stack_top_ = 0;  // Run's frame address (the stack grows down from it)
   std::string* out_ = nullptr;
   // Scopes that macros close over; weak references from the macros avoid cycles.
   std::vector<std::shared_ptr<Scope>> closures_;
