@@ -26,14 +26,14 @@ std::string Ok(std::string_view source, const boost::json::object& vars = {}) {
   return r.ok() ? *r : std::string();
 }
 
-// Runs `source` and requires an error of `code` within a couple of seconds.
-void ExpectPromptError(const std::string& source, StatusCode code, const RenderLimits& limits = {}) {
-  auto start = std::chrono::steady_clock::now();
+// Runs `source` and requires an error of `code` (whose message contains `what`, when given). How
+// soon the limits stop a render is counted in steps, not timed here: wall time depends on the
+// build (sanitizers run this 5-15x slower) and the machine.
+void ExpectPromptError(const std::string& source, StatusCode code, const RenderLimits& limits = {}, std::string_view what = {}) {
   auto r = RenderSource(source, {}, limits);
-  double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   ASSERT_FALSE(r.ok()) << source.substr(0, 80) << " rendered " << r->size() << " bytes";
   EXPECT_EQ(r.status().code(), code) << r.status().ToString();
-  EXPECT_LT(seconds, 5.0) << source.substr(0, 80);
+  EXPECT_NE(r.status().message().find(what), std::string::npos) << r.status().ToString();
 }
 
 TEST(ChatTemplate, RendersVariablesAndWhitespaceControl) {
@@ -109,10 +109,11 @@ TEST(ChatTemplate, HugeRangesAndLoopsAreBounded) {
 }
 
 TEST(ChatTemplate, DefaultStepLimitStopsLongLoopsPromptly) {
+  // 10^15 iterations, stopped by the default 10M-step limit (about a second of CPU).
   ExpectPromptError(
       "{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}"
       "{% endfor %}{% endfor %}{% endfor %}",
-      StatusCode::kResourceExhausted);
+      StatusCode::kResourceExhausted, {}, "step limit (10000000)");
 }
 
 TEST(ChatTemplate, RecursionIsBounded) {
