@@ -28,11 +28,6 @@ int g_rows_at_m1 = 1;
 int RowsPerBlock(int m) { return m == 1 ? g_rows_at_m1 : kRowsPerBlock; }
 constexpr int kUnroll = 4;
 
-__device__ __forceinline__ void Bf16x2ToFloat(uint32_t bits, float& lo, float& hi) {
-  lo = __uint_as_float(bits << 16);
-  hi = __uint_as_float(bits & 0xFFFF0000u);
-}
-
 template <int M>
 __device__ __forceinline__ void Accumulate(const uint4& wv, const float* __restrict__ x, int64_t cols, int64_t c8,
                                            float (&acc)[M]) {

@@ -76,6 +76,12 @@ __device__ __forceinline__ float WarpSum(float v) {
   return v;
 }
 
+// The two bf16 values packed in bits (low half first) as floats.
+__device__ __forceinline__ void Bf16x2ToFloat(uint32_t bits, float& lo, float& hi) {
+  lo = __uint_as_float(bits << 16);
+  hi = __uint_as_float(bits & 0xFFFF0000u);
+}
+
 // A device load of 16 bytes that is read once (weights): not kept in L1.
 __device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
   uint4 v;

@@ -149,8 +149,7 @@ __device__ void ProduceWeights(const Program* prog, const Ring& ring) {
     const size_t row_bytes = static_cast<size_t>(ph.cols) * 2;
     const unsigned last_bytes = static_cast<unsigned>(row_bytes - static_cast<size_t>(row_chunks - 1) * kChunkBytes);
     int r;
-    int j = swiglu ? 0 : JobRow(ph, bu.first, r);
-    if (swiglu) r = bu.first;
+    int j = JobRow(ph, bu.first, r);  // with SwiGLU (0, unit): units stay below the gate's rows
     int64_t job_rows = ph.rows[j];
     const char* row = reinterpret_cast<const char*>(ph.w[j]) + static_cast<size_t>(r) * row_bytes;
     const char* up = swiglu ? reinterpret_cast<const char*>(ph.w[1]) + static_cast<size_t>(r) * row_bytes : nullptr;
@@ -183,16 +182,19 @@ __device__ __forceinline__ float Dot8(const uint4& wv, const float4& a, const fl
   const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    acc = fmaf(__uint_as_float(ws[i] << 16), xs[2 * i], acc);
-    acc = fmaf(__uint_as_float(ws[i] & 0xFFFF0000u), xs[2 * i + 1], acc);
+    float lo, hi;
+    Bf16x2ToFloat(ws[i], lo, hi);
+    acc = fmaf(lo, xs[2 * i], acc);
+    acc = fmaf(hi, xs[2 * i + 1], acc);
   }
   return acc;
 }
 
 // ---- grid barrier ----
 
-// Every block's consumers arrive at the monotonic counter and waits until all have (target grows by the grid
-// each barrier). Writes before it are visible after it (fence before the arrival, acquire load).
+// Every block's consumers arrive at the monotonic counter and wait until all have (target grows by
+// the grid each barrier). Writes before it are visible after it (fence before the arrival, acquire
+// load).
 __device__ __forceinline__ void GridBarrier(unsigned* count, unsigned& target) {
   ConsumerSync();
   target += gridDim.x;
@@ -331,7 +333,7 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
   }
 }
 
-constexpr int kAttnWarps = kConsumers;  // warps of a block that run an attention task
+constexpr int kAttnWarps = kConsumers;  // every consumer warp runs the attention task
 constexpr int kKeyUnroll = 4;   // keys a warp has in flight
 constexpr int kDimsPerLane = kHeadDim / 32;
 
@@ -407,7 +409,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     float* k = ph.k + static_cast<size_t>(kv) * kHeadDim;
     ConsumerSync();  // the previous task's reads of shared memory are done
     mark(-1);
-    if (marks != nullptr && tid == 0) marks[7] += 1;
+    if (marks != nullptr && tid == 0) marks[kAttnTasksMark] += 1;
     for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) s_q[e] = __ldcg(ph.q + q_off + e);
     if (owner && tid < kHeadDim) s_k[tid] = __ldcg(k + tid);
     ConsumerSync();
@@ -424,28 +426,26 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     }
     ConsumerSync();
     mark(2);  // new K/V written
-    if (warp < kAttnWarps) {
-      float qv[kGroup][kDimsPerLane], acc[kGroup][kDimsPerLane], mx[kGroup], sum[kGroup];
+    float qv[kGroup][kDimsPerLane], acc[kGroup][kDimsPerLane], mx[kGroup], sum[kGroup];
 #pragma unroll
-      for (int gi = 0; gi < kGroup; ++gi) {
+    for (int gi = 0; gi < kGroup; ++gi) {
 #pragma unroll
-        for (int i = 0; i < kDimsPerLane; ++i) {
-          qv[gi][i] = s_q[gi * kHeadDim + lane * kDimsPerLane + i];
-          acc[gi][i] = 0.0f;
-        }
-        mx[gi] = -INFINITY;
-        sum[gi] = 0.0f;
+      for (int i = 0; i < kDimsPerLane; ++i) {
+        qv[gi][i] = s_q[gi * kHeadDim + lane * kDimsPerLane + i];
+        acc[gi][i] = 0.0f;
       }
-      WarpAttend(ph.cache, ph.g, table, kv, begin, end, ph.scale, qv, mx, sum, acc);
+      mx[gi] = -INFINITY;
+      sum[gi] = 0.0f;
+    }
+    WarpAttend(ph.cache, ph.g, table, kv, begin, end, ph.scale, qv, mx, sum, acc);
 #pragma unroll
-      for (int gi = 0; gi < kGroup; ++gi) {
-        if (lane == 0) {
-          s_max[warp][gi] = mx[gi];
-          s_sum[warp][gi] = sum[gi];
-        }
-#pragma unroll
-        for (int i = 0; i < kDimsPerLane; ++i) s_acc[warp][gi][lane * kDimsPerLane + i] = acc[gi][i];
+    for (int gi = 0; gi < kGroup; ++gi) {
+      if (lane == 0) {
+        s_max[warp][gi] = mx[gi];
+        s_sum[warp][gi] = sum[gi];
       }
+#pragma unroll
+      for (int i = 0; i < kDimsPerLane; ++i) s_acc[warp][gi][lane * kDimsPerLane + i] = acc[gi][i];
     }
     ConsumerSync();
     mark(3);  // keys attended
@@ -486,7 +486,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
       __stcg(ph.q + q_off + e, s_q[e]);
     }
     mark(5);  // splits merged (the last task)
-    if (marks != nullptr && tid == 0) marks[6] += 1;
+    if (marks != nullptr && tid == 0) marks[kAttnMergesMark] += 1;
   }
 }
 
@@ -524,7 +524,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       GemvPhase(cur, ring, seq, stage);
     } else if (cur.kind == kAttentionPhase) {
       AttentionPhase(cur, stage, partial, sync + 2,
-                     trace != nullptr ? trace + 2 * kMaxPhases * gridDim.x + blockIdx.x * kAttnMarks : nullptr);
+                     trace != nullptr ? trace + TraceMarksOffset(gridDim.x) + blockIdx.x * kAttnMarks : nullptr);
     }
     if (trace != nullptr) {
       ConsumerSync();
@@ -568,7 +568,7 @@ void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch) {
   unsigned long long* trace = nullptr;
   if (tracing && capturing == cudaStreamCaptureStatusNone) {
     static unsigned long long* buf = nullptr;
-    const size_t words = (2 * kMaxPhases + kAttnMarks) * grid;
+    const size_t words = TraceWords(grid);
     if (buf == nullptr) Check(cudaMalloc(&buf, words * sizeof(unsigned long long)), "cudaMalloc", __FILE__, __LINE__);
     Check(cudaMemsetAsync(buf, 0, words * sizeof(unsigned long long), stream), "cudaMemsetAsync", __FILE__, __LINE__);
     trace = buf;

@@ -28,7 +28,12 @@ constexpr size_t kPartialFloats = size_t{kMaxKvHeads} * kMaxSplits * kPartFloats
 constexpr int kSyncWords = 2 + kMaxKvHeads;
 constexpr int kMinGemvPhases = 8;  // shorter runs stay separate kernels
 constexpr size_t kMaxPhases = 1024;  // sizes the trace buffer
-constexpr int kAttnMarks = 8;        // per block in a trace: attention task step times 0-5, merges, tasks
+// A traced launch's buffer: [2][kMaxPhases][grid] phase start/end times, then per block
+// kAttnMarks words: the attention task's kAttnSteps step times summed over the launch, then how
+// many of its tasks merged splits and how many it ran.
+constexpr int kAttnSteps = 6, kAttnMergesMark = kAttnSteps, kAttnTasksMark = kAttnSteps + 1, kAttnMarks = kAttnSteps + 2;
+__host__ __device__ constexpr size_t TraceMarksOffset(int grid) { return 2 * kMaxPhases * static_cast<size_t>(grid); }
+constexpr size_t TraceWords(int grid) { return TraceMarksOffset(grid) + static_cast<size_t>(kAttnMarks) * grid; }
 
 enum PhaseKind : int32_t { kGemvPhase, kAttentionPhase };
 

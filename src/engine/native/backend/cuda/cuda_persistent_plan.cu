@@ -76,16 +76,17 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
   // Attention tasks' steps (summed over the launch's attention phases in each block): the median
   // and the largest over the blocks that ran tasks, per phase.
   std::vector<unsigned long long> marks(static_cast<size_t>(kAttnMarks) * grid);
-  Check(cudaMemcpy(marks.data(), trace + 2 * kMaxPhases * grid, marks.size() * sizeof(marks[0]), cudaMemcpyDeviceToHost), "cudaMemcpy",
+  Check(cudaMemcpy(marks.data(), trace + TraceMarksOffset(grid), marks.size() * sizeof(marks[0]), cudaMemcpyDeviceToHost), "cudaMemcpy",
         __FILE__, __LINE__);
   const int attention_phases = static_cast<int>(std::count_if(phases.begin(), phases.end(), [](const Phase& p) { return p.kind == kAttentionPhase; }));
-  static const char* const kSteps[] = {"q/k load", "rope", "kv write", "key loop", "partial + arrival", "merge (last task)"};
+  static const char* const kSteps[kAttnSteps] = {"q/k load", "rope", "kv write", "key loop", "partial + arrival", "merge (last task)"};
   if (attention_phases > 0) {
-    for (int k = 0; k < 6; ++k) {
+    for (int k = 0; k < kAttnSteps; ++k) {
       std::vector<double> v;
       for (int b = 0; b < grid; ++b) {
         const unsigned long long* m = &marks[static_cast<size_t>(b) * kAttnMarks];
-        if (m[k == 5 ? 6 : 7] > 0) v.push_back(m[k] * 1e-3 / static_cast<double>(m[k == 5 ? 6 : 7]));
+        const unsigned long long times = m[k == kAttnSteps - 1 ? kAttnMergesMark : kAttnTasksMark];  // the merge: last tasks only
+        if (times > 0) v.push_back(m[k] * 1e-3 / static_cast<double>(times));
       }
       if (v.empty()) continue;
       std::sort(v.begin(), v.end());
