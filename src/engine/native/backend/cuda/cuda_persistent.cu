@@ -192,15 +192,24 @@ __device__ __forceinline__ float Dot8(const uint4& wv, const float4& a, const fl
 
 // ---- grid barrier ----
 
+// Counter updates that order memory without a full fence (__threadfence is fence.sc.gpu, which
+// waits out the whole memory system, several microseconds while the weights stream): the writes
+// this thread made, and those of the threads that met it at a block barrier just before, are
+// visible to a thread that acquires the counter's new value (and, after a barrier, to its block).
+__device__ __forceinline__ void ReleaseAdd(unsigned* p) { asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(p) : "memory"); }
+__device__ __forceinline__ unsigned AcqRelAdd(unsigned* p) {
+  unsigned old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
+  return old;
+}
+
 // Every block's consumers arrive at the monotonic counter and wait until all have (target grows by
-// the grid each barrier). Writes before it are visible after it (fence before the arrival, acquire
-// load).
+// the grid each barrier). Writes before it are visible after it (release add, acquire load).
 __device__ __forceinline__ void GridBarrier(unsigned* count, unsigned& target) {
   ConsumerSync();
   target += gridDim.x;
   if (threadIdx.x == 0) {
-    __threadfence();
-    atomicAdd(count, 1u);
+    ReleaseAdd(count);
     unsigned v;
     do {
       asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
@@ -380,6 +389,48 @@ __device__ __forceinline__ unsigned long long GlobalTimer() {
   return t;
 }
 
+// A kv head's attention output merged from its `splits` key splits' partials at `base`, and its
+// rotated q heads written back (as RopeWriteKv leaves them): MergeSplitElement's arithmetic (each
+// split's normalized output weighted by sum * exp(max - max'), in split order), with the (max, sum)
+// pairs staged in shared memory first and each element's outputs of all splits loaded together
+// (loaded one after another they took ~10 us at 9 splits, 15 at 16: docs/benchmarks/cuda.md, round 9).
+__device__ __forceinline__ void MergeKvHead(const float* base, int splits, float* out, float* q, const float* s_q, float2* s_ml) {
+  const int tid = threadIdx.x;
+  if (tid < splits * kGroup) {
+    const int sp = tid / kGroup, gi = tid % kGroup;
+    s_ml[tid] = __ldcg(reinterpret_cast<const float2*>(base + sp * kPartFloats + kGroup * kHeadDim + 2 * gi));
+  }
+  ConsumerSync();
+  for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
+    const int gi = e / kHeadDim;
+    float total_max = -INFINITY;
+    for (int sp = 0; sp < splits; ++sp) {
+      const float2 m = s_ml[sp * kGroup + gi];
+      if (m.y > 0.0f) total_max = fmaxf(total_max, m.x);
+    }
+    // The outputs in two groups of kMaxSplits / 2 loads in flight (all 16 at once spilled registers).
+    constexpr int kHalf = kMaxSplits / 2;
+    float total = 0.0f, o = 0.0f;
+    for (int s0 = 0; s0 < splits; s0 += kHalf) {
+      float part[kHalf];
+#pragma unroll
+      for (int t = 0; t < kHalf; ++t) {
+        if (s0 + t < splits) part[t] = __ldcg(base + (s0 + t) * kPartFloats + e);
+      }
+#pragma unroll
+      for (int t = 0; t < kHalf; ++t) {
+        if (s0 + t >= splits) continue;
+        const float2 m = s_ml[(s0 + t) * kGroup + gi];
+        const float w = m.y > 0.0f ? m.y * expf(m.x - total_max) : 0.0f;
+        total += w;
+        if (w > 0.0f) o += part[t] * w;
+      }
+    }
+    __stcg(out + e, o * (1.0f / total));
+    __stcg(q + e, s_q[e]);
+  }
+}
+
 // RoPE + KV write + attention of one row: task (kv head, key split) per block; each task's
 // normalized output and (max, sum) go to `partial`, and the kv head's last task merges them.
 __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float* partial, unsigned* arrivals, unsigned long long* marks) {
@@ -401,6 +452,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
   auto& s_max = *reinterpret_cast<float(*)[kAttnWarps][kGroup]>(stage + 5 * kHeadDim);
   auto& s_sum = *reinterpret_cast<float(*)[kAttnWarps][kGroup]>(stage + 5 * kHeadDim + kAttnWarps * kGroup);
   auto& s_acc = *reinterpret_cast<float(*)[kAttnWarps][kGroup][kHeadDim]>(stage + 5 * kHeadDim + 2 * kAttnWarps * kGroup);
+  float2* s_ml = reinterpret_cast<float2*>(stage + 5 * kHeadDim + 2 * kAttnWarps * kGroup + kAttnWarps * kGroup * kHeadDim);  // [kMaxSplits][kGroup]
   for (int task = blockIdx.x; task < ph.kv_heads * S; task += gridDim.x) {
     const int kv = task / S, split = task % S;
     const int begin = split * chunk, end = min(len, begin + chunk);
@@ -463,28 +515,14 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     // arithmetic) and writes the rotated q heads back, as RopeWriteKv leaves them.
     ConsumerSync();
     if (tid == 0) {
-      __threadfence();
-      const bool last = atomicAdd(arrivals + kv, 1u) == static_cast<unsigned>(S - 1);
+      const bool last = AcqRelAdd(arrivals + kv) == static_cast<unsigned>(S - 1);
       if (last) arrivals[kv] = 0;  // for the next layer (every task of this kv head has arrived)
       s_last = last;
     }
     ConsumerSync();
     mark(4);  // partial written, arrival counted
     if (!s_last) continue;
-    __threadfence();
-    const float* base = partial + static_cast<size_t>(kv) * S * kPartFloats;
-    for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
-      const int gi = e / kHeadDim;
-      const float o = MergeSplitElement(
-          S,
-          [&](int sp) {
-            const float* ml = base + sp * kPartFloats + kGroup * kHeadDim + 2 * gi;
-            return make_float2(__ldcg(ml), __ldcg(ml + 1));
-          },
-          [&](int sp) { return __ldcg(base + sp * kPartFloats + e); });
-      __stcg(ph.attn_out + q_off + e, o);
-      __stcg(ph.q + q_off + e, s_q[e]);
-    }
+    MergeKvHead(partial + static_cast<size_t>(kv) * S * kPartFloats, S, ph.attn_out + q_off, ph.q + q_off, s_q, s_ml);
     mark(5);  // splits merged (the last task)
     if (marks != nullptr && tid == 0) marks[kAttnMergesMark] += 1;
   }
