@@ -231,6 +231,8 @@ __device__ __forceinline__ void StageInput(const Phase& ph, float* stage, float*
   const int tid = threadIdx.x;
   float ss = 0.0f;
   for (int i = tid * 4; i < ph.cols; i += kConsumerThreads * 4) {
+    // the norm weight into L1 now, so its loads below do not wait on L2 after the reduction
+    if (ph.norm_w != nullptr) asm volatile("prefetch.global.L1 [%0];" ::"l"(ph.norm_w + i));
     const float4 v = __ldcg(reinterpret_cast<const float4*>(ph.in + i));
     *reinterpret_cast<float4*>(stage + StagePos(i, ph.cols)) = v;
     ss = fmaf(v.x, v.x, ss);
@@ -264,7 +266,8 @@ __device__ __forceinline__ void StageInput(const Phase& ph, float* stage, float*
 }
 
 // Unit u's outputs from its row sums (with SwiGLU sum0 the gate's, sum1 the up's).
-__device__ __forceinline__ void GemvEpilogue(const Phase& ph, int u, float sum0, float sum1) {
+// res: residual[r] loaded ahead (the dependent L2 load after the sums held the warp ~1 us a row).
+__device__ __forceinline__ void GemvEpilogue(const Phase& ph, int u, float sum0, float sum1, float res) {
   if (ph.swiglu) {
     __stcg(ph.out[0] + u, sum0);
     __stcg(ph.out[1] + u, sum1);
@@ -273,7 +276,7 @@ __device__ __forceinline__ void GemvEpilogue(const Phase& ph, int u, float sum0,
     int r;
     const int j = JobRow(ph, u, r);
     __stcg(ph.out[j] + r, sum0);
-    if (ph.residual != nullptr) __stcg(ph.residual + r, __ldcg(ph.residual + r) + sum0);
+    if (ph.residual != nullptr) __stcg(ph.residual + r, res + sum0);
   }
 }
 
@@ -283,7 +286,19 @@ __device__ __forceinline__ void GemvEpilogue(const Phase& ph, int u, float sum0,
 // leave each chunk's sum in shared memory (after the staged input) and are added up in chunk order
 // once all are in. `seq` is the stream position of the block's first chunk of the phase (the
 // producer's count), advanced here.
-__device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, unsigned& seq, float* stage) {
+__device__ __forceinline__ bool BarrierTest(uint64_t* bar, unsigned parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(SmemAddress(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+__device__ __forceinline__ unsigned long long GlobalTimer();
+
+__device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, unsigned& seq, float* stage, unsigned long long* gm) {
+  unsigned long long ready = 0, waited = 0, taken = 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool swiglu = ph.swiglu != 0;
   const int cols = ph.cols, tiles = ph.tiles, row_chunks = RowChunks(ph), per_chunk = swiglu ? 2 : 1;
@@ -296,6 +311,19 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
     const unsigned s0 = seq + static_cast<unsigned>(k * per_chunk);
     const int slot0 = static_cast<int>(s0 % kRingSlots), slot1 = static_cast<int>((s0 + 1) % kRingSlots);
     const unsigned r0 = s0 / kRingSlots, r1 = (s0 + 1) / kRingSlots;
+    float res = 0.0f;
+    if (lane == 0 && row_chunks == 1 && ph.residual != nullptr) {
+      int r;
+      JobRow(ph, bu.first + k, r);
+      res = __ldcg(ph.residual + r);
+    }
+    unsigned long long t_wait = 0;
+    if (gm != nullptr && lane == 0) {
+      t_wait = GlobalTimer();
+      taken += per_chunk;
+      ready += BarrierTest(ring.full + slot0, r0 % 2) ? 1 : 0;
+      if (swiglu) ready += BarrierTest(ring.full + slot1, r1 % 2) ? 1 : 0;
+    }
     if (lane == 0) {
       WaitConsumed(ring.consumed + slot0, r0, 64);
       if (swiglu) WaitConsumed(ring.consumed + slot1, r1, 64);
@@ -303,6 +331,7 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
     __syncwarp();
     BarrierWait(ring.full + slot0, r0 % 2);
     if (swiglu) BarrierWait(ring.full + slot1, r1 % 2);
+    if (gm != nullptr && lane == 0) waited += GlobalTimer() - t_wait;
     const unsigned char* w0 = ring.slots + static_cast<size_t>(slot0) * kChunkBytes + lane * 16;
     const unsigned char* w1 = ring.slots + static_cast<size_t>(slot1) * kChunkBytes + lane * 16;
     float acc0 = 0.0f, acc1 = 0.0f;  // with SwiGLU gate's and up's
@@ -326,10 +355,15 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
       sums[2 * k] = sum0;
       sums[2 * k + 1] = sum1;
     } else {
-      GemvEpilogue(ph, bu.first + k, sum0, sum1);
+      GemvEpilogue(ph, bu.first + k, sum0, sum1, res);
     }
   }
   seq += static_cast<unsigned>(items * per_chunk);
+  if (gm != nullptr && lane == 0) {
+    atomicAdd(gm + 1, ready);
+    atomicAdd(gm + 2, taken);
+    atomicAdd(gm + 3, waited);
+  }
   if (row_chunks == 1) return;
   ConsumerSync();
   for (int i = threadIdx.x; i < bu.count; i += kConsumerThreads) {
@@ -338,7 +372,9 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
       sum0 += sums[2 * (i * row_chunks + c)];
       sum1 += sums[2 * (i * row_chunks + c) + 1];
     }
-    GemvEpilogue(ph, bu.first + i, sum0, sum1);
+    int r = 0;
+    if (ph.residual != nullptr) JobRow(ph, bu.first + i, r);
+    GemvEpilogue(ph, bu.first + i, sum0, sum1, ph.residual != nullptr ? __ldcg(ph.residual + r) : 0.0f);
   }
 }
 
@@ -558,8 +594,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (trace != nullptr && threadIdx.x == 0) trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x] = GlobalTimer();
     const Phase& cur = ph[p];
     if (cur.kind == kGemvPhase) {
+      unsigned long long* gm = nullptr;
+      if (trace != nullptr) {
+        gm = trace + TraceGemvOffset(gridDim.x) + (static_cast<size_t>(p) * gridDim.x + blockIdx.x) * kGemvMarks;
+      }
       StageInput(cur, stage, red);
-      GemvPhase(cur, ring, seq, stage);
+      if (gm != nullptr && threadIdx.x == 0) gm[0] = GlobalTimer() - trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x];
+      GemvPhase(cur, ring, seq, stage, gm);
     } else if (cur.kind == kAttentionPhase) {
       AttentionPhase(cur, stage, partial, sync + 2,
                      trace != nullptr ? trace + TraceMarksOffset(gridDim.x) + blockIdx.x * kAttnMarks : nullptr);

@@ -33,7 +33,12 @@ constexpr size_t kMaxPhases = 1024;  // sizes the trace buffer
 // many of its tasks merged splits and how many it ran.
 constexpr int kAttnSteps = 6, kAttnMergesMark = kAttnSteps, kAttnTasksMark = kAttnSteps + 1, kAttnMarks = kAttnSteps + 2;
 __host__ __device__ constexpr size_t TraceMarksOffset(int grid) { return 2 * kMaxPhases * static_cast<size_t>(grid); }
-constexpr size_t TraceWords(int grid) { return TraceMarksOffset(grid) + static_cast<size_t>(kAttnMarks) * grid; }
+// Then per (phase, block) of a GEMV phase kGemvMarks words: the input staged (ns after the phase's
+// start), chunks found already landed when their warp came to them, chunks taken, and the ns the
+// warps waited for chunks, summed (tells whether the ring's prefetch reaches the consumers).
+constexpr int kGemvMarks = 4;
+__host__ __device__ constexpr size_t TraceGemvOffset(int grid) { return TraceMarksOffset(grid) + static_cast<size_t>(kAttnMarks) * grid; }
+constexpr size_t TraceWords(int grid) { return TraceGemvOffset(grid) + kMaxPhases * static_cast<size_t>(grid) * kGemvMarks; }
 
 enum PhaseKind : int32_t { kGemvPhase, kAttentionPhase };
 
