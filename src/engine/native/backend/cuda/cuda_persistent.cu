@@ -16,6 +16,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -134,7 +135,10 @@ struct Ring {
 // them, each into the next slot once its previous contents have been read. The phase's fields are
 // read once per phase and the rows walked by pointer: a load from the program in global memory per
 // chunk waits on L2 behind the weight stream and throttled it (docs/benchmarks/cuda.md, round 9).
-__device__ void ProduceWeights(const Program* prog, const Ring& ring) {
+// inflight: copies the producer lets be on their way at once (up to the ring's slots): each waits
+// until the copy `inflight` chunks back has landed. Fewer copies in flight than slots keep the weight
+// stream's queue short, and with it the latency of the consumers' own loads behind it.
+__device__ void ProduceWeights(const Program* prog, const Ring& ring, int inflight) {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   unsigned seq = 0;
@@ -159,6 +163,10 @@ __device__ void ProduceWeights(const Program* prog, const Ring& ring) {
         for (int half = 0; half < (swiglu ? 2 : 1); ++half, ++seq) {
           const int slot = static_cast<int>(seq % kRingSlots);
           WaitConsumed(ring.consumed + slot, seq / kRingSlots);
+          if (inflight < kRingSlots && seq >= static_cast<unsigned>(inflight)) {
+            const unsigned back = seq - static_cast<unsigned>(inflight);
+            BarrierWait(ring.full + back % kRingSlots, (back / kRingSlots) % 2);
+          }
           BulkLoad(ring.slots + static_cast<size_t>(slot) * kChunkBytes, (half ? up : row) + static_cast<size_t>(c) * kChunkBytes, bytes,
                    ring.full + slot, policy);
         }
@@ -565,7 +573,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
-    PersistentKernel(const Program* __restrict__ prog, float* partial, unsigned* sync, unsigned long long* trace) {
+    PersistentKernel(const Program* __restrict__ prog, float* partial, unsigned* sync, unsigned long long* trace, int inflight) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float red[kConsumers + 1];
   const int n = prog->num_phases;
@@ -583,7 +591,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (threadIdx.x >= kConsumerThreads) {
     // Weights do not depend on earlier kernels: the producer starts before the wait.
-    if (threadIdx.x == kConsumerThreads) ProduceWeights(prog, ring);
+    if (threadIdx.x == kConsumerThreads) ProduceWeights(prog, ring, inflight);
     return;
   }
   WaitForPreviousKernel();
@@ -593,11 +601,20 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (p == n - 1) LetNextKernelLaunch();
     if (trace != nullptr && threadIdx.x == 0) trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x] = GlobalTimer();
     const Phase& cur = ph[p];
-    if (cur.kind == kGemvPhase) {
-      unsigned long long* gm = nullptr;
-      if (trace != nullptr) {
-        gm = trace + TraceGemvOffset(gridDim.x) + (static_cast<size_t>(p) * gridDim.x + blockIdx.x) * kGemvMarks;
+    unsigned long long* gm = nullptr;
+    if (trace != nullptr) {
+      gm = trace + TraceGemvOffset(gridDim.x) + (static_cast<size_t>(p) * gridDim.x + blockIdx.x) * kGemvMarks;
+      if (threadIdx.x == 0) {
+        const unsigned long long t0 = GlobalTimer();
+        unsigned v;
+        asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(sync + 1) : "memory");
+        unsigned long long t1 = t0;
+        if (v != 0xdeadbeefu) t1 = GlobalTimer();  // after the load has returned: the branch waits for it
+        gm[4] = t1 - t0;
       }
+      ConsumerSync();
+    }
+    if (cur.kind == kGemvPhase) {
       StageInput(cur, stage, red);
       if (gm != nullptr && threadIdx.x == 0) gm[0] = GlobalTimer() - trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x];
       GemvPhase(cur, ring, seq, stage, gm);
@@ -652,7 +669,11 @@ void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch) {
     Check(cudaMemsetAsync(buf, 0, words * sizeof(unsigned long long), stream), "cudaMemsetAsync", __FILE__, __LINE__);
     trace = buf;
   }
-  LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const Program*>(program), partial, sync, trace);
+  static const int inflight = [] {
+    const char* t = std::getenv("DYN_CUDA_PERSIST_INFLIGHT");
+    return t != nullptr ? std::max(1, std::min(kRingSlots, std::atoi(t))) : kRingSlots;
+  }();
+  LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const Program*>(program), partial, sync, trace, inflight);
   DYN_CUDA_CHECK_LAUNCH();
   if (trace != nullptr) PrintPersistentTrace(stream, program, trace, grid);
   ++g_launches;

@@ -35,8 +35,9 @@ constexpr int kAttnSteps = 6, kAttnMergesMark = kAttnSteps, kAttnTasksMark = kAt
 __host__ __device__ constexpr size_t TraceMarksOffset(int grid) { return 2 * kMaxPhases * static_cast<size_t>(grid); }
 // Then per (phase, block) of a GEMV phase kGemvMarks words: the input staged (ns after the phase's
 // start), chunks found already landed when their warp came to them, chunks taken, and the ns the
-// warps waited for chunks, summed (tells whether the ring's prefetch reaches the consumers).
-constexpr int kGemvMarks = 4;
+// warps waited for chunks, summed (tells whether the ring's prefetch reaches the consumers); and for
+// every phase the ns one L2 load took at its start (the latency its steps see behind the stream).
+constexpr int kGemvMarks = 5;
 __host__ __device__ constexpr size_t TraceGemvOffset(int grid) { return TraceMarksOffset(grid) + static_cast<size_t>(kAttnMarks) * grid; }
 constexpr size_t TraceWords(int grid) { return TraceGemvOffset(grid) + kMaxPhases * static_cast<size_t>(grid) * kGemvMarks; }
 
