@@ -306,7 +306,7 @@ __device__ __forceinline__ bool BarrierTest(uint64_t* bar, unsigned parity) {
 __device__ __forceinline__ unsigned long long GlobalTimer();
 
 __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, unsigned& seq, float* stage, unsigned long long* gm) {
-  unsigned long long ready = 0, waited = 0, taken = 0;
+  unsigned long long ready = 0, waited = 0, taken = 0, processed = 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool swiglu = ph.swiglu != 0;
   const int cols = ph.cols, tiles = ph.tiles, row_chunks = RowChunks(ph), per_chunk = swiglu ? 2 : 1;
@@ -339,7 +339,11 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
     __syncwarp();
     BarrierWait(ring.full + slot0, r0 % 2);
     if (swiglu) BarrierWait(ring.full + slot1, r1 % 2);
-    if (gm != nullptr && lane == 0) waited += GlobalTimer() - t_wait;
+    unsigned long long t_ready = 0;
+    if (gm != nullptr && lane == 0) {
+      t_ready = GlobalTimer();
+      waited += t_ready - t_wait;
+    }
     const unsigned char* w0 = ring.slots + static_cast<size_t>(slot0) * kChunkBytes + lane * 16;
     const unsigned char* w1 = ring.slots + static_cast<size_t>(slot1) * kChunkBytes + lane * 16;
     float acc0 = 0.0f, acc1 = 0.0f;  // with SwiGLU gate's and up's
@@ -365,12 +369,15 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
     } else {
       GemvEpilogue(ph, bu.first + k, sum0, sum1, res);
     }
+    if (gm != nullptr) processed += GlobalTimer() - t_ready;
   }
   seq += static_cast<unsigned>(items * per_chunk);
   if (gm != nullptr && lane == 0) {
     atomicAdd(gm + 1, ready);
     atomicAdd(gm + 2, taken);
     atomicAdd(gm + 3, waited);
+    atomicAdd(gm + 5, processed);
+    atomicMax(gm + 6, GlobalTimer());
   }
   if (row_chunks == 1) return;
   ConsumerSync();
@@ -624,6 +631,14 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     if (trace != nullptr) {
       ConsumerSync();
+      if (threadIdx.x == 0) {
+        const unsigned long long t0 = GlobalTimer();
+        unsigned v;
+        asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(sync + 1) : "memory");
+        unsigned long long t1 = t0;
+        if (v != 0xdeadbeefu) t1 = GlobalTimer();
+        gm[7] = t1 - t0;
+      }
       if (threadIdx.x == 0) trace[static_cast<size_t>(n + p) * gridDim.x + blockIdx.x] = GlobalTimer();
     }
   }
