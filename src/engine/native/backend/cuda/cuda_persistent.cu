@@ -86,8 +86,12 @@ __device__ __forceinline__ void WaitConsumed(const unsigned* count, unsigned rou
     if (backoff != 0) __nanosleep(backoff);
   }
 }
+// Relaxed, not release: a release store is MEMBAR.ALL.CTA + STS, and the fence waited for the warp's
+// global stores and loads in flight (the previous row's epilogue, the residual load ahead), ~1 us a
+// chunk behind the weight stream (docs/benchmarks/cuda.md, round 10). The warp's shared-memory reads
+// of the slot are performed in order before this store, which is all the producer needs.
 __device__ __forceinline__ void SetConsumed(unsigned* count, unsigned rounds) {
-  asm volatile("st.release.cta.shared::cta.u32 [%0], %1;" ::"r"(SmemAddress(count)), "r"(rounds) : "memory");
+  asm volatile("st.relaxed.cta.shared::cta.u32 [%0], %1;" ::"r"(SmemAddress(count)), "r"(rounds) : "memory");
 }
 
 // bytes from global src into shared dst; bar's phase completes when they have landed.
