@@ -202,6 +202,44 @@ __device__ __forceinline__ float Dot8(const uint4& wv, const float4& a, const fl
   return acc;
 }
 
+// A lane's share of one chunk's products: `count` tiles of w0 (and with kTwo of w1) against the
+// staged input (lo, hi: this lane's first tile's halves; a tile is 128 floats further). Tiles go in
+// groups of kGroupTiles whose shared-memory loads issue together, each with its own accumulator, so
+// a warp's chunk costs a few load latencies: one tile at a time (loads, then 8 dependent FMAs) took
+// ~1.5 us a chunk, and with 15 warps the ring's landed chunks drained no faster than HBM fills it
+// (docs/benchmarks/cuda.md, round 10).
+constexpr int kGroupTiles = 4;
+template <bool kTwo>
+__device__ __forceinline__ void ChunkDot(const unsigned char* w0, const unsigned char* w1, const float* lo, const float* hi, int count,
+                                         float& sum0, float& sum1) {
+  float acc0[kGroupTiles] = {}, acc1[kGroupTiles] = {};
+  int t = 0;
+  for (; t + kGroupTiles <= count; t += kGroupTiles) {
+    uint4 wa[kGroupTiles], wb[kGroupTiles];
+    float4 a[kGroupTiles], b[kGroupTiles];
+#pragma unroll
+    for (int u = 0; u < kGroupTiles; ++u) {
+      wa[u] = *reinterpret_cast<const uint4*>(w0 + (t + u) * kTileBytes);
+      if (kTwo) wb[u] = *reinterpret_cast<const uint4*>(w1 + (t + u) * kTileBytes);
+      a[u] = *reinterpret_cast<const float4*>(lo + (t + u) * kTileCols / 2);
+      b[u] = *reinterpret_cast<const float4*>(hi + (t + u) * kTileCols / 2);
+    }
+#pragma unroll
+    for (int u = 0; u < kGroupTiles; ++u) {
+      acc0[u] = Dot8(wa[u], a[u], b[u], acc0[u]);
+      if (kTwo) acc1[u] = Dot8(wb[u], a[u], b[u], acc1[u]);
+    }
+  }
+  for (; t < count; ++t) {
+    const float4 a = *reinterpret_cast<const float4*>(lo + t * kTileCols / 2), b = *reinterpret_cast<const float4*>(hi + t * kTileCols / 2);
+    acc0[0] = Dot8(*reinterpret_cast<const uint4*>(w0 + t * kTileBytes), a, b, acc0[0]);
+    if (kTwo) acc1[0] = Dot8(*reinterpret_cast<const uint4*>(w1 + t * kTileBytes), a, b, acc1[0]);
+  }
+  sum0 = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]);
+  sum1 = kTwo ? (acc1[0] + acc1[1]) + (acc1[2] + acc1[3]) : 0.0f;
+}
+static_assert(kGroupTiles == 4, "ChunkDot's final sums add four accumulators");
+
 // ---- grid barrier ----
 
 // Counter updates that order memory without a full fence (__threadfence is fence.sc.gpu, which
@@ -350,15 +388,12 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
     }
     const unsigned char* w0 = ring.slots + static_cast<size_t>(slot0) * kChunkBytes + lane * 16;
     const unsigned char* w1 = ring.slots + static_cast<size_t>(slot1) * kChunkBytes + lane * 16;
-    float acc0 = 0.0f, acc1 = 0.0f;  // with SwiGLU gate's and up's
-#pragma unroll
-    for (int t = 0; t < kChunkTiles; ++t) {
-      if (t < count) {
-        const int x = ((t0 + t) * 32 + lane) * 4;
-        const float4 a = *reinterpret_cast<const float4*>(stage + x), b = *reinterpret_cast<const float4*>(hi + x);
-        acc0 = Dot8(*reinterpret_cast<const uint4*>(w0 + t * kTileBytes), a, b, acc0);
-        if (swiglu) acc1 = Dot8(*reinterpret_cast<const uint4*>(w1 + t * kTileBytes), a, b, acc1);
-      }
+    float acc0, acc1 = 0.0f;  // with SwiGLU gate's and up's
+    const int x0 = (t0 * 32 + lane) * 4;
+    if (swiglu) {
+      ChunkDot<true>(w0, w1, stage + x0, hi + x0, count, acc0, acc1);
+    } else {
+      ChunkDot<false>(w0, w1, stage + x0, hi + x0, count, acc0, acc1);
     }
     __syncwarp();
     if (lane == 0) {
