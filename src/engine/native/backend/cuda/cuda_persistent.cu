@@ -139,17 +139,51 @@ struct Ring {
 // them, each into the next slot once its previous contents have been read. The phase's fields are
 // read once per phase and the rows walked by pointer: a load from the program in global memory per
 // chunk waits on L2 behind the weight stream and throttled it (docs/benchmarks/cuda.md, round 9).
+__device__ __forceinline__ void PrefetchL2(const void* p, unsigned bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+
+// Asks L2 for this block's weight stream from `skip` bytes past the start of GEMV phase p, about
+// `budget` bytes of it (whole rows), up to the next phase that is not a GEMV. The producer does this
+// as it passes an attention phase: the ring fills within ~5 us and HBM would idle for the rest of
+// attention; rows in L2 then refill the ring faster after it.
+__device__ void PrefetchAhead(const Program* prog, int p, long long skip, long long budget) {
+  for (; p < prog->num_phases && budget > 0; ++p) {
+    const Phase& ph = prog->phases[p];
+    if (ph.kind != kGemvPhase) return;
+    const BlockUnits bu = UnitsOf(ph, blockIdx.x, gridDim.x);
+    const bool swiglu = ph.swiglu != 0;
+    const size_t row_bytes = static_cast<size_t>(ph.cols) * 2;
+    const long long unit_bytes = static_cast<long long>(row_bytes) * (swiglu ? 2 : 1);
+    for (int i = 0; i < bu.count && budget > 0; ++i) {
+      if (skip >= unit_bytes) {
+        skip -= unit_bytes;
+        continue;
+      }
+      skip = 0;
+      int r = bu.first + i;
+      const int j = swiglu ? 0 : JobRow(ph, bu.first + i, r);
+      PrefetchL2(reinterpret_cast<const char*>(ph.w[j]) + static_cast<size_t>(r) * row_bytes, static_cast<unsigned>(row_bytes));
+      if (swiglu) PrefetchL2(reinterpret_cast<const char*>(ph.w[1]) + static_cast<size_t>(r) * row_bytes, static_cast<unsigned>(row_bytes));
+      budget -= unit_bytes;
+    }
+  }
+}
+
 // inflight: copies the producer lets be on their way at once (up to the ring's slots): each waits
 // until the copy `inflight` chunks back has landed. Fewer copies in flight than slots keep the weight
 // stream's queue short, and with it the latency of the consumers' own loads behind it.
-__device__ void ProduceWeights(const Program* prog, const Ring& ring, int inflight) {
+__device__ void ProduceWeights(const Program* prog, const Ring& ring, int inflight, int l2_bytes) {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   unsigned seq = 0;
   const int n = prog->num_phases;
   for (int p = 0; p < n; ++p) {
     const Phase& ph = prog->phases[p];
-    if (ph.kind != kGemvPhase) continue;
+    if (ph.kind != kGemvPhase) {
+      if (l2_bytes > 0) PrefetchAhead(prog, p + 1, static_cast<long long>(kRingSlots) * kChunkBytes, l2_bytes);
+      continue;
+    }
     const BlockUnits bu = UnitsOf(ph, blockIdx.x, gridDim.x);
     if (bu.count == 0) continue;
     const bool swiglu = ph.swiglu != 0;
@@ -619,7 +653,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
-    PersistentKernel(const Program* __restrict__ prog, float* partial, unsigned* sync, unsigned long long* trace, int inflight) {
+    PersistentKernel(const Program* __restrict__ prog, float* partial, unsigned* sync, unsigned long long* trace, int inflight, int l2_bytes) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float red[kConsumers + 1];
   const int n = prog->num_phases;
@@ -637,7 +671,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (threadIdx.x >= kConsumerThreads) {
     // Weights do not depend on earlier kernels: the producer starts before the wait.
-    if (threadIdx.x == kConsumerThreads) ProduceWeights(prog, ring, inflight);
+    if (threadIdx.x == kConsumerThreads) ProduceWeights(prog, ring, inflight, l2_bytes);
     return;
   }
   WaitForPreviousKernel();
@@ -727,7 +761,11 @@ void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch) {
     const char* t = std::getenv("DYN_CUDA_PERSIST_INFLIGHT");
     return t != nullptr ? std::max(1, std::min(kRingSlots, std::atoi(t))) : kRingSlots;
   }();
-  LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const Program*>(program), partial, sync, trace, inflight);
+  static const int l2_bytes = [] {
+    const char* t = std::getenv("DYN_CUDA_PERSIST_L2KB");
+    return t != nullptr ? std::max(0, std::atoi(t)) * 1024 : 0;
+  }();
+  LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const Program*>(program), partial, sync, trace, inflight, l2_bytes);
   DYN_CUDA_CHECK_LAUNCH();
   if (trace != nullptr) PrintPersistentTrace(stream, program, trace, grid);
   ++g_launches;
