@@ -49,7 +49,7 @@ constexpr size_t kDynamicSmem = kBarrierOffset + kRingSlots * (sizeof(uint64_t) 
 
 std::atomic<int> g_launches{0};  // PersistentLaunches
 
-__device__ __forceinline__ int Splits(int len) { return min(kMaxSplits, max(1, (len + 63) / 64)); }
+__device__ __forceinline__ int Splits(int len, int split_keys) { return min(kMaxSplits, max(1, (len + split_keys - 1) / split_keys)); }
 
 // The consumer warps' barrier (the producer warp never joins it).
 __device__ __forceinline__ void ConsumerSync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory"); }
@@ -568,7 +568,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     if (k >= 0) marks[k] += now - before;
     before = now;
   };
-  const int pos = __ldg(ph.meta.pos), len = pos + 1, S = Splits(len);
+  const int pos = __ldg(ph.meta.pos), len = pos + 1, S = Splits(len, ph.split_keys);
   const int32_t* table = ph.meta.tables + __ldg(ph.meta.table_offset);
   const int chunk = (len + S - 1) / S;
   float* s_q = stage;                      // [4][128]
@@ -625,6 +625,14 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     }
     ConsumerSync();
     mark(3);  // keys attended
+    if (S == 1) {  // the kv head's one task: its output is the attention's, no partial to merge
+      for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
+        const WarpMerged m = MergeWarps(s_max, s_sum, s_acc, e / kHeadDim, e % kHeadDim);
+        __stcg(ph.attn_out + q_off + e, m.sum > 0.0f ? m.o / m.sum : 0.0f);
+        __stcg(ph.q + q_off + e, s_q[e]);
+      }
+      continue;
+    }
     float* part = partial + static_cast<size_t>(kv * S + split) * kPartFloats;
     for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
       const int gi = e / kHeadDim, d = e % kHeadDim;
