@@ -310,39 +310,73 @@ __device__ __forceinline__ void GridBarrier(unsigned* count, unsigned& target) {
 __device__ __forceinline__ int StagePos(int i, int cols) { return (i / 8) * 4 + ((i / 4) % 2) * (cols / 2); }
 
 // The phase's input row into shared memory, RMS-normalized when the phase says so (RmsNorm's
-// arithmetic: x * scale rounded, then * weight rounded).
-__device__ __forceinline__ void StageInput(const Phase& ph, float* stage, float* red) {
+// arithmetic: x * scale rounded, then * weight rounded). Each thread issues its loads of a pass
+// (kStageVecs float4 of the input, and of the norm weight) together: a loop of dependent round trips
+// to L2 took 1.3-3 us a phase (docs/benchmarks/cuda.md, round 10).
+constexpr int kStageVecs = 3, kStagePass = kConsumerThreads * 4 * kStageVecs;
+
+__device__ __forceinline__ float BlockRms(float ss, const Phase& ph, float* red) {
   const int tid = threadIdx.x;
-  float ss = 0.0f;
-  for (int i = tid * 4; i < ph.cols; i += kConsumerThreads * 4) {
-    // the norm weight into L1 now, so its loads below do not wait on L2 after the reduction
-    if (ph.norm_w != nullptr) asm volatile("prefetch.global.L1 [%0];" ::"l"(ph.norm_w + i));
-    const float4 v = __ldcg(reinterpret_cast<const float4*>(ph.in + i));
-    *reinterpret_cast<float4*>(stage + StagePos(i, ph.cols)) = v;
-    ss = fmaf(v.x, v.x, ss);
-    ss = fmaf(v.y, v.y, ss);
-    ss = fmaf(v.z, v.z, ss);
-    ss = fmaf(v.w, v.w, ss);
+  ss = WarpSum(ss);
+  if (tid % 32 == 0) red[tid / 32] = ss;
+  ConsumerSync();
+  if (tid == 0) {
+    float total = 0.0f;
+    for (int w = 0; w < kConsumers; ++w) total += red[w];
+    red[kConsumers] = 1.0f / sqrtf(total / ph.cols + ph.eps);
   }
-  if (ph.norm_w != nullptr) {
-    ss = WarpSum(ss);
-    if (tid % 32 == 0) red[tid / 32] = ss;
-    ConsumerSync();
-    if (tid == 0) {
-      float total = 0.0f;
-      for (int w = 0; w < kConsumers; ++w) total += red[w];
-      red[kConsumers] = 1.0f / sqrtf(total / ph.cols + ph.eps);
+  ConsumerSync();
+  return red[kConsumers];
+}
+
+__device__ __forceinline__ float4 Normalized(float4 v, float scale, float4 w) {
+  return make_float4(__fmul_rn(__fmul_rn(v.x, scale), w.x), __fmul_rn(__fmul_rn(v.y, scale), w.y), __fmul_rn(__fmul_rn(v.z, scale), w.z),
+                     __fmul_rn(__fmul_rn(v.w, scale), w.w));
+}
+
+// The input row into `stage` (and with kNormW the norm weight into w_stage) by passes of loads
+// issued together; returns the thread's sum of squares.
+template <bool kNormW>
+__device__ __forceinline__ float StageRow(const Phase& ph, float* stage, float* w_stage) {
+  const int cols = ph.cols;
+  float ss = 0.0f;
+  for (int base = threadIdx.x * 4; base < cols; base += kStagePass) {
+    float4 v[kStageVecs], w[kStageVecs];
+#pragma unroll
+    for (int u = 0; u < kStageVecs; ++u) {
+      const int i = min(base + u * kConsumerThreads * 4, cols - 4);  // in bounds; the stores below skip repeats
+      v[u] = __ldcg(reinterpret_cast<const float4*>(ph.in + i));
+      if (kNormW) w[u] = __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
     }
-    ConsumerSync();
-    const float scale = red[kConsumers];
-    const bool write = blockIdx.x == 0 && ph.norm_out != nullptr;
-    for (int i = tid * 4; i < ph.cols; i += kConsumerThreads * 4) {
-      float4& v = *reinterpret_cast<float4*>(stage + StagePos(i, ph.cols));
-      const float4 w = __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
-      v.x = __fmul_rn(__fmul_rn(v.x, scale), w.x);
-      v.y = __fmul_rn(__fmul_rn(v.y, scale), w.y);
-      v.z = __fmul_rn(__fmul_rn(v.z, scale), w.z);
-      v.w = __fmul_rn(__fmul_rn(v.w, scale), w.w);
+#pragma unroll
+    for (int u = 0; u < kStageVecs; ++u) {
+      const int i = base + u * kConsumerThreads * 4;
+      if (i < cols) {
+        *reinterpret_cast<float4*>(stage + StagePos(i, cols)) = v[u];
+        if (kNormW) *reinterpret_cast<float4*>(w_stage + i) = w[u];
+        ss = fmaf(v[u].x, v[u].x, ss);
+        ss = fmaf(v[u].y, v[u].y, ss);
+        ss = fmaf(v[u].z, v[u].z, ss);
+        ss = fmaf(v[u].w, v[u].w, ss);
+      }
+    }
+  }
+  return ss;
+}
+
+__device__ __forceinline__ void StageInput(const Phase& ph, float* stage, float* red) {
+  const int tid = threadIdx.x, cols = ph.cols;
+  const bool norm = ph.norm_w != nullptr, write = norm && blockIdx.x == 0 && ph.norm_out != nullptr;
+  // The norm weight waits for the scale beside the staged row (the GEMV's row sums use that space
+  // only after staging), when there is room; else it is loaded again.
+  float* w_stage = norm && 2 * cols <= kStageFloats ? stage + cols : nullptr;
+  const float ss = w_stage != nullptr ? StageRow<true>(ph, stage, w_stage) : StageRow<false>(ph, stage, nullptr);
+  if (norm) {  // each thread scales what it staged
+    const float scale = BlockRms(ss, ph, red);
+    for (int i = tid * 4; i < cols; i += kConsumerThreads * 4) {
+      float4& v = *reinterpret_cast<float4*>(stage + StagePos(i, cols));
+      const float4 w = w_stage != nullptr ? *reinterpret_cast<const float4*>(w_stage + i) : __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
+      v = Normalized(v, scale, w);
       if (write) __stcg(reinterpret_cast<float4*>(ph.norm_out + i), v);
     }
   }
