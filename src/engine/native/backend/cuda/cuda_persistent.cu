@@ -289,10 +289,23 @@ __device__ __forceinline__ unsigned AcqRelAdd(unsigned* p) {
 
 // Every block's consumers arrive at the monotonic counter and wait until all have (target grows by
 // the grid each barrier). Writes before it are visible after it (release add, acquire load).
-__device__ __forceinline__ void GridBarrier(unsigned* count, unsigned& target) {
+__device__ __forceinline__ unsigned long long GlobalTimer();
+// bt (traced launches): the fence's ns and the wait's ns, for thread 0.
+__device__ __forceinline__ void GridBarrier(unsigned* count, unsigned& target, unsigned long long* bt = nullptr) {
   ConsumerSync();
   target += gridDim.x;
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == 0 && bt != nullptr) {
+    const unsigned long long t0 = GlobalTimer();
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+    const unsigned long long t1 = GlobalTimer();
+    asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(count) : "memory");
+    unsigned v;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
+    } while (v < target);
+    bt[0] = t1 - t0;
+    bt[1] = GlobalTimer() - t1;
+  } else if (threadIdx.x == 0) {
     ReleaseAdd(count);
     unsigned v;
     do {
@@ -719,7 +732,10 @@ __global__ void __launch_bounds__(kThreads, 1)
   WaitForPreviousKernel();
   unsigned target = 0, seq = 0;
   for (int p = 0; p < n; ++p) {
-    if (p > 0) GridBarrier(sync, target);
+    if (p > 0) {
+      GridBarrier(sync, target,
+                  trace != nullptr ? trace + TraceGemvOffset(gridDim.x) + (static_cast<size_t>(p) * gridDim.x + blockIdx.x) * kGemvMarks + 8 : nullptr);
+    }
     if (p == n - 1) LetNextKernelLaunch();
     if (trace != nullptr && threadIdx.x == 0) trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x] = GlobalTimer();
     const Phase& cur = ph[p];

@@ -55,7 +55,7 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
   std::vector<unsigned long long> gm(kMaxPhases * static_cast<size_t>(grid) * kGemvMarks);
   Check(cudaMemcpy(gm.data(), trace + TraceGemvOffset(grid), gm.size() * sizeof(gm[0]), cudaMemcpyDeviceToHost), "cudaMemcpy", __FILE__,
         __LINE__);
-  struct Acc { double work = 0, tail = 0, barrier = 0, stage = 0, ready = 0, taken = 0, wait = 0, probe = 0, probe_end = 0, proc = 0, loop_end = 0; int count = 0; };
+  struct Acc { double work = 0, tail = 0, barrier = 0, stage = 0, ready = 0, taken = 0, wait = 0, probe = 0, probe_end = 0, proc = 0, loop_end = 0, fence = 0, poll = 0; int count = 0; };
   std::map<std::string, Acc> by_kind;
   const unsigned long long t0 = *std::min_element(t.begin(), t.begin() + grid);
   unsigned long long last_end = 0;
@@ -82,6 +82,12 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
       for (int b = 0; b < grid; ++b) pr.push_back(gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks + 7] * 1e-3);
       std::sort(pr.begin(), pr.end());
       a.probe_end += pr[pr.size() / 2];
+      for (int k = 8; k < 10; ++k) {
+        pr.clear();
+        for (int b = 0; b < grid; ++b) pr.push_back(gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks + k] * 1e-3);
+        std::sort(pr.begin(), pr.end());
+        (k == 8 ? a.fence : a.poll) += pr[pr.size() / 2];
+      }
     }
     if (ph.kind == kGemvPhase) {
       std::vector<double> st;
@@ -130,7 +136,8 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
   for (const auto& [kind, a] : by_kind) {
     std::fprintf(stderr, "  %-32s x%3d: work %7.2f us (median block), tail %6.2f, barrier before %6.2f; total %8.1f us\n",
                  kind.c_str(), a.count, a.work / a.count, a.tail / a.count, a.barrier / a.count, a.work + a.tail + a.barrier);
-    std::fprintf(stderr, "    one L2 load at the phase's start: %.2f us, at its end %.2f (median block)\n", a.probe / a.count, a.probe_end / a.count);
+    std::fprintf(stderr, "    one L2 load at the phase's start: %.2f us, at its end %.2f; barrier before: fence %.2f, wait %.2f (median block)\n",
+                 a.probe / a.count, a.probe_end / a.count, a.fence / a.count, a.poll / a.count);
     if (a.taken > 0) {
       std::fprintf(stderr, "    staged at %.2f us (median block); chunks landed before their warp came %.1f%%; wait %.3f us a chunk\n",
                    a.stage / a.count, 100.0 * a.ready / a.taken, a.wait / (a.taken));
