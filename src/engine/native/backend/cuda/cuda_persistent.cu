@@ -16,7 +16,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <string>
@@ -49,7 +48,7 @@ constexpr size_t kDynamicSmem = kBarrierOffset + kRingSlots * (sizeof(uint64_t) 
 
 std::atomic<int> g_launches{0};  // PersistentLaunches
 
-__device__ __forceinline__ int Splits(int len, int split_keys) { return min(kMaxSplits, max(1, (len + split_keys - 1) / split_keys)); }
+__device__ __forceinline__ int Splits(int len) { return min(kMaxSplits, max(1, (len + 63) / 64)); }
 
 // The consumer warps' barrier (the producer warp never joins it).
 __device__ __forceinline__ void ConsumerSync() { asm volatile("bar.sync 1, %0;" ::"n"(kConsumerThreads) : "memory"); }
@@ -72,6 +71,26 @@ __device__ __forceinline__ void BarrierWait(uint64_t* bar, unsigned parity) {
         : "r"(SmemAddress(bar)), "r"(parity)
         : "memory");
   }
+}
+
+// Whether the barrier's phase of this parity has completed, without waiting (the trace's count).
+__device__ __forceinline__ bool BarrierTest(uint64_t* bar, unsigned parity) {
+  uint32_t done;
+  asm volatile(
+      "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+      : "=r"(done)
+      : "r"(SmemAddress(bar)), "r"(parity)
+      : "memory");
+  return done != 0;
+}
+
+// trace (DYN_CUDA_PERSIST_TRACE=1, eager launches): each block's global timer at each phase's start
+// and end, [2][phases][grid] nanoseconds, then per block the attention tasks' step times summed
+// over the launch's attention phases ([grid][kAttnMarks], AttentionPhase's `marks`).
+__device__ __forceinline__ unsigned long long GlobalTimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
+  return t;
 }
 
 // A slot's count of consumed rounds: monotonic, so a warp several rounds ahead of a slot cannot
@@ -139,51 +158,14 @@ struct Ring {
 // them, each into the next slot once its previous contents have been read. The phase's fields are
 // read once per phase and the rows walked by pointer: a load from the program in global memory per
 // chunk waits on L2 behind the weight stream and throttled it (docs/benchmarks/cuda.md, round 9).
-__device__ __forceinline__ void PrefetchL2(const void* p, unsigned bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
-
-// Asks L2 for this block's weight stream from `skip` bytes past the start of GEMV phase p, about
-// `budget` bytes of it (whole rows), up to the next phase that is not a GEMV. The producer does this
-// as it passes an attention phase: the ring fills within ~5 us and HBM would idle for the rest of
-// attention; rows in L2 then refill the ring faster after it.
-__device__ void PrefetchAhead(const Program* prog, int p, long long skip, long long budget) {
-  for (; p < prog->num_phases && budget > 0; ++p) {
-    const Phase& ph = prog->phases[p];
-    if (ph.kind != kGemvPhase) return;
-    const BlockUnits bu = UnitsOf(ph, blockIdx.x, gridDim.x);
-    const bool swiglu = ph.swiglu != 0;
-    const size_t row_bytes = static_cast<size_t>(ph.cols) * 2;
-    const long long unit_bytes = static_cast<long long>(row_bytes) * (swiglu ? 2 : 1);
-    for (int i = 0; i < bu.count && budget > 0; ++i) {
-      if (skip >= unit_bytes) {
-        skip -= unit_bytes;
-        continue;
-      }
-      skip = 0;
-      int r = bu.first + i;
-      const int j = swiglu ? 0 : JobRow(ph, bu.first + i, r);
-      PrefetchL2(reinterpret_cast<const char*>(ph.w[j]) + static_cast<size_t>(r) * row_bytes, static_cast<unsigned>(row_bytes));
-      if (swiglu) PrefetchL2(reinterpret_cast<const char*>(ph.w[1]) + static_cast<size_t>(r) * row_bytes, static_cast<unsigned>(row_bytes));
-      budget -= unit_bytes;
-    }
-  }
-}
-
-// inflight: copies the producer lets be on their way at once (up to the ring's slots): each waits
-// until the copy `inflight` chunks back has landed. Fewer copies in flight than slots keep the weight
-// stream's queue short, and with it the latency of the consumers' own loads behind it.
-__device__ void ProduceWeights(const Program* prog, const Ring& ring, int inflight, int l2_bytes) {
+__device__ void ProduceWeights(const Program* prog, const Ring& ring) {
   uint64_t policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
   unsigned seq = 0;
   const int n = prog->num_phases;
   for (int p = 0; p < n; ++p) {
     const Phase& ph = prog->phases[p];
-    if (ph.kind != kGemvPhase) {
-      if (l2_bytes > 0) PrefetchAhead(prog, p + 1, static_cast<long long>(kRingSlots) * kChunkBytes, l2_bytes);
-      continue;
-    }
+    if (ph.kind != kGemvPhase) continue;
     const BlockUnits bu = UnitsOf(ph, blockIdx.x, gridDim.x);
     if (bu.count == 0) continue;
     const bool swiglu = ph.swiglu != 0;
@@ -201,10 +183,6 @@ __device__ void ProduceWeights(const Program* prog, const Ring& ring, int inflig
         for (int half = 0; half < (swiglu ? 2 : 1); ++half, ++seq) {
           const int slot = static_cast<int>(seq % kRingSlots);
           WaitConsumed(ring.consumed + slot, seq / kRingSlots);
-          if (inflight < kRingSlots && seq >= static_cast<unsigned>(inflight)) {
-            const unsigned back = seq - static_cast<unsigned>(inflight);
-            BarrierWait(ring.full + back % kRingSlots, (back / kRingSlots) % 2);
-          }
           BulkLoad(ring.slots + static_cast<size_t>(slot) * kChunkBytes, (half ? up : row) + static_cast<size_t>(c) * kChunkBytes, bytes,
                    ring.full + slot, policy);
         }
@@ -289,7 +267,6 @@ __device__ __forceinline__ unsigned AcqRelAdd(unsigned* p) {
 
 // Every block's consumers arrive at the monotonic counter and wait until all have (target grows by
 // the grid each barrier). Writes before it are visible after it (release add, acquire load).
-__device__ __forceinline__ unsigned long long GlobalTimer();
 // bt (traced launches): the fence's ns and the wait's ns, for thread 0.
 __device__ __forceinline__ void GridBarrier(unsigned* count, unsigned& target, unsigned long long* bt = nullptr) {
   ConsumerSync();
@@ -417,17 +394,6 @@ __device__ __forceinline__ void GemvEpilogue(const Phase& ph, int u, float sum0,
 // leave each chunk's sum in shared memory (after the staged input) and are added up in chunk order
 // once all are in. `seq` is the stream position of the block's first chunk of the phase (the
 // producer's count), advanced here.
-__device__ __forceinline__ bool BarrierTest(uint64_t* bar, unsigned parity) {
-  uint32_t done;
-  asm volatile(
-      "{\n .reg .pred p;\n mbarrier.test_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
-      : "=r"(done)
-      : "r"(SmemAddress(bar)), "r"(parity)
-      : "memory");
-  return done != 0;
-}
-__device__ __forceinline__ unsigned long long GlobalTimer();
-
 __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, unsigned& seq, float* stage, unsigned long long* gm) {
   unsigned long long ready = 0, waited = 0, taken = 0, processed = 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -551,15 +517,6 @@ __device__ __forceinline__ void WarpAttend(const __nv_bfloat16* __restrict__ cac
   }
 }
 
-// trace (DYN_CUDA_PERSIST_TRACE=1, eager launches): each block's global timer at each phase's start
-// and end, [2][phases][grid] nanoseconds, then per block the attention tasks' step times summed
-// over the launch's attention phases ([grid][kAttnMarks], AttentionPhase's `marks`).
-__device__ __forceinline__ unsigned long long GlobalTimer() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %globaltimer;" : "=l"(t));
-  return t;
-}
-
 // A kv head's attention output merged from its `splits` key splits' partials at `base`, and its
 // rotated q heads written back (as RopeWriteKv leaves them): MergeSplitElement's arithmetic (each
 // split's normalized output weighted by sum * exp(max - max'), in split order), with the (max, sum)
@@ -615,7 +572,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     if (k >= 0) marks[k] += now - before;
     before = now;
   };
-  const int pos = __ldg(ph.meta.pos), len = pos + 1, S = Splits(len, ph.split_keys);
+  const int pos = __ldg(ph.meta.pos), len = pos + 1, S = Splits(len);
   const int32_t* table = ph.meta.tables + __ldg(ph.meta.table_offset);
   const int chunk = (len + S - 1) / S;
   float* s_q = stage;                      // [4][128]
@@ -708,7 +665,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
-    PersistentKernel(const Program* __restrict__ prog, float* partial, unsigned* sync, unsigned long long* trace, int inflight, int l2_bytes) {
+    PersistentKernel(const Program* __restrict__ prog, float* partial, unsigned* sync, unsigned long long* trace) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float red[kConsumers + 1];
   const int n = prog->num_phases;
@@ -726,7 +683,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   __syncthreads();
   if (threadIdx.x >= kConsumerThreads) {
     // Weights do not depend on earlier kernels: the producer starts before the wait.
-    if (threadIdx.x == kConsumerThreads) ProduceWeights(prog, ring, inflight, l2_bytes);
+    if (threadIdx.x == kConsumerThreads) ProduceWeights(prog, ring);
     return;
   }
   WaitForPreviousKernel();
@@ -815,15 +772,7 @@ void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch) {
     Check(cudaMemsetAsync(buf, 0, words * sizeof(unsigned long long), stream), "cudaMemsetAsync", __FILE__, __LINE__);
     trace = buf;
   }
-  static const int inflight = [] {
-    const char* t = std::getenv("DYN_CUDA_PERSIST_INFLIGHT");
-    return t != nullptr ? std::max(1, std::min(kRingSlots, std::atoi(t))) : kRingSlots;
-  }();
-  static const int l2_bytes = [] {
-    const char* t = std::getenv("DYN_CUDA_PERSIST_L2KB");
-    return t != nullptr ? std::max(0, std::atoi(t)) * 1024 : 0;
-  }();
-  LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const Program*>(program), partial, sync, trace, inflight, l2_bytes);
+  LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const Program*>(program), partial, sync, trace);
   DYN_CUDA_CHECK_LAUNCH();
   if (trace != nullptr) PrintPersistentTrace(stream, program, trace, grid);
   ++g_launches;

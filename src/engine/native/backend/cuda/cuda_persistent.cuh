@@ -70,7 +70,6 @@ struct Phase {
   const float* v;
   const float* cos_sin;
   int32_t neox, num_heads, kv_heads;
-  int32_t split_keys;  // keys a split takes at most (up to kMaxSplits splits)
   float scale;
   float* attn_out;
 };

@@ -1,7 +1,6 @@
 // The persistent decode kernel's planner (host code): which runs of pending calls it takes and
 // the program it runs for them (cuda_persistent.cuh), and the trace printer.
 #include <algorithm>
-#include <cstdlib>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -227,11 +226,6 @@ int PlanPersistent(std::span<const PersistentCall> calls, std::vector<unsigned c
       p.kv_heads = c.layout.num_kv_heads;
       p.scale = c.scale;
       p.attn_out = c.attn_out;
-      static const int split_keys = [] {
-        const char* t = std::getenv("DYN_CUDA_PERSIST_SPLIT_KEYS");
-        return t != nullptr && std::atoi(t) > 0 ? std::atoi(t) : 64;
-      }();
-      p.split_keys = split_keys;
       phases.push_back(p);
     } else {
       break;
