@@ -93,6 +93,43 @@ __device__ __forceinline__ unsigned long long GlobalTimer() {
   return t;
 }
 
+// ---- hand-off entries (cuda_persistent.cuh: no grid barrier) ----
+
+// An entry: a float's bits and the stamp of the launch that wrote it, as one 8-byte store, so a
+// reader that sees the stamp sees the value (no fence on either side).
+__device__ __forceinline__ void LlPut(uint64_t* e, float v, unsigned stamp) {
+  const uint64_t bits = (static_cast<uint64_t>(stamp) << 32) | __float_as_uint(v);
+  asm volatile("st.relaxed.gpu.global.b64 [%0], %1;" ::"l"(e), "l"(bits) : "memory");
+}
+__device__ __forceinline__ ulonglong2 LlLoad2(const uint64_t* e) {
+  ulonglong2 v;
+  asm volatile("ld.relaxed.gpu.global.v2.b64 {%0, %1}, [%2];" : "=l"(v.x), "=l"(v.y) : "l"(e) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint64_t LlLoad(const uint64_t* e) {
+  uint64_t v;
+  asm volatile("ld.relaxed.gpu.global.b64 %0, [%1];" : "=l"(v) : "l"(e) : "memory");
+  return v;
+}
+__device__ __forceinline__ bool LlReady(uint64_t v, unsigned stamp) { return static_cast<unsigned>(v >> 32) == stamp; }
+__device__ __forceinline__ float LlValue(uint64_t v) { return __uint_as_float(static_cast<unsigned>(v)); }
+// Entries e[0..1] (16-byte aligned) once both carry the stamp, polling as long as needed.
+__device__ __forceinline__ float2 LlWait2(const uint64_t* e, unsigned stamp, ulonglong2 v) {
+  while (!LlReady(v.x, stamp) || !LlReady(v.y, stamp)) {
+    __nanosleep(32);
+    v = LlLoad2(e);
+  }
+  return make_float2(LlValue(v.x), LlValue(v.y));
+}
+__device__ __forceinline__ float LlWait(const uint64_t* e, unsigned stamp) {
+  uint64_t v = LlLoad(e);
+  while (!LlReady(v, stamp)) {
+    __nanosleep(32);
+    v = LlLoad(e);
+  }
+  return LlValue(v);
+}
+
 // A slot's count of consumed rounds: monotonic, so a warp several rounds ahead of a slot cannot
 // mistake an old round for its own (an mbarrier's parity only tells its last two phases apart).
 // backoff: nanoseconds to sleep between polls (consumers that wait for a slot to come round again
@@ -252,46 +289,6 @@ __device__ __forceinline__ void ChunkDot(const unsigned char* w0, const unsigned
 }
 static_assert(kGroupTiles == 4, "ChunkDot's final sums add four accumulators");
 
-// ---- grid barrier ----
-
-// Counter updates that order memory without a full fence (__threadfence is fence.sc.gpu, which
-// waits out the whole memory system, several microseconds while the weights stream): the writes
-// this thread made, and those of the threads that met it at a block barrier just before, are
-// visible to a thread that acquires the counter's new value (and, after a barrier, to its block).
-__device__ __forceinline__ void ReleaseAdd(unsigned* p) { asm volatile("red.release.gpu.global.add.u32 [%0], 1;" ::"l"(p) : "memory"); }
-__device__ __forceinline__ unsigned AcqRelAdd(unsigned* p) {
-  unsigned old;
-  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
-  return old;
-}
-
-// Every block's consumers arrive at the monotonic counter and wait until all have (target grows by
-// the grid each barrier). Writes before it are visible after it (release add, acquire load).
-// bt (traced launches): the fence's ns and the wait's ns, for thread 0.
-__device__ __forceinline__ void GridBarrier(unsigned* count, unsigned& target, unsigned long long* bt = nullptr) {
-  ConsumerSync();
-  target += gridDim.x;
-  if (threadIdx.x == 0 && bt != nullptr) {
-    const unsigned long long t0 = GlobalTimer();
-    asm volatile("fence.acq_rel.gpu;" ::: "memory");
-    const unsigned long long t1 = GlobalTimer();
-    asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(count) : "memory");
-    unsigned v;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
-    } while (v < target);
-    bt[0] = t1 - t0;
-    bt[1] = GlobalTimer() - t1;
-  } else if (threadIdx.x == 0) {
-    ReleaseAdd(count);
-    unsigned v;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
-    } while (v < target);
-  }
-  ConsumerSync();
-}
-
 // ---- phases ----
 
 // Where input elements i..i+3 (i % 4 == 0) lie in the staged row: the first halves of the 8-element
@@ -325,18 +322,36 @@ __device__ __forceinline__ float4 Normalized(float4 v, float scale, float4 w) {
 }
 
 // The input row into `stage` (and with kNormW the norm weight into w_stage) by passes of loads
-// issued together; returns the thread's sum of squares.
+// issued together, from the row's hand-off entries (ll, this launch's stamp) or, for a row written
+// before the launch (ll null), plainly; returns the thread's sum of squares.
 template <bool kNormW>
-__device__ __forceinline__ float StageRow(const Phase& ph, float* stage, float* w_stage) {
+__device__ __forceinline__ float StageRow(const Phase& ph, const uint64_t* ll, unsigned stamp, float* stage, float* w_stage) {
   const int cols = ph.cols;
   float ss = 0.0f;
   for (int base = threadIdx.x * 4; base < cols; base += kStagePass) {
     float4 v[kStageVecs], w[kStageVecs];
+    if (ll != nullptr) {
+      ulonglong2 e[kStageVecs][2];
 #pragma unroll
-    for (int u = 0; u < kStageVecs; ++u) {
-      const int i = min(base + u * kConsumerThreads * 4, cols - 4);  // in bounds; the stores below skip repeats
-      v[u] = __ldcg(reinterpret_cast<const float4*>(ph.in + i));
-      if (kNormW) w[u] = __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
+      for (int u = 0; u < kStageVecs; ++u) {
+        const int i = min(base + u * kConsumerThreads * 4, cols - 4);
+        e[u][0] = LlLoad2(ll + i);
+        e[u][1] = LlLoad2(ll + i + 2);
+        if (kNormW) w[u] = __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
+      }
+#pragma unroll
+      for (int u = 0; u < kStageVecs; ++u) {
+        const int i = min(base + u * kConsumerThreads * 4, cols - 4);
+        const float2 a = LlWait2(ll + i, stamp, e[u][0]), b = LlWait2(ll + i + 2, stamp, e[u][1]);
+        v[u] = make_float4(a.x, a.y, b.x, b.y);
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < kStageVecs; ++u) {
+        const int i = min(base + u * kConsumerThreads * 4, cols - 4);  // in bounds; the stores below skip repeats
+        v[u] = __ldcg(reinterpret_cast<const float4*>(ph.in + i));
+        if (kNormW) w[u] = __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
+      }
     }
 #pragma unroll
     for (int u = 0; u < kStageVecs; ++u) {
@@ -354,13 +369,14 @@ __device__ __forceinline__ float StageRow(const Phase& ph, float* stage, float* 
   return ss;
 }
 
-__device__ __forceinline__ void StageInput(const Phase& ph, float* stage, float* red) {
+__device__ __forceinline__ void StageInput(const Phase& ph, const uint64_t* ll_base, unsigned stamp, float* stage, float* red) {
   const int tid = threadIdx.x, cols = ph.cols;
   const bool norm = ph.norm_w != nullptr, write = norm && blockIdx.x == 0 && ph.norm_out != nullptr;
   // The norm weight waits for the scale beside the staged row (the GEMV's row sums use that space
   // only after staging), when there is room; else it is loaded again.
   float* w_stage = norm && 2 * cols <= kStageFloats ? stage + cols : nullptr;
-  const float ss = w_stage != nullptr ? StageRow<true>(ph, stage, w_stage) : StageRow<false>(ph, stage, nullptr);
+  const uint64_t* ll = ph.ll_in >= 0 ? ll_base + ph.ll_in : nullptr;
+  const float ss = w_stage != nullptr ? StageRow<true>(ph, ll, stamp, stage, w_stage) : StageRow<false>(ph, ll, stamp, stage, nullptr);
   if (norm) {  // each thread scales what it staged
     const float scale = BlockRms(ss, ph, red);
     for (int i = tid * 4; i < cols; i += kConsumerThreads * 4) {
@@ -375,17 +391,31 @@ __device__ __forceinline__ void StageInput(const Phase& ph, float* stage, float*
 
 // Unit u's outputs from its row sums (with SwiGLU sum0 the gate's, sum1 the up's).
 // res: residual[r] loaded ahead (the dependent L2 load after the sums held the warp ~1 us a row).
-__device__ __forceinline__ void GemvEpilogue(const Phase& ph, int u, float sum0, float sum1, float res) {
+// The plain stores are for readers after the launch; phases of this launch read the entries (ll).
+__device__ __forceinline__ void GemvEpilogue(const Phase& ph, uint64_t* ll, unsigned stamp, int u, float sum0, float sum1, float res) {
   if (ph.swiglu) {
+    const float g = __fmul_rn(sum0 / (1.0f + expf(-sum0)), sum1);  // SwiGluKernel's arithmetic
     __stcg(ph.out[0] + u, sum0);
     __stcg(ph.out[1] + u, sum1);
-    __stcg(ph.swiglu_out + u, __fmul_rn(sum0 / (1.0f + expf(-sum0)), sum1));  // SwiGluKernel's arithmetic; may alias gate
+    __stcg(ph.swiglu_out + u, g);  // may alias gate
+    if (ll != nullptr) LlPut(ll + u, g, stamp);
   } else {
     int r;
     const int j = JobRow(ph, u, r);
     __stcg(ph.out[j] + r, sum0);
-    if (ph.residual != nullptr) __stcg(ph.residual + r, res + sum0);
+    if (ph.residual != nullptr) {
+      __stcg(ph.residual + r, res + sum0);
+      if (ll != nullptr) LlPut(ll + r, res + sum0, stamp);
+    } else if (ll != nullptr) {
+      LlPut(ll + u, sum0, stamp);
+    }
   }
+}
+
+// The residual row's element r before this phase's add: from the entry of the phase that last
+// added to it, or plainly when it was written before the launch.
+__device__ __forceinline__ float ResidualIn(const Phase& ph, const uint64_t* ll_base, unsigned stamp, int r) {
+  return ph.ll_res >= 0 ? LlWait(ll_base + ph.ll_res + r, stamp) : __ldcg(ph.residual + r);
 }
 
 // The block's chunks of the phase, consumed by warp w as items w, w + kConsumers, ...: item k is
@@ -394,7 +424,9 @@ __device__ __forceinline__ void GemvEpilogue(const Phase& ph, int u, float sum0,
 // leave each chunk's sum in shared memory (after the staged input) and are added up in chunk order
 // once all are in. `seq` is the stream position of the block's first chunk of the phase (the
 // producer's count), advanced here.
-__device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, unsigned& seq, float* stage, unsigned long long* gm) {
+__device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, unsigned stamp, const Ring& ring, unsigned& seq, float* stage,
+                                          unsigned long long* gm) {
+  uint64_t* ll = ph.ll_out >= 0 ? ll_base + ph.ll_out : nullptr;
   unsigned long long ready = 0, waited = 0, taken = 0, processed = 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool swiglu = ph.swiglu != 0;
@@ -412,7 +444,7 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
     if (lane == 0 && row_chunks == 1 && ph.residual != nullptr) {
       int r;
       JobRow(ph, bu.first + k, r);
-      res = __ldcg(ph.residual + r);
+      res = ResidualIn(ph, ll_base, stamp, r);
     }
     unsigned long long t_wait = 0;
     if (gm != nullptr && lane == 0) {
@@ -453,7 +485,7 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
       sums[2 * k] = sum0;
       sums[2 * k + 1] = sum1;
     } else {
-      GemvEpilogue(ph, bu.first + k, sum0, sum1, res);
+      GemvEpilogue(ph, ll, stamp, bu.first + k, sum0, sum1, res);
     }
     if (gm != nullptr) processed += GlobalTimer() - t_ready;
   }
@@ -475,7 +507,7 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, const Ring& ring, uns
     }
     int r = 0;
     if (ph.residual != nullptr) JobRow(ph, bu.first + i, r);
-    GemvEpilogue(ph, bu.first + i, sum0, sum1, ph.residual != nullptr ? __ldcg(ph.residual + r) : 0.0f);
+    GemvEpilogue(ph, ll, stamp, bu.first + i, sum0, sum1, ph.residual != nullptr ? ResidualIn(ph, ll_base, stamp, r) : 0.0f);
   }
 }
 
@@ -517,16 +549,19 @@ __device__ __forceinline__ void WarpAttend(const __nv_bfloat16* __restrict__ cac
   }
 }
 
-// A kv head's attention output merged from its `splits` key splits' partials at `base`, and its
-// rotated q heads written back (as RopeWriteKv leaves them): MergeSplitElement's arithmetic (each
-// split's normalized output weighted by sum * exp(max - max'), in split order), with the (max, sum)
-// pairs staged in shared memory first and each element's outputs of all splits loaded together
-// (loaded one after another they took ~10 us at 9 splits, 15 at 16: docs/benchmarks/cuda.md, round 9).
-__device__ __forceinline__ void MergeKvHead(const float* base, int splits, float* out, float* q, const float* s_q, float2* s_ml) {
+// A kv head's attention output merged from its `splits` key splits' partial entries at `base`
+// (waiting for each), handed on at `ll_out` and written plainly to `out`, and its rotated q heads
+// written back (as RopeWriteKv leaves them): MergeSplitElement's arithmetic (each split's normalized
+// output weighted by sum * exp(max - max'), in split order), with the (max, sum) pairs staged in
+// shared memory first and each element's outputs of all splits loaded together (loaded one after
+// another they took ~10 us at 9 splits, 15 at 16: docs/benchmarks/cuda.md, round 9).
+__device__ __forceinline__ void MergeKvHead(const uint64_t* base, int splits, unsigned stamp, float* out, uint64_t* ll_out, float* q,
+                                            const float* s_q, float2* s_ml) {
   const int tid = threadIdx.x;
   if (tid < splits * kGroup) {
     const int sp = tid / kGroup, gi = tid % kGroup;
-    s_ml[tid] = __ldcg(reinterpret_cast<const float2*>(base + sp * kPartFloats + kGroup * kHeadDim + 2 * gi));
+    const uint64_t* ml = base + sp * kPartEntries + kGroup * kHeadDim + 2 * gi;
+    s_ml[tid] = LlWait2(ml, stamp, LlLoad2(ml));
   }
   ConsumerSync();
   for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
@@ -540,29 +575,33 @@ __device__ __forceinline__ void MergeKvHead(const float* base, int splits, float
     constexpr int kHalf = kMaxSplits / 2;
     float total = 0.0f, o = 0.0f;
     for (int s0 = 0; s0 < splits; s0 += kHalf) {
-      float part[kHalf];
+      uint64_t part[kHalf];
 #pragma unroll
       for (int t = 0; t < kHalf; ++t) {
-        if (s0 + t < splits) part[t] = __ldcg(base + (s0 + t) * kPartFloats + e);
+        if (s0 + t < splits) part[t] = LlLoad(base + (s0 + t) * kPartEntries + e);
       }
 #pragma unroll
       for (int t = 0; t < kHalf; ++t) {
         if (s0 + t >= splits) continue;
+        const float pv = LlReady(part[t], stamp) ? LlValue(part[t]) : LlWait(base + (s0 + t) * kPartEntries + e, stamp);
         const float2 m = s_ml[(s0 + t) * kGroup + gi];
         const float w = m.y > 0.0f ? m.y * expf(m.x - total_max) : 0.0f;
         total += w;
-        if (w > 0.0f) o += part[t] * w;
+        if (w > 0.0f) o += pv * w;
       }
     }
-    __stcg(out + e, o * (1.0f / total));
+    const float v = o * (1.0f / total);
+    __stcg(out + e, v);
+    LlPut(ll_out + e, v, stamp);
     __stcg(q + e, s_q[e]);
   }
 }
 
 // RoPE + KV write + attention of one row: task (kv head, key split) per block; each task's
-// normalized output and (max, sum) go to `partial`, and the kv head's last task merges them.
-__device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float* partial, unsigned* arrivals, unsigned long long* marks) {
-  __shared__ bool s_last;
+// normalized output and (max, sum) are handed on as partial entries, and the kv head's last split's
+// task merges them once they are there (tasks run in index order in each block and a merging task
+// waits only for lower ones, so every wait ends).
+__device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, unsigned stamp, float* stage, unsigned long long* marks) {
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   unsigned long long before = 0;
   // Step k of a task took from the last mark to now (thread 0, traced launches only).
@@ -590,8 +629,8 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     ConsumerSync();  // the previous task's reads of shared memory are done
     mark(-1);
     if (marks != nullptr && tid == 0) marks[kAttnTasksMark] += 1;
-    for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) s_q[e] = __ldcg(ph.q + q_off + e);
-    if (owner && tid < kHeadDim) s_k[tid] = __ldcg(k + tid);
+    for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) s_q[e] = LlWait(ll_base + ph.ll_q + q_off + e, stamp);
+    if (owner && tid < kHeadDim) s_k[tid] = LlWait(ll_base + ph.ll_k + kv * kHeadDim + tid, stamp);
     ConsumerSync();
     mark(0);  // q (and k) loaded
     for (int t = tid; t < kGroup * (kHeadDim / 2); t += kConsumerThreads) RotatePair(s_q, t, kHeadDim, ph.cos_sin, ph.neox);
@@ -602,7 +641,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
       const size_t off = SlotOffset(ph.g, table, pos) + static_cast<size_t>(kv) * kHeadDim;
       __stcg(k + tid, s_k[tid]);
       StoreElem(ph.cache + off + tid, s_k[tid]);
-      StoreElem(ph.cache + off + ph.g.v_delta + tid, __ldcg(ph.v + static_cast<size_t>(kv) * kHeadDim + tid));
+      StoreElem(ph.cache + off + ph.g.v_delta + tid, LlWait(ll_base + ph.ll_v + kv * kHeadDim + tid, stamp));
     }
     ConsumerSync();
     mark(2);  // new K/V written
@@ -629,45 +668,43 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, float* stage, float
     }
     ConsumerSync();
     mark(3);  // keys attended
+    uint64_t* out_ll = ll_base + ph.ll_out + q_off;
     if (S == 1) {  // the kv head's one task: its output is the attention's, no partial to merge
       for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
         const WarpMerged m = MergeWarps(s_max, s_sum, s_acc, e / kHeadDim, e % kHeadDim);
-        __stcg(ph.attn_out + q_off + e, m.sum > 0.0f ? m.o / m.sum : 0.0f);
+        const float v = m.sum > 0.0f ? m.o / m.sum : 0.0f;
+        __stcg(ph.attn_out + q_off + e, v);
+        LlPut(out_ll + e, v, stamp);
         __stcg(ph.q + q_off + e, s_q[e]);
       }
       continue;
     }
-    float* part = partial + static_cast<size_t>(kv * S + split) * kPartFloats;
+    uint64_t* head_part = ll_base + ph.ll_part + static_cast<size_t>(kv) * S * kPartEntries;
+    uint64_t* part = head_part + static_cast<size_t>(split) * kPartEntries;
     for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
       const int gi = e / kHeadDim, d = e % kHeadDim;
       const WarpMerged m = MergeWarps(s_max, s_sum, s_acc, gi, d);
-      __stcg(part + e, m.sum > 0.0f ? m.o / m.sum : 0.0f);  // an empty split: weight 0 in the merge
+      LlPut(part + e, m.sum > 0.0f ? m.o / m.sum : 0.0f, stamp);  // an empty split: weight 0 in the merge
       if (d == 0) {
-        __stcg(part + kGroup * kHeadDim + 2 * gi, m.max);
-        __stcg(part + kGroup * kHeadDim + 2 * gi + 1, m.sum);
+        LlPut(part + kGroup * kHeadDim + 2 * gi, m.max, stamp);
+        LlPut(part + kGroup * kHeadDim + 2 * gi + 1, m.sum, stamp);
       }
     }
-    // The last of the kv head's S tasks to finish merges the splits (the cluster kernel's
-    // arithmetic) and writes the rotated q heads back, as RopeWriteKv leaves them.
-    ConsumerSync();
-    if (tid == 0) {
-      const bool last = AcqRelAdd(arrivals + kv) == static_cast<unsigned>(S - 1);
-      if (last) arrivals[kv] = 0;  // for the next layer (every task of this kv head has arrived)
-      s_last = last;
-    }
-    ConsumerSync();
-    mark(4);  // partial written, arrival counted
-    if (!s_last) continue;
-    MergeKvHead(partial + static_cast<size_t>(kv) * S * kPartFloats, S, ph.attn_out + q_off, ph.q + q_off, s_q, s_ml);
+    mark(4);  // partial handed on
+    // The kv head's last split merges the splits (the cluster kernel's arithmetic) and writes the
+    // rotated q heads back, as RopeWriteKv leaves them.
+    if (split != S - 1) continue;
+    MergeKvHead(head_part, S, stamp, ph.attn_out + q_off, out_ll, ph.q + q_off, s_q, s_ml);
     mark(5);  // splits merged (the last task)
     if (marks != nullptr && tid == 0) marks[kAttnMergesMark] += 1;
   }
 }
 
 __global__ void __launch_bounds__(kThreads, 1)
-    PersistentKernel(const Program* __restrict__ prog, float* partial, unsigned* sync, unsigned long long* trace) {
+    PersistentKernel(const Program* __restrict__ prog, unsigned* sync, uint64_t* ll_base, unsigned long long* trace) {
   extern __shared__ __align__(128) unsigned char smem[];
   __shared__ float red[kConsumers + 1];
+  __shared__ unsigned s_stamp;
   const int n = prog->num_phases;
   const Phase* ph = prog->phases;
   float* stage = reinterpret_cast<float*>(smem);
@@ -687,12 +724,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     return;
   }
   WaitForPreviousKernel();
-  unsigned target = 0, seq = 0;
+  // This launch's stamp: one more than the last launch's (every block reads the same count: the
+  // last launch has finished and no block of this one writes it before all have read it).
+  if (threadIdx.x == 0) s_stamp = __ldcg(sync + kLaunchWord) + 1;
+  ConsumerSync();
+  const unsigned stamp = s_stamp;
+  unsigned seq = 0;
   for (int p = 0; p < n; ++p) {
-    if (p > 0) {
-      GridBarrier(sync, target,
-                  trace != nullptr ? trace + TraceGemvOffset(gridDim.x) + (static_cast<size_t>(p) * gridDim.x + blockIdx.x) * kGemvMarks + 8 : nullptr);
-    }
     if (p == n - 1) LetNextKernelLaunch();
     if (trace != nullptr && threadIdx.x == 0) trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x] = GlobalTimer();
     const Phase& cur = ph[p];
@@ -710,12 +748,11 @@ __global__ void __launch_bounds__(kThreads, 1)
       ConsumerSync();
     }
     if (cur.kind == kGemvPhase) {
-      StageInput(cur, stage, red);
+      StageInput(cur, ll_base, stamp, stage, red);
       if (gm != nullptr && threadIdx.x == 0) gm[0] = GlobalTimer() - trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x];
-      GemvPhase(cur, ring, seq, stage, gm);
+      GemvPhase(cur, ll_base, stamp, ring, seq, stage, gm);
     } else if (cur.kind == kAttentionPhase) {
-      AttentionPhase(cur, stage, partial, sync + 2,
-                     trace != nullptr ? trace + TraceMarksOffset(gridDim.x) + blockIdx.x * kAttnMarks : nullptr);
+      AttentionPhase(cur, ll_base, stamp, stage, trace != nullptr ? trace + TraceMarksOffset(gridDim.x) + blockIdx.x * kAttnMarks : nullptr);
     }
     if (trace != nullptr) {
       ConsumerSync();
@@ -732,11 +769,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   ConsumerSync();
   if (threadIdx.x == 0) {
-    // Every block is past its last barrier once all have arrived here: the last one resets the
-    // counters for the next launch (which reads them only after this grid has finished).
-    if (atomicAdd(sync + 1, 1u) == gridDim.x - 1) {
-      sync[0] = 0;
-      sync[1] = 0;
+    // Every block has read the stamp once all have arrived here: the last one counts the launch
+    // (the next launch reads it only after this grid has finished) and resets the exit count.
+    if (atomicAdd(sync + kExitWord, 1u) == gridDim.x - 1) {
+      sync[kLaunchWord] = stamp;
+      sync[kExitWord] = 0;
     }
   }
 }
@@ -754,10 +791,10 @@ void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch) {
           __FILE__, __LINE__);
     if (per_sm < 1) Check(cudaErrorInvalidConfiguration, "PersistentKernel does not fit a multiprocessor", __FILE__, __LINE__);
     if (MultiprocessorCount() < kMinGrid) Check(cudaErrorInvalidConfiguration, "PersistentKernel needs more multiprocessors", __FILE__, __LINE__);
-    return MultiprocessorCount();  // one block each: all resident at once, as the barriers need
+    return MultiprocessorCount();  // one block each: all resident at once, as the blocks wait for each other
   }();
-  float* partial = static_cast<float*>(scratch);
-  unsigned* sync = reinterpret_cast<unsigned*>(partial + kPartialFloats);
+  unsigned* sync = static_cast<unsigned*>(scratch);
+  uint64_t* ll_base = reinterpret_cast<uint64_t*>(static_cast<char*>(scratch) + kLlOffset);
   static const bool tracing = [] {
     const char* t = std::getenv("DYN_CUDA_PERSIST_TRACE");
     return t != nullptr && std::string(t) == "1";
@@ -772,7 +809,7 @@ void LaunchPersistent(cudaStream_t stream, const void* program, void* scratch) {
     Check(cudaMemsetAsync(buf, 0, words * sizeof(unsigned long long), stream), "cudaMemsetAsync", __FILE__, __LINE__);
     trace = buf;
   }
-  LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const Program*>(program), partial, sync, trace);
+  LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const Program*>(program), sync, ll_base, trace);
   DYN_CUDA_CHECK_LAUNCH();
   if (trace != nullptr) PrintPersistentTrace(stream, program, trace, grid);
   ++g_launches;

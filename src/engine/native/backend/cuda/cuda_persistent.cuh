@@ -20,12 +20,20 @@ constexpr int kChunkBytes = 8192;    // a slot of the weight ring: up to 16 tile
 constexpr int kMinGrid = 64;         // multiprocessors the planner assumes at least (row sums' space)
 constexpr int kHeadDim = 128, kGroup = 4;
 constexpr int kMaxSplits = 16;
-constexpr int kPartFloats = kGroup * (kHeadDim + 2);  // a (kv head, split)'s outputs [4][128], then (max, sum) [4]
 constexpr int kMaxKvHeads = 16;
-// The kernel's scratch: kPartialFloats of attention partial results, then kSyncWords counters (the
-// barrier count, the exit count, an attention arrival count per kv head).
-constexpr size_t kPartialFloats = size_t{kMaxKvHeads} * kMaxSplits * kPartFloats;
-constexpr int kSyncWords = 2 + kMaxKvHeads;
+// The kernel's scratch: kSyncWords counters (the exit count, the launch count that stamps this
+// launch's hand-offs), then kLlEntries hand-off entries. Blocks meet through no grid barrier: every
+// value one block hands another (a GEMV's output row, attention's output and its splits' partial
+// results) is written as an 8-byte entry (the float's bits, this launch's stamp) and read by polling
+// until the stamp is this launch's, so a phase waits only for the values it reads and no write needs
+// a fence (the fence of a barrier waited for the weight stream, 1-2.6 us: docs/benchmarks/cuda.md,
+// round 10). Each phase's entries have their own place (the planner's offsets), so a launch never
+// reads an entry before it is written.
+constexpr int kSyncWords = 4;
+constexpr int kExitWord = 0, kLaunchWord = 1;
+constexpr size_t kLlOffset = 16;  // bytes: the entries after the counters, 16-byte aligned
+constexpr size_t kLlEntries = size_t{4} << 20;  // 32 MB: the 8B shape's 32 layers take 3.2 M
+constexpr int kPartEntries = kGroup * (kHeadDim + 2);  // a (kv head, split)'s outputs [4][128], then (max, sum) [4]
 constexpr int kMinGemvPhases = 8;  // shorter runs stay separate kernels
 constexpr size_t kMaxPhases = 1024;  // sizes the trace buffer
 // A traced launch's buffer: [2][kMaxPhases][grid] phase start/end times, then per block
@@ -39,8 +47,7 @@ __host__ __device__ constexpr size_t TraceMarksOffset(int grid) { return 2 * kMa
 // every phase the ns one L2 load took at its start (the latency its steps see behind the stream).
 // Then: ns the warps spent on landed chunks (products, sums, epilogue), summed; the last warp's end
 // of its chunks (global timer); and one L2 load's ns at the phase's end (before the barrier).
-// Then the barrier before the phase: its fence's ns and its wait's ns (block's thread 0).
-constexpr int kGemvMarks = 10;
+constexpr int kGemvMarks = 8;
 __host__ __device__ constexpr size_t TraceGemvOffset(int grid) { return TraceMarksOffset(grid) + static_cast<size_t>(kAttnMarks) * grid; }
 constexpr size_t TraceWords(int grid) { return TraceGemvOffset(grid) + kMaxPhases * static_cast<size_t>(grid) * kGemvMarks; }
 
@@ -61,6 +68,13 @@ struct Phase {
   float eps;
   float* norm_out;  // with norm_w: block 0 also writes the normalized row here
   float* residual;  // non-null: residual[r] += out[0][r] (the Add after this GEMV)
+  // Hand-off entries (offsets into the scratch's entries; -1: none). ll_in: the input row's (-1: the
+  // input was written before the launch, read plainly); ll_res: the residual row's before this
+  // phase's add; ll_out: what the phase hands on: the SwiGLU row, else the residual row, else the
+  // units' outputs in order (attention: its output row).
+  int64_t ll_in, ll_res, ll_out;
+  // kAttentionPhase: q, k and v rows' entries (the Q/K/V phase's) and the splits' partial results'.
+  int64_t ll_q, ll_k, ll_v, ll_part;
   // kAttentionPhase (one row)
   __nv_bfloat16* cache;
   CacheGeometry g;

@@ -54,7 +54,7 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
   std::vector<unsigned long long> gm(kMaxPhases * static_cast<size_t>(grid) * kGemvMarks);
   Check(cudaMemcpy(gm.data(), trace + TraceGemvOffset(grid), gm.size() * sizeof(gm[0]), cudaMemcpyDeviceToHost), "cudaMemcpy", __FILE__,
         __LINE__);
-  struct Acc { double work = 0, tail = 0, barrier = 0, stage = 0, ready = 0, taken = 0, wait = 0, probe = 0, probe_end = 0, proc = 0, loop_end = 0, fence = 0, poll = 0; int count = 0; };
+  struct Acc { double work = 0, tail = 0, barrier = 0, stage = 0, ready = 0, taken = 0, wait = 0, probe = 0, probe_end = 0, proc = 0, loop_end = 0; int count = 0; };
   std::map<std::string, Acc> by_kind;
   const unsigned long long t0 = *std::min_element(t.begin(), t.begin() + grid);
   unsigned long long last_end = 0;
@@ -81,12 +81,6 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
       for (int b = 0; b < grid; ++b) pr.push_back(gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks + 7] * 1e-3);
       std::sort(pr.begin(), pr.end());
       a.probe_end += pr[pr.size() / 2];
-      for (int k = 8; k < 10; ++k) {
-        pr.clear();
-        for (int b = 0; b < grid; ++b) pr.push_back(gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks + k] * 1e-3);
-        std::sort(pr.begin(), pr.end());
-        (k == 8 ? a.fence : a.poll) += pr[pr.size() / 2];
-      }
     }
     if (ph.kind == kGemvPhase) {
       std::vector<double> st;
@@ -118,7 +112,7 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
   Check(cudaMemcpy(marks.data(), trace + TraceMarksOffset(grid), marks.size() * sizeof(marks[0]), cudaMemcpyDeviceToHost), "cudaMemcpy",
         __FILE__, __LINE__);
   const int attention_phases = static_cast<int>(std::count_if(phases.begin(), phases.end(), [](const Phase& p) { return p.kind == kAttentionPhase; }));
-  static const char* const kSteps[kAttnSteps] = {"q/k load", "rope", "kv write", "key loop", "partial + arrival", "merge (last task)"};
+  static const char* const kSteps[kAttnSteps] = {"q/k load", "rope", "kv write", "key loop", "partial handed on", "merge (last split)"};
   if (attention_phases > 0) {
     for (int k = 0; k < kAttnSteps; ++k) {
       std::vector<double> v;
@@ -133,10 +127,9 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
     }
   }
   for (const auto& [kind, a] : by_kind) {
-    std::fprintf(stderr, "  %-32s x%3d: work %7.2f us (median block), tail %6.2f, barrier before %6.2f; total %8.1f us\n",
+    std::fprintf(stderr, "  %-32s x%3d: work %7.2f us (median block), tail %6.2f, gap before %6.2f; total %8.1f us\n",
                  kind.c_str(), a.count, a.work / a.count, a.tail / a.count, a.barrier / a.count, a.work + a.tail + a.barrier);
-    std::fprintf(stderr, "    one L2 load at the phase's start: %.2f us, at its end %.2f; barrier before: fence %.2f, wait %.2f (median block)\n",
-                 a.probe / a.count, a.probe_end / a.count, a.fence / a.count, a.poll / a.count);
+    std::fprintf(stderr, "    one L2 load at the phase's start: %.2f us, at its end %.2f (median block)\n", a.probe / a.count, a.probe_end / a.count);
     if (a.taken > 0) {
       std::fprintf(stderr, "    staged at %.2f us (median block); chunks landed before their warp came %.1f%%; wait %.3f us a chunk\n",
                    a.stage / a.count, 100.0 * a.ready / a.taken, a.wait / (a.taken));
@@ -149,7 +142,91 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
 
 using namespace persist;
 
-size_t PersistentScratchBytes() { return kPartialFloats * sizeof(float) + kSyncWords * sizeof(unsigned); }
+size_t PersistentScratchBytes() { return kLlOffset + kLlEntries * sizeof(uint64_t); }
+
+namespace {
+
+// Where the phases hand their outputs on: each phase's entries get their own place, and every row
+// a phase reads is found among earlier phases' outputs (entries) or is not written by any of them
+// (read plainly: it was written before the launch). A row written by the program only plainly (a
+// GEMV's output that an add consumed, the rotated q and k written back, block 0's norm output) must
+// not be read by a later phase; the plan is refused then.
+class HandOffs {
+ public:
+  static constexpr int64_t kExternal = -1, kUnreadable = -2;
+  int64_t Alloc(int64_t n) {
+    const int64_t at = next_;
+    next_ += (n + 31) / 32 * 32;  // 256-byte aligned (the readers load 16 bytes)
+    return at;
+  }
+  void Wrote(const float* base, int64_t len, int64_t at) { writers_.push_back({base, len, at}); }
+  // The entry offset of row [p, p + n), kExternal, or kUnreadable.
+  int64_t Find(const float* p, int64_t n) const {
+    for (auto it = writers_.rbegin(); it != writers_.rend(); ++it) {
+      if (p + n <= it->base || p >= it->base + it->len) continue;
+      if (p < it->base || p + n > it->base + it->len || it->at < 0) return kUnreadable;
+      return it->at + (p - it->base);
+    }
+    return kExternal;
+  }
+  bool Fits() const { return next_ <= static_cast<int64_t>(kLlEntries); }
+
+ private:
+  struct Writer {
+    const float* base;
+    int64_t len, at;
+  };
+  std::vector<Writer> writers_;
+  int64_t next_ = 0;
+};
+
+// Fills the phases' hand-off offsets; false if a phase reads a row it cannot.
+bool PlanHandOffs(std::vector<Phase>& phases) {
+  HandOffs h;
+  for (Phase& p : phases) {
+    p.ll_in = p.ll_res = p.ll_out = p.ll_q = p.ll_k = p.ll_v = p.ll_part = -1;
+    if (p.kind == kGemvPhase) {
+      p.ll_in = h.Find(p.in, p.cols);
+      if (p.ll_in == HandOffs::kUnreadable) return false;
+      if (p.residual != nullptr) {
+        p.ll_res = h.Find(p.residual, p.rows[0]);
+        if (p.ll_res == HandOffs::kUnreadable) return false;
+      }
+      if (p.norm_out != nullptr) h.Wrote(p.norm_out, p.cols, HandOffs::kUnreadable);
+      if (p.swiglu) {
+        h.Wrote(p.out[0], p.units, HandOffs::kUnreadable);
+        h.Wrote(p.out[1], p.units, HandOffs::kUnreadable);
+        p.ll_out = h.Alloc(p.units);
+        h.Wrote(p.swiglu_out, p.units, p.ll_out);
+      } else if (p.residual != nullptr) {
+        h.Wrote(p.out[0], p.rows[0], HandOffs::kUnreadable);
+        p.ll_out = h.Alloc(p.rows[0]);
+        h.Wrote(p.residual, p.rows[0], p.ll_out);
+      } else {
+        p.ll_out = h.Alloc(p.units);
+        int64_t at = p.ll_out;
+        for (int j = 0; j < p.count; ++j) {
+          h.Wrote(p.out[j], p.rows[j], at);
+          at += p.rows[j];
+        }
+      }
+    } else {
+      const int64_t q_len = int64_t{p.num_heads} * kHeadDim, kv_len = int64_t{p.kv_heads} * kHeadDim;
+      p.ll_q = h.Find(p.q, q_len);
+      p.ll_k = h.Find(p.k, kv_len);
+      p.ll_v = h.Find(p.v, kv_len);
+      if (p.ll_q < 0 || p.ll_k < 0 || p.ll_v < 0) return false;  // q, k, v come from this program's Q/K/V phase
+      p.ll_part = h.Alloc(int64_t{p.kv_heads} * kMaxSplits * kPartEntries);
+      h.Wrote(p.q, q_len, HandOffs::kUnreadable);  // rotated, written back plainly
+      h.Wrote(p.k, kv_len, HandOffs::kUnreadable);
+      p.ll_out = h.Alloc(q_len);
+      h.Wrote(p.attn_out, q_len, p.ll_out);
+    }
+  }
+  return h.Fits();
+}
+
+}  // namespace
 
 int PlanPersistent(std::span<const PersistentCall> calls, std::vector<unsigned char>* program) {
   std::vector<Phase> phases;
@@ -236,7 +313,7 @@ int PlanPersistent(std::span<const PersistentCall> calls, std::vector<unsigned c
   if (residual_phase >= 0 && static_cast<size_t>(residual_phase) < complete_phases) phases[residual_phase].residual = nullptr;
   phases.resize(complete_phases);
   const auto gemv_phases = std::count_if(phases.begin(), phases.end(), [](const Phase& p) { return p.kind == kGemvPhase; });
-  if (gemv_phases < kMinGemvPhases || phases.size() > kMaxPhases) return 0;
+  if (gemv_phases < kMinGemvPhases || phases.size() > kMaxPhases || !PlanHandOffs(phases)) return 0;
   program->assign(offsetof(Program, phases) + phases.size() * sizeof(Phase), 0);
   const int32_t count = static_cast<int32_t>(phases.size());
   std::memcpy(program->data(), &count, sizeof(count));
