@@ -177,9 +177,20 @@ TEST(CudaKernelRulesTest, PersistentPlannerTakesWholeDecodeLayers) {
     std::vector<Call> calls;
     layer(calls, 0, 128);
     layer(calls, 1, 128);
-    calls.push_back(gemv(gate, {{w(98), rows}}, {logits}, 14336));
+    calls.push_back(gemv(addr(13), {{w(98), rows}}, {logits}, 14336));  // an input written before the launch
     calls.push_back(Call{});
     EXPECT_EQ(cuda::PlanPersistent(calls, &program), 2 * 7 + (taken ? 1 : 0)) << rows << " rows";
+  }
+  // Phases hand rows on through stamped entries, so a phase may read only rows an earlier phase
+  // handed on or rows no phase writes: the up projection's output (consumed by SwiGLU, written
+  // plainly) or part of a handed-on row refuse the plan.
+  for (const auto& [in, cols] : {std::pair<const float*, int64_t>{up, kFfn}, std::pair<const float*, int64_t>{gate, 2 * kFfn}}) {
+    std::vector<Call> calls;
+    layer(calls, 0, 128);
+    layer(calls, 1, 128);
+    calls.push_back(gemv(in, {{w(98), 64}}, {logits}, cols));
+    calls.push_back(Call{});
+    EXPECT_EQ(cuda::PlanPersistent(calls, &program), 0) << cols << " columns";
   }
 }
 
