@@ -731,6 +731,9 @@ __global__ void __launch_bounds__(kThreads, 1)
   const unsigned stamp = s_stamp;
   unsigned seq = 0;
   for (int p = 0; p < n; ++p) {
+    // The block's warps are done with the last phase's shared memory (the staged row, attention's
+    // partial sums) before any of them stages this phase's.
+    ConsumerSync();
     if (p == n - 1) LetNextKernelLaunch();
     if (trace != nullptr && threadIdx.x == 0) trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x] = GlobalTimer();
     const Phase& cur = ph[p];

@@ -71,7 +71,7 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
     Acc& a = by_kind[kind];
     a.work += (ends[grid / 2] - start) * 1e-3;
     a.tail += (ends.back() - ends[grid / 2]) * 1e-3;
-    if (p > 0) a.barrier += (start - last_end) * 1e-3;
+    if (p > 0) a.barrier += (static_cast<double>(start) - static_cast<double>(last_end)) * 1e-3;  // < 0: phases overlap
     {
       std::vector<double> pr;
       for (int b = 0; b < grid; ++b) pr.push_back(gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks + 4] * 1e-3);
