@@ -1,18 +1,19 @@
 // Batch-1 decode as one persistent kernel: a run of a step's one-row calls (RMSNorm, the GEMVs,
 // decode attention with its RoPE + KV write) executed by one block per multiprocessor, phase after
-// phase, with a grid barrier between phases. Opt-in (DYN_CUDA_PERSIST=1): so far slower than the
-// kernel-by-kernel step (docs/benchmarks/cuda.md, round 8, has the per-phase times).
+// phase; a phase waits only for the values it reads, which earlier phases hand on as stamped
+// entries (cuda_persistent.cuh), not at a grid barrier. Opt-in (DYN_CUDA_PERSIST=1): so far
+// 0.1-0.2 ms a step slower than the kernel-by-kernel step (docs/benchmarks/cuda.md, rounds 8-10).
 //
 // Why: at batch 1 the step is bound by reading the weights once (16 GB for the 8B shape), but as
 // separate kernels HBM idles while each grid ramps up and drains and while the small kernels
 // (norms, attention) run: the GEMVs alone stream at ~4 TB/s and the step loses a further ~20% to
 // the kernels between them (rounds 5-7). Here a producer warp in each block streams the block's
 // rows of every matrix, one after another, into a shared-memory ring by bulk copies, ahead of the
-// warps that multiply them: the next matrix is on its way while the grid meets at a barrier, a norm
-// is computed or attention runs. RMSNorm runs inside the
-// next GEMV's input staging (every block normalizes the row into shared memory), the residual add
-// in the epilogue of the GEMV before it, the attention split merge in the last task of each kv
-// head. DYN_CUDA_PERSIST_TRACE=1 (with DYN_CUDA_GRAPHS=0) prints where a launch spent its time.
+// warps that multiply them: the next matrix is on its way while a phase waits for its input, a
+// norm is computed or attention runs. RMSNorm runs inside the next GEMV's input staging (every
+// block normalizes the row into shared memory), the residual add in the epilogue of the GEMV
+// before it, the attention split merge in the task of each kv head's last split.
+// DYN_CUDA_PERSIST_TRACE=1 (with DYN_CUDA_GRAPHS=0) prints where a launch spent its time.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
