@@ -36,7 +36,7 @@ using namespace persist;
 // One block per multiprocessor: kConsumers warps compute (the GEMV phases, attention) and one
 // producer warp streams the block's weights, phase after phase, through a ring of kRingSlots
 // shared-memory slots of kChunkBytes filled by bulk copies (TMA) on mbarriers. The producer runs
-// ahead of the consumers across grid barriers, norms and attention (up to the ring's 160 KB a
+// ahead of the consumers across phase boundaries, norms and attention (up to the ring's 160 KB a
 // multiprocessor, ~21 MB over the grid), so HBM keeps streaming while the latency-bound steps
 // between the matrices run.
 constexpr int kConsumers = 15, kConsumerThreads = kConsumers * 32;
@@ -382,7 +382,8 @@ __device__ __forceinline__ void StageInput(const Phase& ph, const uint64_t* ll_b
     const float scale = BlockRms(ss, ph, red);
     for (int i = tid * 4; i < cols; i += kConsumerThreads * 4) {
       float4& v = *reinterpret_cast<float4*>(stage + StagePos(i, cols));
-      const float4 w = w_stage != nullptr ? *reinterpret_cast<const float4*>(w_stage + i) : __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
+      const float4 w = w_stage != nullptr ? *reinterpret_cast<const float4*>(w_stage + i)
+                                          : __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
       v = Normalized(v, scale, w);
       if (write) __stcg(reinterpret_cast<float4*>(ph.norm_out + i), v);
     }
@@ -756,7 +757,8 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (gm != nullptr && threadIdx.x == 0) gm[0] = GlobalTimer() - trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x];
       GemvPhase(cur, ll_base, stamp, ring, seq, stage, gm);
     } else if (cur.kind == kAttentionPhase) {
-      AttentionPhase(cur, ll_base, stamp, stage, trace != nullptr ? trace + TraceMarksOffset(gridDim.x) + blockIdx.x * kAttnMarks : nullptr);
+      unsigned long long* marks = trace != nullptr ? trace + TraceMarksOffset(gridDim.x) + blockIdx.x * kAttnMarks : nullptr;
+      AttentionPhase(cur, ll_base, stamp, stage, marks);
     }
     if (trace != nullptr) {
       ConsumerSync();

@@ -46,7 +46,7 @@ __host__ __device__ constexpr size_t TraceMarksOffset(int grid) { return 2 * kMa
 // warps waited for chunks, summed (tells whether the ring's prefetch reaches the consumers); and for
 // every phase the ns one L2 load took at its start (the latency its steps see behind the stream).
 // Then: ns the warps spent on landed chunks (products, sums, epilogue), summed; the last warp's end
-// of its chunks (global timer); and one L2 load's ns at the phase's end (before the barrier).
+// of its chunks (global timer); and one L2 load's ns at the phase's end.
 constexpr int kGemvMarks = 8;
 __host__ __device__ constexpr size_t TraceGemvOffset(int grid) { return TraceMarksOffset(grid) + static_cast<size_t>(kAttnMarks) * grid; }
 constexpr size_t TraceWords(int grid) { return TraceGemvOffset(grid) + kMaxPhases * static_cast<size_t>(grid) * kGemvMarks; }

@@ -41,7 +41,7 @@ bool AttentionFits(const PersistentCall& c) {
 
 // Per phase kind, averaged over the phases of that kind: the time from the phase's start (the
 // earliest block's) to the median and the last block's end, and from the last end to the next
-// phase's start (the barrier).
+// phase's start (negative where phases overlap: no grid barrier separates them).
 void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsigned long long* trace, int grid) {
   Check(cudaStreamSynchronize(stream), "cudaStreamSynchronize", __FILE__, __LINE__);
   int32_t n = 0;
@@ -54,7 +54,10 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
   std::vector<unsigned long long> gm(kMaxPhases * static_cast<size_t>(grid) * kGemvMarks);
   Check(cudaMemcpy(gm.data(), trace + TraceGemvOffset(grid), gm.size() * sizeof(gm[0]), cudaMemcpyDeviceToHost), "cudaMemcpy", __FILE__,
         __LINE__);
-  struct Acc { double work = 0, tail = 0, barrier = 0, stage = 0, ready = 0, taken = 0, wait = 0, probe = 0, probe_end = 0, proc = 0, loop_end = 0; int count = 0; };
+  struct Acc {
+    double work = 0, tail = 0, gap = 0, stage = 0, ready = 0, taken = 0, wait = 0, probe = 0, probe_end = 0, proc = 0, loop_end = 0;
+    int count = 0;
+  };
   std::map<std::string, Acc> by_kind;
   const unsigned long long t0 = *std::min_element(t.begin(), t.begin() + grid);
   unsigned long long last_end = 0;
@@ -71,7 +74,7 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
     Acc& a = by_kind[kind];
     a.work += (ends[grid / 2] - start) * 1e-3;
     a.tail += (ends.back() - ends[grid / 2]) * 1e-3;
-    if (p > 0) a.barrier += (static_cast<double>(start) - static_cast<double>(last_end)) * 1e-3;  // < 0: phases overlap
+    if (p > 0) a.gap += (static_cast<double>(start) - static_cast<double>(last_end)) * 1e-3;
     {
       std::vector<double> pr;
       for (int b = 0; b < grid; ++b) pr.push_back(gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks + 4] * 1e-3);
@@ -128,7 +131,7 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
   }
   for (const auto& [kind, a] : by_kind) {
     std::fprintf(stderr, "  %-32s x%3d: work %7.2f us (median block), tail %6.2f, gap before %6.2f; total %8.1f us\n",
-                 kind.c_str(), a.count, a.work / a.count, a.tail / a.count, a.barrier / a.count, a.work + a.tail + a.barrier);
+                 kind.c_str(), a.count, a.work / a.count, a.tail / a.count, a.gap / a.count, a.work + a.tail + a.gap);
     std::fprintf(stderr, "    one L2 load at the phase's start: %.2f us, at its end %.2f (median block)\n", a.probe / a.count, a.probe_end / a.count);
     if (a.taken > 0) {
       std::fprintf(stderr, "    staged at %.2f us (median block); chunks landed before their warp came %.1f%%; wait %.3f us a chunk\n",
