@@ -94,6 +94,17 @@ __device__ __forceinline__ unsigned long long GlobalTimer() {
   return t;
 }
 
+// ns one L2 load of *p takes (traced launches): the second timer read waits for the load, since
+// it is behind a branch on the loaded value.
+__device__ __forceinline__ unsigned long long TimedL2Load(const unsigned* p) {
+  const unsigned long long t0 = GlobalTimer();
+  unsigned v;
+  asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  unsigned long long t1 = t0;
+  if (v != 0xdeadbeefu) t1 = GlobalTimer();
+  return t1 - t0;
+}
+
 // ---- hand-off entries (cuda_persistent.cuh: no grid barrier) ----
 
 // An entry: a float's bits and the stamp of the launch that wrote it, as one 8-byte store, so a
@@ -392,7 +403,8 @@ __device__ __forceinline__ void StageInput(const Phase& ph, const uint64_t* ll_b
 }
 
 // Unit u's outputs from its row sums (with SwiGLU sum0 the gate's, sum1 the up's).
-// res: residual[r] loaded ahead (the dependent L2 load after the sums held the warp ~1 us a row).
+// res: residual[u] loaded ahead (the dependent L2 load after the sums held the warp ~1 us a row).
+// A phase with a residual has one weight, so its unit is the row; its entries hand on the sums.
 // The plain stores are for readers after the launch; phases of this launch read the entries (ll).
 __device__ __forceinline__ void GemvEpilogue(const Phase& ph, uint64_t* ll, unsigned stamp, int u, float sum0, float sum1, float res) {
   if (ph.swiglu) {
@@ -405,19 +417,16 @@ __device__ __forceinline__ void GemvEpilogue(const Phase& ph, uint64_t* ll, unsi
     int r;
     const int j = JobRow(ph, u, r);
     __stcg(ph.out[j] + r, sum0);
-    if (ph.residual != nullptr) {
-      __stcg(ph.residual + r, res + sum0);
-      if (ll != nullptr) LlPut(ll + r, res + sum0, stamp);
-    } else if (ll != nullptr) {
-      LlPut(ll + u, sum0, stamp);
-    }
+    const float handed = ph.residual != nullptr ? res + sum0 : sum0;
+    if (ph.residual != nullptr) __stcg(ph.residual + u, handed);
+    if (ll != nullptr) LlPut(ll + u, handed, stamp);
   }
 }
 
-// The residual row's element r before this phase's add: from the entry of the phase that last
+// The residual row's element u before this phase's add: from the entry of the phase that last
 // added to it, or plainly when it was written before the launch.
-__device__ __forceinline__ float ResidualIn(const Phase& ph, const uint64_t* ll_base, unsigned stamp, int r) {
-  return ph.ll_res >= 0 ? LlWait(ll_base + ph.ll_res + r, stamp) : __ldcg(ph.residual + r);
+__device__ __forceinline__ float ResidualIn(const Phase& ph, const uint64_t* ll_base, unsigned stamp, int u) {
+  return ph.ll_res >= 0 ? LlWait(ll_base + ph.ll_res + u, stamp) : __ldcg(ph.residual + u);
 }
 
 // The block's chunks of the phase, consumed by warp w as items w, w + kConsumers, ...: item k is
@@ -443,11 +452,7 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, un
     const int slot0 = static_cast<int>(s0 % kRingSlots), slot1 = static_cast<int>((s0 + 1) % kRingSlots);
     const unsigned r0 = s0 / kRingSlots, r1 = (s0 + 1) / kRingSlots;
     float res = 0.0f;
-    if (lane == 0 && row_chunks == 1 && ph.residual != nullptr) {
-      int r;
-      JobRow(ph, bu.first + k, r);
-      res = ResidualIn(ph, ll_base, stamp, r);
-    }
+    if (lane == 0 && row_chunks == 1 && ph.residual != nullptr) res = ResidualIn(ph, ll_base, stamp, bu.first + k);
     unsigned long long t_wait = 0;
     if (gm != nullptr && lane == 0) {
       t_wait = GlobalTimer();
@@ -493,11 +498,11 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, un
   }
   seq += static_cast<unsigned>(items * per_chunk);
   if (gm != nullptr && lane == 0) {
-    atomicAdd(gm + 1, ready);
-    atomicAdd(gm + 2, taken);
-    atomicAdd(gm + 3, waited);
-    atomicAdd(gm + 5, processed);
-    atomicMax(gm + 6, GlobalTimer());
+    atomicAdd(gm + kMarkLanded, ready);
+    atomicAdd(gm + kMarkTaken, taken);
+    atomicAdd(gm + kMarkWaitNs, waited);
+    atomicAdd(gm + kMarkWorkNs, processed);
+    atomicMax(gm + kMarkChunksDone, GlobalTimer());
   }
   if (row_chunks == 1) return;
   ConsumerSync();
@@ -507,9 +512,8 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, un
       sum0 += sums[2 * (i * row_chunks + c)];
       sum1 += sums[2 * (i * row_chunks + c) + 1];
     }
-    int r = 0;
-    if (ph.residual != nullptr) JobRow(ph, bu.first + i, r);
-    GemvEpilogue(ph, ll, stamp, bu.first + i, sum0, sum1, ph.residual != nullptr ? ResidualIn(ph, ll_base, stamp, r) : 0.0f);
+    const int u = bu.first + i;
+    GemvEpilogue(ph, ll, stamp, u, sum0, sum1, ph.residual != nullptr ? ResidualIn(ph, ll_base, stamp, u) : 0.0f);
   }
 }
 
@@ -549,6 +553,14 @@ __device__ __forceinline__ void WarpAttend(const __nv_bfloat16* __restrict__ cac
     }
     OnlineSoftmaxStep(s, vr, mx, sum, acc);
   }
+}
+
+// Element e of a kv head's attention output: written plainly to `out` and handed on at `ll_out`,
+// with its rotated q element written back (as RopeWriteKv leaves it).
+__device__ __forceinline__ void PutHeadElement(float* out, uint64_t* ll_out, float* q, const float* s_q, int e, float v, unsigned stamp) {
+  __stcg(out + e, v);
+  LlPut(ll_out + e, v, stamp);
+  __stcg(q + e, s_q[e]);
 }
 
 // A kv head's attention output merged from its `splits` key splits' partial entries at `base`
@@ -592,10 +604,7 @@ __device__ __forceinline__ void MergeKvHead(const uint64_t* base, int splits, un
         if (w > 0.0f) o += pv * w;
       }
     }
-    const float v = o * (1.0f / total);
-    __stcg(out + e, v);
-    LlPut(ll_out + e, v, stamp);
-    __stcg(q + e, s_q[e]);
+    PutHeadElement(out, ll_out, q, s_q, e, o * (1.0f / total), stamp);
   }
 }
 
@@ -674,10 +683,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, 
     if (S == 1) {  // the kv head's one task: its output is the attention's, no partial to merge
       for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
         const WarpMerged m = MergeWarps(s_max, s_sum, s_acc, e / kHeadDim, e % kHeadDim);
-        const float v = m.sum > 0.0f ? m.o / m.sum : 0.0f;
-        __stcg(ph.attn_out + q_off + e, v);
-        LlPut(out_ll + e, v, stamp);
-        __stcg(ph.q + q_off + e, s_q[e]);
+        PutHeadElement(ph.attn_out + q_off, out_ll, ph.q + q_off, s_q, e, m.sum > 0.0f ? m.o / m.sum : 0.0f, stamp);
       }
       continue;
     }
@@ -742,19 +748,12 @@ __global__ void __launch_bounds__(kThreads, 1)
     unsigned long long* gm = nullptr;
     if (trace != nullptr) {
       gm = trace + TraceGemvOffset(gridDim.x) + (static_cast<size_t>(p) * gridDim.x + blockIdx.x) * kGemvMarks;
-      if (threadIdx.x == 0) {
-        const unsigned long long t0 = GlobalTimer();
-        unsigned v;
-        asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(sync + 1) : "memory");
-        unsigned long long t1 = t0;
-        if (v != 0xdeadbeefu) t1 = GlobalTimer();  // after the load has returned: the branch waits for it
-        gm[4] = t1 - t0;
-      }
+      if (threadIdx.x == 0) gm[kMarkProbeStart] = TimedL2Load(sync + kLaunchWord);
       ConsumerSync();
     }
     if (cur.kind == kGemvPhase) {
       StageInput(cur, ll_base, stamp, stage, red);
-      if (gm != nullptr && threadIdx.x == 0) gm[0] = GlobalTimer() - trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x];
+      if (gm != nullptr && threadIdx.x == 0) gm[kMarkStaged] = GlobalTimer() - trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x];
       GemvPhase(cur, ll_base, stamp, ring, seq, stage, gm);
     } else if (cur.kind == kAttentionPhase) {
       unsigned long long* marks = trace != nullptr ? trace + TraceMarksOffset(gridDim.x) + blockIdx.x * kAttnMarks : nullptr;
@@ -763,14 +762,9 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (trace != nullptr) {
       ConsumerSync();
       if (threadIdx.x == 0) {
-        const unsigned long long t0 = GlobalTimer();
-        unsigned v;
-        asm volatile("ld.global.cg.u32 %0, [%1];" : "=r"(v) : "l"(sync + 1) : "memory");
-        unsigned long long t1 = t0;
-        if (v != 0xdeadbeefu) t1 = GlobalTimer();
-        gm[7] = t1 - t0;
+        gm[kMarkProbeEnd] = TimedL2Load(sync + kLaunchWord);
+        trace[static_cast<size_t>(n + p) * gridDim.x + blockIdx.x] = GlobalTimer();
       }
-      if (threadIdx.x == 0) trace[static_cast<size_t>(n + p) * gridDim.x + blockIdx.x] = GlobalTimer();
     }
   }
   ConsumerSync();

@@ -41,13 +41,23 @@ constexpr size_t kMaxPhases = 1024;  // sizes the trace buffer
 // many of its tasks merged splits and how many it ran.
 constexpr int kAttnSteps = 6, kAttnMergesMark = kAttnSteps, kAttnTasksMark = kAttnSteps + 1, kAttnMarks = kAttnSteps + 2;
 __host__ __device__ constexpr size_t TraceMarksOffset(int grid) { return 2 * kMaxPhases * static_cast<size_t>(grid); }
-// Then per (phase, block) of a GEMV phase kGemvMarks words: the input staged (ns after the phase's
-// start), chunks found already landed when their warp came to them, chunks taken, and the ns the
-// warps waited for chunks, summed (tells whether the ring's prefetch reaches the consumers); and for
-// every phase the ns one L2 load took at its start (the latency its steps see behind the stream).
-// Then: ns the warps spent on landed chunks (products, sums, epilogue), summed; the last warp's end
-// of its chunks (global timer); and one L2 load's ns at the phase's end.
-constexpr int kGemvMarks = 8;
+// Then per (phase, block) kGemvMarks words, indexed by PhaseMark. Every phase: the ns one L2 load
+// took at its start and at its end (the latency its steps see behind the weight stream). GEMV
+// phases also: the input staged (ns after the phase's start), chunks found already landed when
+// their warp came to them, chunks taken, the ns the warps waited for chunks and the ns they spent
+// on them (products, sums, epilogue), each summed over the warps (tells whether the ring's
+// prefetch reaches the consumers), and the global timer when the last warp was done with its chunks.
+enum PhaseMark : int {
+  kMarkStaged,
+  kMarkLanded,
+  kMarkTaken,
+  kMarkWaitNs,
+  kMarkProbeStart,
+  kMarkWorkNs,
+  kMarkChunksDone,
+  kMarkProbeEnd,
+  kGemvMarks
+};
 __host__ __device__ constexpr size_t TraceGemvOffset(int grid) { return TraceMarksOffset(grid) + static_cast<size_t>(kAttnMarks) * grid; }
 constexpr size_t TraceWords(int grid) { return TraceGemvOffset(grid) + kMaxPhases * static_cast<size_t>(grid) * kGemvMarks; }
 
@@ -67,7 +77,7 @@ struct Phase {
   const float* norm_w;  // non-null: the input is RmsNorm(in) with this weight
   float eps;
   float* norm_out;  // with norm_w: block 0 also writes the normalized row here
-  float* residual;  // non-null: residual[r] += out[0][r] (the Add after this GEMV)
+  float* residual;  // non-null: residual[u] += out[0][u] (the Add after this GEMV; then count is 1)
   // Hand-off entries (offsets into the scratch's entries; -1: none). ll_in: the input row's (-1: the
   // input was written before the launch, read plainly); ll_res: the residual row's before this
   // phase's add; ll_out: what the phase hands on: the SwiGLU row, else the residual row, else the

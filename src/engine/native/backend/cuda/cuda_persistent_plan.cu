@@ -75,35 +75,29 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
     a.work += (ends[grid / 2] - start) * 1e-3;
     a.tail += (ends.back() - ends[grid / 2]) * 1e-3;
     if (p > 0) a.gap += (static_cast<double>(start) - static_cast<double>(last_end)) * 1e-3;
-    {
-      std::vector<double> pr;
-      for (int b = 0; b < grid; ++b) pr.push_back(gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks + 4] * 1e-3);
-      std::sort(pr.begin(), pr.end());
-      a.probe += pr[pr.size() / 2];
-      pr.clear();
-      for (int b = 0; b < grid; ++b) pr.push_back(gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks + 7] * 1e-3);
-      std::sort(pr.begin(), pr.end());
-      a.probe_end += pr[pr.size() / 2];
-    }
+    const unsigned long long* marks_p = &gm[static_cast<size_t>(p) * grid * kGemvMarks];
+    // The median block's mark k, in us (ns marks; the chunks' end relative to the phase's start).
+    auto median_us = [&](PhaseMark k) {
+      std::vector<double> v;
+      for (int b = 0; b < grid; ++b) {
+        const unsigned long long m = marks_p[static_cast<size_t>(b) * kGemvMarks + k];
+        v.push_back(k != kMarkChunksDone ? m * 1e-3 : m > start ? (m - start) * 1e-3 : 0.0);
+      }
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    a.probe += median_us(kMarkProbeStart);
+    a.probe_end += median_us(kMarkProbeEnd);
     if (ph.kind == kGemvPhase) {
-      std::vector<double> st;
       for (int b = 0; b < grid; ++b) {
-        const unsigned long long* m = &gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks];
-        st.push_back(m[0] * 1e-3);
-        a.ready += static_cast<double>(m[1]);
-        a.taken += static_cast<double>(m[2]);
-        a.wait += m[3] * 1e-3;
-        a.proc += m[5] * 1e-3;
+        const unsigned long long* m = &marks_p[static_cast<size_t>(b) * kGemvMarks];
+        a.ready += static_cast<double>(m[kMarkLanded]);
+        a.taken += static_cast<double>(m[kMarkTaken]);
+        a.wait += m[kMarkWaitNs] * 1e-3;
+        a.proc += m[kMarkWorkNs] * 1e-3;
       }
-      std::vector<double> le;
-      for (int b = 0; b < grid; ++b) {
-        const unsigned long long e = gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks + 6];
-        le.push_back(e > start ? (e - start) * 1e-3 : 0.0);
-      }
-      std::sort(le.begin(), le.end());
-      a.loop_end += le[le.size() / 2];
-      std::sort(st.begin(), st.end());
-      a.stage += st[st.size() / 2];
+      a.stage += median_us(kMarkStaged);
+      a.loop_end += median_us(kMarkChunksDone);
     }
     ++a.count;
     last_end = ends.back();
