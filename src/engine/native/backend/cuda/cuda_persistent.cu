@@ -737,6 +737,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (threadIdx.x == 0) s_stamp = __ldcg(sync + kLaunchWord) + 1;
   ConsumerSync();
   const unsigned stamp = s_stamp;
+  if (trace != nullptr && threadIdx.x == 0) {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    trace[TraceSmidOffset(gridDim.x) + blockIdx.x] = smid;
+  }
   unsigned seq = 0;
   for (int p = 0; p < n; ++p) {
     // The block's warps are done with the last phase's shared memory (the staged row, attention's

@@ -59,7 +59,9 @@ enum PhaseMark : int {
   kGemvMarks
 };
 __host__ __device__ constexpr size_t TraceGemvOffset(int grid) { return TraceMarksOffset(grid) + static_cast<size_t>(kAttnMarks) * grid; }
-constexpr size_t TraceWords(int grid) { return TraceGemvOffset(grid) + kMaxPhases * static_cast<size_t>(grid) * kGemvMarks; }
+// Then per block the multiprocessor it ran on (%smid), for DYN_CUDA_PERSIST_TRACE_FILE's dump.
+__host__ __device__ constexpr size_t TraceSmidOffset(int grid) { return TraceGemvOffset(grid) + kMaxPhases * static_cast<size_t>(grid) * kGemvMarks; }
+constexpr size_t TraceWords(int grid) { return TraceSmidOffset(grid) + static_cast<size_t>(grid); }
 
 enum PhaseKind : int32_t { kGemvPhase, kAttentionPhase };
 

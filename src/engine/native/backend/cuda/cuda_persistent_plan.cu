@@ -2,6 +2,7 @@
 // the program it runs for them (cuda_persistent.cuh), and the trace printer.
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <string>
@@ -35,6 +36,34 @@ bool AttentionFits(const PersistentCall& c) {
   return c.rope.cos_sin != nullptr && c.meta.decode && c.meta.rows == 1 && c.meta.num_rowwise == 1 && c.meta.num_tiles == 0 &&
          l.dtype == DType::kBF16 && l.head_dim == kHeadDim && l.num_kv_heads > 0 && l.num_kv_heads <= kMaxKvHeads &&
          c.num_heads == kGroup * l.num_kv_heads && c.rope.q == c.q;
+}
+
+// DYN_CUDA_PERSIST_TRACE_FILE=path: every (phase, block)'s times as CSV lines appended to the file
+// (ns from the launch's first start), with the block's multiprocessor: which blocks are slow, and
+// whether the same multiprocessors are slow in every phase.
+void DumpTrace(const std::vector<Phase>& phases, const std::vector<unsigned long long>& t, const std::vector<unsigned long long>& gm,
+               const unsigned long long* trace, int grid, unsigned long long t0) {
+  const char* path = std::getenv("DYN_CUDA_PERSIST_TRACE_FILE");
+  if (path == nullptr || *path == 0) return;
+  std::vector<unsigned long long> smid(grid);
+  Check(cudaMemcpy(smid.data(), trace + TraceSmidOffset(grid), grid * sizeof(smid[0]), cudaMemcpyDeviceToHost), "cudaMemcpy", __FILE__,
+        __LINE__);
+  FILE* f = std::fopen(path, "a");
+  if (f == nullptr) return;
+  const int n = static_cast<int>(phases.size());
+  std::fprintf(f, "phase,kind,units,cols,block,smid,start,end,staged,chunks_done,landed,taken,wait_ns,work_ns\n");
+  for (int p = 0; p < n; ++p) {
+    for (int b = 0; b < grid; ++b) {
+      const unsigned long long* m = &gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks];
+      const long long start = static_cast<long long>(t[static_cast<size_t>(p) * grid + b] - t0);
+      const long long end = static_cast<long long>(t[static_cast<size_t>(n + p) * grid + b] - t0);
+      const long long done = m[kMarkChunksDone] > t0 ? static_cast<long long>(m[kMarkChunksDone] - t0) : 0;
+      std::fprintf(f, "%d,%s,%lld,%d,%d,%llu,%lld,%lld,%llu,%lld,%llu,%llu,%llu,%llu\n", p, phases[p].kind == kAttentionPhase ? "attn" : "gemv",
+                   static_cast<long long>(phases[p].units), phases[p].cols, b, smid[b], start, end, m[kMarkStaged], done, m[kMarkLanded],
+                   m[kMarkTaken], m[kMarkWaitNs], m[kMarkWorkNs]);
+    }
+  }
+  std::fclose(f);
 }
 
 }  // namespace
@@ -103,6 +132,7 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
     last_end = ends.back();
   }
   std::fprintf(stderr, "persistent kernel: %d phases, %.1f us from the first block's start to the last end\n", n, (last_end - t0) * 1e-3);
+  DumpTrace(phases, t, gm, trace, grid, t0);
   // Attention tasks' steps (summed over the launch's attention phases in each block): the median
   // and the largest over the blocks that ran tasks, per phase.
   std::vector<unsigned long long> marks(static_cast<size_t>(kAttnMarks) * grid);
