@@ -314,18 +314,16 @@ __device__ __forceinline__ int StagePos(int i, int cols) { return (i / 8) * 4 + 
 // to L2 took 1.3-3 us a phase (docs/benchmarks/cuda.md, round 10).
 constexpr int kStageVecs = 3, kStagePass = kConsumerThreads * 4 * kStageVecs;
 
-__device__ __forceinline__ float BlockRms(float ss, const Phase& ph, float* red) {
+// One barrier: every thread adds the warps' sums itself, in warp order (thread 0 adding them and a
+// second barrier to publish the scale cost ~1 us a norm phase behind the weight stream).
+__device__ __forceinline__ float BlockRms(float ss, int cols, float eps, float* red) {
   const int tid = threadIdx.x;
   ss = WarpSum(ss);
   if (tid % 32 == 0) red[tid / 32] = ss;
   ConsumerSync();
-  if (tid == 0) {
-    float total = 0.0f;
-    for (int w = 0; w < kConsumers; ++w) total += red[w];
-    red[kConsumers] = 1.0f / sqrtf(total / ph.cols + ph.eps);
-  }
-  ConsumerSync();
-  return red[kConsumers];
+  float total = 0.0f;
+  for (int w = 0; w < kConsumers; ++w) total += red[w];
+  return 1.0f / sqrtf(total / cols + eps);
 }
 
 __device__ __forceinline__ float4 Normalized(float4 v, float scale, float4 w) {
@@ -351,11 +349,27 @@ __device__ __forceinline__ float StageRow(const Phase& ph, const uint64_t* ll, u
         e[u][1] = LlLoad2(ll + i + 2);
         if (kNormW) w[u] = __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
       }
+      // Until all carry the stamp, the ones that do not are loaded again together: waiting for
+      // them one after another (each stale one found only after the one before it had arrived)
+      // took a round trip to L2 per entry.
+      while (true) {
+        bool ready = true;
+#pragma unroll
+        for (int u = 0; u < kStageVecs; ++u) {
+          ready = ready && LlReady(e[u][0].x, stamp) && LlReady(e[u][0].y, stamp) && LlReady(e[u][1].x, stamp) && LlReady(e[u][1].y, stamp);
+        }
+        if (ready) break;
+        __nanosleep(32);
+#pragma unroll
+        for (int u = 0; u < kStageVecs; ++u) {
+          const int i = min(base + u * kConsumerThreads * 4, cols - 4);
+          if (!LlReady(e[u][0].x, stamp) || !LlReady(e[u][0].y, stamp)) e[u][0] = LlLoad2(ll + i);
+          if (!LlReady(e[u][1].x, stamp) || !LlReady(e[u][1].y, stamp)) e[u][1] = LlLoad2(ll + i + 2);
+        }
+      }
 #pragma unroll
       for (int u = 0; u < kStageVecs; ++u) {
-        const int i = min(base + u * kConsumerThreads * 4, cols - 4);
-        const float2 a = LlWait2(ll + i, stamp, e[u][0]), b = LlWait2(ll + i + 2, stamp, e[u][1]);
-        v[u] = make_float4(a.x, a.y, b.x, b.y);
+        v[u] = make_float4(LlValue(e[u][0].x), LlValue(e[u][0].y), LlValue(e[u][1].x), LlValue(e[u][1].y));
       }
     } else {
 #pragma unroll
@@ -381,16 +395,24 @@ __device__ __forceinline__ float StageRow(const Phase& ph, const uint64_t* ll, u
   return ss;
 }
 
-__device__ __forceinline__ void StageInput(const Phase& ph, const uint64_t* ll_base, unsigned stamp, float* stage, float* red) {
+// marks (traced launches): the phase's start time and the block's PhaseMark words.
+__device__ __forceinline__ void StageInput(const Phase& ph, const uint64_t* ll_base, unsigned stamp, float* stage, float* red,
+                                        unsigned long long t_start, unsigned long long* marks) {
   const int tid = threadIdx.x, cols = ph.cols;
+  const float eps = ph.eps;
   const bool norm = ph.norm_w != nullptr, write = norm && blockIdx.x == 0 && ph.norm_out != nullptr;
   // The norm weight waits for the scale beside the staged row (the GEMV's row sums use that space
   // only after staging), when there is room; else it is loaded again.
   float* w_stage = norm && 2 * cols <= kStageFloats ? stage + cols : nullptr;
   const uint64_t* ll = ph.ll_in >= 0 ? ll_base + ph.ll_in : nullptr;
   const float ss = w_stage != nullptr ? StageRow<true>(ph, ll, stamp, stage, w_stage) : StageRow<false>(ph, ll, stamp, stage, nullptr);
+  if (marks != nullptr) {  // the block's last thread: one atomic a warp
+    const unsigned loaded = __reduce_max_sync(0xffffffffu, static_cast<unsigned>(GlobalTimer() - t_start));
+    if (tid % 32 == 0) atomicMax(marks + kMarkStageLoaded, static_cast<unsigned long long>(loaded));
+  }
   if (norm) {  // each thread scales what it staged
-    const float scale = BlockRms(ss, ph, red);
+    const float scale = BlockRms(ss, cols, eps, red);
+    if (marks != nullptr && tid == 0) marks[kMarkStageNormed] = GlobalTimer() - t_start;
     for (int i = tid * 4; i < cols; i += kConsumerThreads * 4) {
       float4& v = *reinterpret_cast<float4*>(stage + StagePos(i, cols));
       const float4 w = w_stage != nullptr ? *reinterpret_cast<const float4*>(w_stage + i)
@@ -506,6 +528,7 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, un
   }
   if (row_chunks == 1) return;
   ConsumerSync();
+  if (gm != nullptr && threadIdx.x == 0) gm[kMarkSumsStart] = GlobalTimer();
   for (int i = threadIdx.x; i < bu.count; i += kConsumerThreads) {
     float sum0 = 0.0f, sum1 = 0.0f;
     for (int c = 0; c < row_chunks; ++c) {
@@ -513,12 +536,17 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, un
       sum1 += sums[2 * (i * row_chunks + c) + 1];
     }
     const int u = bu.first + i;
-    GemvEpilogue(ph, ll, stamp, u, sum0, sum1, ph.residual != nullptr ? ResidualIn(ph, ll_base, stamp, u) : 0.0f);
+    const unsigned long long t0 = gm != nullptr ? GlobalTimer() : 0;
+    const float res = ph.residual != nullptr ? ResidualIn(ph, ll_base, stamp, u) : 0.0f;
+    // (The timer read behind a branch on the loaded value waits for the load.)
+    if (gm != nullptr && threadIdx.x == 0 && !isnan(res)) gm[kMarkResidualNs] = GlobalTimer() - t0;
+    GemvEpilogue(ph, ll, stamp, u, sum0, sum1, res);
+    if (gm != nullptr) atomicMax(gm + kMarkSumsEnd, GlobalTimer());
   }
 }
 
 constexpr int kAttnWarps = kConsumers;  // every consumer warp runs the attention task
-constexpr int kKeyUnroll = 4;   // keys a warp has in flight
+constexpr int kKeyUnroll = 4;   // keys a warp has in flight (5: the key loop 4.3 us against 3.6 at 512)
 constexpr int kDimsPerLane = kHeadDim / 32;
 
 // The keys [begin, end) of kv head kv for the kGroup query heads qv: warp w takes keys begin + w +
@@ -631,6 +659,20 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, 
   auto& s_sum = *reinterpret_cast<float(*)[kAttnWarps][kGroup]>(stage + 5 * kHeadDim + kAttnWarps * kGroup);
   auto& s_acc = *reinterpret_cast<float(*)[kAttnWarps][kGroup][kHeadDim]>(stage + 5 * kHeadDim + 2 * kAttnWarps * kGroup);
   float2* s_ml = reinterpret_cast<float2*>(stage + 5 * kHeadDim + 2 * kAttnWarps * kGroup + kAttnWarps * kGroup * kHeadDim);  // [kMaxSplits][kGroup]
+  // Each warp's weight in the merge of the warps, [kAttnWarps][kGroup], and each head's max.
+  auto& s_wt = *reinterpret_cast<float(*)[kAttnWarps][kGroup]>(reinterpret_cast<float*>(s_ml + kMaxSplits * kGroup));
+  float* s_wmax = reinterpret_cast<float*>(s_ml + kMaxSplits * kGroup) + kAttnWarps * kGroup;
+  // MergeWarps's arithmetic with each warp's weight exp(max_w - max) computed once per (warp, head)
+  // instead of once per output element (15 exps an element: ~1 us a task).
+  auto merge_warps = [&](int gi, int d) {
+    WarpMerged m{s_wmax[gi], 0.0f, 0.0f};
+    for (int w = 0; w < kAttnWarps; ++w) {
+      const float wt = s_wt[w][gi];
+      m.sum += s_sum[w][gi] * wt;
+      m.o += s_acc[w][gi][d] * wt;
+    }
+    return m;
+  };
   for (int task = blockIdx.x; task < ph.kv_heads * S; task += gridDim.x) {
     const int kv = task / S, split = task % S;
     const int begin = split * chunk, end = min(len, begin + chunk);
@@ -656,6 +698,10 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, 
     }
     ConsumerSync();
     mark(2);  // new K/V written
+    if (marks != nullptr && tid == 0) {
+      marks[kAttnKeyProbeMark] += TimedL2Load(reinterpret_cast<const unsigned*>(ph.cache + SlotOffset(ph.g, table, begin) + static_cast<size_t>(kv) * kHeadDim));
+      before = GlobalTimer();
+    }
     float qv[kGroup][kDimsPerLane], acc[kGroup][kDimsPerLane], mx[kGroup], sum[kGroup];
 #pragma unroll
     for (int gi = 0; gi < kGroup; ++gi) {
@@ -678,11 +724,19 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, 
       for (int i = 0; i < kDimsPerLane; ++i) s_acc[warp][gi][lane * kDimsPerLane + i] = acc[gi][i];
     }
     ConsumerSync();
+    if (tid < kAttnWarps * kGroup) {
+      const int w = tid / kGroup, gi = tid % kGroup;
+      float m = -INFINITY;
+      for (int ww = 0; ww < kAttnWarps; ++ww) m = fmaxf(m, s_max[ww][gi]);
+      s_wt[w][gi] = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - m) : 0.0f;  // a warp with no keys has max -inf
+      if (w == 0) s_wmax[gi] = m;
+    }
+    ConsumerSync();
     mark(3);  // keys attended
     uint64_t* out_ll = ll_base + ph.ll_out + q_off;
     if (S == 1) {  // the kv head's one task: its output is the attention's, no partial to merge
       for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
-        const WarpMerged m = MergeWarps(s_max, s_sum, s_acc, e / kHeadDim, e % kHeadDim);
+        const WarpMerged m = merge_warps(e / kHeadDim, e % kHeadDim);
         PutHeadElement(ph.attn_out + q_off, out_ll, ph.q + q_off, s_q, e, m.sum > 0.0f ? m.o / m.sum : 0.0f, stamp);
       }
       continue;
@@ -691,7 +745,7 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, 
     uint64_t* part = head_part + static_cast<size_t>(split) * kPartEntries;
     for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
       const int gi = e / kHeadDim, d = e % kHeadDim;
-      const WarpMerged m = MergeWarps(s_max, s_sum, s_acc, gi, d);
+      const WarpMerged m = merge_warps(gi, d);
       LlPut(part + e, m.sum > 0.0f ? m.o / m.sum : 0.0f, stamp);  // an empty split: weight 0 in the merge
       if (d == 0) {
         LlPut(part + kGroup * kHeadDim + 2 * gi, m.max, stamp);
@@ -757,7 +811,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       ConsumerSync();
     }
     if (cur.kind == kGemvPhase) {
-      StageInput(cur, ll_base, stamp, stage, red);
+      StageInput(cur, ll_base, stamp, stage, red, gm != nullptr ? trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x] : 0, gm);
       if (gm != nullptr && threadIdx.x == 0) gm[kMarkStaged] = GlobalTimer() - trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x];
       GemvPhase(cur, ll_base, stamp, ring, seq, stage, gm);
     } else if (cur.kind == kAttentionPhase) {

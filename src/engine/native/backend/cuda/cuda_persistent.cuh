@@ -39,7 +39,9 @@ constexpr size_t kMaxPhases = 1024;  // sizes the trace buffer
 // A traced launch's buffer: [2][kMaxPhases][grid] phase start/end times, then per block
 // kAttnMarks words: the attention task's kAttnSteps step times summed over the launch, then how
 // many of its tasks merged splits and how many it ran.
-constexpr int kAttnSteps = 6, kAttnMergesMark = kAttnSteps, kAttnTasksMark = kAttnSteps + 1, kAttnMarks = kAttnSteps + 2;
+// kAttnKeyProbeMark: ns one load of the task's first key took, summed over its tasks.
+constexpr int kAttnSteps = 6, kAttnMergesMark = kAttnSteps, kAttnTasksMark = kAttnSteps + 1, kAttnKeyProbeMark = kAttnSteps + 2,
+              kAttnMarks = kAttnSteps + 3;
 __host__ __device__ constexpr size_t TraceMarksOffset(int grid) { return 2 * kMaxPhases * static_cast<size_t>(grid); }
 // Then per (phase, block) kGemvMarks words, indexed by PhaseMark. Every phase: the ns one L2 load
 // took at its start and at its end (the latency its steps see behind the weight stream). GEMV
@@ -56,6 +58,11 @@ enum PhaseMark : int {
   kMarkWorkNs,
   kMarkChunksDone,
   kMarkProbeEnd,
+  kMarkStageLoaded,  // the block's input entries all there (its last thread's), ns after the phase's start
+  kMarkStageNormed,  // the norm's scale known (thread 0), ns after the phase's start
+  kMarkSumsStart,    // rows longer than a slot: global timer when their sums begin (thread 0)
+  kMarkResidualNs,   // ... the ns thread 0's residual load took there
+  kMarkSumsEnd,      // ... global timer when the last thread's epilogue is issued
   kGemvMarks
 };
 __host__ __device__ constexpr size_t TraceGemvOffset(int grid) { return TraceMarksOffset(grid) + static_cast<size_t>(kAttnMarks) * grid; }

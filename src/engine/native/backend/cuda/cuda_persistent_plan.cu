@@ -51,16 +51,18 @@ void DumpTrace(const std::vector<Phase>& phases, const std::vector<unsigned long
   FILE* f = std::fopen(path, "a");
   if (f == nullptr) return;
   const int n = static_cast<int>(phases.size());
-  std::fprintf(f, "phase,kind,units,cols,block,smid,start,end,staged,chunks_done,landed,taken,wait_ns,work_ns\n");
+  std::fprintf(f, "phase,kind,units,cols,block,smid,start,end,staged,chunks_done,landed,taken,wait_ns,work_ns,stage_loaded,stage_normed,sums_start,residual_ns,sums_end\n");
   for (int p = 0; p < n; ++p) {
     for (int b = 0; b < grid; ++b) {
       const unsigned long long* m = &gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks];
       const long long start = static_cast<long long>(t[static_cast<size_t>(p) * grid + b] - t0);
       const long long end = static_cast<long long>(t[static_cast<size_t>(n + p) * grid + b] - t0);
       const long long done = m[kMarkChunksDone] > t0 ? static_cast<long long>(m[kMarkChunksDone] - t0) : 0;
-      std::fprintf(f, "%d,%s,%lld,%d,%d,%llu,%lld,%lld,%llu,%lld,%llu,%llu,%llu,%llu\n", p, phases[p].kind == kAttentionPhase ? "attn" : "gemv",
-                   static_cast<long long>(phases[p].units), phases[p].cols, b, smid[b], start, end, m[kMarkStaged], done, m[kMarkLanded],
-                   m[kMarkTaken], m[kMarkWaitNs], m[kMarkWorkNs]);
+      std::fprintf(f, "%d,%s,%lld,%d,%d,%llu,%lld,%lld,%llu,%lld,%llu,%llu,%llu,%llu,%llu,%llu,%lld,%llu,%lld\n", p,
+                   phases[p].kind == kAttentionPhase ? "attn" : "gemv", static_cast<long long>(phases[p].units), phases[p].cols, b, smid[b],
+                   start, end, m[kMarkStaged], done, m[kMarkLanded], m[kMarkTaken], m[kMarkWaitNs], m[kMarkWorkNs], m[kMarkStageLoaded],
+                   m[kMarkStageNormed], m[kMarkSumsStart] > t0 ? static_cast<long long>(m[kMarkSumsStart] - t0) : 0LL, m[kMarkResidualNs],
+                   m[kMarkSumsEnd] > t0 ? static_cast<long long>(m[kMarkSumsEnd] - t0) : 0LL);
     }
   }
   std::fclose(f);
@@ -141,6 +143,15 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
   const int attention_phases = static_cast<int>(std::count_if(phases.begin(), phases.end(), [](const Phase& p) { return p.kind == kAttentionPhase; }));
   static const char* const kSteps[kAttnSteps] = {"q/k load", "rope", "kv write", "key loop", "partial handed on", "merge (last split)"};
   if (attention_phases > 0) {
+    std::vector<double> probe;
+    for (int b = 0; b < grid; ++b) {
+      const unsigned long long* m = &marks[static_cast<size_t>(b) * kAttnMarks];
+      if (m[kAttnTasksMark] > 0) probe.push_back(m[kAttnKeyProbeMark] * 1e-3 / static_cast<double>(m[kAttnTasksMark]));
+    }
+    if (!probe.empty()) {
+      std::sort(probe.begin(), probe.end());
+      std::fprintf(stderr, "  attention task: one load of its first key: median %.2f us, max %.2f\n", probe[probe.size() / 2], probe.back());
+    }
     for (int k = 0; k < kAttnSteps; ++k) {
       std::vector<double> v;
       for (int b = 0; b < grid; ++b) {
