@@ -594,9 +594,12 @@ __device__ __forceinline__ void PutHeadElement(float* out, uint64_t* ll_out, flo
 // A kv head's attention output merged from its `splits` key splits' partial entries at `base`
 // (waiting for each), handed on at `ll_out` and written plainly to `out`, and its rotated q heads
 // written back (as RopeWriteKv leaves them): MergeSplitElement's arithmetic (each split's normalized
-// output weighted by sum * exp(max - max'), in split order), with the (max, sum) pairs staged in
-// shared memory first and each element's outputs of all splits loaded together (loaded one after
-// another they took ~10 us at 9 splits, 15 at 16: docs/benchmarks/cuda.md, round 9).
+// output weighted by sum * exp(max - max'), in split order). The (max, sum) pairs are staged in
+// shared memory first; then each of 256 threads merges two adjacent elements, their entries of all
+// splits loaded 16 bytes at a time and together: one element a thread, loaded one split after
+// another, took ~10 us at 9 splits (round 9), and with 480 threads for 512 elements a third of the
+// warps merged two elements one after the other (round 11: 5.3 us).
+constexpr int kMergeLoads = 4;  // a thread's loads in flight (8 spilled AttentionPhase's registers)
 __device__ __forceinline__ void MergeKvHead(const uint64_t* base, int splits, unsigned stamp, float* out, uint64_t* ll_out, float* q,
                                             const float* s_q, float2* s_ml) {
   const int tid = threadIdx.x;
@@ -606,34 +609,36 @@ __device__ __forceinline__ void MergeKvHead(const uint64_t* base, int splits, un
     s_ml[tid] = LlWait2(ml, stamp, LlLoad2(ml));
   }
   ConsumerSync();
-  for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) {
-    const int gi = e / kHeadDim;
-    float total_max = -INFINITY;
-    for (int sp = 0; sp < splits; ++sp) {
-      const float2 m = s_ml[sp * kGroup + gi];
-      if (m.y > 0.0f) total_max = fmaxf(total_max, m.x);
-    }
-    // The outputs in two groups of kMaxSplits / 2 loads in flight (all 16 at once spilled registers).
-    constexpr int kHalf = kMaxSplits / 2;
-    float total = 0.0f, o = 0.0f;
-    for (int s0 = 0; s0 < splits; s0 += kHalf) {
-      uint64_t part[kHalf];
-#pragma unroll
-      for (int t = 0; t < kHalf; ++t) {
-        if (s0 + t < splits) part[t] = LlLoad(base + (s0 + t) * kPartEntries + e);
-      }
-#pragma unroll
-      for (int t = 0; t < kHalf; ++t) {
-        if (s0 + t >= splits) continue;
-        const float pv = LlReady(part[t], stamp) ? LlValue(part[t]) : LlWait(base + (s0 + t) * kPartEntries + e, stamp);
-        const float2 m = s_ml[(s0 + t) * kGroup + gi];
-        const float w = m.y > 0.0f ? m.y * expf(m.x - total_max) : 0.0f;
-        total += w;
-        if (w > 0.0f) o += pv * w;
-      }
-    }
-    PutHeadElement(out, ll_out, q, s_q, e, o * (1.0f / total), stamp);
+  const int e = 2 * tid;
+  if (e >= kGroup * kHeadDim) return;
+  const int gi = e / kHeadDim;
+  float total_max = -INFINITY;
+  for (int sp = 0; sp < splits; ++sp) {
+    const float2 m = s_ml[sp * kGroup + gi];
+    if (m.y > 0.0f) total_max = fmaxf(total_max, m.x);
   }
+  float total = 0.0f, o0 = 0.0f, o1 = 0.0f;
+  for (int s0 = 0; s0 < splits; s0 += kMergeLoads) {
+    ulonglong2 part[kMergeLoads];
+#pragma unroll
+    for (int t = 0; t < kMergeLoads; ++t) {
+      if (s0 + t < splits) part[t] = LlLoad2(base + (s0 + t) * kPartEntries + e);
+    }
+#pragma unroll
+    for (int t = 0; t < kMergeLoads; ++t) {
+      if (s0 + t >= splits) continue;
+      const float2 pv = LlWait2(base + (s0 + t) * kPartEntries + e, stamp, part[t]);
+      const float2 m = s_ml[(s0 + t) * kGroup + gi];
+      const float w = m.y > 0.0f ? m.y * expf(m.x - total_max) : 0.0f;
+      total += w;
+      if (w > 0.0f) {
+        o0 += pv.x * w;
+        o1 += pv.y * w;
+      }
+    }
+  }
+  PutHeadElement(out, ll_out, q, s_q, e, o0 * (1.0f / total), stamp);
+  PutHeadElement(out, ll_out, q, s_q, e + 1, o1 * (1.0f / total), stamp);
 }
 
 // RoPE + KV write + attention of one row: task (kv head, key split) per block; each task's
@@ -682,7 +687,12 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, 
     ConsumerSync();  // the previous task's reads of shared memory are done
     mark(-1);
     if (marks != nullptr && tid == 0) marks[kAttnTasksMark] += 1;
-    for (int e = tid; e < kGroup * kHeadDim; e += kConsumerThreads) s_q[e] = LlWait(ll_base + ph.ll_q + q_off + e, stamp);
+    if (2 * tid < kGroup * kHeadDim) {  // two q elements a thread: one round trip to L2, not two for some
+      const uint64_t* qe = ll_base + ph.ll_q + q_off + 2 * tid;
+      const float2 v = LlWait2(qe, stamp, LlLoad2(qe));
+      s_q[2 * tid] = v.x;
+      s_q[2 * tid + 1] = v.y;
+    }
     if (owner && tid < kHeadDim) s_k[tid] = LlWait(ll_base + ph.ll_k + kv * kHeadDim + tid, stamp);
     ConsumerSync();
     mark(0);  // q (and k) loaded
