@@ -170,10 +170,11 @@ TEST(CudaKernelRulesTest, PersistentPlannerTakesWholeDecodeLayers) {
     EXPECT_EQ(cuda::PlanPersistent(calls, &program), 2 * 7);
     EXPECT_EQ(phases(program), 2 * 5);
   }
-  // Rows longer than a ring slot (14336 columns: 4 chunks) leave each chunk's sum beside the staged
-  // input, 2 floats a chunk for every row a block may get (a grid of at least 64): 16384 rows fit
-  // in the 16384 floats, one more does not, and the run ends before that GEMV.
-  for (const auto& [rows, taken] : {std::pair<int64_t, bool>{16384, true}, std::pair<int64_t, bool>{16385, false}}) {
+  // Rows longer than a ring slot (14336 columns: 4 chunks) leave each chunk's sums, the row's count
+  // of chunks done and its residual beside the staged input, 10 floats for every row a block may
+  // get (a grid of at least 64): 204 rows a block fit in the 2048 floats after the input, so 13056
+  // rows fit and one more does not, and the run ends before that GEMV.
+  for (const auto& [rows, taken] : {std::pair<int64_t, bool>{13056, true}, std::pair<int64_t, bool>{13057, false}}) {
     std::vector<Call> calls;
     layer(calls, 0, 128);
     layer(calls, 1, 128);

@@ -465,16 +465,25 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, un
   const bool swiglu = ph.swiglu != 0;
   const int cols = ph.cols, tiles = ph.tiles, row_chunks = RowChunks(ph), per_chunk = swiglu ? 2 : 1;
   const float* hi = stage + cols / 2;
-  float* sums = stage + cols;  // [unit][chunk][gate, up] when row_chunks > 1
+  // Rows longer than a slot: per unit its chunks' (gate, up) sums, a count of its chunks done and
+  // its residual element (loaded by the chunk-0 warp ahead of its chunk wait). The warp that
+  // completes a row finishes it, so rows are handed on as they complete, not all after the block's
+  // last chunk (that took 2.6 us after the down projection's chunks: round 11).
+  float* sums = stage + cols;
+  const int stride = 2 * row_chunks + 2;
   const BlockUnits bu = UnitsOf(ph, blockIdx.x, gridDim.x);
   const int items = bu.count * row_chunks;
+  if (row_chunks > 1) {
+    for (int i = threadIdx.x; i < bu.count; i += kConsumerThreads) reinterpret_cast<unsigned*>(sums)[i * stride + 2 * row_chunks] = 0;
+    ConsumerSync();
+  }
   for (int k = warp; k < items; k += kConsumers) {
     const int c = k % row_chunks, t0 = c * kChunkTiles, count = min(kChunkTiles, tiles - t0);
     const unsigned s0 = seq + static_cast<unsigned>(k * per_chunk);
     const int slot0 = static_cast<int>(s0 % kRingSlots), slot1 = static_cast<int>((s0 + 1) % kRingSlots);
     const unsigned r0 = s0 / kRingSlots, r1 = (s0 + 1) / kRingSlots;
     float res = 0.0f;
-    if (lane == 0 && row_chunks == 1 && ph.residual != nullptr) res = ResidualIn(ph, ll_base, stamp, bu.first + k);
+    if (lane == 0 && c == 0 && ph.residual != nullptr) res = ResidualIn(ph, ll_base, stamp, bu.first + k / row_chunks);
     unsigned long long t_wait = 0;
     if (gm != nullptr && lane == 0) {
       t_wait = GlobalTimer();
@@ -511,8 +520,21 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, un
     const float sum0 = WarpSum(acc0), sum1 = swiglu ? WarpSum(acc1) : 0.0f;
     if (lane != 0) continue;
     if (row_chunks > 1) {
-      sums[2 * k] = sum0;
-      sums[2 * k + 1] = sum1;
+      float* unit_sums = sums + (k / row_chunks) * stride;
+      unit_sums[2 * c] = sum0;
+      unit_sums[2 * c + 1] = sum1;
+      if (c == 0) unit_sums[2 * row_chunks + 1] = res;
+      __threadfence_block();  // the sums before the count
+      if (atomicAdd(reinterpret_cast<unsigned*>(unit_sums + 2 * row_chunks), 1u) == static_cast<unsigned>(row_chunks - 1)) {
+        __threadfence_block();  // the other chunks' sums after their counts
+        float total0 = 0.0f, total1 = 0.0f;  // in chunk order, whichever warp finishes
+        for (int cc = 0; cc < row_chunks; ++cc) {
+          total0 += unit_sums[2 * cc];
+          total1 += unit_sums[2 * cc + 1];
+        }
+        const int u = bu.first + k / row_chunks;
+        GemvEpilogue(ph, ll, stamp, u, total0, total1, unit_sums[2 * row_chunks + 1]);
+      }
     } else {
       GemvEpilogue(ph, ll, stamp, bu.first + k, sum0, sum1, res);
     }
@@ -525,23 +547,6 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, un
     atomicAdd(gm + kMarkWaitNs, waited);
     atomicAdd(gm + kMarkWorkNs, processed);
     atomicMax(gm + kMarkChunksDone, GlobalTimer());
-  }
-  if (row_chunks == 1) return;
-  ConsumerSync();
-  if (gm != nullptr && threadIdx.x == 0) gm[kMarkSumsStart] = GlobalTimer();
-  for (int i = threadIdx.x; i < bu.count; i += kConsumerThreads) {
-    float sum0 = 0.0f, sum1 = 0.0f;
-    for (int c = 0; c < row_chunks; ++c) {
-      sum0 += sums[2 * (i * row_chunks + c)];
-      sum1 += sums[2 * (i * row_chunks + c) + 1];
-    }
-    const int u = bu.first + i;
-    const unsigned long long t0 = gm != nullptr ? GlobalTimer() : 0;
-    const float res = ph.residual != nullptr ? ResidualIn(ph, ll_base, stamp, u) : 0.0f;
-    // (The timer read behind a branch on the loaded value waits for the load.)
-    if (gm != nullptr && threadIdx.x == 0 && !isnan(res)) gm[kMarkResidualNs] = GlobalTimer() - t0;
-    GemvEpilogue(ph, ll, stamp, u, sum0, sum1, res);
-    if (gm != nullptr) atomicMax(gm + kMarkSumsEnd, GlobalTimer());
   }
 }
 

@@ -60,9 +60,6 @@ enum PhaseMark : int {
   kMarkProbeEnd,
   kMarkStageLoaded,  // the block's input entries all there (its last thread's), ns after the phase's start
   kMarkStageNormed,  // the norm's scale known (thread 0), ns after the phase's start
-  kMarkSumsStart,    // rows longer than a slot: global timer when their sums begin (thread 0)
-  kMarkResidualNs,   // ... the ns thread 0's residual load took there
-  kMarkSumsEnd,      // ... global timer when the last thread's epilogue is issued
   kGemvMarks
 };
 __host__ __device__ constexpr size_t TraceGemvOffset(int grid) { return TraceMarksOffset(grid) + static_cast<size_t>(kAttnMarks) * grid; }

@@ -24,10 +24,11 @@ bool GemvFits(const PersistentCall& c) {
     units += c.rows[j];
   }
   if (units >= (int64_t{1} << 30)) return false;
-  // Rows longer than a ring slot leave per-chunk sums beside the staged input: [units a block][chunks][2].
+  // Rows longer than a ring slot leave per-chunk sums, a count and the residual beside the staged
+  // input: [units a block][chunks][2] + 2.
   const int64_t row_chunks = (c.cols * 2 + kChunkBytes - 1) / kChunkBytes;
   const int64_t block_units = ((c.swiglu_out != nullptr ? c.rows[0] : units) + kMinGrid - 1) / kMinGrid;
-  if (row_chunks > 1 && c.cols + 2 * row_chunks * block_units > kStageFloats) return false;
+  if (row_chunks > 1 && c.cols + (2 * row_chunks + 2) * block_units > kStageFloats) return false;
   return reinterpret_cast<uintptr_t>(c.in) % 16 == 0;
 }
 
@@ -51,18 +52,17 @@ void DumpTrace(const std::vector<Phase>& phases, const std::vector<unsigned long
   FILE* f = std::fopen(path, "a");
   if (f == nullptr) return;
   const int n = static_cast<int>(phases.size());
-  std::fprintf(f, "phase,kind,units,cols,block,smid,start,end,staged,chunks_done,landed,taken,wait_ns,work_ns,stage_loaded,stage_normed,sums_start,residual_ns,sums_end\n");
+  std::fprintf(f, "phase,kind,units,cols,block,smid,start,end,staged,chunks_done,landed,taken,wait_ns,work_ns,stage_loaded,stage_normed\n");
   for (int p = 0; p < n; ++p) {
     for (int b = 0; b < grid; ++b) {
       const unsigned long long* m = &gm[(static_cast<size_t>(p) * grid + b) * kGemvMarks];
       const long long start = static_cast<long long>(t[static_cast<size_t>(p) * grid + b] - t0);
       const long long end = static_cast<long long>(t[static_cast<size_t>(n + p) * grid + b] - t0);
       const long long done = m[kMarkChunksDone] > t0 ? static_cast<long long>(m[kMarkChunksDone] - t0) : 0;
-      std::fprintf(f, "%d,%s,%lld,%d,%d,%llu,%lld,%lld,%llu,%lld,%llu,%llu,%llu,%llu,%llu,%llu,%lld,%llu,%lld\n", p,
+      std::fprintf(f, "%d,%s,%lld,%d,%d,%llu,%lld,%lld,%llu,%lld,%llu,%llu,%llu,%llu,%llu,%llu\n", p,
                    phases[p].kind == kAttentionPhase ? "attn" : "gemv", static_cast<long long>(phases[p].units), phases[p].cols, b, smid[b],
                    start, end, m[kMarkStaged], done, m[kMarkLanded], m[kMarkTaken], m[kMarkWaitNs], m[kMarkWorkNs], m[kMarkStageLoaded],
-                   m[kMarkStageNormed], m[kMarkSumsStart] > t0 ? static_cast<long long>(m[kMarkSumsStart] - t0) : 0LL, m[kMarkResidualNs],
-                   m[kMarkSumsEnd] > t0 ? static_cast<long long>(m[kMarkSumsEnd] - t0) : 0LL);
+                   m[kMarkStageNormed]);
     }
   }
   std::fclose(f);
