@@ -216,17 +216,33 @@ __device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__
 struct WarpMerged {
   float max, sum, o;
 };
+// The largest of the warps' maxima of query head gi, and warp w's weight in the merge against it:
+// exp(max_w - max), 0 for a warp with no keys (its max is -inf).
+template <int kWarps, int kG>
+__device__ __forceinline__ float WarpsMax(const float (&s_max)[kWarps][kG], int gi) {
+  float m = -INFINITY;
+  for (int w = 0; w < kWarps; ++w) m = fmaxf(m, s_max[w][gi]);
+  return m;
+}
+__device__ __forceinline__ float WarpWeight(float max_w, float sum_w, float max) { return sum_w > 0.0f ? expf(max_w - max) : 0.0f; }
+// The merge with warp w's weight wt(w) (WarpWeight), for callers that compute the weights once per
+// (warp, head) rather than once per output element.
+template <int kWarps, int kG, int kDims, class Weight>
+__device__ __forceinline__ WarpMerged MergeWeightedWarps(float max, const float (&s_sum)[kWarps][kG], const float (&s_acc)[kWarps][kG][kDims],
+                                                         int gi, int d, Weight wt) {
+  WarpMerged m{max, 0.0f, 0.0f};
+  for (int w = 0; w < kWarps; ++w) {
+    const float x = wt(w);
+    m.sum += s_sum[w][gi] * x;
+    m.o += s_acc[w][gi][d] * x;
+  }
+  return m;
+}
 template <int kWarps, int kG, int kDims>
 __device__ __forceinline__ WarpMerged MergeWarps(const float (&s_max)[kWarps][kG], const float (&s_sum)[kWarps][kG],
                                                  const float (&s_acc)[kWarps][kG][kDims], int gi, int d) {
-  WarpMerged m{-INFINITY, 0.0f, 0.0f};
-  for (int w = 0; w < kWarps; ++w) m.max = fmaxf(m.max, s_max[w][gi]);
-  for (int w = 0; w < kWarps; ++w) {
-    const float wt = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - m.max) : 0.0f;  // a warp with no keys has max -inf
-    m.sum += s_sum[w][gi] * wt;
-    m.o += s_acc[w][gi][d] * wt;
-  }
-  return m;
+  const float max = WarpsMax(s_max, gi);
+  return MergeWeightedWarps(max, s_sum, s_acc, gi, d, [&](int w) { return WarpWeight(s_max[w][gi], s_sum[w][gi], max); });
 }
 
 }  // namespace dyn::cuda

@@ -214,27 +214,11 @@ __device__ __forceinline__ float StageRow(const Phase& ph, const uint64_t* ll, u
         e[u][1] = LlLoad2(ll + i + 2);
         if (kNormW) w[u] = __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
       }
-      // Until all carry the stamp, the ones that do not are loaded again together: waiting for
-      // them one after another (each stale one found only after the one before it had arrived)
-      // took a round trip to L2 per entry.
-      while (true) {
-        bool ready = true;
-#pragma unroll
-        for (int u = 0; u < kStageVecs; ++u) {
-          ready = ready && LlReady(e[u][0].x, stamp) && LlReady(e[u][0].y, stamp) && LlReady(e[u][1].x, stamp) && LlReady(e[u][1].y, stamp);
-        }
-        if (ready) break;
-        __nanosleep(32);
-#pragma unroll
-        for (int u = 0; u < kStageVecs; ++u) {
-          const int i = min(base + u * kConsumerThreads * 4, cols - 4);
-          if (!LlReady(e[u][0].x, stamp) || !LlReady(e[u][0].y, stamp)) e[u][0] = LlLoad2(ll + i);
-          if (!LlReady(e[u][1].x, stamp) || !LlReady(e[u][1].y, stamp)) e[u][1] = LlLoad2(ll + i + 2);
-        }
-      }
 #pragma unroll
       for (int u = 0; u < kStageVecs; ++u) {
-        v[u] = make_float4(LlValue(e[u][0].x), LlValue(e[u][0].y), LlValue(e[u][1].x), LlValue(e[u][1].y));
+        const int i = min(base + u * kConsumerThreads * 4, cols - 4);
+        const float2 a = LlWait2(ll + i, stamp, e[u][0]), b = LlWait2(ll + i + 2, stamp, e[u][1]);
+        v[u] = make_float4(a.x, a.y, b.x, b.y);
       }
     } else {
 #pragma unroll
@@ -335,7 +319,7 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, un
   // completes a row finishes it, so rows are handed on as they complete, not all after the block's
   // last chunk (that took 2.6 us after the down projection's chunks: round 11).
   float* sums = stage + cols;
-  const int stride = 2 * row_chunks + 2;
+  const int stride = UnitSumsFloats(row_chunks);
   const BlockUnits bu = UnitsOf(ph, blockIdx.x, gridDim.x);
   const int items = bu.count * row_chunks;
   if (row_chunks > 1) {

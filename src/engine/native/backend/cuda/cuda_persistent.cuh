@@ -18,6 +18,10 @@ constexpr int kTileCols = kTileBytes / 2;
 constexpr int kStageFloats = 16384;  // the widest input row a GEMV phase stages, and its row sums
 constexpr int kChunkBytes = 8192;    // a slot of the weight ring: up to 16 tiles of one row
 constexpr int kMinGrid = 64;         // multiprocessors the planner assumes at least (row sums' space)
+// Rows longer than a ring slot leave, per row a block takes, beside the staged input: each chunk's
+// (gate, up) sums, a count of the row's chunks done and its residual element (GemvPhase; the
+// planner's room rule).
+__host__ __device__ constexpr int UnitSumsFloats(int row_chunks) { return 2 * row_chunks + 2; }
 constexpr int kHeadDim = 128, kGroup = 4;
 constexpr int kMaxSplits = 16;
 constexpr int kMaxKvHeads = 16;

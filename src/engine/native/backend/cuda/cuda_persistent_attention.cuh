@@ -142,17 +142,9 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, 
   // Each warp's weight in the merge of the warps, [kAttnWarps][kGroup], and each head's max.
   auto& s_wt = *reinterpret_cast<float(*)[kAttnWarps][kGroup]>(reinterpret_cast<float*>(s_ml + kMaxSplits * kGroup));
   float* s_wmax = reinterpret_cast<float*>(s_ml + kMaxSplits * kGroup) + kAttnWarps * kGroup;
-  // MergeWarps's arithmetic with each warp's weight exp(max_w - max) computed once per (warp, head)
-  // instead of once per output element (15 exps an element: ~1 us a task).
-  auto merge_warps = [&](int gi, int d) {
-    WarpMerged m{s_wmax[gi], 0.0f, 0.0f};
-    for (int w = 0; w < kAttnWarps; ++w) {
-      const float wt = s_wt[w][gi];
-      m.sum += s_sum[w][gi] * wt;
-      m.o += s_acc[w][gi][d] * wt;
-    }
-    return m;
-  };
+  // MergeWarps with each warp's weight computed once per (warp, head) instead of once per output
+  // element (15 exps an element: ~1 us a task).
+  auto merge_warps = [&](int gi, int d) { return MergeWeightedWarps(s_wmax[gi], s_sum, s_acc, gi, d, [&](int w) { return s_wt[w][gi]; }); };
   for (int task = blockIdx.x; task < ph.kv_heads * S; task += gridDim.x) {
     const int kv = task / S, split = task % S;
     const int begin = split * chunk, end = min(len, begin + chunk);
@@ -211,9 +203,8 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, 
     ConsumerSync();
     if (tid < kAttnWarps * kGroup) {
       const int w = tid / kGroup, gi = tid % kGroup;
-      float m = -INFINITY;
-      for (int ww = 0; ww < kAttnWarps; ++ww) m = fmaxf(m, s_max[ww][gi]);
-      s_wt[w][gi] = s_sum[w][gi] > 0.0f ? expf(s_max[w][gi] - m) : 0.0f;  // a warp with no keys has max -inf
+      const float m = WarpsMax(s_max, gi);
+      s_wt[w][gi] = WarpWeight(s_max[w][gi], s_sum[w][gi], m);
       if (w == 0) s_wmax[gi] = m;
     }
     ConsumerSync();

@@ -24,11 +24,11 @@ bool GemvFits(const PersistentCall& c) {
     units += c.rows[j];
   }
   if (units >= (int64_t{1} << 30)) return false;
-  // Rows longer than a ring slot leave per-chunk sums, a count and the residual beside the staged
-  // input: [units a block][chunks][2] + 2.
+  // Rows longer than a ring slot leave UnitSumsFloats beside the staged input for every row a block
+  // may get.
   const int64_t row_chunks = (c.cols * 2 + kChunkBytes - 1) / kChunkBytes;
   const int64_t block_units = ((c.swiglu_out != nullptr ? c.rows[0] : units) + kMinGrid - 1) / kMinGrid;
-  if (row_chunks > 1 && c.cols + (2 * row_chunks + 2) * block_units > kStageFloats) return false;
+  if (row_chunks > 1 && c.cols + UnitSumsFloats(static_cast<int>(row_chunks)) * block_units > kStageFloats) return false;
   return reinterpret_cast<uintptr_t>(c.in) % 16 == 0;
 }
 
@@ -41,7 +41,8 @@ bool AttentionFits(const PersistentCall& c) {
 
 // DYN_CUDA_PERSIST_TRACE_FILE=path: every (phase, block)'s times as CSV lines appended to the file
 // (ns from the launch's first start), with the block's multiprocessor: which blocks are slow, and
-// whether the same multiprocessors are slow in every phase.
+// whether the same multiprocessors are slow in every phase. Each launch starts with the header
+// line (scripts/persist_trace.py splits the launches there).
 void DumpTrace(const std::vector<Phase>& phases, const std::vector<unsigned long long>& t, const std::vector<unsigned long long>& gm,
                const unsigned long long* trace, int grid, unsigned long long t0) {
   const char* path = std::getenv("DYN_CUDA_PERSIST_TRACE_FILE");
@@ -143,24 +144,23 @@ void PrintPersistentTrace(cudaStream_t stream, const void* program, const unsign
   const int attention_phases = static_cast<int>(std::count_if(phases.begin(), phases.end(), [](const Phase& p) { return p.kind == kAttentionPhase; }));
   static const char* const kSteps[kAttnSteps] = {"q/k load", "rope", "kv write", "key loop", "partial handed on", "merge (last split)"};
   if (attention_phases > 0) {
-    std::vector<double> probe;
-    for (int b = 0; b < grid; ++b) {
-      const unsigned long long* m = &marks[static_cast<size_t>(b) * kAttnMarks];
-      if (m[kAttnTasksMark] > 0) probe.push_back(m[kAttnKeyProbeMark] * 1e-3 / static_cast<double>(m[kAttnTasksMark]));
-    }
-    if (!probe.empty()) {
-      std::sort(probe.begin(), probe.end());
-      std::fprintf(stderr, "  attention task: one load of its first key: median %.2f us, max %.2f\n", probe[probe.size() / 2], probe.back());
-    }
-    for (int k = 0; k < kAttnSteps; ++k) {
+    // Mark k's us a time over the blocks that ran it (`times`: the count mark), sorted.
+    auto per_time = [&](int k, int times_mark) {
       std::vector<double> v;
       for (int b = 0; b < grid; ++b) {
         const unsigned long long* m = &marks[static_cast<size_t>(b) * kAttnMarks];
-        const unsigned long long times = m[k == kAttnSteps - 1 ? kAttnMergesMark : kAttnTasksMark];  // the merge: last tasks only
-        if (times > 0) v.push_back(m[k] * 1e-3 / static_cast<double>(times));
+        if (m[times_mark] > 0) v.push_back(m[k] * 1e-3 / static_cast<double>(m[times_mark]));
       }
-      if (v.empty()) continue;
       std::sort(v.begin(), v.end());
+      return v;
+    };
+    const std::vector<double> probe = per_time(kAttnKeyProbeMark, kAttnTasksMark);
+    if (!probe.empty()) {
+      std::fprintf(stderr, "  attention task: one load of its first key: median %.2f us, max %.2f\n", probe[probe.size() / 2], probe.back());
+    }
+    for (int k = 0; k < kAttnSteps; ++k) {
+      const std::vector<double> v = per_time(k, k == kAttnSteps - 1 ? kAttnMergesMark : kAttnTasksMark);  // the merge: last tasks only
+      if (v.empty()) continue;
       std::fprintf(stderr, "  attention task step %-18s: median %6.2f us, max %6.2f (%zu blocks)\n", kSteps[k], v[v.size() / 2], v.back(), v.size());
     }
   }
