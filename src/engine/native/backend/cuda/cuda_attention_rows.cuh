@@ -153,7 +153,8 @@ struct RowBlock {
 // {0, 1} (its two halves) + k * kStride; per query head an online softmax (mx, sum, acc) per lane, the warp's two halves
 // merged at the end (lanes l and l + 16 hold the same dims). kCoherent: the cache is read with
 // L2-coherent loads, for a kernel that wrote some of the keys itself (not via the read-only path).
-template <int kPerLane, int kG, bool kCoherent, int kWarps = kRowWarps>
+// kN: keys a half-warp has in flight.
+template <int kPerLane, int kG, bool kCoherent, int kWarps = kRowWarps, int kN = kKeys>
 __device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__ cache, const CacheGeometry& g, const int32_t* table,
                                                int kv_head, int begin, int end, float scale, const float (&qv)[kG][kPerLane],
                                                float (&mx)[kG], float (&sum)[kG], float (&acc)[kG][kPerLane]) {
@@ -162,10 +163,10 @@ __device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__
   const int D = g.head_dim, d0 = (lane % 16) * kPerLane;
   constexpr int kStride = kWarps * 2;  // keys per block per step
   // Warp-uniform loop; each half takes key j0 + half + u * kStride (masked past the end).
-  for (int j0 = begin + warp * 2; j0 < end; j0 += kStride * kKeys) {
-    Raw kr[kKeys], vr[kKeys];
+  for (int j0 = begin + warp * 2; j0 < end; j0 += kStride * kN) {
+    Raw kr[kN], vr[kN];
 #pragma unroll
-    for (int u = 0; u < kKeys; ++u) {
+    for (int u = 0; u < kN; ++u) {
       const int j = min(j0 + half + u * kStride, end - 1);
       const __nv_bfloat16* kp = cache + SlotOffset(g, table, j) + static_cast<size_t>(kv_head) * D + d0;
       if constexpr (kCoherent) {
@@ -176,9 +177,9 @@ __device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__
         vr[u] = __ldg(reinterpret_cast<const Raw*>(kp + g.v_delta));
       }
     }
-    float s[kKeys][kG];
+    float s[kN][kG];
 #pragma unroll
-    for (int u = 0; u < kKeys; ++u) {
+    for (int u = 0; u < kN; ++u) {
       float kf[kPerLane];
       LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&kr[u]), kf);
       const bool valid = j0 + half + u * kStride < end;

@@ -21,42 +21,11 @@ namespace {
 __device__ __forceinline__ int Splits(int len) { return min(kMaxSplits, max(1, (len + 63) / 64)); }
 
 constexpr int kAttnWarps = kConsumers;  // every consumer warp runs the attention task
-constexpr int kKeyUnroll = 4;   // keys a warp has in flight (5: the key loop 4.3 us against 3.6 at 512)
-constexpr int kDimsPerLane = kHeadDim / 32;
-
-// The keys [begin, end) of kv head kv for the kGroup query heads qv: warp w takes keys begin + w +
-// k * kAttnWarps, each lane 4 of the 128 dims; per head an online softmax (mx, sum, acc).
-__device__ __forceinline__ void WarpAttend(const __nv_bfloat16* __restrict__ cache, const CacheGeometry& g, const int32_t* table, int kv,
-                                           int begin, int end, float scale, const float (&qv)[kGroup][kDimsPerLane], float (&mx)[kGroup],
-                                           float (&sum)[kGroup], float (&acc)[kGroup][kDimsPerLane]) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int j0 = begin + warp; j0 < end; j0 += kAttnWarps * kKeyUnroll) {
-    uint2 kr[kKeyUnroll], vr[kKeyUnroll];
-#pragma unroll
-    for (int u = 0; u < kKeyUnroll; ++u) {
-      const int j = min(j0 + u * kAttnWarps, end - 1);
-      const __nv_bfloat16* kp = cache + SlotOffset(g, table, j) + static_cast<size_t>(kv) * kHeadDim + lane * kDimsPerLane;
-      kr[u] = __ldcg(reinterpret_cast<const uint2*>(kp));  // the new token's K/V were written in this kernel
-      vr[u] = __ldcg(reinterpret_cast<const uint2*>(kp + g.v_delta));
-    }
-    float s[kKeyUnroll][kGroup];
-#pragma unroll
-    for (int u = 0; u < kKeyUnroll; ++u) {
-      float kf[kDimsPerLane];
-      LoadVec<kDimsPerLane>(reinterpret_cast<const __nv_bfloat16*>(&kr[u]), kf);
-      const bool valid = j0 + u * kAttnWarps < end;
-#pragma unroll
-      for (int gi = 0; gi < kGroup; ++gi) {
-        float dot = 0.0f;
-#pragma unroll
-        for (int i = 0; i < kDimsPerLane; ++i) dot = fmaf(qv[gi][i], kf[i], dot);
-        dot = WarpSum(dot);
-        s[u][gi] = valid ? dot * scale : -INFINITY;
-      }
-    }
-    OnlineSoftmaxStep(s, vr, mx, sum, acc);
-  }
-}
+// The key loop is the row-wise kernels' HalfWarpAttend (a half-warp a key, 8 dims a lane): a whole
+// warp a key (4 dims a lane, 5 shuffles a head) made the loop issue-bound, 3.8 us a layer at 512
+// and 17.4 at 4096 (round 11); this one 3.2 and 11.3. Two keys in flight a half-warp (a split of
+// ~64 keys is one pass of the 15 warps): 4 were no faster at 512 and slower at 4096 (round 12).
+constexpr int kLaneDims = 8, kKeysInFlight = 2;
 
 // Element e of a kv head's attention output: written plainly to `out` and handed on at `ll_out`,
 // with its rotated q element written back (as RopeWriteKv leaves it).
@@ -179,26 +148,29 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, 
       marks[kAttnKeyProbeMark] += TimedL2Load(reinterpret_cast<const unsigned*>(ph.cache + SlotOffset(ph.g, table, begin) + static_cast<size_t>(kv) * kHeadDim));
       before = GlobalTimer();
     }
-    float qv[kGroup][kDimsPerLane], acc[kGroup][kDimsPerLane], mx[kGroup], sum[kGroup];
+    const int d0 = (lane % 16) * kLaneDims;
+    float qv[kGroup][kLaneDims], acc[kGroup][kLaneDims], mx[kGroup], sum[kGroup];
 #pragma unroll
     for (int gi = 0; gi < kGroup; ++gi) {
 #pragma unroll
-      for (int i = 0; i < kDimsPerLane; ++i) {
-        qv[gi][i] = s_q[gi * kHeadDim + lane * kDimsPerLane + i];
+      for (int i = 0; i < kLaneDims; ++i) {
+        qv[gi][i] = s_q[gi * kHeadDim + d0 + i];
         acc[gi][i] = 0.0f;
       }
       mx[gi] = -INFINITY;
       sum[gi] = 0.0f;
     }
-    WarpAttend(ph.cache, ph.g, table, kv, begin, end, ph.scale, qv, mx, sum, acc);
+    HalfWarpAttend<kLaneDims, kGroup, true, kAttnWarps, kKeysInFlight>(ph.cache, ph.g, table, kv, begin, end, ph.scale, qv, mx, sum, acc);
 #pragma unroll
     for (int gi = 0; gi < kGroup; ++gi) {
       if (lane == 0) {
         s_max[warp][gi] = mx[gi];
         s_sum[warp][gi] = sum[gi];
       }
+      if (lane < 16) {
 #pragma unroll
-      for (int i = 0; i < kDimsPerLane; ++i) s_acc[warp][gi][lane * kDimsPerLane + i] = acc[gi][i];
+        for (int i = 0; i < kLaneDims; ++i) s_acc[warp][gi][d0 + i] = acc[gi][i];
+      }
     }
     ConsumerSync();
     if (tid < kAttnWarps * kGroup) {
