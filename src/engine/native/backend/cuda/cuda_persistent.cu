@@ -1,9 +1,9 @@
 // Batch-1 decode as one persistent kernel: a run of a step's one-row calls (RMSNorm, the GEMVs,
 // decode attention with its RoPE + KV write) executed by one block per multiprocessor, phase after
 // phase; a phase waits only for the values it reads, which earlier phases hand on as stamped
-// entries (cuda_persistent.cuh), not at a grid barrier. Opt-in (DYN_CUDA_PERSIST=1): at context
-// 512 as fast as the kernel-by-kernel step, at 4096 0.1-0.15 ms slower (its attention key loop;
-// docs/benchmarks/cuda.md, rounds 8-11).
+// entries (cuda_persistent.cuh), not at a grid barrier. Opt-in (DYN_CUDA_PERSIST=1): as fast as
+// the kernel-by-kernel step at contexts 512 and 4096, not faster (docs/benchmarks/cuda.md, rounds
+// 8-12).
 //
 // Why: at batch 1 the step is bound by reading the weights once (16 GB for the 8B shape), but as
 // separate kernels HBM idles while each grid ramps up and drains and while the small kernels
