@@ -173,34 +173,17 @@ static_assert(kGroupTiles == 4, "ChunkDot's final sums add four accumulators");
 // half) reads 512 contiguous bytes twice, without bank conflicts.
 __device__ __forceinline__ int StagePos(int i, int cols) { return (i / 8) * 4 + ((i / 4) % 2) * (cols / 2); }
 
-// The phase's input row into shared memory, RMS-normalized when the phase says so (RmsNorm's
-// arithmetic: x * scale rounded, then * weight rounded). Each thread issues its loads of a pass
-// (kStageVecs float4 of the input, and of the norm weight) together: a loop of dependent round trips
-// to L2 took 1.3-3 us a phase (docs/benchmarks/cuda.md, round 10).
+// The phase's input row into shared memory (times the norm weight for a norm phase). Each thread
+// issues its loads of a pass (kStageVecs float4 of the input, and of the norm weight) together: a
+// loop of dependent round trips to L2 took 1.3-3 us a phase (docs/benchmarks/cuda.md, round 10).
 constexpr int kStageVecs = 3, kStagePass = kConsumerThreads * 4 * kStageVecs;
 
-// One barrier: every thread adds the warps' sums itself, in warp order (thread 0 adding them and a
-// second barrier to publish the scale cost ~1 us a norm phase behind the weight stream).
-__device__ __forceinline__ float BlockRms(float ss, int cols, float eps, float* red) {
-  const int tid = threadIdx.x;
-  ss = WarpSum(ss);
-  if (tid % 32 == 0) red[tid / 32] = ss;
-  ConsumerSync();
-  float total = 0.0f;
-  for (int w = 0; w < kConsumers; ++w) total += red[w];
-  return 1.0f / sqrtf(total / cols + eps);
-}
-
-__device__ __forceinline__ float4 Normalized(float4 v, float scale, float4 w) {
-  return make_float4(__fmul_rn(__fmul_rn(v.x, scale), w.x), __fmul_rn(__fmul_rn(v.y, scale), w.y), __fmul_rn(__fmul_rn(v.z, scale), w.z),
-                     __fmul_rn(__fmul_rn(v.w, scale), w.w));
-}
-
-// The input row into `stage` (and with kNormW the norm weight into w_stage) by passes of loads
-// issued together, from the row's hand-off entries (ll, this launch's stamp) or, for a row written
-// before the launch (ll null), plainly; returns the thread's sum of squares.
+// The input row into `stage` by passes of loads issued together, from the row's hand-off entries
+// (ll, this launch's stamp) or, for a row written before the launch (ll null), plainly; with kNormW
+// each element times its norm weight (x * w rounded: the norm's scale comes in the epilogue);
+// returns the thread's sum of squares of x.
 template <bool kNormW>
-__device__ __forceinline__ float StageRow(const Phase& ph, const uint64_t* ll, unsigned stamp, float* stage, float* w_stage) {
+__device__ __forceinline__ float StageRow(const Phase& ph, const uint64_t* ll, unsigned stamp, float* stage) {
   const int cols = ph.cols;
   float ss = 0.0f;
   for (int base = threadIdx.x * 4; base < cols; base += kStagePass) {
@@ -232,8 +215,9 @@ __device__ __forceinline__ float StageRow(const Phase& ph, const uint64_t* ll, u
     for (int u = 0; u < kStageVecs; ++u) {
       const int i = base + u * kConsumerThreads * 4;
       if (i < cols) {
-        *reinterpret_cast<float4*>(stage + StagePos(i, cols)) = v[u];
-        if (kNormW) *reinterpret_cast<float4*>(w_stage + i) = w[u];
+        *reinterpret_cast<float4*>(stage + StagePos(i, cols)) =
+            kNormW ? make_float4(__fmul_rn(v[u].x, w[u].x), __fmul_rn(v[u].y, w[u].y), __fmul_rn(v[u].z, w[u].z), __fmul_rn(v[u].w, w[u].w))
+                   : v[u];
         ss = fmaf(v[u].x, v[u].x, ss);
         ss = fmaf(v[u].y, v[u].y, ss);
         ss = fmaf(v[u].z, v[u].z, ss);
@@ -244,40 +228,49 @@ __device__ __forceinline__ float StageRow(const Phase& ph, const uint64_t* ll, u
   return ss;
 }
 
-// marks (traced launches): the phase's start time and the block's PhaseMark words.
-__device__ __forceinline__ void StageInput(const Phase& ph, const uint64_t* ll_base, unsigned stamp, float* stage, float* red,
-                                        unsigned long long t_start, unsigned long long* marks) {
+// marks (traced launches): the phase's start time and the block's PhaseMark words. Returns the
+// scale the phase's outputs take: RmsNorm's 1 / rms(x) for a norm phase (the staged row is x * w,
+// and W (x * w * s) = s * W (x * w)), else 1. Folding the scale into the epilogue spares the
+// block a barrier and a pass over the row before its warps start on the chunks (~1.2 us a norm
+// phase: round 12); the products round in another order than RmsNorm's (x * s, then * w).
+__device__ __forceinline__ float StageInput(const Phase& ph, const uint64_t* ll_base, unsigned stamp, float* stage, float* red,
+                                         unsigned long long t_start, unsigned long long* marks) {
   const int tid = threadIdx.x, cols = ph.cols;
-  const float eps = ph.eps;
-  const bool norm = ph.norm_w != nullptr, write = norm && blockIdx.x == 0 && ph.norm_out != nullptr;
-  // The norm weight waits for the scale beside the staged row (the GEMV's row sums use that space
-  // only after staging), when there is room; else it is loaded again.
-  float* w_stage = norm && 2 * cols <= kStageFloats ? stage + cols : nullptr;
+  const bool norm = ph.norm_w != nullptr;
   const uint64_t* ll = ph.ll_in >= 0 ? ll_base + ph.ll_in : nullptr;
-  const float ss = w_stage != nullptr ? StageRow<true>(ph, ll, stamp, stage, w_stage) : StageRow<false>(ph, ll, stamp, stage, nullptr);
+  float ss = norm ? StageRow<true>(ph, ll, stamp, stage) : StageRow<false>(ph, ll, stamp, stage);
   if (marks != nullptr) {  // the block's last thread: one atomic a warp
     const unsigned loaded = __reduce_max_sync(0xffffffffu, static_cast<unsigned>(GlobalTimer() - t_start));
     if (tid % 32 == 0) atomicMax(marks + kMarkStageLoaded, static_cast<unsigned long long>(loaded));
   }
-  if (norm) {  // each thread scales what it staged
-    const float scale = BlockRms(ss, cols, eps, red);
-    if (marks != nullptr && tid == 0) marks[kMarkStageNormed] = GlobalTimer() - t_start;
-    for (int i = tid * 4; i < cols; i += kConsumerThreads * 4) {
-      float4& v = *reinterpret_cast<float4*>(stage + StagePos(i, cols));
-      const float4 w = w_stage != nullptr ? *reinterpret_cast<const float4*>(w_stage + i)
-                                          : __ldg(reinterpret_cast<const float4*>(ph.norm_w + i));
-      v = Normalized(v, scale, w);
-      if (write) __stcg(reinterpret_cast<float4*>(ph.norm_out + i), v);
-    }
+  if (norm) {
+    ss = WarpSum(ss);
+    if (tid % 32 == 0) red[tid / 32] = ss;
   }
   ConsumerSync();
+  if (!norm) return 1.0f;
+  float total = 0.0f;  // every thread adds the warps' sums, in warp order
+  for (int w = 0; w < kConsumers; ++w) total += red[w];
+  const float scale = 1.0f / sqrtf(total / cols + ph.eps);
+  if (marks != nullptr && tid == 0) marks[kMarkStageNormed] = GlobalTimer() - t_start;
+  if (blockIdx.x == 0 && ph.norm_out != nullptr) {  // the normalized row for readers after the launch
+    for (int i = tid * 4; i < cols; i += kConsumerThreads * 4) {
+      const float4 v = *reinterpret_cast<const float4*>(stage + StagePos(i, cols));
+      __stcg(reinterpret_cast<float4*>(ph.norm_out + i),
+             make_float4(__fmul_rn(v.x, scale), __fmul_rn(v.y, scale), __fmul_rn(v.z, scale), __fmul_rn(v.w, scale)));
+    }
+  }
+  return scale;
 }
 
 // Unit u's outputs from its row sums (with SwiGLU sum0 the gate's, sum1 the up's).
 // res: residual[u] loaded ahead (the dependent L2 load after the sums held the warp ~1 us a row).
 // A phase with a residual has one weight, so its unit is the row; its entries hand on the sums.
 // The plain stores are for readers after the launch; phases of this launch read the entries (ll).
-__device__ __forceinline__ void GemvEpilogue(const Phase& ph, uint64_t* ll, unsigned stamp, int u, float sum0, float sum1, float res) {
+__device__ __forceinline__ void GemvEpilogue(const Phase& ph, uint64_t* ll, unsigned stamp, int u, float sum0, float sum1, float res,
+                                             float scale) {
+  sum0 *= scale;
+  sum1 *= scale;
   if (ph.swiglu) {
     const float g = __fmul_rn(sum0 / (1.0f + expf(-sum0)), sum1);  // SwiGluKernel's arithmetic
     __stcg(ph.out[0] + u, sum0);
@@ -307,7 +300,7 @@ __device__ __forceinline__ float ResidualIn(const Phase& ph, const uint64_t* ll_
 // once all are in. `seq` is the stream position of the block's first chunk of the phase (the
 // producer's count), advanced here.
 __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, unsigned stamp, const Ring& ring, unsigned& seq, float* stage,
-                                          unsigned long long* gm) {
+                                          float scale, unsigned long long* gm) {
   uint64_t* ll = ph.ll_out >= 0 ? ll_base + ph.ll_out : nullptr;
   unsigned long long ready = 0, waited = 0, taken = 0, processed = 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -382,10 +375,10 @@ __device__ __forceinline__ void GemvPhase(const Phase& ph, uint64_t* ll_base, un
           total1 += unit_sums[2 * cc + 1];
         }
         const int u = bu.first + k / row_chunks;
-        GemvEpilogue(ph, ll, stamp, u, total0, total1, unit_sums[2 * row_chunks + 1]);
+        GemvEpilogue(ph, ll, stamp, u, total0, total1, unit_sums[2 * row_chunks + 1], scale);
       }
     } else {
-      GemvEpilogue(ph, ll, stamp, bu.first + k, sum0, sum1, res);
+      GemvEpilogue(ph, ll, stamp, bu.first + k, sum0, sum1, res, scale);
     }
     if (gm != nullptr) processed += GlobalTimer() - t_ready;
   }
@@ -448,9 +441,10 @@ __global__ void __launch_bounds__(kThreads, 1)
       ConsumerSync();
     }
     if (cur.kind == kGemvPhase) {
-      StageInput(cur, ll_base, stamp, stage, red, gm != nullptr ? trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x] : 0, gm);
+      const float scale =
+          StageInput(cur, ll_base, stamp, stage, red, gm != nullptr ? trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x] : 0, gm);
       if (gm != nullptr && threadIdx.x == 0) gm[kMarkStaged] = GlobalTimer() - trace[static_cast<size_t>(p) * gridDim.x + blockIdx.x];
-      GemvPhase(cur, ll_base, stamp, ring, seq, stage, gm);
+      GemvPhase(cur, ll_base, stamp, ring, seq, stage, scale, gm);
     } else if (cur.kind == kAttentionPhase) {
       unsigned long long* marks = trace != nullptr ? trace + TraceMarksOffset(gridDim.x) + blockIdx.x * kAttnMarks : nullptr;
       AttentionPhase(cur, ll_base, stamp, stage, marks);
