@@ -150,20 +150,9 @@ template <int kPerLane, int kG>
 __device__ __forceinline__ void FinishRow(const AttnRows& meta, const RowArgs& a, int D, int h0, int nh, int ri, int r, int split,
                                           bool active, int d0, const float (&mx)[kG], const float (&sum)[kG],
                                           const float (&acc)[kG][kPerLane]) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __shared__ float s_max[kRowWarps][kG], s_sum[kRowWarps][kG];
   __shared__ float s_acc[kRowWarps][kG][kPerLane * 32];
-#pragma unroll
-  for (int gi = 0; gi < kG; ++gi) {
-    if (lane == 0) {
-      s_max[warp][gi] = mx[gi];
-      s_sum[warp][gi] = sum[gi];
-    }
-    if (active) {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) s_acc[warp][gi][d0 + i] = acc[gi][i];
-    }
-  }
+  StoreWarpState(s_max, s_sum, s_acc, active, d0, mx, sum, acc);
   __syncthreads();
   for (int e = threadIdx.x; e < nh * D; e += blockDim.x) {
     const int gi = e / D, d = e % D;

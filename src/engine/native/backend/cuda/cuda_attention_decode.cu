@@ -29,7 +29,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
     DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope) {
   LetNextKernelLaunch();
   WaitForPreviousKernel();
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16;
+  const int lane = threadIdx.x % 32, half = lane / 16;
   const int D = g.head_dim, d0 = (lane % 16) * kPerLane;
   const RowBlock b(meta, a, kG);
   __shared__ float s_q[kG * kMaxDecodeDim], s_k[kMaxDecodeDim];
@@ -68,33 +68,14 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   __syncthreads();
 
   float qv[kG][kPerLane], acc[kG][kPerLane], mx[kG], sum[kG];
-#pragma unroll
-  for (int gi = 0; gi < kG; ++gi) {
-#pragma unroll
-    for (int i = 0; i < kPerLane; ++i) {
-      qv[gi][i] = gi < b.nh ? s_q[gi * D + d0 + i] : 0.0f;
-      acc[gi][i] = 0.0f;
-    }
-    mx[gi] = -INFINITY;
-    sum[gi] = 0.0f;
-  }
+  StartWarpState(s_q, D, b.nh, d0, qv, mx, sum, acc);
   HalfWarpAttend<kPerLane, kG, true, kWarps>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
 
   // The warps merge in shared memory (FinishRow's arithmetic): this split's normalized output and
   // its (max, sum), or with one split the output itself.
   __shared__ float s_max[kWarps][kG], s_sum[kWarps][kG], s_acc[kWarps][kG][kMaxDecodeDim];
   __shared__ float s_o[kG * kMaxDecodeDim], s_ml[kG][2];
-#pragma unroll
-  for (int gi = 0; gi < kG; ++gi) {
-    if (lane == 0) {
-      s_max[warp][gi] = mx[gi];
-      s_sum[warp][gi] = sum[gi];
-    }
-    if (half == 0) {
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) s_acc[warp][gi][d0 + i] = acc[gi][i];
-    }
-  }
+  StoreWarpState(s_max, s_sum, s_acc, half == 0, d0, mx, sum, acc);
   __syncthreads();
   for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) {
     const int gi = e / D, d = e % D;

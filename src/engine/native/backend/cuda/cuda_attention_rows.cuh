@@ -148,6 +148,23 @@ struct RowBlock {
   }
 };
 
+// A lane's online-softmax start for query heads [0, nh) of a group: its q dims d0.. from the
+// block's shared q rows ([kG][head_dim], 0 for heads past nh), empty (max, sum, acc).
+template <int kPerLane, int kG>
+__device__ __forceinline__ void StartWarpState(const float* s_q, int head_dim, int nh, int d0, float (&qv)[kG][kPerLane], float (&mx)[kG],
+                                               float (&sum)[kG], float (&acc)[kG][kPerLane]) {
+#pragma unroll
+  for (int gi = 0; gi < kG; ++gi) {
+#pragma unroll
+    for (int i = 0; i < kPerLane; ++i) {
+      qv[gi][i] = gi < nh ? s_q[gi * head_dim + d0 + i] : 0.0f;
+      acc[gi][i] = 0.0f;
+    }
+    mx[gi] = -INFINITY;
+    sum[gi] = 0.0f;
+  }
+}
+
 // The half-warp key loop of RowAttentionHalfWarpKernel and DecodeAttentionKernel: the keys
 // [begin, end) of kv head `kv_head` by a block of kWarps warps, warp w taking keys begin + 2w +
 // {0, 1} (its two halves) + k * kStride; per query head an online softmax (mx, sum, acc) per lane, the warp's two halves
@@ -238,6 +255,25 @@ __device__ __forceinline__ WarpMerged MergeWeightedWarps(float max, const float 
     m.o += s_acc[w][gi][d] * x;
   }
   return m;
+}
+// Warp `warp`'s online-softmax state into the block's arrays that MergeWarps reads; `holds`: this
+// lane writes its dims d0.. (after HalfWarpAttend, lanes l and l + 16 hold the same ones).
+template <int kWarps, int kG, int kDims, int kPerLane>
+__device__ __forceinline__ void StoreWarpState(float (&s_max)[kWarps][kG], float (&s_sum)[kWarps][kG], float (&s_acc)[kWarps][kG][kDims],
+                                               bool holds, int d0, const float (&mx)[kG], const float (&sum)[kG],
+                                               const float (&acc)[kG][kPerLane]) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+#pragma unroll
+  for (int gi = 0; gi < kG; ++gi) {
+    if (lane == 0) {
+      s_max[warp][gi] = mx[gi];
+      s_sum[warp][gi] = sum[gi];
+    }
+    if (holds) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; ++i) s_acc[warp][gi][d0 + i] = acc[gi][i];
+    }
+  }
 }
 template <int kWarps, int kG, int kDims>
 __device__ __forceinline__ WarpMerged MergeWarps(const float (&s_max)[kWarps][kG], const float (&s_sum)[kWarps][kG],

@@ -90,7 +90,7 @@ __device__ __forceinline__ void MergeKvHead(const uint64_t* base, int splits, un
 // task merges them once they are there (tasks run in index order in each block and a merging task
 // waits only for lower ones, so every wait ends).
 __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, unsigned stamp, float* stage, unsigned long long* marks) {
-  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tid = threadIdx.x, lane = tid % 32;
   unsigned long long before = 0;
   // Step k of a task took from the last mark to now (thread 0, traced launches only).
   auto mark = [&](int k) {
@@ -150,28 +150,9 @@ __device__ __noinline__ void AttentionPhase(const Phase& ph, uint64_t* ll_base, 
     }
     const int d0 = (lane % 16) * kLaneDims;
     float qv[kGroup][kLaneDims], acc[kGroup][kLaneDims], mx[kGroup], sum[kGroup];
-#pragma unroll
-    for (int gi = 0; gi < kGroup; ++gi) {
-#pragma unroll
-      for (int i = 0; i < kLaneDims; ++i) {
-        qv[gi][i] = s_q[gi * kHeadDim + d0 + i];
-        acc[gi][i] = 0.0f;
-      }
-      mx[gi] = -INFINITY;
-      sum[gi] = 0.0f;
-    }
+    StartWarpState(s_q, kHeadDim, kGroup, d0, qv, mx, sum, acc);
     HalfWarpAttend<kLaneDims, kGroup, true, kAttnWarps, kKeysInFlight>(ph.cache, ph.g, table, kv, begin, end, ph.scale, qv, mx, sum, acc);
-#pragma unroll
-    for (int gi = 0; gi < kGroup; ++gi) {
-      if (lane == 0) {
-        s_max[warp][gi] = mx[gi];
-        s_sum[warp][gi] = sum[gi];
-      }
-      if (lane < 16) {
-#pragma unroll
-        for (int i = 0; i < kLaneDims; ++i) s_acc[warp][gi][d0 + i] = acc[gi][i];
-      }
-    }
+    StoreWarpState(s_max, s_sum, s_acc, lane < 16, d0, mx, sum, acc);
     ConsumerSync();
     if (tid < kAttnWarps * kGroup) {
       const int w = tid / kGroup, gi = tid % kGroup;

@@ -5,8 +5,8 @@
 # Needs .cudadev/ as docs/cuda_backend.md builds it (bin/, lib/, llama8b/). ROUNDS (3), CONTEXTS
 # ("512 4096"); BINS (".cudadev/bin"): several builds' binary folders compare their persistent
 # kernels in the same call (the default path runs from the first); VARIANTS ("name:VAR=VALUE ..."):
-# the first build's persistent kernel again under each setting, e.g.
-# VARIANTS="whole:DYN_CUDA_PERSIST_BY_HEAD=0 pace:DYN_CUDA_PERSIST_PACE=400". Every run has a short timeout,
+# the first build's persistent kernel again under each setting, e.g. VARIANTS="nographs:DYN_CUDA_GRAPHS=0"
+# (or a setting of a patch in docs/experiments, built into the first). Every run has a short timeout,
 # so a hung kernel costs seconds, not the call. Traces (and their per-block CSV) go under $OUT.
 cd "$(dirname "$0")/../../../../../.."  # the repository root
 export LD_LIBRARY_PATH=$PWD/.cudadev/lib:/usr/local/cuda/lib64
@@ -25,7 +25,7 @@ for r in $(seq ${ROUNDS:-3}); do
   for c in ${CONTEXTS:-512 4096}; do
     line="context $c: default $(DYN_CUDA_PERSIST=0 bench $FIRST $c)"
     for B in $BINS; do line="$line | $B persistent $(DYN_CUDA_PERSIST=1 bench $B $c)"; done
-    for V in $VARIANTS; do line="$line | ${V%%:*} $(env DYN_CUDA_PERSIST=1 "${V#*:}" bash -c "$(declare -f bench); bench $FIRST $c")"; done
+    for V in $VARIANTS; do line="$line | ${V%%:*} $(export DYN_CUDA_PERSIST=1 "${V#*:}"; bench $FIRST $c)"; done
     echo "$line"
   done
 done
