@@ -8,7 +8,11 @@ prints what round 11 of docs/benchmarks/cuda.md read from it, for the file's las
      phase's last block was done with its chunks, and that block's end after its chunks;
   3. which multiprocessors are slow: per GEMV phase kind, each SM's mean lateness against the
      phase's median block, the split-half correlation over the layers (near 1: always the same
-     SMs), and the earliest and latest SMs.
+     SMs), and the earliest and latest SMs;
+  4. the layer's phases from the inside (medians over blocks, us after the phase's start): input
+     entries loaded, the norm's scale known, input staged, chunks done, the phase's end, chunks
+     already landed when their warp came of those taken, and the stream rate from staged to done
+     (the phase's weight bytes over the median block's time, TB/s).
 
 Usage: persist_trace.py trace.csv[.gz] [--layer N]   (phases per layer found from the file)
 """
@@ -110,6 +114,22 @@ def main():
             k, len(next(iter(d.values()))), corr,
             " ".join("%d:%.1f" % (s, mean[s]) for s in order[:6]),
             " ".join("%d:%.1f" % (s, mean[s]) for s in order[-6:])))
+    print("4. layer %d's phases from the inside (medians over blocks, us after the phase's start)" % args.layer)
+    for p in range(first, min(n, first + per_layer)):
+        rs = by[p]
+        if rs[0]["kind"] != "gemv":
+            print("  %-20s end %.2f" % (kind(rs), st.median(r["end"] - r["start"] for r in rs) / 1e3))
+            continue
+        med = lambda f: st.median(f(r) for r in rs) / 1e3
+        staged, done = med(lambda r: r["staged"]), med(lambda r: r["chunks_done"] - r["start"])
+        # SwiGLU phases take two slots (gate, up) per unit and row chunk: 8 KB slots, every block's taken summed
+        row_slots = -(-rs[0]["cols"] * 2 // 8192)
+        weights = 2 if sum(r["taken"] for r in rs) >= 2 * row_slots * rs[0]["units"] else 1
+        weight_bytes = rs[0]["units"] * rs[0]["cols"] * 2 * weights
+        print("  %-20s loaded %5.2f  normed %5.2f  staged %5.2f  done %6.2f  end %6.2f  landed %d/%d  %.2f TB/s" % (
+            kind(rs), med(lambda r: r["stage_loaded"]), med(lambda r: r["stage_normed"]), staged, done,
+            med(lambda r: r["end"] - r["start"]), st.median(r["landed"] for r in rs), st.median(r["taken"] for r in rs),
+            weight_bytes / max(done - staged, 1e-3) / 1e6))
 
 
 if __name__ == "__main__":
