@@ -127,7 +127,7 @@ def main():
         weights = 2 if sum(r["taken"] for r in rs) >= 2 * row_slots * rs[0]["units"] else 1
         weight_bytes = rs[0]["units"] * rs[0]["cols"] * 2 * weights
         print("  %-20s loaded %5.2f  normed %5.2f  staged %5.2f  done %6.2f  end %6.2f  landed %d/%d  %.2f TB/s" % (
-            kind(rs), med(lambda r: r["stage_loaded"]), med(lambda r: r["stage_normed"]), staged, done,
+            kind(rs), med(lambda r: r.get("stage_loaded", 0)), med(lambda r: r.get("stage_normed", 0)), staged, done,
             med(lambda r: r["end"] - r["start"]), st.median(r["landed"] for r in rs), st.median(r["taken"] for r in rs),
             weight_bytes / max(done - staged, 1e-3) / 1e6))
 
