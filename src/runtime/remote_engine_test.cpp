@@ -219,6 +219,7 @@ TEST(RemoteEngine, KvModeSendsSharedPrefixesToTheSameWorker) {
   auto engine = RemoteEngine::Create(client, o);
   engine->AddInstance(1, a.address);
   engine->AddInstance(2, b.address);
+  uint64_t requests = 0;
   auto run = [&](std::vector<uint32_t> prompt) {
     PreprocessedRequest r = Request(2);
     r.token_ids = std::move(prompt);
@@ -226,7 +227,13 @@ TEST(RemoteEngine, KvModeSendsSharedPrefixesToTheSameWorker) {
     engine->Generate(r, std::make_shared<RequestContext>("r"), c.Sink());
     EXPECT_TRUE(c.Wait());
     EXPECT_EQ(*c.finish, FinishReason::kLength) << c.error;
-    return std::make_pair(a.engine->Metrics().generated_tokens, b.engine->Metrics().generated_tokens);
+    // A worker may count its last token after the client has it: wait until the two counts add up
+    // to every request's 2 tokens (a loaded CI machine once read 1 for the third request).
+    const uint64_t want = 2 * ++requests;
+    auto counts = [&] { return std::make_pair(a.engine->Metrics().generated_tokens, b.engine->Metrics().generated_tokens); };
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    while (counts().first + counts().second < want && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+    return counts();
   };
   std::vector<uint32_t> p1(16), p2(16);
   for (uint32_t i = 0; i < 16; ++i) {
