@@ -92,12 +92,10 @@ class EchoEngine final : public Engine {
         for (auto& s : active) Finish(s, FinishReason::kCancelled);
         return;
       }
-      uint64_t generated = 0;
-      for (auto& s : active) generated += Step(s) ? 1 : 0;
+      for (auto& s : active) Step(s);
       std::erase_if(active, [](const EchoStream& s) { return !s.sink; });
       {
         std::lock_guard lock(mu_);
-        generated_tokens_ += generated;
         running_ = static_cast<int>(active.size());
         ++steps_;
       }
@@ -109,12 +107,12 @@ class EchoEngine final : public Engine {
     }
   }
 
-  // Emits one token (or the cancellation); returns whether a token was emitted. A finished
-  // stream's sink is cleared.
-  bool Step(EchoStream& s) {
+  // Emits one token (or the cancellation). A finished stream's sink is cleared. The token is
+  // counted before it is emitted, so a client that has it reads a count that includes it.
+  void Step(EchoStream& s) {
     if (s.context && s.context->cancelled()) {
       Finish(s, FinishReason::kCancelled);
-      return false;
+      return;
     }
     const auto& prompt = s.request.token_ids;
     const uint32_t token = prompt[s.emitted % prompt.size()];
@@ -144,9 +142,12 @@ class EchoEngine final : public Engine {
       out.finish_reason = FinishReason::kLength;
     }
     const bool done = out.finish_reason.has_value();
+    {
+      std::lock_guard lock(mu_);
+      ++generated_tokens_;
+    }
     s.sink(std::move(out));
     if (done) s.sink = nullptr;
-    return true;
   }
 
   static void Finish(EchoStream& s, FinishReason reason) {
