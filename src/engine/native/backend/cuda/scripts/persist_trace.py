@@ -21,6 +21,8 @@ import collections
 import gzip
 import statistics as st
 
+CHUNK_BYTES = 8192  # a ring slot: kChunkBytes in cuda_persistent.cuh
+
 
 def launches(path):
     opener = gzip.open if path.endswith(".gz") else open
@@ -122,8 +124,9 @@ def main():
             continue
         med = lambda f: st.median(f(r) for r in rs) / 1e3
         staged, done = med(lambda r: r["staged"]), med(lambda r: r["chunks_done"] - r["start"])
-        # SwiGLU phases take two slots (gate, up) per unit and row chunk: 8 KB slots, every block's taken summed
-        row_slots = -(-rs[0]["cols"] * 2 // 8192)
+        # SwiGLU phases take two slots (gate, up) per unit and row chunk (the CSV does not say which
+        # phases have SwiGLU; every block's slots taken, summed, does)
+        row_slots = -(-rs[0]["cols"] * 2 // CHUNK_BYTES)
         weights = 2 if sum(r["taken"] for r in rs) >= 2 * row_slots * rs[0]["units"] else 1
         weight_bytes = rs[0]["units"] * rs[0]["cols"] * 2 * weights
         print("  %-20s loaded %5.2f  normed %5.2f  staged %5.2f  done %6.2f  end %6.2f  landed %d/%d  %.2f TB/s" % (
