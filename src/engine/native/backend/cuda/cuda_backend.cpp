@@ -137,7 +137,7 @@ bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // (docs/benchmarks/cuda.md).
 constexpr int kGemvRows = 1;
 constexpr size_t kBlasWorkspace = size_t{32} << 20;  // fixed, so cuBLAS calls can be captured
-constexpr size_t kMaxGraphs = 16;
+constexpr size_t kMaxGraphs = 16;  // per part of a step (DYN_CUDA_FLUSH_LAYERS splits a step into several)
 // Fusions beyond Add + RmsNorm (DYN_CUDA_FUSE, a mask; unset = all): Rope q + Rope k + WriteKv,
 // gate/up GEMV + SwiGlu, the split merge inside the attention kernel, decode attention as one
 // cluster per (kv head, row) with the RoPE + KV write inside it (cuda::DecodeAttention).
@@ -162,6 +162,10 @@ class CudaBackend : public Backend {
   ~CudaBackend() override {
     if (stream_) Flush();
     if (stream_) cudaStreamSynchronize(stream_);
+    PrintStepTimes();
+    for (cudaEvent_t e : {ev_launch_, ev_done_, ev_prev_done_}) {
+      if (e != nullptr) cudaEventDestroy(e);
+    }
     for (auto& [sig, exec] : graphs_) cudaGraphExecDestroy(exec);
     for (auto& [bytes, p] : persist_programs_) cudaFree(p);
     cudaFree(persist_scratch_);
@@ -205,10 +209,18 @@ class CudaBackend : public Backend {
     f32_weights_to_bf16_ = weights != nullptr && std::string(weights) == "bf16";
     const char* kv = std::getenv("DYN_CUDA_KV");
     kv_override_ = kv != nullptr ? kv : "";
+    if (const char* st = std::getenv("DYN_CUDA_STEP_TIMES"); st != nullptr && std::string(st) == "1") {
+      step_times_ = true;
+      DYN_CUDA_CHECK(cudaEventCreate(&ev_launch_));
+      DYN_CUDA_CHECK(cudaEventCreate(&ev_done_));
+      DYN_CUDA_CHECK(cudaEventCreate(&ev_prev_done_));
+    }
+    if (const char* fl = std::getenv("DYN_CUDA_FLUSH_LAYERS")) flush_layers_ = std::max(0, std::atoi(fl));
     description_ = "cuda (" + std::string(prop.name) + ", sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
                    std::to_string(prop.totalGlobalMem >> 30) + " GiB" + (graphs_enabled_ ? ", graphs" : "") +
                    (cuda::ProgrammaticLaunch() ? ", pdl" : "") + (fuse_ == kFuseAll ? ", fused" : ", fuse " + std::to_string(fuse_)) +
-                   (skinny_ ? ", skinny" : "") + (persistent_ ? ", persistent" : "") + ")";
+                   (skinny_ ? ", skinny" : "") + (persistent_ ? ", persistent" : "") +
+                   (flush_layers_ > 0 ? ", flush " + std::to_string(flush_layers_) : "") + ")";
     return Status::Ok();
   }
 
@@ -249,8 +261,45 @@ class CudaBackend : public Backend {
   }
   void CopyToHost(void* dst, const void* src, size_t bytes) override {
     Flush();
+    prev_step_sigs_.swap(step_sigs_);
+    step_sigs_.clear();
+    layers_pending_ = 0;
     DYN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+    if (step_times_) DYN_CUDA_CHECK(cudaEventRecord(ev_done_, stream_));
     DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    if (step_times_) NoteStepTimes();
+  }
+
+  // DYN_CUDA_STEP_TIMES=1: per host round trip (a CopyToHost), the device's idle time before its
+  // first pending list (from the previous round trip's copy: the host's work in between) and the
+  // time from that list's start to the copy's end; medians printed when the backend goes.
+  bool step_times_ = false;
+  bool launched_in_step_ = false, have_prev_done_ = false;
+  cudaEvent_t ev_launch_ = nullptr, ev_done_ = nullptr, ev_prev_done_ = nullptr;
+  std::vector<float> step_gaps_, step_busy_;
+  void NoteStepTimes() {
+    if (launched_in_step_) {
+      float busy = 0, gap = 0;
+      DYN_CUDA_CHECK(cudaEventElapsedTime(&busy, ev_launch_, ev_done_));
+      step_busy_.push_back(busy);
+      if (have_prev_done_) {
+        DYN_CUDA_CHECK(cudaEventElapsedTime(&gap, ev_prev_done_, ev_launch_));
+        step_gaps_.push_back(gap);
+      }
+    }
+    std::swap(ev_done_, ev_prev_done_);
+    have_prev_done_ = true;
+    launched_in_step_ = false;
+  }
+  void PrintStepTimes() {
+    if (!step_times_ || step_busy_.empty()) return;
+    auto median = [](std::vector<float> v) {
+      if (v.empty()) return 0.0f;
+      std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
+      return v[v.size() / 2];
+    };
+    std::fprintf(stderr, "step times: %zu round trips, device busy median %.1f us, idle before median %.1f us\n", step_busy_.size(),
+                 median(step_busy_) * 1e3f, median(step_gaps_) * 1e3f);
   }
 
   void Embedding(const Weight& table, std::span<const uint32_t> ids, float* out) override {
@@ -294,6 +343,12 @@ class CudaBackend : public Backend {
         for (size_t i = 0; i < ws.size(); ++i) MatMul(x, m, ws[i], outs[i]);
       }
       return;
+    }
+    if (flush_layers_ > 0 && m == 1 && ws.size() == 3 && ++layers_pending_ > flush_layers_) {
+      // A layer's Q/K/V: the calls before it have no fusion pending across it, so the list may run
+      // here and the device start on these layers while the host builds the rest of the step.
+      Flush();
+      layers_pending_ = 1;
     }
     const WeightJobs j = JobsOf(ws, outs);
     const int count = static_cast<int>(ws.size());
@@ -626,6 +681,11 @@ class CudaBackend : public Backend {
   } gate_up_;
   bool has_gate_up_ = false;
   std::string sig_, last_sig_;
+  // DYN_CUDA_FLUSH_LAYERS=L: the pending list runs before every L-th layer's Q/K/V (a step is then
+  // several lists, each its own graph); the signatures of the lists of the previous step (between
+  // two CopyToHost), so each part is captured the second time it is seen.
+  int flush_layers_ = 0, layers_pending_ = 0;
+  std::vector<std::string> step_sigs_, prev_step_sigs_;
   std::unordered_map<std::string, cudaGraphExec_t> graphs_;
 };
 
@@ -633,10 +693,14 @@ void CudaBackend::Flush() {
   if (pending_.empty()) return;
   auto it = graphs_.find(sig_);
   if (it == graphs_.end() && persistent_) PlanPersistentRuns();
+  if (step_times_ && !launched_in_step_) {
+    DYN_CUDA_CHECK(cudaEventRecord(ev_launch_, stream_));
+    launched_in_step_ = true;
+  }
   if (it != graphs_.end()) {
     DYN_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
-  } else if (graphs_enabled_ && sig_ == last_sig_) {
-    if (graphs_.size() >= kMaxGraphs) {
+  } else if (graphs_enabled_ && (sig_ == last_sig_ || std::find(prev_step_sigs_.begin(), prev_step_sigs_.end(), sig_) != prev_step_sigs_.end())) {
+    if (graphs_.size() >= kMaxGraphs * (flush_layers_ > 0 ? 4 : 1)) {
       DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
       for (auto& [s, exec] : graphs_) cudaGraphExecDestroy(exec);
       graphs_.clear();
@@ -660,6 +724,7 @@ void CudaBackend::Flush() {
   if (g_debug_sync >= 1) DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   pending_.clear();
   ClearFusable();
+  if (flush_layers_ > 0) step_sigs_.push_back(sig_);
   last_sig_.swap(sig_);
   sig_.clear();
   for (Scratch* s : read_by_pending_) s->read_by_pending = false;
