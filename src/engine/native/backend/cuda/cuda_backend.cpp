@@ -204,6 +204,7 @@ class CudaBackend : public Backend {
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
     if (const char* rows = std::getenv("DYN_CUDA_GEMV_ROWS")) cuda::SetGemvRowsPerBlock(std::atoi(rows));
+    if (const char* grid = std::getenv("DYN_CUDA_GEMV_GRID")) cuda::SetGemvGridPerSm(std::atoi(grid));
     if (const char* merge = std::getenv("DYN_CUDA_MERGE_MAX")) max_splits_merged_in_kernel_ = std::atoi(merge);
     const char* weights = std::getenv("DYN_CUDA_WEIGHTS");
     f32_weights_to_bf16_ = weights != nullptr && std::string(weights) == "bf16";
