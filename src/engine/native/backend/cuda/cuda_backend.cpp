@@ -138,6 +138,11 @@ bool Aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 constexpr int kGemvRows = 1;
 constexpr size_t kBlasWorkspace = size_t{32} << 20;  // fixed, so cuBLAS calls can be captured
 constexpr size_t kMaxGraphs = 16;  // per part of a step (DYN_CUDA_FLUSH_LAYERS splits a step into several)
+// The pending list runs before the Q/K/V of every kFlushLayers-th layer (DYN_CUDA_FLUSH_LAYERS=L or
+// F,L: first after F layers, then every L; 0: once a step), so the device starts on a step's first
+// layers while the host still builds the rest: the host's ~70-130 us a step then overlap the device
+// instead of preceding it (batch 1: 4.61-4.70 -> 4.51-4.53 ms at context 512; round 14).
+constexpr int kFlushLayers = 4;
 // Fusions beyond Add + RmsNorm (DYN_CUDA_FUSE, a mask; unset = all): Rope q + Rope k + WriteKv,
 // gate/up GEMV + SwiGlu, the split merge inside the attention kernel, decode attention as one
 // cluster per (kv head, row) with the RoPE + KV write inside it (cuda::DecodeAttention).
@@ -204,7 +209,6 @@ class CudaBackend : public Backend {
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
     if (const char* rows = std::getenv("DYN_CUDA_GEMV_ROWS")) cuda::SetGemvRowsPerBlock(std::atoi(rows));
-    if (const char* grid = std::getenv("DYN_CUDA_GEMV_GRID")) cuda::SetGemvGridPerSm(std::atoi(grid));
     if (const char* merge = std::getenv("DYN_CUDA_MERGE_MAX")) max_splits_merged_in_kernel_ = std::atoi(merge);
     const char* weights = std::getenv("DYN_CUDA_WEIGHTS");
     f32_weights_to_bf16_ = weights != nullptr && std::string(weights) == "bf16";
@@ -216,12 +220,17 @@ class CudaBackend : public Backend {
       DYN_CUDA_CHECK(cudaEventCreate(&ev_done_));
       DYN_CUDA_CHECK(cudaEventCreate(&ev_prev_done_));
     }
-    if (const char* fl = std::getenv("DYN_CUDA_FLUSH_LAYERS")) flush_layers_ = std::max(0, std::atoi(fl));
+    if (const char* fl = std::getenv("DYN_CUDA_FLUSH_LAYERS")) {  // "L" or "F,L"
+      int first = 0, every = 0;
+      const int n = std::sscanf(fl, "%d,%d", &first, &every);
+      flush_layers_ = std::max(0, n == 2 ? every : first);
+      flush_first_ = std::max(1, n == 2 ? first : flush_layers_);
+    }
     description_ = "cuda (" + std::string(prop.name) + ", sm_" + std::to_string(prop.major) + std::to_string(prop.minor) + ", " +
                    std::to_string(prop.totalGlobalMem >> 30) + " GiB" + (graphs_enabled_ ? ", graphs" : "") +
                    (cuda::ProgrammaticLaunch() ? ", pdl" : "") + (fuse_ == kFuseAll ? ", fused" : ", fuse " + std::to_string(fuse_)) +
                    (skinny_ ? ", skinny" : "") + (persistent_ ? ", persistent" : "") +
-                   (flush_layers_ > 0 ? ", flush " + std::to_string(flush_layers_) : "") + ")";
+                   (flush_layers_ > 0 ? ", flush " + std::to_string(flush_first_) + "," + std::to_string(flush_layers_) : "") + ")";
     return Status::Ok();
   }
 
@@ -265,6 +274,7 @@ class CudaBackend : public Backend {
     prev_step_sigs_.swap(step_sigs_);
     step_sigs_.clear();
     layers_pending_ = 0;
+    flushed_in_step_ = false;
     DYN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     if (step_times_) DYN_CUDA_CHECK(cudaEventRecord(ev_done_, stream_));
     DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -335,6 +345,13 @@ class CudaBackend : public Backend {
 
   // Decode-sized calls on bf16 weights with one shape of input run as one GEMV launch.
   void MatMulShared(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) override {
+    if (flush_layers_ > 0 && ws.size() == 3 && ++layers_pending_ > (flushed_in_step_ ? flush_layers_ : flush_first_)) {
+      // A layer's Q/K/V: no fusion is pending across it, so the list may run here and the device
+      // start on the layers before it while the host builds the rest of the step.
+      Flush();
+      layers_pending_ = 1;
+      flushed_in_step_ = true;
+    }
     bool fused = m >= 1 && m <= kGemvRows && !ws.empty() && ws.size() <= cuda::kGemvMaxJobs && Aligned16(x);
     for (const Weight& w : ws) {
       fused = fused && w.dtype == DType::kBF16 && w.cols == ws[0].cols && w.cols % 8 == 0 && Aligned16(w.data);
@@ -344,12 +361,6 @@ class CudaBackend : public Backend {
         for (size_t i = 0; i < ws.size(); ++i) MatMul(x, m, ws[i], outs[i]);
       }
       return;
-    }
-    if (flush_layers_ > 0 && m == 1 && ws.size() == 3 && ++layers_pending_ > flush_layers_) {
-      // A layer's Q/K/V: the calls before it have no fusion pending across it, so the list may run
-      // here and the device start on these layers while the host builds the rest of the step.
-      Flush();
-      layers_pending_ = 1;
     }
     const WeightJobs j = JobsOf(ws, outs);
     const int count = static_cast<int>(ws.size());
@@ -685,7 +696,8 @@ class CudaBackend : public Backend {
   // DYN_CUDA_FLUSH_LAYERS=L: the pending list runs before every L-th layer's Q/K/V (a step is then
   // several lists, each its own graph); the signatures of the lists of the previous step (between
   // two CopyToHost), so each part is captured the second time it is seen.
-  int flush_layers_ = 0, layers_pending_ = 0;
+  int flush_layers_ = kFlushLayers, flush_first_ = kFlushLayers, layers_pending_ = 0;
+  bool flushed_in_step_ = false;
   std::vector<std::string> step_sigs_, prev_step_sigs_;
   std::unordered_map<std::string, cudaGraphExec_t> graphs_;
 };

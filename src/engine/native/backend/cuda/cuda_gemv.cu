@@ -9,7 +9,6 @@
 // gate/up can end in SwiGLU in the same kernel. With programmatic dependent launch the first
 // weight loads of each block are issued before the previous kernel has finished.
 #include <cuda_bf16.h>
-#include <algorithm>
 #include <cuda_runtime.h>
 
 #include "engine/native/backend/cuda/cuda_kernels.h"
@@ -133,94 +132,6 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
   }
 }
 
-
-// Grid-stride variant at m = 1 without SwiGLU (DYN_CUDA_GEMV_GRID=k: k blocks of 4 warps a
-// multiprocessor): a block walks rows b, b + grid, ... and issues the next row's first loads
-// before it reduces the current one, so no block ends and relaunches per row and the weight stream
-// does not pause for the reductions. Each row's arithmetic is GemvBf16Kernel's (the same columns a
-// lane, in the same order; the same shuffles; the four warps' sums added in order), so the results
-// are bitwise the same.
-int g_grid_per_sm = 0;
-int g_sm_count = 0;
-
-__global__ void __launch_bounds__(kWarpsPerRow * 32)
-    GemvBf16GridKernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols, int64_t total_rows) {
-  const int part = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t n8 = cols / 8;
-  constexpr int kStride = kWarpsPerRow * 32;
-  const int64_t c0 = part * 32 + lane;
-  // Row g of the launch: its job's weight row and output element.
-  auto locate = [&](int64_t g, const uint4*& wr, float*& out) {
-    int64_t base = 0;
-    const uint16_t* w = jobs.w[0];
-    float* o = jobs.out[0];
-    int64_t rows = jobs.rows[0];
-#pragma unroll
-    for (int j = 1; j < kGemvMaxJobs; ++j) {
-      if (j < jobs.count && g >= base + rows) {
-        base += rows;
-        w = jobs.w[j];
-        o = jobs.out[j];
-        rows = jobs.rows[j];
-      }
-    }
-    wr = reinterpret_cast<const uint4*>(w) + (g - base) * n8;
-    out = o + (g - base);
-  };
-  const bool first_group = c0 + (kUnroll - 1) * kStride < n8;  // the same for every row
-  int64_t g = blockIdx.x;
-  const uint4* wr = nullptr;
-  float* out = nullptr;
-  uint4 wv[kUnroll];
-  if (g < total_rows) {
-    locate(g, wr, out);
-    if (first_group) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStreaming(wr + c0 + u * kStride);
-    }
-  }
-  LetNextKernelLaunch();
-  WaitForPreviousKernel();
-  __shared__ float partial[2][kWarpsPerRow];
-  int buf = 0;
-  while (g < total_rows) {
-    float acc[1] = {0.0f};
-    int64_t c = c0;
-    if (first_group) {
-      while (true) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) Accumulate<1>(wv[u], x, cols, c + u * kStride, acc);
-        c += kUnroll * kStride;
-        if (c + (kUnroll - 1) * kStride >= n8) break;
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStreaming(wr + c + u * kStride);
-      }
-    }
-    for (; c < n8; c += kStride) Accumulate<1>(LoadStreaming(wr + c), x, cols, c, acc);
-    float* const row_out = out;
-    const int64_t next = g + gridDim.x;
-    if (next < total_rows) {  // the next row's first loads go out before this row's reduction
-      locate(next, wr, out);
-      if (first_group) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStreaming(wr + c0 + u * kStride);
-      }
-    }
-    float v = acc[0];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) partial[buf][part] = v;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      float sum = 0.0f;
-#pragma unroll
-      for (int p = 0; p < kWarpsPerRow; ++p) sum += partial[buf][p];
-      *row_out = sum;
-    }
-    buf ^= 1;
-    g = next;
-  }
-}
-
 template <int M, bool kSwiGlu = false>
 void Launch(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
   if constexpr (!kSwiGlu && M == 1) {
@@ -250,26 +161,12 @@ void LaunchAnyM(cudaStream_t stream, const float* x, int m, const GemvJobs& jobs
 }  // namespace
 
 void SetGemvRowsPerBlock(int rows) { g_rows_at_m1 = rows == 2 ? 2 : 1; }
-void SetGemvGridPerSm(int blocks) { g_grid_per_sm = blocks > 0 ? blocks : 0; }
 
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out) {
   if (count < 1 || count > kGemvMaxJobs) Check(cudaErrorInvalidValue, "GemvBf16Multi: job count", __FILE__, __LINE__);
   int64_t blocks = 0;
   const GemvJobs jobs = MakeGemvJobs(count, w, rows, out, RowsPerBlock(m), &blocks);
-  if (m == 1 && g_grid_per_sm > 0 && RowsPerBlock(1) == 1) {
-    if (g_sm_count == 0) {
-      int device = 0;
-      Check(cudaGetDevice(&device), "cudaGetDevice", __FILE__, __LINE__);
-      Check(cudaDeviceGetAttribute(&g_sm_count, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute", __FILE__, __LINE__);
-    }
-    int64_t total = 0;
-    for (int i = 0; i < count; ++i) total += rows[i];
-    const int64_t grid = std::min<int64_t>(total, int64_t{g_sm_count} * g_grid_per_sm);
-    LaunchKernel(GemvBf16GridKernel, static_cast<unsigned>(grid), kWarpsPerRow * 32, 0, stream, x, jobs, cols, total);
-    DYN_CUDA_CHECK_LAUNCH();
-    return;
-  }
   LaunchAnyM<false>(stream, x, m, jobs, cols, static_cast<unsigned>(blocks));
   DYN_CUDA_CHECK_LAUNCH();
 }

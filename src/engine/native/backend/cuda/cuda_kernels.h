@@ -136,9 +136,6 @@ constexpr int kGemvMaxRows = 8;
 // Output rows per block of the m = 1, non-SwiGLU GEMV: 1 (default) or 2 (DYN_CUDA_GEMV_ROWS=2,
 // comparisons); set once by the backend.
 void SetGemvRowsPerBlock(int rows);
-// m = 1 GEMVs without SwiGLU as a grid-stride kernel of `blocks` blocks a multiprocessor (0: off,
-// the default; DYN_CUDA_GEMV_GRID).
-void SetGemvGridPerSm(int blocks);
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
 constexpr int kGemvMaxJobs = 4;
