@@ -141,7 +141,8 @@ constexpr size_t kMaxGraphs = 16;  // per part of a step (DYN_CUDA_FLUSH_LAYERS 
 // The pending list runs before the Q/K/V of every kFlushLayers-th layer (DYN_CUDA_FLUSH_LAYERS=L or
 // F,L: first after F layers, then every L; 0: once a step), so the device starts on a step's first
 // layers while the host still builds the rest: the host's ~70-130 us a step then overlap the device
-// instead of preceding it (batch 1: 4.61-4.70 -> 4.51-4.53 ms at context 512; round 14).
+// instead of preceding it (context 512: batch 1 4.61-4.70 -> 4.51-4.57 ms a step, batch 8 and 64
+// ~5% faster; docs/benchmarks/cuda.md round 14).
 constexpr int kFlushLayers = 4;
 // Fusions beyond Add + RmsNorm (DYN_CUDA_FUSE, a mask; unset = all): Rope q + Rope k + WriteKv,
 // gate/up GEMV + SwiGlu, the split merge inside the attention kernel, decode attention as one
