@@ -144,6 +144,7 @@ constexpr size_t kMaxGraphs = 16;  // per part of a step (DYN_CUDA_FLUSH_LAYERS 
 // instead of preceding it (context 512: batch 1 4.61-4.70 -> 4.51-4.57 ms a step, batch 8 and 64
 // ~5% faster; docs/benchmarks/cuda.md round 14).
 constexpr int kFlushLayers = 4;
+constexpr size_t kGraphsPerStepSplit = 4;  // graphs kept: kMaxGraphs x this when steps are split
 // Fusions beyond Add + RmsNorm (DYN_CUDA_FUSE, a mask; unset = all): Rope q + Rope k + WriteKv,
 // gate/up GEMV + SwiGlu, the split merge inside the attention kernel, decode attention as one
 // cluster per (kv head, row) with the RoPE + KV write inside it (cuda::DecodeAttention).
@@ -274,8 +275,7 @@ class CudaBackend : public Backend {
     Flush();
     prev_step_sigs_.swap(step_sigs_);
     step_sigs_.clear();
-    layers_pending_ = 0;
-    flushed_in_step_ = false;
+    layers_in_step_ = 0;
     DYN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     if (step_times_) DYN_CUDA_CHECK(cudaEventRecord(ev_done_, stream_));
     DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -346,12 +346,9 @@ class CudaBackend : public Backend {
 
   // Decode-sized calls on bf16 weights with one shape of input run as one GEMV launch.
   void MatMulShared(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) override {
-    if (flush_layers_ > 0 && ws.size() == 3 && ++layers_pending_ > (flushed_in_step_ ? flush_layers_ : flush_first_)) {
-      // A layer's Q/K/V: no fusion is pending across it, so the list may run here and the device
-      // start on the layers before it while the host builds the rest of the step.
-      Flush();
-      layers_pending_ = 1;
-      flushed_in_step_ = true;
+    if (ws.size() == 3) {  // a layer's Q/K/V: no fusion is pending across it, so the list may run here
+      const int layer = layers_in_step_++;
+      if (flush_layers_ > 0 && layer >= flush_first_ && (layer - flush_first_) % flush_layers_ == 0) Flush();
     }
     bool fused = m >= 1 && m <= kGemvRows && !ws.empty() && ws.size() <= cuda::kGemvMaxJobs && Aligned16(x);
     for (const Weight& w : ws) {
@@ -694,18 +691,19 @@ class CudaBackend : public Backend {
   } gate_up_;
   bool has_gate_up_ = false;
   std::string sig_, last_sig_;
-  // DYN_CUDA_FLUSH_LAYERS=L: the pending list runs before every L-th layer's Q/K/V (a step is then
-  // several lists, each its own graph); the signatures of the lists of the previous step (between
-  // two CopyToHost), so each part is captured the second time it is seen.
-  int flush_layers_ = kFlushLayers, flush_first_ = kFlushLayers, layers_pending_ = 0;
-  bool flushed_in_step_ = false;
-  std::vector<std::string> step_sigs_, prev_step_sigs_;
+  // DYN_CUDA_FLUSH_LAYERS=F,L: the pending list runs before the Q/K/V of layer F, F + L, ... (a step
+  // is then several lists, each its own graph). The hashes of the signatures of this step's and the
+  // previous step's lists (between two CopyToHost), so each part is captured the second time it is
+  // seen (a collision only costs a capture: graphs are keyed by the whole signature).
+  int flush_layers_ = kFlushLayers, flush_first_ = kFlushLayers, layers_in_step_ = 0;
+  std::vector<size_t> step_sigs_, prev_step_sigs_;
   std::unordered_map<std::string, cudaGraphExec_t> graphs_;
 };
 
 void CudaBackend::Flush() {
   if (pending_.empty()) return;
   auto it = graphs_.find(sig_);
+  const size_t sig_hash = flush_layers_ > 0 ? std::hash<std::string>{}(sig_) : 0;  // only split steps use it
   if (it == graphs_.end() && persistent_) PlanPersistentRuns();
   if (step_times_ && !launched_in_step_) {
     DYN_CUDA_CHECK(cudaEventRecord(ev_launch_, stream_));
@@ -713,8 +711,9 @@ void CudaBackend::Flush() {
   }
   if (it != graphs_.end()) {
     DYN_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
-  } else if (graphs_enabled_ && (sig_ == last_sig_ || std::find(prev_step_sigs_.begin(), prev_step_sigs_.end(), sig_) != prev_step_sigs_.end())) {
-    if (graphs_.size() >= kMaxGraphs * (flush_layers_ > 0 ? 4 : 1)) {
+  } else if (graphs_enabled_ &&
+             (sig_ == last_sig_ || std::find(prev_step_sigs_.begin(), prev_step_sigs_.end(), sig_hash) != prev_step_sigs_.end())) {
+    if (graphs_.size() >= kMaxGraphs * (flush_layers_ > 0 ? kGraphsPerStepSplit : 1)) {
       DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
       for (auto& [s, exec] : graphs_) cudaGraphExecDestroy(exec);
       graphs_.clear();
@@ -738,7 +737,7 @@ void CudaBackend::Flush() {
   if (g_debug_sync >= 1) DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   pending_.clear();
   ClearFusable();
-  if (flush_layers_ > 0) step_sigs_.push_back(sig_);
+  if (flush_layers_ > 0) step_sigs_.push_back(sig_hash);
   last_sig_.swap(sig_);
   sig_.clear();
   for (Scratch* s : read_by_pending_) s->read_by_pending = false;
