@@ -347,6 +347,11 @@ void LaunchRowsAnyDim(cudaStream_t stream, const T* cache, const CacheGeometry& 
 void SetMultiprocessorCount(int n) { g_multiprocessors = n > 0 ? n : 1; }
 int MultiprocessorCount() { return g_multiprocessors; }
 void SetHalfWarpAttention(bool on) { g_half_warp_rows = on; }
+namespace {
+int g_late_trigger = 3;  // measured: docs/benchmarks/cuda.md round 15
+}
+void SetLateTrigger(int mask) { g_late_trigger = mask; }
+int LateTrigger() { return g_late_trigger; }
 bool HalfWarpAttention() { return g_half_warp_rows; }
 void ForceAttentionSplits(int splits) { g_forced_splits = std::clamp(splits, 0, kMaxSplits); }
 

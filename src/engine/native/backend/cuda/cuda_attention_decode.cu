@@ -26,8 +26,8 @@ constexpr int kMaxDecodeDim = 128;
 // Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits); kWarps warps a block.
 template <int kPerLane, int kG, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
-    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope) {
-  LetNextKernelLaunch();
+    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope, bool late_trigger) {
+  if (!late_trigger) LetNextKernelLaunch();
   WaitForPreviousKernel();
   const int lane = threadIdx.x % 32, half = lane / 16;
   const int D = g.head_dim, d0 = (lane % 16) * kPerLane;
@@ -70,6 +70,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   float qv[kG][kPerLane], acc[kG][kPerLane], mx[kG], sum[kG];
   StartWarpState(s_q, D, b.nh, d0, qv, mx, sum, acc);
   HalfWarpAttend<kPerLane, kG, true, kWarps>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
+  if (late_trigger) LetNextKernelLaunch();
 
   // The warps merge in shared memory (FinishRow's arithmetic): this split's normalized output and
   // its (max, sum), or with one split the output itself.
@@ -91,7 +92,10 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
       s_ml[gi][1] = total_sum;
     }
   }
-  if (a.splits == 1) return;
+  if (a.splits == 1) {
+    BlockTraceEnd();
+    return;
+  }
 
   // The splits merge (MergeSplits' arithmetic): block `rank` of the cluster writes every
   // splits-th share of the outputs, reading each peer's shared memory.
@@ -112,6 +116,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
         [&](int s) { return *cluster.map_shared_rank(&s_o[e], s); });
   }
   cluster.sync();  // no block leaves while a peer reads its shared memory
+  BlockTraceEnd();
 }
 
 template <int kPerLane, int kG, int kWarps>
@@ -123,7 +128,8 @@ void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cac
     return true;
   }();
   (void)non_portable;
-  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope);
+  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope,
+                 (LateTrigger() & 2) != 0);
 }
 
 template <int kPerLane, int kG>

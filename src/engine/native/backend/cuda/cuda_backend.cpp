@@ -209,6 +209,7 @@ class CudaBackend : public Backend {
     if (const char* range = std::getenv("DYN_CUDA_POISON_BYTES")) std::sscanf(range, "%zu,%zu", &g_poison_min, &g_poison_max);
     const char* attn = std::getenv("DYN_CUDA_ATTN");
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
+    if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
     if (const char* rows = std::getenv("DYN_CUDA_GEMV_ROWS")) cuda::SetGemvRowsPerBlock(std::atoi(rows));
     if (const char* merge = std::getenv("DYN_CUDA_MERGE_MAX")) max_splits_merged_in_kernel_ = std::atoi(merge);
@@ -222,6 +223,7 @@ class CudaBackend : public Backend {
       DYN_CUDA_CHECK(cudaEventCreate(&ev_done_));
       DYN_CUDA_CHECK(cudaEventCreate(&ev_prev_done_));
     }
+    if (const char* bt = std::getenv("DYN_CUDA_BLOCK_TRACE")) block_trace_at_ = std::atoi(bt);
     if (const char* fl = std::getenv("DYN_CUDA_FLUSH_LAYERS")) {  // "L" or "F,L"
       int first = 0, every = 0;
       const int n = std::sscanf(fl, "%d,%d", &first, &every);
@@ -280,6 +282,23 @@ class CudaBackend : public Backend {
     if (step_times_) DYN_CUDA_CHECK(cudaEventRecord(ev_done_, stream_));
     DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (step_times_) NoteStepTimes();
+    NoteBlockTrace();
+  }
+
+  // DYN_CUDA_BLOCK_TRACE=N in a diagnostic build (cuda_kernels.h): the blocks of the work between
+  // the (N-1)-th and N-th host round trip are traced, written to $DYN_CUDA_BLOCK_TRACE_OUT
+  // (/tmp/block_trace.csv).
+  int block_trace_at_ = 0, round_trips_ = 0;
+  void NoteBlockTrace() {
+    if (block_trace_at_ <= 0) return;
+    ++round_trips_;
+    if (round_trips_ == block_trace_at_ - 1 && !cuda::BlockTraceStart()) {
+      std::fprintf(stderr, "DYN_CUDA_BLOCK_TRACE: not a trace build (-DDYN_CUDA_BLOCK_TRACE)\n");
+      block_trace_at_ = 0;
+    } else if (round_trips_ == block_trace_at_) {
+      const char* out = std::getenv("DYN_CUDA_BLOCK_TRACE_OUT");
+      cuda::BlockTraceStop(out != nullptr ? out : "/tmp/block_trace.csv");
+    }
   }
 
   // DYN_CUDA_STEP_TIMES=1: per host round trip (a CopyToHost), the device's idle time before its

@@ -66,6 +66,24 @@ double Kernels() {
     cudaFree(a);
     cudaFree(b);
   }
+  {  // Read-only: one pass over as many bytes as a batch-1 step of the 8B shape reads (15.01 GB).
+    const size_t n = size_t{15010} * 1000 * 1000;  // a multiple of 16
+    void* a;
+    unsigned* sink;
+    if (cudaMalloc(&a, n) == cudaSuccess) {
+      DYN_CUDA_CHECK(cudaMalloc(&sink, 4));
+      DYN_CUDA_CHECK(cudaMemset(a, 1, n));
+      for (int blocks : {2, 4, 8}) {
+        const double s = TimeDevice([&] { cuda::ReadOnce(0, a, n, blocks, 256, sink); }, 3);
+        std::printf("device read, %d blocks of 256 an SM: %.0f GB/s (one pass over %.2f GB: %.3f ms)\n", blocks, n / s / 1e9, n / 1e9,
+                    s * 1e3);
+      }
+      cudaFree(sink);
+      cudaFree(a);
+    } else {
+      (void)cudaGetLastError();
+    }
+  }
   cublasHandle_t blas;
   if (cublasCreate(&blas) != CUBLAS_STATUS_SUCCESS) return 0;
   double peak = 0;

@@ -130,6 +130,7 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
     for (int p = 0; p < kWarpsPerRow; ++p) s += partial[row_in_block][p][lane];
     outj[lane * rows + row] = s;
   }
+  BlockTraceEnd();
 }
 
 template <int M, bool kSwiGlu = false>

@@ -5,8 +5,10 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <vector>
 
 #include "engine/native/backend/cuda/cuda_kernels.h"
 #include "engine/native/backend/cuda/cuda_launch.cuh"
@@ -122,6 +124,26 @@ __global__ void FillRandomBf16Kernel(__nv_bfloat16* dst, size_t n, uint64_t seed
   }
 }
 
+// Each thread keeps 4 loads in flight (64 bytes), the loop's stride is the whole grid.
+__global__ void ReadOnceKernel(const uint4* __restrict__ p, size_t n16, unsigned* sink) {
+  WaitForPreviousKernel();
+  const size_t stride = size_t{gridDim.x} * blockDim.x;
+  unsigned acc = 0;
+  size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x;
+  for (; i + 3 * stride < n16; i += 4 * stride) {
+    uint4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = LoadStreaming(p + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n16; i += stride) {
+    const uint4 v = LoadStreaming(p + i);
+    acc ^= v.x ^ v.y ^ v.z ^ v.w;
+  }
+  if (acc == 0x9E3779B9u) *sink = acc;  // keeps the loads; almost never stores
+}
+
 // Element-wise kernels take four elements per thread (16-byte loads) where the arrays allow: the
 // large-batch decode step runs them over 1024 x 14336 floats, where scalar loads reached about
 // half the bandwidth. Vec4 says whether all of them are 16-byte aligned.
@@ -160,46 +182,41 @@ __global__ void F32ToBf16Kernel(const float* x, size_t n, __nv_bfloat16* out, bo
 }
 
 // One block per row.
-__global__ void RmsNormKernel(const float* x, const float* w, int dim, float eps, float* out) {
-  LetNextKernelLaunch();
-  WaitForPreviousKernel();
-  __shared__ float partial[32];
-  __shared__ float scale_shared;
-  const float* xr = x + blockIdx.x * int64_t{dim};
-  float ss = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
-  ss = WarpSum(ss);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.0f;
-    for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += partial[i];
-    scale_shared = 1.0f / sqrtf(total / dim + eps);
+// RMSNorm of a row (one block per row), x += y first when y is given (Add followed by RmsNorm in
+// one pass, the same arithmetic as the two kernels). late: the norm weight is loaded before the
+// wait (it is a weight) and the next kernel launches only once the row has been read, so the next
+// GEMV's early weight loads do not queue ahead of this kernel's loads (DYN_CUDA_LATE bit 1).
+constexpr int kNormMaxPerThread = 8;
+__global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out, bool late) {
+  float wv[kNormMaxPerThread];
+  const bool preload = late && dim <= kNormMaxPerThread * static_cast<int>(blockDim.x);
+  if (preload) {
+#pragma unroll
+    for (int k = 0; k < kNormMaxPerThread; ++k) {
+      const int i = threadIdx.x + k * blockDim.x;
+      if (i < dim) wv[k] = w[i];
+    }
   }
-  __syncthreads();
-  const float scale = scale_shared;
-  float* o = out + blockIdx.x * int64_t{dim};
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
-}
-
-// x += y, then RMSNorm of the new x into out (one block per row): Add followed by RmsNorm in one
-// pass, with the same arithmetic as the two kernels.
-__global__ void AddRmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out) {
-  LetNextKernelLaunch();
+  if (!late) LetNextKernelLaunch();
   WaitForPreviousKernel();
   __shared__ float partial[32];
   __shared__ float scale_shared;
   float* xr = x + blockIdx.x * int64_t{dim};
-  const float* yr = y + blockIdx.x * int64_t{dim};
   float ss = 0.0f;
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-    const float v = xr[i] + yr[i];
-    xr[i] = v;
-    ss = fmaf(v, v, ss);
+  if (y != nullptr) {
+    const float* yr = y + blockIdx.x * int64_t{dim};
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) {
+      const float v = xr[i] + yr[i];
+      xr[i] = v;
+      ss = fmaf(v, v, ss);
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
   }
   ss = WarpSum(ss);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
   __syncthreads();
+  if (late) LetNextKernelLaunch();
   if (threadIdx.x == 0) {
     float total = 0.0f;
     for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += partial[i];
@@ -208,7 +225,16 @@ __global__ void AddRmsNormKernel(float* x, const float* y, const float* w, int d
   __syncthreads();
   const float scale = scale_shared;
   float* o = out + blockIdx.x * int64_t{dim};
-  for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
+  if (preload) {
+#pragma unroll
+    for (int k = 0; k < kNormMaxPerThread; ++k) {
+      const int i = threadIdx.x + k * blockDim.x;
+      if (i < dim) o[i] = __fmul_rn(__fmul_rn(xr[i], scale), wv[k]);
+    }
+  } else {
+    for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
+  }
+  BlockTraceEnd();
 }
 
 __global__ void GatherRowsKernel(const float* x, int dim, const uint32_t* rows, float* out) {
@@ -301,6 +327,80 @@ void FillRandomBf16(cudaStream_t stream, uint16_t* dst, size_t n, uint64_t seed,
   DYN_CUDA_CHECK_LAUNCH();
 }
 
+#ifdef DYN_CUDA_BLOCK_TRACE
+namespace {
+std::vector<void (*)(BlockTrace*)>& BlockTraceSetters() {
+  static std::vector<void (*)(BlockTrace*)> setters;
+  return setters;
+}
+BlockTrace g_trace_host;           // device pointers
+BlockTrace* g_trace_dev = nullptr;  // the struct on the device
+int g_trace_sms = 0;
+}  // namespace
+
+int RegisterBlockTraceSetter(void (*set)(BlockTrace*)) {
+  BlockTraceSetters().push_back(set);
+  return 0;
+}
+
+bool BlockTraceStart() {
+  if (g_trace_dev == nullptr) {
+    int device = 0;
+    DYN_CUDA_CHECK(cudaGetDevice(&device));
+    DYN_CUDA_CHECK(cudaDeviceGetAttribute(&g_trace_sms, cudaDevAttrMultiProcessorCount, device));
+    DYN_CUDA_CHECK(cudaMalloc(&g_trace_host.counts, sizeof(unsigned) * g_trace_sms));
+    DYN_CUDA_CHECK(cudaMalloc(&g_trace_host.records, sizeof(BlockTraceRecord) * kBlockTracePerSm * g_trace_sms));
+    DYN_CUDA_CHECK(cudaMalloc(&g_trace_dev, sizeof(BlockTrace)));
+    DYN_CUDA_CHECK(cudaMemcpy(g_trace_dev, &g_trace_host, sizeof(BlockTrace), cudaMemcpyHostToDevice));
+  }
+  DYN_CUDA_CHECK(cudaDeviceSynchronize());
+  DYN_CUDA_CHECK(cudaMemset(g_trace_host.counts, 0, sizeof(unsigned) * g_trace_sms));
+  for (auto set : BlockTraceSetters()) set(g_trace_dev);
+  DYN_CUDA_CHECK(cudaDeviceSynchronize());
+  return true;
+}
+
+bool BlockTraceStop(const char* path) {
+  DYN_CUDA_CHECK(cudaDeviceSynchronize());
+  for (auto set : BlockTraceSetters()) set(nullptr);
+  std::vector<unsigned> counts(g_trace_sms);
+  DYN_CUDA_CHECK(cudaMemcpy(counts.data(), g_trace_host.counts, sizeof(unsigned) * g_trace_sms, cudaMemcpyDeviceToHost));
+  std::vector<BlockTraceRecord> all, sm(kBlockTracePerSm);
+  size_t dropped = 0;
+  for (int s = 0; s < g_trace_sms; ++s) {
+    const unsigned n = std::min(counts[s], kBlockTracePerSm);
+    dropped += counts[s] - n;
+    DYN_CUDA_CHECK(cudaMemcpy(sm.data(), g_trace_host.records + size_t{kBlockTracePerSm} * s, sizeof(BlockTraceRecord) * n,
+                              cudaMemcpyDeviceToHost));
+    all.insert(all.end(), sm.begin(), sm.begin() + n);
+  }
+  std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.released_ns < b.released_ns; });
+  FILE* f = std::fopen(path, "w");
+  if (f == nullptr) return false;
+  std::fprintf(f, "resident_ns,released_ns,ended_ns,grid,threads,sm\n");
+  const unsigned long long t0 = all.empty() ? 0 : all.front().released_ns;
+  for (const auto& r : all) {
+    std::fprintf(f, "%lld,%lld,%lld,%u,%u,%u\n", static_cast<long long>(r.resident_ns - t0), static_cast<long long>(r.released_ns - t0),
+                 r.ended_ns == 0 ? -1LL : static_cast<long long>(r.ended_ns - t0), r.grid, r.threads & 0xffffu, r.threads >> 16);
+  }
+  std::fclose(f);
+  std::fprintf(stderr, "block trace: %zu blocks (%zu dropped) -> %s\n", all.size(), dropped, path);
+  return true;
+}
+#else
+bool BlockTraceStart() { return false; }
+bool BlockTraceStop(const char*) { return false; }
+#endif
+
+void ReadOnce(cudaStream_t stream, const void* p, size_t bytes, int blocks_per_sm, int threads, unsigned* sink) {
+  int device = 0, sms = 0;
+  DYN_CUDA_CHECK(cudaGetDevice(&device));
+  DYN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  LaunchKernel(ReadOnceKernel, static_cast<unsigned>(sms * blocks_per_sm), threads, 0, stream, static_cast<const uint4*>(p), bytes / 16,
+               sink);
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
 // Waits for the previous kernel and lets the next one start only when it has finished.
 static __global__ void BeforeLibraryCallKernel() { WaitForPreviousKernel(); }
 
@@ -318,13 +418,14 @@ void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, boo
 
 void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
-  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, w, dim, eps, out);
+  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, const_cast<float*>(x), nullptr, w, dim, eps, out,
+               (LateTrigger() & 1) != 0);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
-  LaunchKernel(AddRmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, y, w, dim, eps, out);
+  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, y, w, dim, eps, out, (LateTrigger() & 1) != 0);
   DYN_CUDA_CHECK_LAUNCH();
 }
 

@@ -32,6 +32,16 @@ void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols
 void ConvertToBf16(cudaStream_t stream, DType dtype, const void* src, int64_t rows, int64_t cols, uint16_t* dst);
 // dst[i] = bf16 of uniform(-scale, scale) from a counter-based hash of (seed, i).
 void FillRandomBf16(cudaStream_t stream, uint16_t* dst, size_t n, uint64_t seed, float scale);
+// Reads `bytes` (a multiple of 16) at p once with 16-byte streaming loads, as `blocks_per_sm` x
+// `threads` threads a multiprocessor walking the buffer; the XOR of what was read lands in *sink.
+// A benchmark probe: the device's read-only bandwidth, the physical floor of a decode step.
+// The block trace of a diagnostic build (-DDYN_CUDA_BLOCK_TRACE for nvcc; cuda_block_trace.md):
+// BlockTraceStart clears the records and has every kernel's blocks record when they became
+// resident and when their wait for the previous kernel returned; BlockTraceStop writes them to
+// `path` as CSV (sorted by release) and stops. Both return false in a normal build.
+bool BlockTraceStart();
+bool BlockTraceStop(const char* path);
+void ReadOnce(cudaStream_t stream, const void* p, size_t bytes, int blocks_per_sm, int threads, unsigned* sink);
 // out[i] = bf16(x[i]). Like BeforeLibraryCall, lets the next kernel (cuBLAS) start only once done,
 // unless next_early (the next kernel is one of ours, which waits before reading).
 void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, bool next_early = false);
@@ -107,6 +117,12 @@ void SetMultiprocessorCount(int n);
 // Decode rows of a bf16 cache with head_dim 64 or 128 (GQA groups up to 4) on the half-warp-per-key
 // kernel (default; false: the warp-per-key kernel, for comparisons: DYN_CUDA_ATTN=warp).
 void SetHalfWarpAttention(bool on);
+// Where the latency-bound kernels let the next kernel launch (DYN_CUDA_LATE, a mask, default 3;
+// 0: at their start as every other kernel): 1: RMSNorm loads its weight before the wait and
+// triggers once its row is loaded; 2: decode attention triggers after its key loop. An early
+// trigger lets the next GEMV's early weight loads (17 MB) queue ahead of these kernels' own.
+void SetLateTrigger(int mask);
+int LateTrigger();
 // Key-range splits of the row-wise kernel for a call (flash-decoding): 1 when (kv heads x rows)
 // already fill the GPU twice, else more, by the longest row (the rule and its measurements are in
 // cuda_attention.cu); a power of two, so a growing decode context changes it, and the step's

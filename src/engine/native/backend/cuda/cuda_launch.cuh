@@ -27,9 +27,73 @@
 
 namespace dyn::cuda {
 
+#ifdef DYN_CUDA_BLOCK_TRACE
+// A diagnostic build (-DDYN_CUDA_BLOCK_TRACE in CMAKE_CUDA_FLAGS): every block records when it
+// became resident and when its wait for the previous kernel returned (cuda_block_trace.md). Each
+// .cu file has its own copy of the pointer; SetBlockTrace sets them all.
+struct BlockTraceRecord {
+  unsigned long long resident_ns, released_ns;
+  unsigned grid;       // gridDim.x * gridDim.y * gridDim.z
+  unsigned threads;    // blockDim.x * blockDim.y, and the multiprocessor in the high 16 bits
+  unsigned long long ended_ns;  // BlockTraceEnd (0: the kernel does not mark its end)
+};
+struct BlockTrace {
+  unsigned* counts;  // one per multiprocessor
+  BlockTraceRecord* records;  // kBlockTracePerSm per multiprocessor
+};
+constexpr unsigned kBlockTracePerSm = 1u << 14;
+static __device__ BlockTrace* g_block_trace;
+int RegisterBlockTraceSetter(void (*set)(BlockTrace*));
+static const int g_block_trace_registered = RegisterBlockTraceSetter(
+    [](BlockTrace* t) { Check(cudaMemcpyToSymbol(g_block_trace, &t, sizeof t), "cudaMemcpyToSymbol", __FILE__, __LINE__); });
+__device__ __forceinline__ unsigned long long GlobalNs() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+// Thread 0's record of this block (null when it does not record), from the wait to the end.
+__device__ __forceinline__ BlockTraceRecord*& BlockTraceSlot() {
+  __shared__ BlockTraceRecord* slot;
+  return slot;
+}
+#endif
+
+// In a trace build, thread 0 marks the block's end (call it where the block's last result is written).
+__device__ __forceinline__ void BlockTraceEnd() {
+#ifdef DYN_CUDA_BLOCK_TRACE
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
+    if (BlockTraceRecord* r = BlockTraceSlot()) r->ended_ns = GlobalNs();
+  }
+#endif
+}
+
 __device__ __forceinline__ void WaitForPreviousKernel() {
+#ifdef DYN_CUDA_BLOCK_TRACE
+  BlockTrace* trace = g_block_trace;
+  const unsigned long long resident = GlobalNs();
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+#ifdef DYN_CUDA_BLOCK_TRACE
+  // One block in 8 (and the last) records, to keep the atomics' delay out of most blocks.
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) BlockTraceSlot() = nullptr;
+  if (trace != nullptr && threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0 &&
+      (blockIdx.x % 8 == 0 || blockIdx.x == gridDim.x - 1)) {
+    const unsigned long long released = GlobalNs();
+    unsigned sm;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+    const unsigned slot = atomicAdd(&trace->counts[sm], 1u);
+    if (slot < kBlockTracePerSm) {
+      BlockTraceRecord& r = trace->records[size_t{sm} * kBlockTracePerSm + slot];
+      r.resident_ns = resident;
+      r.released_ns = released;
+      r.grid = gridDim.x * gridDim.y * gridDim.z;
+      r.threads = (blockDim.x * blockDim.y * blockDim.z) | (sm << 16);
+      r.ended_ns = 0;
+      BlockTraceSlot() = &r;
+    }
+  }
 #endif
 }
 
