@@ -35,7 +35,7 @@ void FillRandomBf16(cudaStream_t stream, uint16_t* dst, size_t n, uint64_t seed,
 // Reads `bytes` (a multiple of 16) at p once with 16-byte streaming loads, as `blocks_per_sm` x
 // `threads` threads a multiprocessor walking the buffer; the XOR of what was read lands in *sink.
 // A benchmark probe: the device's read-only bandwidth, the physical floor of a decode step.
-// The block trace of a diagnostic build (-DDYN_CUDA_BLOCK_TRACE for nvcc; cuda_block_trace.md):
+// The block trace of a diagnostic build (-DDYN_CUDA_BLOCK_TRACE for nvcc; docs/cuda_backend.md, "Block trace"):
 // BlockTraceStart clears the records and has every kernel's blocks record when they became
 // resident and when their wait for the previous kernel returned; BlockTraceStop writes them to
 // `path` as CSV (sorted by release) and stops. Both return false in a normal build.
@@ -151,6 +151,9 @@ void AttentionTiles(cudaStream_t stream, const void* cache, const KvLayout& layo
 constexpr int kGemvMaxRows = 8;
 // Output rows per block of the m = 1, non-SwiGLU GEMV: 1 (default) or 2 (DYN_CUDA_GEMV_ROWS=2,
 // comparisons); set once by the backend.
+// DYN_CUDA_GEMV_MINB=a,b (experiment): the m = 1 GEMV bounded to a blocks of 4 warps an SM (8, 12 or
+// 16; 0: no bound) and the SwiGLU one to b blocks of 8 warps (4, 6 or 8).
+void SetGemvMinBlocks(int one_row, int swiglu);
 void SetGemvRowsPerBlock(int rows);
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.

@@ -29,7 +29,7 @@ namespace dyn::cuda {
 
 #ifdef DYN_CUDA_BLOCK_TRACE
 // A diagnostic build (-DDYN_CUDA_BLOCK_TRACE in CMAKE_CUDA_FLAGS): every block records when it
-// became resident and when its wait for the previous kernel returned (cuda_block_trace.md). Each
+// became resident and when its wait for the previous kernel returned (docs/cuda_backend.md, "Block trace"). Each
 // .cu file has its own copy of the pointer; SetBlockTrace sets them all.
 struct BlockTraceRecord {
   unsigned long long resident_ns, released_ns;

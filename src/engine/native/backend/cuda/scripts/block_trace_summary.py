@@ -1,0 +1,44 @@
+# Usage: python3 block_trace_summary.py TRACE.csv. Summarizes a block trace CSV (DYN_CUDA_BLOCK_TRACE, see
+# docs/cuda_backend.md "Block trace"): kernels as runs of blocks with the same
+# (grid, threads) in release order. Per kernel kind (medians over layers): share of the critical
+# path (next kernel's first release - this one's first release) = work (last marked block end -
+# first release) + handoff (next first release - last end); lead = first release - first resident.
+import csv, sys, statistics as st
+rows = list(csv.DictReader(open(sys.argv[1])))
+ks = []
+for r in rows:
+    key = (int(r['grid']), int(r['threads']))
+    res, rel, end = int(r['resident_ns']), int(r['released_ns']), int(r['ended_ns'])
+    if ks and ks[-1]['key'] == key:
+        k = ks[-1]; k['n'] += 1; k['last_rel'] = rel; k['first_res'] = min(k['first_res'], res); k['end'] = max(k['end'], end)
+    else:
+        ks.append(dict(key=key, n=1, first_rel=rel, last_rel=rel, first_res=res, end=end))
+def name(i, k):
+    g, t = k['key']
+    if g == 6144 and t == 128: return 'qkv'
+    if g == 4096 and t == 128:
+        prev = ks[i-1]['key'] if i else None
+        return 'down' if prev and prev[0] == 14336 else 'o'
+    if g == 14336: return 'gateup'
+    if g == 128256: return 'lmhead'
+    if g == 1 and t == 1024: return 'norm'
+    if g in (128, 256) and t in (128, 256): return f'attn{g}x{t}'
+    return f'g{g}x{t}'
+by = {}
+for i, k in enumerate(ks):
+    nxt = ks[i+1]['first_rel'] if i + 1 < len(ks) else k['last_rel']
+    k['share'] = nxt - k['first_rel']
+    k['lead'] = k['first_rel'] - k['first_res']
+    k['work'] = k['end'] - k['first_rel'] if k['end'] >= 0 else float('nan')
+    k['handoff'] = nxt - k['end'] if k['end'] >= 0 else float('nan')
+    by.setdefault(name(i, k), []).append(k)
+span = ks[-1]['last_rel'] - ks[0]['first_rel']
+print(f"kernels {len(ks)}, span first->last release {span/1e3:.1f} us")
+print(f"{'kind':>12} {'count':>5} {'share':>7} {'sum':>7} {'work':>6} {'handoff':>7} {'lead':>6}  (us, medians; sum over the step)")
+for n, v in sorted(by.items(), key=lambda kv: -sum(k['share'] for k in kv[1])):
+    med = lambda f: st.median(k[f] for k in v) / 1e3
+    print(f"{n:>12} {len(v):5d} {med('share'):7.2f} {sum(k['share'] for k in v)/1e3:7.1f} {med('work'):6.2f} {med('handoff'):7.2f} {med('lead'):6.2f}")
+mid = [i for i, k in enumerate(ks) if name(i, k) == 'qkv']
+if len(mid) > 16:
+    a, b = mid[16], mid[17]
+    print("layer 16:", " | ".join(f"{name(i, ks[i])} {ks[i]['share']/1e3:.2f} (work {ks[i]['work']/1e3:.2f})" for i in range(a - 1, b)))
