@@ -66,10 +66,12 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
     }
   }
   __syncthreads();
+  BlockTraceMark(0);  // q (and the new k) loaded, rotated, the new token written
 
   float qv[kG][kPerLane], acc[kG][kPerLane], mx[kG], sum[kG];
   StartWarpState(s_q, D, b.nh, d0, qv, mx, sum, acc);
   HalfWarpAttend<kPerLane, kG, true, kWarps>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
+  BlockTraceMark(1);  // the key loop done
   if (late_trigger) LetNextKernelLaunch();
 
   // The warps merge in shared memory (FinishRow's arithmetic): this split's normalized output and
@@ -101,6 +103,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   // splits-th share of the outputs, reading each peer's shared memory.
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
+  BlockTraceMark(2);  // every split's partial result in shared memory
   const int rank = static_cast<int>(cluster.block_rank());
   if (rope.cos_sin != nullptr && rank == 0) {  // the rotated q back in place, as RopeWriteKv leaves it
     for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];

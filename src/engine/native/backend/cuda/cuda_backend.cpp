@@ -209,11 +209,6 @@ class CudaBackend : public Backend {
     if (const char* range = std::getenv("DYN_CUDA_POISON_BYTES")) std::sscanf(range, "%zu,%zu", &g_poison_min, &g_poison_max);
     const char* attn = std::getenv("DYN_CUDA_ATTN");
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
-    if (const char* mb = std::getenv("DYN_CUDA_GEMV_MINB")) {
-      int a = 0, b = 0;
-      std::sscanf(mb, "%d,%d", &a, &b);
-      cuda::SetGemvMinBlocks(a, b);
-    }
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
     if (const char* rows = std::getenv("DYN_CUDA_GEMV_ROWS")) cuda::SetGemvRowsPerBlock(std::atoi(rows));

@@ -53,11 +53,8 @@ __device__ __forceinline__ void Accumulate(const uint4& wv, const float* __restr
 
 // kSwiGlu: jobs are (gate, up) of equal rows; block b computes row b of both (row_in_block 0: gate,
 // 1: up) and also writes silu(gate) * up to jobs.swiglu_out.
-// kMinBlocks > 1: at most 65536 / (kMinBlocks * threads) registers a thread, so that many blocks fit
-// on a multiprocessor (DYN_CUDA_GEMV_MINB, experiment: the one-row kernel takes 40 registers, so 12
-// blocks of 4 warps fit instead of 16, and the SwiGLU kernel 42, 5 blocks of 8 warps instead of 8).
-template <int M, bool kSwiGlu, int R = kRowsPerBlock, int kMinBlocks = 1>
-__global__ void __launch_bounds__(kWarpsPerRow * R * 32, kMinBlocks)
+template <int M, bool kSwiGlu, int R = kRowsPerBlock>
+__global__ void __launch_bounds__(kWarpsPerRow * R * 32)
     GemvBf16Kernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols) {
   static_assert(!kSwiGlu || R == 2);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -136,28 +133,12 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32, kMinBlocks)
   BlockTraceEnd();
 }
 
-int g_min_blocks_row = 0, g_min_blocks_swiglu = 0;  // SetGemvMinBlocks
-
 template <int M, bool kSwiGlu = false>
 void Launch(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
-  constexpr unsigned kT1 = kWarpsPerRow * 32, kT2 = kWarpsPerRow * kRowsPerBlock * 32;
   if constexpr (!kSwiGlu && M == 1) {
     if (RowsPerBlock(M) == 1) {
-      switch (g_min_blocks_row) {
-        case 8: LaunchKernel(GemvBf16Kernel<M, kSwiGlu, 1, 8>, blocks, kT1, 0, stream, x, jobs, cols); break;
-        case 12: LaunchKernel(GemvBf16Kernel<M, kSwiGlu, 1, 12>, blocks, kT1, 0, stream, x, jobs, cols); break;
-        case 16: LaunchKernel(GemvBf16Kernel<M, kSwiGlu, 1, 16>, blocks, kT1, 0, stream, x, jobs, cols); break;
-        default: LaunchKernel(GemvBf16Kernel<M, kSwiGlu, 1>, blocks, kT1, 0, stream, x, jobs, cols); break;
-      }
+      LaunchKernel(GemvBf16Kernel<M, kSwiGlu, 1>, blocks, kWarpsPerRow * 32, 0, stream, x, jobs, cols);
       return;
-    }
-  }
-  if constexpr (kSwiGlu && M == 1) {
-    switch (g_min_blocks_swiglu) {
-      case 4: LaunchKernel(GemvBf16Kernel<M, kSwiGlu, kRowsPerBlock, 4>, blocks, kT2, 0, stream, x, jobs, cols); return;
-      case 6: LaunchKernel(GemvBf16Kernel<M, kSwiGlu, kRowsPerBlock, 6>, blocks, kT2, 0, stream, x, jobs, cols); return;
-      case 8: LaunchKernel(GemvBf16Kernel<M, kSwiGlu, kRowsPerBlock, 8>, blocks, kT2, 0, stream, x, jobs, cols); return;
-      default: break;
     }
   }
   LaunchKernel(GemvBf16Kernel<M, kSwiGlu>, blocks, kWarpsPerRow * kRowsPerBlock * 32, 0, stream, x, jobs, cols);
@@ -181,10 +162,6 @@ void LaunchAnyM(cudaStream_t stream, const float* x, int m, const GemvJobs& jobs
 }  // namespace
 
 void SetGemvRowsPerBlock(int rows) { g_rows_at_m1 = rows == 2 ? 2 : 1; }
-void SetGemvMinBlocks(int one_row, int swiglu) {
-  g_min_blocks_row = one_row;
-  g_min_blocks_swiglu = swiglu;
-}
 
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out) {

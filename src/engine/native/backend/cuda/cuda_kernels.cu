@@ -183,14 +183,18 @@ __global__ void F32ToBf16Kernel(const float* x, size_t n, __nv_bfloat16* out, bo
 
 // One block per row.
 // RMSNorm of a row (one block per row), x += y first when y is given (Add followed by RmsNorm in
-// one pass, the same arithmetic as the two kernels). late: the norm weight is loaded before the
-// wait (it is a weight) and the next kernel launches only once the row has been read, so the next
-// GEMV's early weight loads do not queue ahead of this kernel's loads (DYN_CUDA_LATE bit 1).
+// one pass, the same arithmetic as the two kernels). mode (DYN_CUDA_LATE's bits): 1: the norm
+// weight is loaded before the wait (it is a weight) and the next kernel launches only once the row
+// has been read, so the next GEMV's early weight loads do not queue ahead of this kernel's loads;
+// 4: each thread keeps its elements of the row in registers (all its loads issued together, and no
+// second read of x after the reduction: a store evicts the line from L1, so that was an L2 round
+// trip on the critical path). Bits 1 and 4 need dim <= kNormMaxPerThread * blockDim.x.
 constexpr int kNormMaxPerThread = 8;
-__global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out, bool late) {
+__global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out, int mode) {
+  const bool fits = dim <= kNormMaxPerThread * static_cast<int>(blockDim.x);
+  const bool late = (mode & 1) != 0 && fits, regs = (mode & 4) != 0 && fits;
   float wv[kNormMaxPerThread];
-  const bool preload = late && dim <= kNormMaxPerThread * static_cast<int>(blockDim.x);
-  if (preload) {
+  if (late) {
 #pragma unroll
     for (int k = 0; k < kNormMaxPerThread; ++k) {
       const int i = threadIdx.x + k * blockDim.x;
@@ -202,9 +206,30 @@ __global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim,
   __shared__ float partial[32];
   __shared__ float scale_shared;
   float* xr = x + blockIdx.x * int64_t{dim};
+  const float* yr = y != nullptr ? y + blockIdx.x * int64_t{dim} : nullptr;
   float ss = 0.0f;
-  if (y != nullptr) {
-    const float* yr = y + blockIdx.x * int64_t{dim};
+  float xv[kNormMaxPerThread];
+  if (regs) {
+#pragma unroll
+    for (int k = 0; k < kNormMaxPerThread; ++k) {
+      const int i = threadIdx.x + k * blockDim.x;
+      if (i < dim) xv[k] = xr[i];
+    }
+    if (yr != nullptr) {
+#pragma unroll
+      for (int k = 0; k < kNormMaxPerThread; ++k) {
+        const int i = threadIdx.x + k * blockDim.x;
+        if (i < dim) {
+          xv[k] += yr[i];
+          xr[i] = xv[k];
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kNormMaxPerThread; ++k) {
+      if (threadIdx.x + k * blockDim.x < dim) ss = fmaf(xv[k], xv[k], ss);
+    }
+  } else if (yr != nullptr) {
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
       const float v = xr[i] + yr[i];
       xr[i] = v;
@@ -225,11 +250,11 @@ __global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim,
   __syncthreads();
   const float scale = scale_shared;
   float* o = out + blockIdx.x * int64_t{dim};
-  if (preload) {
+  if (regs || late) {
 #pragma unroll
     for (int k = 0; k < kNormMaxPerThread; ++k) {
       const int i = threadIdx.x + k * blockDim.x;
-      if (i < dim) o[i] = __fmul_rn(__fmul_rn(xr[i], scale), wv[k]);
+      if (i < dim) o[i] = __fmul_rn(__fmul_rn(regs ? xv[k] : xr[i], scale), late ? wv[k] : w[i]);
     }
   } else {
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
@@ -377,11 +402,12 @@ bool BlockTraceStop(const char* path) {
   std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.released_ns < b.released_ns; });
   FILE* f = std::fopen(path, "w");
   if (f == nullptr) return false;
-  std::fprintf(f, "resident_ns,released_ns,ended_ns,grid,threads,sm\n");
+  std::fprintf(f, "resident_ns,released_ns,ended_ns,mark0_ns,mark1_ns,mark2_ns,grid,threads,sm\n");
   const unsigned long long t0 = all.empty() ? 0 : all.front().released_ns;
   for (const auto& r : all) {
-    std::fprintf(f, "%lld,%lld,%lld,%u,%u,%u\n", static_cast<long long>(r.resident_ns - t0), static_cast<long long>(r.released_ns - t0),
-                 r.ended_ns == 0 ? -1LL : static_cast<long long>(r.ended_ns - t0), r.grid, r.threads & 0xffffu, r.threads >> 16);
+    auto rel = [t0](unsigned long long t) { return t == 0 ? -1LL : static_cast<long long>(t - t0); };
+    std::fprintf(f, "%lld,%lld,%lld,%lld,%lld,%lld,%u,%u,%u\n", rel(r.resident_ns), rel(r.released_ns), rel(r.ended_ns), rel(r.mark_ns[0]),
+                 rel(r.mark_ns[1]), rel(r.mark_ns[2]), r.grid, r.threads & 0xffffu, r.threads >> 16);
   }
   std::fclose(f);
   std::fprintf(stderr, "block trace: %zu blocks (%zu dropped) -> %s\n", all.size(), dropped, path);
@@ -419,13 +445,13 @@ void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, boo
 void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
   LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, const_cast<float*>(x), nullptr, w, dim, eps, out,
-               (LateTrigger() & 1) != 0);
+               LateTrigger());
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
-  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, y, w, dim, eps, out, (LateTrigger() & 1) != 0);
+  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, y, w, dim, eps, out, LateTrigger());
   DYN_CUDA_CHECK_LAUNCH();
 }
 

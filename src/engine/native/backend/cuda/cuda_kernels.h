@@ -117,10 +117,11 @@ void SetMultiprocessorCount(int n);
 // Decode rows of a bf16 cache with head_dim 64 or 128 (GQA groups up to 4) on the half-warp-per-key
 // kernel (default; false: the warp-per-key kernel, for comparisons: DYN_CUDA_ATTN=warp).
 void SetHalfWarpAttention(bool on);
-// Where the latency-bound kernels let the next kernel launch (DYN_CUDA_LATE, a mask, default 3;
+// Where the latency-bound kernels let the next kernel launch (DYN_CUDA_LATE, a mask, default 7;
 // 0: at their start as every other kernel): 1: RMSNorm loads its weight before the wait and
-// triggers once its row is loaded; 2: decode attention triggers after its key loop. An early
-// trigger lets the next GEMV's early weight loads (17 MB) queue ahead of these kernels' own.
+// triggers once its row is loaded; 2: decode attention triggers after its key loop (an early
+// trigger lets the next GEMV's early weight loads queue ahead of these kernels' own); 4: RMSNorm
+// keeps its row in registers instead of reading it again after the reduction.
 void SetLateTrigger(int mask);
 int LateTrigger();
 // Key-range splits of the row-wise kernel for a call (flash-decoding): 1 when (kv heads x rows)
@@ -151,9 +152,6 @@ void AttentionTiles(cudaStream_t stream, const void* cache, const KvLayout& layo
 constexpr int kGemvMaxRows = 8;
 // Output rows per block of the m = 1, non-SwiGLU GEMV: 1 (default) or 2 (DYN_CUDA_GEMV_ROWS=2,
 // comparisons); set once by the backend.
-// DYN_CUDA_GEMV_MINB=a,b (experiment): the m = 1 GEMV bounded to a blocks of 4 warps an SM (8, 12 or
-// 16; 0: no bound) and the SwiGLU one to b blocks of 8 warps (4, 6 or 8).
-void SetGemvMinBlocks(int one_row, int swiglu);
 void SetGemvRowsPerBlock(int rows);
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.

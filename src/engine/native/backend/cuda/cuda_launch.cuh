@@ -36,6 +36,8 @@ struct BlockTraceRecord {
   unsigned grid;       // gridDim.x * gridDim.y * gridDim.z
   unsigned threads;    // blockDim.x * blockDim.y, and the multiprocessor in the high 16 bits
   unsigned long long ended_ns;  // BlockTraceEnd (0: the kernel does not mark its end)
+  unsigned long long mark_ns[3];  // BlockTraceMark(k) (0: not marked)
+  unsigned long long pad;
 };
 struct BlockTrace {
   unsigned* counts;  // one per multiprocessor
@@ -57,6 +59,15 @@ __device__ __forceinline__ BlockTraceRecord*& BlockTraceSlot() {
   return slot;
 }
 #endif
+
+// In a trace build, thread 0 marks point k (0-2) of the block's work.
+__device__ __forceinline__ void BlockTraceMark(int k) {
+#ifdef DYN_CUDA_BLOCK_TRACE
+  if (threadIdx.x == 0 && threadIdx.y == 0 && threadIdx.z == 0) {
+    if (BlockTraceRecord* r = BlockTraceSlot()) r->mark_ns[k] = GlobalNs();
+  }
+#endif
+}
 
 // In a trace build, thread 0 marks the block's end (call it where the block's last result is written).
 __device__ __forceinline__ void BlockTraceEnd() {
@@ -91,6 +102,7 @@ __device__ __forceinline__ void WaitForPreviousKernel() {
       r.grid = gridDim.x * gridDim.y * gridDim.z;
       r.threads = (blockDim.x * blockDim.y * blockDim.z) | (sm << 16);
       r.ended_ns = 0;
+      r.mark_ns[0] = r.mark_ns[1] = r.mark_ns[2] = 0;
       BlockTraceSlot() = &r;
     }
   }

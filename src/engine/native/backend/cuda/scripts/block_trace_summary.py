@@ -42,3 +42,16 @@ mid = [i for i, k in enumerate(ks) if name(i, k) == 'qkv']
 if len(mid) > 16:
     a, b = mid[16], mid[17]
     print("layer 16:", " | ".join(f"{name(i, ks[i])} {ks[i]['share']/1e3:.2f} (work {ks[i]['work']/1e3:.2f})" for i in range(a - 1, b)))
+
+# Inside kernels that mark points (decode attention: 0 = q rotated and the new token written,
+# 1 = key loop done, 2 = after the cluster barrier): medians over all recorded blocks of each
+# kind, us from release.
+marks = {}
+for r in rows:
+    if int(r.get('mark0_ns', -1)) < 0: continue
+    rel = int(r['released_ns'])
+    m = [int(r[f'mark{j}_ns']) for j in range(3)] + [int(r['ended_ns'])]
+    marks.setdefault((int(r['grid']), int(r['threads'])), []).append([(x - rel) if x >= 0 else float('nan') for x in m])
+for key, v in marks.items():
+    cols = list(zip(*v))
+    print(f"marks g{key[0]}x{key[1]} ({len(v)} blocks): " + ", ".join(f"{n} {st.median(c)/1e3:.2f}" for n, c in zip(["mark0", "mark1", "mark2", "end"], cols)))
