@@ -20,7 +20,6 @@ constexpr int kKeys = 4;  // keys per warp per iteration, loads in flight togeth
 inline int GroupPerBlock(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
 // Whether the half-warp kernels run where they apply (DYN_CUDA_ATTN=warp: no; SetHalfWarpAttention).
 bool HalfWarpAttention();
-int MultiprocessorCount();  // SetMultiprocessorCount's
 
 // n contiguous elements at p (16-byte vector loads where n allows) as floats.
 template <int kN>

@@ -73,8 +73,11 @@ double Kernels() {
     if (cudaMalloc(&a, n) == cudaSuccess) {
       DYN_CUDA_CHECK(cudaMalloc(&sink, 4));
       DYN_CUDA_CHECK(cudaMemset(a, 1, n));
+      int device = 0, sms = 0;
+      DYN_CUDA_CHECK(cudaGetDevice(&device));
+      DYN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
       for (int blocks : {2, 4, 8}) {
-        const double s = TimeDevice([&] { cuda::ReadOnce(0, a, n, blocks, 256, sink); }, 3);
+        const double s = TimeDevice([&] { cuda::ReadOnce(0, a, n, static_cast<unsigned>(sms * blocks), 256, sink); }, 3);
         std::printf("device read, %d blocks of 256 an SM: %.0f GB/s (one pass over %.2f GB: %.3f ms)\n", blocks, n / s / 1e9, n / 1e9,
                     s * 1e3);
       }

@@ -181,26 +181,29 @@ __global__ void F32ToBf16Kernel(const float* x, size_t n, __nv_bfloat16* out, bo
       [&](size_t i) { out[i] = __float2bfloat16_rn(x[i]); });
 }
 
-// One block per row.
-// RMSNorm of a row (one block per row), x += y first when y is given (Add followed by RmsNorm in
-// one pass, the same arithmetic as the two kernels). mode (DYN_CUDA_LATE's bits): 1: the norm
-// weight is loaded before the wait (it is a weight) and the next kernel launches only once the row
-// has been read, so the next GEMV's early weight loads do not queue ahead of this kernel's loads;
-// 4: each thread keeps its elements of the row in registers (all its loads issued together, and no
-// second read of x after the reduction: a store evicts the line from L1, so that was an L2 round
-// trip on the critical path). Bits 1 and 4 need dim <= kNormMaxPerThread * blockDim.x.
+// f(k, i) for this thread's elements i = threadIdx.x + k * blockDim.x of a row of dim (< kNormMaxPerThread
+// of them), with k a constant after unrolling, so arrays indexed by k stay in registers.
 constexpr int kNormMaxPerThread = 8;
-__global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out, int mode) {
-  const bool fits = dim <= kNormMaxPerThread * static_cast<int>(blockDim.x);
-  const bool late = (mode & 1) != 0 && fits, regs = (mode & 4) != 0 && fits;
-  float wv[kNormMaxPerThread];
-  if (late) {
+template <class F>
+__device__ __forceinline__ void ForThreadElements(int dim, F f) {
 #pragma unroll
-    for (int k = 0; k < kNormMaxPerThread; ++k) {
-      const int i = threadIdx.x + k * blockDim.x;
-      if (i < dim) wv[k] = w[i];
-    }
+  for (int k = 0; k < kNormMaxPerThread; ++k) {
+    const int i = threadIdx.x + k * blockDim.x;
+    if (i < dim) f(k, i);
   }
+}
+
+// RMSNorm of a row (one block per row), x += y first when y is given (Add followed by RmsNorm in
+// one pass, the same arithmetic as the two kernels). late (DYN_CUDA_LATE bit 1, where the row fits
+// in kNormMaxPerThread elements a thread): the norm weight is loaded before the wait (it is a
+// weight), the row is kept in registers (its loads issued together, and no second read of x after
+// the reduction: the store to x evicts it from L1, so that was an L2 round trip on the critical
+// path), and the next kernel launches only once the row has been read, so the next GEMV's early
+// weight loads do not queue ahead of this kernel's loads.
+__global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out, bool late) {
+  late = late && dim <= kNormMaxPerThread * static_cast<int>(blockDim.x);
+  float wv[kNormMaxPerThread], xv[kNormMaxPerThread];
+  if (late) ForThreadElements(dim, [&](int k, int i) { wv[k] = w[i]; });
   if (!late) LetNextKernelLaunch();
   WaitForPreviousKernel();
   __shared__ float partial[32];
@@ -208,35 +211,24 @@ __global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim,
   float* xr = x + blockIdx.x * int64_t{dim};
   const float* yr = y != nullptr ? y + blockIdx.x * int64_t{dim} : nullptr;
   float ss = 0.0f;
-  float xv[kNormMaxPerThread];
-  if (regs) {
-#pragma unroll
-    for (int k = 0; k < kNormMaxPerThread; ++k) {
-      const int i = threadIdx.x + k * blockDim.x;
-      if (i < dim) xv[k] = xr[i];
-    }
+  if (late) {
+    ForThreadElements(dim, [&](int k, int i) { xv[k] = xr[i]; });
     if (yr != nullptr) {
-#pragma unroll
-      for (int k = 0; k < kNormMaxPerThread; ++k) {
-        const int i = threadIdx.x + k * blockDim.x;
-        if (i < dim) {
-          xv[k] += yr[i];
-          xr[i] = xv[k];
-        }
-      }
+      ForThreadElements(dim, [&](int k, int i) {
+        xv[k] += yr[i];
+        xr[i] = xv[k];
+      });
     }
-#pragma unroll
-    for (int k = 0; k < kNormMaxPerThread; ++k) {
-      if (threadIdx.x + k * blockDim.x < dim) ss = fmaf(xv[k], xv[k], ss);
-    }
-  } else if (yr != nullptr) {
+    ForThreadElements(dim, [&](int k, int) { ss = fmaf(xv[k], xv[k], ss); });
+  } else {
     for (int i = threadIdx.x; i < dim; i += blockDim.x) {
-      const float v = xr[i] + yr[i];
-      xr[i] = v;
+      float v = xr[i];
+      if (yr != nullptr) {
+        v += yr[i];
+        xr[i] = v;
+      }
       ss = fmaf(v, v, ss);
     }
-  } else {
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) ss = fmaf(xr[i], xr[i], ss);
   }
   ss = WarpSum(ss);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
@@ -250,12 +242,8 @@ __global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim,
   __syncthreads();
   const float scale = scale_shared;
   float* o = out + blockIdx.x * int64_t{dim};
-  if (regs || late) {
-#pragma unroll
-    for (int k = 0; k < kNormMaxPerThread; ++k) {
-      const int i = threadIdx.x + k * blockDim.x;
-      if (i < dim) o[i] = __fmul_rn(__fmul_rn(regs ? xv[k] : xr[i], scale), late ? wv[k] : w[i]);
-    }
+  if (late) {
+    ForThreadElements(dim, [&](int k, int i) { o[i] = __fmul_rn(__fmul_rn(xv[k], scale), wv[k]); });
   } else {
     for (int i = threadIdx.x; i < dim; i += blockDim.x) o[i] = __fmul_rn(__fmul_rn(xr[i], scale), w[i]);
   }
@@ -370,9 +358,8 @@ int RegisterBlockTraceSetter(void (*set)(BlockTrace*)) {
 
 bool BlockTraceStart() {
   if (g_trace_dev == nullptr) {
-    int device = 0;
-    DYN_CUDA_CHECK(cudaGetDevice(&device));
-    DYN_CUDA_CHECK(cudaDeviceGetAttribute(&g_trace_sms, cudaDevAttrMultiProcessorCount, device));
+    g_trace_sms = MultiprocessorCount();
+    g_trace_host.sms = static_cast<unsigned>(g_trace_sms);
     DYN_CUDA_CHECK(cudaMalloc(&g_trace_host.counts, sizeof(unsigned) * g_trace_sms));
     DYN_CUDA_CHECK(cudaMalloc(&g_trace_host.records, sizeof(BlockTraceRecord) * kBlockTracePerSm * g_trace_sms));
     DYN_CUDA_CHECK(cudaMalloc(&g_trace_dev, sizeof(BlockTrace)));
@@ -418,12 +405,8 @@ bool BlockTraceStart() { return false; }
 bool BlockTraceStop(const char*) { return false; }
 #endif
 
-void ReadOnce(cudaStream_t stream, const void* p, size_t bytes, int blocks_per_sm, int threads, unsigned* sink) {
-  int device = 0, sms = 0;
-  DYN_CUDA_CHECK(cudaGetDevice(&device));
-  DYN_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  LaunchKernel(ReadOnceKernel, static_cast<unsigned>(sms * blocks_per_sm), threads, 0, stream, static_cast<const uint4*>(p), bytes / 16,
-               sink);
+void ReadOnce(cudaStream_t stream, const void* p, size_t bytes, unsigned blocks, int threads, unsigned* sink) {
+  LaunchKernel(ReadOnceKernel, blocks, threads, 0, stream, static_cast<const uint4*>(p), bytes / 16, sink);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
@@ -445,13 +428,13 @@ void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, boo
 void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
   LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, const_cast<float*>(x), nullptr, w, dim, eps, out,
-               LateTrigger());
+               (LateTrigger() & 1) != 0);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
-  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, y, w, dim, eps, out, LateTrigger());
+  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, y, w, dim, eps, out, (LateTrigger() & 1) != 0);
   DYN_CUDA_CHECK_LAUNCH();
 }
 

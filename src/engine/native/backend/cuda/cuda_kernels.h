@@ -32,16 +32,17 @@ void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols
 void ConvertToBf16(cudaStream_t stream, DType dtype, const void* src, int64_t rows, int64_t cols, uint16_t* dst);
 // dst[i] = bf16 of uniform(-scale, scale) from a counter-based hash of (seed, i).
 void FillRandomBf16(cudaStream_t stream, uint16_t* dst, size_t n, uint64_t seed, float scale);
-// Reads `bytes` (a multiple of 16) at p once with 16-byte streaming loads, as `blocks_per_sm` x
-// `threads` threads a multiprocessor walking the buffer; the XOR of what was read lands in *sink.
+// Reads `bytes` (a multiple of 16) at p once with 16-byte streaming loads, `blocks` blocks of
+// `threads` walking the buffer; the XOR of what was read lands in *sink (almost never stored).
 // A benchmark probe: the device's read-only bandwidth, the physical floor of a decode step.
-// The block trace of a diagnostic build (-DDYN_CUDA_BLOCK_TRACE for nvcc; docs/cuda_backend.md, "Block trace"):
-// BlockTraceStart clears the records and has every kernel's blocks record when they became
-// resident and when their wait for the previous kernel returned; BlockTraceStop writes them to
-// `path` as CSV (sorted by release) and stops. Both return false in a normal build.
+void ReadOnce(cudaStream_t stream, const void* p, size_t bytes, unsigned blocks, int threads, unsigned* sink);
+// The block trace of a diagnostic build (-DDYN_CUDA_BLOCK_TRACE for nvcc; docs/cuda_backend.md,
+// "Block trace"): BlockTraceStart clears the records and has one block in 8 of every kernel record
+// when it became resident, when its wait for the previous kernel returned and the points it marks;
+// BlockTraceStop writes them to `path` as CSV (sorted by release) and stops. Both return false in
+// a normal build. The multiprocessor count is SetMultiprocessorCount's.
 bool BlockTraceStart();
 bool BlockTraceStop(const char* path);
-void ReadOnce(cudaStream_t stream, const void* p, size_t bytes, int blocks_per_sm, int threads, unsigned* sink);
 // out[i] = bf16(x[i]). Like BeforeLibraryCall, lets the next kernel (cuBLAS) start only once done,
 // unless next_early (the next kernel is one of ours, which waits before reading).
 void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, bool next_early = false);
@@ -114,14 +115,14 @@ void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, i
 // The GPU's multiprocessor count, which sizes the attention grid; set once by the backend
 // (device queries are kept out of kernel calls, which may run inside a graph capture).
 void SetMultiprocessorCount(int n);
+int MultiprocessorCount();
 // Decode rows of a bf16 cache with head_dim 64 or 128 (GQA groups up to 4) on the half-warp-per-key
 // kernel (default; false: the warp-per-key kernel, for comparisons: DYN_CUDA_ATTN=warp).
 void SetHalfWarpAttention(bool on);
-// Where the latency-bound kernels let the next kernel launch (DYN_CUDA_LATE, a mask, default 7;
-// 0: at their start as every other kernel): 1: RMSNorm loads its weight before the wait and
-// triggers once its row is loaded; 2: decode attention triggers after its key loop (an early
-// trigger lets the next GEMV's early weight loads queue ahead of these kernels' own); 4: RMSNorm
-// keeps its row in registers instead of reading it again after the reduction.
+// Where the latency-bound kernels let the next kernel launch (DYN_CUDA_LATE, a mask, default 3;
+// 0: at their start as every other kernel): 1: RMSNorm loads its weight before the wait, keeps its
+// row in registers and triggers once the row is loaded; 2: decode attention triggers after its
+// key loop. An early trigger lets the next GEMV's early weight loads queue ahead of these kernels'.
 void SetLateTrigger(int mask);
 int LateTrigger();
 // Key-range splits of the row-wise kernel for a call (flash-decoding): 1 when (kv heads x rows)

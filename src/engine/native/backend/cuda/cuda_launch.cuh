@@ -28,20 +28,21 @@
 namespace dyn::cuda {
 
 #ifdef DYN_CUDA_BLOCK_TRACE
-// A diagnostic build (-DDYN_CUDA_BLOCK_TRACE in CMAKE_CUDA_FLAGS): every block records when it
-// became resident and when its wait for the previous kernel returned (docs/cuda_backend.md, "Block trace"). Each
-// .cu file has its own copy of the pointer; SetBlockTrace sets them all.
+// A diagnostic build (-DDYN_CUDA_BLOCK_TRACE in CMAKE_CUDA_FLAGS): one block in 8 of every kernel
+// records when it became resident, when its wait for the previous kernel returned and the points
+// it marks (docs/cuda_backend.md, "Block trace"). Each .cu file has its own copy of the pointer;
+// BlockTraceStart and BlockTraceStop set them all.
 struct BlockTraceRecord {
   unsigned long long resident_ns, released_ns;
   unsigned grid;       // gridDim.x * gridDim.y * gridDim.z
   unsigned threads;    // blockDim.x * blockDim.y, and the multiprocessor in the high 16 bits
   unsigned long long ended_ns;  // BlockTraceEnd (0: the kernel does not mark its end)
   unsigned long long mark_ns[3];  // BlockTraceMark(k) (0: not marked)
-  unsigned long long pad;
 };
 struct BlockTrace {
   unsigned* counts;  // one per multiprocessor
   BlockTraceRecord* records;  // kBlockTracePerSm per multiprocessor
+  unsigned sms;  // %smid is not promised to be below the count: blocks on others do not record
 };
 constexpr unsigned kBlockTracePerSm = 1u << 14;
 static __device__ BlockTrace* g_block_trace;
@@ -94,7 +95,7 @@ __device__ __forceinline__ void WaitForPreviousKernel() {
     const unsigned long long released = GlobalNs();
     unsigned sm;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-    const unsigned slot = atomicAdd(&trace->counts[sm], 1u);
+    const unsigned slot = sm < trace->sms ? atomicAdd(&trace->counts[sm], 1u) : kBlockTracePerSm;
     if (slot < kBlockTracePerSm) {
       BlockTraceRecord& r = trace->records[size_t{sm} * kBlockTracePerSm + slot];
       r.resident_ns = resident;
