@@ -212,11 +212,6 @@ class CudaBackend : public Backend {
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
     if (const char* rows = std::getenv("DYN_CUDA_GEMV_ROWS")) cuda::SetGemvRowsPerBlock(std::atoi(rows));
-    if (const char* staged = std::getenv("DYN_CUDA_STAGED")) {
-      int kb = 0, swiglu_kb = 0, carveout = -1;
-      const int n = std::sscanf(staged, "%d,%d,%d", &kb, &swiglu_kb, &carveout);
-      cuda::SetGemvStaging(kb, n >= 2 ? swiglu_kb : kb, carveout);
-    }
     if (const char* merge = std::getenv("DYN_CUDA_MERGE_MAX")) max_splits_merged_in_kernel_ = std::atoi(merge);
     const char* weights = std::getenv("DYN_CUDA_WEIGHTS");
     f32_weights_to_bf16_ = weights != nullptr && std::string(weights) == "bf16";

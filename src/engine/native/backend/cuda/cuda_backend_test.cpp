@@ -327,62 +327,6 @@ TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
   }
 }
 
-// The staged m = 1 GEMV (rows copied to shared memory before the wait) keeps the plain kernel's
-// per-thread order and reductions: every rows-per-block choice gives the same bits, for single
-// weights, several weights in one launch (blocks never straddle two) and gate/up + SwiGLU.
-TEST_F(CudaBackendTest, StagedGemvEqualsPlainBitwise) {
-  std::vector<std::unique_ptr<Buffer>> owned;
-  auto bits = [](const std::vector<float>& v) {
-    std::vector<uint32_t> b(v.size());
-    std::memcpy(b.data(), v.data(), v.size() * sizeof(float));
-    return b;
-  };
-  for (const auto& [K, rows] : {std::pair<int64_t, std::vector<int64_t>>{4096, {1001}}, {14336, {37}}, {2048, {1000, 333, 333}}}) {
-    std::vector<std::vector<uint8_t>> bytes;
-    std::vector<Weight> ws;
-    for (size_t i = 0; i < rows.size(); ++i) {
-      bytes.push_back(RandomWeightBytes(DType::kBF16, rows[i], K, 120 + i));
-      auto w = gpu_->PrepareWeight(Weight{DType::kBF16, rows[i], K, bytes.back().data()}, &owned);
-      ASSERT_TRUE(w.ok());
-      ws.push_back(*w);
-    }
-    const std::vector<float> x = RandomVec(K, 130);
-    const float* dx = Up(x);
-    auto run = [&](int kb) {
-      cuda::SetGemvStaging(kb, kb, -1);
-      std::vector<float*> outs;
-      for (int64_t n : rows) outs.push_back(Poisoned(n));
-      gpu_->MatMulShared(dx, 1, ws, outs);
-      std::vector<std::vector<uint32_t>> got;
-      for (size_t i = 0; i < rows.size(); ++i) got.push_back(bits(Down(outs[i], rows[i])));
-      return got;
-    };
-    const auto plain = run(0);
-    for (const int kb : {8, 16, 32, 64, 200}) EXPECT_EQ(run(kb), plain) << "K=" << K << " kb=" << kb;
-  }
-  {  // gate/up + SwiGLU, an odd row count so the last block has half its pairs
-    const int64_t K = 4096, N = 999;
-    const std::vector<uint8_t> wg = RandomWeightBytes(DType::kBF16, N, K, 140), wu = RandomWeightBytes(DType::kBF16, N, K, 141);
-    auto g = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, wg.data()}, &owned);
-    auto u = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, wu.data()}, &owned);
-    ASSERT_TRUE(g.ok() && u.ok());
-    const float* dx = Up(RandomVec(K, 142));
-    auto run = [&](int kb) {
-      cuda::SetGemvStaging(kb, kb, -1);
-      float* gate = Poisoned(N);
-      float* up = Poisoned(N);
-      const Weight ws[2] = {*g, *u};
-      float* const outs[2] = {gate, up};
-      gpu_->MatMulShared(dx, 1, ws, outs);
-      gpu_->SwiGlu(gate, up, N, gate);
-      return std::pair(bits(Down(gate, N)), bits(Down(up, N)));
-    };
-    const auto plain = run(0);
-    for (const int kb : {16, 32, 64}) EXPECT_EQ(run(kb), plain) << "SwiGLU kb=" << kb;
-  }
-  cuda::SetGemvStaging(0, 0, -1);
-}
-
 TEST_F(CudaBackendTest, MatMulSharedEqualsSeparateCalls) {
   const int64_t K = 512;
   const int64_t rows[3] = {256, 64, 64};  // Q/K/V-like

@@ -11,8 +11,6 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
-#include <algorithm>
-
 #include "engine/native/backend/cuda/cuda_kernels.h"
 #include "engine/native/backend/cuda/cuda_launch.cuh"
 
@@ -161,164 +159,14 @@ void LaunchAnyM(cudaStream_t stream, const float* x, int m, const GemvJobs& jobs
   }
 }
 
-
-// ---- staged variant (m = 1): rows copied to shared memory with cp.async before the wait ----
-//
-// The plain kernel keeps a row's first loads in registers, 72 a thread, so 7 blocks (7 rows, 56 KB)
-// a multiprocessor are all that can be in flight when the previous kernel (a norm, attention)
-// releases the GPU. cp.async copies need no registers: a block of 4 warps copies R rows (R * cols
-// * 2 bytes) into shared memory before its wait, one commit group a row, and after the wait
-// multiplies each row as it lands, with the plain kernel's per-thread chunk order and reductions
-// (bitwise the same sums). kSwiGlu: R / 2 (gate, up) pairs, gate row first.
-constexpr int kStagedThreads = kWarpsPerRow * 32;
-int g_staged_kb = 0, g_staged_swiglu_kb = 0, g_staged_carveout = -1;
-
-__device__ __forceinline__ void CopyAsync16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void CommitCopies() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most n commit groups are pending (n folds to a constant once the caller unrolls).
-__device__ __forceinline__ void WaitCopies(int n) {
-  switch (n) {
-    case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
-    case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
-    case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
-    case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
-    case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
-    case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
-    case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
-    default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
-  }
-}
-
-template <int R, bool kSwiGlu>
-__global__ void __launch_bounds__(kStagedThreads) GemvStagedKernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols) {
-  static_assert(R >= 1 && R <= 8 && (!kSwiGlu || R % 2 == 0));
-  extern __shared__ uint4 s_rows[];  // R rows of cols / 8 chunks
-  const int part = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t n8 = cols / 8;
-  const uint16_t* w[2] = {jobs.w[0], kSwiGlu ? jobs.w[1] : nullptr};
-  float* outj = jobs.out[0];
-  int64_t rows = jobs.rows[0], row0;
-  if constexpr (kSwiGlu) {
-    row0 = int64_t{blockIdx.x} * (R / 2);
-  } else {
-    unsigned first;
-    PickJob(jobs, w[0], outj, rows, first);
-    row0 = int64_t{blockIdx.x - first} * R;
-  }
-  // Slot r holds weight row row0 + r (kSwiGlu: row row0 + r / 2 of gate, r even, or up).
-  auto slot_row = [&](int r) { return kSwiGlu ? row0 + r / 2 : row0 + r; };
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    const int64_t row = slot_row(r);
-    if (row < rows) {
-      const uint4* src = reinterpret_cast<const uint4*>(w[kSwiGlu ? r % 2 : 0]) + row * n8;
-      for (int64_t c = threadIdx.x; c < n8; c += kStagedThreads) CopyAsync16(s_rows + r * n8 + c, src + c);
-    }
-    CommitCopies();
-  }
-  LetNextKernelLaunch();
-  WaitForPreviousKernel();
-  __shared__ float partial[R][kWarpsPerRow];
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    WaitCopies(R - 1 - r);
-    __syncthreads();
-    float acc[1] = {0.0f};
-    if (slot_row(r) < rows) {
-      for (int64_t c = part * 32 + lane; c < n8; c += kStagedThreads) Accumulate<1>(s_rows[r * n8 + c], x, cols, c, acc);
-    }
-    float v = acc[0];
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) partial[r][part] = v;
-  }
-  __syncthreads();
-  if constexpr (kSwiGlu) {
-    const int i = threadIdx.x;  // pair i: slots 2i (gate) and 2i + 1 (up)
-    if (i < R / 2 && row0 + i < rows) {
-      float g = 0.0f, u = 0.0f;
-#pragma unroll
-      for (int p = 0; p < kWarpsPerRow; ++p) g += partial[2 * i][p];
-#pragma unroll
-      for (int p = 0; p < kWarpsPerRow; ++p) u += partial[2 * i + 1][p];
-      const int64_t row = row0 + i;
-      jobs.out[0][row] = g;
-      jobs.out[1][row] = u;
-      jobs.swiglu_out[row] = __fmul_rn(g / (1.0f + expf(-g)), u);  // as GemvBf16Kernel
-    }
-  } else {
-    const int r = threadIdx.x;
-    if (r < R && row0 + r < rows) {
-      float s = 0.0f;
-#pragma unroll
-      for (int p = 0; p < kWarpsPerRow; ++p) s += partial[r][p];
-      outj[row0 + r] = s;
-    }
-  }
-  BlockTraceEnd();
-}
-
-// Rows a staged block takes: the most of 1, 2, 4, 8 whose bytes fit kb KiB (and 200 KiB); 0: off.
-int StagedRows(int kb, int64_t cols, bool swiglu) {
-  if (kb <= 0) return 0;
-  const int64_t row_bytes = cols * 2, budget = std::min<int64_t>(int64_t{kb} * 1024, 200 * 1024);
-  int r = swiglu ? 2 : 1;
-  if (r * row_bytes > 200 * 1024) return 0;
-  while (r < 8 && 2 * r * row_bytes <= budget) r *= 2;
-  return r;
-}
-
-template <int R, bool kSwiGlu>
-void LaunchStagedR(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
-  const size_t smem = static_cast<size_t>(R) * static_cast<size_t>(cols) * 2;
-  static const bool configured = [] {
-    auto* k = GemvStagedKernel<R, kSwiGlu>;
-    Check(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, 200 * 1024), "cudaFuncSetAttribute", __FILE__,
-          __LINE__);
-    if (g_staged_carveout >= 0) {
-      Check(cudaFuncSetAttribute(k, cudaFuncAttributePreferredSharedMemoryCarveout, g_staged_carveout), "cudaFuncSetAttribute",
-            __FILE__, __LINE__);
-    }
-    return true;
-  }();
-  (void)configured;
-  LaunchKernel(GemvStagedKernel<R, kSwiGlu>, blocks, kStagedThreads, smem, stream, x, jobs, cols);
-}
-
-template <bool kSwiGlu>
-void LaunchStaged(cudaStream_t stream, int r, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
-  switch (r) {
-    case 1:
-      if constexpr (!kSwiGlu) LaunchStagedR<1, false>(stream, x, jobs, cols, blocks);
-      break;
-    case 2: LaunchStagedR<2, kSwiGlu>(stream, x, jobs, cols, blocks); break;
-    case 4: LaunchStagedR<4, kSwiGlu>(stream, x, jobs, cols, blocks); break;
-    default: LaunchStagedR<8, kSwiGlu>(stream, x, jobs, cols, blocks); break;
-  }
-}
-
 }  // namespace
 
 void SetGemvRowsPerBlock(int rows) { g_rows_at_m1 = rows == 2 ? 2 : 1; }
-
-void SetGemvStaging(int kb, int swiglu_kb, int carveout) {
-  g_staged_kb = kb;
-  g_staged_swiglu_kb = swiglu_kb;
-  g_staged_carveout = carveout;
-}
 
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out) {
   if (count < 1 || count > kGemvMaxJobs) Check(cudaErrorInvalidValue, "GemvBf16Multi: job count", __FILE__, __LINE__);
   int64_t blocks = 0;
-  if (const int r = m == 1 ? StagedRows(g_staged_kb, cols, false) : 0; r > 0) {
-    const GemvJobs jobs = MakeGemvJobs(count, w, rows, out, r, &blocks);
-    LaunchStaged<false>(stream, r, x, jobs, cols, static_cast<unsigned>(blocks));
-    DYN_CUDA_CHECK_LAUNCH();
-    return;
-  }
   const GemvJobs jobs = MakeGemvJobs(count, w, rows, out, RowsPerBlock(m), &blocks);
   LaunchAnyM<false>(stream, x, m, jobs, cols, static_cast<unsigned>(blocks));
   DYN_CUDA_CHECK_LAUNCH();
@@ -338,12 +186,6 @@ void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* 
   jobs.out[1] = up;
   jobs.rows[0] = jobs.rows[1] = rows;
   jobs.swiglu_out = out;
-  if (const int r = m == 1 ? StagedRows(g_staged_swiglu_kb, cols, true) : 0; r > 0) {
-    const int64_t pairs = r / 2;
-    LaunchStaged<true>(stream, r, x, jobs, cols, static_cast<unsigned>((rows + pairs - 1) / pairs));
-    DYN_CUDA_CHECK_LAUNCH();
-    return;
-  }
   LaunchAnyM<true>(stream, x, m, jobs, cols, static_cast<unsigned>(rows));
   DYN_CUDA_CHECK_LAUNCH();
 }

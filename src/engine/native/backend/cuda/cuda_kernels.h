@@ -154,10 +154,6 @@ constexpr int kGemvMaxRows = 8;
 // Output rows per block of the m = 1, non-SwiGLU GEMV: 1 (default) or 2 (DYN_CUDA_GEMV_ROWS=2,
 // comparisons); set once by the backend.
 void SetGemvRowsPerBlock(int rows);
-// The m = 1 GEMV with its rows copied to shared memory before the previous kernel ends (an
-// experiment, DYN_CUDA_STAGED="kb[,swiglu_kb[,carveout]]"): a block takes the rows that fit kb KiB
-// (swiglu_kb for gate/up); 0: the plain kernel. carveout >= 0: the shared memory carveout in %.
-void SetGemvStaging(int kb, int swiglu_kb, int carveout);
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
 constexpr int kGemvMaxJobs = 4;
