@@ -327,6 +327,100 @@ TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
   }
 }
 
+// DYN_CUDA_FOLD_NORM=1: a one-row GEMV, the residual Add of its output and the RmsNorm after it,
+// then the GEMVs that read the norm, as one layer's o projection -> norm -> gate/up + SwiGLU ->
+// down -> norm -> Q/K/V and the final norm -> LM head run them. The fold sums the squares exactly
+// (integer limbs) and applies the scale after the product, so it matches the separate kernels to
+// rounding, gives the same bits on every run (the atomics' order does not matter), and leaves
+// every buffer the model reads (the residual, the norm's output) as the separate kernels do.
+TEST_F(CudaBackendTest, FoldedNormMatchesSeparateKernels) {
+  std::unique_ptr<Backend> folding = CudaBackendWith("DYN_CUDA_FOLD_NORM", "1");
+  ASSERT_NE(folding, nullptr);
+  constexpr int64_t kHidden = 1024, kFfn = 2816, kQ = 1024, kKv = 256, kVocab = 3000;
+  struct Host {
+    std::vector<uint8_t> wo, wg, wu, wd, wq, wk, wv, lm;
+    std::vector<float> n1, n2, n3, x, a;
+  } host;
+  uint32_t seed = 300;
+  auto weight = [&](int64_t rows, int64_t cols) { return RandomWeightBytes(DType::kBF16, rows, cols, seed++); };
+  host.wo = weight(kHidden, kHidden);
+  host.wg = weight(kFfn, kHidden);
+  host.wu = weight(kFfn, kHidden);
+  host.wd = weight(kHidden, kFfn);
+  host.wq = weight(kQ, kHidden);
+  host.wk = weight(kKv, kHidden);
+  host.wv = weight(kKv, kHidden);
+  host.lm = weight(kVocab, kHidden);
+  for (std::vector<float>* n : {&host.n1, &host.n2, &host.n3}) {
+    *n = RandomVec(kHidden, seed++, 0.2f);
+    for (float& v : *n) v += 1.0f;
+  }
+  host.x = RandomVec(kHidden, seed++, 4.0f);
+  host.a = RandomVec(kHidden, seed++);
+  // `owned` outlives each run: the backend keeps prepared weights by host pointer.
+  std::vector<std::unique_ptr<Buffer>> owned_plain, owned_folding;
+  auto run = [&](Backend& be, std::vector<std::unique_ptr<Buffer>>& owned, int times) {
+    auto prep = [&](const std::vector<uint8_t>& b, int64_t rows, int64_t cols) {
+      auto w = be.PrepareWeight(Weight{DType::kBF16, rows, cols, b.data()}, &owned);
+      EXPECT_TRUE(w.ok());
+      return *w;
+    };
+    const Weight wo = prep(host.wo, kHidden, kHidden), wg = prep(host.wg, kFfn, kHidden), wu = prep(host.wu, kFfn, kHidden),
+                 wd = prep(host.wd, kHidden, kFfn), wq = prep(host.wq, kQ, kHidden), wk = prep(host.wk, kKv, kHidden),
+                 wv = prep(host.wv, kKv, kHidden), lm = prep(host.lm, kVocab, kHidden);
+    auto buf = [&](size_t n, const std::vector<float>* init = nullptr) {
+      auto b = be.Allocate(n * sizeof(float));
+      EXPECT_TRUE(b.ok());
+      float* p = (*b)->f32();
+      if (init != nullptr) be.CopyToBackend(p, init->data(), n * sizeof(float));
+      owned.push_back(std::move(b).value());
+      return p;
+    };
+    float *x = buf(kHidden), *a = buf(kHidden, &host.a), *h = buf(kFfn), *gate = buf(kFfn), *up = buf(kFfn), *q = buf(kQ),
+          *k = buf(kKv), *v = buf(kKv), *logits = buf(kVocab);
+    const float *n1 = buf(kHidden, &host.n1), *n2 = buf(kHidden, &host.n2), *n3 = buf(kHidden, &host.n3);
+    std::vector<std::vector<float>> got;
+    for (int t = 0; t < times; ++t) {  // the same buffers each time: the second list is captured, the third replayed
+      be.CopyToBackend(x, host.x.data(), kHidden * sizeof(float));
+      be.MatMul(a, 1, wo, h);
+      be.Add(x, h, kHidden);
+      be.RmsNorm(x, n1, 1, kHidden, 1e-5f, h);
+      const Weight gu[2] = {wg, wu};
+      float* const gu_out[2] = {gate, up};
+      be.MatMulShared(h, 1, gu, gu_out);
+      be.SwiGlu(gate, up, kFfn, gate);
+      be.MatMul(gate, 1, wd, h);
+      be.Add(x, h, kHidden);
+      be.RmsNorm(x, n2, 1, kHidden, 1e-5f, h);
+      const Weight qkv[3] = {wq, wk, wv};
+      float* const qkv_out[3] = {q, k, v};
+      be.MatMulShared(h, 1, qkv, qkv_out);
+      be.MatMul(q, 1, wo, h);  // q stands in for attention's output
+      be.Add(x, h, kHidden);
+      be.RmsNorm(x, n3, 1, kHidden, 1e-5f, h);
+      be.MatMul(h, 1, lm, logits);
+      got.clear();
+      for (const auto& [p, n] : std::initializer_list<std::pair<const float*, int64_t>>{
+               {x, kHidden}, {h, kHidden}, {gate, kFfn}, {up, kFfn}, {q, kQ}, {k, kKv}, {v, kKv}, {logits, kVocab}}) {
+        std::vector<float> o(n);
+        be.CopyToHost(o.data(), p, n * sizeof(float));
+        got.push_back(std::move(o));
+      }
+    }
+    return got;
+  };
+  const auto want = run(*gpu_, owned_plain, 1);
+  const int folds_before = cuda::FoldedNormLaunches();
+  const auto first = run(*folding, owned_folding, 1);
+  EXPECT_EQ(cuda::FoldedNormLaunches() - folds_before, 3) << "the three norms were not folded";
+  const char* names[] = {"x", "h", "gate", "up", "q", "k", "v", "logits"};
+  for (size_t i = 0; i < want.size(); ++i) EXPECT_LE(RelErr(first[i], want[i]), 1e-5) << names[i];
+  const auto again = run(*folding, owned_folding, 3);
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(0, std::memcmp(again[i].data(), first[i].data(), first[i].size() * sizeof(float))) << names[i] << " differs between runs";
+  }
+}
+
 TEST_F(CudaBackendTest, MatMulSharedEqualsSeparateCalls) {
   const int64_t K = 512;
   const int64_t rows[3] = {256, 64, 64};  // Q/K/V-like
