@@ -204,6 +204,7 @@ class CudaBackend : public Backend {
     const char* fold = std::getenv("DYN_CUDA_FOLD_NORM");
     fold_norm_ = !persistent_ && fold != nullptr && (std::string(fold) == "1" || std::string(fold) == "2");
     fold_into_lm_head_ = fold_norm_ && std::string(fold) == "1";
+    if (const char* dbg = std::getenv("DYN_CUDA_FOLD_DEBUG")) cuda::SetFoldNormDebug(std::atoi(dbg));
     const char* fuse = std::getenv("DYN_CUDA_FUSE");  // a mask of kFuse* bits; unset: all
     fuse_ = fuse == nullptr ? kFuseAll : std::atoi(fuse) & kFuseAll;
     cuda::SetProgrammaticLaunch(env_on("DYN_CUDA_PDL"));

@@ -134,13 +134,17 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
   }
   LetNextKernelLaunch();
   WaitForPreviousKernel();
+  // Consumer: thread t < 5 x 16 loads one word (limb t / 16 of copy t % 16); its first use is after
+  // the row's loop, so the load's latency hides behind the loop (a loop of dependent adds here kept
+  // warp 0 from starting its row).
+  constexpr int kLimbThreads = kNormFoldLimbs * kNormFoldCopies;
+  static_assert(kNormFoldCopies == 16 && kWarpsPerRow * R * 32 >= kLimbThreads + 16);
   unsigned long long limb = 0;
   if constexpr (kFold == 1) {
     if (row_writer) fold_res = jobs.fold.res[row];
   } else if constexpr (kFold == 2) {
-    if (threadIdx.x < kNormFoldLimbs) {
-#pragma unroll
-      for (int c = 0; c < kNormFoldCopies; ++c) limb += jobs.fold.acc[c * kNormFoldCopyStride + threadIdx.x];
+    if (threadIdx.x < kLimbThreads && (jobs.fold_debug & 2) == 0) {
+      limb = jobs.fold.acc[(threadIdx.x % kNormFoldCopies) * kNormFoldCopyStride + threadIdx.x / kNormFoldCopies];
     }
     if (threadIdx.x == 32 && jobs.fold.h != nullptr && h_index < jobs.fold.dim) fold_res = jobs.fold.res[h_index];
   }
@@ -168,14 +172,17 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
     if (lane == 0) partial[row_in_block][part][m] = v;
   }
   __shared__ unsigned long long s_limbs[kFold == 2 ? kNormFoldLimbs : 1];
-  if constexpr (kFold == 2) {
-    if (threadIdx.x < kNormFoldLimbs) s_limbs[threadIdx.x] = limb;
+  if constexpr (kFold == 2) {  // each 16 lanes sum one limb's copies (integers: any order gives the same sum)
+    if (threadIdx.x < kLimbThreads + 16) {
+      for (int o = kNormFoldCopies / 2; o > 0; o >>= 1) limb += __shfl_xor_sync(0xffffffffu, limb, o);
+      if (threadIdx.x % kNormFoldCopies == 0 && threadIdx.x < kLimbThreads) s_limbs[threadIdx.x / kNormFoldCopies] = limb;
+    }
   }
   __syncthreads();
   float fold_scale = 1.0f;
   if constexpr (kFold == 2) {
     if (threadIdx.x == 0 || threadIdx.x == 32) fold_scale = NormScaleFromLimbs(s_limbs, jobs.fold.dim, jobs.fold.eps);
-    if (threadIdx.x == 32 && jobs.fold.h != nullptr) {
+    if (threadIdx.x == 32 && jobs.fold.h != nullptr && (jobs.fold_debug & 4) == 0) {
       for (int64_t j = h_index; j < jobs.fold.dim; j += gridDim.x) {
         if (j != h_index) {
           fold_res = jobs.fold.res[j];
@@ -209,9 +216,13 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
     outj[lane * rows + row] = s;
     if constexpr (kFold == 1) {  // the residual add, the norm's elementwise part and its sum of squares
       const float xn = fold_res + s;
-      jobs.fold.res[row] = xn;
-      jobs.fold.xg[row] = __fmul_rn(xn, fold_w);
-      AddSquareToLimbs(jobs.fold.acc + (row % kNormFoldCopies) * kNormFoldCopyStride, __fmul_rn(xn, xn));
+      if ((jobs.fold_debug & 8) == 0) {
+        jobs.fold.res[row] = xn;
+        jobs.fold.xg[row] = __fmul_rn(xn, fold_w);
+      }
+      if ((jobs.fold_debug & 1) == 0) {
+        AddSquareToLimbs(jobs.fold.acc + (row % kNormFoldCopies) * kNormFoldCopyStride, __fmul_rn(xn, xn));
+      }
     }
   }
   BlockTraceEnd();
@@ -262,7 +273,9 @@ void SetGemvRowsPerBlock(int rows) { g_rows_at_m1 = rows == 2 ? 2 : 1; }
 
 namespace {
 std::atomic<int> g_folded_norms{0};  // FoldedNormLaunches
+int g_fold_debug = 0;
 }  // namespace
+void SetFoldNormDebug(int mask) { g_fold_debug = mask; }
 int FoldedNormLaunches() { return g_folded_norms.load(); }
 
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
@@ -276,6 +289,7 @@ void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const 
   GemvJobs jobs = MakeGemvJobs(count, w, rows, out, RowsPerBlock(m), &blocks);
   if (produce != nullptr || consume != nullptr) {
     jobs.fold = produce != nullptr ? *produce : *consume;
+    jobs.fold_debug = g_fold_debug;
     if (produce != nullptr) g_folded_norms.fetch_add(1);
     LaunchFold<false>(stream, x, produce != nullptr ? 1 : 2, jobs, cols, static_cast<unsigned>(blocks));
   } else {
@@ -301,6 +315,7 @@ void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* 
   jobs.swiglu_out = out;
   if (consume != nullptr) {
     jobs.fold = *consume;
+    jobs.fold_debug = g_fold_debug;
     LaunchFold<true>(stream, x, 2, jobs, cols, static_cast<unsigned>(rows));
   } else {
     LaunchAnyM<true>(stream, x, m, jobs, cols, static_cast<unsigned>(rows));

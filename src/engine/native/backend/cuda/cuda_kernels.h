@@ -179,6 +179,9 @@ constexpr int kNormFoldLimbs = 5, kNormFoldCopies = 16, kNormFoldCopyStride = 16
 constexpr size_t kNormFoldAccWords = size_t{kNormFoldCopyStride} * kNormFoldCopies;
 // Host launches of a producing GEMV so far (tests: the fold happened; graph replays do not count).
 int FoldedNormLaunches();
+// Timing only (wrong results; DYN_CUDA_FOLD_DEBUG, a mask): 1 the producer adds no squares, 2 the
+// consumer loads no limbs, 4 the consumer writes no h, 8 the producer writes neither res nor xg.
+void SetFoldNormDebug(int mask);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T. produce /
 // consume (m = 1 only; null: none): the GemvNormFold roles above.
 constexpr int kGemvMaxJobs = 4;
