@@ -159,7 +159,7 @@ constexpr int kMaxSplitsMergedInKernel = 8;  // DYN_CUDA_MERGE_MAX overrides it 
 
 enum Op : uint8_t {
   kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
-  kRopeWriteKv, kAttn, kDecodeAttn, kSample, kPersistent, kGemvFoldOut, kFoldZero
+  kRopeWriteKv, kAttn, kDecodeAttn, kSample, kPersistent
 };
 
 class CudaBackend : public Backend {
@@ -201,10 +201,6 @@ class CudaBackend : public Backend {
     skinny_ = env_on("DYN_CUDA_SKINNY");
     const char* persist = std::getenv("DYN_CUDA_PERSIST");
     persistent_ = persist != nullptr && std::string(persist) == "1";
-    const char* fold = std::getenv("DYN_CUDA_FOLD_NORM");
-    fold_norm_ = !persistent_ && fold != nullptr && (std::string(fold) == "1" || std::string(fold) == "2");
-    fold_into_lm_head_ = fold_norm_ && std::string(fold) == "1";
-    if (const char* dbg = std::getenv("DYN_CUDA_FOLD_DEBUG")) cuda::SetFoldNormDebug(std::atoi(dbg));
     const char* fuse = std::getenv("DYN_CUDA_FUSE");  // a mask of kFuse* bits; unset: all
     fuse_ = fuse == nullptr ? kFuseAll : std::atoi(fuse) & kFuseAll;
     cuda::SetProgrammaticLaunch(env_on("DYN_CUDA_PDL"));
@@ -349,15 +345,10 @@ class CudaBackend : public Backend {
       // The residual add just before (x += y) and this norm become one kernel.
       float* xa = last_add_.x;
       const float* y = last_add_.y;
-      const GemvCall gemv = add_after_gemv_;
       pending_.pop_back();
       sig_.resize(last_add_.sig_size);
       Defer([=, this] { cuda::AddRmsNorm(stream_, xa, y, weight, m, dim, eps, out); }, kAddNorm, xa, y, weight, int64_t{m}, dim, eps,
             out);
-      if (fold_norm_ && m == 1 && gemv.out == y && gemv.rows == dim) {
-        last_add_norm_ = {xa, weight, dim, eps, out, gemv};
-        has_add_norm_ = true;
-      }
       if (m == 1) {
         Persists({.kind = cuda::PersistentCall::kAddNorm, .x = xa, .y = y, .norm_w = weight, .dim = dim, .eps = eps, .norm_out = out});
       }
@@ -391,16 +382,11 @@ class CudaBackend : public Backend {
     const WeightJobs j = JobsOf(ws, outs);
     const int count = static_cast<int>(ws.size());
     const int64_t cols = ws[0].cols;
-    cuda::GemvNormFold fold{};
-    const bool folded = m == 1 && FoldNorm(x, &fold);
-    const float* in = folded ? fold.xg : x;
     const size_t sig_size = sig_.size();
-    Defer([=, this] { cuda::GemvBf16Multi(stream_, in, m, count, j.w, j.rows, cols, j.out, nullptr, folded ? &fold : nullptr); },
-          kGemvMulti, in, m, count, j, cols);
-    if (folded) AppendFold(fold);
+    Defer([=, this] { cuda::GemvBf16Multi(stream_, x, m, count, j.w, j.rows, cols, j.out); }, kGemvMulti, x, m, count, j, cols);
     if (m == 1) PersistsGemv(x, count, j, cols, nullptr);
     if ((fuse_ & kFuseSwiGlu) && count == 2 && j.rows[0] == j.rows[1]) {  // gate/up: a following SwiGlu joins this kernel
-      gate_up_ = {in, m, j.w[0], j.w[1], j.rows[0], cols, j.out[0], j.out[1], sig_size, folded, fold};
+      gate_up_ = {x, m, j.w[0], j.w[1], j.rows[0], cols, j.out[0], j.out[1], sig_size};
       has_gate_up_ = true;
     }
   }
@@ -415,22 +401,16 @@ class CudaBackend : public Backend {
   }
   void Add(float* x, const float* y, size_t n) override {
     const size_t sig_size = sig_.size();
-    const GemvCall gemv = last_gemv_;
     Defer([=, this] { cuda::Add(stream_, x, y, n); }, kAdd, x, y, n);
     last_add_ = {x, y, n, sig_size};  // after Defer, which clears it
-    add_after_gemv_ = gemv;
   }
   void SwiGlu(const float* gate, const float* up, size_t n, float* out) override {
     if (has_gate_up_ && gate == gate_up_.gate && up == gate_up_.up && n == static_cast<size_t>(gate_up_.m) * gate_up_.rows) {
       const GateUpCall c = gate_up_;
       pending_.pop_back();
       sig_.resize(c.sig_size);
-      Defer(
-          [=, this] {
-            cuda::GemvBf16SwiGlu(stream_, c.x, c.m, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out, c.folded ? &c.fold : nullptr);
-          },
-          kGemvSwiGlu, c.x, c.m, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out);
-      if (c.folded) AppendFold(c.fold);
+      Defer([=, this] { cuda::GemvBf16SwiGlu(stream_, c.x, c.m, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out); }, kGemvSwiGlu,
+            c.x, c.m, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out);
       if (c.m == 1) PersistsGemv(c.x, 2, WeightJobs{{c.w_gate, c.w_up}, {c.rows, c.rows}, {c.gate, c.up}}, c.cols, out);
       return;
     }
@@ -586,9 +566,6 @@ class CudaBackend : public Backend {
   // forgets it.
   void ClearFusable() {
     last_add_ = {};
-    last_gemv_ = {};
-    add_after_gemv_ = {};
-    has_add_norm_ = false;
     num_ropes_ = 0;
     has_gate_up_ = false;
     last_rope_kv_ = {};
@@ -730,48 +707,8 @@ class CudaBackend : public Backend {
     int64_t rows = 0, cols = 0;
     float *gate = nullptr, *up = nullptr;
     size_t sig_size = 0;
-    bool folded = false;  // the input is a folded norm's (FoldNorm)
-    cuda::GemvNormFold fold{};
   } gate_up_;
   bool has_gate_up_ = false;
-  // RMSNorm folded into the one-row GEMVs around it (DYN_CUDA_FOLD_NORM=1, cuda::GemvNormFold): a
-  // one-weight GEMV, the residual Add of its output and the RmsNorm after it (fused as AddNorm)
-  // become the folding GEMV when the next GEMV reads the norm's output.
-  struct GemvCall {  // a pending one-row GEMV of one weight
-    const float* x = nullptr;
-    const uint16_t* w = nullptr;
-    int64_t rows = 0, cols = 0;
-    float* out = nullptr;
-    size_t sig_size = 0;  // signature length before it
-  };
-  GemvCall last_gemv_;       // the last pending call, when it is such a GEMV
-  GemvCall add_after_gemv_;  // with last_add_: the GEMV right before that Add
-  struct AddNormCall {       // the last pending call, an AddNorm of one row right after such a GEMV of its y
-    float* x = nullptr;
-    const float* w = nullptr;
-    int dim = 0;
-    float eps = 0.0f;
-    float* out = nullptr;
-    GemvCall gemv;
-  } last_add_norm_;
-  bool has_add_norm_ = false;
-  bool fold_norm_ = false;
-  bool fold_into_lm_head_ = false;  // DYN_CUDA_FOLD_NORM=1: also into a single-weight GEMV (2: only Q/K/V, gate/up)
-  static constexpr int kMaxFoldsInList = 96;
-  int folds_in_list_ = 0;
-  Scratch fold_acc_, fold_xg_;
-  // When x is the output of the AddNorm just pending after a GEMV of its y, replaces both by the
-  // folding GEMV and returns the consumer's half in *fold.
-  bool FoldNorm(const float* x, cuda::GemvNormFold* fold);
-  void AppendFold(const cuda::GemvNormFold& f) {
-    AppendBytes(f.res);
-    AppendBytes(f.w);
-    AppendBytes(f.xg);
-    AppendBytes(f.acc);
-    AppendBytes(f.h);
-    AppendBytes(f.eps);
-    AppendBytes(f.dim);
-  }
   std::string sig_, last_sig_;
   // DYN_CUDA_FLUSH_LAYERS=F,L: the pending list runs before the Q/K/V of layer F, F + L, ... (a step
   // is then several lists, each its own graph). The hashes of the signatures of this step's and the
@@ -819,36 +756,11 @@ void CudaBackend::Flush() {
   if (g_debug_sync >= 1) DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
   pending_.clear();
   ClearFusable();
-  folds_in_list_ = 0;
   if (flush_layers_ > 0) step_sigs_.push_back(sig_hash);
   last_sig_.swap(sig_);
   sig_.clear();
   for (Scratch* s : read_by_pending_) s->read_by_pending = false;
   read_by_pending_.clear();
-}
-
-bool CudaBackend::FoldNorm(const float* x, cuda::GemvNormFold* fold) {
-  if (!has_add_norm_ || last_add_norm_.out != x || folds_in_list_ >= kMaxFoldsInList || pending_.size() < 2) return false;
-  const AddNormCall a = last_add_norm_;
-  const size_t xg_bytes = static_cast<size_t>(a.dim) * sizeof(float);
-  if (!fold_xg_.Fits(xg_bytes) && folds_in_list_ > 0) return false;  // growing would free what a pending fold uses
-  auto* xg = static_cast<float*>(fold_xg_.Get(xg_bytes));
-  constexpr size_t kAccBytes = kMaxFoldsInList * cuda::kNormFoldAccWords * sizeof(unsigned long long);
-  auto* acc = static_cast<unsigned long long*>(fold_acc_.Get(kAccBytes));
-  pending_.pop_back();  // the AddNorm
-  pending_.pop_back();  // the GEMV of its y
-  sig_.resize(a.gemv.sig_size);
-  if (folds_in_list_ == 0) {  // the list's folds start from zeroed limbs
-    pending_.insert(pending_.begin(), Pending{kFoldZero, [=, this] { DYN_CUDA_CHECK(cudaMemsetAsync(acc, 0, kAccBytes, stream_)); }, {}});
-    sig_.push_back(static_cast<char>(kFoldZero));
-  }
-  *fold = {a.x, a.w, xg, acc + folds_in_list_++ * cuda::kNormFoldAccWords, a.out, a.eps, a.dim};
-  const cuda::GemvNormFold f = *fold;
-  const GemvCall g = a.gemv;
-  Defer([=, this] { cuda::GemvBf16Multi(stream_, g.x, 1, 1, &g.w, &g.rows, g.cols, &g.out, &f, nullptr); }, kGemvFoldOut, g.x, g.w,
-        g.rows, g.cols, g.out);
-  AppendFold(f);
-  return true;
 }
 
 void CudaBackend::PlanPersistentRuns() {
@@ -941,20 +853,8 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
   }
   const uint16_t* wb = static_cast<const uint16_t*>(w.data);
   if (m <= kGemvRows && K % 8 == 0 && Aligned16(x) && Aligned16(wb)) {
-    cuda::GemvNormFold fold{};
-    if (m == 1 && fold_into_lm_head_ && FoldNorm(x, &fold)) {  // e.g. the LM head after the final norm
-      const int64_t rows = N;
-      Defer([=, this] { cuda::GemvBf16Multi(stream_, fold.xg, 1, 1, &wb, &rows, K, &out, nullptr, &fold); }, kGemv, fold.xg, m, wb,
-            int64_t{N}, int64_t{K}, out);
-      AppendFold(fold);
-      return;
-    }
-    const size_t sig_size = sig_.size();
     Defer([=, this] { cuda::GemvBf16(stream_, x, m, wb, N, K, out); }, kGemv, x, m, wb, int64_t{N}, int64_t{K}, out);
-    if (m == 1) {
-      PersistsGemv(x, 1, WeightJobs{{wb}, {N}, {out}}, K, nullptr);
-      last_gemv_ = {x, wb, N, K, out, sig_size};
-    }
+    if (m == 1) PersistsGemv(x, 1, WeightJobs{{wb}, {N}, {out}}, K, nullptr);
     return;
   }
   BlasBf16(x, m, std::span<const Weight>(&w, 1), std::span<float* const>(&out, 1));

@@ -155,38 +155,10 @@ constexpr int kGemvMaxRows = 8;
 // comparisons); set once by the backend.
 void SetGemvRowsPerBlock(int rows);
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
-// An RMSNorm folded into the two one-row GEMVs around it (DYN_CUDA_FOLD_NORM), instead of its own
-// kernel between them. The producer (the o or down projection, count 1, rows == dim) also does the
-// residual add and the norm's elementwise part: y = its output, res += y, xg = res * w; and it adds
-// each res[i]^2 to acc as exact integer limbs (atomics on integers, so the sum does not depend on
-// their order: deterministic). The consumer (Q/K/V, gate/up, LM head) takes xg as its input and
-// multiplies its sums by s = 1 / sqrt(sum(res^2) / dim + eps), i.e. W (res * s * w) = s W (res * w);
-// it also writes the norm's output h = res * s * w, which nothing reads in the decode step but a
-// caller may. acc: kNormFoldAccWords zeroed words a norm.
-struct GemvNormFold {
-  float* res;
-  const float* w;
-  float* xg;
-  unsigned long long* acc;
-  float* h;
-  float eps;
-  int dim;
-};
-// Limbs of 32-bit digits from 2^-80; the producer's blocks add into kNormFoldCopies copies, each
-// in its own 128-byte line (8 copies in 40 consecutive words put every block's atomics on the same
-// one or two L2 slices: +3 us at the end of the o and down projections).
-constexpr int kNormFoldLimbs = 5, kNormFoldCopies = 16, kNormFoldCopyStride = 16;
-constexpr size_t kNormFoldAccWords = size_t{kNormFoldCopyStride} * kNormFoldCopies;
-// Host launches of a producing GEMV so far (tests: the fold happened; graph replays do not count).
-int FoldedNormLaunches();
-// Timing only (wrong results; DYN_CUDA_FOLD_DEBUG, a mask): 1 the producer adds no squares, 2 the
-// consumer loads no limbs, 4 the consumer writes no h, 8 the producer writes neither res nor xg.
-void SetFoldNormDebug(int mask);
-// Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T. produce /
-// consume (m = 1 only; null: none): the GemvNormFold roles above.
+// Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
 constexpr int kGemvMaxJobs = 4;
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
-                   int64_t cols, float* const* out, const GemvNormFold* produce = nullptr, const GemvNormFold* consume = nullptr);
+                   int64_t cols, float* const* out);
 
 // out[i][m][rows] = x[m][cols] * w[i]^T for bf16 x and w, 1 <= m <= kSkinnyMaxRows, cols % 32 == 0,
 // 16-byte aligned x and w, F32 out (cuda_gemm_skinny.cu): small decode batches on the tensor
@@ -200,7 +172,7 @@ void SkinnyGemmBf16(cudaStream_t stream, const uint16_t* x, int m, int count, co
 // up) in the same kernel (one block computes row r of both, so the product needs no second pass;
 // the same arithmetic as SwiGlu). out may alias gate.
 void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* w_gate, const uint16_t* w_up, int64_t rows,
-                    int64_t cols, float* gate, float* up, float* out, const GemvNormFold* consume = nullptr);
+                    int64_t cols, float* gate, float* up, float* out);
 
 // ---- batch-1 decode as one persistent kernel (cuda_persistent.cu) ----
 // One pending call as the persistent kernel's planner sees it; kNone: any call it cannot take.

@@ -177,8 +177,6 @@ struct GemvJobs {
   unsigned first_block[kGemvMaxJobs];
   float* swiglu_out;  // GemvBf16SwiGlu only
   int count;
-  GemvNormFold fold;  // with the kernels' kFold (1: produce, 2: consume) only
-  int fold_debug;     // timing-only switches (SetFoldNormDebug)
 };
 
 // The jobs of `count` weights, each given ceil(rows / rows_per_block) blocks; *blocks: the total.
