@@ -327,6 +327,35 @@ TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
   }
 }
 
+// The m = 1 gate/up + SwiGLU with both rows in one 4-warp block keeps the 8-warp kernel's
+// per-row chunk order and reductions: the same bits.
+TEST_F(CudaBackendTest, SwiGluPairBlocksEqualEightWarpBlocks) {
+  std::vector<std::unique_ptr<Buffer>> owned;
+  for (const int64_t K : {4096, 2048, 1000}) {
+    const int64_t N = 999;
+    const std::vector<uint8_t> wg = RandomWeightBytes(DType::kBF16, N, K, 150), wu = RandomWeightBytes(DType::kBF16, N, K, 151);
+    auto g = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, wg.data()}, &owned);
+    auto u = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, wu.data()}, &owned);
+    ASSERT_TRUE(g.ok() && u.ok());
+    const float* dx = Up(RandomVec(K, 152));
+    auto run = [&](bool pair) {
+      cuda::SetSwiGluPair(pair);
+      float* gate = Poisoned(N);
+      float* up = Poisoned(N);
+      const Weight ws[2] = {*g, *u};
+      float* const outs[2] = {gate, up};
+      gpu_->MatMulShared(dx, 1, ws, outs);
+      gpu_->SwiGlu(gate, up, N, gate);
+      std::vector<float> a = Down(gate, N), b = Down(up, N);
+      a.insert(a.end(), b.begin(), b.end());
+      return a;
+    };
+    const std::vector<float> eight = run(false), pair = run(true);
+    EXPECT_EQ(0, std::memcmp(eight.data(), pair.data(), eight.size() * sizeof(float))) << "K=" << K;
+  }
+  cuda::SetSwiGluPair(false);
+}
+
 TEST_F(CudaBackendTest, MatMulSharedEqualsSeparateCalls) {
   const int64_t K = 512;
   const int64_t rows[3] = {256, 64, 64};  // Q/K/V-like

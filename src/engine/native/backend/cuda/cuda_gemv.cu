@@ -133,6 +133,88 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
   BlockTraceEnd();
 }
 
+// m = 1 gate/up + SwiGLU with one group of 4 warps a block taking both rows (SetSwiGluPair): each
+// x chunk is loaded once for the two products (the 8-warp kernel's halves load it each), and a
+// block holds both rows' first loads before its wait. Each row's chunk order and reductions are
+// the 8-warp kernel's, so the sums are bitwise the same.
+__device__ __forceinline__ void AccumulatePair(const uint4& gv, const uint4& uv, const float* __restrict__ x, int64_t c8, float& ag,
+                                               float& au) {
+  float g[8], u[8];
+  Bf16x2ToFloat(gv.x, g[0], g[1]);
+  Bf16x2ToFloat(gv.y, g[2], g[3]);
+  Bf16x2ToFloat(gv.z, g[4], g[5]);
+  Bf16x2ToFloat(gv.w, g[6], g[7]);
+  Bf16x2ToFloat(uv.x, u[0], u[1]);
+  Bf16x2ToFloat(uv.y, u[2], u[3]);
+  Bf16x2ToFloat(uv.z, u[4], u[5]);
+  Bf16x2ToFloat(uv.w, u[6], u[7]);
+  const float4* xp = reinterpret_cast<const float4*>(x + c8 * 8);
+  const float4 a = __ldg(xp), b = __ldg(xp + 1);
+  const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    ag = fmaf(g[k], xs[k], ag);
+    au = fmaf(u[k], xs[k], au);
+  }
+}
+
+__global__ void __launch_bounds__(kWarpsPerRow * 32) GemvSwiGluPairKernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols) {
+  const int part = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t row = blockIdx.x, n8 = cols / 8;
+  constexpr int kStride = kWarpsPerRow * 32;
+  const uint4* wg = reinterpret_cast<const uint4*>(jobs.w[0]) + row * n8;
+  const uint4* wu = reinterpret_cast<const uint4*>(jobs.w[1]) + row * n8;
+  int64_t c = part * 32 + lane;
+  uint4 vg[kUnroll], vu[kUnroll];
+  const bool first_group = c + (kUnroll - 1) * kStride < n8;
+  if (first_group) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      vg[u] = LoadStreaming(wg + c + u * kStride);
+      vu[u] = LoadStreaming(wu + c + u * kStride);
+    }
+  }
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
+  float ag = 0.0f, au = 0.0f;
+  if (first_group) {
+    while (true) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) AccumulatePair(vg[u], vu[u], x, c + u * kStride, ag, au);
+      c += kUnroll * kStride;
+      if (c + (kUnroll - 1) * kStride >= n8) break;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        vg[u] = LoadStreaming(wg + c + u * kStride);
+        vu[u] = LoadStreaming(wu + c + u * kStride);
+      }
+    }
+  }
+  for (; c < n8; c += kStride) AccumulatePair(LoadStreaming(wg + c), LoadStreaming(wu + c), x, c, ag, au);
+  __shared__ float partial[2][kWarpsPerRow];
+  for (int o = 16; o > 0; o >>= 1) {
+    ag += __shfl_xor_sync(0xffffffffu, ag, o);
+    au += __shfl_xor_sync(0xffffffffu, au, o);
+  }
+  if (lane == 0) {
+    partial[0][part] = ag;
+    partial[1][part] = au;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float g = 0.0f, u = 0.0f;
+#pragma unroll
+    for (int p = 0; p < kWarpsPerRow; ++p) g += partial[0][p];
+#pragma unroll
+    for (int p = 0; p < kWarpsPerRow; ++p) u += partial[1][p];
+    jobs.out[0][row] = g;
+    jobs.out[1][row] = u;
+    jobs.swiglu_out[row] = __fmul_rn(g / (1.0f + expf(-g)), u);  // as GemvBf16Kernel
+  }
+  BlockTraceEnd();
+}
+bool g_swiglu_pair = false;
+
 template <int M, bool kSwiGlu = false>
 void Launch(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
   if constexpr (!kSwiGlu && M == 1) {
@@ -162,6 +244,7 @@ void LaunchAnyM(cudaStream_t stream, const float* x, int m, const GemvJobs& jobs
 }  // namespace
 
 void SetGemvRowsPerBlock(int rows) { g_rows_at_m1 = rows == 2 ? 2 : 1; }
+void SetSwiGluPair(bool on) { g_swiglu_pair = on; }
 
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out) {
@@ -186,6 +269,11 @@ void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* 
   jobs.out[1] = up;
   jobs.rows[0] = jobs.rows[1] = rows;
   jobs.swiglu_out = out;
+  if (m == 1 && g_swiglu_pair) {
+    LaunchKernel(GemvSwiGluPairKernel, static_cast<unsigned>(rows), kWarpsPerRow * 32, 0, stream, x, jobs, cols);
+    DYN_CUDA_CHECK_LAUNCH();
+    return;
+  }
   LaunchAnyM<true>(stream, x, m, jobs, cols, static_cast<unsigned>(rows));
   DYN_CUDA_CHECK_LAUNCH();
 }

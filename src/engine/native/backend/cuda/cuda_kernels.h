@@ -171,6 +171,9 @@ void SkinnyGemmBf16(cudaStream_t stream, const uint16_t* x, int m, int count, co
 // gate = x * w_gate^T and up = x * w_up^T (both [m][rows]) as GemvBf16Multi, and out = SwiGlu(gate,
 // up) in the same kernel (one block computes row r of both, so the product needs no second pass;
 // the same arithmetic as SwiGlu). out may alias gate.
+// m = 1: one 4-warp block takes both rows, each x chunk loaded once for both (an experiment,
+// DYN_CUDA_SWIGLU_PAIR=1; the same bits as the default 8-warp blocks).
+void SetSwiGluPair(bool on);
 void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* w_gate, const uint16_t* w_up, int64_t rows,
                     int64_t cols, float* gate, float* up, float* out);
 
