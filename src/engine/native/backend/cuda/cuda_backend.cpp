@@ -213,6 +213,7 @@ class CudaBackend : public Backend {
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
     if (const char* rows = std::getenv("DYN_CUDA_GEMV_ROWS")) cuda::SetGemvRowsPerBlock(std::atoi(rows));
     if (const char* pair = std::getenv("DYN_CUDA_SWIGLU_PAIR")) cuda::SetSwiGluPair(std::string(pair) == "1");
+    if (const char* pair = std::getenv("DYN_CUDA_GEMV_PAIR")) cuda::SetGemvPair(std::string(pair) == "1");
     if (const char* merge = std::getenv("DYN_CUDA_MERGE_MAX")) max_splits_merged_in_kernel_ = std::atoi(merge);
     const char* weights = std::getenv("DYN_CUDA_WEIGHTS");
     f32_weights_to_bf16_ = weights != nullptr && std::string(weights) == "bf16";

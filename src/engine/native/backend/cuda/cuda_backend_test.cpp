@@ -327,9 +327,9 @@ TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
   }
 }
 
-// The m = 1 gate/up + SwiGLU with both rows in one 4-warp block keeps the 8-warp kernel's
-// per-row chunk order and reductions: the same bits.
-TEST_F(CudaBackendTest, SwiGluPairBlocksEqualEightWarpBlocks) {
+// The m = 1 GEMVs with two rows in one 4-warp block (gate and up, or two rows of one weight) keep
+// the per-row chunk order and reductions of the kernels with a row a group of 4 warps: the same bits.
+TEST_F(CudaBackendTest, PairBlocksEqualOneRowBlocks) {
   std::vector<std::unique_ptr<Buffer>> owned;
   for (const int64_t K : {4096, 2048, 1000}) {
     const int64_t N = 999;
@@ -354,6 +354,34 @@ TEST_F(CudaBackendTest, SwiGluPairBlocksEqualEightWarpBlocks) {
     EXPECT_EQ(0, std::memcmp(eight.data(), pair.data(), eight.size() * sizeof(float))) << "K=" << K;
   }
   cuda::SetSwiGluPair(false);
+  // Two rows a block without SwiGLU: Q/K/V-like jobs with odd row counts (a last row alone).
+  for (const int64_t K : {4096, 14336, 1000}) {
+    const int64_t rows[3] = {1001, 333, 64};
+    std::vector<Weight> ws;
+    std::vector<std::vector<uint8_t>> bytes;
+    for (int i = 0; i < 3; ++i) {
+      bytes.push_back(RandomWeightBytes(DType::kBF16, rows[i], K, 160 + i));
+      auto w = gpu_->PrepareWeight(Weight{DType::kBF16, rows[i], K, bytes.back().data()}, &owned);
+      ASSERT_TRUE(w.ok());
+      ws.push_back(*w);
+    }
+    const float* dx = Up(RandomVec(K, 165));
+    auto run = [&](bool pair) {
+      cuda::SetGemvPair(pair);
+      float* outs[3];
+      for (int i = 0; i < 3; ++i) outs[i] = Poisoned(rows[i]);
+      gpu_->MatMulShared(dx, 1, ws, outs);
+      std::vector<float> all;
+      for (int i = 0; i < 3; ++i) {
+        const std::vector<float> o = Down(outs[i], rows[i]);
+        all.insert(all.end(), o.begin(), o.end());
+      }
+      return all;
+    };
+    const std::vector<float> one = run(false), pair = run(true);
+    EXPECT_EQ(0, std::memcmp(one.data(), pair.data(), one.size() * sizeof(float))) << "rows a block, K=" << K;
+  }
+  cuda::SetGemvPair(false);
 }
 
 TEST_F(CudaBackendTest, MatMulSharedEqualsSeparateCalls) {

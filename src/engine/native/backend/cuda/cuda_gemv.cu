@@ -158,12 +158,29 @@ __device__ __forceinline__ void AccumulatePair(const uint4& gv, const uint4& uv,
   }
 }
 
-__global__ void __launch_bounds__(kWarpsPerRow * 32) GemvSwiGluPairKernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols) {
+// !kSwiGlu (SetGemvPair): two consecutive rows of one weight (a weight's odd last row alone), as
+// the one-row kernel computes each.
+template <bool kSwiGlu>
+__global__ void __launch_bounds__(kWarpsPerRow * 32) GemvPairKernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols) {
   const int part = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t row = blockIdx.x, n8 = cols / 8;
+  const int64_t n8 = cols / 8;
   constexpr int kStride = kWarpsPerRow * 32;
-  const uint4* wg = reinterpret_cast<const uint4*>(jobs.w[0]) + row * n8;
-  const uint4* wu = reinterpret_cast<const uint4*>(jobs.w[1]) + row * n8;
+  int64_t row = blockIdx.x, row2 = row;
+  const uint16_t* w0 = jobs.w[0];
+  const uint16_t* w1 = jobs.w[1];
+  float* out0 = jobs.out[0];
+  bool second = true;
+  if constexpr (!kSwiGlu) {
+    int64_t rows;
+    unsigned first;
+    PickJob(jobs, w0, out0, rows, first);
+    row = (blockIdx.x - first) * int64_t{2};
+    second = row + 1 < rows;
+    row2 = second ? row + 1 : row;
+    w1 = w0;
+  }
+  const uint4* wg = reinterpret_cast<const uint4*>(w0) + row * n8;
+  const uint4* wu = reinterpret_cast<const uint4*>(w1) + row2 * n8;
   int64_t c = part * 32 + lane;
   uint4 vg[kUnroll], vu[kUnroll];
   const bool first_group = c + (kUnroll - 1) * kStride < n8;
@@ -207,13 +224,18 @@ __global__ void __launch_bounds__(kWarpsPerRow * 32) GemvSwiGluPairKernel(const 
     for (int p = 0; p < kWarpsPerRow; ++p) g += partial[0][p];
 #pragma unroll
     for (int p = 0; p < kWarpsPerRow; ++p) u += partial[1][p];
-    jobs.out[0][row] = g;
-    jobs.out[1][row] = u;
-    jobs.swiglu_out[row] = __fmul_rn(g / (1.0f + expf(-g)), u);  // as GemvBf16Kernel
+    if constexpr (kSwiGlu) {
+      jobs.out[0][row] = g;
+      jobs.out[1][row] = u;
+      jobs.swiglu_out[row] = __fmul_rn(g / (1.0f + expf(-g)), u);  // as GemvBf16Kernel
+    } else {
+      out0[row] = g;
+      if (second) out0[row2] = u;
+    }
   }
   BlockTraceEnd();
 }
-bool g_swiglu_pair = false;
+bool g_swiglu_pair = false, g_gemv_pair = false;
 
 template <int M, bool kSwiGlu = false>
 void Launch(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
@@ -245,11 +267,18 @@ void LaunchAnyM(cudaStream_t stream, const float* x, int m, const GemvJobs& jobs
 
 void SetGemvRowsPerBlock(int rows) { g_rows_at_m1 = rows == 2 ? 2 : 1; }
 void SetSwiGluPair(bool on) { g_swiglu_pair = on; }
+void SetGemvPair(bool on) { g_gemv_pair = on; }
 
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out) {
   if (count < 1 || count > kGemvMaxJobs) Check(cudaErrorInvalidValue, "GemvBf16Multi: job count", __FILE__, __LINE__);
   int64_t blocks = 0;
+  if (m == 1 && g_gemv_pair) {
+    const GemvJobs jobs = MakeGemvJobs(count, w, rows, out, 2, &blocks);
+    LaunchKernel(GemvPairKernel<false>, static_cast<unsigned>(blocks), kWarpsPerRow * 32, 0, stream, x, jobs, cols);
+    DYN_CUDA_CHECK_LAUNCH();
+    return;
+  }
   const GemvJobs jobs = MakeGemvJobs(count, w, rows, out, RowsPerBlock(m), &blocks);
   LaunchAnyM<false>(stream, x, m, jobs, cols, static_cast<unsigned>(blocks));
   DYN_CUDA_CHECK_LAUNCH();
@@ -270,7 +299,7 @@ void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* 
   jobs.rows[0] = jobs.rows[1] = rows;
   jobs.swiglu_out = out;
   if (m == 1 && g_swiglu_pair) {
-    LaunchKernel(GemvSwiGluPairKernel, static_cast<unsigned>(rows), kWarpsPerRow * 32, 0, stream, x, jobs, cols);
+    LaunchKernel(GemvPairKernel<true>, static_cast<unsigned>(rows), kWarpsPerRow * 32, 0, stream, x, jobs, cols);
     DYN_CUDA_CHECK_LAUNCH();
     return;
   }

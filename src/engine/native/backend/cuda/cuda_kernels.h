@@ -174,6 +174,9 @@ void SkinnyGemmBf16(cudaStream_t stream, const uint16_t* x, int m, int count, co
 // m = 1: one 4-warp block takes both rows, each x chunk loaded once for both (an experiment,
 // DYN_CUDA_SWIGLU_PAIR=1; the same bits as the default 8-warp blocks).
 void SetSwiGluPair(bool on);
+// m = 1 without SwiGLU: two consecutive rows a 4-warp block, x loaded once for both (an
+// experiment, DYN_CUDA_GEMV_PAIR=1; the same bits as one row a block).
+void SetGemvPair(bool on);
 void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* w_gate, const uint16_t* w_up, int64_t rows,
                     int64_t cols, float* gate, float* up, float* out);
 
