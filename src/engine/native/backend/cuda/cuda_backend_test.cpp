@@ -327,19 +327,20 @@ TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
   }
 }
 
-// The m = 1 GEMVs with two rows in one 4-warp block (gate and up, or two rows of one weight) keep
-// the per-row chunk order and reductions of the kernels with a row a group of 4 warps: the same bits.
+// The m = 1 GEMVs with 2 or 4 rows a 4-warp block sharing x (gate and up pairs, or rows of one
+// weight) keep the per-row chunk order and reductions of the kernels with a row a group of 4
+// warps: the same bits.
 TEST_F(CudaBackendTest, PairBlocksEqualOneRowBlocks) {
   std::vector<std::unique_ptr<Buffer>> owned;
   for (const int64_t K : {4096, 2048, 1000}) {
-    const int64_t N = 999;
+    const int64_t N = 999;  // odd: the last block of 2 pairs has one
     const std::vector<uint8_t> wg = RandomWeightBytes(DType::kBF16, N, K, 150), wu = RandomWeightBytes(DType::kBF16, N, K, 151);
     auto g = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, wg.data()}, &owned);
     auto u = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, wu.data()}, &owned);
     ASSERT_TRUE(g.ok() && u.ok());
     const float* dx = Up(RandomVec(K, 152));
-    auto run = [&](bool pair) {
-      cuda::SetSwiGluPair(pair);
+    auto run = [&](int r) {
+      cuda::SetGemvRowsSharingX(0, r);
       float* gate = Poisoned(N);
       float* up = Poisoned(N);
       const Weight ws[2] = {*g, *u};
@@ -350,10 +351,12 @@ TEST_F(CudaBackendTest, PairBlocksEqualOneRowBlocks) {
       a.insert(a.end(), b.begin(), b.end());
       return a;
     };
-    const std::vector<float> eight = run(false), pair = run(true);
-    EXPECT_EQ(0, std::memcmp(eight.data(), pair.data(), eight.size() * sizeof(float))) << "K=" << K;
+    const std::vector<float> eight = run(0);
+    for (const int r : {2, 4}) {
+      const std::vector<float> shared = run(r);
+      EXPECT_EQ(0, std::memcmp(eight.data(), shared.data(), eight.size() * sizeof(float))) << "K=" << K << " rows " << r;
+    }
   }
-  cuda::SetSwiGluPair(false);
   // Two rows a block without SwiGLU: Q/K/V-like jobs with odd row counts (a last row alone).
   for (const int64_t K : {4096, 14336, 1000}) {
     const int64_t rows[3] = {1001, 333, 64};
@@ -366,8 +369,8 @@ TEST_F(CudaBackendTest, PairBlocksEqualOneRowBlocks) {
       ws.push_back(*w);
     }
     const float* dx = Up(RandomVec(K, 165));
-    auto run = [&](bool pair) {
-      cuda::SetGemvPair(pair);
+    auto run = [&](int r) {
+      cuda::SetGemvRowsSharingX(r, 0);
       float* outs[3];
       for (int i = 0; i < 3; ++i) outs[i] = Poisoned(rows[i]);
       gpu_->MatMulShared(dx, 1, ws, outs);
@@ -378,10 +381,13 @@ TEST_F(CudaBackendTest, PairBlocksEqualOneRowBlocks) {
       }
       return all;
     };
-    const std::vector<float> one = run(false), pair = run(true);
-    EXPECT_EQ(0, std::memcmp(one.data(), pair.data(), one.size() * sizeof(float))) << "rows a block, K=" << K;
+    const std::vector<float> one = run(0);
+    for (const int r : {2, 4}) {
+      const std::vector<float> shared = run(r);
+      EXPECT_EQ(0, std::memcmp(one.data(), shared.data(), one.size() * sizeof(float))) << "K=" << K << " rows " << r;
+    }
   }
-  cuda::SetGemvPair(false);
+  cuda::SetGemvRowsSharingX(2, 2);
 }
 
 TEST_F(CudaBackendTest, MatMulSharedEqualsSeparateCalls) {

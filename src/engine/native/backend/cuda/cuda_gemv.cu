@@ -1,13 +1,18 @@
 // bf16-weight GEMV for decode-sized batches (m <= 8): out[m][rows] = x[m][cols] * w^T.
 //
 // A decode step reads every weight once and does 2 * m FLOP per weight, so it is bound by memory
-// bandwidth; cuBLAS's GEMM kernels at m = 1 leave a good part of it unused. Here each output row
-// is one group of kWarpsPerRow warps: the lanes stream the row with 16-byte loads (8 bf16 each,
-// kUnroll loads in flight per lane, not kept in L1), multiply with the F32 activations (small,
-// served from L1/L2) and reduce with warp shuffles and a little shared memory. The weight is read
+// bandwidth; cuBLAS's GEMM kernels at m = 1 leave a good part of it unused. Each output row is
+// streamed by one group of kWarpsPerRow warps: the lanes read the row with 16-byte loads (8 bf16
+// each, kUnroll loads in flight per lane, not kept in L1), multiply with the F32 activations
+// (served from L1/L2) and reduce with warp shuffles and a little shared memory. The weight is read
 // once for all m activation rows; several weights that share x (Q/K/V) run as one launch, and
 // gate/up can end in SwiGLU in the same kernel. With programmatic dependent launch the first
 // weight loads of each block are issued before the previous kernel has finished.
+//
+// At m = 1 the default is GemvRowsKernel: one group of 4 warps takes 2 rows (or a gate/up pair)
+// and loads each x chunk once for both. x's L1 loads (two 16-byte loads a lane for each 16-byte
+// weight load) limit the stream as much as HBM does, so halving them took a batch-1 step of the
+// 8B shape from 4.45-4.47 to 4.27-4.32 ms on an H200 (docs/benchmarks/cuda.md, round 16).
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -133,109 +138,134 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
   BlockTraceEnd();
 }
 
-// m = 1 gate/up + SwiGLU with one group of 4 warps a block taking both rows (SetSwiGluPair): each
-// x chunk is loaded once for the two products (the 8-warp kernel's halves load it each), and a
-// block holds both rows' first loads before its wait. Each row's chunk order and reductions are
-// the 8-warp kernel's, so the sums are bitwise the same.
-__device__ __forceinline__ void AccumulatePair(const uint4& gv, const uint4& uv, const float* __restrict__ x, int64_t c8, float& ag,
-                                               float& au) {
-  float g[8], u[8];
-  Bf16x2ToFloat(gv.x, g[0], g[1]);
-  Bf16x2ToFloat(gv.y, g[2], g[3]);
-  Bf16x2ToFloat(gv.z, g[4], g[5]);
-  Bf16x2ToFloat(gv.w, g[6], g[7]);
-  Bf16x2ToFloat(uv.x, u[0], u[1]);
-  Bf16x2ToFloat(uv.y, u[2], u[3]);
-  Bf16x2ToFloat(uv.z, u[4], u[5]);
-  Bf16x2ToFloat(uv.w, u[6], u[7]);
+// m = 1 with R rows a 4-warp block that share each x chunk (SetGemvRowsSharingX): the one-row
+// kernel loads x once a row, and those L1 loads (2 x 16 bytes for each 16-byte weight load) bound
+// the stream as much as HBM does; R rows a block load x once for R weight loads (measured on an
+// H200: round 16 in docs/benchmarks/cuda.md). Every row keeps the one-row kernel's per-thread chunk
+// order and reductions, so the sums are bitwise the same. kSwiGlu: R / 2 (gate, up) pairs of
+// consecutive rows, the gate row first, and SwiGLU as GemvBf16Kernel computes it.
+template <int R>
+__device__ __forceinline__ void AccumulateRows(const uint4 (&wv)[R], const float* __restrict__ x, int64_t c8, float (&acc)[R]) {
   const float4* xp = reinterpret_cast<const float4*>(x + c8 * 8);
   const float4 a = __ldg(xp), b = __ldg(xp + 1);
   const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    ag = fmaf(g[k], xs[k], ag);
-    au = fmaf(u[k], xs[k], au);
+  for (int r = 0; r < R; ++r) {
+    float w[8];
+    Bf16x2ToFloat(wv[r].x, w[0], w[1]);
+    Bf16x2ToFloat(wv[r].y, w[2], w[3]);
+    Bf16x2ToFloat(wv[r].z, w[4], w[5]);
+    Bf16x2ToFloat(wv[r].w, w[6], w[7]);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[r] = fmaf(w[k], xs[k], acc[r]);
   }
 }
 
-// !kSwiGlu (SetGemvPair): two consecutive rows of one weight (a weight's odd last row alone), as
-// the one-row kernel computes each.
-template <bool kSwiGlu>
-__global__ void __launch_bounds__(kWarpsPerRow * 32) GemvPairKernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols) {
+template <bool kSwiGlu, int R>
+__global__ void __launch_bounds__(kWarpsPerRow * 32) GemvRowsKernel(const float* __restrict__ x, GemvJobs jobs, int64_t cols) {
+  static_assert(R >= 2 && (!kSwiGlu || R % 2 == 0));
   const int part = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n8 = cols / 8;
   constexpr int kStride = kWarpsPerRow * 32;
-  int64_t row = blockIdx.x, row2 = row;
-  const uint16_t* w0 = jobs.w[0];
-  const uint16_t* w1 = jobs.w[1];
-  float* out0 = jobs.out[0];
-  bool second = true;
-  if constexpr (!kSwiGlu) {
-    int64_t rows;
+  const uint16_t* wj = jobs.w[0];
+  float* outj = jobs.out[0];
+  int64_t rows = jobs.rows[0], first_row;
+  if constexpr (kSwiGlu) {
+    first_row = int64_t{blockIdx.x} * (R / 2);
+  } else {
     unsigned first;
-    PickJob(jobs, w0, out0, rows, first);
-    row = (blockIdx.x - first) * int64_t{2};
-    second = row + 1 < rows;
-    row2 = second ? row + 1 : row;
-    w1 = w0;
+    PickJob(jobs, wj, outj, rows, first);
+    first_row = int64_t{blockIdx.x - first} * R;
   }
-  const uint4* wg = reinterpret_cast<const uint4*>(w0) + row * n8;
-  const uint4* wu = reinterpret_cast<const uint4*>(w1) + row2 * n8;
+  // Slot r reads row first_row + r (kSwiGlu: row first_row + r / 2 of gate, r even, or up); the
+  // slots past a weight's last row read the block's first row again and write nothing. Offsets
+  // from one or two base pointers, so the slots cost no registers of their own.
+  const uint4* base0 = reinterpret_cast<const uint4*>(wj) + first_row * n8;
+  const uint4* base1 = reinterpret_cast<const uint4*>(kSwiGlu ? jobs.w[1] : wj) + first_row * n8;
+  auto slot = [&](int r) {
+    const int k = kSwiGlu ? r / 2 : r;
+    const uint4* base = kSwiGlu && r % 2 == 1 ? base1 : base0;
+    return k == 0 || first_row + k < rows ? base + k * n8 : base;
+  };
   int64_t c = part * 32 + lane;
-  uint4 vg[kUnroll], vu[kUnroll];
+  uint4 wv[kUnroll][R];
   const bool first_group = c + (kUnroll - 1) * kStride < n8;
   if (first_group) {
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
-      vg[u] = LoadStreaming(wg + c + u * kStride);
-      vu[u] = LoadStreaming(wu + c + u * kStride);
+#pragma unroll
+      for (int r = 0; r < R; ++r) wv[u][r] = LoadStreaming(slot(r) + c + u * kStride);
     }
   }
   LetNextKernelLaunch();
   WaitForPreviousKernel();
-  float ag = 0.0f, au = 0.0f;
+  float acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
   if (first_group) {
     while (true) {
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) AccumulatePair(vg[u], vu[u], x, c + u * kStride, ag, au);
+      for (int u = 0; u < kUnroll; ++u) AccumulateRows<R>(wv[u], x, c + u * kStride, acc);
       c += kUnroll * kStride;
       if (c + (kUnroll - 1) * kStride >= n8) break;
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        vg[u] = LoadStreaming(wg + c + u * kStride);
-        vu[u] = LoadStreaming(wu + c + u * kStride);
+#pragma unroll
+        for (int r = 0; r < R; ++r) wv[u][r] = LoadStreaming(slot(r) + c + u * kStride);
       }
     }
   }
-  for (; c < n8; c += kStride) AccumulatePair(LoadStreaming(wg + c), LoadStreaming(wu + c), x, c, ag, au);
-  __shared__ float partial[2][kWarpsPerRow];
-  for (int o = 16; o > 0; o >>= 1) {
-    ag += __shfl_xor_sync(0xffffffffu, ag, o);
-    au += __shfl_xor_sync(0xffffffffu, au, o);
+  for (; c < n8; c += kStride) {
+    uint4 one[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) one[r] = LoadStreaming(slot(r) + c);
+    AccumulateRows<R>(one, x, c, acc);
   }
-  if (lane == 0) {
-    partial[0][part] = ag;
-    partial[1][part] = au;
+  __shared__ float partial[R][kWarpsPerRow];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float v = acc[r];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    if (lane == 0) partial[r][part] = v;
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    float g = 0.0f, u = 0.0f;
+  if constexpr (kSwiGlu) {
+    const int i = threadIdx.x;  // pair i: slots 2i (gate) and 2i + 1 (up)
+    if (i < R / 2 && first_row + i < rows) {
+      float g = 0.0f, u = 0.0f;
 #pragma unroll
-    for (int p = 0; p < kWarpsPerRow; ++p) g += partial[0][p];
+      for (int p = 0; p < kWarpsPerRow; ++p) g += partial[2 * i][p];
 #pragma unroll
-    for (int p = 0; p < kWarpsPerRow; ++p) u += partial[1][p];
-    if constexpr (kSwiGlu) {
+      for (int p = 0; p < kWarpsPerRow; ++p) u += partial[2 * i + 1][p];
+      const int64_t row = first_row + i;
       jobs.out[0][row] = g;
       jobs.out[1][row] = u;
       jobs.swiglu_out[row] = __fmul_rn(g / (1.0f + expf(-g)), u);  // as GemvBf16Kernel
-    } else {
-      out0[row] = g;
-      if (second) out0[row2] = u;
+    }
+  } else {
+    const int r = threadIdx.x;
+    if (r < R && first_row + r < rows) {
+      float s = 0.0f;
+#pragma unroll
+      for (int p = 0; p < kWarpsPerRow; ++p) s += partial[r][p];
+      outj[first_row + r] = s;
     }
   }
   BlockTraceEnd();
 }
-bool g_swiglu_pair = false, g_gemv_pair = false;
+
+// Rows a block for m = 1 (0 or 1: the kernels with one row a group of 4 warps). Default 2 for both
+// (round 16: 4.38-4.41 ms a step at context 512 against 4.48-4.51).
+int g_rows_sharing_x = 2, g_swiglu_rows_sharing_x = 2;
+
+template <bool kSwiGlu>
+void LaunchRows(cudaStream_t stream, int r, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
+  if (r == 4) {
+    LaunchKernel(GemvRowsKernel<kSwiGlu, 4>, blocks, kWarpsPerRow * 32, 0, stream, x, jobs, cols);
+  } else {
+    LaunchKernel(GemvRowsKernel<kSwiGlu, 2>, blocks, kWarpsPerRow * 32, 0, stream, x, jobs, cols);
+  }
+}
 
 template <int M, bool kSwiGlu = false>
 void Launch(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
@@ -266,16 +296,18 @@ void LaunchAnyM(cudaStream_t stream, const float* x, int m, const GemvJobs& jobs
 }  // namespace
 
 void SetGemvRowsPerBlock(int rows) { g_rows_at_m1 = rows == 2 ? 2 : 1; }
-void SetSwiGluPair(bool on) { g_swiglu_pair = on; }
-void SetGemvPair(bool on) { g_gemv_pair = on; }
+void SetGemvRowsSharingX(int rows, int swiglu_rows) {
+  g_rows_sharing_x = rows == 4 ? 4 : rows == 2 ? 2 : 0;
+  g_swiglu_rows_sharing_x = swiglu_rows == 4 ? 4 : swiglu_rows == 2 ? 2 : 0;
+}
 
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out) {
   if (count < 1 || count > kGemvMaxJobs) Check(cudaErrorInvalidValue, "GemvBf16Multi: job count", __FILE__, __LINE__);
   int64_t blocks = 0;
-  if (m == 1 && g_gemv_pair) {
-    const GemvJobs jobs = MakeGemvJobs(count, w, rows, out, 2, &blocks);
-    LaunchKernel(GemvPairKernel<false>, static_cast<unsigned>(blocks), kWarpsPerRow * 32, 0, stream, x, jobs, cols);
+  if (const int r = m == 1 ? g_rows_sharing_x : 0; r >= 2) {
+    const GemvJobs jobs = MakeGemvJobs(count, w, rows, out, r, &blocks);
+    LaunchRows<false>(stream, r, x, jobs, cols, static_cast<unsigned>(blocks));
     DYN_CUDA_CHECK_LAUNCH();
     return;
   }
@@ -298,8 +330,9 @@ void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* 
   jobs.out[1] = up;
   jobs.rows[0] = jobs.rows[1] = rows;
   jobs.swiglu_out = out;
-  if (m == 1 && g_swiglu_pair) {
-    LaunchKernel(GemvPairKernel<true>, static_cast<unsigned>(rows), kWarpsPerRow * 32, 0, stream, x, jobs, cols);
+  if (const int r = m == 1 ? g_swiglu_rows_sharing_x : 0; r >= 2) {
+    const int64_t pairs = r / 2;
+    LaunchRows<true>(stream, r, x, jobs, cols, static_cast<unsigned>((rows + pairs - 1) / pairs));
     DYN_CUDA_CHECK_LAUNCH();
     return;
   }

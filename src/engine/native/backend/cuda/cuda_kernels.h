@@ -171,12 +171,10 @@ void SkinnyGemmBf16(cudaStream_t stream, const uint16_t* x, int m, int count, co
 // gate = x * w_gate^T and up = x * w_up^T (both [m][rows]) as GemvBf16Multi, and out = SwiGlu(gate,
 // up) in the same kernel (one block computes row r of both, so the product needs no second pass;
 // the same arithmetic as SwiGlu). out may alias gate.
-// m = 1: one 4-warp block takes both rows, each x chunk loaded once for both (an experiment,
-// DYN_CUDA_SWIGLU_PAIR=1; the same bits as the default 8-warp blocks).
-void SetSwiGluPair(bool on);
-// m = 1 without SwiGLU: two consecutive rows a 4-warp block, x loaded once for both (an
-// experiment, DYN_CUDA_GEMV_PAIR=1; the same bits as one row a block).
-void SetGemvPair(bool on);
+// m = 1: the rows a 4-warp block takes, each x chunk loaded once for all of them (2, the default,
+// or 4; 0: one row a group of 4 warps, the kernel above), for plain GEMVs and for gate/up + SwiGLU
+// (gate and up rows counted; DYN_CUDA_GEMV_ROWS_X="rows[,swiglu_rows]"). The same bits either way.
+void SetGemvRowsSharingX(int rows, int swiglu_rows);
 void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* w_gate, const uint16_t* w_up, int64_t rows,
                     int64_t cols, float* gate, float* up, float* out);
 

@@ -15,12 +15,13 @@ for r in rows:
         ks.append(dict(key=key, n=1, first_rel=rel, last_rel=rel, first_res=res, end=end))
 def name(i, k):
     g, t = k['key']
-    if g == 6144 and t == 128: return 'qkv'
-    if g == 4096 and t == 128:
+    # The 8B shape's GEMVs at one row a block or (default) 2 or 4 rows sharing x (DYN_CUDA_GEMV_ROWS_X).
+    if g in (6144, 3072, 1536) and t == 128: return 'qkv'
+    if g in (4096, 2048, 1024) and t == 128:
         prev = ks[i-1]['key'] if i else None
-        return 'down' if prev and prev[0] == 14336 else 'o'
-    if g == 14336: return 'gateup'
-    if g == 128256: return 'lmhead'
+        return 'down' if prev and prev[0] in (14336, 7168) else 'o'
+    if g in (14336, 7168): return 'gateup'
+    if g in (128256, 64128, 32064): return 'lmhead'
     if g == 1 and t == 1024: return 'norm'
     if g in (128, 256) and t in (128, 256): return f'attn{g}x{t}'
     return f'g{g}x{t}'
