@@ -200,9 +200,7 @@ __device__ __forceinline__ void ForThreadElements(int dim, F f) {
 // the reduction: the store to x evicts it from L1, so that was an L2 round trip on the critical
 // path), and the next kernel launches only once the row has been read, so the next GEMV's early
 // weight loads do not queue ahead of this kernel's loads.
-// issued (bit 4, with late): the next kernel may launch as soon as the row's loads are issued,
-// before their values arrive (they are ahead of its weight loads all the same).
-__global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out, bool late, bool issued) {
+__global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out, bool late) {
   late = late && dim <= kNormMaxPerThread * static_cast<int>(blockDim.x);
   float wv[kNormMaxPerThread], xv[kNormMaxPerThread];
   if (late) ForThreadElements(dim, [&](int k, int i) { wv[k] = w[i]; });
@@ -214,13 +212,10 @@ __global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim,
   const float* yr = y != nullptr ? y + blockIdx.x * int64_t{dim} : nullptr;
   float ss = 0.0f;
   if (late) {
-    float yv[kNormMaxPerThread];
     ForThreadElements(dim, [&](int k, int i) { xv[k] = xr[i]; });
-    if (yr != nullptr) ForThreadElements(dim, [&](int k, int i) { yv[k] = yr[i]; });
-    if (issued) LetNextKernelLaunch();
     if (yr != nullptr) {
       ForThreadElements(dim, [&](int k, int i) {
-        xv[k] += yv[k];
+        xv[k] += yr[i];
         xr[i] = xv[k];
       });
     }
@@ -238,7 +233,7 @@ __global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim,
   ss = WarpSum(ss);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = ss;
   __syncthreads();
-  if (late && !issued) LetNextKernelLaunch();
+  if (late) LetNextKernelLaunch();
   if (threadIdx.x == 0) {
     float total = 0.0f;
     for (int i = 0; i < static_cast<int>(blockDim.x / 32); ++i) total += partial[i];
@@ -433,14 +428,13 @@ void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, boo
 void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
   LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, const_cast<float*>(x), nullptr, w, dim, eps, out,
-               (LateTrigger() & 1) != 0, (LateTrigger() & 4) != 0);
+               (LateTrigger() & 1) != 0);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
 void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
-  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, y, w, dim, eps, out, (LateTrigger() & 1) != 0,
-               (LateTrigger() & 4) != 0);
+  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, y, w, dim, eps, out, (LateTrigger() & 1) != 0);
   DYN_CUDA_CHECK_LAUNCH();
 }
 

@@ -122,8 +122,7 @@ void SetHalfWarpAttention(bool on);
 // Where the latency-bound kernels let the next kernel launch (DYN_CUDA_LATE, a mask, default 3;
 // 0: at their start as every other kernel): 1: RMSNorm loads its weight before the wait, keeps its
 // row in registers and triggers once the row is loaded; 2: decode attention triggers after its
-// key loop; 4 (an experiment, with 1): RMSNorm triggers as soon as its row's loads are issued. An
-// early trigger lets the next GEMV's early weight loads queue ahead of these kernels'.
+// key loop. An early trigger lets the next GEMV's early weight loads queue ahead of these kernels'.
 void SetLateTrigger(int mask);
 int LateTrigger();
 // Key-range splits of the row-wise kernel for a call (flash-decoding): 1 when (kv heads x rows)
