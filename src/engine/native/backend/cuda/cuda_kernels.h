@@ -151,8 +151,12 @@ void AttentionTiles(cudaStream_t stream, const void* cache, const KvLayout& layo
 // Each activation row adds L1 traffic (2 x 16-byte loads per 16-byte weight load), so from m = 2
 // on cuBLAS is faster on an H200 and the backend uses it only at m = 1 (docs/benchmarks/cuda.md).
 constexpr int kGemvMaxRows = 8;
-// Output rows per block of the m = 1, non-SwiGLU GEMV: 1 (default) or 2 (DYN_CUDA_GEMV_ROWS=2,
-// comparisons); set once by the backend.
+// m = 1: the rows a 4-warp block takes, each x chunk loaded once for all of them (2, the default,
+// or 4; 0: one row a group of 4 warps, 8 warps a gate/up pair), for plain GEMVs and gate/up + SwiGLU
+// (gate and up rows counted; DYN_CUDA_GEMV_ROWS_X="rows[,swiglu_rows]"). The same bits either way.
+void SetGemvRowsSharingX(int rows, int swiglu_rows);
+// With rows not sharing x (0 above): output rows per block of the m = 1, non-SwiGLU GEMV, each on
+// its own 4 warps: 1 (default) or 2 (DYN_CUDA_GEMV_ROWS=2, comparisons); set once by the backend.
 void SetGemvRowsPerBlock(int rows);
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
@@ -171,10 +175,6 @@ void SkinnyGemmBf16(cudaStream_t stream, const uint16_t* x, int m, int count, co
 // gate = x * w_gate^T and up = x * w_up^T (both [m][rows]) as GemvBf16Multi, and out = SwiGlu(gate,
 // up) in the same kernel (one block computes row r of both, so the product needs no second pass;
 // the same arithmetic as SwiGlu). out may alias gate.
-// m = 1: the rows a 4-warp block takes, each x chunk loaded once for all of them (2, the default,
-// or 4; 0: one row a group of 4 warps, the kernel above), for plain GEMVs and for gate/up + SwiGLU
-// (gate and up rows counted; DYN_CUDA_GEMV_ROWS_X="rows[,swiglu_rows]"). The same bits either way.
-void SetGemvRowsSharingX(int rows, int swiglu_rows);
 void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* w_gate, const uint16_t* w_up, int64_t rows,
                     int64_t cols, float* gate, float* up, float* out);
 
