@@ -211,12 +211,7 @@ class CudaBackend : public Backend {
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
-    if (const char* rows = std::getenv("DYN_CUDA_GEMV_ROWS")) cuda::SetGemvRowsPerBlock(std::atoi(rows));
-    if (const char* rx = std::getenv("DYN_CUDA_GEMV_ROWS_X")) {
-      int rows = 2, swiglu_rows = 2;
-      const int n = std::sscanf(rx, "%d,%d", &rows, &swiglu_rows);
-      cuda::SetGemvRowsSharingX(rows, n >= 2 ? swiglu_rows : rows);
-    }
+    if (const char* rx = std::getenv("DYN_CUDA_GEMV_ROWS_X")) cuda::SetGemvRowsSharingX(rx);
     if (const char* merge = std::getenv("DYN_CUDA_MERGE_MAX")) max_splits_merged_in_kernel_ = std::atoi(merge);
     const char* weights = std::getenv("DYN_CUDA_WEIGHTS");
     f32_weights_to_bf16_ = weights != nullptr && std::string(weights) == "bf16";

@@ -332,60 +332,60 @@ TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
 // warps: the same bits.
 TEST_F(CudaBackendTest, PairBlocksEqualOneRowBlocks) {
   std::vector<std::unique_ptr<Buffer>> owned;
-  for (const int64_t K : {4096, 2048, 1000}) {
-    const int64_t N = 999;  // odd: the last block of 2 pairs has one
-    const std::vector<uint8_t> wg = RandomWeightBytes(DType::kBF16, N, K, 150), wu = RandomWeightBytes(DType::kBF16, N, K, 151);
-    auto g = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, wg.data()}, &owned);
-    auto u = gpu_->PrepareWeight(Weight{DType::kBF16, N, K, wu.data()}, &owned);
-    ASSERT_TRUE(g.ok() && u.ok());
-    const float* dx = Up(RandomVec(K, 152));
-    auto run = [&](int r) {
-      cuda::SetGemvRowsSharingX(0, r);
-      float* gate = Poisoned(N);
-      float* up = Poisoned(N);
-      const Weight ws[2] = {*g, *u};
-      float* const outs[2] = {gate, up};
-      gpu_->MatMulShared(dx, 1, ws, outs);
-      gpu_->SwiGlu(gate, up, N, gate);
-      std::vector<float> a = Down(gate, N), b = Down(up, N);
-      a.insert(a.end(), b.begin(), b.end());
-      return a;
-    };
-    const std::vector<float> eight = run(0);
-    for (const int r : {2, 4}) {
-      const std::vector<float> shared = run(r);
-      EXPECT_EQ(0, std::memcmp(eight.data(), shared.data(), eight.size() * sizeof(float))) << "K=" << K << " rows " << r;
-    }
-  }
-  // Two rows a block without SwiGLU: Q/K/V-like jobs with odd row counts (a last row alone).
-  for (const int64_t K : {4096, 14336, 1000}) {
-    const int64_t rows[3] = {1001, 333, 64};
-    std::vector<Weight> ws;
-    std::vector<std::vector<uint8_t>> bytes;
-    for (int i = 0; i < 3; ++i) {
-      bytes.push_back(RandomWeightBytes(DType::kBF16, rows[i], K, 160 + i));
-      auto w = gpu_->PrepareWeight(Weight{DType::kBF16, rows[i], K, bytes.back().data()}, &owned);
-      ASSERT_TRUE(w.ok());
-      ws.push_back(*w);
-    }
-    const float* dx = Up(RandomVec(K, 165));
-    auto run = [&](int r) {
-      cuda::SetGemvRowsSharingX(r, 0);
-      float* outs[3];
-      for (int i = 0; i < 3; ++i) outs[i] = Poisoned(rows[i]);
-      gpu_->MatMulShared(dx, 1, ws, outs);
-      std::vector<float> all;
-      for (int i = 0; i < 3; ++i) {
-        const std::vector<float> o = Down(outs[i], rows[i]);
-        all.insert(all.end(), o.begin(), o.end());
-      }
-      return all;
-    };
+  // run(r): the outputs with r rows a block (0: the kernels with a row a group of 4 warps).
+  auto expect_same_bits = [](auto run, const std::string& what) {
     const std::vector<float> one = run(0);
     for (const int r : {2, 4}) {
       const std::vector<float> shared = run(r);
-      EXPECT_EQ(0, std::memcmp(one.data(), shared.data(), one.size() * sizeof(float))) << "K=" << K << " rows " << r;
+      EXPECT_EQ(0, std::memcmp(one.data(), shared.data(), one.size() * sizeof(float))) << what << ", rows " << r;
     }
+  };
+  auto prepare = [&](int64_t rows, int64_t cols, const std::vector<uint8_t>& bytes) {
+    auto w = gpu_->PrepareWeight(Weight{DType::kBF16, rows, cols, bytes.data()}, &owned);
+    EXPECT_TRUE(w.ok()) << w.status().ToString();
+    return w.ok() ? *w : Weight{};
+  };
+  for (const int64_t K : {4096, 2048, 1000}) {
+    const int64_t N = 999;  // odd: the last block of 2 pairs has one
+    const std::vector<uint8_t> wg = RandomWeightBytes(DType::kBF16, N, K, 150), wu = RandomWeightBytes(DType::kBF16, N, K, 151);
+    const Weight ws[2] = {prepare(N, K, wg), prepare(N, K, wu)};
+    const float* dx = Up(RandomVec(K, 152));
+    expect_same_bits(
+        [&](int r) {
+          cuda::SetGemvRowsSharingX(0, r);
+          float* const outs[2] = {Poisoned(N), Poisoned(N)};
+          gpu_->MatMulShared(dx, 1, ws, outs);
+          gpu_->SwiGlu(outs[0], outs[1], N, outs[0]);
+          std::vector<float> a = Down(outs[0], N), b = Down(outs[1], N);
+          a.insert(a.end(), b.begin(), b.end());
+          return a;
+        },
+        "gate/up + SwiGLU, K=" + std::to_string(K));
+  }
+  // Without SwiGLU: Q/K/V-like jobs with odd row counts (a last row alone).
+  for (const int64_t K : {4096, 14336, 1000}) {
+    const int64_t rows[3] = {1001, 333, 64};
+    std::vector<std::vector<uint8_t>> bytes;
+    std::vector<Weight> ws;
+    for (int i = 0; i < 3; ++i) {
+      bytes.push_back(RandomWeightBytes(DType::kBF16, rows[i], K, 160 + i));
+      ws.push_back(prepare(rows[i], K, bytes.back()));
+    }
+    const float* dx = Up(RandomVec(K, 165));
+    expect_same_bits(
+        [&](int r) {
+          cuda::SetGemvRowsSharingX(r, 0);
+          float* outs[3];
+          for (int i = 0; i < 3; ++i) outs[i] = Poisoned(rows[i]);
+          gpu_->MatMulShared(dx, 1, ws, outs);
+          std::vector<float> all;
+          for (int i = 0; i < 3; ++i) {
+            const std::vector<float> o = Down(outs[i], rows[i]);
+            all.insert(all.end(), o.begin(), o.end());
+          }
+          return all;
+        },
+        "three weights, K=" + std::to_string(K));
   }
   cuda::SetGemvRowsSharingX(2, 2);
 }

@@ -123,7 +123,7 @@ double Kernels() {
   };
   const Shape shapes[] = {{"qkv 6144x4096", 6144, 4096},    {"o 4096x4096", 4096, 4096},         {"kv 1024x4096", 1024, 4096},
                           {"gate+up 28672x4096", 28672, 4096}, {"down 4096x14336", 4096, 14336}, {"lm_head 128256x4096", 128256, 4096}};
-  if (const char* rows = std::getenv("DYN_CUDA_GEMV_ROWS")) cuda::SetGemvRowsPerBlock(std::atoi(rows));  // as the backend does
+  if (const char* rx = std::getenv("DYN_CUDA_GEMV_ROWS_X")) cuda::SetGemvRowsSharingX(rx);  // as the backend does
   // skinny: the tensor-core kernel for 2 <= m <= 8 (cuda_gemm_skinny.cu), bf16 x like cuBLAS.
   std::printf("%-22s %3s %10s %10s %10s %11s %10s %11s\n", "bf16 matmul", "m", "gemv us", "gemv GB/s", "skinny us", "skinny GB/s",
               "cublas us", "cublas GB/s");

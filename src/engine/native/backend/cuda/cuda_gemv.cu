@@ -16,6 +16,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <cstdio>
+
 #include "engine/native/backend/cuda/cuda_kernels.h"
 #include "engine/native/backend/cuda/cuda_launch.cuh"
 
@@ -24,23 +26,47 @@ namespace {
 
 constexpr int kWarpsPerRow = 4;
 constexpr int kRowsPerBlock = 2;  // SwiGLU (gate and up rows together) and m > 1
-// Rows per block at m = 1 without SwiGLU (SetGemvRowsPerBlock). Measured on an H200
-// (docs/benchmarks/cuda.md, round 6): one row per block streams the down projection (28 KB rows)
-// at 4.08 TB/s instead of 3.67 (two 28 KB rows kept a block ~9 us, so the grid's last blocks left
-// SMs idle longer), the o projection 2% faster, Q/K/V and the LM head level.
-int g_rows_at_m1 = 1;
-// Output rows per block of a non-SwiGLU launch: the block count and the kernel's R follow it.
-int RowsPerBlock(int m) { return m == 1 ? g_rows_at_m1 : kRowsPerBlock; }
+// Output rows per block of a non-SwiGLU GemvBf16Kernel launch: the block count and the kernel's R
+// follow it. One at m = 1: measured on an H200 (docs/benchmarks/cuda.md, round 6), one row per
+// block streams the down projection (28 KB rows) at 4.08 TB/s instead of 3.67 (two 28 KB rows kept
+// a block ~9 us, so the grid's last blocks left SMs idle longer), the o projection 2% faster.
+int RowsPerBlock(int m) { return m == 1 ? 1 : kRowsPerBlock; }
 constexpr int kUnroll = 4;
+constexpr int kStride = kWarpsPerRow * 32;  // between a lane's chunks of a row
+
+// A lane's group of kUnroll chunks from chunk c on: load(c, chunk) fills one.
+template <class Chunk, class Load>
+__device__ __forceinline__ void LoadGroup(int64_t c, Chunk (&group)[kUnroll], Load load) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) load(c + u * kStride, group[u]);
+}
+
+// A lane's chunks c, c + kStride, ... < n8 of its row(s), multiplied by use(chunk, c): `held` is
+// the first group, loaded before the kernel's wait when first_group (weights do not depend on the
+// previous kernel); then kUnroll loads in flight at a time, and the last chunks one at a time.
+template <class Chunk, class Load, class Use>
+__device__ __forceinline__ void StreamChunks(int64_t c, int64_t n8, bool first_group, Chunk (&held)[kUnroll], Load load, Use use) {
+  if (first_group) {
+    while (true) {
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) use(held[u], c + u * kStride);
+      c += kUnroll * kStride;
+      if (c + (kUnroll - 1) * kStride >= n8) break;
+      LoadGroup(c, held, load);
+    }
+  }
+  for (; c < n8; c += kStride) {
+    Chunk one;
+    load(c, one);
+    use(one, c);
+  }
+}
 
 template <int M>
 __device__ __forceinline__ void Accumulate(const uint4& wv, const float* __restrict__ x, int64_t cols, int64_t c8,
                                            float (&acc)[M]) {
   float w[8];
-  Bf16x2ToFloat(wv.x, w[0], w[1]);
-  Bf16x2ToFloat(wv.y, w[2], w[3]);
-  Bf16x2ToFloat(wv.z, w[4], w[5]);
-  Bf16x2ToFloat(wv.w, w[6], w[7]);
+  Bf16x8ToFloat(wv, w);
 #pragma unroll
   for (int m = 0; m < M; ++m) {
     const float4* xp = reinterpret_cast<const float4*>(x + m * cols + c8 * 8);
@@ -80,35 +106,20 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
   }
   const bool live = row < rows;
   const int64_t n8 = cols / 8;
-  constexpr int kStride = kWarpsPerRow * 32;
   const uint4* wr = reinterpret_cast<const uint4*>(wj) + (live ? row : 0) * n8;
-  int64_t c = part * 32 + lane;
+  const int64_t c = part * 32 + lane;
+  auto load = [&](int64_t at, uint4& v) { v = LoadStreaming(wr + at); };
   // The weights do not depend on the previous kernel: the first kUnroll loads are issued before
   // waiting for it (programmatic dependent launch), so they overlap its tail.
   uint4 wv[kUnroll];
   const bool first_group = live && c + (kUnroll - 1) * kStride < n8;
-  if (first_group) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStreaming(wr + c + u * kStride);
-  }
+  if (first_group) LoadGroup(c, wv, load);
   LetNextKernelLaunch();
   WaitForPreviousKernel();
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
-  if (first_group) {
-    while (true) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) Accumulate<M>(wv[u], x, cols, c + u * kStride, acc);
-      c += kUnroll * kStride;
-      if (c + (kUnroll - 1) * kStride >= n8) break;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) wv[u] = LoadStreaming(wr + c + u * kStride);
-    }
-  }
-  if (live) {
-    for (; c < n8; c += kStride) Accumulate<M>(LoadStreaming(wr + c), x, cols, c, acc);
-  }
+  if (live) StreamChunks(c, n8, first_group, wv, load, [&](const uint4& v, int64_t at) { Accumulate<M>(v, x, cols, at, acc); });
   __shared__ float partial[R][kWarpsPerRow][M];
 #pragma unroll
   for (int m = 0; m < M; ++m) {
@@ -127,7 +138,7 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
       const int64_t i = lane * rows + row;
       jobs.out[0][i] = g;
       jobs.out[1][i] = u;
-      jobs.swiglu_out[i] = __fmul_rn(g / (1.0f + expf(-g)), u);  // SwiGluKernel's arithmetic; may alias gate
+      jobs.swiglu_out[i] = SiluMul(g, u);  // may alias gate
     }
   } else if (part == 0 && lane < M && live) {
     float s = 0.0f;
@@ -152,10 +163,7 @@ __device__ __forceinline__ void AccumulateRows(const uint4 (&wv)[R], const float
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     float w[8];
-    Bf16x2ToFloat(wv[r].x, w[0], w[1]);
-    Bf16x2ToFloat(wv[r].y, w[2], w[3]);
-    Bf16x2ToFloat(wv[r].z, w[4], w[5]);
-    Bf16x2ToFloat(wv[r].w, w[6], w[7]);
+    Bf16x8ToFloat(wv[r], w);
 #pragma unroll
     for (int k = 0; k < 8; ++k) acc[r] = fmaf(w[k], xs[k], acc[r]);
   }
@@ -166,7 +174,6 @@ __global__ void __launch_bounds__(kWarpsPerRow * 32) GemvRowsKernel(const float*
   static_assert(R >= 2 && (!kSwiGlu || R % 2 == 0));
   const int part = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n8 = cols / 8;
-  constexpr int kStride = kWarpsPerRow * 32;
   const uint16_t* wj = jobs.w[0];
   float* outj = jobs.out[0];
   int64_t rows = jobs.rows[0], first_row;
@@ -187,40 +194,20 @@ __global__ void __launch_bounds__(kWarpsPerRow * 32) GemvRowsKernel(const float*
     const uint4* base = kSwiGlu && r % 2 == 1 ? base1 : base0;
     return k == 0 || first_row + k < rows ? base + k * n8 : base;
   };
-  int64_t c = part * 32 + lane;
+  const int64_t c = part * 32 + lane;
+  auto load = [&](int64_t at, uint4 (&v)[R]) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) v[r] = LoadStreaming(slot(r) + at);
+  };
   uint4 wv[kUnroll][R];
   const bool first_group = c + (kUnroll - 1) * kStride < n8;
-  if (first_group) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) wv[u][r] = LoadStreaming(slot(r) + c + u * kStride);
-    }
-  }
+  if (first_group) LoadGroup(c, wv, load);
   LetNextKernelLaunch();
   WaitForPreviousKernel();
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
-  if (first_group) {
-    while (true) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) AccumulateRows<R>(wv[u], x, c + u * kStride, acc);
-      c += kUnroll * kStride;
-      if (c + (kUnroll - 1) * kStride >= n8) break;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int r = 0; r < R; ++r) wv[u][r] = LoadStreaming(slot(r) + c + u * kStride);
-      }
-    }
-  }
-  for (; c < n8; c += kStride) {
-    uint4 one[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) one[r] = LoadStreaming(slot(r) + c);
-    AccumulateRows<R>(one, x, c, acc);
-  }
+  StreamChunks(c, n8, first_group, wv, load, [&](const uint4 (&v)[R], int64_t at) { AccumulateRows<R>(v, x, at, acc); });
   __shared__ float partial[R][kWarpsPerRow];
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -240,7 +227,7 @@ __global__ void __launch_bounds__(kWarpsPerRow * 32) GemvRowsKernel(const float*
       const int64_t row = first_row + i;
       jobs.out[0][row] = g;
       jobs.out[1][row] = u;
-      jobs.swiglu_out[row] = __fmul_rn(g / (1.0f + expf(-g)), u);  // as GemvBf16Kernel
+      jobs.swiglu_out[row] = SiluMul(g, u);
     }
   } else {
     const int r = threadIdx.x;
@@ -254,8 +241,8 @@ __global__ void __launch_bounds__(kWarpsPerRow * 32) GemvRowsKernel(const float*
   BlockTraceEnd();
 }
 
-// Rows a block for m = 1 (0 or 1: the kernels with one row a group of 4 warps). Default 2 for both
-// (round 16: 4.38-4.41 ms a step at context 512 against 4.48-4.51).
+// Rows a GemvRowsKernel block takes at m = 1 (0: GemvBf16Kernel, a row a group of 4 warps). 2 for
+// both (round 16: 4.27-4.32 ms a batch-1 step at context 512 against 4.45-4.47; 4 level with 2).
 int g_rows_sharing_x = 2, g_swiglu_rows_sharing_x = 2;
 
 template <bool kSwiGlu>
@@ -270,12 +257,10 @@ void LaunchRows(cudaStream_t stream, int r, const float* x, const GemvJobs& jobs
 template <int M, bool kSwiGlu = false>
 void Launch(cudaStream_t stream, const float* x, const GemvJobs& jobs, int64_t cols, unsigned blocks) {
   if constexpr (!kSwiGlu && M == 1) {
-    if (RowsPerBlock(M) == 1) {
-      LaunchKernel(GemvBf16Kernel<M, kSwiGlu, 1>, blocks, kWarpsPerRow * 32, 0, stream, x, jobs, cols);
-      return;
-    }
+    LaunchKernel(GemvBf16Kernel<M, kSwiGlu, 1>, blocks, kWarpsPerRow * 32, 0, stream, x, jobs, cols);
+  } else {
+    LaunchKernel(GemvBf16Kernel<M, kSwiGlu>, blocks, kWarpsPerRow * kRowsPerBlock * 32, 0, stream, x, jobs, cols);
   }
-  LaunchKernel(GemvBf16Kernel<M, kSwiGlu>, blocks, kWarpsPerRow * kRowsPerBlock * 32, 0, stream, x, jobs, cols);
 }
 
 template <bool kSwiGlu>
@@ -295,10 +280,15 @@ void LaunchAnyM(cudaStream_t stream, const float* x, int m, const GemvJobs& jobs
 
 }  // namespace
 
-void SetGemvRowsPerBlock(int rows) { g_rows_at_m1 = rows == 2 ? 2 : 1; }
 void SetGemvRowsSharingX(int rows, int swiglu_rows) {
-  g_rows_sharing_x = rows == 4 ? 4 : rows == 2 ? 2 : 0;
-  g_swiglu_rows_sharing_x = swiglu_rows == 4 ? 4 : swiglu_rows == 2 ? 2 : 0;
+  auto valid = [](int r) { return r == 2 || r == 4 ? r : 0; };
+  g_rows_sharing_x = valid(rows);
+  g_swiglu_rows_sharing_x = valid(swiglu_rows);
+}
+void SetGemvRowsSharingX(const char* spec) {
+  int rows = 2, swiglu_rows = 2;
+  const int n = std::sscanf(spec, "%d,%d", &rows, &swiglu_rows);
+  SetGemvRowsSharingX(rows, n >= 2 ? swiglu_rows : rows);
 }
 
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,

@@ -271,8 +271,6 @@ __global__ void AddKernel(float* x, const float* y, size_t n) {
   for (size_t i = blockIdx.x * size_t{blockDim.x} + threadIdx.x; i < n; i += size_t{gridDim.x} * blockDim.x) x[i] += y[i];
 }
 
-__device__ __forceinline__ float SiluMul(float g, float u) { return __fmul_rn(g / (1.0f + expf(-g)), u); }
-
 __global__ void SwiGluKernel(const float* gate, const float* up, size_t n, float* out, bool vec4) {
   LetNextKernelLaunch();
   WaitForPreviousKernel();

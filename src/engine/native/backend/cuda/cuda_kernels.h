@@ -155,9 +155,7 @@ constexpr int kGemvMaxRows = 8;
 // or 4; 0: one row a group of 4 warps, 8 warps a gate/up pair), for plain GEMVs and gate/up + SwiGLU
 // (gate and up rows counted; DYN_CUDA_GEMV_ROWS_X="rows[,swiglu_rows]"). The same bits either way.
 void SetGemvRowsSharingX(int rows, int swiglu_rows);
-// With rows not sharing x (0 above): output rows per block of the m = 1, non-SwiGLU GEMV, each on
-// its own 4 warps: 1 (default) or 2 (DYN_CUDA_GEMV_ROWS=2, comparisons); set once by the backend.
-void SetGemvRowsPerBlock(int rows);
+void SetGemvRowsSharingX(const char* spec);  // "rows[,swiglu_rows]", as DYN_CUDA_GEMV_ROWS_X
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
 constexpr int kGemvMaxJobs = 4;

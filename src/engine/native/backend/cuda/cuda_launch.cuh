@@ -159,6 +159,17 @@ __device__ __forceinline__ void Bf16x2ToFloat(uint32_t bits, float& lo, float& h
   hi = __uint_as_float(bits & 0xFFFF0000u);
 }
 
+// The eight bf16 values of a 16-byte load as floats, in order.
+__device__ __forceinline__ void Bf16x8ToFloat(const uint4& v, float (&f)[8]) {
+  Bf16x2ToFloat(v.x, f[0], f[1]);
+  Bf16x2ToFloat(v.y, f[2], f[3]);
+  Bf16x2ToFloat(v.z, f[4], f[5]);
+  Bf16x2ToFloat(v.w, f[6], f[7]);
+}
+
+// silu(g) * u, rounded as SwiGluKernel does; the kernels that fuse SwiGLU use it too.
+__device__ __forceinline__ float SiluMul(float g, float u) { return __fmul_rn(g / (1.0f + expf(-g)), u); }
+
 // A device load of 16 bytes that is read once (weights): not kept in L1.
 __device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
   uint4 v;

@@ -272,7 +272,7 @@ __device__ __forceinline__ void GemvEpilogue(const Phase& ph, uint64_t* ll, unsi
   sum0 *= scale;
   sum1 *= scale;
   if (ph.swiglu) {
-    const float g = __fmul_rn(sum0 / (1.0f + expf(-sum0)), sum1);  // SwiGluKernel's arithmetic
+    const float g = SiluMul(sum0, sum1);
     __stcg(ph.out[0] + u, sum0);
     __stcg(ph.out[1] + u, sum1);
     __stcg(ph.swiglu_out + u, g);  // may alias gate
