@@ -24,7 +24,7 @@ namespace cg = cooperative_groups;
 constexpr int kMaxDecodeDim = 128;
 
 // Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits); kWarps warps a block.
-template <int kPerLane, int kG, int kWarps>
+template <int kPerLane, int kG, int kWarps, int kN>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
     DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope, bool late_trigger) {
   if (!late_trigger) LetNextKernelLaunch();
@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
 
   float qv[kG][kPerLane], acc[kG][kPerLane], mx[kG], sum[kG];
   StartWarpState(s_q, D, b.nh, d0, qv, mx, sum, acc);
-  HalfWarpAttend<kPerLane, kG, true, kWarps>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
+  HalfWarpAttend<kPerLane, kG, true, kWarps, kN>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
   BlockTraceMark(1);  // the key loop done
   if (late_trigger) LetNextKernelLaunch();
 
@@ -122,23 +122,28 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   BlockTraceEnd();
 }
 
-template <int kPerLane, int kG, int kWarps>
+template <int kPerLane, int kG, int kWarps, int kN = kKeys>
 void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cache, const CacheGeometry& g, const AttnRows& meta,
                   const RowArgs& a, const DecodeRope& rope) {
   static const bool non_portable = [] {  // clusters of up to 16 blocks (8 is the portable size)
-    Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG, kWarps>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+    Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
           "cudaFuncSetAttribute", __FILE__, __LINE__);
     return true;
   }();
   (void)non_portable;
-  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope,
+  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope,
                  (LateTrigger() & 2) != 0);
 }
 
+int g_decode_warps = 8;  // SetDecodeWarps
+
+// warps 8 with kn 2 or 4 keys a half-warp in flight, or 4 warps with 4 (kKeys).
 template <int kPerLane, int kG>
-void LaunchDecodeWarps(cudaStream_t stream, dim3 grid, int splits, int warps, __nv_bfloat16* cache, const CacheGeometry& g,
+void LaunchDecodeWarps(cudaStream_t stream, dim3 grid, int splits, int warps, int kn, __nv_bfloat16* cache, const CacheGeometry& g,
                        const AttnRows& meta, const RowArgs& a, const DecodeRope& rope) {
-  if (warps == 8) {
+  if (warps == 8 && kn == 2) {
+    LaunchDecode<kPerLane, kG, 8, 2>(stream, grid, splits, cache, g, meta, a, rope);
+  } else if (warps == 8) {
     LaunchDecode<kPerLane, kG, 8>(stream, grid, splits, cache, g, meta, a, rope);
   } else {
     LaunchDecode<kPerLane, kG, kRowWarps>(stream, grid, splits, cache, g, meta, a, rope);
@@ -165,6 +170,16 @@ int DecodeBlocks(const KvLayout& layout, int num_heads, const AttnRows& meta, in
 // row-wise kernel's sums: the keys are spread over the warps differently): batch 1 at 2048-4096
 // 0.25 ms a step faster; batch 2 at 4096 (256 such blocks) 0.3 ms slower, so the limit counts
 // 4-warp blocks.
+//
+// A grid of at most one block per multiprocessor (batch 1 below ~1k tokens: 16 splits of <= 64
+// keys) runs blocks of 8 warps, each half-warp with 2 keys in flight for splits of up to 32 keys
+// (4 beyond), rather than 4 warps with 4 keys: the phases of this kernel are bound by the latency
+// of each warp's serial instructions (one warp per scheduler at 4 warps a block; round 17 timed
+// the key loop's arithmetic alone, with no loads, at ~2.5 us), so more, shorter warps finish
+// sooner. Batch 1 at context 512: 4.23-4.25 ms a step against 4.30 (round 17); 16 warps (all of a
+// multiprocessor's registers, so the o projection's blocks cannot start beside them) were slower.
+void SetDecodeWarps(int warps) { g_decode_warps = warps; }
+
 bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits) {
   const int group = num_heads / layout.num_kv_heads;
   return meta.decode && meta.num_tiles == 0 && meta.num_rowwise == meta.rows && meta.rows > 0 && layout.dtype == DType::kBF16 &&
@@ -179,21 +194,27 @@ void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, i
   }
   const CacheGeometry g = Geometry(layout, layer);
   const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
-  const int cluster = ClusterSplits(splits), warps = ClusterWarps(splits);
+  const int cluster = ClusterSplits(splits);
   const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, cluster, scale, nullptr, out, nullptr};
   const dim3 grid(layout.num_kv_heads * a.head_chunks, meta.num_rowwise, cluster);
+  int warps = ClusterWarps(splits), kn = kKeys;
+  if (warps == kRowWarps && g_decode_warps == 8 && static_cast<int>(grid.x * grid.y * grid.z) <= MultiprocessorCount()) {
+    warps = 8;
+    const int keys_per_split = (meta.max_len + cluster - 1) / cluster;
+    kn = keys_per_split <= 2 * warps * 2 ? 2 : kKeys;  // 16 half-warps with 2 keys each cover 32
+  }
   auto* c = static_cast<__nv_bfloat16*>(cache);
   if (layout.head_dim == 128) {
     switch (kg) {
-      case 1: LaunchDecodeWarps<8, 1>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
-      case 2: LaunchDecodeWarps<8, 2>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
-      default: LaunchDecodeWarps<8, 4>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
+      case 1: LaunchDecodeWarps<8, 1>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
+      case 2: LaunchDecodeWarps<8, 2>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
+      default: LaunchDecodeWarps<8, 4>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
     }
   } else {
     switch (kg) {
-      case 1: LaunchDecodeWarps<4, 1>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
-      case 2: LaunchDecodeWarps<4, 2>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
-      default: LaunchDecodeWarps<4, 4>(stream, grid, cluster, warps, c, g, meta, a, rope); break;
+      case 1: LaunchDecodeWarps<4, 1>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
+      case 2: LaunchDecodeWarps<4, 2>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
+      default: LaunchDecodeWarps<4, 4>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
     }
   }
   DYN_CUDA_CHECK_LAUNCH();

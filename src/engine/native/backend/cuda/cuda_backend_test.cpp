@@ -887,11 +887,17 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
   // RopeTable, Rope q, Rope k, WriteKv, Attention: two decode rows. With a bf16 cache the fused
   // backend runs decode attention as clusters with the RoPE + KV write inside (8 splits at head_dim
   // 64, GQA 2; 16 at head_dim 128, GQA 4; 32 as 16 blocks of 8 warps at position 1000), the other
-  // RopeWriteKv + attention + combine kernel.
+  // RopeWriteKv + attention + combine kernel. These grids have at most one block per
+  // multiprocessor, so the fused backend's clusters have blocks of 8 warps, which sum the keys in
+  // another order than the row-wise kernel; a third backend with DYN_CUDA_DECODE_WARPS=4 keeps 4
+  // warps where it can, and its sums must be the same bits.
+  std::unique_ptr<Backend> narrow = CudaBackendWith("DYN_CUDA_DECODE_WARPS", "4");
+  ASSERT_NE(narrow, nullptr);
+  Backend* three[3] = {gpu_.get(), plain.get(), narrow.get()};
   struct Case {
     DType kv;
     int head_dim, heads, pos0;
-    bool bitwise;  // 8-warp blocks (32 splits) sum the keys in another order
+    bool bitwise;  // 4-warp blocks: the same bits as the row-wise kernel (not at 32 splits)
   };
   for (const Case c : {Case{DType::kBF16, 64, 4, 450, true}, Case{DType::kF32, 64, 4, 450, true}, Case{DType::kBF16, 128, 8, 600, true},
                        Case{DType::kBF16, 128, 8, 1000, false}}) {
@@ -916,10 +922,10 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
     }
     const std::vector<float> q = RandomVec(rows * heads * hd, 81), k = RandomVec(rows * 2 * hd, 82), v = RandomVec(rows * 2 * hd, 83);
     for (RopeStyle style : {RopeStyle::kNeox, RopeStyle::kInterleaved}) {
-      std::vector<float> got_q[2], got_k[2], got_out[2];
-      std::vector<uint8_t> got_cache[2];
-      for (int i = 0; i < 2; ++i) {
-        Backend& b = *both[i];
+      std::vector<float> got_q[3], got_k[3], got_out[3];
+      std::vector<uint8_t> got_cache[3];
+      for (int i = 0; i < 3; ++i) {
+        Backend& b = *three[i];
         float* dcache = up(b, cache0.data(), cache_bytes);
         float* dq = up(b, q.data(), q.size() * 4);
         float* dk = up(b, k.data(), k.size() * 4);
@@ -944,10 +950,9 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
       EXPECT_EQ(got_q[0], got_q[1]) << "rotated q, " << what;
       EXPECT_EQ(got_k[0], got_k[1]) << "rotated k, " << what;
       EXPECT_TRUE(got_cache[0] == got_cache[1]) << "cache, " << what;
+      EXPECT_LE(RelErr(got_out[0], got_out[1]), 1e-5) << "attention with split merge, " << what;
       if (c.bitwise) {
-        EXPECT_EQ(got_out[0], got_out[1]) << "attention with split merge, " << what;
-      } else {
-        EXPECT_LE(RelErr(got_out[0], got_out[1]), 1e-5) << "attention with split merge, " << what;
+        EXPECT_EQ(got_out[2], got_out[1]) << "attention with split merge, 4-warp blocks, " << what;
       }
       EXPECT_NE(got_cache[0], cache0) << "nothing written, " << what;
     }

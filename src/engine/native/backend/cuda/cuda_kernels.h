@@ -124,6 +124,9 @@ void SetHalfWarpAttention(bool on);
 // row in registers and triggers once the row is loaded; 2: decode attention triggers after its
 // key loop. An early trigger lets the next GEMV's early weight loads queue ahead of these kernels'.
 void SetLateTrigger(int mask);
+// Warps a block of decode attention's cluster kernel where its grid has at most one block per
+// multiprocessor (DYN_CUDA_DECODE_WARPS: 8, the default, or 4 as before round 17).
+void SetDecodeWarps(int warps);
 int LateTrigger();
 // Key-range splits of the row-wise kernel for a call (flash-decoding): 1 when (kv heads x rows)
 // already fill the GPU twice, else more, by the longest row (the rule and its measurements are in
