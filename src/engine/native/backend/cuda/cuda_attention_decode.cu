@@ -4,10 +4,14 @@
 // enough loads in flight; their partial results then went through global memory to the last block
 // to arrive or to a combine kernel, and the RoPE + KV write ran as a kernel before it. Each of
 // those is a dependent step of a few microseconds, 32 times a token. Here the splits of one
-// (kv head, row) are one cluster: each block writes its (max, sum, output) to its own shared
-// memory, and after a cluster barrier every block merges a share of the outputs by reading its
-// peers' shared memory. Optionally the kernel starts with RopeWriteKv's work for its row.
-// The key loop is the half-warp one of RowAttentionHalfWarpKernel (cuda_attention_rows.cuh).
+// (kv head, row) are one cluster: each block writes its (max, sum, output) to global scratch, and
+// after one cluster barrier (which orders those stores for the peers) every block merges a share
+// of the outputs, one lane per split; or, without scratch, through the blocks' shared memory with a
+// second barrier. Optionally the kernel starts with RopeWriteKv's work for its row. The key loop
+// is the half-warp one of RowAttentionHalfWarpKernel (cuda_attention_rows.cuh).
+//
+// Its phases are latency-bound (a few hundred dependent instructions a warp, one or two warps a
+// scheduler): round 17 timed the key loop's arithmetic alone at ~2.5 us with 4 warps a block.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -22,6 +26,29 @@ namespace {
 
 namespace cg = cooperative_groups;
 constexpr int kMaxDecodeDim = 128;
+
+// The splits' results merged with one lane per split (MergeSplits' arithmetic, the sums as a tree):
+// the cluster's blocks share the n outputs, splits lanes each (a power of two, <= 16), and each
+// lane loads its split's (max, sum) and output at once - load(e, s) - rather than one thread
+// loading all splits' in turn. The output goes to out[e].
+template <class Load>
+__device__ __forceinline__ void MergeSplitsByLanes(int splits, int rank, int n, float* out, Load load) {
+  const int s = threadIdx.x % splits, groups = blockDim.x / splits;
+  for (int e0 = rank * groups; e0 < n; e0 += splits * groups) {  // the same trips for all threads (shuffles)
+    const int e = e0 + static_cast<int>(threadIdx.x) / splits;
+    float o;
+    const float2 ml = load(min(e, n - 1), s, o);
+    float m = ml.y > 0.0f ? ml.x : -INFINITY;  // sum 0: an empty split
+    for (int x = splits / 2; x > 0; x >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, x));
+    const float w = ml.y > 0.0f ? ml.y * expf(ml.x - m) : 0.0f;
+    float total = w, sum = w > 0.0f ? o * w : 0.0f;
+    for (int x = splits / 2; x > 0; x >>= 1) {
+      total += __shfl_xor_sync(0xffffffffu, total, x);
+      sum += __shfl_xor_sync(0xffffffffu, sum, x);
+    }
+    if (s == 0 && e < n) out[e] = sum * (1.0f / total);
+  }
+}
 
 // Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits); kWarps warps a block.
 template <int kPerLane, int kG, int kWarps, int kN>
@@ -88,7 +115,18 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
       a.out[q_off + e] = o / total_sum;
       continue;
     }
-    s_o[e] = total_sum > 0.0f ? o / total_sum : 0.0f;  // an empty split: weight 0 below
+    const float split_o = total_sum > 0.0f ? o / total_sum : 0.0f;  // an empty split: weight 0 below
+    if (a.partial != nullptr) {  // [row][head][split] outputs of head_dim, then (max, sum) pairs
+      const size_t slot = (static_cast<size_t>(b.r) * a.num_heads + b.h0 + gi) * a.splits + b.split;
+      a.partial[slot * D + d] = split_o;
+      if (d == 0) {
+        float* ml = a.partial + static_cast<size_t>(meta.num_rowwise) * a.num_heads * a.splits * D + slot * 2;
+        ml[0] = total_max;
+        ml[1] = total_sum;
+      }
+      continue;
+    }
+    s_o[e] = split_o;
     if (d == 0) {
       s_ml[gi][0] = total_max;
       s_ml[gi][1] = total_sum;
@@ -98,9 +136,31 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
     BlockTraceEnd();
     return;
   }
+  if (a.partial != nullptr) {
+    // The same merge from global memory: one cluster barrier (its release and acquire order the
+    // peers' stores before these loads), and no second one, since no block reads a peer's shared
+    // memory.
+    cg::cluster_group cluster = cg::this_cluster();
+    cluster.sync();
+    BlockTraceMark(2);
+    const int rank = static_cast<int>(cluster.block_rank());
+    if (rope.cos_sin != nullptr && rank == 0) {
+      for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];
+    }
+    const float* ml_base = a.partial + static_cast<size_t>(meta.num_rowwise) * a.num_heads * a.splits * D;
+    MergeSplitsByLanes(a.splits, rank, b.nh * D, a.out + q_off, [&](int e, int s, float& o) {
+      const size_t slot = (static_cast<size_t>(b.r) * a.num_heads + b.h0 + e / D) * a.splits + s;
+      o = __ldcg(a.partial + slot * D + e % D);
+      return __ldcg(reinterpret_cast<const float2*>(ml_base + slot * 2));
+    });
+    BlockTraceEnd();
+    return;
+  }
 
   // The splits merge (MergeSplits' arithmetic): block `rank` of the cluster writes every
-  // splits-th share of the outputs, reading each peer's shared memory.
+  // splits-th share of the outputs, reading each peer's shared memory. (MergeSplitsByLanes here,
+  // every lane loading from a peer at once, was slower: 5.3 us from the first barrier to the
+  // block's end against 3.4, round 17.)
   cg::cluster_group cluster = cg::this_cluster();
   cluster.sync();
   BlockTraceMark(2);  // every split's partial result in shared memory
@@ -134,8 +194,6 @@ void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cac
   LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope,
                  (LateTrigger() & 2) != 0);
 }
-
-int g_decode_warps = 8;  // SetDecodeWarps
 
 // warps 8 with kn 2 or 4 keys a half-warp in flight, or 4 warps with 4 (kKeys).
 template <int kPerLane, int kG>
@@ -178,7 +236,6 @@ int DecodeBlocks(const KvLayout& layout, int num_heads, const AttnRows& meta, in
 // the key loop's arithmetic alone, with no loads, at ~2.5 us), so more, shorter warps finish
 // sooner. Batch 1 at context 512: 4.23-4.25 ms a step against 4.30 (round 17); 16 warps (all of a
 // multiprocessor's registers, so the o projection's blocks cannot start beside them) were slower.
-void SetDecodeWarps(int warps) { g_decode_warps = warps; }
 
 bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits) {
   const int group = num_heads / layout.num_kv_heads;
@@ -188,17 +245,17 @@ bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRow
 }
 
 void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* q,
-                     int num_heads, float scale, int splits, const DecodeRope& rope, float* out) {
+                     int num_heads, float scale, int splits, const DecodeRope& rope, const DecodeOptions& opt, float* out) {
   if (!DecodeAttentionApplies(layout, num_heads, meta, splits)) {
     Check(cudaErrorInvalidValue, "DecodeAttention: does not apply", __FILE__, __LINE__);
   }
   const CacheGeometry g = Geometry(layout, layer);
   const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
   const int cluster = ClusterSplits(splits);
-  const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, cluster, scale, nullptr, out, nullptr};
+  const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, cluster, scale, opt.partial, out, nullptr};
   const dim3 grid(layout.num_kv_heads * a.head_chunks, meta.num_rowwise, cluster);
   int warps = ClusterWarps(splits), kn = kKeys;
-  if (warps == kRowWarps && g_decode_warps == 8 && static_cast<int>(grid.x * grid.y * grid.z) <= MultiprocessorCount()) {
+  if (warps == kRowWarps && opt.warps == 8 && static_cast<int>(grid.x * grid.y * grid.z) <= MultiprocessorCount()) {
     warps = 8;
     const int keys_per_split = (meta.max_len + cluster - 1) / cluster;
     kn = keys_per_split <= 2 * warps * 2 ? 2 : kKeys;  // 16 half-warps with 2 keys each cover 32

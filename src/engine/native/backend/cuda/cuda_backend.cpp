@@ -210,7 +210,9 @@ class CudaBackend : public Backend {
     const char* attn = std::getenv("DYN_CUDA_ATTN");
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
-    if (const char* dw = std::getenv("DYN_CUDA_DECODE_WARPS")) cuda::SetDecodeWarps(std::atoi(dw));
+    if (const char* dw = std::getenv("DYN_CUDA_DECODE_WARPS")) decode_warps_ = std::atoi(dw);
+    const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
+    decode_merge_global_ = dm == nullptr || std::string(dm) != "smem";
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
     if (const char* rx = std::getenv("DYN_CUDA_GEMV_ROWS_X")) cuda::SetGemvRowsSharingX(rx);
     if (const char* merge = std::getenv("DYN_CUDA_MERGE_MAX")) max_splits_merged_in_kernel_ = std::atoi(merge);
@@ -484,11 +486,17 @@ class CudaBackend : public Backend {
         sig_.resize(rk.sig_size);
         rope = {rk.q, rk.k, rk.v, rk.cos_sin, rk.style == RopeStyle::kNeox};
       }
+      cuda::DecodeOptions opt{.warps = decode_warps_};
+      if (decode_merge_global_) {
+        const size_t part_bytes = cuda::AttentionPartialFloats(layout, num_heads, meta, splits) * sizeof(float);
+        if (!pending_.empty() && !attn_partial_.Fits(part_bytes)) Flush();  // growing frees what a pending kernel writes
+        opt.partial = part_bytes > 0 ? static_cast<float*>(attn_partial_.Get(part_bytes)) : nullptr;
+      }
       Defer(
           [=, this] {
-            cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, out);
+            cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, opt, out);
           },
-          kDecodeAttn, cache, layout, layer, meta, q, num_heads, scale, splits, rope.k, rope.v, rope.cos_sin, rope.neox, out);
+          kDecodeAttn, cache, layout, layer, meta, q, num_heads, scale, splits, rope.k, rope.v, rope.cos_sin, rope.neox, opt.warps, opt.partial, out);
       Persists({.kind = cuda::PersistentCall::kDecodeAttention, .cache = const_cast<float*>(cache), .layout = layout, .layer = layer,
                 .meta = meta, .q = q, .num_heads = num_heads, .scale = scale, .rope = rope, .attn_out = out});
       return;
@@ -651,6 +659,8 @@ class CudaBackend : public Backend {
   int fuse_ = kFuseAll;               // DYN_CUDA_FUSE: which fusions run (0: none)
   bool skinny_ = true;                // DYN_CUDA_SKINNY=0: batches of 2-8 rows on cuBLAS instead of SkinnyGemmBf16
   int max_splits_merged_in_kernel_ = kMaxSplitsMergedInKernel;
+  int decode_warps_ = 8;               // DYN_CUDA_DECODE_WARPS=4: decode attention's clusters as before round 17
+  bool decode_merge_global_ = true;    // DYN_CUDA_DECODE_MERGE=smem: its splits merged through distributed shared memory
   bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;

@@ -108,9 +108,19 @@ struct DecodeRope {  // cos_sin null: no RoPE (q and the cache are ready)
   const float* cos_sin;
   bool neox;
 };
+struct DecodeOptions {
+  // A block's warps where the grid has at most one block per multiprocessor: 8, or 4 as before
+  // round 17 (DYN_CUDA_DECODE_WARPS).
+  int warps = 8;
+  // AttentionPartialFloats of scratch: the splits' results go through global memory, one cluster
+  // barrier, every lane of the cluster merging one split of an output (the default: 0.6-1% faster a
+  // batch-1 step than null, round 17). Null: through distributed shared memory, with a second
+  // barrier so that no block leaves while a peer reads it (DYN_CUDA_DECODE_MERGE=smem).
+  float* partial = nullptr;
+};
 bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits);
 void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* q,
-                     int num_heads, float scale, int splits, const DecodeRope& rope, float* out);
+                     int num_heads, float scale, int splits, const DecodeRope& rope, const DecodeOptions& opt, float* out);
 
 // The GPU's multiprocessor count, which sizes the attention grid; set once by the backend
 // (device queries are kept out of kernel calls, which may run inside a graph capture).
@@ -124,9 +134,6 @@ void SetHalfWarpAttention(bool on);
 // row in registers and triggers once the row is loaded; 2: decode attention triggers after its
 // key loop. An early trigger lets the next GEMV's early weight loads queue ahead of these kernels'.
 void SetLateTrigger(int mask);
-// Warps a block of decode attention's cluster kernel where its grid has at most one block per
-// multiprocessor (DYN_CUDA_DECODE_WARPS: 8, the default, or 4 as before round 17).
-void SetDecodeWarps(int warps);
 int LateTrigger();
 // Key-range splits of the row-wise kernel for a call (flash-decoding): 1 when (kv heads x rows)
 // already fill the GPU twice, else more, by the longest row (the rule and its measurements are in
