@@ -23,7 +23,7 @@ def name(i, k):
     if g in (14336, 7168): return 'gateup'
     if g in (128256, 64128, 32064): return 'lmhead'
     if g == 1 and t == 1024: return 'norm'
-    if g in (128, 256) and t in (128, 256): return f'attn{g}x{t}'
+    if g in (128, 256) and t in (128, 256, 512): return f'attn{g}x{t}'  # decode attention, 4-16 warps a block
     return f'g{g}x{t}'
 by = {}
 for i, k in enumerate(ks):
