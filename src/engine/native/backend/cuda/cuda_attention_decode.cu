@@ -252,7 +252,9 @@ void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, i
   const CacheGeometry g = Geometry(layout, layer);
   const int group = num_heads / layout.num_kv_heads, kg = GroupPerBlock(group);
   const int cluster = ClusterSplits(splits);
-  const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, cluster, scale, opt.partial, out, nullptr};
+  // The lanes' merge takes a power of two of splits (the rule's always are; DYN_CUDA_SPLITS may not be).
+  float* partial = (cluster & (cluster - 1)) == 0 ? opt.partial : nullptr;
+  const RowArgs a{q, num_heads, group, (group + kg - 1) / kg, cluster, scale, partial, out, nullptr};
   const dim3 grid(layout.num_kv_heads * a.head_chunks, meta.num_rowwise, cluster);
   int warps = ClusterWarps(splits), kn = kKeys;
   if (warps == kRowWarps && opt.warps == 8 && static_cast<int>(grid.x * grid.y * grid.z) <= MultiprocessorCount()) {
