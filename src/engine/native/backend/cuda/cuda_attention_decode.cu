@@ -136,17 +136,18 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
     BlockTraceEnd();
     return;
   }
+  // The splits merge (MergeSplits' arithmetic) after a cluster barrier: every split's result is in
+  // scratch or in its block's shared memory.
+  cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  BlockTraceMark(2);
+  const int rank = static_cast<int>(cluster.block_rank());
+  if (rope.cos_sin != nullptr && rank == 0) {  // the rotated q back in place, as RopeWriteKv leaves it
+    for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];
+  }
   if (a.partial != nullptr) {
-    // The same merge from global memory: one cluster barrier (its release and acquire order the
-    // peers' stores before these loads), and no second one, since no block reads a peer's shared
-    // memory.
-    cg::cluster_group cluster = cg::this_cluster();
-    cluster.sync();
-    BlockTraceMark(2);
-    const int rank = static_cast<int>(cluster.block_rank());
-    if (rope.cos_sin != nullptr && rank == 0) {
-      for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];
-    }
+    // From global memory (the barrier's release and acquire order the peers' stores before these
+    // loads), a lane a split; no second barrier, since no block reads a peer's shared memory.
     const float* ml_base = a.partial + static_cast<size_t>(meta.num_rowwise) * a.num_heads * a.splits * D;
     MergeSplitsByLanes(a.splits, rank, b.nh * D, a.out + q_off, [&](int e, int s, float& o) {
       const size_t slot = (static_cast<size_t>(b.r) * a.num_heads + b.h0 + e / D) * a.splits + s;
@@ -156,18 +157,9 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
     BlockTraceEnd();
     return;
   }
-
-  // The splits merge (MergeSplits' arithmetic): block `rank` of the cluster writes every
-  // splits-th share of the outputs, reading each peer's shared memory. (MergeSplitsByLanes here,
-  // every lane loading from a peer at once, was slower: 5.3 us from the first barrier to the
-  // block's end against 3.4, round 17.)
-  cg::cluster_group cluster = cg::this_cluster();
-  cluster.sync();
-  BlockTraceMark(2);  // every split's partial result in shared memory
-  const int rank = static_cast<int>(cluster.block_rank());
-  if (rope.cos_sin != nullptr && rank == 0) {  // the rotated q back in place, as RopeWriteKv leaves it
-    for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];
-  }
+  // From the peers' shared memory, block `rank` writing every splits-th share of the outputs.
+  // (MergeSplitsByLanes here, every lane loading from a peer at once, was slower: 5.3 us from the
+  // barrier to the block's end against 3.4, round 17.)
   for (int e = rank * blockDim.x + threadIdx.x; e < b.nh * D; e += a.splits * blockDim.x) {
     const int gi = e / D;
     a.out[q_off + e] = MergeSplitElement(
