@@ -163,13 +163,7 @@ __device__ __forceinline__ void FinishRow(const AttnRows& meta, const RowArgs& a
       a.out[(static_cast<size_t>(r) * a.num_heads + h) * D + d] = o / total_sum;
       continue;
     }
-    const size_t part = (static_cast<size_t>(ri) * a.num_heads + h) * a.splits + split;
-    a.partial[part * D + d] = total_sum > 0.0f ? o / total_sum : 0.0f;  // an empty split: weight 0 below
-    if (d == 0) {
-      float* ml = a.partial + static_cast<size_t>(meta.num_rowwise) * a.num_heads * a.splits * D + part * 2;
-      ml[0] = total_max;
-      ml[1] = total_sum;
-    }
+    StoreSplitResult(meta, a, D, SplitSlot(a, ri, h, split), d, total_max, total_sum, o);
   }
   if (a.splits == 1 || a.counters == nullptr) return;
   // The last block of this (kv head chunk, row) to finish merges the splits (threadfence

@@ -115,18 +115,11 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
       a.out[q_off + e] = o / total_sum;
       continue;
     }
-    const float split_o = total_sum > 0.0f ? o / total_sum : 0.0f;  // an empty split: weight 0 below
-    if (a.partial != nullptr) {  // [row][head][split] outputs of head_dim, then (max, sum) pairs
-      const size_t slot = (static_cast<size_t>(b.r) * a.num_heads + b.h0 + gi) * a.splits + b.split;
-      a.partial[slot * D + d] = split_o;
-      if (d == 0) {
-        float* ml = a.partial + static_cast<size_t>(meta.num_rowwise) * a.num_heads * a.splits * D + slot * 2;
-        ml[0] = total_max;
-        ml[1] = total_sum;
-      }
+    if (a.partial != nullptr) {
+      StoreSplitResult(meta, a, D, SplitSlot(a, b.ri, b.h0 + gi, b.split), d, total_max, total_sum, o);
       continue;
     }
-    s_o[e] = split_o;
+    s_o[e] = total_sum > 0.0f ? o / total_sum : 0.0f;  // an empty split: weight 0 below
     if (d == 0) {
       s_ml[gi][0] = total_max;
       s_ml[gi][1] = total_sum;
@@ -148,11 +141,10 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   if (a.partial != nullptr) {
     // From global memory (the barrier's release and acquire order the peers' stores before these
     // loads), a lane a split; no second barrier, since no block reads a peer's shared memory.
-    const float* ml_base = a.partial + static_cast<size_t>(meta.num_rowwise) * a.num_heads * a.splits * D;
     MergeSplitsByLanes(a.splits, rank, b.nh * D, a.out + q_off, [&](int e, int s, float& o) {
-      const size_t slot = (static_cast<size_t>(b.r) * a.num_heads + b.h0 + e / D) * a.splits + s;
+      const size_t slot = SplitSlot(a, b.ri, b.h0 + e / D, s);
       o = __ldcg(a.partial + slot * D + e % D);
-      return __ldcg(reinterpret_cast<const float2*>(ml_base + slot * 2));
+      return __ldcg(reinterpret_cast<const float2*>(SplitMaxSum(meta, a, D, slot)));
     });
     BlockTraceEnd();
     return;
@@ -226,9 +218,8 @@ int DecodeBlocks(const KvLayout& layout, int num_heads, const AttnRows& meta, in
 // (4 beyond), rather than 4 warps with 4 keys: the phases of this kernel are bound by the latency
 // of each warp's serial instructions (one warp per scheduler at 4 warps a block; round 17 timed
 // the key loop's arithmetic alone, with no loads, at ~2.5 us), so more, shorter warps finish
-// sooner. Batch 1 at context 512: 4.23-4.25 ms a step against 4.30 (round 17); 16 warps (all of a
-// multiprocessor's registers, so the o projection's blocks cannot start beside them) were slower.
-
+// sooner. Batch 1 at context 512: 4.21-4.22 ms a step against 4.27-4.30 (round 17); 16 warps (all
+// of a multiprocessor's registers, so the o projection's blocks cannot start beside them) were slower.
 bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits) {
   const int group = num_heads / layout.num_kv_heads;
   return meta.decode && meta.num_tiles == 0 && meta.num_rowwise == meta.rows && meta.rows > 0 && layout.dtype == DType::kBF16 &&

@@ -128,6 +128,26 @@ struct RowArgs {
   int* counters;  // splits > 1: per (block column, row) arrival counts, zero between launches; null: separate combine kernel
 };
 
+// One split's result of (row-wise row ri, query head h) in RowArgs::partial: its output at
+// a.partial + SplitSlot(..) * head_dim, its (max, sum) at SplitMaxSum(..).
+__device__ __forceinline__ size_t SplitSlot(const RowArgs& a, int ri, int h, int split) {
+  return (static_cast<size_t>(ri) * a.num_heads + h) * a.splits + split;
+}
+__device__ __forceinline__ float* SplitMaxSum(const AttnRows& meta, const RowArgs& a, int head_dim, size_t slot) {
+  return a.partial + static_cast<size_t>(meta.num_rowwise) * a.num_heads * a.splits * head_dim + slot * 2;
+}
+// A split's output element d, normalized (0 for an empty split: weight 0 in the merge), and at d = 0
+// its (max, sum).
+__device__ __forceinline__ void StoreSplitResult(const AttnRows& meta, const RowArgs& a, int head_dim, size_t slot, int d, float max,
+                                                 float sum, float o) {
+  a.partial[slot * head_dim + d] = sum > 0.0f ? o / sum : 0.0f;
+  if (d == 0) {
+    float* ml = SplitMaxSum(meta, a, head_dim, slot);
+    ml[0] = max;
+    ml[1] = sum;
+  }
+}
+
 // What a row-wise block works on: blockIdx.x = (kv head, chunk of kG of its query heads),
 // blockIdx.y = row-wise row, blockIdx.z = key split.
 struct RowBlock {

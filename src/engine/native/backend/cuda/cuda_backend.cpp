@@ -472,6 +472,12 @@ class CudaBackend : public Backend {
     }
     Defer([=, this] { cuda::WriteKv(stream_, cache, layout, layer, meta, k, v); }, kWriteKv, cache, layout, layer, meta, k, v);
   }
+  // The attention splits' results (AttentionPartialFloats; null when there is one split).
+  float* SplitScratch(const KvLayout& layout, int num_heads, const cuda::AttnRows& meta, int splits) {
+    const size_t part_bytes = cuda::AttentionPartialFloats(layout, num_heads, meta, splits) * sizeof(float);
+    if (!pending_.empty() && !attn_partial_.Fits(part_bytes)) Flush();  // growing frees what a pending kernel writes
+    return part_bytes > 0 ? static_cast<float*>(attn_partial_.Get(part_bytes)) : nullptr;
+  }
   void Attention(const float* cache, const KvLayout& layout, int layer, std::span<const AttentionSeq> seqs, const float* q,
                  int num_heads, float scale, float* out) override {
     const cuda::AttnRows meta = AttnMeta(layout, seqs);
@@ -486,12 +492,8 @@ class CudaBackend : public Backend {
         sig_.resize(rk.sig_size);
         rope = {rk.q, rk.k, rk.v, rk.cos_sin, rk.style == RopeStyle::kNeox};
       }
-      cuda::DecodeOptions opt{.warps = decode_warps_};
-      if (decode_merge_global_) {
-        const size_t part_bytes = cuda::AttentionPartialFloats(layout, num_heads, meta, splits) * sizeof(float);
-        if (!pending_.empty() && !attn_partial_.Fits(part_bytes)) Flush();  // growing frees what a pending kernel writes
-        opt.partial = part_bytes > 0 ? static_cast<float*>(attn_partial_.Get(part_bytes)) : nullptr;
-      }
+      const cuda::DecodeOptions opt{.warps = decode_warps_,
+                                    .partial = decode_merge_global_ ? SplitScratch(layout, num_heads, meta, splits) : nullptr};
       Defer(
           [=, this] {
             cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, opt, out);
@@ -501,9 +503,7 @@ class CudaBackend : public Backend {
                 .meta = meta, .q = q, .num_heads = num_heads, .scale = scale, .rope = rope, .attn_out = out});
       return;
     }
-    const size_t part_bytes = cuda::AttentionPartialFloats(layout, num_heads, meta, splits) * sizeof(float);
-    if (!pending_.empty() && !attn_partial_.Fits(part_bytes)) Flush();  // growing frees what a pending kernel writes
-    float* partial = part_bytes > 0 ? static_cast<float*>(attn_partial_.Get(part_bytes)) : nullptr;
+    float* partial = SplitScratch(layout, num_heads, meta, splits);
     int* counters = nullptr;  // the last block of each split group merges the splits (no combine launch)
     if (splits > 1 && splits <= max_splits_merged_in_kernel_ && (fuse_ & kFuseMerge)) {
       const size_t count_bytes = cuda::AttentionCounters(layout, num_heads, meta) * sizeof(int);

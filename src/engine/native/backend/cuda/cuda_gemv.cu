@@ -41,6 +41,18 @@ __device__ __forceinline__ void LoadGroup(int64_t c, Chunk (&group)[kUnroll], Lo
   for (int u = 0; u < kUnroll; ++u) load(c + u * kStride, group[u]);
 }
 
+// The lane's first group of chunks (when `live` and the row has one) loaded before the wait for
+// the previous kernel: weights do not depend on it, so with programmatic dependent launch the loads
+// overlap its tail. Returns whether the group was loaded (StreamChunks' first_group).
+template <class Chunk, class Load>
+__device__ __forceinline__ bool LoadFirstGroupThenWait(bool live, int64_t c, int64_t n8, Chunk (&held)[kUnroll], Load load) {
+  const bool first_group = live && c + (kUnroll - 1) * kStride < n8;
+  if (first_group) LoadGroup(c, held, load);
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
+  return first_group;
+}
+
 // A lane's chunks c, c + kStride, ... < n8 of its row(s), multiplied by use(chunk, c): `held` is
 // the first group, loaded before the kernel's wait when first_group (weights do not depend on the
 // previous kernel); then kUnroll loads in flight at a time, and the last chunks one at a time.
@@ -109,13 +121,8 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
   const uint4* wr = reinterpret_cast<const uint4*>(wj) + (live ? row : 0) * n8;
   const int64_t c = part * 32 + lane;
   auto load = [&](int64_t at, uint4& v) { v = LoadStreaming(wr + at); };
-  // The weights do not depend on the previous kernel: the first kUnroll loads are issued before
-  // waiting for it (programmatic dependent launch), so they overlap its tail.
   uint4 wv[kUnroll];
-  const bool first_group = live && c + (kUnroll - 1) * kStride < n8;
-  if (first_group) LoadGroup(c, wv, load);
-  LetNextKernelLaunch();
-  WaitForPreviousKernel();
+  const bool first_group = LoadFirstGroupThenWait(live, c, n8, wv, load);
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.0f;
@@ -200,10 +207,7 @@ __global__ void __launch_bounds__(kWarpsPerRow * 32) GemvRowsKernel(const float*
     for (int r = 0; r < R; ++r) v[r] = LoadStreaming(slot(r) + at);
   };
   uint4 wv[kUnroll][R];
-  const bool first_group = c + (kUnroll - 1) * kStride < n8;
-  if (first_group) LoadGroup(c, wv, load);
-  LetNextKernelLaunch();
-  WaitForPreviousKernel();
+  const bool first_group = LoadFirstGroupThenWait(true, c, n8, wv, load);
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;

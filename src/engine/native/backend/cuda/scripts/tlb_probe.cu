@@ -32,7 +32,8 @@ int main() {
   cudaMemset(big, 1, stream_bytes);
   const int hops = 64;
   const size_t page = 2ull << 20, words = kv_bytes / 8;
-  // Chain A: 64 hops in distinct 2 MB pages (stride 32 MB + 256 B); chain B: 64 hops in one page (stride 16 KB + 256 B... wraps in 1 MB).
+  // Chain A: 64 hops in distinct 2 MB pages (stride 32 MB + 256 B, 2 GB in all); chain B: 64 hops
+  // within one page (stride 16 KB + 256 B from 3 GB, ~1 MB in all).
   uint64_t* h = new uint64_t[words]();
   auto build = [&](size_t stride, size_t off0) {
     size_t at = off0;
@@ -42,6 +43,7 @@ int main() {
   const uint64_t a0 = build(16 * page + 256, 0);
   const uint64_t b0 = build(16384 + 256, 3ull << 30);
   cudaMemcpy(kv, h, kv_bytes, cudaMemcpyHostToDevice);
+  delete[] h;
   int sms; cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0);
   // A step streams 15 GB; between two layers' attention ~0.45 GB (one layer's weights), whose
   // 2 MB pages all differ from the cache's (a cache block holds all layers, so each layer's
