@@ -28,6 +28,7 @@
 #include <cstring>
 #include <functional>
 #include <map>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
@@ -159,7 +160,7 @@ constexpr int kMaxSplitsMergedInKernel = 8;  // DYN_CUDA_MERGE_MAX overrides it 
 
 enum Op : uint8_t {
   kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
-  kRopeWriteKv, kAttn, kDecodeAttn, kSample, kPersistent
+  kRopeWriteKv, kAttn, kDecodeAttn, kSample, kPersistent, kGemvResidual, kGemvStaged, kGemvSwiGluStaged
 };
 
 class CudaBackend : public Backend {
@@ -211,6 +212,15 @@ class CudaBackend : public Backend {
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* dw = std::getenv("DYN_CUDA_DECODE_WARPS")) decode_warps_ = std::atoi(dw);
+    if (const char* gs = std::getenv("DYN_CUDA_GEMV_STAGED")) {  // "groups,blocks a multiprocessor,mask"
+      int groups = 0, per_sm = 1;
+      std::sscanf(gs, "%d,%d,%d", &groups, &per_sm, &staged_mask_);
+      cuda::SetGemvStaged(groups, per_sm);
+      if (!cuda::GemvStagedOn()) staged_mask_ &= kStagedResidual;
+    }
+    if (const char* la = std::getenv("DYN_CUDA_L2_AHEAD")) {  // "attention MB,norm MB,mode"
+      std::sscanf(la, "%d,%d,%d", &ahead_attn_mb_, &ahead_norm_mb_, &ahead_mode_);
+    }
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
     decode_merge_global_ = dm == nullptr || std::string(dm) != "smem";
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
@@ -350,14 +360,20 @@ class CudaBackend : public Backend {
       const float* y = last_add_.y;
       pending_.pop_back();
       sig_.resize(last_add_.sig_size);
-      Defer([=, this] { cuda::AddRmsNorm(stream_, xa, y, weight, m, dim, eps, out); }, kAddNorm, xa, y, weight, int64_t{m}, dim, eps,
-            out);
+      auto ahead = m == 1 ? NewAhead(ahead_norm_mb_) : nullptr;
+      Defer([=, this] { cuda::AddRmsNorm(stream_, xa, y, weight, m, dim, eps, out, AheadOf(ahead)); }, kAddNorm, xa, y, weight, int64_t{m},
+            dim, eps, out);
+      ahead_want_ = ahead;
       if (m == 1) {
         Persists({.kind = cuda::PersistentCall::kAddNorm, .x = xa, .y = y, .norm_w = weight, .dim = dim, .eps = eps, .norm_out = out});
       }
       return;
     }
-    Defer([=, this] { cuda::RmsNorm(stream_, x, weight, m, dim, eps, out); }, kNorm, x, weight, int64_t{m}, dim, eps, out);
+    auto ahead = m == 1 ? NewAhead(ahead_norm_mb_) : nullptr;
+    const size_t sig_size = sig_.size();
+    Defer([=, this] { cuda::RmsNorm(stream_, x, weight, m, dim, eps, out, AheadOf(ahead)); }, kNorm, x, weight, int64_t{m}, dim, eps, out);
+    ahead_want_ = ahead;
+    if (m == 1) last_norm_ = {x, weight, dim, eps, out, sig_size};  // after Defer, which clears it
     if (m == 1) {
       Persists({.kind = cuda::PersistentCall::kNorm, .x = const_cast<float*>(x), .norm_w = weight, .dim = dim, .eps = eps,
                 .norm_out = out});
@@ -368,13 +384,22 @@ class CudaBackend : public Backend {
 
   // Decode-sized calls on bf16 weights with one shape of input run as one GEMV launch.
   void MatMulShared(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) override {
-    if (ws.size() == 3) {  // a layer's Q/K/V: no fusion is pending across it, so the list may run here
-      const int layer = layers_in_step_++;
-      if (flush_layers_ > 0 && layer >= flush_first_ && (layer - flush_first_) % flush_layers_ == 0) Flush();
+    if (m == 1 && !ws.empty() && ws[0].dtype == DType::kBF16) {
+      const size_t b0 = ws[0].rows * ws[0].cols * 2;
+      if (ws.size() == 2) FeedAhead(ws[0].data, b0, ws[1].data, ws[1].rows * ws[1].cols * 2);
+      else FeedAhead(ws[0].data, b0);
     }
     bool fused = m >= 1 && m <= kGemvRows && !ws.empty() && ws.size() <= cuda::kGemvMaxJobs && Aligned16(x);
     for (const Weight& w : ws) {
       fused = fused && w.dtype == DType::kBF16 && w.cols == ws[0].cols && w.cols % 8 == 0 && Aligned16(w.data);
+    }
+    // The norm that wrote x joins a staged GEMV (taken off the list before it may run below).
+    cuda::GemvStage stage;
+    const float* staged_x = x;
+    const bool staged = fused && m == 1 && TakeNormFor(x, ws[0].cols, &stage, &staged_x);
+    if (ws.size() == 3) {  // a layer's Q/K/V: no fusion is pending across it, so the list may run here
+      const int layer = layers_in_step_++;
+      if (flush_layers_ > 0 && layer >= flush_first_ && (layer - flush_first_) % flush_layers_ == 0) Flush();
     }
     if (!fused) {
       if (m <= kGemvRows || !BlasBf16(x, m, ws, outs)) {
@@ -386,10 +411,15 @@ class CudaBackend : public Backend {
     const int count = static_cast<int>(ws.size());
     const int64_t cols = ws[0].cols;
     const size_t sig_size = sig_.size();
-    Defer([=, this] { cuda::GemvBf16Multi(stream_, x, m, count, j.w, j.rows, cols, j.out); }, kGemvMulti, x, m, count, j, cols);
-    if (m == 1) PersistsGemv(x, count, j, cols, nullptr);
+    if (staged) {
+      Defer([=, this] { cuda::GemvBf16Staged(stream_, staged_x, stage, count, j.w, j.rows, cols, j.out); }, kGemvStaged, staged_x, stage,
+            count, j, cols);
+    } else {
+      Defer([=, this] { cuda::GemvBf16Multi(stream_, x, m, count, j.w, j.rows, cols, j.out); }, kGemvMulti, x, m, count, j, cols);
+      if (m == 1) PersistsGemv(x, count, j, cols, nullptr);
+    }
     if ((fuse_ & kFuseSwiGlu) && count == 2 && j.rows[0] == j.rows[1]) {  // gate/up: a following SwiGlu joins this kernel
-      gate_up_ = {x, m, j.w[0], j.w[1], j.rows[0], cols, j.out[0], j.out[1], sig_size};
+      gate_up_ = {staged_x, m, j.w[0], j.w[1], j.rows[0], cols, j.out[0], j.out[1], sig_size, staged, stage};
       has_gate_up_ = true;
     }
   }
@@ -403,6 +433,21 @@ class CudaBackend : public Backend {
     Defer([=, this] { cuda::AddBias(stream_, x, m, n, bias); }, kBias, x, m, n, bias);
   }
   void Add(float* x, const float* y, size_t n) override {
+    if ((staged_mask_ & kStagedResidual) && !persistent_ && last_gemv_.out == y && y != nullptr &&
+        static_cast<size_t>(last_gemv_.rows) == n && (last_gemv_.staged || cuda::GemvResidualApplies(1))) {
+      // The m = 1 GEMV that wrote y adds its rows to x as it writes them.
+      const PendingGemv g = last_gemv_;
+      pending_.pop_back();
+      sig_.resize(g.sig_size);
+      if (g.staged) {
+        Defer([=, this] { cuda::GemvBf16Staged(stream_, g.x, cuda::GemvStage{}, 1, &g.w, &g.rows, g.cols, &g.out, x); }, kGemvStaged, g.x,
+              g.w, g.rows, g.cols, g.out, x);
+        return;
+      }
+      Defer([=, this] { cuda::GemvBf16Residual(stream_, g.x, g.w, g.rows, g.cols, g.out, x); }, kGemvResidual, g.x, g.w, g.rows, g.cols,
+            g.out, x);
+      return;
+    }
     const size_t sig_size = sig_.size();
     Defer([=, this] { cuda::Add(stream_, x, y, n); }, kAdd, x, y, n);
     last_add_ = {x, y, n, sig_size};  // after Defer, which clears it
@@ -412,6 +457,11 @@ class CudaBackend : public Backend {
       const GateUpCall c = gate_up_;
       pending_.pop_back();
       sig_.resize(c.sig_size);
+      if (c.staged) {
+        Defer([=, this] { cuda::GemvBf16SwiGluStaged(stream_, c.x, c.stage, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out); },
+              kGemvSwiGluStaged, c.x, c.stage, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out);
+        return;
+      }
       Defer([=, this] { cuda::GemvBf16SwiGlu(stream_, c.x, c.m, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out); }, kGemvSwiGlu,
             c.x, c.m, c.w_gate, c.w_up, c.rows, c.cols, c.gate, c.up, out);
       if (c.m == 1) PersistsGemv(c.x, 2, WeightJobs{{c.w_gate, c.w_up}, {c.rows, c.rows}, {c.gate, c.up}}, c.cols, out);
@@ -493,12 +543,17 @@ class CudaBackend : public Backend {
         rope = {rk.q, rk.k, rk.v, rk.cos_sin, rk.style == RopeStyle::kNeox};
       }
       const cuda::DecodeOptions opt{.warps = decode_warps_,
-                                    .partial = decode_merge_global_ ? SplitScratch(layout, num_heads, meta, splits) : nullptr};
+                                    .partial = decode_merge_global_ ? SplitScratch(layout, num_heads, meta, splits) : nullptr,
+                                    .ahead = {}};
+      auto ahead = meta.rows == 1 ? NewAhead(ahead_attn_mb_) : nullptr;
       Defer(
           [=, this] {
-            cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, opt, out);
+            cuda::DecodeOptions o = opt;
+            o.ahead = AheadOf(ahead);
+            cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, o, out);
           },
           kDecodeAttn, cache, layout, layer, meta, q, num_heads, scale, splits, rope.k, rope.v, rope.cos_sin, rope.neox, opt.warps, opt.partial, out);
+      ahead_want_ = ahead;
       Persists({.kind = cuda::PersistentCall::kDecodeAttention, .cache = const_cast<float*>(cache), .layout = layout, .layer = layer,
                 .meta = meta, .q = q, .num_heads = num_heads, .scale = scale, .rope = rope, .attn_out = out});
       return;
@@ -574,6 +629,9 @@ class CudaBackend : public Backend {
   // What a peephole fusion needs of the trailing pending calls; any new call or a run of the list
   // forgets it.
   void ClearFusable() {
+    ahead_want_.reset();
+    last_gemv_ = {};
+    last_norm_ = {};
     last_add_ = {};
     num_ropes_ = 0;
     has_gate_up_ = false;
@@ -661,6 +719,33 @@ class CudaBackend : public Backend {
   int max_splits_merged_in_kernel_ = kMaxSplitsMergedInKernel;
   int decode_warps_ = 8;               // DYN_CUDA_DECODE_WARPS=4: decode attention's clusters as before round 17
   bool decode_merge_global_ = true;    // DYN_CUDA_DECODE_MERGE=smem: its splits merged through distributed shared memory
+  // DYN_CUDA_L2_AHEAD: MB of the next GEMV's weights that decode attention and the RMSNorm ask L2
+  // for, and where in those kernels (cuda::L2Ahead::mode; 0: off).
+  int ahead_attn_mb_ = 0, ahead_norm_mb_ = 0, ahead_mode_ = 0;
+  struct AheadSlot {
+    cuda::L2Ahead a;
+    size_t budget = 0;
+  };
+  std::shared_ptr<AheadSlot> ahead_want_;  // the last call's slot, filled by the GEMV that follows it
+  // A slot for the call about to be deferred (null when off); set ahead_want_ to it after Defer.
+  std::shared_ptr<AheadSlot> NewAhead(int mb) {
+    if (ahead_mode_ == 0 || mb <= 0) return nullptr;
+    auto slot = std::make_shared<AheadSlot>();
+    slot->a.mode = ahead_mode_;
+    slot->budget = size_t(mb) << 20;
+    return slot;
+  }
+  // The GEMV about to be deferred reads p0 (b0 bytes) and p1: the waiting slot asks for their heads.
+  void FeedAhead(const void* p0, size_t b0, const void* p1 = nullptr, size_t b1 = 0) {
+    if (!ahead_want_) return;
+    const size_t budget = ahead_want_->budget, each = p1 != nullptr ? budget / 2 : budget;
+    ahead_want_->a.p[0] = p0;
+    ahead_want_->a.bytes[0] = std::min(b0, each);
+    ahead_want_->a.p[1] = p1;
+    ahead_want_->a.bytes[1] = p1 != nullptr ? std::min(b1, each) : 0;
+    ahead_want_.reset();
+  }
+  static cuda::L2Ahead AheadOf(const std::shared_ptr<AheadSlot>& s) { return s ? s->a : cuda::L2Ahead{}; }
   bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;
@@ -687,6 +772,46 @@ class CudaBackend : public Backend {
   std::map<std::string, void*> persist_programs_;
   // Replaces each run of pending calls the persistent kernel can take by one launch of it.
   void PlanPersistentRuns();
+  // DYN_CUDA_GEMV_STAGED's mask: a norm joins the m = 1 GEMV after it (kStagedNorm), a residual
+  // Add joins the GEMV before it (kStagedResidual), other m = 1 GEMVs stage x too (kStagedPlain).
+  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedPlain = 4;
+  int staged_mask_ = 0;
+  struct PendingGemv {  // the last pending call, when it is a one-weight m = 1 GEMV (joined by an Add)
+    const float* x = nullptr;
+    const uint16_t* w = nullptr;
+    int64_t rows = 0, cols = 0;
+    float* out = nullptr;
+    size_t sig_size = 0;
+    bool staged = false;  // GemvBf16Staged without a norm
+  } last_gemv_;
+  struct PendingNorm {  // the last pending call, when it is a one-row RmsNorm (joined by a staged GEMV)
+    const float* x = nullptr;
+    const float* w = nullptr;
+    int dim = 0;
+    float eps = 0.0f;
+    float* out = nullptr;
+    size_t sig_size = 0;
+  } last_norm_;
+  // The pending norm whose output is x (cols wide) taken off the list as the stage of a GEMV on x,
+  // or false (nothing changes) when there is none or it does not apply.
+  bool TakeNormFor(const float* x, int64_t cols, cuda::GemvStage* st, const float** raw_x) {
+    if (!(staged_mask_ & kStagedNorm) || persistent_ || last_norm_.out != x || last_norm_.dim != cols) return false;
+    cuda::GemvStage s{.norm_w = last_norm_.w, .eps = last_norm_.eps, .norm_out = last_norm_.out,
+                      .norm_threads = cuda::RmsNormThreads(last_norm_.dim)};
+    if (!cuda::GemvStagedApplies(cols, s)) return false;
+    pending_.pop_back();
+    sig_.resize(last_norm_.sig_size);
+    *st = s;
+    *raw_x = last_norm_.x;
+    last_norm_ = {};
+    return true;
+  }
+  void AppendBytes(const cuda::GemvStage& st) {
+    AppendBytes(st.norm_w);
+    AppendBytes(st.eps);
+    AppendBytes(st.norm_out);
+    AppendBytes(st.norm_threads);
+  }
   struct PendingAdd {  // the last pending call, when it is an Add (fused with a following RmsNorm)
     float* x = nullptr;
     const float* y = nullptr;
@@ -718,6 +843,8 @@ class CudaBackend : public Backend {
     int64_t rows = 0, cols = 0;
     float *gate = nullptr, *up = nullptr;
     size_t sig_size = 0;
+    bool staged = false;  // GemvBf16Staged with `stage` (x is the norm's input then)
+    cuda::GemvStage stage;
   } gate_up_;
   bool has_gate_up_ = false;
   std::string sig_, last_sig_;
@@ -864,8 +991,24 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
   }
   const uint16_t* wb = static_cast<const uint16_t*>(w.data);
   if (m <= kGemvRows && K % 8 == 0 && Aligned16(x) && Aligned16(wb)) {
+    if (m == 1) FeedAhead(wb, size_t(N) * K * 2);
+    if (m == 1) {
+      cuda::GemvStage st;
+      const float* in = x;
+      const int64_t rows = N;
+      const bool norm = TakeNormFor(x, K, &st, &in);
+      if (norm || ((staged_mask_ & kStagedPlain) && !persistent_ && cuda::GemvStagedApplies(K, st))) {
+        const size_t sig_size = sig_.size();
+        Defer([=, this] { cuda::GemvBf16Staged(stream_, in, st, 1, &wb, &rows, K, &out); }, kGemvStaged, in, st, wb, rows, int64_t{K},
+              out);
+        if (!norm) last_gemv_ = {x, wb, N, K, out, sig_size, true};  // after Defer, which clears it
+        return;
+      }
+    }
+    const size_t sig_size = sig_.size();
     Defer([=, this] { cuda::GemvBf16(stream_, x, m, wb, N, K, out); }, kGemv, x, m, wb, int64_t{N}, int64_t{K}, out);
     if (m == 1) PersistsGemv(x, 1, WeightJobs{{wb}, {N}, {out}}, K, nullptr);
+    if (m == 1) last_gemv_ = {x, wb, N, K, out, sig_size};  // after Defer, which clears it
     return;
   }
   BlasBf16(x, m, std::span<const Weight>(&w, 1), std::span<float* const>(&out, 1));

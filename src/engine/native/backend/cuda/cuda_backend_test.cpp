@@ -693,6 +693,69 @@ TEST_F(CudaBackendTest, ResidualAddThenNormIsFusedExactly) {
   EXPECT_LE(RelErr(fused_out, want), 1e-6);
 }
 
+// A decode layer's one-row chain (o projection, residual add, norm, Q/K/V; again with gate/up +
+// SwiGLU and down; the final norm and an LM head) with the staged GEMVs (DYN_CUDA_GEMV_STAGED: the
+// norm inside the next GEMV, the residual add inside the GEMV before it) gives every output bit for
+// bit as the separate kernels do.
+TEST_F(CudaBackendTest, StagedGemvsEqualNormThenGemv) {
+  std::vector<std::unique_ptr<Buffer>> owned;
+  auto prepare = [&](int64_t rows, int64_t cols, uint32_t seed) {
+    const std::vector<uint8_t> bytes = RandomWeightBytes(DType::kBF16, rows, cols, seed);
+    auto w = gpu_->PrepareWeight(Weight{DType::kBF16, rows, cols, bytes.data()}, &owned);
+    EXPECT_TRUE(w.ok()) << w.status().ToString();
+    return w.ok() ? *w : Weight{};
+  };
+  for (const int64_t H : {4096, 1000, 576}) {
+    const int64_t F = 2 * H + 8, V = 3001, KV = H / 4;
+    const Weight wo = prepare(H, H, 300), wq = prepare(H, H, 301), wk = prepare(KV, H, 302), wv = prepare(KV, H, 303);
+    const Weight wg = prepare(F, H, 304), wu = prepare(F, H, 305), wd = prepare(H, F, 306), wlm = prepare(V, H, 307);
+    const std::vector<float> x0 = RandomVec(H, 310), a0 = RandomVec(H, 311);
+    const float* norm_w[3] = {Up(RandomVec(H, 312)), Up(RandomVec(H, 313)), Up(RandomVec(H, 314))};
+    // Every output of the chain on backend b, in one vector.
+    auto run = [&](Backend* b) {
+      float* x = Up(x0);
+      const float* a = Up(a0);
+      float *y1 = Poisoned(H), *y2 = Poisoned(H), *y3 = Poisoned(H), *xn1 = Poisoned(H), *xn2 = Poisoned(H), *xn3 = Poisoned(H);
+      float *q = Poisoned(H), *k = Poisoned(KV), *v = Poisoned(KV), *g = Poisoned(F), *u = Poisoned(F), *logits = Poisoned(V);
+      const float eps = 1e-5f;
+      b->MatMul(a, 1, wo, y1);
+      b->Add(x, y1, H);
+      b->RmsNorm(x, norm_w[0], 1, static_cast<int>(H), eps, xn1);
+      const Weight qkv[3] = {wq, wk, wv};
+      float* const qkv_out[3] = {q, k, v};
+      b->MatMulShared(xn1, 1, qkv, qkv_out);
+      b->MatMul(q, 1, wo, y2);
+      b->Add(x, y2, H);
+      b->RmsNorm(x, norm_w[1], 1, static_cast<int>(H), eps, xn2);
+      const Weight gu[2] = {wg, wu};
+      float* const gu_out[2] = {g, u};
+      b->MatMulShared(xn2, 1, gu, gu_out);
+      b->SwiGlu(g, u, F, g);
+      b->MatMul(g, 1, wd, y3);
+      b->Add(x, y3, H);
+      b->RmsNorm(x, norm_w[2], 1, static_cast<int>(H), eps, xn3);
+      b->MatMul(xn3, 1, wlm, logits);
+      std::vector<float> all;
+      for (auto [p, n] : {std::pair<float*, int64_t>{x, H}, {y1, H}, {y2, H}, {y3, H}, {xn1, H}, {xn2, H}, {xn3, H}, {q, H}, {k, KV},
+                          {v, KV}, {g, F}, {u, F}, {logits, V}}) {
+        std::vector<float> o(n);
+        b->CopyToHost(o.data(), p, n * sizeof(float));  // b's stream: runs b's pending list first
+        all.insert(all.end(), o.begin(), o.end());
+      }
+      return all;
+    };
+    const std::vector<float> want = run(gpu_.get());
+    for (const char* setting : {"4,1,3", "3,2,3", "6,1,3", "4,1,7", "0,1,2", "5,1,7"}) {
+      auto staged = CudaBackendWith("DYN_CUDA_GEMV_STAGED", setting);
+      ASSERT_NE(staged, nullptr);
+      const std::vector<float> got = run(staged.get());
+      ASSERT_EQ(got.size(), want.size());
+      EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size() * sizeof(float))) << "H=" << H << ", staged " << setting;
+    }
+    cuda::SetGemvStaged(0, 1);
+  }
+}
+
 TEST_F(CudaBackendTest, RopeBothStyles) {
   const int m = 4, heads = 3, hd = 64, half = hd / 2;
   const std::vector<int32_t> positions = {0, 1, 517, 8000};

@@ -208,6 +208,12 @@ __global__ void __launch_bounds__(kWarpsPerRow * 32) GemvRowsKernel(const float*
   };
   uint4 wv[kUnroll][R];
   const bool first_group = LoadFirstGroupThenWait(true, c, n8, wv, load);
+  // The residual this block's rows are added to (GemvBf16Residual), loaded now that the previous
+  // kernel is done, so its latency hides behind the weight stream.
+  float res = 0.0f;
+  if (!kSwiGlu && jobs.residual != nullptr && threadIdx.x < R && first_row + threadIdx.x < rows) {
+    res = jobs.residual[first_row + threadIdx.x];
+  }
   float acc[R];
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
@@ -240,6 +246,7 @@ __global__ void __launch_bounds__(kWarpsPerRow * 32) GemvRowsKernel(const float*
 #pragma unroll
       for (int p = 0; p < kWarpsPerRow; ++p) s += partial[r][p];
       outj[first_row + r] = s;
+      if (jobs.residual != nullptr) jobs.residual[first_row + r] = res + s;  // AddKernel's x + y
     }
   }
   BlockTraceEnd();
@@ -312,6 +319,17 @@ void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const 
 
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out) {
   GemvBf16Multi(stream, x, m, 1, &w, &rows, cols, &out);
+}
+
+bool GemvResidualApplies(int m) { return m == 1 && g_rows_sharing_x >= 2; }
+
+void GemvBf16Residual(cudaStream_t stream, const float* x, const uint16_t* w, int64_t rows, int64_t cols, float* out, float* residual) {
+  if (!GemvResidualApplies(1)) Check(cudaErrorInvalidValue, "GemvBf16Residual: needs rows sharing x", __FILE__, __LINE__);
+  int64_t blocks = 0;
+  GemvJobs jobs = MakeGemvJobs(1, &w, &rows, &out, g_rows_sharing_x, &blocks);
+  jobs.residual = residual;
+  LaunchRows<false>(stream, g_rows_sharing_x, x, jobs, cols, static_cast<unsigned>(blocks));
+  DYN_CUDA_CHECK_LAUNCH();
 }
 
 void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* w_gate, const uint16_t* w_up, int64_t rows,

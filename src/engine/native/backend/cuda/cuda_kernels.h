@@ -50,11 +50,22 @@ void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, boo
 // library's kernels cannot start before the previous kernel has finished (cuda_launch.cuh).
 void BeforeLibraryCall(cudaStream_t stream);
 
+// Bytes of the next GEMV's weights (up to two ranges: gate and up) that a kernel with idle HBM
+// time asks L2 to fetch ahead (cp.async.bulk.prefetch.L2, shared over the grid's blocks), so that
+// the GEMV starts from L2 (DYN_CUDA_L2_AHEAD, experiment of round 18).
+struct L2Ahead {
+  const void* p[2] = {nullptr, nullptr};
+  size_t bytes[2] = {0, 0};
+  int mode = 0;  // where in the kernel: 1 = after its own loads (attention: the key loop), 2 = at its start
+};
+
 // RMSNorm of `rows` rows of length dim: out = x / sqrt(mean(x^2) + eps) * w; out may alias x.
-void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out);
+void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out,
+             const L2Ahead& ahead = {});
 // x += y over rows x dim, then out = RmsNorm(x) as above: the residual add and the next norm in one
 // pass (bitwise the same as Add then RmsNorm).
-void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out);
+void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out,
+                const L2Ahead& ahead = {});
 void GatherRows(cudaStream_t stream, const float* x, int dim, const uint32_t* rows, int n, float* out);
 void AddBias(cudaStream_t stream, float* x, int m, int n, const float* bias);
 void Add(cudaStream_t stream, float* x, const float* y, size_t n);
@@ -117,6 +128,7 @@ struct DecodeOptions {
   // batch-1 step than null, round 17). Null: through distributed shared memory, with a second
   // barrier so that no block leaves while a peer reads it (DYN_CUDA_DECODE_MERGE=smem).
   float* partial = nullptr;
+  L2Ahead ahead;
 };
 bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits);
 void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* q,
@@ -167,10 +179,36 @@ constexpr int kGemvMaxRows = 8;
 void SetGemvRowsSharingX(int rows, int swiglu_rows);
 void SetGemvRowsSharingX(const char* spec);  // "rows[,swiglu_rows]", as DYN_CUDA_GEMV_ROWS_X
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
+// m = 1: out = x * w^T and residual += out in one kernel (GemvBf16 then Add, bitwise), where
+// GemvResidualApplies (the rows-sharing-x kernel is on).
+bool GemvResidualApplies(int m);
+void GemvBf16Residual(cudaStream_t stream, const float* x, const uint16_t* w, int64_t rows, int64_t cols, float* out, float* residual);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
 constexpr int kGemvMaxJobs = 4;
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out);
+
+// m = 1 GEMVs whose input is staged once per block in shared memory (cuda_gemv_staged.cu): blocks
+// of `groups` (3-6) groups of 4 warps, `blocks_per_sm` a multiprocessor, that walk the rows
+// grid-stride; with norm_w, the input is RmsNorm(x) * norm_w computed by each block (bitwise
+// RmsNorm's output, which block 0 also writes to norm_out), so the norm kernel before the GEMV goes.
+// Outputs bitwise those of GemvBf16Multi / GemvBf16SwiGlu. groups 0: off (DYN_CUDA_GEMV_STAGED).
+struct GemvStage {
+  const float* norm_w = nullptr;  // null: x as is
+  float eps = 0.0f;
+  float* norm_out = nullptr;
+  int norm_threads = 0;  // RmsNormThreads(cols): the norm kernel's summation order
+};
+void SetGemvStaged(int groups, int blocks_per_sm);
+bool GemvStagedOn();
+bool GemvStagedApplies(int64_t cols, const GemvStage& st);
+// residual (count 1 only, or null): residual[r] += out[r] as GemvBf16Residual.
+void GemvBf16Staged(cudaStream_t stream, const float* x, const GemvStage& st, int count, const uint16_t* const* w,
+                    const int64_t* rows, int64_t cols, float* const* out, float* residual = nullptr);
+void GemvBf16SwiGluStaged(cudaStream_t stream, const float* x, const GemvStage& st, const uint16_t* w_gate, const uint16_t* w_up,
+                          int64_t rows, int64_t cols, float* gate, float* up, float* out);
+// Threads of the RMSNorm kernel's block for rows of dim (its summation order depends on it).
+int RmsNormThreads(int dim);
 
 // out[i][m][rows] = x[m][cols] * w[i]^T for bf16 x and w, 1 <= m <= kSkinnyMaxRows, cols % 32 == 0,
 // 16-byte aligned x and w, F32 out (cuda_gemm_skinny.cu): small decode batches on the tensor

@@ -1,0 +1,354 @@
+// The m = 1 GEMV with its input staged in shared memory, optionally after the RMSNorm that
+// produces it (GemvBf16Staged in cuda_kernels.h).
+//
+// At batch 1 each RMSNorm is a one-block kernel between two GEMVs: its own work (~2.6 us: a
+// dependent load, a block reduction, a store) and two kernel hand-offs sit on the critical path
+// twice a layer (~10 us of the ~124 us a layer of the 8B shape on an H200, docs/benchmarks/cuda.md
+// rounds 15-17). Folding the norm into the GEMV's short one-row blocks was slower (every block paid
+// the reduction, rounds 6 and 16), so here the GEMV's blocks live for the whole launch (a few a
+// multiprocessor, each made of groups of 4 warps that walk the row groups grid-stride) and each
+// block normalizes the row once into shared memory, in a layout where a warp's loads of x are
+// bank-conflict free (the L1 loads of the one-row kernels take two wavefronts per 16 bytes of
+// weights). The first weights are loaded before the wait for the previous kernel, as in every GEMV.
+//
+// Bitwise: the normalized row is RmsNormKernel's arithmetic (the block plays the norm's threads in
+// order: per-thread sums, then each warp's butterfly, then the warps' partial sums in order) and
+// each row's sum is GemvRowsKernel's (the same chunks a lane in the same order, the same shuffles,
+// the 4 warps' partials added in order), so outputs equal the separate kernels' bit for bit.
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "engine/native/backend/cuda/cuda_kernels.h"
+#include "engine/native/backend/cuda/cuda_launch.cuh"
+
+namespace dyn::cuda {
+namespace {
+
+constexpr int kPartWarps = 4;           // warps of a row group (GemvRowsKernel's block)
+constexpr int kGroupThreads = kPartWarps * 32;
+constexpr int kUnroll = 4;              // chunks a lane keeps in flight (as GemvRowsKernel)
+constexpr int kStride = kGroupThreads;  // between a lane's chunks of a row
+constexpr int kRows = 2;                // rows a group takes at a time (gate/up: one pair)
+constexpr int kMaxStagedPerThread = 4;  // float4s of x a thread keeps while it normalizes (cols <= 16 x threads)
+constexpr int kMaxStagedCols = 32768;   // 128 KB of shared memory
+
+// Float4 slot of half h (0: elements 0-3, 1: 4-7) of 8-element chunk c8 of x in shared memory:
+// the 32 consecutive chunks a warp reads at once have each half in 32 consecutive slots, so a
+// warp's 16-byte load is 4 wavefronts, the minimum for 512 bytes (8 with the chunks in order).
+__device__ __forceinline__ int StagedSlot(int c8, int h) { return (c8 >> 5) * 64 + h * 32 + (c8 & 31); }
+// Float index of element i of x in that layout.
+__device__ __forceinline__ int StagedIndex(int i) { return StagedSlot(i >> 3, (i >> 2) & 1) * 4 + (i & 3); }
+
+// Named barrier of one row group's 4 warps (barrier 0 is __syncthreads).
+__device__ __forceinline__ void GroupSync(int group) {
+  asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "r"(kGroupThreads) : "memory");
+}
+
+// x (cols floats) into shared memory; with a norm, RmsNormKernel's output instead, and block 0
+// writes it to st.norm_out as the norm would. wn: this thread's float4s of the norm weight.
+template <int kThreads>
+__device__ __forceinline__ void StageRow(const float* __restrict__ x, const GemvStage& st, int cols, float4* s_x,
+                                         const float4 (&wn)[kMaxStagedPerThread]) {
+  const int t = threadIdx.x, n4 = cols / 4;
+  if (st.norm_w == nullptr) {  // any width that fits in shared memory
+    for (int q = t; q < n4; q += kThreads) s_x[StagedSlot(q >> 1, q & 1)] = reinterpret_cast<const float4*>(x)[q];
+    __syncthreads();
+    return;
+  }
+  // With the norm: n4 <= kMaxStagedPerThread * kThreads, the row kept in registers.
+  float4 xv[kMaxStagedPerThread];
+#pragma unroll
+  for (int k = 0; k < kMaxStagedPerThread; ++k) {
+    const int q = t + k * kThreads;
+    if (q < n4) xv[k] = reinterpret_cast<const float4*>(x)[q];
+  }
+#pragma unroll
+  for (int k = 0; k < kMaxStagedPerThread; ++k) {
+    const int q = t + k * kThreads;
+    if (q < n4) s_x[StagedSlot(q >> 1, q & 1)] = xv[k];
+  }
+  __syncthreads();
+  // The norm's nt threads: thread v sums x[v + k * nt]^2 over k in order; its warp (v / 32)
+  // butterflies; the partials add in warp order. Thread v is played by thread v % kThreads, whose
+  // lane is v's lane (kThreads is a multiple of 32), so the butterflies are the real warp's.
+  const int nt = st.norm_threads;
+  const float* sf = reinterpret_cast<const float*>(s_x);
+  __shared__ float s_partial[32];
+  for (int v0 = 0; v0 < nt; v0 += kThreads) {
+    const int v = v0 + t;
+    float ss = 0.0f;
+    if (v < nt) {
+      for (int i = v; i < cols; i += nt) {
+        const float e = sf[StagedIndex(i)];
+        ss = fmaf(e, e, ss);
+      }
+    }
+    ss = WarpSum(ss);
+    if (v < nt && v % 32 == 0) s_partial[v / 32] = ss;
+  }
+  __syncthreads();
+  float total = 0.0f;
+  for (int i = 0; i < nt / 32; ++i) total += s_partial[i];
+  const float scale = RmsScale(total, cols, st.eps);
+  float4* out = reinterpret_cast<float4*>(st.norm_out);
+#pragma unroll
+  for (int k = 0; k < kMaxStagedPerThread; ++k) {
+    const int q = t + k * kThreads;
+    if (q >= n4) continue;
+    const float4 w = wn[k];
+    float4 o;
+    o.x = __fmul_rn(__fmul_rn(xv[k].x, scale), w.x);
+    o.y = __fmul_rn(__fmul_rn(xv[k].y, scale), w.y);
+    o.z = __fmul_rn(__fmul_rn(xv[k].z, scale), w.z);
+    o.w = __fmul_rn(__fmul_rn(xv[k].w, scale), w.w);
+    s_x[StagedSlot(q >> 1, q & 1)] = o;  // this thread's own slot: no one else reads it before the barrier
+    if (blockIdx.x == 0 && out != nullptr) out[q] = o;
+  }
+  __syncthreads();
+}
+
+// Row group g's rows: the weight (or gate/up pair) and output. kSwiGlu: group g is pair row g.
+struct GroupRows {
+  const uint4* base0;
+  const uint4* base1;
+  float* out;
+  int64_t first_row, rows;
+};
+template <bool kSwiGlu>
+__device__ __forceinline__ GroupRows LocateGroup(const GemvJobs& jobs, unsigned g, int64_t n8) {
+  GroupRows r;
+  if constexpr (kSwiGlu) {
+    r.first_row = g;
+    r.rows = jobs.rows[0];
+    r.out = jobs.out[0];
+    r.base0 = reinterpret_cast<const uint4*>(jobs.w[0]) + r.first_row * n8;
+    r.base1 = reinterpret_cast<const uint4*>(jobs.w[1]) + r.first_row * n8;
+  } else {
+    const uint16_t* w = jobs.w[0];
+    float* out = jobs.out[0];
+    int64_t rows = jobs.rows[0];
+    unsigned first = 0;
+#pragma unroll
+    for (int j = 1; j < kGemvMaxJobs; ++j) {
+      if (j < jobs.count && g >= jobs.first_block[j]) {
+        w = jobs.w[j];
+        out = jobs.out[j];
+        rows = jobs.rows[j];
+        first = jobs.first_block[j];
+      }
+    }
+    r.first_row = int64_t{g - first} * kRows;
+    r.rows = rows;
+    r.out = out;
+    r.base0 = r.base1 = reinterpret_cast<const uint4*>(w) + r.first_row * n8;
+  }
+  return r;
+}
+
+// Slot r's row (GemvRowsKernel's rule: kSwiGlu slots are gate, up; a slot past the weight's last
+// row reads the group's first row again and writes nothing).
+template <bool kSwiGlu>
+__device__ __forceinline__ const uint4* SlotRow(const GroupRows& g, int r, int64_t n8) {
+  if constexpr (kSwiGlu) {
+    return r == 0 ? g.base0 : g.base1;
+  } else {
+    return r == 0 || g.first_row + r < g.rows ? g.base0 + r * n8 : g.base0;
+  }
+}
+
+template <bool kSwiGlu>
+__device__ __forceinline__ void LoadChunks(const GroupRows& g, int64_t n8, int64_t at, uint4 (&v)[kRows]) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) v[r] = LoadStreaming(SlotRow<kSwiGlu>(g, r, n8) + at);
+}
+
+// AccumulateRows (cuda_gemv.cu) with x from the staged row.
+__device__ __forceinline__ void AccumulateStaged(const uint4 (&wv)[kRows], const float4* s_x, int64_t c8, float (&acc)[kRows]) {
+  const int c = static_cast<int>(c8);
+  const float4 a = s_x[StagedSlot(c, 0)], b = s_x[StagedSlot(c, 1)];
+  const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) {
+    float w[8];
+    Bf16x8ToFloat(wv[r], w);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[r] = fmaf(w[k], xs[k], acc[r]);
+  }
+}
+
+// Blocks of kGroups row groups (4 warps each); group gi of block b takes row groups
+// b * kGroups + gi, then + gridDim.x * kGroups, ... < total.
+template <bool kSwiGlu, int kGroups>
+__global__ void __launch_bounds__(kGroups * kGroupThreads)
+    GemvStagedKernel(const float* __restrict__ x, GemvStage st, GemvJobs jobs, int64_t cols, unsigned total) {
+  constexpr int kThreads = kGroups * kGroupThreads;
+  extern __shared__ float4 s_x[];
+  const int gi = threadIdx.x / kGroupThreads, part = (threadIdx.x / 32) % kPartWarps, lane = threadIdx.x % 32;
+  const int64_t n8 = cols / 8;
+  const int64_t c0 = part * 32 + lane;
+  const unsigned step = gridDim.x * kGroups;
+  unsigned g = blockIdx.x * kGroups + gi;
+  GroupRows rows = LocateGroup<kSwiGlu>(jobs, g < total ? g : 0, n8);
+  const bool full_group = c0 + (kUnroll - 1) * kStride < n8;  // the lane's first group exists (every row alike)
+  uint4 wv[kUnroll][kRows];
+  if (g < total && full_group) {
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c0 + u * kStride, wv[u]);
+  }
+  float4 wn[kMaxStagedPerThread];  // the norm weight: a weight, so loaded before the wait too
+  if (st.norm_w != nullptr) {
+#pragma unroll
+    for (int k = 0; k < kMaxStagedPerThread; ++k) {
+      const int q = threadIdx.x + k * kThreads;
+      if (q < cols / 4) wn[k] = reinterpret_cast<const float4*>(st.norm_w)[q];
+    }
+  }
+  LetNextKernelLaunch();
+  WaitForPreviousKernel();
+  StageRow<kThreads>(x, st, static_cast<int>(cols), s_x, wn);
+
+  __shared__ float partial[2][kGroups][kRows][kPartWarps];
+  int buf = 0;
+  const int i = threadIdx.x % kGroupThreads;
+  while (g < total) {
+    // The residual this group's rows are added to (GemvBf16Staged's residual), loaded before the
+    // stream so that its latency hides behind it.
+    float res = 0.0f;
+    if (!kSwiGlu && jobs.residual != nullptr && i < kRows && rows.first_row + i < rows.rows) res = jobs.residual[rows.first_row + i];
+    float acc[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
+    int64_t c = c0;
+    if (full_group) {
+      while (true) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) AccumulateStaged(wv[u], s_x, c + u * kStride, acc);
+        c += kUnroll * kStride;
+        if (c + (kUnroll - 1) * kStride >= n8) break;
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c + u * kStride, wv[u]);
+      }
+    }
+    for (; c < n8; c += kStride) {
+      uint4 one[kRows];
+      LoadChunks<kSwiGlu>(rows, n8, c, one);
+      AccumulateStaged(one, s_x, c, acc);
+    }
+    const GroupRows done = rows;
+    const unsigned next = g + step;
+    if (next < total) {  // the next group's first loads go out before this group's reduction
+      rows = LocateGroup<kSwiGlu>(jobs, next, n8);
+      if (full_group) {
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c0 + u * kStride, wv[u]);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      float v = acc[r];
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+      if (lane == 0) partial[buf][gi][r][part] = v;
+    }
+    GroupSync(gi);
+    if constexpr (kSwiGlu) {
+      if (i == 0 && done.first_row < done.rows) {
+        float gs = 0.0f, us = 0.0f;
+#pragma unroll
+        for (int p = 0; p < kPartWarps; ++p) gs += partial[buf][gi][0][p];
+#pragma unroll
+        for (int p = 0; p < kPartWarps; ++p) us += partial[buf][gi][1][p];
+        const int64_t row = done.first_row;
+        jobs.out[0][row] = gs;
+        jobs.out[1][row] = us;
+        jobs.swiglu_out[row] = SiluMul(gs, us);
+      }
+    } else {
+      if (i < kRows && done.first_row + i < done.rows) {
+        float s = 0.0f;
+#pragma unroll
+        for (int p = 0; p < kPartWarps; ++p) s += partial[buf][gi][i][p];
+        done.out[done.first_row + i] = s;
+        if (jobs.residual != nullptr) jobs.residual[done.first_row + i] = res + s;  // AddKernel's x + y
+      }
+    }
+    buf ^= 1;
+    g = next;
+  }
+  BlockTraceEnd();
+}
+
+int g_staged_groups = 0, g_staged_blocks_per_sm = 1;
+
+template <bool kSwiGlu, int kGroups>
+void LaunchStaged(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
+  const size_t smem = static_cast<size_t>((cols / 8 + 31) / 32) * 64 * sizeof(float4);
+  auto* kernel = GemvStagedKernel<kSwiGlu, kGroups>;
+  static size_t allowed = 0;  // dynamic shared memory set up for this instantiation
+  if (smem > allowed) {
+    Check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), "cudaFuncSetAttribute",
+          __FILE__, __LINE__);
+    allowed = smem;
+  }
+  // Blocks that do not fit at once would wait for a whole block's walk: at most what is resident.
+  int fit = 0;
+  Check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, kGroups * kGroupThreads, smem), "cudaOccupancyMaxActiveBlocks",
+        __FILE__, __LINE__);
+  const unsigned per_grid = static_cast<unsigned>(MultiprocessorCount() * std::max(1, std::min(fit, g_staged_blocks_per_sm)));
+  const unsigned blocks = std::min<unsigned>(per_grid, (total + kGroups - 1) / kGroups);
+  LaunchKernel(kernel, blocks, kGroups * kGroupThreads, smem, stream, x, st, jobs, cols, total);
+}
+
+template <bool kSwiGlu>
+void LaunchStagedAny(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
+  if (g_staged_groups == 6) {
+    LaunchStaged<kSwiGlu, 6>(stream, x, st, jobs, cols, total);
+  } else if (g_staged_groups == 5) {
+    LaunchStaged<kSwiGlu, 5>(stream, x, st, jobs, cols, total);
+  } else if (g_staged_groups == 3) {
+    LaunchStaged<kSwiGlu, 3>(stream, x, st, jobs, cols, total);
+  } else {
+    LaunchStaged<kSwiGlu, 4>(stream, x, st, jobs, cols, total);
+  }
+}
+
+}  // namespace
+
+void SetGemvStaged(int groups, int blocks_per_sm) {
+  g_staged_groups = groups >= 3 && groups <= 6 ? groups : 0;
+  g_staged_blocks_per_sm = std::max(1, blocks_per_sm);
+}
+bool GemvStagedOn() { return g_staged_groups > 0; }
+
+bool GemvStagedApplies(int64_t cols, const GemvStage& st) {
+  const int threads = std::max(g_staged_groups, 3) * kGroupThreads;
+  if (g_staged_groups == 0 || cols % 8 != 0 || cols > kMaxStagedCols) return false;
+  return st.norm_w == nullptr || (cols / 4 <= int64_t{kMaxStagedPerThread} * threads && st.norm_threads % 32 == 0 && st.norm_threads <= 1024);
+}
+
+void GemvBf16Staged(cudaStream_t stream, const float* x, const GemvStage& st, int count, const uint16_t* const* w,
+                    const int64_t* rows, int64_t cols, float* const* out, float* residual) {
+  if (residual != nullptr && count != 1) Check(cudaErrorInvalidValue, "GemvBf16Staged: residual with several weights", __FILE__, __LINE__);
+  int64_t groups = 0;
+  GemvJobs jobs = MakeGemvJobs(count, w, rows, out, kRows, &groups);
+  jobs.residual = residual;
+  LaunchStagedAny<false>(stream, x, st, jobs, cols, static_cast<unsigned>(groups));
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+void GemvBf16SwiGluStaged(cudaStream_t stream, const float* x, const GemvStage& st, const uint16_t* w_gate, const uint16_t* w_up,
+                          int64_t rows, int64_t cols, float* gate, float* up, float* out) {
+  GemvJobs jobs{};
+  jobs.count = 2;
+  jobs.w[0] = w_gate;
+  jobs.w[1] = w_up;
+  jobs.out[0] = gate;
+  jobs.out[1] = up;
+  jobs.rows[0] = jobs.rows[1] = rows;
+  jobs.swiglu_out = out;
+  LaunchStagedAny<true>(stream, x, st, jobs, cols, static_cast<unsigned>(rows));
+  DYN_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace dyn::cuda
