@@ -215,7 +215,7 @@ class CudaBackend : public Backend {
     if (const char* gs = std::getenv("DYN_CUDA_GEMV_STAGED")) {  // "groups,blocks a multiprocessor,mask"
       int groups = 0, per_sm = 1;
       std::sscanf(gs, "%d,%d,%d", &groups, &per_sm, &staged_mask_);
-      cuda::SetGemvStaged(groups, per_sm);
+      cuda::SetGemvStaged(groups, per_sm, (staged_mask_ & kStagedSmemWeight) != 0);
       if (!cuda::GemvStagedOn()) staged_mask_ &= kStagedResidual;
     }
     if (const char* la = std::getenv("DYN_CUDA_L2_AHEAD")) {  // "attention MB,norm MB,mode"
@@ -774,7 +774,8 @@ class CudaBackend : public Backend {
   void PlanPersistentRuns();
   // DYN_CUDA_GEMV_STAGED's mask: a norm joins the m = 1 GEMV after it (kStagedNorm), a residual
   // Add joins the GEMV before it (kStagedResidual), other m = 1 GEMVs stage x too (kStagedPlain).
-  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedPlain = 4;
+  // kStagedSmemWeight: the norm weight copied to shared memory before the wait (not registers).
+  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedPlain = 4, kStagedSmemWeight = 8;
   int staged_mask_ = 0;
   struct PendingGemv {  // the last pending call, when it is a one-weight m = 1 GEMV (joined by an Add)
     const float* x = nullptr;

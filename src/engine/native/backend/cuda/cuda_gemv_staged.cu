@@ -41,6 +41,9 @@ __device__ __forceinline__ int StagedSlot(int c8, int h) { return (c8 >> 5) * 64
 // Float index of element i of x in that layout.
 __device__ __forceinline__ int StagedIndex(int i) { return StagedSlot(i >> 3, (i >> 2) & 1) * 4 + (i & 3); }
 
+// Float4 slots of the staged row (whole warps' worth of chunks).
+__host__ __device__ __forceinline__ int StagedSlots(int64_t cols) { return static_cast<int>((cols / 8 + 31) / 32) * 64; }
+
 // Named barrier of one row group's 4 warps (barrier 0 is __syncthreads).
 __device__ __forceinline__ void GroupSync(int group) {
   asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "r"(kGroupThreads) : "memory");
@@ -104,6 +107,58 @@ __device__ __forceinline__ void StageRow(const float* __restrict__ x, const Gemv
     o.z = __fmul_rn(__fmul_rn(xv[k].z, scale), w.z);
     o.w = __fmul_rn(__fmul_rn(xv[k].w, scale), w.w);
     s_x[StagedSlot(q >> 1, q & 1)] = o;  // this thread's own slot: no one else reads it before the barrier
+    if (blockIdx.x == 0 && out != nullptr) out[q] = o;
+  }
+  __syncthreads();
+}
+
+// StageRow with the norm weight already in shared memory (s_w, copied by cp.async before the
+// kernel's wait) and x kept only in shared memory: no registers held across the wait but the
+// weights', so the block fits beside more of the previous GEMV's blocks.
+__device__ __forceinline__ void CopyAsync16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+}
+template <int kThreads>
+__device__ __forceinline__ void StageRowSmemWeight(const float* __restrict__ x, const GemvStage& st, int cols, float4* s_x,
+                                                   const float4* s_w) {
+  const int t = threadIdx.x, n4 = cols / 4;
+  for (int q = t; q < n4; q += kThreads) s_x[StagedSlot(q >> 1, q & 1)] = reinterpret_cast<const float4*>(x)[q];
+  if (st.norm_w == nullptr) {
+    __syncthreads();
+    return;
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
+  const int nt = st.norm_threads;
+  const float* sf = reinterpret_cast<const float*>(s_x);
+  __shared__ float s_partial[32];
+  for (int v0 = 0; v0 < nt; v0 += kThreads) {  // as in StageRow
+    const int v = v0 + t;
+    float ss = 0.0f;
+    if (v < nt) {
+      for (int i = v; i < cols; i += nt) {
+        const float e = sf[StagedIndex(i)];
+        ss = fmaf(e, e, ss);
+      }
+    }
+    ss = WarpSum(ss);
+    if (v < nt && v % 32 == 0) s_partial[v / 32] = ss;
+  }
+  __syncthreads();
+  float total = 0.0f;
+  for (int i = 0; i < nt / 32; ++i) total += s_partial[i];
+  const float scale = RmsScale(total, cols, st.eps);
+  float4* out = reinterpret_cast<float4*>(st.norm_out);
+  for (int q = t; q < n4; q += kThreads) {
+    const int slot = StagedSlot(q >> 1, q & 1);
+    const float4 xv = s_x[slot], w = s_w[q];
+    float4 o;
+    o.x = __fmul_rn(__fmul_rn(xv.x, scale), w.x);
+    o.y = __fmul_rn(__fmul_rn(xv.y, scale), w.y);
+    o.z = __fmul_rn(__fmul_rn(xv.z, scale), w.z);
+    o.w = __fmul_rn(__fmul_rn(xv.w, scale), w.w);
+    s_x[slot] = o;  // this thread's own slot, read by no one else since the barrier
     if (blockIdx.x == 0 && out != nullptr) out[q] = o;
   }
   __syncthreads();
@@ -180,7 +235,7 @@ __device__ __forceinline__ void AccumulateStaged(const uint4 (&wv)[kRows], const
 
 // Blocks of kGroups row groups (4 warps each); group gi of block b takes row groups
 // b * kGroups + gi, then + gridDim.x * kGroups, ... < total.
-template <bool kSwiGlu, int kGroups>
+template <bool kSwiGlu, int kGroups, bool kSmemWeight>
 __global__ void __launch_bounds__(kGroups * kGroupThreads)
     GemvStagedKernel(const float* __restrict__ x, GemvStage st, GemvJobs jobs, int64_t cols, unsigned total) {
   constexpr int kThreads = kGroups * kGroupThreads;
@@ -197,17 +252,28 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c0 + u * kStride, wv[u]);
   }
-  float4 wn[kMaxStagedPerThread];  // the norm weight: a weight, so loaded before the wait too
+  // The norm weight: a weight, so loaded before the wait too.
+  float4* s_w = s_x + StagedSlots(cols);
+  float4 wn[kSmemWeight ? 1 : kMaxStagedPerThread];
   if (st.norm_w != nullptr) {
+    if constexpr (kSmemWeight) {
+      for (int q = threadIdx.x; q < cols / 4; q += kThreads) CopyAsync16(s_w + q, reinterpret_cast<const float4*>(st.norm_w) + q);
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    } else {
 #pragma unroll
-    for (int k = 0; k < kMaxStagedPerThread; ++k) {
-      const int q = threadIdx.x + k * kThreads;
-      if (q < cols / 4) wn[k] = reinterpret_cast<const float4*>(st.norm_w)[q];
+      for (int k = 0; k < kMaxStagedPerThread; ++k) {
+        const int q = threadIdx.x + k * kThreads;
+        if (q < cols / 4) wn[k] = reinterpret_cast<const float4*>(st.norm_w)[q];
+      }
     }
   }
   LetNextKernelLaunch();
   WaitForPreviousKernel();
-  StageRow<kThreads>(x, st, static_cast<int>(cols), s_x, wn);
+  if constexpr (kSmemWeight) {
+    StageRowSmemWeight<kThreads>(x, st, static_cast<int>(cols), s_x, s_w);
+  } else {
+    StageRow<kThreads>(x, st, static_cast<int>(cols), s_x, wn);
+  }
 
   __shared__ float partial[2][kGroups][kRows][kPartWarps];
   int buf = 0;
@@ -280,11 +346,12 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
 }
 
 int g_staged_groups = 0, g_staged_blocks_per_sm = 1;
+bool g_staged_smem_weight = false;
 
-template <bool kSwiGlu, int kGroups>
+template <bool kSwiGlu, int kGroups, bool kSmemWeight>
 void LaunchStaged(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
-  const size_t smem = static_cast<size_t>((cols / 8 + 31) / 32) * 64 * sizeof(float4);
-  auto* kernel = GemvStagedKernel<kSwiGlu, kGroups>;
+  const size_t smem = (StagedSlots(cols) + (kSmemWeight && st.norm_w != nullptr ? cols / 4 : 0)) * sizeof(float4);
+  auto* kernel = GemvStagedKernel<kSwiGlu, kGroups, kSmemWeight>;
   static size_t allowed = 0;  // dynamic shared memory set up for this instantiation
   if (smem > allowed) {
     Check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), "cudaFuncSetAttribute",
@@ -302,29 +369,33 @@ void LaunchStaged(cudaStream_t stream, const float* x, const GemvStage& st, cons
 
 template <bool kSwiGlu>
 void LaunchStagedAny(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
-  if (g_staged_groups == 6) {
-    LaunchStaged<kSwiGlu, 6>(stream, x, st, jobs, cols, total);
+  if (g_staged_smem_weight) {
+    if (g_staged_groups == 6) {
+      LaunchStaged<kSwiGlu, 6, true>(stream, x, st, jobs, cols, total);
+    } else {
+      LaunchStaged<kSwiGlu, 4, true>(stream, x, st, jobs, cols, total);
+    }
   } else if (g_staged_groups == 5) {
-    LaunchStaged<kSwiGlu, 5>(stream, x, st, jobs, cols, total);
-  } else if (g_staged_groups == 3) {
-    LaunchStaged<kSwiGlu, 3>(stream, x, st, jobs, cols, total);
+    LaunchStaged<kSwiGlu, 5, false>(stream, x, st, jobs, cols, total);
   } else {
-    LaunchStaged<kSwiGlu, 4>(stream, x, st, jobs, cols, total);
+    LaunchStaged<kSwiGlu, 4, false>(stream, x, st, jobs, cols, total);
   }
 }
 
 }  // namespace
 
-void SetGemvStaged(int groups, int blocks_per_sm) {
-  g_staged_groups = groups >= 3 && groups <= 6 ? groups : 0;
+void SetGemvStaged(int groups, int blocks_per_sm, bool smem_weight) {
+  g_staged_smem_weight = smem_weight;
+  g_staged_groups = groups == 4 || groups == 5 || (groups == 6 && smem_weight) ? groups : 0;
   g_staged_blocks_per_sm = std::max(1, blocks_per_sm);
 }
 bool GemvStagedOn() { return g_staged_groups > 0; }
 
 bool GemvStagedApplies(int64_t cols, const GemvStage& st) {
-  const int threads = std::max(g_staged_groups, 3) * kGroupThreads;
+  const int threads = g_staged_groups * kGroupThreads;
   if (g_staged_groups == 0 || cols % 8 != 0 || cols > kMaxStagedCols) return false;
-  return st.norm_w == nullptr || (cols / 4 <= int64_t{kMaxStagedPerThread} * threads && st.norm_threads % 32 == 0 && st.norm_threads <= 1024);
+  return st.norm_w == nullptr || ((g_staged_smem_weight || cols / 4 <= int64_t{kMaxStagedPerThread} * threads) &&
+                                  st.norm_threads % 32 == 0 && st.norm_threads <= 1024);
 }
 
 void GemvBf16Staged(cudaStream_t stream, const float* x, const GemvStage& st, int count, const uint16_t* const* w,

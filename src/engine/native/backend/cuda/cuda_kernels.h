@@ -189,7 +189,7 @@ void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const 
                    int64_t cols, float* const* out);
 
 // m = 1 GEMVs whose input is staged once per block in shared memory (cuda_gemv_staged.cu): blocks
-// of `groups` (3-6) groups of 4 warps, `blocks_per_sm` a multiprocessor, that walk the rows
+// of `groups` (4-6) groups of 4 warps, `blocks_per_sm` a multiprocessor, that walk the rows
 // grid-stride; with norm_w, the input is RmsNorm(x) * norm_w computed by each block (bitwise
 // RmsNorm's output, which block 0 also writes to norm_out), so the norm kernel before the GEMV goes.
 // Outputs bitwise those of GemvBf16Multi / GemvBf16SwiGlu. groups 0: off (DYN_CUDA_GEMV_STAGED).
@@ -199,7 +199,7 @@ struct GemvStage {
   float* norm_out = nullptr;
   int norm_threads = 0;  // RmsNormThreads(cols): the norm kernel's summation order
 };
-void SetGemvStaged(int groups, int blocks_per_sm);
+void SetGemvStaged(int groups, int blocks_per_sm, bool smem_weight = false);
 bool GemvStagedOn();
 bool GemvStagedApplies(int64_t cols, const GemvStage& st);
 // residual (count 1 only, or null): residual[r] += out[r] as GemvBf16Residual.
