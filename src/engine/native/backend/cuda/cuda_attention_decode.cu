@@ -53,12 +53,8 @@ __device__ __forceinline__ void MergeSplitsByLanes(int splits, int rank, int n, 
 // Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits); kWarps warps a block.
 template <int kPerLane, int kG, int kWarps, int kN>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
-    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope, bool late_trigger,
-                          L2Ahead ahead) {
+    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope, bool late_trigger) {
   if (!late_trigger) LetNextKernelLaunch();
-  const unsigned block_id = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
-  const unsigned blocks = gridDim.x * gridDim.y * gridDim.z;
-  if (ahead.mode == 2 && threadIdx.x == 0) PrefetchShareToL2(ahead, block_id, blocks);
   WaitForPreviousKernel();
   const int lane = threadIdx.x % 32, half = lane / 16;
   const int D = g.head_dim, d0 = (lane % 16) * kPerLane;
@@ -104,7 +100,6 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   HalfWarpAttend<kPerLane, kG, true, kWarps, kN>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
   BlockTraceMark(1);  // the key loop done
   if (late_trigger) LetNextKernelLaunch();
-  if (ahead.mode == 1 && threadIdx.x == 0) PrefetchShareToL2(ahead, block_id, blocks);
 
   // The warps merge in shared memory (FinishRow's arithmetic): this split's normalized output and
   // its (max, sum), or with one split the output itself.
@@ -173,7 +168,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
 
 template <int kPerLane, int kG, int kWarps, int kN = kKeys>
 void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cache, const CacheGeometry& g, const AttnRows& meta,
-                  const RowArgs& a, const DecodeRope& rope, const L2Ahead& ahead) {
+                  const RowArgs& a, const DecodeRope& rope) {
   static const bool non_portable = [] {  // clusters of up to 16 blocks (8 is the portable size)
     Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
           "cudaFuncSetAttribute", __FILE__, __LINE__);
@@ -181,19 +176,19 @@ void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cac
   }();
   (void)non_portable;
   LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope,
-                 (LateTrigger() & 2) != 0, ahead);
+                 (LateTrigger() & 2) != 0);
 }
 
 // warps 8 with kn 2 or 4 keys a half-warp in flight, or 4 warps with 4 (kKeys).
 template <int kPerLane, int kG>
 void LaunchDecodeWarps(cudaStream_t stream, dim3 grid, int splits, int warps, int kn, __nv_bfloat16* cache, const CacheGeometry& g,
-                       const AttnRows& meta, const RowArgs& a, const DecodeRope& rope, const L2Ahead& ahead) {
+                       const AttnRows& meta, const RowArgs& a, const DecodeRope& rope) {
   if (warps == 8 && kn == 2) {
-    LaunchDecode<kPerLane, kG, 8, 2>(stream, grid, splits, cache, g, meta, a, rope, ahead);
+    LaunchDecode<kPerLane, kG, 8, 2>(stream, grid, splits, cache, g, meta, a, rope);
   } else if (warps == 8) {
-    LaunchDecode<kPerLane, kG, 8>(stream, grid, splits, cache, g, meta, a, rope, ahead);
+    LaunchDecode<kPerLane, kG, 8>(stream, grid, splits, cache, g, meta, a, rope);
   } else {
-    LaunchDecode<kPerLane, kG, kRowWarps>(stream, grid, splits, cache, g, meta, a, rope, ahead);
+    LaunchDecode<kPerLane, kG, kRowWarps>(stream, grid, splits, cache, g, meta, a, rope);
   }
 }
 
@@ -253,15 +248,15 @@ void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, i
   auto* c = static_cast<__nv_bfloat16*>(cache);
   if (layout.head_dim == 128) {
     switch (kg) {
-      case 1: LaunchDecodeWarps<8, 1>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.ahead); break;
-      case 2: LaunchDecodeWarps<8, 2>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.ahead); break;
-      default: LaunchDecodeWarps<8, 4>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.ahead); break;
+      case 1: LaunchDecodeWarps<8, 1>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
+      case 2: LaunchDecodeWarps<8, 2>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
+      default: LaunchDecodeWarps<8, 4>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
     }
   } else {
     switch (kg) {
-      case 1: LaunchDecodeWarps<4, 1>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.ahead); break;
-      case 2: LaunchDecodeWarps<4, 2>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.ahead); break;
-      default: LaunchDecodeWarps<4, 4>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.ahead); break;
+      case 1: LaunchDecodeWarps<4, 1>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
+      case 2: LaunchDecodeWarps<4, 2>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
+      default: LaunchDecodeWarps<4, 4>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
     }
   }
   DYN_CUDA_CHECK_LAUNCH();

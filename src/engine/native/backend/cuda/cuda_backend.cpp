@@ -28,7 +28,6 @@
 #include <cstring>
 #include <functional>
 #include <map>
-#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>
@@ -218,9 +217,6 @@ class CudaBackend : public Backend {
       cuda::SetGemvStaged(groups, per_sm, (staged_mask_ & kStagedSmemWeight) != 0);
       if (!cuda::GemvStagedOn()) staged_mask_ &= kStagedResidual;
     }
-    if (const char* la = std::getenv("DYN_CUDA_L2_AHEAD")) {  // "attention MB,norm MB,mode"
-      std::sscanf(la, "%d,%d,%d", &ahead_attn_mb_, &ahead_norm_mb_, &ahead_mode_);
-    }
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
     decode_merge_global_ = dm == nullptr || std::string(dm) != "smem";
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
@@ -360,19 +356,15 @@ class CudaBackend : public Backend {
       const float* y = last_add_.y;
       pending_.pop_back();
       sig_.resize(last_add_.sig_size);
-      auto ahead = m == 1 ? NewAhead(ahead_norm_mb_) : nullptr;
-      Defer([=, this] { cuda::AddRmsNorm(stream_, xa, y, weight, m, dim, eps, out, AheadOf(ahead)); }, kAddNorm, xa, y, weight, int64_t{m},
-            dim, eps, out);
-      ahead_want_ = ahead;
+      Defer([=, this] { cuda::AddRmsNorm(stream_, xa, y, weight, m, dim, eps, out); }, kAddNorm, xa, y, weight, int64_t{m}, dim, eps,
+            out);
       if (m == 1) {
         Persists({.kind = cuda::PersistentCall::kAddNorm, .x = xa, .y = y, .norm_w = weight, .dim = dim, .eps = eps, .norm_out = out});
       }
       return;
     }
-    auto ahead = m == 1 ? NewAhead(ahead_norm_mb_) : nullptr;
     const size_t sig_size = sig_.size();
-    Defer([=, this] { cuda::RmsNorm(stream_, x, weight, m, dim, eps, out, AheadOf(ahead)); }, kNorm, x, weight, int64_t{m}, dim, eps, out);
-    ahead_want_ = ahead;
+    Defer([=, this] { cuda::RmsNorm(stream_, x, weight, m, dim, eps, out); }, kNorm, x, weight, int64_t{m}, dim, eps, out);
     if (m == 1) last_norm_ = {x, weight, dim, eps, out, sig_size};  // after Defer, which clears it
     if (m == 1) {
       Persists({.kind = cuda::PersistentCall::kNorm, .x = const_cast<float*>(x), .norm_w = weight, .dim = dim, .eps = eps,
@@ -384,11 +376,6 @@ class CudaBackend : public Backend {
 
   // Decode-sized calls on bf16 weights with one shape of input run as one GEMV launch.
   void MatMulShared(const float* x, int m, std::span<const Weight> ws, std::span<float* const> outs) override {
-    if (m == 1 && !ws.empty() && ws[0].dtype == DType::kBF16) {
-      const size_t b0 = ws[0].rows * ws[0].cols * 2;
-      if (ws.size() == 2) FeedAhead(ws[0].data, b0, ws[1].data, ws[1].rows * ws[1].cols * 2);
-      else FeedAhead(ws[0].data, b0);
-    }
     bool fused = m >= 1 && m <= kGemvRows && !ws.empty() && ws.size() <= cuda::kGemvMaxJobs && Aligned16(x);
     for (const Weight& w : ws) {
       fused = fused && w.dtype == DType::kBF16 && w.cols == ws[0].cols && w.cols % 8 == 0 && Aligned16(w.data);
@@ -543,17 +530,12 @@ class CudaBackend : public Backend {
         rope = {rk.q, rk.k, rk.v, rk.cos_sin, rk.style == RopeStyle::kNeox};
       }
       const cuda::DecodeOptions opt{.warps = decode_warps_,
-                                    .partial = decode_merge_global_ ? SplitScratch(layout, num_heads, meta, splits) : nullptr,
-                                    .ahead = {}};
-      auto ahead = meta.rows == 1 ? NewAhead(ahead_attn_mb_) : nullptr;
+                                    .partial = decode_merge_global_ ? SplitScratch(layout, num_heads, meta, splits) : nullptr};
       Defer(
           [=, this] {
-            cuda::DecodeOptions o = opt;
-            o.ahead = AheadOf(ahead);
-            cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, o, out);
+            cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, opt, out);
           },
           kDecodeAttn, cache, layout, layer, meta, q, num_heads, scale, splits, rope.k, rope.v, rope.cos_sin, rope.neox, opt.warps, opt.partial, out);
-      ahead_want_ = ahead;
       Persists({.kind = cuda::PersistentCall::kDecodeAttention, .cache = const_cast<float*>(cache), .layout = layout, .layer = layer,
                 .meta = meta, .q = q, .num_heads = num_heads, .scale = scale, .rope = rope, .attn_out = out});
       return;
@@ -629,7 +611,6 @@ class CudaBackend : public Backend {
   // What a peephole fusion needs of the trailing pending calls; any new call or a run of the list
   // forgets it.
   void ClearFusable() {
-    ahead_want_.reset();
     last_gemv_ = {};
     last_norm_ = {};
     last_add_ = {};
@@ -719,33 +700,6 @@ class CudaBackend : public Backend {
   int max_splits_merged_in_kernel_ = kMaxSplitsMergedInKernel;
   int decode_warps_ = 8;               // DYN_CUDA_DECODE_WARPS=4: decode attention's clusters as before round 17
   bool decode_merge_global_ = true;    // DYN_CUDA_DECODE_MERGE=smem: its splits merged through distributed shared memory
-  // DYN_CUDA_L2_AHEAD: MB of the next GEMV's weights that decode attention and the RMSNorm ask L2
-  // for, and where in those kernels (cuda::L2Ahead::mode; 0: off).
-  int ahead_attn_mb_ = 0, ahead_norm_mb_ = 0, ahead_mode_ = 0;
-  struct AheadSlot {
-    cuda::L2Ahead a;
-    size_t budget = 0;
-  };
-  std::shared_ptr<AheadSlot> ahead_want_;  // the last call's slot, filled by the GEMV that follows it
-  // A slot for the call about to be deferred (null when off); set ahead_want_ to it after Defer.
-  std::shared_ptr<AheadSlot> NewAhead(int mb) {
-    if (ahead_mode_ == 0 || mb <= 0) return nullptr;
-    auto slot = std::make_shared<AheadSlot>();
-    slot->a.mode = ahead_mode_;
-    slot->budget = size_t(mb) << 20;
-    return slot;
-  }
-  // The GEMV about to be deferred reads p0 (b0 bytes) and p1: the waiting slot asks for their heads.
-  void FeedAhead(const void* p0, size_t b0, const void* p1 = nullptr, size_t b1 = 0) {
-    if (!ahead_want_) return;
-    const size_t budget = ahead_want_->budget, each = p1 != nullptr ? budget / 2 : budget;
-    ahead_want_->a.p[0] = p0;
-    ahead_want_->a.bytes[0] = std::min(b0, each);
-    ahead_want_->a.p[1] = p1;
-    ahead_want_->a.bytes[1] = p1 != nullptr ? std::min(b1, each) : 0;
-    ahead_want_.reset();
-  }
-  static cuda::L2Ahead AheadOf(const std::shared_ptr<AheadSlot>& s) { return s ? s->a : cuda::L2Ahead{}; }
   bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;
@@ -992,7 +946,6 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
   }
   const uint16_t* wb = static_cast<const uint16_t*>(w.data);
   if (m <= kGemvRows && K % 8 == 0 && Aligned16(x) && Aligned16(wb)) {
-    if (m == 1) FeedAhead(wb, size_t(N) * K * 2);
     if (m == 1) {
       cuda::GemvStage st;
       const float* in = x;

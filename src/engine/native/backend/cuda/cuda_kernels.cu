@@ -200,14 +200,7 @@ __device__ __forceinline__ void ForThreadElements(int dim, F f) {
 // the reduction: the store to x evicts it from L1, so that was an L2 round trip on the critical
 // path), and the next kernel launches only once the row has been read, so the next GEMV's early
 // weight loads do not queue ahead of this kernel's loads.
-__global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out, bool late, unsigned rows,
-                              L2Ahead ahead) {
-  if (blockIdx.x >= rows) {  // a block that only asks L2 for the next GEMV's first weights
-    if (ahead.mode == 2 && threadIdx.x == 0) PrefetchShareToL2(ahead, blockIdx.x - rows, gridDim.x - rows);
-    WaitForPreviousKernel();
-    if (ahead.mode == 1 && threadIdx.x == 0) PrefetchShareToL2(ahead, blockIdx.x - rows, gridDim.x - rows);
-    return;
-  }
+__global__ void RmsNormKernel(float* x, const float* y, const float* w, int dim, float eps, float* out, bool late) {
   late = late && dim <= kNormMaxPerThread * static_cast<int>(blockDim.x);
   float wv[kNormMaxPerThread], xv[kNormMaxPerThread];
   if (late) ForThreadElements(dim, [&](int k, int i) { wv[k] = w[i]; });
@@ -432,23 +425,16 @@ void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, boo
   DYN_CUDA_CHECK_LAUNCH();
 }
 
-// Blocks beside the norm's rows that only prefetch: one a multiprocessor when asked to.
-static unsigned AheadBlocks(const L2Ahead& a) { return a.mode != 0 && (a.bytes[0] + a.bytes[1]) > 0 ? MultiprocessorCount() : 0; }
-
-void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out, const L2Ahead& ahead) {
+void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
-  const unsigned r = static_cast<unsigned>(rows);
-  LaunchKernel(RmsNormKernel, r + AheadBlocks(ahead), NormThreads(dim), 0, stream, const_cast<float*>(x), nullptr, w, dim, eps, out,
-               (LateTrigger() & 1) != 0, r, ahead);
+  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, const_cast<float*>(x), nullptr, w, dim, eps, out,
+               (LateTrigger() & 1) != 0);
   DYN_CUDA_CHECK_LAUNCH();
 }
 
-void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out,
-                const L2Ahead& ahead) {
+void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out) {
   if (rows == 0) return;
-  const unsigned r = static_cast<unsigned>(rows);
-  LaunchKernel(RmsNormKernel, r + AheadBlocks(ahead), NormThreads(dim), 0, stream, x, y, w, dim, eps, out, (LateTrigger() & 1) != 0, r,
-               ahead);
+  LaunchKernel(RmsNormKernel, static_cast<unsigned>(rows), NormThreads(dim), 0, stream, x, y, w, dim, eps, out, (LateTrigger() & 1) != 0);
   DYN_CUDA_CHECK_LAUNCH();
 }
 

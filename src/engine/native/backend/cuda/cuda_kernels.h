@@ -50,22 +50,11 @@ void F32ToBf16(cudaStream_t stream, const float* x, size_t n, uint16_t* out, boo
 // library's kernels cannot start before the previous kernel has finished (cuda_launch.cuh).
 void BeforeLibraryCall(cudaStream_t stream);
 
-// Bytes of the next GEMV's weights (up to two ranges: gate and up) that a kernel with idle HBM
-// time asks L2 to fetch ahead (cp.async.bulk.prefetch.L2, shared over the grid's blocks), so that
-// the GEMV starts from L2 (DYN_CUDA_L2_AHEAD, experiment of round 18).
-struct L2Ahead {
-  const void* p[2] = {nullptr, nullptr};
-  size_t bytes[2] = {0, 0};
-  int mode = 0;  // where in the kernel: 1 = after its own loads (attention: the key loop), 2 = at its start
-};
-
 // RMSNorm of `rows` rows of length dim: out = x / sqrt(mean(x^2) + eps) * w; out may alias x.
-void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out,
-             const L2Ahead& ahead = {});
+void RmsNorm(cudaStream_t stream, const float* x, const float* w, int64_t rows, int dim, float eps, float* out);
 // x += y over rows x dim, then out = RmsNorm(x) as above: the residual add and the next norm in one
 // pass (bitwise the same as Add then RmsNorm).
-void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out,
-                const L2Ahead& ahead = {});
+void AddRmsNorm(cudaStream_t stream, float* x, const float* y, const float* w, int64_t rows, int dim, float eps, float* out);
 void GatherRows(cudaStream_t stream, const float* x, int dim, const uint32_t* rows, int n, float* out);
 void AddBias(cudaStream_t stream, float* x, int m, int n, const float* bias);
 void Add(cudaStream_t stream, float* x, const float* y, size_t n);
@@ -128,7 +117,6 @@ struct DecodeOptions {
   // batch-1 step than null, round 17). Null: through distributed shared memory, with a second
   // barrier so that no block leaves while a peer reads it (DYN_CUDA_DECODE_MERGE=smem).
   float* partial = nullptr;
-  L2Ahead ahead;
 };
 bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits);
 void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* q,

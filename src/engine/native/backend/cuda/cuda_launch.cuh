@@ -116,23 +116,6 @@ __device__ __forceinline__ void LetNextKernelLaunch() {
 #endif
 }
 
-// Part `part` of `parts` of the ranges in `a`, asked of L2 by the calling thread (one
-// cp.async.bulk.prefetch.L2 per 64 KB): nothing comes back to the SM, so the thread goes on at once.
-__device__ __forceinline__ void PrefetchShareToL2(const L2Ahead& a, unsigned part, unsigned parts) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  for (int r = 0; r < 2; ++r) {
-    if (a.p[r] == nullptr || a.bytes[r] == 0) continue;
-    const size_t share = (a.bytes[r] / parts + 15) & ~size_t{15};
-    const size_t begin = share * part, end = (begin + share < a.bytes[r] ? begin + share : a.bytes[r]) & ~size_t{15};
-    const char* base = static_cast<const char*>(a.p[r]);
-    for (size_t off = begin; off < end; off += 65536) {
-      const unsigned n = static_cast<unsigned>(end - off < 65536 ? end - off : 65536);
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(base + off), "r"(n) : "memory");
-    }
-  }
-#endif
-}
-
 // kernel<<<grid, block, smem, stream>>>(args...), with the PDL attribute when enabled, as a grid
 // of thread-block clusters of (1, 1, cluster_z) blocks when cluster_z > 0.
 template <class... P, class... A>
