@@ -211,9 +211,15 @@ class CudaBackend : public Backend {
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* dw = std::getenv("DYN_CUDA_DECODE_WARPS")) decode_warps_ = std::atoi(dw);
-    if (const char* gs = std::getenv("DYN_CUDA_GEMV_STAGED")) {  // "groups,blocks a multiprocessor,mask"
-      int groups = 0, per_sm = 1;
-      std::sscanf(gs, "%d,%d,%d", &groups, &per_sm, &staged_mask_);
+    {  // DYN_CUDA_GEMV_STAGED="groups,blocks a multiprocessor,mask"; "0": off
+      int groups = kStagedGroups, per_sm = kStagedBlocksPerSm;
+      staged_mask_ = kStagedDefault;
+      if (const char* gs = std::getenv("DYN_CUDA_GEMV_STAGED")) {
+        groups = 0;
+        per_sm = 1;
+        staged_mask_ = 0;
+        std::sscanf(gs, "%d,%d,%d", &groups, &per_sm, &staged_mask_);
+      }
       cuda::SetGemvStaged(groups, per_sm, (staged_mask_ & kStagedSmemWeight) != 0);
       if (!cuda::GemvStagedOn()) staged_mask_ &= kStagedResidual;
     }
@@ -730,6 +736,10 @@ class CudaBackend : public Backend {
   // Add joins the GEMV before it (kStagedResidual), other m = 1 GEMVs stage x too (kStagedPlain).
   // kStagedSmemWeight: the norm weight copied to shared memory before the wait (not registers).
   static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedPlain = 4, kStagedSmemWeight = 8;
+  // The default: blocks of 4 groups, one a multiprocessor, norms and residual adds joined. Batch 1
+  // of the 8B shape on an H200: 4.08-4.11 ms a step at context 512 against 4.20-4.21 without
+  // (4096: 4.46-4.49 against 4.57-4.60), the same tokens (docs/benchmarks/cuda.md, round 18).
+  static constexpr int kStagedGroups = 4, kStagedBlocksPerSm = 1, kStagedDefault = kStagedNorm | kStagedResidual;
   int staged_mask_ = 0;
   struct PendingGemv {  // the last pending call, when it is a one-weight m = 1 GEMV (joined by an Add)
     const float* x = nullptr;

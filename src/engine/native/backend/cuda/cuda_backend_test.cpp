@@ -744,7 +744,14 @@ TEST_F(CudaBackendTest, StagedGemvsEqualNormThenGemv) {
       }
       return all;
     };
-    const std::vector<float> want = run(gpu_.get());
+    auto fresh = CreateCudaBackend(0);  // the default settings (each backend made sets the kernels' settings)
+    ASSERT_TRUE(fresh.ok());
+    const std::vector<float> by_default = run(fresh->get());
+    auto plain = CudaBackendWith("DYN_CUDA_GEMV_STAGED", "0");
+    ASSERT_NE(plain, nullptr);
+    const std::vector<float> want = run(plain.get());
+    ASSERT_EQ(by_default.size(), want.size());
+    EXPECT_EQ(0, std::memcmp(by_default.data(), want.data(), want.size() * sizeof(float))) << "H=" << H << ", default";
     for (const char* setting : {"4,1,3", "5,1,3", "4,1,11", "6,1,15", "4,1,7", "0,1,2"}) {
       auto staged = CudaBackendWith("DYN_CUDA_GEMV_STAGED", setting);
       ASSERT_NE(staged, nullptr);
@@ -752,7 +759,6 @@ TEST_F(CudaBackendTest, StagedGemvsEqualNormThenGemv) {
       ASSERT_EQ(got.size(), want.size());
       EXPECT_EQ(0, std::memcmp(got.data(), want.data(), want.size() * sizeof(float))) << "H=" << H << ", staged " << setting;
     }
-    cuda::SetGemvStaged(0, 1);
   }
 }
 
