@@ -49,6 +49,20 @@ __device__ __forceinline__ void GroupSync(int group) {
   asm volatile("bar.sync %0, %1;" ::"r"(group + 1), "r"(kGroupThreads) : "memory");
 }
 
+// The norm's warp partials added in order (RmsNormKernel's thread 0 does the same additions), all
+// loaded first so that the chain is 32 dependent adds rather than 32 dependent shared loads.
+__device__ __forceinline__ float SumPartials(const float* s_partial, int warps) {
+  float p[32];
+#pragma unroll
+  for (int i = 0; i < 32; ++i) p[i] = i < warps ? s_partial[i] : 0.0f;
+  float total = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 32; ++i) {
+    if (i < warps) total += p[i];
+  }
+  return total;
+}
+
 // x (cols floats) into shared memory; with a norm, RmsNormKernel's output instead, and block 0
 // writes it to st.norm_out as the norm would. wn: this thread's float4s of the norm weight.
 template <int kThreads>
@@ -92,9 +106,7 @@ __device__ __forceinline__ void StageRow(const float* __restrict__ x, const Gemv
     if (v < nt && v % 32 == 0) s_partial[v / 32] = ss;
   }
   __syncthreads();
-  float total = 0.0f;
-  for (int i = 0; i < nt / 32; ++i) total += s_partial[i];
-  const float scale = RmsScale(total, cols, st.eps);
+  const float scale = RmsScale(SumPartials(s_partial, nt / 32), cols, st.eps);
   float4* out = reinterpret_cast<float4*>(st.norm_out);
 #pragma unroll
   for (int k = 0; k < kMaxStagedPerThread; ++k) {
@@ -146,9 +158,7 @@ __device__ __forceinline__ void StageRowSmemWeight(const float* __restrict__ x, 
     if (v < nt && v % 32 == 0) s_partial[v / 32] = ss;
   }
   __syncthreads();
-  float total = 0.0f;
-  for (int i = 0; i < nt / 32; ++i) total += s_partial[i];
-  const float scale = RmsScale(total, cols, st.eps);
+  const float scale = RmsScale(SumPartials(s_partial, nt / 32), cols, st.eps);
   float4* out = reinterpret_cast<float4*>(st.norm_out);
   for (int q = t; q < n4; q += kThreads) {
     const int slot = StagedSlot(q >> 1, q & 1);
@@ -274,6 +284,7 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
   } else {
     StageRow<kThreads>(x, st, static_cast<int>(cols), s_x, wn);
   }
+  BlockTraceMark(0);  // the row staged (and normalized)
 
   __shared__ float partial[2][kGroups][kRows][kPartWarps];
   int buf = 0;

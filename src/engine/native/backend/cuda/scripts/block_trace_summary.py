@@ -13,18 +13,27 @@ for r in rows:
         k = ks[-1]; k['n'] += 1; k['last_rel'] = rel; k['first_res'] = min(k['first_res'], res); k['end'] = max(k['end'], end)
     else:
         ks.append(dict(key=key, n=1, first_rel=rel, last_rel=rel, first_res=res, end=end))
-def name(i, k):
+names = []
+def classify(i, k):
     g, t = k['key']
+    prev = names[i-1] if i else None
+    # Staged GEMVs (DYN_CUDA_GEMV_STAGED, the default since round 18): blocks of 384-768 threads,
+    # one or two a multiprocessor; the norm before them is inside.
+    if t in (384, 512, 640, 768) and g <= 300:
+        if prev == 'o': return 'gateup'
+        if i + 1 < len(ks) and ks[i+1]['key'][1] in (128, 256, 512) and ks[i+1]['key'][0] in (128, 256): return 'qkv'
+        return 'lmhead'
     # The 8B shape's GEMVs at one row a block or (default) 2 or 4 rows sharing x (DYN_CUDA_GEMV_ROWS_X).
     if g in (6144, 3072, 1536) and t == 128: return 'qkv'
     if g in (4096, 2048, 1024) and t == 128:
-        prev = ks[i-1]['key'] if i else None
-        return 'down' if prev and prev[0] in (14336, 7168) else 'o'
+        return 'down' if prev == 'gateup' else 'o'
     if g in (14336, 7168): return 'gateup'
     if g in (128256, 64128, 32064): return 'lmhead'
     if g == 1 and t == 1024: return 'norm'
     if g in (128, 256) and t in (128, 256, 512): return f'attn{g}x{t}'  # decode attention, 4-16 warps a block
     return f'g{g}x{t}'
+for i, k in enumerate(ks): names.append(classify(i, k))
+def name(i, k): return names[i]
 by = {}
 for i, k in enumerate(ks):
     nxt = ks[i+1]['first_rel'] if i + 1 < len(ks) else k['last_rel']
