@@ -388,6 +388,8 @@ void LaunchStagedAny(cudaStream_t stream, const float* x, const GemvStage& st, c
     }
   } else if (g_staged_groups == 5) {
     LaunchStaged<kSwiGlu, 5, false>(stream, x, st, jobs, cols, total);
+  } else if (g_staged_groups == 2) {
+    LaunchStaged<kSwiGlu, 2, false>(stream, x, st, jobs, cols, total);
   } else {
     LaunchStaged<kSwiGlu, 4, false>(stream, x, st, jobs, cols, total);
   }
@@ -397,7 +399,7 @@ void LaunchStagedAny(cudaStream_t stream, const float* x, const GemvStage& st, c
 
 void SetGemvStaged(int groups, int blocks_per_sm, bool smem_weight) {
   g_staged_smem_weight = smem_weight;
-  g_staged_groups = groups == 4 || groups == 5 || (groups == 6 && smem_weight) ? groups : 0;
+  g_staged_groups = groups == 2 || groups == 4 || groups == 5 || (groups == 6 && smem_weight) ? groups : 0;
   g_staged_blocks_per_sm = std::max(1, blocks_per_sm);
 }
 bool GemvStagedOn() { return g_staged_groups > 0; }

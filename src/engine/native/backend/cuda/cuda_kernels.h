@@ -177,7 +177,7 @@ void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const 
                    int64_t cols, float* const* out);
 
 // m = 1 GEMVs whose input is staged once per block in shared memory (cuda_gemv_staged.cu): blocks
-// of `groups` (4-6) groups of 4 warps, `blocks_per_sm` a multiprocessor, that walk the rows
+// of `groups` (2, 4-6) groups of 4 warps, `blocks_per_sm` a multiprocessor, that walk the rows
 // grid-stride; with norm_w, the input is RmsNorm(x) * norm_w computed by each block (bitwise
 // RmsNorm's output, which block 0 also writes to norm_out), so the norm kernel before the GEMV goes.
 // Outputs bitwise those of GemvBf16Multi / GemvBf16SwiGlu. groups 0: off (DYN_CUDA_GEMV_STAGED).
