@@ -220,7 +220,7 @@ class CudaBackend : public Backend {
         staged_mask_ = 0;
         std::sscanf(gs, "%d,%d,%d", &groups, &per_sm, &staged_mask_);
       }
-      cuda::SetGemvStaged(groups, per_sm, (staged_mask_ & kStagedSmemWeight) != 0);
+      cuda::SetGemvStaged(groups, per_sm, (staged_mask_ & kStagedSmemWeight) != 0, (staged_mask_ & kStagedAhead) != 0);
       if (!cuda::GemvStagedOn()) staged_mask_ &= kStagedResidual;
     }
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
@@ -735,7 +735,8 @@ class CudaBackend : public Backend {
   // DYN_CUDA_GEMV_STAGED's mask: a norm joins the m = 1 GEMV after it (kStagedNorm), a residual
   // Add joins the GEMV before it (kStagedResidual), other m = 1 GEMVs stage x too (kStagedPlain).
   // kStagedSmemWeight: the norm weight copied to shared memory before the wait (not registers).
-  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedPlain = 4, kStagedSmemWeight = 8;
+  // kStagedAhead: two row groups' loads in flight a lane (cuda::SetGemvStaged's ahead).
+  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedPlain = 4, kStagedSmemWeight = 8, kStagedAhead = 16;
   // The default: blocks of 4 groups, one a multiprocessor, norms and residual adds joined. Batch 1
   // of the 8B shape on an H200: 4.08-4.11 ms a step at context 512 against 4.20-4.21 without
   // (4096: 4.46-4.49 against 4.57-4.60), the same tokens (docs/benchmarks/cuda.md, round 18).

@@ -752,7 +752,7 @@ TEST_F(CudaBackendTest, StagedGemvsEqualNormThenGemv) {
     const std::vector<float> want = run(plain.get());
     ASSERT_EQ(by_default.size(), want.size());
     EXPECT_EQ(0, std::memcmp(by_default.data(), want.data(), want.size() * sizeof(float))) << "H=" << H << ", default";
-    for (const char* setting : {"4,1,3", "5,1,3", "2,2,3", "4,1,11", "6,1,15", "4,1,7", "0,1,2"}) {
+    for (const char* setting : {"4,1,3", "5,1,3", "2,2,3", "4,1,11", "6,1,15", "4,1,7", "0,1,2", "3,1,19", "4,1,23"}) {
       auto staged = CudaBackendWith("DYN_CUDA_GEMV_STAGED", setting);
       ASSERT_NE(staged, nullptr);
       const std::vector<float> got = run(staged.get());

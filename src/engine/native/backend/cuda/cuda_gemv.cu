@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kWarpsPerRow * 32) GemvRowsKernel(const float*
   // kernel is done, so its latency hides behind the weight stream.
   float res = 0.0f;
   if (!kSwiGlu && jobs.residual != nullptr && threadIdx.x < R && first_row + threadIdx.x < rows) {
-    res = jobs.residual[first_row + threadIdx.x];
+    res = LoadNow(jobs.residual + first_row + threadIdx.x);
   }
   float acc[R];
 #pragma unroll

@@ -245,7 +245,9 @@ __device__ __forceinline__ void AccumulateStaged(const uint4 (&wv)[kRows], const
 
 // Blocks of kGroups row groups (4 warps each); group gi of block b takes row groups
 // b * kGroups + gi, then + gridDim.x * kGroups, ... < total.
-template <bool kSwiGlu, int kGroups, bool kSmemWeight>
+// kAhead: the next row group's first loads go out before this group's products (two groups in
+// flight a lane), rather than after them.
+template <bool kSwiGlu, int kGroups, bool kSmemWeight, bool kAhead>
 __global__ void __launch_bounds__(kGroups * kGroupThreads)
     GemvStagedKernel(const float* __restrict__ x, GemvStage st, GemvJobs jobs, int64_t cols, unsigned total) {
   constexpr int kThreads = kGroups * kGroupThreads;
@@ -289,11 +291,25 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
   __shared__ float partial[2][kGroups][kRows][kPartWarps];
   int buf = 0;
   const int i = threadIdx.x % kGroupThreads;
+  uint4 wv_next[kAhead ? kUnroll : 1][kRows];
+  GroupRows rows_next = rows;
   while (g < total) {
     // The residual this group's rows are added to (GemvBf16Staged's residual), loaded before the
     // stream so that its latency hides behind it.
     float res = 0.0f;
-    if (!kSwiGlu && jobs.residual != nullptr && i < kRows && rows.first_row + i < rows.rows) res = jobs.residual[rows.first_row + i];
+    if (!kSwiGlu && jobs.residual != nullptr && i < kRows && rows.first_row + i < rows.rows) {
+      res = LoadNow(jobs.residual + rows.first_row + i);
+    }
+    const unsigned next = g + step;
+    if constexpr (kAhead) {
+      if (next < total) {
+        rows_next = LocateGroup<kSwiGlu>(jobs, next, n8);
+        if (full_group) {
+#pragma unroll
+          for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows_next, n8, c0 + u * kStride, wv_next[u]);
+        }
+      }
+    }
     float acc[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
@@ -314,12 +330,13 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
       AccumulateStaged(one, s_x, c, acc);
     }
     const GroupRows done = rows;
-    const unsigned next = g + step;
-    if (next < total) {  // the next group's first loads go out before this group's reduction
-      rows = LocateGroup<kSwiGlu>(jobs, next, n8);
-      if (full_group) {
+    if constexpr (!kAhead) {
+      if (next < total) {  // the next group's first loads go out before this group's reduction
+        rows = LocateGroup<kSwiGlu>(jobs, next, n8);
+        if (full_group) {
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c0 + u * kStride, wv[u]);
+          for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c0 + u * kStride, wv[u]);
+        }
       }
     }
 #pragma unroll
@@ -350,6 +367,14 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
         if (jobs.residual != nullptr) jobs.residual[done.first_row + i] = res + s;  // AddKernel's x + y
       }
     }
+    if constexpr (kAhead) {
+      rows = rows_next;
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) wv[u][r] = wv_next[u][r];
+      }
+    }
     buf ^= 1;
     g = next;
   }
@@ -357,12 +382,12 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
 }
 
 int g_staged_groups = 0, g_staged_blocks_per_sm = 1;
-bool g_staged_smem_weight = false;
+bool g_staged_smem_weight = false, g_staged_ahead = false;
 
-template <bool kSwiGlu, int kGroups, bool kSmemWeight>
+template <bool kSwiGlu, int kGroups, bool kSmemWeight, bool kAhead = false>
 void LaunchStaged(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
   const size_t smem = (StagedSlots(cols) + (kSmemWeight && st.norm_w != nullptr ? cols / 4 : 0)) * sizeof(float4);
-  auto* kernel = GemvStagedKernel<kSwiGlu, kGroups, kSmemWeight>;
+  auto* kernel = GemvStagedKernel<kSwiGlu, kGroups, kSmemWeight, kAhead>;
   static size_t allowed = 0;  // dynamic shared memory set up for this instantiation
   if (smem > allowed) {
     Check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), "cudaFuncSetAttribute",
@@ -380,7 +405,13 @@ void LaunchStaged(cudaStream_t stream, const float* x, const GemvStage& st, cons
 
 template <bool kSwiGlu>
 void LaunchStagedAny(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
-  if (g_staged_smem_weight) {
+  if (g_staged_ahead) {
+    if (g_staged_groups == 4) {
+      LaunchStaged<kSwiGlu, 4, false, true>(stream, x, st, jobs, cols, total);
+    } else {
+      LaunchStaged<kSwiGlu, 3, false, true>(stream, x, st, jobs, cols, total);
+    }
+  } else if (g_staged_smem_weight) {
     if (g_staged_groups == 6) {
       LaunchStaged<kSwiGlu, 6, true>(stream, x, st, jobs, cols, total);
     } else {
@@ -397,9 +428,11 @@ void LaunchStagedAny(cudaStream_t stream, const float* x, const GemvStage& st, c
 
 }  // namespace
 
-void SetGemvStaged(int groups, int blocks_per_sm, bool smem_weight) {
-  g_staged_smem_weight = smem_weight;
-  g_staged_groups = groups == 2 || groups == 4 || groups == 5 || (groups == 6 && smem_weight) ? groups : 0;
+void SetGemvStaged(int groups, int blocks_per_sm, bool smem_weight, bool ahead) {
+  g_staged_smem_weight = smem_weight && !ahead;
+  g_staged_ahead = ahead;
+  if (ahead && groups > 0 && groups != 4) groups = 3;
+  g_staged_groups = groups == 2 || groups == 4 || groups == 5 || (groups == 6 && smem_weight) || (groups == 3 && ahead) ? groups : 0;
   g_staged_blocks_per_sm = std::max(1, blocks_per_sm);
 }
 bool GemvStagedOn() { return g_staged_groups > 0; }

@@ -187,7 +187,8 @@ struct GemvStage {
   float* norm_out = nullptr;
   int norm_threads = 0;  // RmsNormThreads(cols): the norm kernel's summation order
 };
-void SetGemvStaged(int groups, int blocks_per_sm, bool smem_weight = false);
+// ahead: the next row group's first loads issued before the current group's products (3 or 4 groups).
+void SetGemvStaged(int groups, int blocks_per_sm, bool smem_weight = false, bool ahead = false);
 bool GemvStagedOn();
 bool GemvStagedApplies(int64_t cols, const GemvStage& st);
 // residual (count 1 only, or null): residual[r] += out[r] as GemvBf16Residual.

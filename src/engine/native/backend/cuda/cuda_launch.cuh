@@ -183,6 +183,15 @@ __device__ __forceinline__ uint4 LoadStreaming(const uint4* p) {
   return v;
 }
 
+// A 4-byte load issued here, in program order with the (volatile) weight loads around it: the
+// compiler would otherwise sink a load whose value is used only at the kernel's end down to that
+// use, putting its latency on the block's tail.
+__device__ __forceinline__ float LoadNow(const float* p) {
+  float v;
+  asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+
 // Up to kGemvMaxJobs weights sharing one input (Q/K/V, gate/up), passed by value to the GEMV and
 // skinny GEMM kernels; blocks are dealt out over the weights in order.
 struct GemvJobs {
