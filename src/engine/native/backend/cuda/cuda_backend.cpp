@@ -736,7 +736,8 @@ class CudaBackend : public Backend {
   // Add joins the GEMV before it (kStagedResidual), other m = 1 GEMVs stage x too (kStagedPlain).
   // kStagedSmemWeight: the norm weight copied to shared memory before the wait (not registers).
   // kStagedAhead: two row groups' loads in flight a lane (cuda::SetGemvStaged's ahead).
-  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedPlain = 4, kStagedSmemWeight = 8, kStagedAhead = 16;
+  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedPlain = 4, kStagedSmemWeight = 8, kStagedAhead = 16,
+                       kStagedNotWide = 32, kStagedWideRows = 65536;
   // The default: blocks of 4 groups, one a multiprocessor, norms and residual adds joined. Batch 1
   // of the 8B shape on an H200: 4.08-4.11 ms a step at context 512 against 4.20-4.21 without
   // (4096: 4.46-4.49 against 4.57-4.60), the same tokens (docs/benchmarks/cuda.md, round 18).
@@ -961,7 +962,8 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
       cuda::GemvStage st;
       const float* in = x;
       const int64_t rows = N;
-      const bool norm = TakeNormFor(x, K, &st, &in);
+      // kStagedNotWide: a weight of more rows than any layer's (the LM head) keeps its norm kernel.
+      const bool norm = !((staged_mask_ & kStagedNotWide) && N > kStagedWideRows) && TakeNormFor(x, K, &st, &in);
       if (norm || ((staged_mask_ & kStagedPlain) && !persistent_ && cuda::GemvStagedApplies(K, st))) {
         const size_t sig_size = sig_.size();
         Defer([=, this] { cuda::GemvBf16Staged(stream_, in, st, 1, &wb, &rows, K, &out); }, kGemvStaged, in, st, wb, rows, int64_t{K},
