@@ -211,18 +211,9 @@ class CudaBackend : public Backend {
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* dw = std::getenv("DYN_CUDA_DECODE_WARPS")) decode_warps_ = std::atoi(dw);
-    {  // DYN_CUDA_GEMV_STAGED="groups,blocks a multiprocessor,mask"; "0": off
-      int groups = kStagedGroups, per_sm = kStagedBlocksPerSm;
-      staged_mask_ = kStagedDefault;
-      if (const char* gs = std::getenv("DYN_CUDA_GEMV_STAGED")) {
-        groups = 0;
-        per_sm = 1;
-        staged_mask_ = 0;
-        std::sscanf(gs, "%d,%d,%d", &groups, &per_sm, &staged_mask_);
-      }
-      cuda::SetGemvStaged(groups, per_sm, (staged_mask_ & kStagedSmemWeight) != 0, (staged_mask_ & kStagedAhead) != 0);
-      if (!cuda::GemvStagedOn()) staged_mask_ &= kStagedResidual;
-    }
+    const char* staged = std::getenv("DYN_CUDA_GEMV_STAGED");  // a mask of kStaged* bits; unset: both
+    staged_mask_ = staged == nullptr ? kStagedNorm | kStagedResidual : std::atoi(staged) & (kStagedNorm | kStagedResidual);
+    cuda::SetGemvStaged((staged_mask_ & kStagedNorm) != 0);
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
     decode_merge_global_ = dm == nullptr || std::string(dm) != "smem";
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
@@ -427,16 +418,11 @@ class CudaBackend : public Backend {
   }
   void Add(float* x, const float* y, size_t n) override {
     if ((staged_mask_ & kStagedResidual) && !persistent_ && last_gemv_.out == y && y != nullptr &&
-        static_cast<size_t>(last_gemv_.rows) == n && (last_gemv_.staged || cuda::GemvResidualApplies(1))) {
+        static_cast<size_t>(last_gemv_.rows) == n && cuda::GemvResidualApplies(1)) {
       // The m = 1 GEMV that wrote y adds its rows to x as it writes them.
       const PendingGemv g = last_gemv_;
       pending_.pop_back();
       sig_.resize(g.sig_size);
-      if (g.staged) {
-        Defer([=, this] { cuda::GemvBf16Staged(stream_, g.x, cuda::GemvStage{}, 1, &g.w, &g.rows, g.cols, &g.out, x); }, kGemvStaged, g.x,
-              g.w, g.rows, g.cols, g.out, x);
-        return;
-      }
       Defer([=, this] { cuda::GemvBf16Residual(stream_, g.x, g.w, g.rows, g.cols, g.out, x); }, kGemvResidual, g.x, g.w, g.rows, g.cols,
             g.out, x);
       return;
@@ -732,16 +718,12 @@ class CudaBackend : public Backend {
   std::map<std::string, void*> persist_programs_;
   // Replaces each run of pending calls the persistent kernel can take by one launch of it.
   void PlanPersistentRuns();
-  // DYN_CUDA_GEMV_STAGED's mask: a norm joins the m = 1 GEMV after it (kStagedNorm), a residual
-  // Add joins the GEMV before it (kStagedResidual), other m = 1 GEMVs stage x too (kStagedPlain).
-  // kStagedSmemWeight: the norm weight copied to shared memory before the wait (not registers).
-  // kStagedAhead: two row groups' loads in flight a lane (cuda::SetGemvStaged's ahead).
-  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedPlain = 4, kStagedSmemWeight = 8, kStagedAhead = 16,
-                       kStagedNotWide = 32, kStagedWideRows = 65536;
-  // The default: blocks of 4 groups, one a multiprocessor, norms and residual adds joined. Batch 1
-  // of the 8B shape on an H200: 4.08-4.11 ms a step at context 512 against 4.20-4.21 without
-  // (4096: 4.46-4.49 against 4.57-4.60), the same tokens (docs/benchmarks/cuda.md, round 18).
-  static constexpr int kStagedGroups = 4, kStagedBlocksPerSm = 1, kStagedDefault = kStagedNorm | kStagedResidual;
+  // DYN_CUDA_GEMV_STAGED's mask (default both): a one-row norm joins the m = 1 GEMV after it
+  // (kStagedNorm, cuda::GemvBf16Staged), a residual Add joins the m = 1 GEMV before it
+  // (kStagedResidual, cuda::GemvBf16Residual). Batch 1 of the 8B shape on an H200: 4.05-4.11 ms a
+  // step at context 512 against 4.19-4.23 without, 4.43-4.46 at 4096 against 4.54-4.59, the same
+  // tokens (docs/benchmarks/cuda.md, round 18).
+  static constexpr int kStagedNorm = 1, kStagedResidual = 2;
   int staged_mask_ = 0;
   struct PendingGemv {  // the last pending call, when it is a one-weight m = 1 GEMV (joined by an Add)
     const float* x = nullptr;
@@ -749,7 +731,6 @@ class CudaBackend : public Backend {
     int64_t rows = 0, cols = 0;
     float* out = nullptr;
     size_t sig_size = 0;
-    bool staged = false;  // GemvBf16Staged without a norm
   } last_gemv_;
   struct PendingNorm {  // the last pending call, when it is a one-row RmsNorm (joined by a staged GEMV)
     const float* x = nullptr;
@@ -962,13 +943,9 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
       cuda::GemvStage st;
       const float* in = x;
       const int64_t rows = N;
-      // kStagedNotWide: a weight of more rows than any layer's (the LM head) keeps its norm kernel.
-      const bool norm = !((staged_mask_ & kStagedNotWide) && N > kStagedWideRows) && TakeNormFor(x, K, &st, &in);
-      if (norm || ((staged_mask_ & kStagedPlain) && !persistent_ && cuda::GemvStagedApplies(K, st))) {
-        const size_t sig_size = sig_.size();
+      if (TakeNormFor(x, K, &st, &in)) {  // the LM head after the final norm
         Defer([=, this] { cuda::GemvBf16Staged(stream_, in, st, 1, &wb, &rows, K, &out); }, kGemvStaged, in, st, wb, rows, int64_t{K},
               out);
-        if (!norm) last_gemv_ = {x, wb, N, K, out, sig_size, true};  // after Defer, which clears it
         return;
       }
     }

@@ -694,9 +694,9 @@ TEST_F(CudaBackendTest, ResidualAddThenNormIsFusedExactly) {
 }
 
 // A decode layer's one-row chain (o projection, residual add, norm, Q/K/V; again with gate/up +
-// SwiGLU and down; the final norm and an LM head) with the staged GEMVs (DYN_CUDA_GEMV_STAGED: the
-// norm inside the next GEMV, the residual add inside the GEMV before it) gives every output bit for
-// bit as the separate kernels do.
+// SwiGLU and down; the final norm and an LM head) with the staged GEMVs (the default; the norm
+// inside the next GEMV, the residual add inside the GEMV before it) gives every output bit for bit
+// as the separate kernels do (DYN_CUDA_GEMV_STAGED=0).
 TEST_F(CudaBackendTest, StagedGemvsEqualNormThenGemv) {
   std::vector<std::unique_ptr<Buffer>> owned;
   auto prepare = [&](int64_t rows, int64_t cols, uint32_t seed) {
@@ -752,7 +752,7 @@ TEST_F(CudaBackendTest, StagedGemvsEqualNormThenGemv) {
     const std::vector<float> want = run(plain.get());
     ASSERT_EQ(by_default.size(), want.size());
     EXPECT_EQ(0, std::memcmp(by_default.data(), want.data(), want.size() * sizeof(float))) << "H=" << H << ", default";
-    for (const char* setting : {"4,1,3", "5,1,3", "2,2,3", "4,1,11", "6,1,15", "4,1,7", "0,1,2", "3,1,19", "4,1,23"}) {
+    for (const char* setting : {"1", "2"}) {  // the norms only, the residual adds only
       auto staged = CudaBackendWith("DYN_CUDA_GEMV_STAGED", setting);
       ASSERT_NE(staged, nullptr);
       const std::vector<float> got = run(staged.get());

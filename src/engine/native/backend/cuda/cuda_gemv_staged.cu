@@ -1,12 +1,12 @@
-// The m = 1 GEMV with its input staged in shared memory, optionally after the RMSNorm that
-// produces it (GemvBf16Staged in cuda_kernels.h).
+// The m = 1 GEMV with the RMSNorm that produces its input inside it (GemvBf16Staged in
+// cuda_kernels.h).
 //
 // At batch 1 each RMSNorm is a one-block kernel between two GEMVs: its own work (~2.6 us: a
 // dependent load, a block reduction, a store) and two kernel hand-offs sit on the critical path
 // twice a layer (~10 us of the ~124 us a layer of the 8B shape on an H200, docs/benchmarks/cuda.md
 // rounds 15-17). Folding the norm into the GEMV's short one-row blocks was slower (every block paid
-// the reduction, rounds 6 and 16), so here the GEMV's blocks live for the whole launch (a few a
-// multiprocessor, each made of groups of 4 warps that walk the row groups grid-stride) and each
+// the reduction, rounds 6 and 16), so here the GEMV's blocks live for the whole launch (one a
+// multiprocessor, made of 4 groups of 4 warps that walk the row groups grid-stride) and each
 // block normalizes the row once into shared memory, in a layout where a warp's loads of x are
 // bank-conflict free (the L1 loads of the one-row kernels take two wavefronts per 16 bytes of
 // weights). The first weights are loaded before the wait for the previous kernel, as in every GEMV.
@@ -26,13 +26,14 @@
 namespace dyn::cuda {
 namespace {
 
+constexpr int kGroups = 4;              // row groups a block (one block a multiprocessor)
 constexpr int kPartWarps = 4;           // warps of a row group (GemvRowsKernel's block)
 constexpr int kGroupThreads = kPartWarps * 32;
+constexpr int kThreads = kGroups * kGroupThreads;
 constexpr int kUnroll = 4;              // chunks a lane keeps in flight (as GemvRowsKernel)
 constexpr int kStride = kGroupThreads;  // between a lane's chunks of a row
 constexpr int kRows = 2;                // rows a group takes at a time (gate/up: one pair)
 constexpr int kMaxStagedPerThread = 4;  // float4s of x a thread keeps while it normalizes (cols <= 16 x threads)
-constexpr int kMaxStagedCols = 32768;   // 128 KB of shared memory
 
 // Float4 slot of half h (0: elements 0-3, 1: 4-7) of 8-element chunk c8 of x in shared memory:
 // the 32 consecutive chunks a warp reads at once have each half in 32 consecutive slots, so a
@@ -63,18 +64,11 @@ __device__ __forceinline__ float SumPartials(const float* s_partial, int warps) 
   return total;
 }
 
-// x (cols floats) into shared memory; with a norm, RmsNormKernel's output instead, and block 0
-// writes it to st.norm_out as the norm would. wn: this thread's float4s of the norm weight.
-template <int kThreads>
+// RmsNormKernel's output for row x into shared memory, which block 0 also writes to st.norm_out as
+// the norm would. wn: this thread's float4s of the norm weight.
 __device__ __forceinline__ void StageRow(const float* __restrict__ x, const GemvStage& st, int cols, float4* s_x,
                                          const float4 (&wn)[kMaxStagedPerThread]) {
-  const int t = threadIdx.x, n4 = cols / 4;
-  if (st.norm_w == nullptr) {  // any width that fits in shared memory
-    for (int q = t; q < n4; q += kThreads) s_x[StagedSlot(q >> 1, q & 1)] = reinterpret_cast<const float4*>(x)[q];
-    __syncthreads();
-    return;
-  }
-  // With the norm: n4 <= kMaxStagedPerThread * kThreads, the row kept in registers.
+  const int t = threadIdx.x, n4 = cols / 4;  // n4 <= kMaxStagedPerThread * kThreads
   float4 xv[kMaxStagedPerThread];
 #pragma unroll
   for (int k = 0; k < kMaxStagedPerThread; ++k) {
@@ -119,56 +113,6 @@ __device__ __forceinline__ void StageRow(const float* __restrict__ x, const Gemv
     o.z = __fmul_rn(__fmul_rn(xv[k].z, scale), w.z);
     o.w = __fmul_rn(__fmul_rn(xv[k].w, scale), w.w);
     s_x[StagedSlot(q >> 1, q & 1)] = o;  // this thread's own slot: no one else reads it before the barrier
-    if (blockIdx.x == 0 && out != nullptr) out[q] = o;
-  }
-  __syncthreads();
-}
-
-// StageRow with the norm weight already in shared memory (s_w, copied by cp.async before the
-// kernel's wait) and x kept only in shared memory: no registers held across the wait but the
-// weights', so the block fits beside more of the previous GEMV's blocks.
-__device__ __forceinline__ void CopyAsync16(void* smem, const void* gmem) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-}
-template <int kThreads>
-__device__ __forceinline__ void StageRowSmemWeight(const float* __restrict__ x, const GemvStage& st, int cols, float4* s_x,
-                                                   const float4* s_w) {
-  const int t = threadIdx.x, n4 = cols / 4;
-  for (int q = t; q < n4; q += kThreads) s_x[StagedSlot(q >> 1, q & 1)] = reinterpret_cast<const float4*>(x)[q];
-  if (st.norm_w == nullptr) {
-    __syncthreads();
-    return;
-  }
-  asm volatile("cp.async.wait_all;" ::: "memory");
-  __syncthreads();
-  const int nt = st.norm_threads;
-  const float* sf = reinterpret_cast<const float*>(s_x);
-  __shared__ float s_partial[32];
-  for (int v0 = 0; v0 < nt; v0 += kThreads) {  // as in StageRow
-    const int v = v0 + t;
-    float ss = 0.0f;
-    if (v < nt) {
-      for (int i = v; i < cols; i += nt) {
-        const float e = sf[StagedIndex(i)];
-        ss = fmaf(e, e, ss);
-      }
-    }
-    ss = WarpSum(ss);
-    if (v < nt && v % 32 == 0) s_partial[v / 32] = ss;
-  }
-  __syncthreads();
-  const float scale = RmsScale(SumPartials(s_partial, nt / 32), cols, st.eps);
-  float4* out = reinterpret_cast<float4*>(st.norm_out);
-  for (int q = t; q < n4; q += kThreads) {
-    const int slot = StagedSlot(q >> 1, q & 1);
-    const float4 xv = s_x[slot], w = s_w[q];
-    float4 o;
-    o.x = __fmul_rn(__fmul_rn(xv.x, scale), w.x);
-    o.y = __fmul_rn(__fmul_rn(xv.y, scale), w.y);
-    o.z = __fmul_rn(__fmul_rn(xv.z, scale), w.z);
-    o.w = __fmul_rn(__fmul_rn(xv.w, scale), w.w);
-    s_x[slot] = o;  // this thread's own slot, read by no one else since the barrier
     if (blockIdx.x == 0 && out != nullptr) out[q] = o;
   }
   __syncthreads();
@@ -245,12 +189,9 @@ __device__ __forceinline__ void AccumulateStaged(const uint4 (&wv)[kRows], const
 
 // Blocks of kGroups row groups (4 warps each); group gi of block b takes row groups
 // b * kGroups + gi, then + gridDim.x * kGroups, ... < total.
-// kAhead: the next row group's first loads go out before this group's products (two groups in
-// flight a lane), rather than after them.
-template <bool kSwiGlu, int kGroups, bool kSmemWeight, bool kAhead>
-__global__ void __launch_bounds__(kGroups * kGroupThreads)
+template <bool kSwiGlu>
+__global__ void __launch_bounds__(kThreads)
     GemvStagedKernel(const float* __restrict__ x, GemvStage st, GemvJobs jobs, int64_t cols, unsigned total) {
-  constexpr int kThreads = kGroups * kGroupThreads;
   extern __shared__ float4 s_x[];
   const int gi = threadIdx.x / kGroupThreads, part = (threadIdx.x / 32) % kPartWarps, lane = threadIdx.x % 32;
   const int64_t n8 = cols / 8;
@@ -264,52 +205,21 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c0 + u * kStride, wv[u]);
   }
-  // The norm weight: a weight, so loaded before the wait too.
-  float4* s_w = s_x + StagedSlots(cols);
-  float4 wn[kSmemWeight ? 1 : kMaxStagedPerThread];
-  if (st.norm_w != nullptr) {
-    if constexpr (kSmemWeight) {
-      for (int q = threadIdx.x; q < cols / 4; q += kThreads) CopyAsync16(s_w + q, reinterpret_cast<const float4*>(st.norm_w) + q);
-      asm volatile("cp.async.commit_group;" ::: "memory");
-    } else {
+  float4 wn[kMaxStagedPerThread];  // the norm weight: a weight, so loaded before the wait too
 #pragma unroll
-      for (int k = 0; k < kMaxStagedPerThread; ++k) {
-        const int q = threadIdx.x + k * kThreads;
-        if (q < cols / 4) wn[k] = reinterpret_cast<const float4*>(st.norm_w)[q];
-      }
-    }
+  for (int k = 0; k < kMaxStagedPerThread; ++k) {
+    const int q = threadIdx.x + k * kThreads;
+    if (q < cols / 4) wn[k] = reinterpret_cast<const float4*>(st.norm_w)[q];
   }
   LetNextKernelLaunch();
   WaitForPreviousKernel();
-  if constexpr (kSmemWeight) {
-    StageRowSmemWeight<kThreads>(x, st, static_cast<int>(cols), s_x, s_w);
-  } else {
-    StageRow<kThreads>(x, st, static_cast<int>(cols), s_x, wn);
-  }
-  BlockTraceMark(0);  // the row staged (and normalized)
+  StageRow(x, st, static_cast<int>(cols), s_x, wn);
+  BlockTraceMark(0);  // the row staged and normalized
 
   __shared__ float partial[2][kGroups][kRows][kPartWarps];
   int buf = 0;
   const int i = threadIdx.x % kGroupThreads;
-  uint4 wv_next[kAhead ? kUnroll : 1][kRows];
-  GroupRows rows_next = rows;
   while (g < total) {
-    // The residual this group's rows are added to (GemvBf16Staged's residual), loaded before the
-    // stream so that its latency hides behind it.
-    float res = 0.0f;
-    if (!kSwiGlu && jobs.residual != nullptr && i < kRows && rows.first_row + i < rows.rows) {
-      res = LoadNow(jobs.residual + rows.first_row + i);
-    }
-    const unsigned next = g + step;
-    if constexpr (kAhead) {
-      if (next < total) {
-        rows_next = LocateGroup<kSwiGlu>(jobs, next, n8);
-        if (full_group) {
-#pragma unroll
-          for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows_next, n8, c0 + u * kStride, wv_next[u]);
-        }
-      }
-    }
     float acc[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
@@ -330,13 +240,12 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
       AccumulateStaged(one, s_x, c, acc);
     }
     const GroupRows done = rows;
-    if constexpr (!kAhead) {
-      if (next < total) {  // the next group's first loads go out before this group's reduction
-        rows = LocateGroup<kSwiGlu>(jobs, next, n8);
-        if (full_group) {
+    const unsigned next = g + step;
+    if (next < total) {  // the next group's first loads go out before this group's reduction
+      rows = LocateGroup<kSwiGlu>(jobs, next, n8);
+      if (full_group) {
 #pragma unroll
-          for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c0 + u * kStride, wv[u]);
-        }
+        for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c0 + u * kStride, wv[u]);
       }
     }
 #pragma unroll
@@ -364,15 +273,6 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
 #pragma unroll
         for (int p = 0; p < kPartWarps; ++p) s += partial[buf][gi][i][p];
         done.out[done.first_row + i] = s;
-        if (jobs.residual != nullptr) jobs.residual[done.first_row + i] = res + s;  // AddKernel's x + y
-      }
-    }
-    if constexpr (kAhead) {
-      rows = rows_next;
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) wv[u][r] = wv_next[u][r];
       }
     }
     buf ^= 1;
@@ -381,76 +281,36 @@ __global__ void __launch_bounds__(kGroups * kGroupThreads)
   BlockTraceEnd();
 }
 
-int g_staged_groups = 0, g_staged_blocks_per_sm = 1;
-bool g_staged_smem_weight = false, g_staged_ahead = false;
+bool g_staged = true;
 
-template <bool kSwiGlu, int kGroups, bool kSmemWeight, bool kAhead = false>
+template <bool kSwiGlu>
 void LaunchStaged(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
-  const size_t smem = (StagedSlots(cols) + (kSmemWeight && st.norm_w != nullptr ? cols / 4 : 0)) * sizeof(float4);
-  auto* kernel = GemvStagedKernel<kSwiGlu, kGroups, kSmemWeight, kAhead>;
+  const size_t smem = StagedSlots(cols) * sizeof(float4);
+  auto* kernel = GemvStagedKernel<kSwiGlu>;
   static size_t allowed = 0;  // dynamic shared memory set up for this instantiation
   if (smem > allowed) {
     Check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), "cudaFuncSetAttribute",
           __FILE__, __LINE__);
     allowed = smem;
   }
-  // Blocks that do not fit at once would wait for a whole block's walk: at most what is resident.
-  int fit = 0;
-  Check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, kernel, kGroups * kGroupThreads, smem), "cudaOccupancyMaxActiveBlocks",
-        __FILE__, __LINE__);
-  const unsigned per_grid = static_cast<unsigned>(MultiprocessorCount() * std::max(1, std::min(fit, g_staged_blocks_per_sm)));
-  const unsigned blocks = std::min<unsigned>(per_grid, (total + kGroups - 1) / kGroups);
-  LaunchKernel(kernel, blocks, kGroups * kGroupThreads, smem, stream, x, st, jobs, cols, total);
-}
-
-template <bool kSwiGlu>
-void LaunchStagedAny(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
-  if (g_staged_ahead) {
-    if (g_staged_groups == 4) {
-      LaunchStaged<kSwiGlu, 4, false, true>(stream, x, st, jobs, cols, total);
-    } else {
-      LaunchStaged<kSwiGlu, 3, false, true>(stream, x, st, jobs, cols, total);
-    }
-  } else if (g_staged_smem_weight) {
-    if (g_staged_groups == 6) {
-      LaunchStaged<kSwiGlu, 6, true>(stream, x, st, jobs, cols, total);
-    } else {
-      LaunchStaged<kSwiGlu, 4, true>(stream, x, st, jobs, cols, total);
-    }
-  } else if (g_staged_groups == 5) {
-    LaunchStaged<kSwiGlu, 5, false>(stream, x, st, jobs, cols, total);
-  } else if (g_staged_groups == 2) {
-    LaunchStaged<kSwiGlu, 2, false>(stream, x, st, jobs, cols, total);
-  } else {
-    LaunchStaged<kSwiGlu, 4, false>(stream, x, st, jobs, cols, total);
-  }
+  const unsigned blocks = std::min<unsigned>(static_cast<unsigned>(MultiprocessorCount()), (total + kGroups - 1) / kGroups);
+  LaunchKernel(kernel, blocks, kThreads, smem, stream, x, st, jobs, cols, total);
 }
 
 }  // namespace
 
-void SetGemvStaged(int groups, int blocks_per_sm, bool smem_weight, bool ahead) {
-  g_staged_smem_weight = smem_weight && !ahead;
-  g_staged_ahead = ahead;
-  if (ahead && groups > 0 && groups != 4) groups = 3;
-  g_staged_groups = groups == 2 || groups == 4 || groups == 5 || (groups == 6 && smem_weight) || (groups == 3 && ahead) ? groups : 0;
-  g_staged_blocks_per_sm = std::max(1, blocks_per_sm);
-}
-bool GemvStagedOn() { return g_staged_groups > 0; }
+void SetGemvStaged(bool on) { g_staged = on; }
 
 bool GemvStagedApplies(int64_t cols, const GemvStage& st) {
-  const int threads = g_staged_groups * kGroupThreads;
-  if (g_staged_groups == 0 || cols % 8 != 0 || cols > kMaxStagedCols) return false;
-  return st.norm_w == nullptr || ((g_staged_smem_weight || cols / 4 <= int64_t{kMaxStagedPerThread} * threads) &&
-                                  st.norm_threads % 32 == 0 && st.norm_threads <= 1024);
+  return g_staged && st.norm_w != nullptr && cols % 8 == 0 && cols / 4 <= int64_t{kMaxStagedPerThread} * kThreads &&
+         st.norm_threads % 32 == 0 && st.norm_threads <= 1024;
 }
 
 void GemvBf16Staged(cudaStream_t stream, const float* x, const GemvStage& st, int count, const uint16_t* const* w,
-                    const int64_t* rows, int64_t cols, float* const* out, float* residual) {
-  if (residual != nullptr && count != 1) Check(cudaErrorInvalidValue, "GemvBf16Staged: residual with several weights", __FILE__, __LINE__);
+                    const int64_t* rows, int64_t cols, float* const* out) {
   int64_t groups = 0;
-  GemvJobs jobs = MakeGemvJobs(count, w, rows, out, kRows, &groups);
-  jobs.residual = residual;
-  LaunchStagedAny<false>(stream, x, st, jobs, cols, static_cast<unsigned>(groups));
+  const GemvJobs jobs = MakeGemvJobs(count, w, rows, out, kRows, &groups);
+  LaunchStaged<false>(stream, x, st, jobs, cols, static_cast<unsigned>(groups));
   DYN_CUDA_CHECK_LAUNCH();
 }
 
@@ -464,7 +324,7 @@ void GemvBf16SwiGluStaged(cudaStream_t stream, const float* x, const GemvStage& 
   jobs.out[1] = up;
   jobs.rows[0] = jobs.rows[1] = rows;
   jobs.swiglu_out = out;
-  LaunchStagedAny<true>(stream, x, st, jobs, cols, static_cast<unsigned>(rows));
+  LaunchStaged<true>(stream, x, st, jobs, cols, static_cast<unsigned>(rows));
   DYN_CUDA_CHECK_LAUNCH();
 }
 

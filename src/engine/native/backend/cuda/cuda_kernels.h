@@ -176,24 +176,21 @@ constexpr int kGemvMaxJobs = 4;
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
                    int64_t cols, float* const* out);
 
-// m = 1 GEMVs whose input is staged once per block in shared memory (cuda_gemv_staged.cu): blocks
-// of `groups` (2, 4-6) groups of 4 warps, `blocks_per_sm` a multiprocessor, that walk the rows
-// grid-stride; with norm_w, the input is RmsNorm(x) * norm_w computed by each block (bitwise
-// RmsNorm's output, which block 0 also writes to norm_out), so the norm kernel before the GEMV goes.
-// Outputs bitwise those of GemvBf16Multi / GemvBf16SwiGlu. groups 0: off (DYN_CUDA_GEMV_STAGED).
+// m = 1 GEMVs with the RMSNorm before them inside (cuda_gemv_staged.cu): one block of 4 groups
+// of 4 warps a multiprocessor walks the row groups grid-stride; each block computes RmsNorm(x) *
+// norm_w once into shared memory (bitwise the norm kernel's output, which block 0 also writes to
+// norm_out), so the norm kernel and its hand-offs go. Outputs bitwise those of RmsNorm followed by
+// GemvBf16Multi / GemvBf16SwiGlu. SetGemvStaged(false): GemvStagedApplies is always false.
 struct GemvStage {
-  const float* norm_w = nullptr;  // null: x as is
+  const float* norm_w = nullptr;
   float eps = 0.0f;
   float* norm_out = nullptr;
   int norm_threads = 0;  // RmsNormThreads(cols): the norm kernel's summation order
 };
-// ahead: the next row group's first loads issued before the current group's products (3 or 4 groups).
-void SetGemvStaged(int groups, int blocks_per_sm, bool smem_weight = false, bool ahead = false);
-bool GemvStagedOn();
+void SetGemvStaged(bool on);
 bool GemvStagedApplies(int64_t cols, const GemvStage& st);
-// residual (count 1 only, or null): residual[r] += out[r] as GemvBf16Residual.
 void GemvBf16Staged(cudaStream_t stream, const float* x, const GemvStage& st, int count, const uint16_t* const* w,
-                    const int64_t* rows, int64_t cols, float* const* out, float* residual = nullptr);
+                    const int64_t* rows, int64_t cols, float* const* out);
 void GemvBf16SwiGluStaged(cudaStream_t stream, const float* x, const GemvStage& st, const uint16_t* w_gate, const uint16_t* w_up,
                           int64_t rows, int64_t cols, float* gate, float* up, float* out);
 // Threads of the RMSNorm kernel's block for rows of dim (its summation order depends on it).
