@@ -165,15 +165,7 @@ __global__ void __launch_bounds__(kWarpsPerRow * R * 32)
 template <int R>
 __device__ __forceinline__ void AccumulateRows(const uint4 (&wv)[R], const float* __restrict__ x, int64_t c8, float (&acc)[R]) {
   const float4* xp = reinterpret_cast<const float4*>(x + c8 * 8);
-  const float4 a = __ldg(xp), b = __ldg(xp + 1);
-  const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int r = 0; r < R; ++r) {
-    float w[8];
-    Bf16x8ToFloat(wv[r], w);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) acc[r] = fmaf(w[k], xs[k], acc[r]);
-  }
+  FmaChunk<R>(wv, __ldg(xp), __ldg(xp + 1), acc);
 }
 
 template <bool kSwiGlu, int R>
@@ -334,14 +326,7 @@ void GemvBf16Residual(cudaStream_t stream, const float* x, const uint16_t* w, in
 
 void GemvBf16SwiGlu(cudaStream_t stream, const float* x, int m, const uint16_t* w_gate, const uint16_t* w_up, int64_t rows,
                     int64_t cols, float* gate, float* up, float* out) {
-  GemvJobs jobs{};
-  jobs.count = 2;
-  jobs.w[0] = w_gate;
-  jobs.w[1] = w_up;
-  jobs.out[0] = gate;
-  jobs.out[1] = up;
-  jobs.rows[0] = jobs.rows[1] = rows;
-  jobs.swiglu_out = out;
+  const GemvJobs jobs = GateUpJobs(w_gate, w_up, rows, gate, up, out);
   if (const int r = m == 1 ? g_swiglu_rows_sharing_x : 0; r >= 2) {
     const int64_t pairs = r / 2;
     LaunchRows<true>(stream, r, x, jobs, cols, static_cast<unsigned>((rows + pairs - 1) / pairs));

@@ -135,19 +135,11 @@ __device__ __forceinline__ GroupRows LocateGroup(const GemvJobs& jobs, unsigned 
     r.base0 = reinterpret_cast<const uint4*>(jobs.w[0]) + r.first_row * n8;
     r.base1 = reinterpret_cast<const uint4*>(jobs.w[1]) + r.first_row * n8;
   } else {
-    const uint16_t* w = jobs.w[0];
-    float* out = jobs.out[0];
-    int64_t rows = jobs.rows[0];
-    unsigned first = 0;
-#pragma unroll
-    for (int j = 1; j < kGemvMaxJobs; ++j) {
-      if (j < jobs.count && g >= jobs.first_block[j]) {
-        w = jobs.w[j];
-        out = jobs.out[j];
-        rows = jobs.rows[j];
-        first = jobs.first_block[j];
-      }
-    }
+    const uint16_t* w;
+    float* out;
+    int64_t rows;
+    unsigned first;
+    PickJobOf(jobs, g, w, out, rows, first);
     r.first_row = int64_t{g - first} * kRows;
     r.rows = rows;
     r.out = out;
@@ -176,15 +168,7 @@ __device__ __forceinline__ void LoadChunks(const GroupRows& g, int64_t n8, int64
 // AccumulateRows (cuda_gemv.cu) with x from the staged row.
 __device__ __forceinline__ void AccumulateStaged(const uint4 (&wv)[kRows], const float4* s_x, int64_t c8, float (&acc)[kRows]) {
   const int c = static_cast<int>(c8);
-  const float4 a = s_x[StagedSlot(c, 0)], b = s_x[StagedSlot(c, 1)];
-  const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
-#pragma unroll
-  for (int r = 0; r < kRows; ++r) {
-    float w[8];
-    Bf16x8ToFloat(wv[r], w);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) acc[r] = fmaf(w[k], xs[k], acc[r]);
-  }
+  FmaChunk<kRows>(wv, s_x[StagedSlot(c, 0)], s_x[StagedSlot(c, 1)], acc);
 }
 
 // Blocks of kGroups row groups (4 warps each); group gi of block b takes row groups
@@ -316,15 +300,7 @@ void GemvBf16Staged(cudaStream_t stream, const float* x, const GemvStage& st, in
 
 void GemvBf16SwiGluStaged(cudaStream_t stream, const float* x, const GemvStage& st, const uint16_t* w_gate, const uint16_t* w_up,
                           int64_t rows, int64_t cols, float* gate, float* up, float* out) {
-  GemvJobs jobs{};
-  jobs.count = 2;
-  jobs.w[0] = w_gate;
-  jobs.w[1] = w_up;
-  jobs.out[0] = gate;
-  jobs.out[1] = up;
-  jobs.rows[0] = jobs.rows[1] = rows;
-  jobs.swiglu_out = out;
-  LaunchStaged<true>(stream, x, st, jobs, cols, static_cast<unsigned>(rows));
+  LaunchStaged<true>(stream, x, st, GateUpJobs(w_gate, w_up, rows, gate, up, out), cols, static_cast<unsigned>(rows));
   DYN_CUDA_CHECK_LAUNCH();
 }
 

@@ -171,6 +171,20 @@ __device__ __forceinline__ void Bf16x8ToFloat(const uint4& v, float (&f)[8]) {
   Bf16x2ToFloat(v.w, f[6], f[7]);
 }
 
+// acc[r] += the 8 products of weight chunk wv[r] (bf16) with x's chunk (a, b), in order: the
+// m = 1 GEMVs' arithmetic (cuda_gemv.cu, cuda_gemv_staged.cu), one definition so they agree.
+template <int R>
+__device__ __forceinline__ void FmaChunk(const uint4 (&wv)[R], const float4& a, const float4& b, float (&acc)[R]) {
+  const float xs[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    float w[8];
+    Bf16x8ToFloat(wv[r], w);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) acc[r] = fmaf(w[k], xs[k], acc[r]);
+  }
+}
+
 // silu(g) * u, rounded as SwiGluKernel does; the kernels that fuse SwiGLU use it too.
 __device__ __forceinline__ float SiluMul(float g, float u) { return __fmul_rn(g / (1.0f + expf(-g)), u); }
 
@@ -220,22 +234,39 @@ inline GemvJobs MakeGemvJobs(int count, const uint16_t* const* w, const int64_t*
   return jobs;
 }
 
-// This block's weight, output and rows, and the weight's first block (constant indices only, so
-// the parameter struct is not copied to local memory).
-__device__ __forceinline__ void PickJob(const GemvJobs& jobs, const uint16_t*& w, float*& out, int64_t& rows, unsigned& first) {
+// The jobs of GemvBf16SwiGlu: gate and up, rows each, and silu(gate) * up into out.
+inline GemvJobs GateUpJobs(const uint16_t* w_gate, const uint16_t* w_up, int64_t rows, float* gate, float* up, float* out) {
+  GemvJobs jobs{};
+  jobs.count = 2;
+  jobs.w[0] = w_gate;
+  jobs.w[1] = w_up;
+  jobs.out[0] = gate;
+  jobs.out[1] = up;
+  jobs.rows[0] = jobs.rows[1] = rows;
+  jobs.swiglu_out = out;
+  return jobs;
+}
+
+// Block (or row group) b's weight, output and rows, and the weight's first block (constant
+// indices only, so the parameter struct is not copied to local memory).
+__device__ __forceinline__ void PickJobOf(const GemvJobs& jobs, unsigned b, const uint16_t*& w, float*& out, int64_t& rows,
+                                          unsigned& first) {
   w = jobs.w[0];
   out = jobs.out[0];
   rows = jobs.rows[0];
   first = 0;
 #pragma unroll
   for (int j = 1; j < kGemvMaxJobs; ++j) {
-    if (j < jobs.count && blockIdx.x >= jobs.first_block[j]) {
+    if (j < jobs.count && b >= jobs.first_block[j]) {
       w = jobs.w[j];
       out = jobs.out[j];
       rows = jobs.rows[j];
       first = jobs.first_block[j];
     }
   }
+}
+__device__ __forceinline__ void PickJob(const GemvJobs& jobs, const uint16_t*& w, float*& out, int64_t& rows, unsigned& first) {
+  PickJobOf(jobs, blockIdx.x, w, out, rows, first);
 }
 
 }  // namespace dyn::cuda
