@@ -212,7 +212,7 @@ class CudaBackend : public Backend {
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* dw = std::getenv("DYN_CUDA_DECODE_WARPS")) decode_warps_ = std::atoi(dw);
     const char* staged = std::getenv("DYN_CUDA_GEMV_STAGED");  // a mask of kStaged* bits; unset: both
-    staged_mask_ = staged == nullptr ? kStagedNorm | kStagedResidual : std::atoi(staged) & (kStagedNorm | kStagedResidual);
+    staged_mask_ = staged == nullptr ? kStagedNorm | kStagedResidual : std::atoi(staged) & (kStagedNorm | kStagedResidual | kStagedLateScale);
     cuda::SetGemvStaged((staged_mask_ & kStagedNorm) != 0);
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
     decode_merge_global_ = dm == nullptr || std::string(dm) != "smem";
@@ -723,7 +723,7 @@ class CudaBackend : public Backend {
   // (kStagedResidual, cuda::GemvBf16Residual). Batch 1 of the 8B shape on an H200: 4.05-4.11 ms a
   // step at context 512 against 4.19-4.23 without, 4.43-4.46 at 4096 against 4.54-4.59, the same
   // tokens (docs/benchmarks/cuda.md, round 18).
-  static constexpr int kStagedNorm = 1, kStagedResidual = 2;
+  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedLateScale = 4;
   int staged_mask_ = 0;
   struct PendingGemv {  // the last pending call, when it is a one-weight m = 1 GEMV (joined by an Add)
     const float* x = nullptr;
@@ -745,7 +745,7 @@ class CudaBackend : public Backend {
   bool TakeNormFor(const float* x, int64_t cols, cuda::GemvStage* st, const float** raw_x) {
     if (!(staged_mask_ & kStagedNorm) || persistent_ || last_norm_.out != x || last_norm_.dim != cols) return false;
     cuda::GemvStage s{.norm_w = last_norm_.w, .eps = last_norm_.eps, .norm_out = last_norm_.out,
-                      .norm_threads = cuda::RmsNormThreads(last_norm_.dim)};
+                      .norm_threads = cuda::RmsNormThreads(last_norm_.dim), .late_scale = (staged_mask_ & kStagedLateScale) != 0};
     if (!cuda::GemvStagedApplies(cols, s)) return false;
     pending_.pop_back();
     sig_.resize(last_norm_.sig_size);
@@ -755,6 +755,7 @@ class CudaBackend : public Backend {
     return true;
   }
   void AppendBytes(const cuda::GemvStage& st) {
+    AppendBytes(st.late_scale);
     AppendBytes(st.norm_w);
     AppendBytes(st.eps);
     AppendBytes(st.norm_out);

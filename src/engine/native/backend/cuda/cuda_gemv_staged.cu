@@ -118,6 +118,46 @@ __device__ __forceinline__ void StageRow(const float* __restrict__ x, const Gemv
   __syncthreads();
 }
 
+// The late-scale staging (GemvStage::late_scale): x * w into shared memory and the row's 1 / rms
+// returned, with one barrier; each row's sum is multiplied by it at the end. Block 0 writes the
+// norm's output (RmsNormKernel's rounding) to st.norm_out.
+__device__ __forceinline__ float StageRowLateScale(const float* __restrict__ x, const GemvStage& st, int cols, float4* s_x,
+                                                   const float4 (&wn)[kMaxStagedPerThread]) {
+  const int t = threadIdx.x, n4 = cols / 4;  // n4 <= kMaxStagedPerThread * kThreads
+  float4 xv[kMaxStagedPerThread];
+  float ss = 0.0f;
+#pragma unroll
+  for (int k = 0; k < kMaxStagedPerThread; ++k) {
+    const int q = t + k * kThreads;
+    if (q >= n4) continue;
+    xv[k] = reinterpret_cast<const float4*>(x)[q];
+    const float4 w = wn[k];
+    ss = fmaf(xv[k].x, xv[k].x, ss);
+    ss = fmaf(xv[k].y, xv[k].y, ss);
+    ss = fmaf(xv[k].z, xv[k].z, ss);
+    ss = fmaf(xv[k].w, xv[k].w, ss);
+    s_x[StagedSlot(q >> 1, q & 1)] = make_float4(__fmul_rn(xv[k].x, w.x), __fmul_rn(xv[k].y, w.y), __fmul_rn(xv[k].z, w.z),
+                                                 __fmul_rn(xv[k].w, w.w));
+  }
+  __shared__ float s_partial[kThreads / 32];
+  ss = WarpSum(ss);
+  if (t % 32 == 0) s_partial[t / 32] = ss;
+  __syncthreads();
+  const float scale = RmsScale(SumPartials(s_partial, kThreads / 32), cols, st.eps);
+  if (blockIdx.x == 0 && st.norm_out != nullptr) {
+    float4* out = reinterpret_cast<float4*>(st.norm_out);
+#pragma unroll
+    for (int k = 0; k < kMaxStagedPerThread; ++k) {
+      const int q = t + k * kThreads;
+      if (q >= n4) continue;
+      const float4 w = wn[k];
+      out[q] = make_float4(__fmul_rn(__fmul_rn(xv[k].x, scale), w.x), __fmul_rn(__fmul_rn(xv[k].y, scale), w.y),
+                           __fmul_rn(__fmul_rn(xv[k].z, scale), w.z), __fmul_rn(__fmul_rn(xv[k].w, scale), w.w));
+    }
+  }
+  return scale;
+}
+
 // Row group g's rows: the weight (or gate/up pair) and output. kSwiGlu: group g is pair row g.
 struct GroupRows {
   const uint4* base0;
@@ -173,7 +213,7 @@ __device__ __forceinline__ void AccumulateStaged(const uint4 (&wv)[kRows], const
 
 // Blocks of kGroups row groups (4 warps each); group gi of block b takes row groups
 // b * kGroups + gi, then + gridDim.x * kGroups, ... < total.
-template <bool kSwiGlu>
+template <bool kSwiGlu, bool kLateScale>
 __global__ void __launch_bounds__(kThreads)
     GemvStagedKernel(const float* __restrict__ x, GemvStage st, GemvJobs jobs, int64_t cols, unsigned total) {
   extern __shared__ float4 s_x[];
@@ -197,7 +237,12 @@ __global__ void __launch_bounds__(kThreads)
   }
   LetNextKernelLaunch();
   WaitForPreviousKernel();
-  StageRow(x, st, static_cast<int>(cols), s_x, wn);
+  float scale = 1.0f;
+  if constexpr (kLateScale) {
+    scale = StageRowLateScale(x, st, static_cast<int>(cols), s_x, wn);
+  } else {
+    StageRow(x, st, static_cast<int>(cols), s_x, wn);
+  }
   BlockTraceMark(0);  // the row staged and normalized
 
   __shared__ float partial[2][kGroups][kRows][kPartWarps];
@@ -247,6 +292,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int p = 0; p < kPartWarps; ++p) us += partial[buf][gi][1][p];
         const int64_t row = done.first_row;
+        if constexpr (kLateScale) {
+          gs = __fmul_rn(gs, scale);
+          us = __fmul_rn(us, scale);
+        }
         jobs.out[0][row] = gs;
         jobs.out[1][row] = us;
         jobs.swiglu_out[row] = SiluMul(gs, us);
@@ -256,6 +305,7 @@ __global__ void __launch_bounds__(kThreads)
         float s = 0.0f;
 #pragma unroll
         for (int p = 0; p < kPartWarps; ++p) s += partial[buf][gi][i][p];
+        if constexpr (kLateScale) s = __fmul_rn(s, scale);
         done.out[done.first_row + i] = s;
       }
     }
@@ -267,10 +317,10 @@ __global__ void __launch_bounds__(kThreads)
 
 bool g_staged = true;
 
-template <bool kSwiGlu>
-void LaunchStaged(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
+template <bool kSwiGlu, bool kLateScale>
+void LaunchStagedAs(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
   const size_t smem = StagedSlots(cols) * sizeof(float4);
-  auto* kernel = GemvStagedKernel<kSwiGlu>;
+  auto* kernel = GemvStagedKernel<kSwiGlu, kLateScale>;
   static size_t allowed = 0;  // dynamic shared memory set up for this instantiation
   if (smem > allowed) {
     Check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), "cudaFuncSetAttribute",
@@ -279,6 +329,14 @@ void LaunchStaged(cudaStream_t stream, const float* x, const GemvStage& st, cons
   }
   const unsigned blocks = std::min<unsigned>(static_cast<unsigned>(MultiprocessorCount()), (total + kGroups - 1) / kGroups);
   LaunchKernel(kernel, blocks, kThreads, smem, stream, x, st, jobs, cols, total);
+}
+template <bool kSwiGlu>
+void LaunchStaged(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
+  if (st.late_scale) {
+    LaunchStagedAs<kSwiGlu, true>(stream, x, st, jobs, cols, total);
+  } else {
+    LaunchStagedAs<kSwiGlu, false>(stream, x, st, jobs, cols, total);
+  }
 }
 
 }  // namespace

@@ -186,6 +186,9 @@ struct GemvStage {
   float eps = 0.0f;
   float* norm_out = nullptr;
   int norm_threads = 0;  // RmsNormThreads(cols): the norm kernel's summation order
+  // x * norm_w staged and each row's sum scaled by 1 / rms at the end (one barrier instead of
+  // three before the products; not bitwise the separate kernels: DYN_CUDA_GEMV_STAGED bit 4).
+  bool late_scale = false;
 };
 void SetGemvStaged(bool on);
 bool GemvStagedApplies(int64_t cols, const GemvStage& st);
