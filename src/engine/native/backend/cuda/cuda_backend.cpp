@@ -211,8 +211,9 @@ class CudaBackend : public Backend {
     cuda::SetHalfWarpAttention(attn == nullptr || std::string(attn) != "warp");
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* dw = std::getenv("DYN_CUDA_DECODE_WARPS")) decode_warps_ = std::atoi(dw);
-    const char* staged = std::getenv("DYN_CUDA_GEMV_STAGED");  // a mask of kStaged* bits; unset: both
-    staged_mask_ = staged == nullptr ? kStagedNorm | kStagedResidual : std::atoi(staged) & (kStagedNorm | kStagedResidual | kStagedLateScale);
+    const char* staged = std::getenv("DYN_CUDA_GEMV_STAGED");  // a mask of kStaged* bits; unset: all
+    constexpr int kStagedAll = kStagedNorm | kStagedResidual | kStagedLateScale;
+    staged_mask_ = staged == nullptr ? kStagedAll : std::atoi(staged) & kStagedAll;
     cuda::SetGemvStaged((staged_mask_ & kStagedNorm) != 0);
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
     decode_merge_global_ = dm == nullptr || std::string(dm) != "smem";
@@ -718,11 +719,13 @@ class CudaBackend : public Backend {
   std::map<std::string, void*> persist_programs_;
   // Replaces each run of pending calls the persistent kernel can take by one launch of it.
   void PlanPersistentRuns();
-  // DYN_CUDA_GEMV_STAGED's mask (default both): a one-row norm joins the m = 1 GEMV after it
+  // DYN_CUDA_GEMV_STAGED's mask (default all): a one-row norm joins the m = 1 GEMV after it
   // (kStagedNorm, cuda::GemvBf16Staged), a residual Add joins the m = 1 GEMV before it
-  // (kStagedResidual, cuda::GemvBf16Residual). Batch 1 of the 8B shape on an H200: 4.05-4.11 ms a
-  // step at context 512 against 4.19-4.23 without, 4.43-4.46 at 4096 against 4.54-4.59, the same
-  // tokens (docs/benchmarks/cuda.md, round 18).
+  // (kStagedResidual, cuda::GemvBf16Residual), and the staged GEMV scales each row's sum by 1 / rms
+  // at the end rather than normalizing x first (kStagedLateScale: one barrier instead of three;
+  // without it the outputs are the separate kernels' bit for bit). Batch 1 of the 8B shape on an
+  // H200, context 512: 4.00-4.05 ms a step with all, 4.03-4.09 without the late scale, 4.21-4.22
+  // with none (4096: 4.37, 4.46, 4.58), the same greedy tokens (docs/benchmarks/cuda.md, round 18).
   static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedLateScale = 4;
   int staged_mask_ = 0;
   struct PendingGemv {  // the last pending call, when it is a one-weight m = 1 GEMV (joined by an Add)
