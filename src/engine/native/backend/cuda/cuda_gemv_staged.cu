@@ -64,6 +64,12 @@ __device__ __forceinline__ float SumPartials(const float* s_partial, int warps) 
   return total;
 }
 
+// RmsNormKernel's rounding of four normalized elements: (x * scale) * w.
+__device__ __forceinline__ float4 NormOut(const float4& x, float scale, const float4& w) {
+  return make_float4(__fmul_rn(__fmul_rn(x.x, scale), w.x), __fmul_rn(__fmul_rn(x.y, scale), w.y), __fmul_rn(__fmul_rn(x.z, scale), w.z),
+                     __fmul_rn(__fmul_rn(x.w, scale), w.w));
+}
+
 // RmsNormKernel's output for row x into shared memory, which block 0 also writes to st.norm_out as
 // the norm would. wn: this thread's float4s of the norm weight.
 __device__ __forceinline__ void StageRow(const float* __restrict__ x, const GemvStage& st, int cols, float4* s_x,
@@ -106,12 +112,7 @@ __device__ __forceinline__ void StageRow(const float* __restrict__ x, const Gemv
   for (int k = 0; k < kMaxStagedPerThread; ++k) {
     const int q = t + k * kThreads;
     if (q >= n4) continue;
-    const float4 w = wn[k];
-    float4 o;
-    o.x = __fmul_rn(__fmul_rn(xv[k].x, scale), w.x);
-    o.y = __fmul_rn(__fmul_rn(xv[k].y, scale), w.y);
-    o.z = __fmul_rn(__fmul_rn(xv[k].z, scale), w.z);
-    o.w = __fmul_rn(__fmul_rn(xv[k].w, scale), w.w);
+    const float4 o = NormOut(xv[k], scale, wn[k]);
     s_x[StagedSlot(q >> 1, q & 1)] = o;  // this thread's own slot: no one else reads it before the barrier
     if (blockIdx.x == 0 && out != nullptr) out[q] = o;
   }
@@ -150,9 +151,7 @@ __device__ __forceinline__ float StageRowLateScale(const float* __restrict__ x, 
     for (int k = 0; k < kMaxStagedPerThread; ++k) {
       const int q = t + k * kThreads;
       if (q >= n4) continue;
-      const float4 w = wn[k];
-      out[q] = make_float4(__fmul_rn(__fmul_rn(xv[k].x, scale), w.x), __fmul_rn(__fmul_rn(xv[k].y, scale), w.y),
-                           __fmul_rn(__fmul_rn(xv[k].z, scale), w.z), __fmul_rn(__fmul_rn(xv[k].w, scale), w.w));
+      out[q] = NormOut(xv[k], scale, wn[k]);
     }
   }
   return scale;
