@@ -214,7 +214,6 @@ class CudaBackend : public Backend {
     const char* staged = std::getenv("DYN_CUDA_GEMV_STAGED");  // a mask of kStaged* bits; unset: all
     constexpr int kStagedAll = kStagedNorm | kStagedResidual | kStagedLateScale;
     staged_mask_ = staged == nullptr ? kStagedAll : std::atoi(staged) & kStagedAll;
-    cuda::SetGemvStaged((staged_mask_ & kStagedNorm) != 0);
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
     decode_merge_global_ = dm == nullptr || std::string(dm) != "smem";
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
@@ -363,8 +362,8 @@ class CudaBackend : public Backend {
     }
     const size_t sig_size = sig_.size();
     Defer([=, this] { cuda::RmsNorm(stream_, x, weight, m, dim, eps, out); }, kNorm, x, weight, int64_t{m}, dim, eps, out);
-    if (m == 1) last_norm_ = {x, weight, dim, eps, out, sig_size};  // after Defer, which clears it
     if (m == 1) {
+      last_norm_ = {x, weight, dim, eps, out, sig_size};  // after Defer, which clears it
       Persists({.kind = cuda::PersistentCall::kNorm, .x = const_cast<float*>(x), .norm_w = weight, .dim = dim, .eps = eps,
                 .norm_out = out});
     }
@@ -419,7 +418,7 @@ class CudaBackend : public Backend {
   }
   void Add(float* x, const float* y, size_t n) override {
     if ((staged_mask_ & kStagedResidual) && !persistent_ && last_gemv_.out == y && y != nullptr &&
-        static_cast<size_t>(last_gemv_.rows) == n && cuda::GemvResidualApplies(1)) {
+        static_cast<size_t>(last_gemv_.rows) == n && cuda::GemvResidualApplies()) {
       // The m = 1 GEMV that wrote y adds its rows to x as it writes them.
       const PendingGemv g = last_gemv_;
       pending_.pop_back();
@@ -955,8 +954,10 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
     }
     const size_t sig_size = sig_.size();
     Defer([=, this] { cuda::GemvBf16(stream_, x, m, wb, N, K, out); }, kGemv, x, m, wb, int64_t{N}, int64_t{K}, out);
-    if (m == 1) PersistsGemv(x, 1, WeightJobs{{wb}, {N}, {out}}, K, nullptr);
-    if (m == 1) last_gemv_ = {x, wb, N, K, out, sig_size};  // after Defer, which clears it
+    if (m == 1) {
+      PersistsGemv(x, 1, WeightJobs{{wb}, {N}, {out}}, K, nullptr);
+      last_gemv_ = {x, wb, N, K, out, sig_size};  // after Defer, which clears it
+    }
     return;
   }
   BlasBf16(x, m, std::span<const Weight>(&w, 1), std::span<float* const>(&out, 1));

@@ -19,59 +19,35 @@
 #include <cstdio>
 
 #include "engine/native/backend/cuda/cuda_kernels.h"
+#include "engine/native/backend/cuda/cuda_gemv_stream.cuh"
 #include "engine/native/backend/cuda/cuda_launch.cuh"
 
 namespace dyn::cuda {
 namespace {
 
-constexpr int kWarpsPerRow = 4;
+using gemv::HasFirstGroup;
+using gemv::kStride;
+using gemv::kUnroll;
+using gemv::kWarpsPerRow;
+using gemv::LoadGroup;
+using gemv::StreamChunks;
+
 constexpr int kRowsPerBlock = 2;  // SwiGLU (gate and up rows together) and m > 1
 // Output rows per block of a non-SwiGLU GemvBf16Kernel launch: the block count and the kernel's R
 // follow it. One at m = 1: measured on an H200 (docs/benchmarks/cuda.md, round 6), one row per
 // block streams the down projection (28 KB rows) at 4.08 TB/s instead of 3.67 (two 28 KB rows kept
 // a block ~9 us, so the grid's last blocks left SMs idle longer), the o projection 2% faster.
 int RowsPerBlock(int m) { return m == 1 ? 1 : kRowsPerBlock; }
-constexpr int kUnroll = 4;
-constexpr int kStride = kWarpsPerRow * 32;  // between a lane's chunks of a row
-
-// A lane's group of kUnroll chunks from chunk c on: load(c, chunk) fills one.
-template <class Chunk, class Load>
-__device__ __forceinline__ void LoadGroup(int64_t c, Chunk (&group)[kUnroll], Load load) {
-#pragma unroll
-  for (int u = 0; u < kUnroll; ++u) load(c + u * kStride, group[u]);
-}
-
 // The lane's first group of chunks (when `live` and the row has one) loaded before the wait for
 // the previous kernel: weights do not depend on it, so with programmatic dependent launch the loads
 // overlap its tail. Returns whether the group was loaded (StreamChunks' first_group).
 template <class Chunk, class Load>
 __device__ __forceinline__ bool LoadFirstGroupThenWait(bool live, int64_t c, int64_t n8, Chunk (&held)[kUnroll], Load load) {
-  const bool first_group = live && c + (kUnroll - 1) * kStride < n8;
+  const bool first_group = live && HasFirstGroup(c, n8);
   if (first_group) LoadGroup(c, held, load);
   LetNextKernelLaunch();
   WaitForPreviousKernel();
   return first_group;
-}
-
-// A lane's chunks c, c + kStride, ... < n8 of its row(s), multiplied by use(chunk, c): `held` is
-// the first group, loaded before the kernel's wait when first_group (weights do not depend on the
-// previous kernel); then kUnroll loads in flight at a time, and the last chunks one at a time.
-template <class Chunk, class Load, class Use>
-__device__ __forceinline__ void StreamChunks(int64_t c, int64_t n8, bool first_group, Chunk (&held)[kUnroll], Load load, Use use) {
-  if (first_group) {
-    while (true) {
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) use(held[u], c + u * kStride);
-      c += kUnroll * kStride;
-      if (c + (kUnroll - 1) * kStride >= n8) break;
-      LoadGroup(c, held, load);
-    }
-  }
-  for (; c < n8; c += kStride) {
-    Chunk one;
-    load(c, one);
-    use(one, c);
-  }
 }
 
 template <int M>
@@ -313,10 +289,10 @@ void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int
   GemvBf16Multi(stream, x, m, 1, &w, &rows, cols, &out);
 }
 
-bool GemvResidualApplies(int m) { return m == 1 && g_rows_sharing_x >= 2; }
+bool GemvResidualApplies() { return g_rows_sharing_x >= 2; }
 
 void GemvBf16Residual(cudaStream_t stream, const float* x, const uint16_t* w, int64_t rows, int64_t cols, float* out, float* residual) {
-  if (!GemvResidualApplies(1)) Check(cudaErrorInvalidValue, "GemvBf16Residual: needs rows sharing x", __FILE__, __LINE__);
+  if (!GemvResidualApplies()) Check(cudaErrorInvalidValue, "GemvBf16Residual: needs rows sharing x", __FILE__, __LINE__);
   int64_t blocks = 0;
   GemvJobs jobs = MakeGemvJobs(1, &w, &rows, &out, g_rows_sharing_x, &blocks);
   jobs.residual = residual;

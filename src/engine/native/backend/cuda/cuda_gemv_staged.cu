@@ -20,18 +20,23 @@
 
 #include <algorithm>
 
+#include "engine/native/backend/cuda/cuda_gemv_stream.cuh"
 #include "engine/native/backend/cuda/cuda_kernels.h"
 #include "engine/native/backend/cuda/cuda_launch.cuh"
 
 namespace dyn::cuda {
 namespace {
 
-constexpr int kGroups = 4;              // row groups a block (one block a multiprocessor)
-constexpr int kPartWarps = 4;           // warps of a row group (GemvRowsKernel's block)
+using gemv::HasFirstGroup;
+using gemv::kStride;
+using gemv::kUnroll;
+using gemv::LoadGroup;
+using gemv::StreamChunks;
+
+constexpr int kGroups = 4;                         // row groups a block (one block a multiprocessor)
+constexpr int kPartWarps = gemv::kWarpsPerRow;     // warps of a row group (GemvRowsKernel's block)
 constexpr int kGroupThreads = kPartWarps * 32;
 constexpr int kThreads = kGroups * kGroupThreads;
-constexpr int kUnroll = 4;              // chunks a lane keeps in flight (as GemvRowsKernel)
-constexpr int kStride = kGroupThreads;  // between a lane's chunks of a row
 constexpr int kRows = 2;                // rows a group takes at a time (gate/up: one pair)
 constexpr int kMaxStagedPerThread = 4;  // float4s of x a thread keeps while it normalizes (cols <= 16 x threads)
 
@@ -222,12 +227,10 @@ __global__ void __launch_bounds__(kThreads)
   const unsigned step = gridDim.x * kGroups;
   unsigned g = blockIdx.x * kGroups + gi;
   GroupRows rows = LocateGroup<kSwiGlu>(jobs, g < total ? g : 0, n8);
-  const bool full_group = c0 + (kUnroll - 1) * kStride < n8;  // the lane's first group exists (every row alike)
+  const bool full_group = HasFirstGroup(c0, n8);  // the same for every row
+  auto load = [&](int64_t at, uint4 (&v)[kRows]) { LoadChunks<kSwiGlu>(rows, n8, at, v); };
   uint4 wv[kUnroll][kRows];
-  if (g < total && full_group) {
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c0 + u * kStride, wv[u]);
-  }
+  if (g < total && full_group) LoadGroup(c0, wv, load);
   float4 wn[kMaxStagedPerThread];  // the norm weight: a weight, so loaded before the wait too
 #pragma unroll
   for (int k = 0; k < kMaxStagedPerThread; ++k) {
@@ -251,30 +254,12 @@ __global__ void __launch_bounds__(kThreads)
     float acc[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) acc[r] = 0.0f;
-    int64_t c = c0;
-    if (full_group) {
-      while (true) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) AccumulateStaged(wv[u], s_x, c + u * kStride, acc);
-        c += kUnroll * kStride;
-        if (c + (kUnroll - 1) * kStride >= n8) break;
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c + u * kStride, wv[u]);
-      }
-    }
-    for (; c < n8; c += kStride) {
-      uint4 one[kRows];
-      LoadChunks<kSwiGlu>(rows, n8, c, one);
-      AccumulateStaged(one, s_x, c, acc);
-    }
+    StreamChunks(c0, n8, full_group, wv, load, [&](const uint4 (&v)[kRows], int64_t at) { AccumulateStaged(v, s_x, at, acc); });
     const GroupRows done = rows;
     const unsigned next = g + step;
     if (next < total) {  // the next group's first loads go out before this group's reduction
       rows = LocateGroup<kSwiGlu>(jobs, next, n8);
-      if (full_group) {
-#pragma unroll
-        for (int u = 0; u < kUnroll; ++u) LoadChunks<kSwiGlu>(rows, n8, c0 + u * kStride, wv[u]);
-      }
+      if (full_group) LoadGroup(c0, wv, load);
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -314,18 +299,11 @@ __global__ void __launch_bounds__(kThreads)
   BlockTraceEnd();
 }
 
-bool g_staged = true;
-
 template <bool kSwiGlu, bool kLateScale>
 void LaunchStagedAs(cudaStream_t stream, const float* x, const GemvStage& st, const GemvJobs& jobs, int64_t cols, unsigned total) {
+  // At most 32 KB (GemvStagedApplies' width limit), within the default 48 KB of dynamic shared memory.
   const size_t smem = StagedSlots(cols) * sizeof(float4);
   auto* kernel = GemvStagedKernel<kSwiGlu, kLateScale>;
-  static size_t allowed = 0;  // dynamic shared memory set up for this instantiation
-  if (smem > allowed) {
-    Check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)), "cudaFuncSetAttribute",
-          __FILE__, __LINE__);
-    allowed = smem;
-  }
   const unsigned blocks = std::min<unsigned>(static_cast<unsigned>(MultiprocessorCount()), (total + kGroups - 1) / kGroups);
   LaunchKernel(kernel, blocks, kThreads, smem, stream, x, st, jobs, cols, total);
 }
@@ -340,10 +318,8 @@ void LaunchStaged(cudaStream_t stream, const float* x, const GemvStage& st, cons
 
 }  // namespace
 
-void SetGemvStaged(bool on) { g_staged = on; }
-
 bool GemvStagedApplies(int64_t cols, const GemvStage& st) {
-  return g_staged && st.norm_w != nullptr && cols % 8 == 0 && cols / 4 <= int64_t{kMaxStagedPerThread} * kThreads &&
+  return st.norm_w != nullptr && cols % 8 == 0 && cols / 4 <= int64_t{kMaxStagedPerThread} * kThreads &&
          st.norm_threads % 32 == 0 && st.norm_threads <= 1024;
 }
 

@@ -169,7 +169,7 @@ void SetGemvRowsSharingX(const char* spec);  // "rows[,swiglu_rows]", as DYN_CUD
 void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int64_t rows, int64_t cols, float* out);
 // m = 1: out = x * w^T and residual += out in one kernel (GemvBf16 then Add, bitwise), where
 // GemvResidualApplies (the rows-sharing-x kernel is on).
-bool GemvResidualApplies(int m);
+bool GemvResidualApplies();
 void GemvBf16Residual(cudaStream_t stream, const float* x, const uint16_t* w, int64_t rows, int64_t cols, float* out, float* residual);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
 constexpr int kGemvMaxJobs = 4;
@@ -180,7 +180,7 @@ void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const 
 // of 4 warps a multiprocessor walks the row groups grid-stride; each block computes RmsNorm(x) *
 // norm_w once into shared memory (bitwise the norm kernel's output, which block 0 also writes to
 // norm_out), so the norm kernel and its hand-offs go. Outputs bitwise those of RmsNorm followed by
-// GemvBf16Multi / GemvBf16SwiGlu. SetGemvStaged(false): GemvStagedApplies is always false.
+// GemvBf16Multi / GemvBf16SwiGlu (with late_scale, within rounding of them).
 struct GemvStage {
   const float* norm_w = nullptr;
   float eps = 0.0f;
@@ -190,7 +190,6 @@ struct GemvStage {
   // three before the products; not bitwise the separate kernels: DYN_CUDA_GEMV_STAGED bit 4).
   bool late_scale = false;
 };
-void SetGemvStaged(bool on);
 bool GemvStagedApplies(int64_t cols, const GemvStage& st);
 void GemvBf16Staged(cudaStream_t stream, const float* x, const GemvStage& st, int count, const uint16_t* const* w,
                     const int64_t* rows, int64_t cols, float* const* out);
