@@ -171,6 +171,14 @@ void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int
 // GemvResidualApplies (the rows-sharing-x kernel is on).
 bool GemvResidualApplies();
 void GemvBf16Residual(cudaStream_t stream, const float* x, const uint16_t* w, int64_t rows, int64_t cols, float* out, float* residual);
+// The same with the whole weight loaded into the blocks (one a multiprocessor: shared memory and
+// registers) before the wait for the previous kernel (cuda_gemv_prefetch.cu): for a GEMV after a
+// latency-bound kernel (the o projection after decode attention), where HBM is idle. Applies to
+// cols of 2048 or 4096 and at most 32 rows a multiprocessor; residual may be null. Within rounding
+// of GemvBf16 + Add (another summation order).
+bool GemvPrefetchedApplies(int64_t rows, int64_t cols);
+void GemvBf16Prefetched(cudaStream_t stream, const float* x, const uint16_t* w, int64_t rows, int64_t cols, float* out,
+                        float* residual);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
 constexpr int kGemvMaxJobs = 4;
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,
