@@ -26,10 +26,10 @@ namespace {
 
 namespace cg = cooperative_groups;
 constexpr int kMaxDecodeDim = 128;
-// Where the kernel lets the next one (the o projection) launch: at its start, once each block's
-// first keys are asked for, or after its key loop (DYN_CUDA_LATE bits 8 and 2; bit 4 asks for the
-// first keys before q).
-constexpr int kTriggerAtStart = 0, kTriggerAfterFirstLoads = 1, kTriggerAfterKeyLoop = 2;
+// Where the kernel lets the next one (the o projection, which loads its whole weight before its
+// wait) launch: at its start, once a warp has asked for its last keys (the default: DYN_CUDA_LATE
+// bit 8), or after the key loop (bit 2).
+constexpr int kTriggerAtStart = 0, kTriggerAfterLastLoads = 1, kTriggerAfterKeyLoop = 2;
 
 // The splits' results merged with one lane per split (MergeSplits' arithmetic, the sums as a tree):
 // the cluster's blocks share the n outputs, splits lanes each (a power of two, <= 16), and each
@@ -57,23 +57,12 @@ __device__ __forceinline__ void MergeSplitsByLanes(int splits, int rank, int n, 
 // Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits); kWarps warps a block.
 template <int kPerLane, int kG, int kWarps, int kN>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
-    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope, int trigger,
-                          bool keys_first) {
+    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope, int trigger) {
   if (trigger == kTriggerAtStart) LetNextKernelLaunch();
   WaitForPreviousKernel();
   const int lane = threadIdx.x % 32, half = lane / 16;
   const int D = g.head_dim, d0 = (lane % 16) * kPerLane;
   const RowBlock b(meta, a, kG);
-  // Each half-warp's first batch of keys: with keys_first, asked for before q (the cache before
-  // this step's token does not depend on the step), the new token's entries replaced below by the
-  // values this kernel writes; otherwise after q and RoPE, as the key loop would.
-  KeyBatch<kPerLane, kN> kb;
-  const int j_first = b.begin + 2 * (static_cast<int>(threadIdx.x) / 32);
-  auto load_first_keys = [&] {
-    if (j_first < b.end) LoadKeyBatch<kPerLane, true, kWarps>(cache, g, b.table, b.kv_head, j_first, b.end, kb);
-    if (trigger == kTriggerAfterFirstLoads) LetNextKernelLaunch();
-  };
-  if (keys_first) load_first_keys();
   __shared__ float s_q[kG * kMaxDecodeDim], s_k[kMaxDecodeDim];
   const size_t q_off = (static_cast<size_t>(b.r) * a.num_heads + b.h0) * D;
   for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) s_q[e] = a.q[q_off + e];
@@ -105,17 +94,6 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
         StoreElem(cache + off + e, s_k[e]);
         StoreElem(cache + off + g.v_delta + e, v[e]);
       }
-      if (keys_first && j_first < b.end) {  // the batch was loaded before these stores
-#pragma unroll
-        for (int u = 0; u < kN; ++u) {
-          if (BatchKey<kWarps>(j_first, u, b.end) == pos) {
-            float vf[kPerLane];
-            LoadVec<kPerLane>(v + d0, vf);
-            PackBf16<kPerLane>(s_k + d0, kb.k[u]);
-            PackBf16<kPerLane>(vf, kb.v[u]);
-          }
-        }
-      }
     }
   }
   __syncthreads();
@@ -123,10 +101,12 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
 
   float qv[kG][kPerLane], acc[kG][kPerLane], mx[kG], sum[kG];
   StartWarpState(s_q, D, b.nh, d0, qv, mx, sum, acc);
-  if (!keys_first) load_first_keys();
-  HalfWarpAttend<kPerLane, kG, true, kWarps, kN, true>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc, kb);
+  // (After the last loads only with 2 keys a half-warp in flight - splits of up to 32 keys, one
+  // batch - where it pays; with 4 the check costs the kernel a spill, and it triggers after the loop.)
+  HalfWarpAttend<kPerLane, kG, true, kWarps, kN>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc,
+                                                 kN == 2 && trigger == kTriggerAfterLastLoads);
   BlockTraceMark(1);  // the key loop done
-  if (trigger != kTriggerAtStart) LetNextKernelLaunch();  // (again, for a block whose warps had no keys)
+  if (trigger != kTriggerAtStart) LetNextKernelLaunch();  // (also for a block whose warps had no keys)
 
   // The warps merge in shared memory (FinishRow's arithmetic): this split's normalized output and
   // its (max, sum), or with one split the output itself.
@@ -208,9 +188,8 @@ void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cac
   }();
   (void)non_portable;
   const int late = LateTrigger();
-  const int trigger = (late & 8) ? kTriggerAfterFirstLoads : (late & 2) ? kTriggerAfterKeyLoop : kTriggerAtStart;
-  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope, trigger,
-                 (late & 4) != 0);
+  const int trigger = (late & 8) ? kTriggerAfterLastLoads : (late & 2) ? kTriggerAfterKeyLoop : kTriggerAtStart;
+  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope, trigger);
 }
 
 // warps 8 with kn 2 or 4 keys a half-warp in flight, or 4 warps with 4 (kKeys).

@@ -10,6 +10,7 @@
 #include <type_traits>
 
 #include "engine/native/backend/cuda/cuda_attention.cuh"
+#include "engine/native/backend/cuda/cuda_launch.cuh"
 
 namespace dyn::cuda {
 
@@ -219,15 +220,6 @@ __device__ __forceinline__ void LoadKeyBatch(const __nv_bfloat16* __restrict__ c
   }
 }
 
-// kPerLane floats rounded to bf16 (as StoreElem rounds them into the cache), packed as a key
-// batch holds them.
-template <int kPerLane, class Raw>
-__device__ __forceinline__ void PackBf16(const float* p, Raw& out) {
-  __nv_bfloat162* h = reinterpret_cast<__nv_bfloat162*>(&out);
-#pragma unroll
-  for (int i = 0; i < kPerLane / 2; ++i) h[i] = __floats2bfloat162_rn(p[2 * i], p[2 * i + 1]);
-}
-
 // One batch of keys (at j0) scored against each query head and folded into the online softmax.
 template <int kPerLane, int kG, int kWarps, int kN>
 __device__ __forceinline__ void AttendKeyBatch(const KeyBatch<kPerLane, kN>& kb, int j0, int end, float scale,
@@ -257,22 +249,20 @@ __device__ __forceinline__ void AttendKeyBatch(const KeyBatch<kPerLane, kN>& kb,
 // [begin, end) of kv head `kv_head` by a block of kWarps warps, warp w taking keys begin + 2w +
 // {0, 1} (its two halves) + k * kStride; per query head an online softmax (mx, sum, acc) per lane,
 // the warp's two halves merged at the end (lanes l and l + 16 hold the same dims). kCoherent: see
-// LoadKeyBatch. kN: keys a half-warp has in flight. kFirstLoaded: `kb` already holds the first
-// batch (LoadKeyBatch at begin + 2 * warp, issued earlier by the caller); otherwise it is scratch.
-template <int kPerLane, int kG, bool kCoherent, int kWarps = kRowWarps, int kN = kKeys, bool kFirstLoaded = false>
+// LoadKeyBatch. kN: keys a half-warp has in flight. trigger_after_last_loads: the next kernel may
+// launch once a warp of the block has asked for its last keys (their loads are then ahead of the
+// next kernel's early loads in the memory system's queues).
+template <int kPerLane, int kG, bool kCoherent, int kWarps = kRowWarps, int kN = kKeys>
 __device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__ cache, const CacheGeometry& g, const int32_t* table,
                                                int kv_head, int begin, int end, float scale, const float (&qv)[kG][kPerLane],
                                                float (&mx)[kG], float (&sum)[kG], float (&acc)[kG][kPerLane],
-                                               KeyBatch<kPerLane, kN>& kb) {
+                                               bool trigger_after_last_loads = false) {
   constexpr int kStride = kWarps * 2;  // keys per block per step
   // Warp-uniform loop; each half takes key j0 + half + u * kStride (masked past the end).
-  int j0 = begin + (static_cast<int>(threadIdx.x) / 32) * 2;
-  if constexpr (kFirstLoaded) {
-    if (j0 < end) AttendKeyBatch<kPerLane, kG, kWarps>(kb, j0, end, scale, qv, mx, sum, acc);
-    j0 += kStride * kN;
-  }
-  for (; j0 < end; j0 += kStride * kN) {
+  for (int j0 = begin + (static_cast<int>(threadIdx.x) / 32) * 2; j0 < end; j0 += kStride * kN) {
+    KeyBatch<kPerLane, kN> kb;
     LoadKeyBatch<kPerLane, kCoherent, kWarps>(cache, g, table, kv_head, j0, end, kb);
+    if (trigger_after_last_loads && j0 + kStride * kN >= end) LetNextKernelLaunch();
     AttendKeyBatch<kPerLane, kG, kWarps>(kb, j0, end, scale, qv, mx, sum, acc);
   }
   // The two halves of the warp merge (lanes l and l + 16 hold the same dims).
@@ -290,13 +280,6 @@ __device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__
     }
     mx[gi] = sum[gi] > 0.0f ? m : -INFINITY;
   }
-}
-template <int kPerLane, int kG, bool kCoherent, int kWarps = kRowWarps, int kN = kKeys>
-__device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__ cache, const CacheGeometry& g, const int32_t* table,
-                                               int kv_head, int begin, int end, float scale, const float (&qv)[kG][kPerLane],
-                                               float (&mx)[kG], float (&sum)[kG], float (&acc)[kG][kPerLane]) {
-  KeyBatch<kPerLane, kN> kb;
-  HalfWarpAttend<kPerLane, kG, kCoherent, kWarps, kN, false>(cache, g, table, kv_head, begin, end, scale, qv, mx, sum, acc, kb);
 }
 
 // The kWarps warps' online-softmax states of query head gi (max, sum; V accumulator at dim d),

@@ -129,10 +129,12 @@ int MultiprocessorCount();
 // Decode rows of a bf16 cache with head_dim 64 or 128 (GQA groups up to 4) on the half-warp-per-key
 // kernel (default; false: the warp-per-key kernel, for comparisons: DYN_CUDA_ATTN=warp).
 void SetHalfWarpAttention(bool on);
-// Where the latency-bound kernels let the next kernel launch (DYN_CUDA_LATE, a mask, default 3;
+// Where the latency-bound kernels let the next kernel launch (DYN_CUDA_LATE, a mask, default 9;
 // 0: at their start as every other kernel): 1: RMSNorm loads its weight before the wait, keeps its
 // row in registers and triggers once the row is loaded; 2: decode attention triggers after its
-// key loop. An early trigger lets the next GEMV's early weight loads queue ahead of these kernels'.
+// key loop; 8 (over 2): once a warp has asked for its last keys, so that the o projection after it
+// loads its weight while attention computes (GemvBf16Prefetched). A trigger before a kernel's own
+// loads lets the next GEMV's early weight loads queue ahead of them.
 void SetLateTrigger(int mask);
 int LateTrigger();
 // Key-range splits of the row-wise kernel for a call (flash-decoding): 1 when (kv heads x rows)
