@@ -26,10 +26,6 @@ namespace {
 
 namespace cg = cooperative_groups;
 constexpr int kMaxDecodeDim = 128;
-// Where the kernel lets the next one (the o projection, which loads its whole weight before its
-// wait) launch: at its start, once a warp has asked for its last keys (the default: DYN_CUDA_LATE
-// bit 8), or after the key loop (bit 2).
-constexpr int kTriggerAtStart = 0, kTriggerAfterLastLoads = 1, kTriggerAfterKeyLoop = 2;
 
 // The splits' results merged with one lane per split (MergeSplits' arithmetic, the sums as a tree):
 // the cluster's blocks share the n outputs, splits lanes each (a power of two, <= 16), and each
@@ -57,8 +53,8 @@ __device__ __forceinline__ void MergeSplitsByLanes(int splits, int rank, int n, 
 // Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits); kWarps warps a block.
 template <int kPerLane, int kG, int kWarps, int kN>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
-    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope, int trigger) {
-  if (trigger == kTriggerAtStart) LetNextKernelLaunch();
+    DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope, bool late_trigger) {
+  if (!late_trigger) LetNextKernelLaunch();
   WaitForPreviousKernel();
   const int lane = threadIdx.x % 32, half = lane / 16;
   const int D = g.head_dim, d0 = (lane % 16) * kPerLane;
@@ -101,12 +97,9 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
 
   float qv[kG][kPerLane], acc[kG][kPerLane], mx[kG], sum[kG];
   StartWarpState(s_q, D, b.nh, d0, qv, mx, sum, acc);
-  // (After the last loads only with 2 keys a half-warp in flight - splits of up to 32 keys, one
-  // batch - where it pays; with 4 the check costs the kernel a spill, and it triggers after the loop.)
-  HalfWarpAttend<kPerLane, kG, true, kWarps, kN>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc,
-                                                 kN == 2 && trigger == kTriggerAfterLastLoads);
+  HalfWarpAttend<kPerLane, kG, true, kWarps, kN>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
   BlockTraceMark(1);  // the key loop done
-  if (trigger != kTriggerAtStart) LetNextKernelLaunch();  // (also for a block whose warps had no keys)
+  if (late_trigger) LetNextKernelLaunch();
 
   // The warps merge in shared memory (FinishRow's arithmetic): this split's normalized output and
   // its (max, sum), or with one split the output itself.
@@ -179,17 +172,11 @@ void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cac
   static const bool non_portable = [] {  // clusters of up to 16 blocks (8 is the portable size)
     Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
           "cudaFuncSetAttribute", __FILE__, __LINE__);
-    // The multiprocessors' largest shared-memory configuration, which the prefetching o projection
-    // launched beside it needs (a multiprocessor changes it only when idle).
-    Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, cudaFuncAttributePreferredSharedMemoryCarveout,
-                               cudaSharedmemCarveoutMaxShared),
-          "cudaFuncSetAttribute", __FILE__, __LINE__);
     return true;
   }();
   (void)non_portable;
-  const int late = LateTrigger();
-  const int trigger = (late & 8) ? kTriggerAfterLastLoads : (late & 2) ? kTriggerAfterKeyLoop : kTriggerAtStart;
-  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope, trigger);
+  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope,
+                 (LateTrigger() & 2) != 0);
 }
 
 // warps 8 with kn 2 or 4 keys a half-warp in flight, or 4 warps with 4 (kKeys).

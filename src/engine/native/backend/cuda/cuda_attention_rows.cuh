@@ -10,7 +10,6 @@
 #include <type_traits>
 
 #include "engine/native/backend/cuda/cuda_attention.cuh"
-#include "engine/native/backend/cuda/cuda_launch.cuh"
 
 namespace dyn::cuda {
 
@@ -185,85 +184,52 @@ __device__ __forceinline__ void StartWarpState(const float* s_q, int head_dim, i
   }
 }
 
-// The keys one half-warp has in flight together: kN keys' K and V, this lane's kPerLane dims of
-// each (a uint4 or uint2 of bf16 values per key).
-template <int kPerLane, int kN>
-struct KeyBatch {
-  using Raw = std::conditional_t<kPerLane == 8, uint4, uint2>;
-  Raw k[kN], v[kN];
-};
-
-// Key u of the batch at j0 for this lane's half-warp (HalfWarpAttend's order: key j0 + half + u *
-// 2 kWarps), clamped to the last key; `j0 + half + u * 2 * kWarps < end` says whether it is real.
-template <int kWarps>
-__device__ __forceinline__ int BatchKey(int j0, int u, int end) {
-  return min(j0 + (static_cast<int>(threadIdx.x) % 32) / 16 + u * kWarps * 2, end - 1);
-}
-
-// Loads the batch of keys at j0 (HalfWarpAttend's first is j0 = begin + 2 * warp). kCoherent:
-// L2-coherent loads, for a kernel that wrote some of the keys itself (not via the read-only path).
-template <int kPerLane, bool kCoherent, int kWarps, int kN>
-__device__ __forceinline__ void LoadKeyBatch(const __nv_bfloat16* __restrict__ cache, const CacheGeometry& g, const int32_t* table,
-                                             int kv_head, int j0, int end, KeyBatch<kPerLane, kN>& kb) {
-  using Raw = typename KeyBatch<kPerLane, kN>::Raw;
-  const int d0 = (static_cast<int>(threadIdx.x) % 16) * kPerLane;
-#pragma unroll
-  for (int u = 0; u < kN; ++u) {
-    const __nv_bfloat16* kp = cache + SlotOffset(g, table, BatchKey<kWarps>(j0, u, end)) + static_cast<size_t>(kv_head) * g.head_dim + d0;
-    if constexpr (kCoherent) {
-      kb.k[u] = __ldcg(reinterpret_cast<const Raw*>(kp));
-      kb.v[u] = __ldcg(reinterpret_cast<const Raw*>(kp + g.v_delta));
-    } else {
-      kb.k[u] = __ldg(reinterpret_cast<const Raw*>(kp));
-      kb.v[u] = __ldg(reinterpret_cast<const Raw*>(kp + g.v_delta));
-    }
-  }
-}
-
-// One batch of keys (at j0) scored against each query head and folded into the online softmax.
-template <int kPerLane, int kG, int kWarps, int kN>
-__device__ __forceinline__ void AttendKeyBatch(const KeyBatch<kPerLane, kN>& kb, int j0, int end, float scale,
-                                               const float (&qv)[kG][kPerLane], float (&mx)[kG], float (&sum)[kG],
-                                               float (&acc)[kG][kPerLane]) {
-  const int half = (static_cast<int>(threadIdx.x) % 32) / 16;
-  float s[kN][kG];
-#pragma unroll
-  for (int u = 0; u < kN; ++u) {
-    float kf[kPerLane];
-    LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&kb.k[u]), kf);
-    const bool valid = j0 + half + u * kWarps * 2 < end;
-#pragma unroll
-    for (int gi = 0; gi < kG; ++gi) {
-      float dot = 0.0f;
-#pragma unroll
-      for (int i = 0; i < kPerLane; ++i) dot = fmaf(qv[gi][i], kf[i], dot);
-#pragma unroll
-      for (int o = 8; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-      s[u][gi] = valid ? dot * scale : -INFINITY;
-    }
-  }
-  OnlineSoftmaxStep(s, kb.v, mx, sum, acc);
-}
-
 // The half-warp key loop of RowAttentionHalfWarpKernel and DecodeAttentionKernel: the keys
 // [begin, end) of kv head `kv_head` by a block of kWarps warps, warp w taking keys begin + 2w +
-// {0, 1} (its two halves) + k * kStride; per query head an online softmax (mx, sum, acc) per lane,
-// the warp's two halves merged at the end (lanes l and l + 16 hold the same dims). kCoherent: see
-// LoadKeyBatch. kN: keys a half-warp has in flight. trigger_after_last_loads: the next kernel may
-// launch once a warp of the block has asked for its last keys (their loads are then ahead of the
-// next kernel's early loads in the memory system's queues).
+// {0, 1} (its two halves) + k * kStride; per query head an online softmax (mx, sum, acc) per lane, the warp's two halves
+// merged at the end (lanes l and l + 16 hold the same dims). kCoherent: the cache is read with
+// L2-coherent loads, for a kernel that wrote some of the keys itself (not via the read-only path).
+// kN: keys a half-warp has in flight.
 template <int kPerLane, int kG, bool kCoherent, int kWarps = kRowWarps, int kN = kKeys>
 __device__ __forceinline__ void HalfWarpAttend(const __nv_bfloat16* __restrict__ cache, const CacheGeometry& g, const int32_t* table,
                                                int kv_head, int begin, int end, float scale, const float (&qv)[kG][kPerLane],
-                                               float (&mx)[kG], float (&sum)[kG], float (&acc)[kG][kPerLane],
-                                               bool trigger_after_last_loads = false) {
+                                               float (&mx)[kG], float (&sum)[kG], float (&acc)[kG][kPerLane]) {
+  using Raw = std::conditional_t<kPerLane == 8, uint4, uint2>;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, half = lane / 16;
+  const int D = g.head_dim, d0 = (lane % 16) * kPerLane;
   constexpr int kStride = kWarps * 2;  // keys per block per step
   // Warp-uniform loop; each half takes key j0 + half + u * kStride (masked past the end).
-  for (int j0 = begin + (static_cast<int>(threadIdx.x) / 32) * 2; j0 < end; j0 += kStride * kN) {
-    KeyBatch<kPerLane, kN> kb;
-    LoadKeyBatch<kPerLane, kCoherent, kWarps>(cache, g, table, kv_head, j0, end, kb);
-    if (trigger_after_last_loads && j0 + kStride * kN >= end) LetNextKernelLaunch();
-    AttendKeyBatch<kPerLane, kG, kWarps>(kb, j0, end, scale, qv, mx, sum, acc);
+  for (int j0 = begin + warp * 2; j0 < end; j0 += kStride * kN) {
+    Raw kr[kN], vr[kN];
+#pragma unroll
+    for (int u = 0; u < kN; ++u) {
+      const int j = min(j0 + half + u * kStride, end - 1);
+      const __nv_bfloat16* kp = cache + SlotOffset(g, table, j) + static_cast<size_t>(kv_head) * D + d0;
+      if constexpr (kCoherent) {
+        kr[u] = __ldcg(reinterpret_cast<const Raw*>(kp));
+        vr[u] = __ldcg(reinterpret_cast<const Raw*>(kp + g.v_delta));
+      } else {
+        kr[u] = __ldg(reinterpret_cast<const Raw*>(kp));
+        vr[u] = __ldg(reinterpret_cast<const Raw*>(kp + g.v_delta));
+      }
+    }
+    float s[kN][kG];
+#pragma unroll
+    for (int u = 0; u < kN; ++u) {
+      float kf[kPerLane];
+      LoadVec<kPerLane>(reinterpret_cast<const __nv_bfloat16*>(&kr[u]), kf);
+      const bool valid = j0 + half + u * kStride < end;
+#pragma unroll
+      for (int gi = 0; gi < kG; ++gi) {
+        float dot = 0.0f;
+#pragma unroll
+        for (int i = 0; i < kPerLane; ++i) dot = fmaf(qv[gi][i], kf[i], dot);
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        s[u][gi] = valid ? dot * scale : -INFINITY;
+      }
+    }
+    OnlineSoftmaxStep(s, vr, mx, sum, acc);
   }
   // The two halves of the warp merge (lanes l and l + 16 hold the same dims).
 #pragma unroll

@@ -159,7 +159,7 @@ constexpr int kMaxSplitsMergedInKernel = 8;  // DYN_CUDA_MERGE_MAX overrides it 
 
 enum Op : uint8_t {
   kEmbed, kNorm, kGemv, kGemvMulti, kGemvSwiGlu, kSgemm, kGemm, kGather, kBias, kAdd, kAddNorm, kSwiGlu, kRopeTab, kRope, kWriteKv,
-  kRopeWriteKv, kAttn, kDecodeAttn, kSample, kPersistent, kGemvResidual, kGemvStaged, kGemvSwiGluStaged, kGemvPrefetched
+  kRopeWriteKv, kAttn, kDecodeAttn, kSample, kPersistent, kGemvResidual, kGemvStaged, kGemvSwiGluStaged
 };
 
 class CudaBackend : public Backend {
@@ -212,7 +212,7 @@ class CudaBackend : public Backend {
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* dw = std::getenv("DYN_CUDA_DECODE_WARPS")) decode_warps_ = std::atoi(dw);
     const char* staged = std::getenv("DYN_CUDA_GEMV_STAGED");  // a mask of kStaged* bits; unset: all
-    constexpr int kStagedAll = kStagedNorm | kStagedResidual | kStagedLateScale | kStagedPrefetch;
+    constexpr int kStagedAll = kStagedNorm | kStagedResidual | kStagedLateScale;
     staged_mask_ = staged == nullptr ? kStagedAll : std::atoi(staged) & kStagedAll;
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
     decode_merge_global_ = dm == nullptr || std::string(dm) != "smem";
@@ -423,12 +423,6 @@ class CudaBackend : public Backend {
       const PendingGemv g = last_gemv_;
       pending_.pop_back();
       sig_.resize(g.sig_size);
-      if ((staged_mask_ & kStagedPrefetch) && cuda::GemvPrefetchedApplies(g.rows, g.cols)) {
-        // All of w on chip before x exists (the o projection, after decode attention).
-        Defer([=, this] { cuda::GemvBf16Prefetched(stream_, g.x, g.w, g.rows, g.cols, g.out, x); }, kGemvPrefetched, g.x, g.w, g.rows,
-              g.cols, g.out, x);
-        return;
-      }
       Defer([=, this] { cuda::GemvBf16Residual(stream_, g.x, g.w, g.rows, g.cols, g.out, x); }, kGemvResidual, g.x, g.w, g.rows, g.cols,
             g.out, x);
       return;
@@ -728,12 +722,10 @@ class CudaBackend : public Backend {
   // (kStagedNorm, cuda::GemvBf16Staged), a residual Add joins the m = 1 GEMV before it
   // (kStagedResidual, cuda::GemvBf16Residual), and the staged GEMV scales each row's sum by 1 / rms
   // at the end rather than normalizing x first (kStagedLateScale: one barrier instead of three;
-  // without it the outputs are the separate kernels' bit for bit); kStagedPrefetch: such a GEMV that
-  // fits on chip (the o projection) loads all of its weight before its wait
-  // (cuda::GemvBf16Prefetched, another summation order). Before the prefetch, batch 1 of the 8B shape on an
+  // without it the outputs are the separate kernels' bit for bit). Batch 1 of the 8B shape on an
   // H200, context 512: 4.00-4.05 ms a step with all, 4.03-4.09 without the late scale, 4.21-4.22
   // with none (4096: 4.37, 4.46, 4.58), the same greedy tokens (docs/benchmarks/cuda.md, round 18).
-  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedLateScale = 4, kStagedPrefetch = 8;
+  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedLateScale = 4;
   int staged_mask_ = 0;
   struct PendingGemv {  // the last pending call, when it is a one-weight m = 1 GEMV (joined by an Add)
     const float* x = nullptr;

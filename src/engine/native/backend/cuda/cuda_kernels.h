@@ -129,12 +129,10 @@ int MultiprocessorCount();
 // Decode rows of a bf16 cache with head_dim 64 or 128 (GQA groups up to 4) on the half-warp-per-key
 // kernel (default; false: the warp-per-key kernel, for comparisons: DYN_CUDA_ATTN=warp).
 void SetHalfWarpAttention(bool on);
-// Where the latency-bound kernels let the next kernel launch (DYN_CUDA_LATE, a mask, default 9;
+// Where the latency-bound kernels let the next kernel launch (DYN_CUDA_LATE, a mask, default 3;
 // 0: at their start as every other kernel): 1: RMSNorm loads its weight before the wait, keeps its
 // row in registers and triggers once the row is loaded; 2: decode attention triggers after its
-// key loop; 8 (over 2): once a warp has asked for its last keys, so that the o projection after it
-// loads its weight while attention computes (GemvBf16Prefetched). A trigger before a kernel's own
-// loads lets the next GEMV's early weight loads queue ahead of them.
+// key loop. An early trigger lets the next GEMV's early weight loads queue ahead of these kernels'.
 void SetLateTrigger(int mask);
 int LateTrigger();
 // Key-range splits of the row-wise kernel for a call (flash-decoding): 1 when (kv heads x rows)
@@ -173,14 +171,6 @@ void GemvBf16(cudaStream_t stream, const float* x, int m, const uint16_t* w, int
 // GemvResidualApplies (the rows-sharing-x kernel is on).
 bool GemvResidualApplies();
 void GemvBf16Residual(cudaStream_t stream, const float* x, const uint16_t* w, int64_t rows, int64_t cols, float* out, float* residual);
-// The same with the whole weight loaded into the blocks (one a multiprocessor: shared memory and
-// registers) before the wait for the previous kernel (cuda_gemv_prefetch.cu): for a GEMV after a
-// latency-bound kernel (the o projection after decode attention), where HBM is idle. Applies to
-// cols of 2048 or 4096 and at most 32 rows a multiprocessor; residual may be null. Within rounding
-// of GemvBf16 + Add (another summation order).
-bool GemvPrefetchedApplies(int64_t rows, int64_t cols);
-void GemvBf16Prefetched(cudaStream_t stream, const float* x, const uint16_t* w, int64_t rows, int64_t cols, float* out,
-                        float* residual);
 // Several weights with the same cols and input x in one launch: out[i] = x * w[i]^T.
 constexpr int kGemvMaxJobs = 4;
 void GemvBf16Multi(cudaStream_t stream, const float* x, int m, int count, const uint16_t* const* w, const int64_t* rows,

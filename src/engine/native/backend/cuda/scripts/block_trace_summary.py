@@ -9,10 +9,7 @@ ks = []
 for r in rows:
     key = (int(r['grid']), int(r['threads']))
     res, rel, end = int(r['resident_ns']), int(r['released_ns']), int(r['ended_ns'])
-    # Decode attention and the prefetching o projection after it (DYN_CUDA_GEMV_STAGED bit 8) can
-    # have the same one-wave grid: a block released after a block of the run ended starts a new kernel.
-    one_wave_later = ks and key[0] <= 132 and 0 < ks[-1]['end'] <= rel
-    if ks and ks[-1]['key'] == key and not one_wave_later:
+    if ks and ks[-1]['key'] == key:
         k = ks[-1]; k['n'] += 1; k['last_rel'] = rel; k['first_res'] = min(k['first_res'], res); k['end'] = max(k['end'], end)
     else:
         ks.append(dict(key=key, n=1, first_rel=rel, last_rel=rel, first_res=res, end=end))
@@ -33,7 +30,6 @@ def classify(i, k):
     if g in (14336, 7168): return 'gateup'
     if g in (128256, 64128, 32064): return 'lmhead'
     if g == 1 and t == 1024: return 'norm'
-    if prev and prev.startswith('attn') and g <= 132 and t == 256: return 'o'  # GemvBf16Prefetched
     if g in (128, 256) and t in (128, 256, 512): return f'attn{g}x{t}'  # decode attention, 4-16 warps a block
     return f'g{g}x{t}'
 for i, k in enumerate(ks): names.append(classify(i, k))
