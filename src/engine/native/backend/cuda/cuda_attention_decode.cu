@@ -50,10 +50,108 @@ __device__ __forceinline__ void MergeSplitsByLanes(int splits, int rank, int n, 
   }
 }
 
+// The cluster's merge without the warps' merge or global memory (DYN_CUDA_DECODE_MERGE=push): every
+// warp of every block pushes its online-softmax state straight into the shared memory of the
+// blocks that own its dims (lane group q, dims q * kPerLane.., belongs to rank q % splits) and its
+// (max, sum) into every block's; after the one cluster barrier each block merges its dims over all
+// splits x kWarps states from its own shared memory (the weights exp(max_p - max) once per state
+// and head, the sums in a fixed order) and writes them. Replaces the warps' merge through shared
+// memory, the split results' stores to global memory, their release at the barrier and the loads
+// after it (~4.3 us a layer at batch 1, context 512: round 19's trace). Another summation order
+// than the other merges (within rounding of them).
+template <int kPerLane, int kG, int kWarps>
+__device__ __forceinline__ void PushMergeSplits(const RowArgs& a, const RowBlock& b, const DecodeRope& rope, size_t q_off,
+                                                const float* s_q, int D, const float (&mx)[kG], const float (&sum)[kG],
+                                                const float (&acc)[kG][kPerLane]) {
+  static_assert(kPerLane % 4 == 0, "whole float4s of a lane's dims");
+  cg::cluster_group cluster = cg::this_cluster();
+  const int rank = static_cast<int>(cluster.block_rank());
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int S = a.splits, P = S * kWarps, L = (16 / S) * kPerLane;  // states, dims a rank owns
+  const int slot = rank * kWarps + warp;
+  // [P][kG][L] states' accumulators for this block's dims; [P][kG] (max, sum); weights; totals.
+  __shared__ __align__(16) float r_acc[kWarps * kG * kMaxDecodeDim];
+  __shared__ __align__(16) float r_ml[kMaxClusterSplits * kWarps * kG * 2];
+  __shared__ float r_w[kMaxClusterSplits * kWarps * kG], r_total[kG], r_part[kWarps * 32];
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // every peer has started (the kernel's first arrive)
+  if (lane < 16) {  // lanes l and l + 16 hold the same dims after HalfWarpAttend
+    float* dst = cluster.map_shared_rank(r_acc, lane % S);
+    const int local0 = (lane / S) * kPerLane;
+#pragma unroll
+    for (int gi = 0; gi < kG; ++gi) {
+#pragma unroll
+      for (int i = 0; i < kPerLane; i += 4) {
+        *reinterpret_cast<float4*>(dst + (slot * kG + gi) * L + local0 + i) =
+            make_float4(acc[gi][i], acc[gi][i + 1], acc[gi][i + 2], acc[gi][i + 3]);
+      }
+    }
+  }
+  if (lane < S) {
+    float* dst = cluster.map_shared_rank(r_ml, lane);
+#pragma unroll
+    for (int gi = 0; gi < kG; ++gi) *reinterpret_cast<float2*>(dst + (slot * kG + gi) * 2) = make_float2(mx[gi], sum[gi]);
+  }
+  cluster.sync();  // every state has landed; no block reads a peer's memory after this
+  BlockTraceMark(2);
+  if (rope.cos_sin != nullptr && rank == 0) {  // the rotated q back in place, as RopeWriteKv leaves it
+    for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];
+  }
+  if (warp < kG) {  // warp gi: head gi's largest max, each state's weight, the total
+    const int gi = warp;
+    float m = -INFINITY;
+    for (int p = lane; p < P; p += 32) {
+      const float2 ml = *reinterpret_cast<const float2*>(r_ml + (p * kG + gi) * 2);
+      if (ml.y > 0.0f) m = fmaxf(m, ml.x);
+    }
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    float total = 0.0f;
+    for (int p = lane; p < P; p += 32) {
+      const float2 ml = *reinterpret_cast<const float2*>(r_ml + (p * kG + gi) * 2);
+      const float w = ml.y > 0.0f ? expf(ml.x - m) : 0.0f;  // sum 0: an empty state
+      r_w[p * kG + gi] = w;
+      total += w * ml.y;
+    }
+    for (int o = 16; o > 0; o >>= 1) total += __shfl_xor_sync(0xffffffffu, total, o);
+    if (lane == 0) r_total[gi] = total;
+  }
+  __syncthreads();
+  // Output e = (head gi, owned dim local) summed over the states in C interleaved chunks, then the
+  // chunks in order; local is dim (local / kPerLane * S + rank) * kPerLane + local % kPerLane.
+  const int outs = b.nh * L, threads = static_cast<int>(blockDim.x);
+  const int C = outs <= threads ? threads / outs : 1;
+  auto store = [&](int e, float v) {
+    const int gi = e / L, local = e % L;
+    const int d = ((local / kPerLane) * S + rank) * kPerLane + local % kPerLane;
+    a.out[q_off + static_cast<size_t>(gi) * D + d] = v / r_total[gi];
+  };
+  for (int idx = threadIdx.x; idx < outs * C; idx += threads) {
+    const int e = idx % outs, c = idx / outs, gi = e / L, local = e % L;
+    float v = 0.0f;
+    for (int p = c; p < P; p += C) v = fmaf(r_w[p * kG + gi], r_acc[(p * kG + gi) * L + local], v);
+    if (C == 1) {
+      store(e, v);
+    } else {
+      r_part[c * outs + e] = v;
+    }
+  }
+  if (C > 1) {
+    __syncthreads();
+    for (int e = threadIdx.x; e < outs; e += threads) {
+      float v = 0.0f;
+      for (int c = 0; c < C; ++c) v += r_part[c * outs + e];
+      store(e, v);
+    }
+  }
+  BlockTraceEnd();
+}
+
 // Grid (kv heads x head chunks, rows, splits), clusters of (1, 1, splits); kWarps warps a block.
-template <int kPerLane, int kG, int kWarps, int kN>
+template <int kPerLane, int kG, int kWarps, int kN, bool kPush>
 __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
     DecodeAttentionKernel(__nv_bfloat16* cache, CacheGeometry g, AttnRows meta, RowArgs a, DecodeRope rope, bool late_trigger) {
+  // A block may write a peer's shared memory only once the peer runs: this phase of the cluster
+  // barrier completes when every block has started (waited for before PushMergeSplits' stores).
+  if constexpr (kPush) asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
   if (!late_trigger) LetNextKernelLaunch();
   WaitForPreviousKernel();
   const int lane = threadIdx.x % 32, half = lane / 16;
@@ -100,6 +198,10 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   HalfWarpAttend<kPerLane, kG, true, kWarps, kN>(cache, g, b.table, b.kv_head, b.begin, b.end, a.scale, qv, mx, sum, acc);
   BlockTraceMark(1);  // the key loop done
   if (late_trigger) LetNextKernelLaunch();
+  if constexpr (kPush) {  // (the launch checks that the splits are a power of two, over 1)
+    PushMergeSplits<kPerLane, kG, kWarps>(a, b, rope, q_off, s_q, D, mx, sum, acc);
+    return;
+  }
 
   // The warps merge in shared memory (FinishRow's arithmetic): this split's normalized output and
   // its (max, sum), or with one split the output itself.
@@ -166,29 +268,41 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   BlockTraceEnd();
 }
 
-template <int kPerLane, int kG, int kWarps, int kN = kKeys>
-void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cache, const CacheGeometry& g, const AttnRows& meta,
-                  const RowArgs& a, const DecodeRope& rope) {
+template <int kPerLane, int kG, int kWarps, int kN, bool kPush>
+void LaunchDecodeKernel(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cache, const CacheGeometry& g, const AttnRows& meta,
+                        const RowArgs& a, const DecodeRope& rope) {
   static const bool non_portable = [] {  // clusters of up to 16 blocks (8 is the portable size)
-    Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
+    Check(cudaFuncSetAttribute(DecodeAttentionKernel<kPerLane, kG, kWarps, kN, kPush>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1),
           "cudaFuncSetAttribute", __FILE__, __LINE__);
     return true;
   }();
   (void)non_portable;
-  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps, kN>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope,
+  LaunchKernelIn(splits, DecodeAttentionKernel<kPerLane, kG, kWarps, kN, kPush>, grid, kWarps * 32, 0, stream, cache, g, meta, a, rope,
                  (LateTrigger() & 2) != 0);
+}
+
+// push: PushMergeSplits, for a power of two of splits over 1 (its own instantiation, so that the
+// default kernel's registers do not change).
+template <int kPerLane, int kG, int kWarps, int kN = kKeys>
+void LaunchDecode(cudaStream_t stream, dim3 grid, int splits, __nv_bfloat16* cache, const CacheGeometry& g, const AttnRows& meta,
+                  const RowArgs& a, const DecodeRope& rope, bool push) {
+  if (push && splits > 1 && (splits & (splits - 1)) == 0) {
+    LaunchDecodeKernel<kPerLane, kG, kWarps, kN, true>(stream, grid, splits, cache, g, meta, a, rope);
+  } else {
+    LaunchDecodeKernel<kPerLane, kG, kWarps, kN, false>(stream, grid, splits, cache, g, meta, a, rope);
+  }
 }
 
 // warps 8 with kn 2 or 4 keys a half-warp in flight, or 4 warps with 4 (kKeys).
 template <int kPerLane, int kG>
 void LaunchDecodeWarps(cudaStream_t stream, dim3 grid, int splits, int warps, int kn, __nv_bfloat16* cache, const CacheGeometry& g,
-                       const AttnRows& meta, const RowArgs& a, const DecodeRope& rope) {
+                       const AttnRows& meta, const RowArgs& a, const DecodeRope& rope, bool push) {
   if (warps == 8 && kn == 2) {
-    LaunchDecode<kPerLane, kG, 8, 2>(stream, grid, splits, cache, g, meta, a, rope);
+    LaunchDecode<kPerLane, kG, 8, 2>(stream, grid, splits, cache, g, meta, a, rope, push);
   } else if (warps == 8) {
-    LaunchDecode<kPerLane, kG, 8>(stream, grid, splits, cache, g, meta, a, rope);
+    LaunchDecode<kPerLane, kG, 8>(stream, grid, splits, cache, g, meta, a, rope, push);
   } else {
-    LaunchDecode<kPerLane, kG, kRowWarps>(stream, grid, splits, cache, g, meta, a, rope);
+    LaunchDecode<kPerLane, kG, kRowWarps>(stream, grid, splits, cache, g, meta, a, rope, push);
   }
 }
 
@@ -248,15 +362,15 @@ void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, i
   auto* c = static_cast<__nv_bfloat16*>(cache);
   if (layout.head_dim == 128) {
     switch (kg) {
-      case 1: LaunchDecodeWarps<8, 1>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
-      case 2: LaunchDecodeWarps<8, 2>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
-      default: LaunchDecodeWarps<8, 4>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
+      case 1: LaunchDecodeWarps<8, 1>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.push); break;
+      case 2: LaunchDecodeWarps<8, 2>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.push); break;
+      default: LaunchDecodeWarps<8, 4>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.push); break;
     }
   } else {
     switch (kg) {
-      case 1: LaunchDecodeWarps<4, 1>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
-      case 2: LaunchDecodeWarps<4, 2>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
-      default: LaunchDecodeWarps<4, 4>(stream, grid, cluster, warps, kn, c, g, meta, a, rope); break;
+      case 1: LaunchDecodeWarps<4, 1>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.push); break;
+      case 2: LaunchDecodeWarps<4, 2>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.push); break;
+      default: LaunchDecodeWarps<4, 4>(stream, grid, cluster, warps, kn, c, g, meta, a, rope, opt.push); break;
     }
   }
   DYN_CUDA_CHECK_LAUNCH();

@@ -216,6 +216,7 @@ class CudaBackend : public Backend {
     staged_mask_ = staged == nullptr ? kStagedAll : std::atoi(staged) & kStagedAll;
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
     decode_merge_global_ = dm == nullptr || std::string(dm) != "smem";
+    decode_merge_push_ = dm != nullptr && std::string(dm) == "push";
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
     if (const char* rx = std::getenv("DYN_CUDA_GEMV_ROWS_X")) cuda::SetGemvRowsSharingX(rx);
     if (const char* merge = std::getenv("DYN_CUDA_MERGE_MAX")) max_splits_merged_in_kernel_ = std::atoi(merge);
@@ -522,12 +523,13 @@ class CudaBackend : public Backend {
         rope = {rk.q, rk.k, rk.v, rk.cos_sin, rk.style == RopeStyle::kNeox};
       }
       const cuda::DecodeOptions opt{.warps = decode_warps_,
-                                    .partial = decode_merge_global_ ? SplitScratch(layout, num_heads, meta, splits) : nullptr};
+                                    .partial = decode_merge_global_ ? SplitScratch(layout, num_heads, meta, splits) : nullptr,
+                                    .push = decode_merge_push_};
       Defer(
           [=, this] {
             cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, opt, out);
           },
-          kDecodeAttn, cache, layout, layer, meta, q, num_heads, scale, splits, rope.k, rope.v, rope.cos_sin, rope.neox, opt.warps, opt.partial, out);
+          kDecodeAttn, cache, layout, layer, meta, q, num_heads, scale, splits, rope.k, rope.v, rope.cos_sin, rope.neox, opt.warps, opt.partial, opt.push, out);
       Persists({.kind = cuda::PersistentCall::kDecodeAttention, .cache = const_cast<float*>(cache), .layout = layout, .layer = layer,
                 .meta = meta, .q = q, .num_heads = num_heads, .scale = scale, .rope = rope, .attn_out = out});
       return;
@@ -692,6 +694,7 @@ class CudaBackend : public Backend {
   int max_splits_merged_in_kernel_ = kMaxSplitsMergedInKernel;
   int decode_warps_ = 8;               // DYN_CUDA_DECODE_WARPS=4: decode attention's clusters as before round 17
   bool decode_merge_global_ = true;    // DYN_CUDA_DECODE_MERGE=smem: its splits merged through distributed shared memory
+  bool decode_merge_push_ = false;     // DYN_CUDA_DECODE_MERGE=push: warps' states pushed to the merging blocks (DecodeOptions::push)
   bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;

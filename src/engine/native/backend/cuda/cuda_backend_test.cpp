@@ -959,13 +959,16 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
   // backend runs decode attention as clusters with the RoPE + KV write inside (8 splits at head_dim
   // 64, GQA 2; 16 at head_dim 128, GQA 4; 32 as 16 blocks of 8 warps at position 1000), the other
   // RopeWriteKv + attention + combine kernel; a third backend merges the clusters' splits through
-  // distributed shared memory (DYN_CUDA_DECODE_MERGE=smem) rather than global memory. The clusters
+  // distributed shared memory (DYN_CUDA_DECODE_MERGE=smem) rather than global memory, and a fourth
+  // pushes every warp's state into the merging blocks (DYN_CUDA_DECODE_MERGE=push). The clusters
   // sum the keys and merge the splits in another order than the row-wise kernel and the combine
   // kernel (blocks of 8 warps where the grid has at most one block per multiprocessor, the splits
   // as a tree), so their outputs are compared to 1e-5; q, k and the cache must be the same bits.
   std::unique_ptr<Backend> smem = CudaBackendWith("DYN_CUDA_DECODE_MERGE", "smem");
   ASSERT_NE(smem, nullptr);
-  Backend* three[3] = {gpu_.get(), plain.get(), smem.get()};
+  std::unique_ptr<Backend> push = CudaBackendWith("DYN_CUDA_DECODE_MERGE", "push");
+  ASSERT_NE(push, nullptr);
+  Backend* runs[4] = {gpu_.get(), plain.get(), smem.get(), push.get()};
   struct Case {
     DType kv;
     int head_dim, heads, pos0;
@@ -993,10 +996,10 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
     }
     const std::vector<float> q = RandomVec(rows * heads * hd, 81), k = RandomVec(rows * 2 * hd, 82), v = RandomVec(rows * 2 * hd, 83);
     for (RopeStyle style : {RopeStyle::kNeox, RopeStyle::kInterleaved}) {
-      std::vector<float> got_q[3], got_k[3], got_out[3];
-      std::vector<uint8_t> got_cache[3];
-      for (int i = 0; i < 3; ++i) {
-        Backend& b = *three[i];
+      std::vector<float> got_q[4], got_k[4], got_out[4];
+      std::vector<uint8_t> got_cache[4];
+      for (int i = 0; i < 4; ++i) {
+        Backend& b = *runs[i];
         float* dcache = up(b, cache0.data(), cache_bytes);
         float* dq = up(b, q.data(), q.size() * 4);
         float* dk = up(b, k.data(), k.size() * 4);
@@ -1018,7 +1021,7 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
             << "NaN or inf in attention output, backend " << i;
       }
       const std::string what = std::string(kv == DType::kBF16 ? "bf16 cache" : "f32 cache") + " head_dim " + std::to_string(hd);
-      for (int i : {0, 2}) {
+      for (int i : {0, 2, 3}) {
         EXPECT_LE(RelErr(got_out[i], got_out[1]), 1e-5) << "attention with split merge, backend " << i << ", " << what;
         EXPECT_EQ(got_q[i], got_q[1]) << "rotated q, backend " << i << ", " << what;
         EXPECT_EQ(got_k[i], got_k[1]) << "rotated k, backend " << i << ", " << what;

@@ -117,6 +117,9 @@ struct DecodeOptions {
   // batch-1 step than null, round 17). Null: through distributed shared memory, with a second
   // barrier so that no block leaves while a peer reads it (DYN_CUDA_DECODE_MERGE=smem).
   float* partial = nullptr;
+  // Each warp's state pushed into the shared memory of the blocks that merge its dims, one cluster
+  // barrier, no warps' merge and no global memory (DYN_CUDA_DECODE_MERGE=push; over partial).
+  bool push = false;
 };
 bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits);
 void DecodeAttention(cudaStream_t stream, void* cache, const KvLayout& layout, int layer, const AttnRows& meta, const float* q,
