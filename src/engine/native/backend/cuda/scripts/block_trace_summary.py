@@ -65,3 +65,23 @@ for r in rows:
 for key, v in marks.items():
     cols = list(zip(*v))
     print(f"marks g{key[0]}x{key[1]} ({len(v)} blocks): " + ", ".join(f"{n} {st.median(c)/1e3:.2f}" for n, c in zip(["mark0", "mark1", "mark2", "end"], cols)))
+
+# The spread inside each launch of a kernel that marks points (decode attention records whole
+# clusters: blockIdx.x % 8 == 0 and the last kv head): per launch the earliest, median and latest
+# recorded block at each point, us from the launch's first release, then medians over the launches.
+# A barrier that waits for the slowest block shows as max(mark1) well before mark2's minimum.
+points = ['resident_ns', 'mark0_ns', 'mark1_ns', 'mark2_ns', 'ended_ns']
+spread = {}
+for i, k in enumerate(ks):
+    if k['key'] not in marks: continue
+    blocks = [r for r in rows if (int(r['grid']), int(r['threads'])) == k['key'] and k['first_rel'] <= int(r['released_ns']) <= k['last_rel']
+              and int(r.get('mark0_ns', -1)) >= 0]
+    if len(blocks) < 2: continue
+    per = spread.setdefault(name(i, k), {p: ([], [], []) for p in points})
+    for p in points:
+        xs = [int(r[p]) - k['first_rel'] for r in blocks if int(r[p]) >= 0]
+        if xs:
+            per[p][0].append(min(xs)); per[p][1].append(st.median(xs)); per[p][2].append(max(xs))
+for n, per in spread.items():
+    print(f"spread {n} (min / median / max over a launch's recorded blocks): " +
+          ", ".join(f"{p[:-3]} {st.median(a)/1e3:.2f}/{st.median(b)/1e3:.2f}/{st.median(c)/1e3:.2f}" for p, (a, b, c) in per.items() if a))
