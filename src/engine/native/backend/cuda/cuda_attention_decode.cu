@@ -50,6 +50,12 @@ __device__ __forceinline__ void MergeSplitsByLanes(int splits, int rank, int n, 
   }
 }
 
+// The block's rotated q heads (n floats in shared memory) back into the call's q at q_off, as
+// RopeWriteKv leaves them: once per (kv head, row), after every block of the cluster has read q.
+__device__ __forceinline__ void StoreRotatedQ(const DecodeRope& rope, size_t q_off, const float* s_q, int n) {
+  for (int e = threadIdx.x; e < n; e += blockDim.x) rope.q[q_off + e] = s_q[e];
+}
+
 // The cluster's merge without the warps' merge or global memory (DYN_CUDA_DECODE_MERGE=push): every
 // warp of every block pushes its online-softmax state straight into the shared memory of the
 // blocks that own its dims (lane group q, dims q * kPerLane.., belongs to rank q % splits) and its
@@ -93,9 +99,7 @@ __device__ __forceinline__ void PushMergeSplits(const RowArgs& a, const RowBlock
   }
   cluster.sync();  // every state has landed; no block reads a peer's memory after this
   BlockTraceMark(2);
-  if (rope.cos_sin != nullptr && rank == 0) {  // the rotated q back in place, as RopeWriteKv leaves it
-    for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];
-  }
+  if (rope.cos_sin != nullptr && rank == 0) StoreRotatedQ(rope, q_off, s_q, b.nh * D);
   if (warp < kG) {  // warp gi: head gi's largest max, each state's weight, the total
     const int gi = warp;
     float m = -INFINITY;
@@ -107,7 +111,7 @@ __device__ __forceinline__ void PushMergeSplits(const RowArgs& a, const RowBlock
     float total = 0.0f;
     for (int p = lane; p < P; p += 32) {
       const float2 ml = *reinterpret_cast<const float2*>(r_ml + (p * kG + gi) * 2);
-      const float w = ml.y > 0.0f ? expf(ml.x - m) : 0.0f;  // sum 0: an empty state
+      const float w = WarpWeight(ml.x, ml.y, m);  // 0 for an empty state
       r_w[p * kG + gi] = w;
       total += w * ml.y;
     }
@@ -177,9 +181,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
       for (int t = threadIdx.x; t < D / 2; t += blockDim.x) RotatePair(s_k, t, D, cs, rope.neox);
     }
     __syncthreads();
-    if (a.splits == 1) {  // with several, only once every block of the cluster has read q (below)
-      for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];
-    }
+    if (a.splits == 1) StoreRotatedQ(rope, q_off, s_q, b.nh * D);  // with several: rank 0, after the cluster barrier
     if (owner) {
       const size_t off = SlotOffset(g, b.table, pos) + static_cast<size_t>(b.kv_head) * D;
       const float* v = rope.v + static_cast<size_t>(b.r) * g.token_elems + static_cast<size_t>(b.kv_head) * D;
@@ -237,9 +239,7 @@ __global__ void __launch_bounds__(kWarps * 32, 16 / kWarps)
   cluster.sync();
   BlockTraceMark(2);
   const int rank = static_cast<int>(cluster.block_rank());
-  if (rope.cos_sin != nullptr && rank == 0) {  // the rotated q back in place, as RopeWriteKv leaves it
-    for (int e = threadIdx.x; e < b.nh * D; e += blockDim.x) rope.q[q_off + e] = s_q[e];
-  }
+  if (rope.cos_sin != nullptr && rank == 0) StoreRotatedQ(rope, q_off, s_q, b.nh * D);
   if (a.partial != nullptr) {
     // From global memory (the barrier's release and acquire order the peers' stores before these
     // loads), a lane a split; no second barrier, since no block reads a peer's shared memory.

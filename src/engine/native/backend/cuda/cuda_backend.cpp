@@ -215,8 +215,8 @@ class CudaBackend : public Backend {
     constexpr int kStagedAll = kStagedNorm | kStagedResidual | kStagedLateScale;
     staged_mask_ = staged == nullptr ? kStagedAll : std::atoi(staged) & kStagedAll;
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
-    decode_merge_global_ = dm == nullptr || std::string(dm) != "smem";
-    decode_merge_push_ = dm != nullptr && std::string(dm) == "push";
+    const std::string merge = dm == nullptr ? "" : dm;
+    decode_merge_ = merge == "smem" ? DecodeMerge::kSmem : merge == "push" ? DecodeMerge::kPush : DecodeMerge::kGlobal;
     if (const char* splits = std::getenv("DYN_CUDA_SPLITS")) cuda::ForceAttentionSplits(std::atoi(splits));
     if (const char* rx = std::getenv("DYN_CUDA_GEMV_ROWS_X")) cuda::SetGemvRowsSharingX(rx);
     if (const char* merge = std::getenv("DYN_CUDA_MERGE_MAX")) max_splits_merged_in_kernel_ = std::atoi(merge);
@@ -522,9 +522,10 @@ class CudaBackend : public Backend {
         sig_.resize(rk.sig_size);
         rope = {rk.q, rk.k, rk.v, rk.cos_sin, rk.style == RopeStyle::kNeox};
       }
+      const bool global = decode_merge_ == DecodeMerge::kGlobal;
       const cuda::DecodeOptions opt{.warps = decode_warps_,
-                                    .partial = decode_merge_global_ ? SplitScratch(layout, num_heads, meta, splits) : nullptr,
-                                    .push = decode_merge_push_};
+                                    .partial = global ? SplitScratch(layout, num_heads, meta, splits) : nullptr,
+                                    .push = decode_merge_ == DecodeMerge::kPush};
       Defer(
           [=, this] {
             cuda::DecodeAttention(stream_, const_cast<float*>(cache), layout, layer, meta, q, num_heads, scale, splits, rope, opt, out);
@@ -693,8 +694,9 @@ class CudaBackend : public Backend {
   bool skinny_ = true;                // DYN_CUDA_SKINNY=0: batches of 2-8 rows on cuBLAS instead of SkinnyGemmBf16
   int max_splits_merged_in_kernel_ = kMaxSplitsMergedInKernel;
   int decode_warps_ = 8;               // DYN_CUDA_DECODE_WARPS=4: decode attention's clusters as before round 17
-  bool decode_merge_global_ = true;    // DYN_CUDA_DECODE_MERGE=smem: its splits merged through distributed shared memory
-  bool decode_merge_push_ = false;     // DYN_CUDA_DECODE_MERGE=push: warps' states pushed to the merging blocks (DecodeOptions::push)
+  // How decode attention's clusters merge their splits (DYN_CUDA_DECODE_MERGE, cuda::DecodeOptions):
+  // through global scratch (default), distributed shared memory (smem), or pushed warp states (push).
+  enum class DecodeMerge { kGlobal, kSmem, kPush } decode_merge_ = DecodeMerge::kGlobal;
   bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;

@@ -118,7 +118,8 @@ struct DecodeOptions {
   // barrier so that no block leaves while a peer reads it (DYN_CUDA_DECODE_MERGE=smem).
   float* partial = nullptr;
   // Each warp's state pushed into the shared memory of the blocks that merge its dims, one cluster
-  // barrier, no warps' merge and no global memory (DYN_CUDA_DECODE_MERGE=push; over partial).
+  // barrier, no warps' merge and no global memory (DYN_CUDA_DECODE_MERGE=push, partial null; a split
+  // count that is not a power of two merges through distributed shared memory instead).
   bool push = false;
 };
 bool DecodeAttentionApplies(const KvLayout& layout, int num_heads, const AttnRows& meta, int splits);

@@ -11,8 +11,9 @@ for r in rows:
     res, rel, end = int(r['resident_ns']), int(r['released_ns']), int(r['ended_ns'])
     if ks and ks[-1]['key'] == key:
         k = ks[-1]; k['n'] += 1; k['last_rel'] = rel; k['first_res'] = min(k['first_res'], res); k['end'] = max(k['end'], end)
+        k['rows'].append(r)
     else:
-        ks.append(dict(key=key, n=1, first_rel=rel, last_rel=rel, first_res=res, end=end))
+        ks.append(dict(key=key, n=1, first_rel=rel, last_rel=rel, first_res=res, end=end, rows=[r]))
 names = []
 def classify(i, k):
     g, t = k['key']
@@ -73,9 +74,7 @@ for key, v in marks.items():
 points = ['resident_ns', 'mark0_ns', 'mark1_ns', 'mark2_ns', 'ended_ns']
 spread = {}
 for i, k in enumerate(ks):
-    if k['key'] not in marks: continue
-    blocks = [r for r in rows if (int(r['grid']), int(r['threads'])) == k['key'] and k['first_rel'] <= int(r['released_ns']) <= k['last_rel']
-              and int(r.get('mark0_ns', -1)) >= 0]
+    blocks = [r for r in k['rows'] if int(r.get('mark0_ns', -1)) >= 0]
     if len(blocks) < 2: continue
     per = spread.setdefault(name(i, k), {p: ([], [], []) for p in points})
     for p in points:
