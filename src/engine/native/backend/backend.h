@@ -118,7 +118,9 @@ class Backend {
   virtual void CopyToHost(void* host_dst, const void* src, size_t bytes) = 0;
 
   // ---- kernels ----
-  // out[i][:] = table row ids[i], converted to F32.
+  // out[i][:] = table row ids[i], converted to F32. Where samples_pipelined(), an id
+  // kSampledRow | r stands for row r of the last SampleRows launched before this call (its id
+  // need not have reached the host).
   virtual void Embedding(const Weight& table, std::span<const uint32_t> ids, float* out) = 0;
   // out[i] = x[i] / sqrt(mean(x[i]^2) + eps) * weight; out may alias x.
   virtual void RmsNorm(const float* x, const float* weight, int m, int dim, float eps, float* out) = 0;
@@ -171,7 +173,20 @@ class Backend {
   // the host, not the same token for a given uniform.
   virtual void SampleRows(const float* logits, int rows, int vocab, std::span<const float> temperature,
                           std::span<const float> uniform, std::span<const SampleCut> cuts, uint32_t* tokens) {}
+
+  // ---- pipelined sampling (optional): the host launches step N + 1 before step N's ids are back ----
+  // Whether SampleRows takes tokens == nullptr: the ids then stay on the device for the next step's
+  // Embedding (kSampledRow) and come back in the background; SampleRows returns without waiting.
+  virtual bool samples_pipelined() const { return false; }
+  // Waits for the oldest pipelined SampleRows not yet taken and writes its `rows` ids to tokens.
+  // False when none is outstanding.
+  virtual bool TakeSampled(uint32_t* tokens, int rows) { return false; }
+  // How many pipelined samples are launched and not yet taken.
+  virtual int sampled_in_flight() const { return 0; }
 };
+
+// An Embedding id that names a row of the last device sample (Backend::samples_pipelined).
+inline constexpr uint32_t kSampledRow = 0x80000000u;
 
 // The CPU backend: a persistent thread pool of num_threads (0 = hardware threads) threads.
 std::unique_ptr<Backend> CreateCpuBackend(int num_threads);

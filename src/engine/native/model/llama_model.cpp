@@ -4,6 +4,7 @@
 // looks at sequences separately (over their block tables).
 #include <algorithm>
 #include <cmath>
+#include <deque>
 #include <numbers>
 #include <sstream>
 
@@ -127,6 +128,23 @@ class LlamaModel : public Model {
     if (!backend_->samples_on_device()) return Model::ForwardSample(batch, sampling, tokens, host_logits);
     return Run(batch, host_logits, sampling, tokens);
   }
+  bool samples_pipelined() const override { return backend_->samples_pipelined(); }
+  Status LaunchSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling) override {
+    if (!backend_->samples_pipelined()) return Model::LaunchSample(batch, sampling);
+    for (const DeviceSampling& d : sampling) {
+      if (d.on_host) return Status::InvalidArgument("LaunchSample: a row sampled on the host cannot be pipelined");
+    }
+    DYN_RETURN_IF_ERROR(Run(batch, nullptr, sampling, nullptr, /*pipelined=*/true));
+    launched_rows_.push_back(static_cast<int>(sampling.size()));
+    return Status::Ok();
+  }
+  Status TakeSample(uint32_t* tokens) override {
+    if (launched_rows_.empty()) return Status::InvalidArgument("TakeSample: no launched step to take");
+    const int rows = launched_rows_.front();
+    launched_rows_.pop_front();
+    if (rows > 0 && !backend_->TakeSampled(tokens, rows)) return Status::Internal("TakeSample: the backend had no sample");
+    return Status::Ok();
+  }
 
   std::string Describe() const override {
     std::ostringstream os;
@@ -155,7 +173,8 @@ class LlamaModel : public Model {
   Status Validate(std::span<const ForwardSeq> batch) const;
   // Forward, ending with the logits copied to `logits` or, with `tokens`, sampled on the device
   // (then `logits` receives the rows marked on_host).
-  Status Run(std::span<const ForwardSeq> batch, float* logits, std::span<const DeviceSampling> sampling, uint32_t* tokens);
+  Status Run(std::span<const ForwardSeq> batch, float* logits, std::span<const DeviceSampling> sampling, uint32_t* tokens,
+             bool pipelined = false);
 
   Status SetKvLayout(int num_blocks, int block_size) {
     if (num_blocks <= 0 || block_size <= 0) return Status::InvalidArgument("InitKvCache: num_blocks and block_size must be positive");
@@ -198,6 +217,8 @@ class LlamaModel : public Model {
   std::string weight_summary_;
   KvLayout kv_;
   std::unique_ptr<Buffer> kv_cache_;
+  std::deque<int> launched_rows_;  // sampled rows of each LaunchSample not yet taken
+  int last_sampled_rows_ = 0;      // rows of the last step sampled on the device (ForwardSeq::sampled_row)
   // Step workspace, grown to the largest batch seen.
   std::unique_ptr<Buffer> x_, h_, q_, k_, v_, attn_, gate_, up_, cos_sin_, last_, logits_;
 };
@@ -220,6 +241,13 @@ Status LlamaModel::Validate(std::span<const ForwardSeq> batch) const {
     for (int32_t b : f.block_table) {
       if (b < 0 || b >= kv_.num_blocks) return Status::InvalidArgument("Forward: KV block id " + std::to_string(b) + " out of range");
     }
+    if (f.sampled_row >= 0) {
+      if (f.tokens.size() != 1) return Status::InvalidArgument("Forward: a sequence fed by a sampled row has one new token");
+      if (!backend_->samples_pipelined() || f.sampled_row >= last_sampled_rows_) {
+        return Status::InvalidArgument("Forward: sampled row " + std::to_string(f.sampled_row) + " is not in the last device sample");
+      }
+      continue;
+    }
     for (uint32_t t : f.tokens) {
       if (t >= static_cast<uint32_t>(config_.vocab_size)) return Status::InvalidArgument("Forward: token id " + std::to_string(t) + " >= vocab size");
     }
@@ -228,7 +256,7 @@ Status LlamaModel::Validate(std::span<const ForwardSeq> batch) const {
 }
 
 Status LlamaModel::Run(std::span<const ForwardSeq> batch, float* logits, std::span<const DeviceSampling> sampling,
-                       uint32_t* tokens) {
+                       uint32_t* tokens, bool pipelined) {
   DYN_RETURN_IF_ERROR(Validate(batch));
   const ModelConfig& c = config_;
   std::vector<uint32_t> ids;
@@ -243,7 +271,7 @@ Status LlamaModel::Run(std::span<const ForwardSeq> batch, float* logits, std::sp
     a.block_table = f.block_table;
     seqs.push_back(a);
     for (size_t i = 0; i < f.tokens.size(); ++i) {
-      ids.push_back(f.tokens[i]);
+      ids.push_back(f.sampled_row >= 0 ? kSampledRow | static_cast<uint32_t>(f.sampled_row) : f.tokens[i]);
       positions.push_back(f.start_pos + static_cast<int32_t>(i));
     }
     if (f.want_logits) logit_rows.push_back(static_cast<uint32_t>(ids.size() - 1));
@@ -316,7 +344,7 @@ Status LlamaModel::Run(std::span<const ForwardSeq> batch, float* logits, std::sp
   }
   be.RmsNorm(rows, output_norm_->f32(), S, c.hidden_size, c.rms_norm_eps, h);
   be.MatMul(h, S, output_, logits_->f32());
-  if (tokens != nullptr) {
+  if (tokens != nullptr || pipelined) {
     if (sampling.size() != static_cast<size_t>(S)) return Status::InvalidArgument("ForwardSample: one DeviceSampling per sampled sequence");
     std::vector<float> temperature(S), uniform(S);
     std::vector<SampleCut> cuts;  // empty: no row truncates
@@ -332,7 +360,9 @@ Status LlamaModel::Run(std::span<const ForwardSeq> batch, float* logits, std::sp
       if (!be.samples_truncated_on_device()) return Status::Unsupported("ForwardSample: this backend does not truncate on the device");
       for (const DeviceSampling& d : sampling) cuts.push_back(d.on_host ? SampleCut{} : d.cut);
     }
-    be.SampleRows(logits_->f32(), S, c.vocab_size, temperature, uniform, cuts, tokens);
+    be.SampleRows(logits_->f32(), S, c.vocab_size, temperature, uniform, cuts, tokens);  // pipelined: tokens == nullptr
+    last_sampled_rows_ = S;
+    if (pipelined) return Status::Ok();  // LaunchSample: no row is on the host
     // The host rows' logits, one copy per run of consecutive host rows.
     const size_t row = static_cast<size_t>(c.vocab_size);
     size_t copied = 0;

@@ -49,6 +49,9 @@ struct ForwardSeq {
   int start_pos = 0;                     // position of tokens[0]; KV of [0, start_pos) is cached
   std::span<const int32_t> block_table;  // KV block ids covering [0, start_pos + tokens.size())
   bool want_logits = true;               // produce logits for the last new token
+  // Model::LaunchSample only: >= 0 makes the one new token row `sampled_row` of the previous
+  // launched step's sample, still on the device (tokens then holds one placeholder).
+  int sampled_row = -1;
 };
 
 // One sequence's sampling in Model::ForwardSample (penalties, logprobs and banned ids stay with
@@ -94,6 +97,15 @@ class Model {
                                float* host_logits = nullptr) {
     return Status::Unsupported("this model's backend does not sample");
   }
+  // Pipelined decode (async scheduling), where samples_pipelined(): LaunchSample is ForwardSample
+  // without waiting for the ids, so the host builds and launches step N + 1 (its tokens named by
+  // ForwardSeq::sampled_row) while the device runs step N; TakeSample writes the ids of the oldest
+  // launched step not yet taken, one per sampled row. No row may be on_host.
+  virtual bool samples_pipelined() const { return false; }
+  virtual Status LaunchSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling) {
+    return Status::Unsupported("this model's backend does not pipeline sampling");
+  }
+  virtual Status TakeSample(uint32_t* tokens) { return Status::Unsupported("this model's backend does not pipeline sampling"); }
   // A device backend's free and total memory now (false on the CPU backend).
   virtual bool DeviceMemory(size_t* free_bytes, size_t* total_bytes) const { return false; }
   // Human-readable summary for logs: architecture, sizes, weight types, backend.

@@ -26,6 +26,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <map>
 #include <tuple>
@@ -173,6 +174,10 @@ class CudaBackend : public Backend {
     for (cudaEvent_t e : {ev_launch_, ev_done_, ev_prev_done_}) {
       if (e != nullptr) cudaEventDestroy(e);
     }
+    for (SampledSlot& s : sampled_slots_) {
+      cudaEventDestroy(s.done);
+      cudaFreeHost(s.host);
+    }
     for (auto& [sig, exec] : graphs_) cudaGraphExecDestroy(exec);
     for (auto& [bytes, p] : persist_programs_) cudaFree(p);
     cudaFree(persist_scratch_);
@@ -212,7 +217,7 @@ class CudaBackend : public Backend {
     if (const char* late = std::getenv("DYN_CUDA_LATE")) cuda::SetLateTrigger(std::atoi(late));
     if (const char* dw = std::getenv("DYN_CUDA_DECODE_WARPS")) decode_warps_ = std::atoi(dw);
     const char* staged = std::getenv("DYN_CUDA_GEMV_STAGED");  // a mask of kStaged* bits; unset: all
-    constexpr int kStagedAll = kStagedNorm | kStagedResidual | kStagedLateScale;
+    constexpr int kStagedAll = kStagedNorm | kStagedResidual | kStagedLateScale | kStagedLmHead;
     staged_mask_ = staged == nullptr ? kStagedAll : std::atoi(staged) & kStagedAll;
     const char* dm = std::getenv("DYN_CUDA_DECODE_MERGE");
     const std::string merge = dm == nullptr ? "" : dm;
@@ -282,14 +287,19 @@ class CudaBackend : public Backend {
   }
   void CopyToHost(void* dst, const void* src, size_t bytes) override {
     Flush();
-    prev_step_sigs_.swap(step_sigs_);
-    step_sigs_.clear();
-    layers_in_step_ = 0;
+    EndStep();
     DYN_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
     if (step_times_) DYN_CUDA_CHECK(cudaEventRecord(ev_done_, stream_));
     DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
     if (step_times_) NoteStepTimes();
     NoteBlockTrace();
+  }
+
+  // A step's work is launched: the next calls belong to the next step.
+  void EndStep() {
+    prev_step_sigs_.swap(step_sigs_);
+    step_sigs_.clear();
+    layers_in_step_ = 0;
   }
 
   // DYN_CUDA_BLOCK_TRACE=N in a diagnostic build (cuda_kernels.h): the blocks of the work between
@@ -343,8 +353,11 @@ class CudaBackend : public Backend {
   void Embedding(const Weight& table, std::span<const uint32_t> ids, float* out) override {
     const uint32_t* d_ids = Upload(ids_, ids);
     const int n = static_cast<int>(ids.size());
-    Defer([=, this] { cuda::Embedding(stream_, table.dtype, table.data, table.cols, d_ids, n, out); }, kEmbed, table.dtype,
-          table.data, table.cols, d_ids, n, out);
+    // Ids kSampledRow | r read the last sample's output, which no later kernel of the list writes
+    // before this one runs (SampleRows comes last in a step).
+    const uint32_t* sampled = static_cast<const uint32_t*>(sample_out_.p);
+    Defer([=, this] { cuda::Embedding(stream_, table.dtype, table.data, table.cols, d_ids, sampled, n, out); }, kEmbed, table.dtype,
+          table.data, table.cols, d_ids, sampled, n, out);
   }
 
   void RmsNorm(const float* x, const float* weight, int m, int dim, float eps, float* out) override {
@@ -384,7 +397,10 @@ class CudaBackend : public Backend {
     const bool staged = fused && m == 1 && TakeNormFor(x, ws[0].cols, &stage, &staged_x);
     if (ws.size() == 3) {  // a layer's Q/K/V: no fusion is pending across it, so the list may run here
       const int layer = layers_in_step_++;
-      if (flush_layers_ > 0 && layer >= flush_first_ && (layer - flush_first_) % flush_layers_ == 0) Flush();
+      // Not while a pipelined step runs: the device is busy, and one list a step is one graph.
+      if (flush_layers_ > 0 && sampled_order_.empty() && layer >= flush_first_ && (layer - flush_first_) % flush_layers_ == 0) {
+        Flush();
+      }
     }
     if (!fused) {
       if (m <= kGemvRows || !BlasBf16(x, m, ws, outs)) {
@@ -573,7 +589,43 @@ class CudaBackend : public Backend {
     uint32_t* out = static_cast<uint32_t*>(sample_out_.Get(out_bytes));
     Defer([=, this] { cuda::SampleRows(stream_, logits, rows, vocab, params, params + rows, cut_params, out); }, kSample, logits, rows,
           vocab, params, cut_params, out);
-    CopyToHost(tokens, out, out_bytes);
+    if (tokens != nullptr) {
+      CopyToHost(tokens, out, out_bytes);
+      return;
+    }
+    // Pipelined: the ids go to pinned host memory behind the step, and the host goes on to build
+    // the next step (its Embedding reads `out` on the device) without waiting.
+    Flush();
+    EndStep();
+    launched_in_step_ = false;  // DYN_CUDA_STEP_TIMES measures host round trips only
+    size_t slot = 0;
+    while (slot < sampled_slots_.size() && sampled_slots_[slot].in_flight) ++slot;
+    if (slot == sampled_slots_.size()) {
+      sampled_slots_.emplace_back();
+      DYN_CUDA_CHECK(cudaEventCreateWithFlags(&sampled_slots_[slot].done, cudaEventDisableTiming));
+    }
+    SampledSlot& s = sampled_slots_[slot];
+    if (s.capacity < rows) {
+      if (s.host != nullptr) DYN_CUDA_CHECK(cudaFreeHost(s.host));
+      s.capacity = std::max(rows, 64);
+      DYN_CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&s.host), static_cast<size_t>(s.capacity) * sizeof(uint32_t)));
+    }
+    DYN_CUDA_CHECK(cudaMemcpyAsync(s.host, out, out_bytes, cudaMemcpyDeviceToHost, stream_));
+    DYN_CUDA_CHECK(cudaEventRecord(s.done, stream_));
+    s.rows = rows;
+    s.in_flight = true;
+    sampled_order_.push_back(slot);
+  }
+  bool samples_pipelined() const override { return true; }
+  int sampled_in_flight() const override { return static_cast<int>(sampled_order_.size()); }
+  bool TakeSampled(uint32_t* tokens, int rows) override {
+    if (sampled_order_.empty()) return false;
+    SampledSlot& s = sampled_slots_[sampled_order_.front()];
+    sampled_order_.pop_front();
+    DYN_CUDA_CHECK(cudaEventSynchronize(s.done));
+    std::memcpy(tokens, s.host, static_cast<size_t>(std::min(rows, s.rows)) * sizeof(uint32_t));
+    s.in_flight = false;
+    return true;
   }
 
  private:
@@ -700,6 +752,15 @@ class CudaBackend : public Backend {
   bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;
+  // Pipelined samples' ids on their way to the host (pinned; one slot per launched step not taken).
+  struct SampledSlot {
+    uint32_t* host = nullptr;
+    int capacity = 0, rows = 0;
+    bool in_flight = false;
+    cudaEvent_t done = nullptr;
+  };
+  std::vector<SampledSlot> sampled_slots_;
+  std::deque<size_t> sampled_order_;  // in-flight slots, oldest first
   std::vector<Scratch*> read_by_pending_;
   std::vector<float> inv_freq_host_;
   const float* inv_freq_dev_ = nullptr;
@@ -730,7 +791,8 @@ class CudaBackend : public Backend {
   // without it the outputs are the separate kernels' bit for bit). Batch 1 of the 8B shape on an
   // H200, context 512: 4.00-4.05 ms a step with all, 4.03-4.09 without the late scale, 4.21-4.22
   // with none (4096: 4.37, 4.46, 4.58), the same greedy tokens (docs/benchmarks/cuda.md, round 18).
-  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedLateScale = 4;
+  // kStagedLmHead lets the final norm join the LM head too (without it: a norm kernel, then the GEMV).
+  static constexpr int kStagedNorm = 1, kStagedResidual = 2, kStagedLateScale = 4, kStagedLmHead = 8;
   int staged_mask_ = 0;
   struct PendingGemv {  // the last pending call, when it is a one-weight m = 1 GEMV (joined by an Add)
     const float* x = nullptr;
@@ -951,7 +1013,7 @@ void CudaBackend::MatMul(const float* x, int m, const Weight& w, float* out) {
       cuda::GemvStage st;
       const float* in = x;
       const int64_t rows = N;
-      if (TakeNormFor(x, K, &st, &in)) {  // the LM head after the final norm
+      if ((staged_mask_ & kStagedLmHead) && TakeNormFor(x, K, &st, &in)) {  // the LM head after the final norm
         Defer([=, this] { cuda::GemvBf16Staged(stream_, in, st, 1, &wb, &rows, K, &out); }, kGemvStaged, in, st, wb, rows, int64_t{K},
               out);
         return;

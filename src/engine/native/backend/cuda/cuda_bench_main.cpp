@@ -1,7 +1,7 @@
 // dyn_cuda_bench: CUDA backend speed on the GPU it runs on.
 //
 //   dyn_cuda_bench [--kernels] [--config DIR --load-format dummy] [--steps 128] [--batches 1,4,8]
-//                  [--prompts 512,4096] [--context 512] [--host-sampling] [--peak-tflops T]
+//                  [--prompts 512,4096] [--context 512] [--host-sampling | --pipelined] [--peak-tflops T]
 //                  [--repeat-prefill N]
 //
 // --kernels: device copy bandwidth (the roofline of a decode step), the bf16 GEMM rate (the
@@ -11,7 +11,8 @@
 //   weights made on the GPU (no weight files), then times a prefill of each --prompts length (MFU
 //   against --kernels' GEMM rate or --peak-tflops) and batch-B greedy decode steps (B sequences
 //   at --context cached tokens, each one new token a step, sampled on the GPU unless
-//   --host-sampling), tok/s.
+//   --host-sampling), tok/s. --pipelined launches each step before the previous step's ids are
+//   back (Model::LaunchSample: the step's token is read on the device), as the server does.
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -180,8 +181,10 @@ double Kernels() {
 // Prefill rate: one sequence of each prompt length (tok/s and model FLOPs utilisation against
 // `peak_tflops`, the bf16 GEMM rate measured by --kernels on the same GPU); then decode: B
 // sequences of `context` cached tokens each decode one token per step, sampled greedily on the GPU
-// (ForwardSample, what the server does) or, with host_sampling, from logits copied to the host.
+// (ForwardSample; pipelined: LaunchSample, each step launched before the previous one's ids are
+// back) or, with host_sampling, from logits copied to the host.
 int g_repeat_prefill = 0;  // --repeat-prefill N
+bool g_pipelined = false;  // --pipelined
 
 int ModelBench(const std::string& dir, int steps, const std::vector<int>& batches, const std::vector<int>& prompts, int context,
                bool host_sampling, double peak_tflops) {
@@ -265,7 +268,8 @@ int ModelBench(const std::string& dir, int steps, const std::vector<int>& batche
       std::printf("prefill repeat %d: %zu of %zu logits differ (max abs diff %.3g)\n", rep, differ, first.size(), worst);
     }
   }
-  std::printf("decode at context %d, sampling on the %s; weights read per step: %.2f GB\n", context, host_sampling ? "host" : "GPU",
+  std::printf("decode at context %d, sampling on the %s; weights read per step: %.2f GB\n", context,
+              host_sampling ? "host" : g_pipelined ? "GPU, pipelined" : "GPU",
               weight_gb);
   // "tokens": a hash of every greedy token of the timed steps, equal between builds and settings
   // (DYN_CUDA_PDL, DYN_CUDA_FUSE) whose arithmetic is the same, and between runs
@@ -302,11 +306,40 @@ int ModelBench(const std::string& dir, int steps, const std::vector<int>& batche
       }
       ++pos;
     };
-    for (int i = 0; i < 4; ++i) step();
+    // Pipelined: a step's token is the previous step's sample, read on the device; the host takes
+    // the ids one step behind.
+    auto launch = [&](bool from_sample) {
+      for (int b = 0; b < B; ++b) {
+        batch[b].tokens = tok[b];
+        batch[b].start_pos = pos;
+        batch[b].sampled_row = from_sample ? b : -1;
+      }
+      DYN_CUDA_CHECK(m.LaunchSample(batch, greedy).ok() ? cudaSuccess : cudaErrorUnknown);
+      ++pos;
+    };
+    auto take = [&] {
+      DYN_CUDA_CHECK(m.TakeSample(next.data()).ok() ? cudaSuccess : cudaErrorUnknown);
+      for (int b = 0; b < B; ++b) {
+        tok[b][0] = next[b];
+        token_hash = (token_hash ^ next[b]) * 1099511628211ull;
+      }
+    };
+    auto run = [&](int n, bool first_from_host) {
+      if (!g_pipelined || host_sampling) {
+        for (int i = 0; i < n; ++i) step();
+        return;
+      }
+      for (int i = 0; i < n; ++i) {
+        launch(i > 0 || !first_from_host);
+        if (i > 0) take();
+      }
+      take();
+    };
+    run(4, true);
     pos = context;  // the timed steps rewrite the warm-up's slots
     token_hash = 1469598103934665603ull;
     const auto t1 = Clock::now();
-    for (int i = 0; i < steps; ++i) step();
+    run(steps, false);
     const double s = std::chrono::duration<double>(Clock::now() - t1).count() / steps;
     std::printf("%6d %10.2f %12.1f %12.1f %14.0f %18llx\n", B, s * 1e3, 1 / s, B / s, weight_gb / s,
                 static_cast<unsigned long long>(token_hash));
@@ -345,6 +378,7 @@ int main(int argc, char** argv) {
     else if (flag == "--prompt" || flag == "--prompts") prompts = value();
     else if (flag == "--context") context = std::stoi(value());
     else if (flag == "--host-sampling") host_sampling = true;
+    else if (flag == "--pipelined") dyn::g_pipelined = true;
     else if (flag == "--repeat-prefill") dyn::g_repeat_prefill = std::stoi(value());
     else if (flag == "--peak-tflops") peak = std::stod(value());
     else {

@@ -92,10 +92,12 @@ int Blocks(size_t n, int threads) {
 }
 
 __global__ void EmbeddingKernel(DType dtype, const uint8_t* table, size_t row_bytes, int64_t cols, const uint32_t* ids,
-                                float* out) {
+                                const uint32_t* sampled, float* out) {
   LetNextKernelLaunch();
   WaitForPreviousKernel();
-  const uint8_t* row = table + ids[blockIdx.x] * row_bytes;
+  uint32_t id = ids[blockIdx.x];
+  if (id & 0x80000000u) id = sampled[id & 0x7fffffffu];  // kSampledRow | r
+  const uint8_t* row = table + size_t{id} * row_bytes;
   float* o = out + blockIdx.x * cols;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) o[c] = LoadElement(dtype, row, c);
 }
@@ -322,9 +324,10 @@ int NormThreads(int dim) {
 
 int RmsNormThreads(int dim) { return NormThreads(dim); }
 
-void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols, const uint32_t* ids, int n, float* out) {
+void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols, const uint32_t* ids, const uint32_t* sampled, int n,
+               float* out) {
   if (n == 0) return;
-  LaunchKernel(EmbeddingKernel, n, 256, 0, stream, dtype, static_cast<const uint8_t*>(table), RowBytes(dtype, cols), cols, ids, out);
+  LaunchKernel(EmbeddingKernel, n, 256, 0, stream, dtype, static_cast<const uint8_t*>(table), RowBytes(dtype, cols), cols, ids, sampled, out);
   DYN_CUDA_CHECK_LAUNCH();
 }
 

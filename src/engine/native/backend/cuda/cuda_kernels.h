@@ -26,8 +26,10 @@ bool ProgrammaticLaunch();
 // Checks the last launch's configuration error.
 #define DYN_CUDA_CHECK_LAUNCH() ::dyn::cuda::Check(cudaGetLastError(), "kernel launch", __FILE__, __LINE__)
 
-// out[i][:] = row ids[i] of `table` (any DType, [rows][cols]) as F32.
-void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols, const uint32_t* ids, int n, float* out);
+// out[i][:] = row ids[i] of `table` (any DType, [rows][cols]) as F32; an id with the top bit set
+// (kSampledRow | r) is sampled[r] instead (the last device sample, Backend::samples_pipelined).
+void Embedding(cudaStream_t stream, DType dtype, const void* table, int64_t cols, const uint32_t* ids, const uint32_t* sampled, int n,
+               float* out);
 // dst = src ([rows][cols] of `dtype`) converted to bf16, rounding to nearest even.
 void ConvertToBf16(cudaStream_t stream, DType dtype, const void* src, int64_t rows, int64_t cols, uint16_t* dst);
 // dst[i] = bf16 of uniform(-scale, scale) from a counter-based hash of (seed, i).
