@@ -34,6 +34,8 @@ void LocalEngineFlags::Register(FlagSet& fs) {
   fs.Int("max-num-seqs", &max_num_seqs, "most requests in one batch");
   fs.Int("max-num-batched-tokens", &max_batched, "most tokens in one step (chunked prefill budget)");
   fs.Bool("prefix-caching", &prefix_caching, "reuse cached KV blocks of shared prompt prefixes");
+  fs.Bool("pipelined-decode", &pipelined_decode,
+          "native engine on a GPU: launch each decode step before the previous step's tokens reach the host");
   fs.Int("context-length", &context_length, "limit the context below the model's (0: the model's)");
   fs.String("chat-template", &chat_template, "file with a Jinja chat template that overrides the model's");
   fs.Double("echo-delay-ms", &echo_delay_ms, "echo engine: delay between tokens");
@@ -112,6 +114,7 @@ Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f, int* kv_block_siz
     eo.max_num_seqs = static_cast<int>(f.max_num_seqs);
     eo.max_num_batched_tokens = static_cast<int>(f.max_batched);
     eo.enable_prefix_caching = f.prefix_caching;
+    eo.pipelined_decode = f.pipelined_decode;
     eo.kv_event_sink = f.kv_event_sink;
     eo.kv_transfer = f.kv_transfer;
     if (kv_block_size) *kv_block_size = eo.block_size;

@@ -29,6 +29,7 @@ struct LocalEngineFlags {
   KvEventSink* kv_event_sink = nullptr;  // not a flag: receives the engine's KV block events
   KvTransferHooks kv_transfer;           // not a flag: disaggregated serving (a worker's role)
   bool prefix_caching = true;
+  bool pipelined_decode = true;  // native engine: launch decode steps before the previous ids are back
 
   void Register(FlagSet& fs);
   // Whether a flag was given (not left at its default); false before Register/Parse.

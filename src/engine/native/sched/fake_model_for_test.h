@@ -6,6 +6,7 @@
 
 #include <xxhash.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <string>
@@ -112,6 +113,67 @@ class FakeModel : public Model {
   ModelConfig config_;
   int block_size_ = 16;
   std::vector<uint32_t> slots_;
+};
+
+// A FakeModel that samples "on the device", greedily (argmax, lowest id on ties), and pipelines:
+// LaunchSample resolves each ForwardSeq::sampled_row from its own last sample, as the device does,
+// and queues the ids for TakeSample. It counts the steps of each kind.
+class PipelinedFakeModel : public FakeModel {
+ public:
+  using FakeModel::FakeModel;
+  bool samples_on_device() const override { return true; }
+  bool samples_truncated_on_device() const override { return true; }
+  bool samples_pipelined() const override { return true; }
+  Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens,
+                       float* host_logits) override {
+    if (!queued_.empty()) return Status::Internal("ForwardSample with a pipelined step not taken");
+    ++sync_steps;
+    return Sample(batch, sampling, tokens, host_logits);
+  }
+  Status LaunchSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling) override {
+    if (queued_.size() > 1) return Status::Internal("more than two pipelined steps in flight");
+    std::vector<uint32_t> ids(sampling.size());
+    DYN_RETURN_IF_ERROR(Sample(batch, sampling, ids.data(), nullptr));
+    queued_.push_back(std::move(ids));
+    ++pipelined_steps;
+    return Status::Ok();
+  }
+  Status TakeSample(uint32_t* tokens) override {
+    if (queued_.empty()) return Status::InvalidArgument("nothing to take");
+    std::copy(queued_.front().begin(), queued_.front().end(), tokens);
+    queued_.erase(queued_.begin());
+    return Status::Ok();
+  }
+  std::atomic<int> sync_steps{0}, pipelined_steps{0};
+
+ private:
+  Status Sample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens, float* host_logits) {
+    std::vector<ForwardSeq> resolved(batch.begin(), batch.end());
+    std::vector<uint32_t> fed(batch.size());
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (batch[i].sampled_row < 0) continue;
+      if (batch[i].sampled_row >= static_cast<int>(last_.size())) return Status::InvalidArgument("sampled_row out of range");
+      fed[i] = last_[batch[i].sampled_row];
+      resolved[i].tokens = std::span<const uint32_t>(&fed[i], 1);
+    }
+    const int vocab = config().vocab_size;
+    std::vector<float> logits(sampling.size() * vocab);
+    DYN_RETURN_IF_ERROR(Forward(resolved, logits.data()));
+    size_t host = 0;
+    for (size_t r = 0; r < sampling.size(); ++r) {
+      const float* l = logits.data() + r * vocab;
+      if (sampling[r].on_host) {
+        if (host_logits == nullptr) return Status::InvalidArgument("rows on the host need host_logits");
+        std::copy(l, l + vocab, host_logits + host++ * vocab);
+        continue;
+      }
+      tokens[r] = static_cast<uint32_t>(std::max_element(l, l + vocab) - l);
+    }
+    last_.assign(tokens, tokens + sampling.size());
+    return Status::Ok();
+  }
+  std::vector<std::vector<uint32_t>> queued_;
+  std::vector<uint32_t> last_;  // the last sample ("on the device")
 };
 
 }  // namespace dyn::testing

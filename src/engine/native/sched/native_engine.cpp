@@ -37,6 +37,7 @@ class NativeEngine final : public Engine {
         pool_(num_blocks, options.block_size, options.enable_prefix_caching),
         scheduler_(pool_, SchedulerConfig{options.max_num_seqs, options.max_num_batched_tokens, 0}),
         sampler_(vocab_size_, SamplingThreads(options, *model_)),
+        pipelined_(options.pipelined_decode && model_->samples_pipelined()),
         hooks_(options.kv_transfer) {
     const int pool_tokens = num_blocks * options.block_size;
     const int max_pos = model_->config().max_position_embeddings;
@@ -113,6 +114,39 @@ class NativeEngine final : public Engine {
   void Admit(Incoming in);
   void DropCancelled();
   void RunStep(const SchedulerOutput& out);
+  // One sampled token of a sequence: its delta, then the stop checks (Finish, or the token joins
+  // the sequence). `in_scheduler`: the token is already the sequence's last (a pipelined step's
+  // placeholder, replaced).
+  void EmitToken(SeqId id, Active& a, uint32_t token, TokenLogprob* logprob, bool in_scheduler);
+
+  // ---- pipelined decode (Model::LaunchSample): step N + 1 is launched before N's ids are back ----
+  // While a step is in flight each of its sampled sequences has a placeholder as its last token in
+  // the scheduler; the next step reads the real id on the device (ForwardSeq::sampled_row). Only
+  // pure decode steps whose rows the device samples run this way, and only while nothing else can
+  // change the batch: no waiting or importing sequence, blocks for every row, no row that a stop by
+  // length or a min_tokens ban would end or send to the host sampler. Anything else drains the
+  // pipeline first (DrainInflight) and runs the step synchronously.
+  bool PipelinableRow(SeqId id, const Active& a, int pending) const;
+  bool CanStartPipeline(const SchedulerOutput& out) const;
+  bool CanContinuePipeline() const;
+  bool ContinuesPipeline(const SchedulerOutput& out) const;
+  void LaunchPipelined(const SchedulerOutput& out);
+  // Takes the in-flight step's ids into the scheduler (replacing the placeholders); then
+  // EmitInflight sends them (and ends the sequences they stop).
+  void TakeInflight();
+  void EmitInflight();
+  void DrainInflight() {
+    TakeInflight();
+    EmitInflight();
+  }
+  // DrainInflight, then the deltas go out at once: a later Finish in the same iteration moves the
+  // sink that an undelivered delta still points to.
+  void DrainAndDeliver() {
+    if (!inflight_) return;
+    DrainInflight();
+    PublishMetrics();
+    Deliver();
+  }
   // Draws the token (and logprobs) of every sampled row with a host_index_ into that entry of
   // host_rows_, on the sampling threads; their logits are in logits_, one row each in that order.
   void SampleOnHost(const SchedulerOutput& out);
@@ -152,6 +186,12 @@ class NativeEngine final : public Engine {
   std::vector<uint32_t> device_tokens_;
   std::vector<ForwardSeq> batch_;
   std::vector<Delivery> outbox_;
+  const bool pipelined_;                // the model pipelines sampling and the options allow it
+  bool inflight_ = false;               // a LaunchSample not yet taken
+  std::vector<SeqId> inflight_rows_;    // its sampled rows' sequences
+  std::vector<uint32_t> inflight_ids_;  // their ids once taken
+  std::unordered_map<SeqId, int> inflight_row_of_;
+  uint64_t pipelined_steps_ = 0;
   uint64_t prompt_tokens_ = 0, cached_prompt_tokens_ = 0, generated_tokens_ = 0, steps_ = 0;
 
   mutable std::mutex metrics_mu_;
@@ -430,20 +470,26 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
   for (const ScheduledChunk& c : out.batch) {
     if (!c.sample) continue;
     const int r_index = row++;
-    Active& a = active_.at(c.id);
-    const PreprocessedRequest& r = a.request;
-    const int prompt_len = scheduler_.prompt_len(c.id);
-    EngineOutput delta;
     const int h_index = host_index_[r_index];
     const uint32_t token = h_index >= 0 ? host_rows_[h_index].token : device_tokens_[r_index];
+    TokenLogprob* logprob = h_index >= 0 && host_rows_[h_index].logprob != nullptr ? &row_logprobs_[h_index] : nullptr;
+    EmitToken(c.id, active_.at(c.id), token, logprob, /*in_scheduler=*/false);
+  }
+}
+
+void NativeEngine::EmitToken(SeqId id, Active& a, uint32_t token, TokenLogprob* logprob, bool in_scheduler) {
+  {
+    const PreprocessedRequest& r = a.request;
+    const int prompt_len = scheduler_.prompt_len(id);
+    EngineOutput delta;
     ++a.generated;
     ++generated_tokens_;
     delta.token_ids.push_back(token);
-    if (h_index >= 0 && host_rows_[h_index].logprob != nullptr) delta.logprobs.push_back(std::move(row_logprobs_[h_index]));
+    if (logprob != nullptr) delta.logprobs.push_back(std::move(*logprob));
     if (!a.sent_first) {
       a.sent_first = true;
       delta.prompt_tokens = static_cast<uint32_t>(prompt_len);
-      delta.cached_tokens = static_cast<uint32_t>(std::max(0, scheduler_.first_cached_tokens(c.id)));
+      delta.cached_tokens = static_cast<uint32_t>(std::max(0, scheduler_.first_cached_tokens(id)));
       cached_prompt_tokens_ += delta.cached_tokens;
     }
     const bool may_stop = a.generated >= r.stop.min_tokens;
@@ -453,18 +499,123 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
       delta.finish_reason = FinishReason::kLength;
     }
     if (!delta.finish_reason && r.phase == RequestPhase::kPrefillOnly) {
-      HandOff(c.id, a, delta);
+      HandOff(id, a, delta);
       outbox_.push_back({nullptr, std::move(a.sink), std::move(delta)});
-      active_.erase(c.id);
+      active_.erase(id);
     } else if (delta.finish_reason) {
-      scheduler_.Finish(c.id);
+      scheduler_.Finish(id);
       outbox_.push_back({nullptr, std::move(a.sink), std::move(delta)});
-      active_.erase(c.id);
+      active_.erase(id);
     } else {
-      scheduler_.AppendToken(c.id, token);
+      if (!in_scheduler) scheduler_.AppendToken(id, token);
       outbox_.push_back({&a.sink, nullptr, std::move(delta)});
     }
   }
+}
+
+bool NativeEngine::PipelinableRow(SeqId id, const Active& a, int pending) const {
+  const PreprocessedRequest& r = a.request;
+  // The row's next sample is its (generated + pending + 1)-th token: it must be the device's
+  // (no min_tokens ban), and the pending ones must not end the sequence by length (the step would
+  // compute past its end).
+  const int after_pending = a.generated + pending;
+  if (r.phase == RequestPhase::kPrefillOnly || a.importing) return false;
+  if (after_pending < r.stop.min_tokens) return false;
+  if (!DeviceSamplable(r.sampling, vocab_size_, model_->samples_truncated_on_device())) return false;
+  return after_pending < r.stop.max_tokens && scheduler_.prompt_len(id) + after_pending < context_length_;
+}
+
+bool NativeEngine::CanStartPipeline(const SchedulerOutput& out) const {
+  if (!pipelined_ || !out.preempted.empty() || out.num_decode_tokens != static_cast<int>(out.batch.size())) return false;
+  for (const ScheduledChunk& c : out.batch) {
+    auto it = active_.find(c.id);
+    if (!c.sample || it == active_.end() || !PipelinableRow(c.id, it->second, 0)) return false;
+  }
+  return true;
+}
+
+bool NativeEngine::CanContinuePipeline() const {
+  // The next Schedule must give each in-flight row its one decode token and nothing else.
+  if (scheduler_.num_waiting() > 0 || !import_waiting_.empty()) return false;
+  int alive = 0;
+  for (SeqId id : inflight_rows_) {
+    auto it = active_.find(id);
+    if (it == active_.end()) continue;  // cancelled
+    if (!PipelinableRow(id, it->second, 1)) return false;
+    ++alive;
+  }
+  return alive > 0 && alive == scheduler_.num_running() && scheduler_.pool().num_free_blocks() >= alive;
+}
+
+bool NativeEngine::ContinuesPipeline(const SchedulerOutput& out) const {
+  if (out.batch.empty() || !out.preempted.empty() || !out.failed.empty()) return false;
+  for (const ScheduledChunk& c : out.batch) {
+    if (!c.sample || c.tokens.size() != 1 || !inflight_row_of_.count(c.id)) return false;
+  }
+  return true;
+}
+
+void NativeEngine::LaunchPipelined(const SchedulerOutput& out) {
+  const bool continues = inflight_;
+  batch_.clear();
+  device_sampling_.clear();
+  for (const ScheduledChunk& c : out.batch) {
+    ForwardSeq f{c.tokens, c.start_pos, c.block_table, true};
+    if (continues) f.sampled_row = inflight_row_of_.at(c.id);
+    batch_.push_back(f);
+    Active& a = active_.at(c.id);
+    const SamplingParams& p = a.request.sampling;
+    const float t = p.temperature;
+    device_sampling_.push_back({t, t > 0.0f ? static_cast<float>(SamplerUniform01(a.rng)) : 0.0f, SampleCut{p.top_k, p.top_p, p.min_p}});
+  }
+  const Status st = model_->LaunchSample(batch_, device_sampling_);
+  ++steps_;
+  if (!st.ok()) {
+    DYN_LOG(ERROR) << "forward pass failed: " << st.ToString();
+    scheduler_.DiscardStep();
+    if (continues) DrainAndDeliver();
+    for (const ScheduledChunk& c : out.batch) Finish(c.id, FinishReason::kError, "forward pass failed: " + st.message());
+    return;
+  }
+  ++pipelined_steps_;
+  // The previous step's ids replace their placeholders before this step (which computes them) is
+  // committed, so the blocks it completes are hashed with the real ids; then they are sent.
+  if (continues) TakeInflight();
+  scheduler_.CommitStep();
+  if (continues) EmitInflight();
+  inflight_ = true;
+  inflight_rows_.clear();
+  inflight_row_of_.clear();
+  for (const ScheduledChunk& c : out.batch) {
+    inflight_row_of_[c.id] = static_cast<int>(inflight_rows_.size());
+    inflight_rows_.push_back(c.id);
+    if (active_.count(c.id)) scheduler_.AppendToken(c.id, 0);  // the placeholder: any id (never read)
+  }
+}
+
+void NativeEngine::TakeInflight() {
+  if (!inflight_) return;
+  inflight_ = false;
+  inflight_ids_.assign(inflight_rows_.size(), 0);
+  if (Status st = model_->TakeSample(inflight_ids_.data()); !st.ok()) {
+    // Not expected (the launch succeeded); the rows end with the error rather than hang.
+    DYN_LOG(ERROR) << "pipelined step failed: " << st.ToString();
+    for (SeqId id : inflight_rows_) Finish(id, FinishReason::kError, "forward pass failed: " + st.message());
+    inflight_rows_.clear();
+    return;
+  }
+  for (size_t r = 0; r < inflight_rows_.size(); ++r) {
+    if (active_.count(inflight_rows_[r])) scheduler_.ReplaceLastToken(inflight_rows_[r], inflight_ids_[r]);
+  }
+}
+
+void NativeEngine::EmitInflight() {
+  for (size_t r = 0; r < inflight_rows_.size(); ++r) {
+    auto it = active_.find(inflight_rows_[r]);
+    if (it != active_.end()) EmitToken(inflight_rows_[r], it->second, inflight_ids_[r], nullptr, /*in_scheduler=*/true);
+  }
+  inflight_rows_.clear();
+  inflight_row_of_.clear();
 }
 
 void NativeEngine::BannedIds(const Active& a, std::vector<uint32_t>* out) const {
@@ -547,6 +698,7 @@ void NativeEngine::Loop() {
     ProcessLeases();
     ProcessImports();
     DropCancelled();
+    if (inflight_ && (active_.empty() || !CanContinuePipeline())) DrainAndDeliver();
     if (active_.empty()) {
       PublishMetrics();
       Deliver();
@@ -556,7 +708,15 @@ void NativeEngine::Loop() {
     }
     SchedulerOutput out = scheduler_.Schedule();
     for (auto& [id, status] : out.failed) Finish(id, FinishReason::kError, status.message());
-    if (!out.batch.empty()) RunStep(out);
+    if (inflight_ && !ContinuesPipeline(out)) {
+      // Not expected after CanContinuePipeline; the step is forgotten and scheduled again.
+      scheduler_.DiscardStep();
+      DrainInflight();
+    } else if (inflight_ || (!out.batch.empty() && CanStartPipeline(out))) {
+      LaunchPipelined(out);
+    } else if (!out.batch.empty()) {
+      RunStep(out);
+    }
     PublishMetrics();
     Deliver();
     if (out.batch.empty() && !active_.empty()) {
@@ -564,6 +724,7 @@ void NativeEngine::Loop() {
       inbox_.SleepUntil(std::chrono::steady_clock::now() + std::chrono::milliseconds(1));
     }
   }
+  DrainAndDeliver();
   // Shutting down: copies in progress finish first (they write into reserved blocks).
   if (transfer_thread_.joinable()) {
     {

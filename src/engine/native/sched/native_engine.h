@@ -42,6 +42,10 @@ struct NativeEngineOptions {
   int max_num_seqs = 64;
   int max_num_batched_tokens = 2048;
   bool enable_prefix_caching = true;
+  // Pure decode steps on a model that pipelines sampling (Model::samples_pipelined, the CUDA
+  // backend) are launched before the previous step's ids are back: the host's work between steps
+  // overlaps the device's (batch 1 of the 8B shape on an H200: 3.92 against 4.00 ms a step).
+  bool pipelined_decode = true;
   // Threads that sample a step's rows on the host (BatchSampler), counting the step thread.
   // 0: up to 8 when the model samples on a device (the host cores are idle during the step),
   // else 1 (a CPU model's cores are its backend's).

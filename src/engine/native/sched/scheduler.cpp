@@ -97,6 +97,24 @@ void Scheduler::AppendToken(SeqId id, uint32_t token) {
   }
 }
 
+bool Scheduler::ReplaceLastToken(SeqId id, uint32_t token) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end()) return false;
+  Sequence& s = *it->second;
+  assert(static_cast<int>(s.tokens.size()) > s.prompt_len && s.num_computed < static_cast<int>(s.tokens.size()));
+  s.tokens.back() = token;
+  const size_t bs = static_cast<size_t>(pool_.block_size());
+  if (pool_.prefix_caching() && s.tokens.size() % bs == 0 && s.local_hashes.size() == s.tokens.size() / bs) {
+    // The block the token completes was hashed with the placeholder; it is not registered yet
+    // (its KV is not committed), so its hash is simply recomputed.
+    assert(static_cast<size_t>(s.num_registered) < s.local_hashes.size());
+    s.local_hashes.pop_back();
+    s.sequence_hashes.pop_back();
+    ExtendBlockHashes(s.tokens, pool_.block_size(), config_.hash_seed, s.local_hashes, s.sequence_hashes);
+  }
+  return true;
+}
+
 void Scheduler::ReleaseBlocks(Sequence& s) {
   pool_.Release(s.block_table);
   s.block_table.clear();

@@ -86,6 +86,12 @@ class Scheduler {
   // Appends a sampled token to a running sequence; it is computed in a later step.
   void AppendToken(SeqId id, uint32_t token);
 
+  // Pipelined decode (the engine launches a step before the previous one's ids are back): the
+  // engine appends a placeholder, schedules it, and replaces it with the real id before the step
+  // that computes it is committed (so the block it completes is hashed with the real id). False if
+  // the id is unknown.
+  bool ReplaceLastToken(SeqId id, uint32_t token);
+
   // Removes a running, waiting or importing sequence and releases its blocks. False if the id is
   // unknown.
   bool Finish(SeqId id);
