@@ -136,6 +136,7 @@ class PipelinedFakeModel : public FakeModel {
     DYN_RETURN_IF_ERROR(Sample(batch, sampling, ids.data(), nullptr));
     queued_.push_back(std::move(ids));
     ++pipelined_steps;
+    if (queued_.size() == 2) ++overlapped_steps;  // launched while the previous step was not taken
     return Status::Ok();
   }
   Status TakeSample(uint32_t* tokens) override {
@@ -144,7 +145,7 @@ class PipelinedFakeModel : public FakeModel {
     queued_.erase(queued_.begin());
     return Status::Ok();
   }
-  std::atomic<int> sync_steps{0}, pipelined_steps{0};
+  std::atomic<int> sync_steps{0}, pipelined_steps{0}, overlapped_steps{0};
 
  private:
   Status Sample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens, float* host_logits) {

@@ -143,6 +143,7 @@ class NativeEngine final : public Engine {
   // sink that an undelivered delta still points to.
   void DrainAndDeliver() {
     if (!inflight_) return;
+    ++drains_;
     DrainInflight();
     PublishMetrics();
     Deliver();
@@ -152,7 +153,8 @@ class NativeEngine final : public Engine {
   void SampleOnHost(const SchedulerOutput& out);
   // Ids the request may not produce yet (min_tokens not reached: its stop ids and EOS), within
   // the vocabulary.
-  void BannedIds(const Active& a, std::vector<uint32_t>* out) const;
+  // `pending`: tokens sampled but not yet counted in a.generated (pipelined decode).
+  void BannedIds(const Active& a, std::vector<uint32_t>* out, int pending = 0) const;
   void Finish(SeqId id, FinishReason reason, std::string error = {});
   void PublishMetrics();
   Status Validate(const PreprocessedRequest& r) const;
@@ -191,7 +193,7 @@ class NativeEngine final : public Engine {
   std::vector<SeqId> inflight_rows_;    // its sampled rows' sequences
   std::vector<uint32_t> inflight_ids_;  // their ids once taken
   std::unordered_map<SeqId, int> inflight_row_of_;
-  uint64_t pipelined_steps_ = 0;
+  uint64_t pipelined_steps_ = 0, overlapped_steps_ = 0, drains_ = 0;  // logged at shutdown
   uint64_t prompt_tokens_ = 0, cached_prompt_tokens_ = 0, generated_tokens_ = 0, steps_ = 0;
 
   mutable std::mutex metrics_mu_;
@@ -520,7 +522,11 @@ bool NativeEngine::PipelinableRow(SeqId id, const Active& a, int pending) const 
   // compute past its end).
   const int after_pending = a.generated + pending;
   if (r.phase == RequestPhase::kPrefillOnly || a.importing) return false;
-  if (after_pending < r.stop.min_tokens) return false;
+  if (after_pending < r.stop.min_tokens) {  // banned ids (EOS, stop ids) send the row to the host sampler
+    std::vector<uint32_t> banned;
+    BannedIds(a, &banned, pending);
+    if (!banned.empty()) return false;
+  }
   if (!DeviceSamplable(r.sampling, vocab_size_, model_->samples_truncated_on_device())) return false;
   return after_pending < r.stop.max_tokens && scheduler_.prompt_len(id) + after_pending < context_length_;
 }
@@ -578,6 +584,7 @@ void NativeEngine::LaunchPipelined(const SchedulerOutput& out) {
     return;
   }
   ++pipelined_steps_;
+  overlapped_steps_ += continues ? 1 : 0;
   // The previous step's ids replace their placeholders before this step (which computes them) is
   // committed, so the blocks it completes are hashed with the real ids; then they are sent.
   if (continues) TakeInflight();
@@ -618,10 +625,10 @@ void NativeEngine::EmitInflight() {
   inflight_row_of_.clear();
 }
 
-void NativeEngine::BannedIds(const Active& a, std::vector<uint32_t>* out) const {
+void NativeEngine::BannedIds(const Active& a, std::vector<uint32_t>* out, int pending) const {
   out->clear();
   const PreprocessedRequest& r = a.request;
-  if (a.generated >= r.stop.min_tokens) return;
+  if (a.generated + pending >= r.stop.min_tokens) return;
   *out = r.stop.stop_token_ids;
   if (!r.stop.ignore_eos) out->insert(out->end(), r.eos_token_ids.begin(), r.eos_token_ids.end());
   std::erase_if(*out, [&](uint32_t t) { return t >= static_cast<uint32_t>(vocab_size_); });
@@ -711,6 +718,7 @@ void NativeEngine::Loop() {
     if (inflight_ && !ContinuesPipeline(out)) {
       // Not expected after CanContinuePipeline; the step is forgotten and scheduled again.
       scheduler_.DiscardStep();
+      ++drains_;
       DrainInflight();
     } else if (inflight_ || (!out.batch.empty() && CanStartPipeline(out))) {
       LaunchPipelined(out);
@@ -725,6 +733,10 @@ void NativeEngine::Loop() {
     }
   }
   DrainAndDeliver();
+  if (pipelined_) {
+    DYN_LOG(INFO) << "pipelined decode: " << pipelined_steps_ << " of " << steps_ << " steps launched pipelined, " << overlapped_steps_
+                  << " of them before the previous step's ids were back; " << drains_ << " drains";
+  }
   // Shutting down: copies in progress finish first (they write into reserved blocks).
   if (transfer_thread_.joinable()) {
     {

@@ -3,6 +3,7 @@
 // launched before the previous step's ids are back.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 #include <thread>
@@ -67,7 +68,14 @@ TEST(NativeEnginePipelinedTest, ConcurrentRequestsMatchGreedyWithMostStepsPipeli
       const std::vector<uint32_t> g = e.model->Greedy(r.token_ids, r.stop.max_tokens);
       r.stop.stop_token_ids = {g[g.size() / 2]};
     }
-    if (i % 4 == 2 && i % 3 != 1) r.stop.min_tokens = 6;  // not pipelined until 6 tokens are out
+    if (i % 4 == 2 && i % 3 != 1) {
+      // EOS (an id greedy never picks) is banned until 6 tokens are out: the host samples those rows
+      const std::vector<uint32_t> g = e.model->Greedy(r.token_ids, r.stop.max_tokens);
+      uint32_t eos = 0;
+      while (std::find(g.begin(), g.end(), eos) != g.end()) ++eos;
+      r.eos_token_ids = {eos};
+      r.stop.min_tokens = 6;
+    }
     reqs.push_back(r);
   }
   std::vector<Stream> streams(kN);
@@ -86,7 +94,7 @@ TEST(NativeEnginePipelinedTest, ConcurrentRequestsMatchGreedyWithMostStepsPipeli
   const EngineMetrics m = e.engine->Metrics();
   EXPECT_EQ(m.kv_blocks_used, 0);
   EXPECT_EQ(m.running, 0);
-  EXPECT_GT(e.model->pipelined_steps.load(), 2 * e.model->sync_steps.load()) << e.model->sync_steps.load() << " synchronous steps";
+  EXPECT_GT(e.model->overlapped_steps.load(), 2 * e.model->sync_steps.load()) << e.model->sync_steps.load() << " synchronous steps";
 }
 
 // Blocks completed by pipelined steps enter the prefix cache under their real ids: a request whose
@@ -94,11 +102,16 @@ TEST(NativeEnginePipelinedTest, ConcurrentRequestsMatchGreedyWithMostStepsPipeli
 TEST(NativeEnginePipelinedTest, GeneratedBlocksAreCachedUnderTheirRealIds) {
   Engine e(Options(true));
   PreprocessedRequest first = Request(Prompt(20, 7), 40);
+  // As dyn bench sends it: min_tokens = max_tokens with ignore_eos, so nothing is banned and every
+  // row stays on the device.
+  first.stop.min_tokens = 40;
+  first.stop.ignore_eos = true;
+  first.eos_token_ids = {3};
   Stream a;
   e.Run(a, first);
   ASSERT_TRUE(a.Wait());
   ASSERT_EQ(a.tokens.size(), 40u);
-  EXPECT_GT(e.model->pipelined_steps.load(), 30);
+  EXPECT_GT(e.model->overlapped_steps.load(), 30);
   std::vector<uint32_t> prompt = first.token_ids;
   prompt.insert(prompt.end(), a.tokens.begin(), a.tokens.begin() + 32);  // 52 tokens: 3 full blocks
   PreprocessedRequest second = Request(prompt, 8);

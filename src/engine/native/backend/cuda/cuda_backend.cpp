@@ -325,6 +325,7 @@ class CudaBackend : public Backend {
   bool launched_in_step_ = false, have_prev_done_ = false;
   cudaEvent_t ev_launch_ = nullptr, ev_done_ = nullptr, ev_prev_done_ = nullptr;
   std::vector<float> step_gaps_, step_busy_;
+  uint64_t lists_replayed_ = 0, lists_captured_ = 0, lists_eager_ = 0;  // printed with the step times
   void NoteStepTimes() {
     if (launched_in_step_) {
       float busy = 0, gap = 0;
@@ -340,7 +341,10 @@ class CudaBackend : public Backend {
     launched_in_step_ = false;
   }
   void PrintStepTimes() {
-    if (!step_times_ || step_busy_.empty()) return;
+    if (!step_times_) return;
+    std::fprintf(stderr, "lists run: %llu graph replays, %llu captures, %llu eager\n", static_cast<unsigned long long>(lists_replayed_),
+                 static_cast<unsigned long long>(lists_captured_), static_cast<unsigned long long>(lists_eager_));
+    if (step_busy_.empty()) return;
     auto median = [](std::vector<float> v) {
       if (v.empty()) return 0.0f;
       std::nth_element(v.begin(), v.begin() + v.size() / 2, v.end());
@@ -885,6 +889,7 @@ void CudaBackend::Flush() {
     launched_in_step_ = true;
   }
   if (it != graphs_.end()) {
+    ++lists_replayed_;
     DYN_CUDA_CHECK(cudaGraphLaunch(it->second, stream_));
   } else if (graphs_enabled_ &&
              (sig_ == last_sig_ || std::find(prev_step_sigs_.begin(), prev_step_sigs_.end(), sig_hash) != prev_step_sigs_.end())) {
@@ -902,7 +907,9 @@ void CudaBackend::Flush() {
     DYN_CUDA_CHECK(cudaGraphDestroy(graph));
     DYN_CUDA_CHECK(cudaGraphLaunch(exec, stream_));
     graphs_.emplace(sig_, exec);
+    ++lists_captured_;
   } else {
+    ++lists_eager_;
     for (auto& [op, launch, persist] : pending_) {
       launch();
       if (g_debug_sync >= 2) DYN_CUDA_CHECK(cudaStreamSynchronize(stream_));
@@ -1072,15 +1079,16 @@ cuda::AttnRows CudaBackend::AttnMeta(const KvLayout& layout, std::span<const Att
     rows += s.num_rows;
     decode = decode && s.num_rows == 1;
   }
-  std::vector<int32_t>& h = attn_meta_host_;
-  h.assign(2 * static_cast<size_t>(rows), 0);
+  // [pos][table offsets][tiles][row-wise rows][tables]: the tables go last, so a table growing by
+  // a block (every block_size decode steps) moves no pointer, and a step's signature (and graph)
+  // stays the same.
   attn_tiles_.clear();
   attn_rowwise_.clear();
-  int r = 0;
+  std::vector<int32_t>& h = attn_meta_host_;
+  h.assign(2 * static_cast<size_t>(rows), 0);
+  int r = 0, table_off = 0;
   for (const AttentionSeq& s : seqs) {
-    const int table_off = static_cast<int>(h.size()) - 2 * rows;
     const int blocks = (s.start_pos + s.num_rows + layout.block_size - 1) / layout.block_size;
-    h.insert(h.end(), s.block_table.begin(), s.block_table.begin() + blocks);
     const bool tiled = tiles_ok && s.num_rows >= kMinTileRows;
     for (int i = 0; i < s.num_rows; ++i, ++r) {
       h[r] = s.start_pos + i;
@@ -1093,14 +1101,19 @@ cuda::AttnRows CudaBackend::AttnMeta(const KvLayout& layout, std::span<const Att
         max_len = std::max(max_len, s.start_pos + i + 1);
       }
     }
+    table_off += blocks;
   }
-  const size_t tables_end = h.size();
   h.insert(h.end(), attn_tiles_.begin(), attn_tiles_.end());
   h.insert(h.end(), attn_rowwise_.begin(), attn_rowwise_.end());
+  const size_t tables_begin = h.size();
+  for (const AttentionSeq& s : seqs) {
+    const int blocks = (s.start_pos + s.num_rows + layout.block_size - 1) / layout.block_size;
+    h.insert(h.end(), s.block_table.begin(), s.block_table.begin() + blocks);
+  }
   if (h != attn_meta_last_ || attn_rows_.rows != rows) {
     const int32_t* dev = Upload(attn_meta_, std::span<const int32_t>(h));
     const int num_tiles = static_cast<int>(attn_tiles_.size() / 2), num_rowwise = static_cast<int>(attn_rowwise_.size());
-    attn_rows_ = {dev, dev + rows, dev + 2 * rows, dev + tables_end, dev + tables_end + 2 * num_tiles, rows, num_tiles, num_rowwise, 0};
+    attn_rows_ = {dev, dev + rows, dev + tables_begin, dev + 2 * rows, dev + 2 * rows + 2 * num_tiles, rows, num_tiles, num_rowwise, 0};
     attn_meta_last_ = h;
   }
   ReadByPending(attn_meta_);  // also when reused: the list may have run since the upload

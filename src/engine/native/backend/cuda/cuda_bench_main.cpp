@@ -1,7 +1,7 @@
 // dyn_cuda_bench: CUDA backend speed on the GPU it runs on.
 //
 //   dyn_cuda_bench [--kernels] [--config DIR --load-format dummy] [--steps 128] [--batches 1,4,8]
-//                  [--prompts 512,4096] [--context 512] [--host-sampling | --pipelined] [--peak-tflops T]
+//                  [--prompts 512,4096] [--context 512] [--host-sampling | --sync] [--peak-tflops T]
 //                  [--repeat-prefill N]
 //
 // --kernels: device copy bandwidth (the roofline of a decode step), the bf16 GEMM rate (the
@@ -11,8 +11,9 @@
 //   weights made on the GPU (no weight files), then times a prefill of each --prompts length (MFU
 //   against --kernels' GEMM rate or --peak-tflops) and batch-B greedy decode steps (B sequences
 //   at --context cached tokens, each one new token a step, sampled on the GPU unless
-//   --host-sampling), tok/s. --pipelined launches each step before the previous step's ids are
-//   back (Model::LaunchSample: the step's token is read on the device), as the server does.
+//   --host-sampling), tok/s. Each step is launched before the previous step's ids are back
+//   (Model::LaunchSample: the step's token is read on the device), as the server's decode steps
+//   are; --sync waits for each step's ids first (ForwardSample, what every step did before).
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
@@ -184,7 +185,7 @@ double Kernels() {
 // (ForwardSample; pipelined: LaunchSample, each step launched before the previous one's ids are
 // back) or, with host_sampling, from logits copied to the host.
 int g_repeat_prefill = 0;  // --repeat-prefill N
-bool g_pipelined = false;  // --pipelined
+bool g_pipelined = true;  // --sync: false
 
 int ModelBench(const std::string& dir, int steps, const std::vector<int>& batches, const std::vector<int>& prompts, int context,
                bool host_sampling, double peak_tflops) {
@@ -379,6 +380,7 @@ int main(int argc, char** argv) {
     else if (flag == "--context") context = std::stoi(value());
     else if (flag == "--host-sampling") host_sampling = true;
     else if (flag == "--pipelined") dyn::g_pipelined = true;
+    else if (flag == "--sync") dyn::g_pipelined = false;
     else if (flag == "--repeat-prefill") dyn::g_repeat_prefill = std::stoi(value());
     else if (flag == "--peak-tflops") peak = std::stod(value());
     else {

@@ -66,8 +66,8 @@ void RopeTable(cudaStream_t stream, const int32_t* positions, int m, const float
 void Rope(cudaStream_t stream, float* x, int m, int heads, int head_dim, const float* cos_sin, RopeStyle style);
 
 // Per-row metadata of one step's attention, packed in one device array of int32:
-// [pos of row r: rows][offset of row r's block table in `tables`: rows][tables...]
-// [query tiles: 2 x num_tiles][rows of the row-wise kernel: num_rowwise].
+// [pos of row r: rows][offset of row r's block table in `tables`: rows]
+// [query tiles: 2 x num_tiles][rows of the row-wise kernel: num_rowwise][tables...].
 // A query tile is (first row, row count <= kAttnTileRows) of consecutive rows of one sequence, run
 // by the tensor-core kernel; the other rows (decode rows, short chunks) by the row-wise kernel.
 struct AttnRows {
