@@ -84,6 +84,24 @@ class FakeModel : public Model {
     }
   }
 
+  // "Device" sampling of `logits` ([rows][vocab]): the argmax (lowest id on ties) of each row the
+  // device samples; the rows marked on_host are copied to host_logits instead, in order.
+  Status ArgmaxOrCopy(std::span<const float> logits, std::span<const DeviceSampling> sampling, uint32_t* tokens,
+                      float* host_logits) const {
+    const int vocab = config_.vocab_size;
+    size_t host = 0;
+    for (size_t r = 0; r < sampling.size(); ++r) {
+      const float* l = logits.data() + r * vocab;
+      if (sampling[r].on_host) {
+        if (host_logits == nullptr) return Status::InvalidArgument("rows on the host need host_logits");
+        std::copy(l, l + vocab, host_logits + host++ * vocab);
+        continue;
+      }
+      tokens[r] = static_cast<uint32_t>(std::max_element(l, l + vocab) - l);
+    }
+    return Status::Ok();
+  }
+
   // Greedy continuation computed directly (no cache): the reference output.
   std::vector<uint32_t> Greedy(std::vector<uint32_t> history, int n) const {
     std::vector<float> l(config_.vocab_size);
@@ -157,19 +175,9 @@ class PipelinedFakeModel : public FakeModel {
       fed[i] = last_[batch[i].sampled_row];
       resolved[i].tokens = std::span<const uint32_t>(&fed[i], 1);
     }
-    const int vocab = config().vocab_size;
-    std::vector<float> logits(sampling.size() * vocab);
+    std::vector<float> logits(sampling.size() * config().vocab_size);
     DYN_RETURN_IF_ERROR(Forward(resolved, logits.data()));
-    size_t host = 0;
-    for (size_t r = 0; r < sampling.size(); ++r) {
-      const float* l = logits.data() + r * vocab;
-      if (sampling[r].on_host) {
-        if (host_logits == nullptr) return Status::InvalidArgument("rows on the host need host_logits");
-        std::copy(l, l + vocab, host_logits + host++ * vocab);
-        continue;
-      }
-      tokens[r] = static_cast<uint32_t>(std::max_element(l, l + vocab) - l);
-    }
+    DYN_RETURN_IF_ERROR(ArgmaxOrCopy(logits, sampling, tokens, host_logits));
     last_.assign(tokens, tokens + sampling.size());
     return Status::Ok();
   }

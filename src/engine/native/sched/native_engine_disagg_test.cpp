@@ -47,9 +47,17 @@ struct Pair {
   std::atomic<bool> fail_pulls{false};
   std::atomic<int> pulled_blocks{0};
 
-  explicit Pair(std::chrono::milliseconds lease_timeout = 30s) {
-    auto pm = std::make_unique<FakeModel>();
-    auto dm = std::make_unique<FakeModel>();
+  // `pipelined`: both models pipeline sampling (the decode engine's steps after an import run
+  // pipelined, the prefill-only requests never do).
+  explicit Pair(std::chrono::milliseconds lease_timeout = 30s, bool pipelined = false) {
+    std::unique_ptr<FakeModel> pm, dm;
+    if (pipelined) {
+      pm = std::make_unique<testing::PipelinedFakeModel>();
+      dm = std::make_unique<testing::PipelinedFakeModel>();
+    } else {
+      pm = std::make_unique<FakeModel>();
+      dm = std::make_unique<FakeModel>();
+    }
     prefill_model = pm.get();
     decode_model = dm.get();
     NativeEngineOptions po;
@@ -104,8 +112,8 @@ struct Pair {
   }
 };
 
-TEST(NativeEngineDisagg, PrefillThenDecodeEqualsAggregated) {
-  Pair pair;
+void PrefillThenDecode(bool pipelined) {
+  Pair pair(30s, pipelined);
   FakeModel reference;
   for (uint32_t seed = 1; seed <= 6; ++seed) {
     const auto prompt = Prompt(5 + 7 * static_cast<int>(seed), seed);
@@ -120,7 +128,13 @@ TEST(NativeEngineDisagg, PrefillThenDecodeEqualsAggregated) {
   EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_blocks_used == 0; }));
   EXPECT_TRUE(Eventually([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
   EXPECT_EQ(pair.decode->Metrics().kv_transfers, 6u);
+  if (pipelined) {  // imported sequences decode pipelined once activated
+    EXPECT_GT(static_cast<testing::PipelinedFakeModel*>(pair.decode_model)->overlapped_steps.load(), 6 * 5);
+  }
 }
+
+TEST(NativeEngineDisagg, PrefillThenDecodeEqualsAggregated) { PrefillThenDecode(false); }
+TEST(NativeEngineDisagg, PrefillThenDecodeEqualsAggregatedPipelined) { PrefillThenDecode(true); }
 
 TEST(NativeEngineDisagg, DecodeSideReusesItsPrefixCache) {
   Pair pair;

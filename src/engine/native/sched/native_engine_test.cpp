@@ -350,22 +350,11 @@ class DeviceSamplingFakeModel : public FakeModel {
   bool samples_truncated_on_device() const override { return truncates_; }
   Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens,
                        float* host_logits) override {
-    const int vocab = config().vocab_size;
-    std::vector<float> logits(sampling.size() * vocab);
+    std::vector<float> logits(sampling.size() * config().vocab_size);
     DYN_RETURN_IF_ERROR(Forward(batch, logits.data()));
     std::lock_guard<std::mutex> lock(mu);
-    size_t host = 0;
-    for (size_t r = 0; r < sampling.size(); ++r) {
-      seen.push_back(sampling[r]);
-      const float* l = logits.data() + r * vocab;
-      if (sampling[r].on_host) {
-        if (host_logits == nullptr) return Status::InvalidArgument("rows on the host need host_logits");
-        std::copy(l, l + vocab, host_logits + host++ * vocab);
-        continue;
-      }
-      tokens[r] = static_cast<uint32_t>(std::max_element(l, l + vocab) - l);
-    }
-    return Status::Ok();
+    seen.insert(seen.end(), sampling.begin(), sampling.end());
+    return ArgmaxOrCopy(logits, sampling, tokens, host_logits);
   }
   std::mutex mu;
   std::vector<DeviceSampling> seen;
