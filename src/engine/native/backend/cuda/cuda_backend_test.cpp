@@ -224,6 +224,37 @@ TEST_F(CudaBackendTest, EmbeddingEveryType) {
   }
 }
 
+// Metadata equal to a scratch's last upload is not copied again: the kernels must still read the
+// right ids in any order of equal and different uploads, with and without the pending list running
+// in between, and after the scratch grew.
+TEST_F(CudaBackendTest, RepeatedUploadsReadTheRightValues) {
+  const int64_t rows = 300, cols = 64;
+  const std::vector<float> table = RandomVec(rows * cols, 5);
+  const Weight host{DType::kF32, rows, cols, table.data()};
+  std::vector<std::unique_ptr<Buffer>> owned;
+  auto dev = gpu_->PrepareWeight(host, &owned);
+  ASSERT_TRUE(dev.ok());
+  std::vector<uint32_t> many(120);
+  for (size_t i = 0; i < many.size(); ++i) many[i] = static_cast<uint32_t>((i * 37) % rows);
+  const std::vector<std::vector<uint32_t>> calls = {{5}, {5}, {7}, {5}, {5}, many, {5}, {9, 5}, {9, 5}, {5, 9}, many};
+  for (bool run_between : {false, true}) {
+    std::vector<float*> outs;
+    for (const auto& ids : calls) {
+      outs.push_back(Poisoned(ids.size() * cols));
+      gpu_->Embedding(*dev, ids, outs.back());
+      if (run_between) Down(outs.back(), 1);
+    }
+    for (size_t c = 0; c < calls.size(); ++c) {
+      const std::vector<float> got = Down(outs[c], calls[c].size() * cols);
+      for (size_t i = 0; i < calls[c].size(); ++i) {
+        const std::vector<float> want(table.begin() + calls[c][i] * cols, table.begin() + (calls[c][i] + 1) * cols);
+        ASSERT_EQ(std::vector<float>(got.begin() + i * cols, got.begin() + (i + 1) * cols), want)
+            << "call " << c << " row " << i << (run_between ? " (list run between calls)" : "");
+      }
+    }
+  }
+}
+
 TEST_F(CudaBackendTest, MatMulEveryTypeAndBatch) {
   const int64_t N = 301, K = 256;  // odd N: the GEMV's last block is partial
   for (DType t : kAllTypes) {
