@@ -45,6 +45,7 @@ void AddPoolMetrics(EngineMetrics* into, const EngineMetrics& from) {
   into->cached_prompt_tokens += from.cached_prompt_tokens;
   into->preemptions += from.preemptions;
   into->steps += from.steps;
+  into->pipelined_steps += from.pipelined_steps;
   into->migrations += from.migrations;
   into->kv_leases += from.kv_leases;
   into->kv_leased_blocks += from.kv_leased_blocks;

@@ -139,6 +139,7 @@ struct EngineMetrics {
   uint64_t generated_tokens = 0;
   uint64_t preemptions = 0;
   uint64_t steps = 0;
+  uint64_t pipelined_steps = 0;    // native engine on a GPU: steps launched before the previous step's ids were back
   uint64_t migrations = 0;         // streams moved to another worker after theirs failed
   // Disaggregated serving.
   int kv_leases = 0;                   // prefill side: leases held now

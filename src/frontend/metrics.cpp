@@ -136,6 +136,8 @@ std::string FrontendMetrics::Render(const ModelRegistry& registry) const {
       {"dyn_engine_generated_tokens_total", "counter", "Generated tokens.", DYN_VALUE(generated_tokens)},
       {"dyn_engine_preemptions_total", "counter", "Preempted requests.", DYN_VALUE(preemptions)},
       {"dyn_engine_steps_total", "counter", "Engine steps.", DYN_VALUE(steps)},
+      {"dyn_engine_pipelined_steps_total", "counter", "Engine steps launched before the previous step's tokens were back.",
+       DYN_VALUE(pipelined_steps)},
       {"dyn_engine_migrations_total", "counter", "Streams migrated to another worker after theirs failed.",
        DYN_VALUE(migrations)},
       {"dyn_engine_kv_leases", "gauge", "Disaggregation, prefill side: KV leases held for decode workers.",

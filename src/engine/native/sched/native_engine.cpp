@@ -684,6 +684,7 @@ void NativeEngine::PublishMetrics() {
   metrics_.cached_prompt_tokens = cached_prompt_tokens_;
   metrics_.generated_tokens = generated_tokens_;
   metrics_.steps = steps_;
+  metrics_.pipelined_steps = overlapped_steps_;
   metrics_.kv_transfers = kv_transfers_;
   metrics_.kv_transfer_failures = kv_transfer_failures_;
   metrics_.kv_transfer_bytes = kv_transfer_bytes_;

@@ -113,6 +113,7 @@ TEST(NativeEnginePipelinedTest, GeneratedBlocksAreCachedUnderTheirRealIds) {
   ASSERT_TRUE(a.Wait());
   ASSERT_EQ(a.tokens.size(), 40u);
   EXPECT_GT(e.model->overlapped_steps.load(), 30);
+  EXPECT_EQ(e.engine->Metrics().pipelined_steps, static_cast<uint64_t>(e.model->overlapped_steps.load()));
   std::vector<uint32_t> prompt = first.token_ids;
   prompt.insert(prompt.end(), a.tokens.begin(), a.tokens.begin() + 32);  // 52 tokens: 3 full blocks
   PreprocessedRequest second = Request(prompt, 8);
