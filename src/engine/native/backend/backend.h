@@ -178,11 +178,9 @@ class Backend {
   // Whether SampleRows takes tokens == nullptr: the ids then stay on the device for the next step's
   // Embedding (kSampledRow) and come back in the background; SampleRows returns without waiting.
   virtual bool samples_pipelined() const { return false; }
-  // Waits for the oldest pipelined SampleRows not yet taken and writes its `rows` ids to tokens.
-  // False when none is outstanding.
-  virtual bool TakeSampled(uint32_t* tokens, int rows) { return false; }
-  // How many pipelined samples are launched and not yet taken.
-  virtual int sampled_in_flight() const { return 0; }
+  // Waits for the oldest pipelined SampleRows not yet taken and writes its ids (one a row) to
+  // tokens; returns how many, or -1 when none is outstanding.
+  virtual int TakeSampled(uint32_t* tokens) { return -1; }
 };
 
 // An Embedding id that names a row of the last device sample (Backend::samples_pipelined).

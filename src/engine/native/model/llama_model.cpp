@@ -4,7 +4,6 @@
 // looks at sequences separately (over their block tables).
 #include <algorithm>
 #include <cmath>
-#include <deque>
 #include <numbers>
 #include <sstream>
 
@@ -131,18 +130,20 @@ class LlamaModel : public Model {
   bool samples_pipelined() const override { return backend_->samples_pipelined(); }
   Status LaunchSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling) override {
     if (!backend_->samples_pipelined()) return Model::LaunchSample(batch, sampling);
+    // Every launch leaves one sample in the backend for TakeSample: a row a sequence, none on the host.
+    const size_t rows = static_cast<size_t>(std::count_if(batch.begin(), batch.end(), [](const ForwardSeq& f) { return f.want_logits; }));
+    if (rows == 0 || rows != sampling.size()) {
+      return Status::InvalidArgument("LaunchSample: one DeviceSampling per sequence with want_logits, at least one");
+    }
     for (const DeviceSampling& d : sampling) {
       if (d.on_host) return Status::InvalidArgument("LaunchSample: a row sampled on the host cannot be pipelined");
     }
-    DYN_RETURN_IF_ERROR(Run(batch, nullptr, sampling, nullptr, /*pipelined=*/true));
-    launched_rows_.push_back(static_cast<int>(sampling.size()));
-    return Status::Ok();
+    return Run(batch, nullptr, sampling, nullptr, /*pipelined=*/true);
   }
   Status TakeSample(uint32_t* tokens) override {
-    if (launched_rows_.empty()) return Status::InvalidArgument("TakeSample: no launched step to take");
-    const int rows = launched_rows_.front();
-    launched_rows_.pop_front();
-    if (rows > 0 && !backend_->TakeSampled(tokens, rows)) return Status::Internal("TakeSample: the backend had no sample");
+    if (!backend_->samples_pipelined() || backend_->TakeSampled(tokens) < 0) {
+      return Status::InvalidArgument("TakeSample: no launched step to take");
+    }
     return Status::Ok();
   }
 
@@ -217,7 +218,6 @@ class LlamaModel : public Model {
   std::string weight_summary_;
   KvLayout kv_;
   std::unique_ptr<Buffer> kv_cache_;
-  std::deque<int> launched_rows_;  // sampled rows of each LaunchSample not yet taken
   int last_sampled_rows_ = 0;      // rows of the last step sampled on the device (ForwardSeq::sampled_row)
   // Step workspace, grown to the largest batch seen.
   std::unique_ptr<Buffer> x_, h_, q_, k_, v_, attn_, gate_, up_, cos_sin_, last_, logits_;

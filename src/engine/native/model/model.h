@@ -100,7 +100,8 @@ class Model {
   // Pipelined decode (async scheduling), where samples_pipelined(): LaunchSample is ForwardSample
   // without waiting for the ids, so the host builds and launches step N + 1 (its tokens named by
   // ForwardSeq::sampled_row) while the device runs step N; TakeSample writes the ids of the oldest
-  // launched step not yet taken, one per sampled row. No row may be on_host.
+  // launched step not yet taken, one per sampled row. No row may be on_host, and a launch samples
+  // at least one row (one DeviceSampling per sequence with want_logits).
   virtual bool samples_pipelined() const { return false; }
   virtual Status LaunchSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling) {
     return Status::Unsupported("this model's backend does not pipeline sampling");

@@ -119,10 +119,7 @@ void NativeEngine::RunStep(const SchedulerOutput& out) {
         device_sampling_.push_back({0.0f, 0.0f, SampleCut{}, true});
         continue;
       }
-      Active& a = active_.at(c.id);
-      const SamplingParams& p = a.request.sampling;
-      const float t = p.temperature;
-      device_sampling_.push_back({t, t > 0.0f ? static_cast<float>(SamplerUniform01(a.rng)) : 0.0f, SampleCut{p.top_k, p.top_p, p.min_p}});
+      device_sampling_.push_back(DeviceRow(active_.at(c.id)));
     }
   }
   device_tokens_.resize(num_logits);
@@ -185,6 +182,12 @@ void NativeEngine::EmitToken(SeqId id, Active& a, uint32_t token, TokenLogprob* 
       outbox_.push_back({&a.sink, nullptr, std::move(delta)});
     }
   }
+}
+
+DeviceSampling NativeEngine::DeviceRow(Active& a) {
+  const SamplingParams& p = a.request.sampling;
+  const float t = p.temperature;
+  return {t, t > 0.0f ? static_cast<float>(SamplerUniform01(a.rng)) : 0.0f, SampleCut{p.top_k, p.top_p, p.min_p}};
 }
 
 void NativeEngine::BannedIds(const Active& a, std::vector<uint32_t>* out, int pending) const {

@@ -153,6 +153,8 @@ class NativeEngine final : public Engine {
   // Draws the token (and logprobs) of every sampled row with a host_index_ into that entry of
   // host_rows_, on the sampling threads; their logits are in logits_, one row each in that order.
   void SampleOnHost(const SchedulerOutput& out);
+  // A row the device samples: its temperature and cut, and the step's uniform draw (one a step).
+  DeviceSampling DeviceRow(Active& a);
   // Ids the request may not produce yet (min_tokens not reached: its stop ids and EOS), within
   // the vocabulary.
   // `pending`: tokens sampled but not yet counted in a.generated (pipelined decode).

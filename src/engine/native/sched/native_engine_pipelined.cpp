@@ -62,10 +62,7 @@ void NativeEngine::LaunchPipelined(const SchedulerOutput& out) {
     ForwardSeq f{c.tokens, c.start_pos, c.block_table, true};
     if (continues) f.sampled_row = inflight_row_of_.at(c.id);
     batch_.push_back(f);
-    Active& a = active_.at(c.id);
-    const SamplingParams& p = a.request.sampling;
-    const float t = p.temperature;
-    device_sampling_.push_back({t, t > 0.0f ? static_cast<float>(SamplerUniform01(a.rng)) : 0.0f, SampleCut{p.top_k, p.top_p, p.min_p}});
+    device_sampling_.push_back(DeviceRow(active_.at(c.id)));
   }
   const Status st = model_->LaunchSample(batch_, device_sampling_);
   ++steps_;

@@ -175,10 +175,12 @@ class CudaBackend : public Backend {
     for (cudaEvent_t e : {ev_launch_, ev_done_, ev_prev_done_}) {
       if (e != nullptr) cudaEventDestroy(e);
     }
-    for (SampledSlot& s : sampled_slots_) {
+    auto free_slot = [](SampledSlot& s) {
       cudaEventDestroy(s.done);
       cudaFreeHost(s.host);
-    }
+    };
+    for (SampledSlot& s : sampled_free_) free_slot(s);
+    for (SampledSlot& s : sampled_in_flight_) free_slot(s);
     for (auto& [sig, exec] : graphs_) cudaGraphExecDestroy(exec);
     for (auto& [bytes, p] : persist_programs_) cudaFree(p);
     cudaFree(persist_scratch_);
@@ -403,7 +405,7 @@ class CudaBackend : public Backend {
     if (ws.size() == 3) {  // a layer's Q/K/V: no fusion is pending across it, so the list may run here
       const int layer = layers_in_step_++;
       // Not while a pipelined step runs: the device is busy, and one list a step is one graph.
-      if (flush_layers_ > 0 && sampled_order_.empty() && layer >= flush_first_ && (layer - flush_first_) % flush_layers_ == 0) {
+      if (flush_layers_ > 0 && sampled_in_flight_.empty() && layer >= flush_first_ && (layer - flush_first_) % flush_layers_ == 0) {
         Flush();
       }
     }
@@ -603,13 +605,13 @@ class CudaBackend : public Backend {
     Flush();
     EndStep();
     launched_in_step_ = false;  // DYN_CUDA_STEP_TIMES measures host round trips only
-    size_t slot = 0;
-    while (slot < sampled_slots_.size() && sampled_slots_[slot].in_flight) ++slot;
-    if (slot == sampled_slots_.size()) {
-      sampled_slots_.emplace_back();
-      DYN_CUDA_CHECK(cudaEventCreateWithFlags(&sampled_slots_[slot].done, cudaEventDisableTiming));
+    SampledSlot s;
+    if (!sampled_free_.empty()) {
+      s = sampled_free_.back();
+      sampled_free_.pop_back();
+    } else {
+      DYN_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
     }
-    SampledSlot& s = sampled_slots_[slot];
     if (s.capacity < rows) {
       if (s.host != nullptr) DYN_CUDA_CHECK(cudaFreeHost(s.host));
       s.capacity = std::max(rows, 64);
@@ -618,19 +620,17 @@ class CudaBackend : public Backend {
     DYN_CUDA_CHECK(cudaMemcpyAsync(s.host, out, out_bytes, cudaMemcpyDeviceToHost, stream_));
     DYN_CUDA_CHECK(cudaEventRecord(s.done, stream_));
     s.rows = rows;
-    s.in_flight = true;
-    sampled_order_.push_back(slot);
+    sampled_in_flight_.push_back(s);
   }
   bool samples_pipelined() const override { return true; }
-  int sampled_in_flight() const override { return static_cast<int>(sampled_order_.size()); }
-  bool TakeSampled(uint32_t* tokens, int rows) override {
-    if (sampled_order_.empty()) return false;
-    SampledSlot& s = sampled_slots_[sampled_order_.front()];
-    sampled_order_.pop_front();
+  int TakeSampled(uint32_t* tokens) override {
+    if (sampled_in_flight_.empty()) return -1;
+    const SampledSlot s = sampled_in_flight_.front();
+    sampled_in_flight_.pop_front();
     DYN_CUDA_CHECK(cudaEventSynchronize(s.done));
-    std::memcpy(tokens, s.host, static_cast<size_t>(std::min(rows, s.rows)) * sizeof(uint32_t));
-    s.in_flight = false;
-    return true;
+    std::memcpy(tokens, s.host, static_cast<size_t>(s.rows) * sizeof(uint32_t));
+    sampled_free_.push_back(s);
+    return s.rows;
   }
 
  private:
@@ -746,8 +746,8 @@ class CudaBackend : public Backend {
     read_by_pending_.push_back(&s);
   }
 
-  // Per-row positions and block tables of a step (see cuda::AttnRows); uploaded only when they
-  // differ from the last call's, since every layer of a step passes the same sequences.
+  // Per-row positions and block tables of a step (see cuda::AttnRows); copied only when they
+  // differ from the last upload (Upload), since every layer of a step passes the same sequences.
   cuda::AttnRows AttnMeta(const KvLayout& layout, std::span<const AttentionSeq> seqs);
 
   int device_;
@@ -766,20 +766,19 @@ class CudaBackend : public Backend {
   bool f32_weights_to_bf16_ = false;  // DYN_CUDA_WEIGHTS=bf16: F32 weights become bf16 too (checks of the bf16 paths)
   std::string kv_override_;  // DYN_CUDA_KV
   std::vector<float> sample_params_host_;
-  // Pipelined samples' ids on their way to the host (pinned; one slot per launched step not taken).
+  // Pipelined samples' ids on their way to the host: pinned slots, one per launched step not yet
+  // taken (oldest first), and the taken ones kept for reuse.
   struct SampledSlot {
     uint32_t* host = nullptr;
     int capacity = 0, rows = 0;
-    bool in_flight = false;
     cudaEvent_t done = nullptr;
   };
-  std::vector<SampledSlot> sampled_slots_;
-  std::deque<size_t> sampled_order_;  // in-flight slots, oldest first
+  std::deque<SampledSlot> sampled_in_flight_;
+  std::vector<SampledSlot> sampled_free_;
   std::vector<Scratch*> read_by_pending_;
   std::vector<float> inv_freq_host_;
   const float* inv_freq_dev_ = nullptr;
-  std::vector<int32_t> attn_meta_host_, attn_meta_last_, attn_tiles_, attn_rowwise_;
-  cuda::AttnRows attn_rows_;
+  std::vector<int32_t> attn_meta_host_, attn_tiles_, attn_rowwise_, attn_tables_;
   // Host weights already prepared, so a tied embedding/output table is uploaded once (keyed by
   // the host address: host weights must outlive the backend, as mapped model files do).
   std::map<std::tuple<const void*, DType, int64_t, int64_t>, Weight> prepared_;
@@ -1094,6 +1093,7 @@ cuda::AttnRows CudaBackend::AttnMeta(const KvLayout& layout, std::span<const Att
   // stays the same.
   attn_tiles_.clear();
   attn_rowwise_.clear();
+  attn_tables_.clear();
   std::vector<int32_t>& h = attn_meta_host_;
   h.assign(2 * static_cast<size_t>(rows), 0);
   int r = 0, table_off = 0;
@@ -1111,25 +1111,17 @@ cuda::AttnRows CudaBackend::AttnMeta(const KvLayout& layout, std::span<const Att
         max_len = std::max(max_len, s.start_pos + i + 1);
       }
     }
+    attn_tables_.insert(attn_tables_.end(), s.block_table.begin(), s.block_table.begin() + blocks);
     table_off += blocks;
   }
   h.insert(h.end(), attn_tiles_.begin(), attn_tiles_.end());
   h.insert(h.end(), attn_rowwise_.begin(), attn_rowwise_.end());
   const size_t tables_begin = h.size();
-  for (const AttentionSeq& s : seqs) {
-    const int blocks = (s.start_pos + s.num_rows + layout.block_size - 1) / layout.block_size;
-    h.insert(h.end(), s.block_table.begin(), s.block_table.begin() + blocks);
-  }
-  if (h != attn_meta_last_ || attn_rows_.rows != rows) {
-    const int32_t* dev = Upload(attn_meta_, std::span<const int32_t>(h));
-    const int num_tiles = static_cast<int>(attn_tiles_.size() / 2), num_rowwise = static_cast<int>(attn_rowwise_.size());
-    attn_rows_ = {dev, dev + rows, dev + tables_begin, dev + 2 * rows, dev + 2 * rows + 2 * num_tiles, rows, num_tiles, num_rowwise, 0};
-    attn_meta_last_ = h;
-  }
-  ReadByPending(attn_meta_);  // also when reused: the list may have run since the upload
-  attn_rows_.max_len = max_len;
-  attn_rows_.decode = decode;
-  return attn_rows_;
+  h.insert(h.end(), attn_tables_.begin(), attn_tables_.end());
+  // Copied only when it differs from the last upload (Upload), i.e. once a step for all layers.
+  const int32_t* dev = Upload(attn_meta_, std::span<const int32_t>(h));
+  const int num_tiles = static_cast<int>(attn_tiles_.size() / 2), num_rowwise = static_cast<int>(attn_rowwise_.size());
+  return {dev, dev + rows, dev + tables_begin, dev + 2 * rows, dev + 2 * rows + 2 * num_tiles, rows, num_tiles, num_rowwise, max_len, decode};
 }
 
 }  // namespace

@@ -379,7 +379,6 @@ int main(int argc, char** argv) {
     else if (flag == "--prompt" || flag == "--prompts") prompts = value();
     else if (flag == "--context") context = std::stoi(value());
     else if (flag == "--host-sampling") host_sampling = true;
-    else if (flag == "--pipelined") dyn::g_pipelined = true;
     else if (flag == "--sync") dyn::g_pipelined = false;
     else if (flag == "--repeat-prefill") dyn::g_repeat_prefill = std::stoi(value());
     else if (flag == "--peak-tflops") peak = std::stod(value());

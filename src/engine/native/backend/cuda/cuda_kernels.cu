@@ -96,7 +96,7 @@ __global__ void EmbeddingKernel(DType dtype, const uint8_t* table, size_t row_by
   LetNextKernelLaunch();
   WaitForPreviousKernel();
   uint32_t id = ids[blockIdx.x];
-  if (id & 0x80000000u) id = sampled[id & 0x7fffffffu];  // kSampledRow | r
+  if (id & kSampledRow) id = sampled[id & ~kSampledRow];
   const uint8_t* row = table + size_t{id} * row_bytes;
   float* o = out + blockIdx.x * cols;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) o[c] = LoadElement(dtype, row, c);

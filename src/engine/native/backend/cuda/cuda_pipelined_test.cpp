@@ -134,6 +134,12 @@ TEST(CudaPipelinedTest, PipelinedDecodeEqualsSynchronousDecode) {
   bad.sampled_row = 2;  // the last step had two rows
   const DeviceSampling greedy{};
   EXPECT_FALSE(piped->LaunchSample(std::span<const ForwardSeq>(&bad, 1), std::span<const DeviceSampling>(&greedy, 1)).ok());
+  // A launch must leave a sample to take: a step without a sampled row is refused.
+  ForwardSeq silent;
+  silent.tokens = prompts[0];
+  silent.block_table = tables[0];
+  silent.want_logits = false;
+  EXPECT_FALSE(piped->LaunchSample(std::span<const ForwardSeq>(&silent, 1), {}).ok());
 }
 
 }  // namespace
