@@ -41,6 +41,8 @@ Result<LoadedModel> LoadHfConfigDummy(const std::string& dir);
 // Replaces every data == nullptr matrix by random host BF16 (kept alive by the model), for
 // backends that use host weights in place (the CPU backend).
 void FillDummyWeightsOnHost(LoadedModel* m);
+// Replaces every non-F32 matrix by an F32 copy (kept alive by the model): ModelLoadOptions::weights_f32.
+void ConvertWeightsToF32(LoadedModel* m);
 
 // Checks shapes against the config; names the first tensor that does not fit.
 Status ValidateLoadedModel(const LoadedModel& m);

@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "base/file.h"
+#include "engine/native/backend/cpu/quant_blocks.h"
 #include "engine/native/model/loaded_model.h"
 
 namespace dyn {
@@ -57,6 +58,27 @@ size_t ForwardWorkspaceBytes(const ModelConfig& c, int max_tokens, int max_seqs)
   return (m * (per_token + bf16_inputs) + logits) * 5 / 4 + kLibraries;
 }
 
+void ConvertWeightsToF32(LoadedModel* m) {
+  auto convert = [m](Weight* w) {
+    if (w->dtype == DType::kF32 || w->data == nullptr) return;
+    auto f32 = std::make_shared<std::vector<float>>(static_cast<size_t>(w->rows) * w->cols);
+    const size_t row_bytes = DTypeRowBytes(w->dtype, w->cols);
+    for (int64_t r = 0; r < w->rows; ++r) {
+      DequantizeRow(w->dtype, static_cast<const uint8_t*>(w->data) + r * row_bytes, w->cols, f32->data() + r * w->cols);
+    }
+    *w = Weight{DType::kF32, w->rows, w->cols, f32->data()};
+    m->keep_alive.push_back(std::move(f32));
+  };
+  // A tied LM head is the embedding table: convert it once and keep the two the same.
+  const bool tied = m->output.data == m->embed.data;
+  convert(&m->embed);
+  if (tied) m->output = m->embed;
+  else convert(&m->output);
+  for (LoadedLayer& l : m->layers) {
+    for (Weight* w : {&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down}) convert(w);
+  }
+}
+
 Result<std::unique_ptr<Model>> LoadModel(const std::string& path, const ModelLoadOptions& options) {
   const bool dummy = options.load_format == "dummy";
   if (!dummy && options.load_format != "auto") {
@@ -74,6 +96,10 @@ Result<std::unique_ptr<Model>> LoadModel(const std::string& path, const ModelLoa
   DYN_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateBackend(options.device, options.num_threads));
   // The CPU backend uses host weights in place; device backends make dummy weights themselves.
   if (dummy && options.device == "cpu") FillDummyWeightsOnHost(&loaded.value());
+  if (options.weights_f32) {
+    if (dummy && options.device != "cpu") return Status::InvalidArgument("weights_f32 needs host weights (not dummy weights on a device)");
+    ConvertWeightsToF32(&loaded.value());
+  }
   auto model = CreateLlamaModel(std::move(loaded).value(), std::move(backend));
   if (!model.ok()) return model.status().WithContext("loading model " + path);
   return model;
