@@ -41,8 +41,9 @@ Result<LoadedModel> LoadHfConfigDummy(const std::string& dir);
 // Replaces every data == nullptr matrix by random host BF16 (kept alive by the model), for
 // backends that use host weights in place (the CPU backend).
 void FillDummyWeightsOnHost(LoadedModel* m);
-// Replaces every non-F32 matrix by an F32 copy (kept alive by the model): ModelLoadOptions::weights_f32.
-void ConvertWeightsToF32(LoadedModel* m);
+// Replaces every matrix that is neither F32 nor `to` (kF32 or kBF16) by a copy of type `to`, kept
+// alive by the model: ModelLoadOptions::convert_weights.
+void ConvertWeights(LoadedModel* m, DType to);
 
 // Checks shapes against the config; names the first tensor that does not fit.
 Status ValidateLoadedModel(const LoadedModel& m);

@@ -58,16 +58,24 @@ size_t ForwardWorkspaceBytes(const ModelConfig& c, int max_tokens, int max_seqs)
   return (m * (per_token + bf16_inputs) + logits) * 5 / 4 + kLibraries;
 }
 
-void ConvertWeightsToF32(LoadedModel* m) {
-  auto convert = [m](Weight* w) {
-    if (w->dtype == DType::kF32 || w->data == nullptr) return;
-    auto f32 = std::make_shared<std::vector<float>>(static_cast<size_t>(w->rows) * w->cols);
-    const size_t row_bytes = DTypeRowBytes(w->dtype, w->cols);
+void ConvertWeights(LoadedModel* m, DType to) {
+  auto convert = [m, to](Weight* w) {
+    // Dummy matrices (no data) are left to the backend; F32 stays F32 (the GPU keeps it too).
+    if (w->data == nullptr || w->dtype == DType::kF32 || w->dtype == to) return;
+    const size_t n = static_cast<size_t>(w->rows) * w->cols, row_bytes = DTypeRowBytes(w->dtype, w->cols);
+    auto f32 = std::make_shared<std::vector<float>>(n);
     for (int64_t r = 0; r < w->rows; ++r) {
       DequantizeRow(w->dtype, static_cast<const uint8_t*>(w->data) + r * row_bytes, w->cols, f32->data() + r * w->cols);
     }
-    *w = Weight{DType::kF32, w->rows, w->cols, f32->data()};
-    m->keep_alive.push_back(std::move(f32));
+    if (to == DType::kF32) {
+      *w = Weight{DType::kF32, w->rows, w->cols, f32->data()};
+      m->keep_alive.push_back(std::move(f32));
+      return;
+    }
+    auto bf16 = std::make_shared<std::vector<uint16_t>>(n);
+    for (size_t i = 0; i < n; ++i) (*bf16)[i] = F32ToBF16((*f32)[i]);
+    *w = Weight{DType::kBF16, w->rows, w->cols, bf16->data()};
+    m->keep_alive.push_back(std::move(bf16));
   };
   // A tied LM head is the embedding table: convert it once and keep the two the same.
   const bool tied = m->output.data == m->embed.data;
@@ -96,9 +104,11 @@ Result<std::unique_ptr<Model>> LoadModel(const std::string& path, const ModelLoa
   DYN_ASSIGN_OR_RETURN(std::unique_ptr<Backend> backend, CreateBackend(options.device, options.num_threads));
   // The CPU backend uses host weights in place; device backends make dummy weights themselves.
   if (dummy && options.device == "cpu") FillDummyWeightsOnHost(&loaded.value());
-  if (options.weights_f32) {
-    if (dummy && options.device != "cpu") return Status::InvalidArgument("weights_f32 needs host weights (not dummy weights on a device)");
-    ConvertWeightsToF32(&loaded.value());
+  if (!options.convert_weights.empty()) {
+    if (options.convert_weights != "f32" && options.convert_weights != "bf16") {
+      return Status::InvalidArgument("convert_weights '" + options.convert_weights + "' (f32 | bf16)");
+    }
+    ConvertWeights(&loaded.value(), options.convert_weights == "f32" ? DType::kF32 : DType::kBF16);
   }
   auto model = CreateLlamaModel(std::move(loaded).value(), std::move(backend));
   if (!model.ok()) return model.status().WithContext("loading model " + path);

@@ -120,10 +120,13 @@ struct ModelLoadOptions {
   // and every weight matrix is random bf16 (variance 1/cols; norms are ones, biases zeros), made
   // on the device by a GPU backend: for speed runs of a model's shape without its weights.
   std::string load_format = "auto";
-  // Every weight matrix converted to F32 at load (quantized, F16 and BF16 alike). A reference for
-  // comparisons: the CPU backend then computes without rounding activations to 8 bits, as it does
-  // for quantized weights. Costs 4 bytes a weight; not for serving.
-  bool weights_f32 = false;
+  // Weight matrices converted at load, for comparing backends (not for serving):
+  //   "f32": every matrix that is not F32 becomes F32 (exact for every type). The CPU backend then
+  //          computes without rounding activations to 8 bits, as it does for quantized weights.
+  //   "bf16": every matrix that is not F32 or BF16 becomes BF16 (round to nearest even): the values
+  //          the CUDA backend holds, so a CPU model computes with the GPU's weights.
+  //   "": as loaded.
+  std::string convert_weights;
 };
 
 // KV cache bytes for a device of `total_bytes` of which `free_bytes` are free after the weights

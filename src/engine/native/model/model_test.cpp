@@ -334,7 +334,7 @@ TEST(SmolLM2Gguf, MatchesNumpyReference) {
 TEST(SmolLM2Gguf, WeightsF32MatchNumpyReferenceExactly) {
   if (!FileExists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " absent";
   ModelLoadOptions opt;
-  opt.weights_f32 = true;
+  opt.convert_weights = "f32";
   auto m = LoadModel(kSmolGguf, opt);
   ASSERT_TRUE(m.ok()) << m.status().ToString();
   EXPECT_NE((*m)->Describe().find("attn_q F32"), std::string::npos) << (*m)->Describe();

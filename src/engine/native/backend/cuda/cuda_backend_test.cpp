@@ -307,7 +307,7 @@ TEST_F(CudaBackendTest, GemvWideRowsMatchDoubleProduct) {
       for (const int m : {1, 5}) {
         std::vector<float> x = RandomVec(m * K, 91);
         if (m > 1) {
-          for (float& f : x) f = BF16ToF32(ToBf16Bits(f));
+          for (float& f : x) f = BF16ToF32(F32ToBF16(f));
         }
         std::vector<float> want;
         for (int i = 0; i < m; ++i) {
@@ -816,7 +816,7 @@ TEST_F(CudaBackendTest, RopeBothStyles) {
 }
 
 std::vector<float> RoundBf16(std::vector<float> v) {
-  for (float& x : v) x = BF16ToF32(ToBf16Bits(x));
+  for (float& x : v) x = BF16ToF32(F32ToBF16(x));
   return v;
 }
 
@@ -850,7 +850,7 @@ void CheckAttention(CudaBackendTest& t, Backend& cpu, Backend& gpu, int head_dim
   float* dcache = nullptr;
   if (bf16) {
     std::vector<uint16_t> bits(cache.size());
-    for (size_t i = 0; i < cache.size(); ++i) bits[i] = ToBf16Bits(cache[i]);
+    for (size_t i = 0; i < cache.size(); ++i) bits[i] = F32ToBF16(cache[i]);
     auto buf = gpu.Allocate(bits.size() * 2);
     ASSERT_TRUE(buf.ok());
     dcache = (*buf)->f32();
@@ -1020,7 +1020,7 @@ TEST_F(CudaBackendTest, FusedKernelsEqualSeparateKernels) {
     std::vector<uint8_t> cache0(cache_bytes);
     if (kv == DType::kBF16) {
       const std::vector<float> c = RandomVec(cache_bytes / 2, 80);
-      for (size_t i = 0; i < c.size(); ++i) reinterpret_cast<uint16_t*>(cache0.data())[i] = ToBf16Bits(c[i]);
+      for (size_t i = 0; i < c.size(); ++i) reinterpret_cast<uint16_t*>(cache0.data())[i] = F32ToBF16(c[i]);
     } else {
       const std::vector<float> c = RandomVec(cache_bytes / 4, 80);
       std::memcpy(cache0.data(), c.data(), cache_bytes);
@@ -1091,7 +1091,7 @@ TEST_F(CudaBackendTest, PersistentDecodeMatchesKernelByKernel) {
     std::uniform_real_distribution<float> u(-1.0f, 1.0f);
     const float scale = std::sqrt(3.0f / static_cast<float>(cols));
     std::vector<uint8_t> bytes(rows * cols * 2);
-    for (int64_t i = 0; i < rows * cols; ++i) reinterpret_cast<uint16_t*>(bytes.data())[i] = ToBf16Bits(u(rng) * scale);
+    for (int64_t i = 0; i < rows * cols; ++i) reinterpret_cast<uint16_t*>(bytes.data())[i] = F32ToBF16(u(rng) * scale);
     return bytes;
   };
   std::vector<HostLayer> host(kLayers);

@@ -91,10 +91,4 @@ inline std::vector<uint8_t> RandomWeightBytes(DType t, int64_t rows, int64_t col
 }
 
 
-inline uint16_t ToBf16Bits(float f) {  // round to nearest even (inputs are finite)
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
 }  // namespace dyn

@@ -120,13 +120,20 @@ smol)
   cat $D/smol/smol.part.* > $SMOL
   echo "$(ls -l $SMOL | awk '{print $5}') bytes, sha256 $(sha256sum $SMOL | cut -c1-16) (want $SMOL_SHA)"
   [ "$(sha256sum $SMOL | cut -c1-16)" = "$SMOL_SHA" ] || { echo "SmolLM2 is incomplete: a part is missing"; exit 1; }
-  echo "== SmolLM2 against the CPU on F32 weights (the reference), and the numpy reference ($(ts))"
-  timeout 200 $B/dyn_cuda_compare --model $SMOL --ids 1,9707,28,314,1073,504,3458,282 --steps 32 \
+  SIDS=1,9707,28,314,1073,504,3458,282
+  echo "== SmolLM2 against the CPU computing with the GPU's weights (Q4_1 rounded to bf16); the numpy reference ($(ts))"
+  timeout 200 $B/dyn_cuda_compare --model $SMOL --ids $SIDS --steps 32 \
     --smol-ref src/engine/native/model/testdata/smollm2_q4_1_reference.json 2>&1 | tee $OUT/compare_smol.log | grep -vE "^  pos" | show 8
   grep -E "^  pos" $OUT/compare_smol.log | sed -n '1p;9p;17p;25p;33p'
-  echo "== SmolLM2 against the CPU's own Q4_1 path (8-bit activations), for comparison ($(ts))"
-  timeout 200 $B/dyn_cuda_compare --model $SMOL --ids 1,9707,28,314,1073,504,3458,282 --steps 32 --cpu-weights native 2>&1 |
-    grep -E "^logits|^greedy"
+  echo "== the same against other CPU references: exact F32 weights; the CPU's own Q4_1 path (8-bit activations) ($(ts))"
+  for w in f32 native; do
+    timeout 200 $B/dyn_cuda_compare --model $SMOL --ids $SIDS --steps 32 --cpu-weights $w 2>&1 | grep -E "^logits|^greedy" | sed "s/^/$w: /"
+  done
+  echo "== where the GPU's own rounding comes from: F32 KV cache (DYN_CUDA_KV=f32), prompt fed a token a step (--chunk 1) ($(ts))"
+  for kv in bf16 f32; do for chunk in 0 1; do
+    DYN_CUDA_KV=$kv timeout 200 $B/dyn_cuda_compare --model $SMOL --ids $SIDS --steps 32 --chunk $chunk 2>&1 | grep -E "^logits" |
+      sed "s/^/KV $kv, chunk $chunk: /"
+  done; done
   echo "== SmolLM2 through dyn run ($(ts))"
   $B/dyn run --model $SMOL --served-model-name smollm2 --device $DEV --port 8001 > $OUT/run_smol.log 2>&1 &
   SPID=$!
