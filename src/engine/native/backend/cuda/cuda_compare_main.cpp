@@ -2,7 +2,7 @@
 //
 //   dyn_cuda_compare --model PATH [--ids 1,403,407] [--steps 24] [--tol 1e-2] [--cpu-weights bf16|f32|native]
 //                    [--stories-ref reference.json] [--smol-ref smollm2_q4_1_reference.json] [--device cuda]
-//                    [--chunk N]
+//                    [--chunk N] [--dump-logits PREFIX]
 //
 // 1. Logits: prefill --ids (in chunks of --chunk tokens; 0, the default: all at once), then greedy decode (the CPU's tokens are fed to both, so the inputs stay
 //    identical); prints ||cuda - cpu|| / ||cpu|| at every position and whether the argmax agrees.
@@ -12,6 +12,9 @@
 //    differ only by the GPU's rounding of activations and KV. "f32" gives the CPU the exact weights
 //    (the bf16 rounding of quantized weights then counts against the GPU too); "native" is the CPU's
 //    serving path, which for quantized weights rounds activations to 8 bits.
+//    --dump-logits PREFIX writes the sequence fed (PREFIX.ids, one line of ids) and both backends'
+//    logits at the compared positions (PREFIX.cpu.f32, PREFIX.gpu.f32: rows of vocab floats), for
+//    comparing with other implementations (scripts/hf_logits_compare.py).
 //    --device cpu puts a CPU model with the GPU's weights (bf16) in the GPU's place: with
 //    --cpu-weights f32 it measures what the bf16 rounding of the weights alone does, without a GPU.
 // 2. --stories-ref: the CUDA model's greedy ids must equal the stories260K goldens (both cases, one
@@ -23,6 +26,7 @@
 #include <boost/json.hpp>
 #include <cmath>
 #include <cstdio>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -116,8 +120,10 @@ std::unique_ptr<Model> Load(const std::string& path, const std::string& device, 
 }
 
 bool CompareLogits(const std::string& path, const std::string& device, const std::vector<uint32_t>& prompt, size_t chunk, int steps,
-                   double tol, const std::string& cpu_weights) {
+                   double tol, const std::string& cpu_weights, const std::string& dump) {
   if (chunk == 0) chunk = prompt.size();
+  std::vector<uint32_t> fed = prompt;
+  std::vector<float> dump_cpu, dump_gpu;
   const int blocks = static_cast<int>((prompt.size() + steps) / 16 + 2);
   auto cpu = Load(path, "cpu", blocks, cpu_weights == "native" ? "" : cpu_weights), gpu = Load(path, device, blocks, device == "cpu" ? "bf16" : "");
   Seq sc(*cpu, blocks), sg(*gpu, blocks);
@@ -135,10 +141,15 @@ bool CompareLogits(const std::string& path, const std::string& device, const std
     const double rel = std::sqrt(num / den);
     worst = std::max(worst, rel);
     errs.push_back(rel);
+    if (!dump.empty()) {
+      dump_cpu.insert(dump_cpu.end(), lc.begin(), lc.end());
+      dump_gpu.insert(dump_gpu.end(), lg.begin(), lg.end());
+    }
     const uint32_t tc = Argmax(lc), tg = Argmax(lg);
     agree += tc == tg;
     std::printf("  pos %3zu: rel err %.3e, argmax cpu %u cuda %u%s\n", prompt.size() + step - 1, rel, tc, tg, tc == tg ? "" : "  (differs)");
     if (step == steps) break;
+    fed.push_back(tc);
     lc = sc.Feed(std::span<const uint32_t>(&tc, 1));
     lg = sg.Feed(std::span<const uint32_t>(&tc, 1));
   }
@@ -147,6 +158,22 @@ bool CompareLogits(const std::string& path, const std::string& device, const std
   std::printf("logits: worst rel err %.3e (median %.3e) over %d positions (tol %.0e), argmax agrees %d/%d: %s\n", worst,
               errs[errs.size() / 2], steps + 1, tol, agree,
               steps + 1, logits_ok ? "PASS" : "FAIL");
+  if (!dump.empty()) {
+    std::string ids;
+    for (uint32_t t : fed) {
+      if (!ids.empty()) ids += ',';
+      ids += std::to_string(t);
+    }
+    auto write = [](const std::string& file, const void* data, size_t bytes) {
+      std::ofstream out(file, std::ios::binary);
+      out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+      return static_cast<bool>(out);
+    };
+    ids += "\n";
+    const bool written = write(dump + ".ids", ids.data(), ids.size()) && write(dump + ".cpu.f32", dump_cpu.data(), dump_cpu.size() * 4) &&
+                         write(dump + ".gpu.f32", dump_gpu.data(), dump_gpu.size() * 4);
+    std::printf("logits dumped to %s.{ids,cpu.f32,gpu.f32}: %s\n", dump.c_str(), written ? "ok" : "FAILED");
+  }
   // Free-running greedy decoding on each backend (fresh sequences over the same blocks).
   const std::vector<uint32_t> gc = Seq(*cpu, blocks).Greedy(prompt, chunk, steps + 1);
   const std::vector<uint32_t> gg = Seq(*gpu, blocks).Greedy(prompt, chunk, steps + 1);
@@ -213,6 +240,7 @@ int main(int argc, char** argv) {
   std::string model, ids = "1", stories_ref, smol_ref, cpu_weights = "bf16", device = "cuda";
   int steps = 24;
   size_t chunk = 0;
+  std::string dump;
   double tol = 1e-2;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
@@ -225,6 +253,7 @@ int main(int argc, char** argv) {
     else if (flag == "--cpu-weights") cpu_weights = value;
     else if (flag == "--device") device = value;
     else if (flag == "--chunk") chunk = std::stoul(value);
+    else if (flag == "--dump-logits") dump = value;
     else {
       std::fprintf(stderr, "unknown flag %s\n", flag.c_str());
       return 2;
@@ -233,12 +262,12 @@ int main(int argc, char** argv) {
   if (model.empty() || (cpu_weights != "bf16" && cpu_weights != "f32" && cpu_weights != "native")) {
     std::fprintf(stderr,
                  "usage: %s --model PATH [--ids 1,2,3] [--steps N] [--tol X] [--cpu-weights bf16|f32|native] [--stories-ref F] "
-                 "[--smol-ref F] [--device cuda|cpu] [--chunk N]\n",
+                 "[--smol-ref F] [--device cuda|cpu] [--chunk N] [--dump-logits PREFIX]\n",
                  argv[0]);
     return 2;
   }
   std::printf("CPU reference weights: %s\n", cpu_weights.c_str());
-  bool ok = dyn::CompareLogits(model, device, dyn::ParseIds(ids), chunk, steps, tol, cpu_weights);
+  bool ok = dyn::CompareLogits(model, device, dyn::ParseIds(ids), chunk, steps, tol, cpu_weights, dump);
   if (!stories_ref.empty()) ok = dyn::CheckStories(model, device, stories_ref) && ok;
   if (!smol_ref.empty()) ok = dyn::CheckSmol(model, device, smol_ref) && ok;
   std::printf("%s\n", ok ? "ALL PASS" : "SOME CHECKS FAILED");

@@ -134,6 +134,14 @@ smol)
     DYN_CUDA_KV=$kv timeout 200 $B/dyn_cuda_compare --model $SMOL --ids $SIDS --steps 32 --chunk $chunk 2>&1 | grep -E "^logits" |
       sed "s/^/KV $kv, chunk $chunk: /"
   done; done
+  echo "== yardstick: HF transformers in fp32 and bf16 on the same sequences (SmolLM2; the random-weight Llama) ($(ts))"
+  for w in .dev*/gguf-*.whl; do [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$w"; done
+  timeout 120 $B/dyn_cuda_compare --model $SMOL --ids $SIDS --steps 32 --cpu-weights f32 --dump-logits /tmp/smol-logits 2>&1 | grep -E "^logits"
+  PYTHONPATH=/tmp/site timeout 200 python3 scripts/hf_logits_compare.py --model $SMOL --dump /tmp/smol-logits 2>&1 | grep -vE "^\s*$" | tail -6
+  [ -d /tmp/rand-llama ] || python3 scripts/make_random_llama.py --arch llama --out /tmp/rand-llama --seed 1 >/dev/null
+  timeout 120 $B/dyn_cuda_compare --model /tmp/rand-llama --ids 1,403,407,261,378,1000,2000,3000,4000,5000 --steps 32 \
+    --dump-logits /tmp/rand-logits 2>&1 | grep -E "^logits"
+  timeout 200 python3 scripts/hf_logits_compare.py --model /tmp/rand-llama --dump /tmp/rand-logits 2>&1 | grep -vE "^\s*$" | tail -6
   echo "== SmolLM2 through dyn run ($(ts))"
   $B/dyn run --model $SMOL --served-model-name smollm2 --device $DEV --port 8001 > $OUT/run_smol.log 2>&1 &
   SPID=$!
