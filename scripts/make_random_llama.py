@@ -2,7 +2,7 @@
 """Writes a random-weight Llama-style model as a Hugging Face directory (config.json +
 model.safetensors, bf16), for comparing backends on a real model shape without real weights.
 
-    python3 scripts/make_random_llama.py --out /tmp/rand-llama [--arch llama|qwen3] [--seed 0]
+    python3 scripts/make_random_llama.py --out /tmp/rand-llama [--arch llama|qwen3] [--dtype bf16|f16] [--seed 0]
 
 The default shape is small but has what the 8B model's kernels need: GQA with head_dim 128
 (8 query heads over 2 KV heads), an untied LM head, Llama-3 RoPE scaling, and norm weights that
@@ -24,11 +24,11 @@ def bf16_bytes(a):
     return rounded.astype(np.uint16).tobytes()
 
 
-def write_safetensors(path, tensors):
+def write_safetensors(path, tensors, dtype):
     header, blobs, offset = {}, [], 0
     for name, arr in tensors.items():
-        data = bf16_bytes(arr)
-        header[name] = {"dtype": "BF16", "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        data = bf16_bytes(arr) if dtype == "bf16" else np.ascontiguousarray(arr, dtype=np.float16).tobytes()
+        header[name] = {"dtype": dtype.upper(), "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
         blobs.append(data)
         offset += len(data)
     header["__metadata__"] = {"format": "pt"}
@@ -45,6 +45,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--arch", choices=["llama", "qwen3"], default="llama")
+    ap.add_argument("--dtype", choices=["bf16", "f16"], default="bf16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=4)
@@ -89,14 +90,14 @@ def main():
         "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
         "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                          "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-        "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2,
+        "tie_word_embeddings": False, "torch_dtype": "bfloat16" if args.dtype == "bf16" else "float16", "bos_token_id": 1, "eos_token_id": 2,
     }
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as f:
         json.dump(config, f, indent=1)
-    write_safetensors(os.path.join(args.out, "model.safetensors"), t)
+    write_safetensors(os.path.join(args.out, "model.safetensors"), t, args.dtype)
     n = sum(a.size for a in t.values())
-    print(f"{args.out}: {args.arch}, {n / 1e6:.1f} M parameters (bf16), seed {args.seed}")
+    print(f"{args.out}: {args.arch}, {n / 1e6:.1f} M parameters ({args.dtype}), seed {args.seed}")
 
 
 if __name__ == "__main__":

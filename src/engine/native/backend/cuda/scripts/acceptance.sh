@@ -90,12 +90,13 @@ correct)
   timeout 120 $B/dyn_cuda_compare --model $D/stories260K/hf --ids 1,403,407,261,378 --steps 20 \
     --stories-ref $D/stories260K/reference.json 2>&1 | grep -vE "^  pos" | show 12
   IDS=$(python3 -c "print(','.join(str(1 + i * 7919 % 31999) for i in range(300)))")
-  for arch in llama qwen3; do
-    echo "== random-weight $arch model against the CPU: 300-token prompt, 32 steps ($(ts))"
-    python3 scripts/make_random_llama.py --arch $arch --out /tmp/rand-$arch --seed 1 | show 2
-    timeout 200 $B/dyn_cuda_compare --model /tmp/rand-$arch --ids $IDS --steps 32 2>&1 | tee $OUT/compare_$arch.log |
-      grep -vE "^  pos" | show 8
-    grep -E "^  pos" $OUT/compare_$arch.log | sed -n '1p;9p;17p;25p;33p'
+  for model in llama:bf16 qwen3:bf16 llama:f16; do
+    arch=${model%:*}; dtype=${model#*:}
+    echo "== random-weight $arch model ($dtype) against the CPU: 300-token prompt, 32 steps ($(ts))"
+    python3 scripts/make_random_llama.py --arch $arch --dtype $dtype --out /tmp/rand-$arch-$dtype --seed 1 | show 2
+    timeout 200 $B/dyn_cuda_compare --model /tmp/rand-$arch-$dtype --ids $IDS --steps 32 2>&1 | tee $OUT/compare_$arch-$dtype.log |
+      grep -vE "^  pos|^cpu:|^cuda:" | show 8
+    grep -E "^  pos" $OUT/compare_$arch-$dtype.log | sed -n '1p;17p;33p'
   done
   echo "== stories260K HTTP tests through dyn run on the GPU ($(ts))"
   mkdir -p ../shared/models && ln -sfn $D/stories260K ../shared/models/stories260K
@@ -138,10 +139,10 @@ smol)
   for w in .dev*/gguf-*.whl; do [ -f "$w" ] && python3 -m pip install -q --no-index --no-deps --target /tmp/site "$w"; done
   timeout 120 $B/dyn_cuda_compare --model $SMOL --ids $SIDS --steps 32 --cpu-weights f32 --dump-logits /tmp/smol-logits 2>&1 | grep -E "^logits"
   PYTHONPATH=/tmp/site timeout 200 python3 scripts/hf_logits_compare.py --model $SMOL --dump /tmp/smol-logits 2>&1 | grep -vE "^\s*$" | tail -6
-  [ -d /tmp/rand-llama ] || python3 scripts/make_random_llama.py --arch llama --out /tmp/rand-llama --seed 1 >/dev/null
-  timeout 120 $B/dyn_cuda_compare --model /tmp/rand-llama --ids 1,403,407,261,378,1000,2000,3000,4000,5000 --steps 32 \
+  [ -d /tmp/rand-llama-bf16 ] || python3 scripts/make_random_llama.py --out /tmp/rand-llama-bf16 --seed 1 >/dev/null
+  timeout 120 $B/dyn_cuda_compare --model /tmp/rand-llama-bf16 --ids 1,403,407,261,378,1000,2000,3000,4000,5000 --steps 32 \
     --dump-logits /tmp/rand-logits 2>&1 | grep -E "^logits"
-  timeout 200 python3 scripts/hf_logits_compare.py --model /tmp/rand-llama --dump /tmp/rand-logits 2>&1 | grep -vE "^\s*$" | tail -6
+  timeout 200 python3 scripts/hf_logits_compare.py --model /tmp/rand-llama-bf16 --dump /tmp/rand-logits 2>&1 | grep -vE "^\s*$" | tail -6
   echo "== SmolLM2 through dyn run ($(ts))"
   $B/dyn run --model $SMOL --served-model-name smollm2 --device $DEV --port 8001 > $OUT/run_smol.log 2>&1 &
   SPID=$!
