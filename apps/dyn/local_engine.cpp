@@ -117,6 +117,7 @@ Result<ServedModel> BuildLocalModel(const LocalEngineFlags& f, int* kv_block_siz
     eo.pipelined_decode = f.pipelined_decode;
     eo.kv_event_sink = f.kv_event_sink;
     eo.kv_transfer = f.kv_transfer;
+    eo.kv_staging_bytes = static_cast<size_t>(std::max<int64_t>(f.kv_staging_mb, 1)) << 20;
     if (kv_block_size) *kv_block_size = eo.block_size;
     DYN_ASSIGN_OR_RETURN(served.engine, CreateNativeEngine(std::move(model), eo));
   } else if (f.engine_name == "echo") {

@@ -28,6 +28,7 @@ struct LocalEngineFlags {
   double kv_transfer_gbps = 25;         // mocker: simulated KV transfer bandwidth
   KvEventSink* kv_event_sink = nullptr;  // not a flag: receives the engine's KV block events
   KvTransferHooks kv_transfer;           // not a flag: disaggregated serving (a worker's role)
+  int64_t kv_staging_mb = 2048;          // dyn worker's --kv-staging-mb (NativeEngineOptions::kv_staging_bytes)
   bool prefix_caching = true;
   bool pipelined_decode = true;  // native engine: launch decode steps before the previous ids are back
 

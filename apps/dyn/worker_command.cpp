@@ -76,6 +76,9 @@ int WorkerCommand(int argc, char** argv) {
             "prefill role, tcp: cap on each KV pull's send rate in MB/s, to leave room on a shared link (0: none)");
   fs.Double("kv-lease-timeout", &lease_timeout_s,
             "prefill role: seconds a prompt's KV waits for its decode worker before it is freed");
+  fs.Int("kv-staging-mb", &ef.kv_staging_mb,
+         "prefill and decode roles with the KV cache on a GPU: host memory (MiB) the KV travels through; "
+         "bounds the prompts a prefill worker holds for decode workers at a time");
   if (int rc = ParseCommandFlags(fs, argc, argv, "dyn worker"); rc >= 0) return rc;
   if (int rc = RequireModelPath(fs, &ef.model_path, "dyn worker"); rc >= 0) return rc;
   const sigset_t sigs = BlockTerminationSignals();  // before any thread starts

@@ -78,6 +78,10 @@ def settle(pred, timeout=15):
 
 
 MODELS = [pytest.param(STORIES, 200, id="stories260K"), pytest.param(SMOLLM2, 100, id="SmolLM2")]
+# Another model directory (e.g. one on a GPU machine); its flags come from DYN_* variables
+# (DYN_LOAD_FORMAT=dummy for a config.json-only model).
+if os.environ.get("DYN_TEST_EXTRA_MODEL"):
+    MODELS.append(pytest.param(os.environ["DYN_TEST_EXTRA_MODEL"], 100, id="extra"))
 
 
 @pytest.mark.parametrize("model,max_words", MODELS)

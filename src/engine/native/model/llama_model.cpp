@@ -119,6 +119,27 @@ class LlamaModel : public Model {
 
   void* KvCacheHostMemory() override { return kv_cache_ && backend_->host_memory() ? kv_cache_->data() : nullptr; }
 
+  Status CopyKvBlocks(std::span<const int32_t> blocks, std::span<std::byte* const> host, bool to_host) override {
+    if (!kv_cache_ || backend_->host_memory()) return Model::CopyKvBlocks(blocks, host, to_host);
+    if (blocks.size() != host.size()) return Status::InvalidArgument("CopyKvBlocks: one host address a block");
+    const size_t block_bytes = kv_.BlockFloats() * kv_.ElementBytes();
+    auto* cache = static_cast<std::byte*>(kv_cache_->data());
+    // Runs of consecutive blocks whose host blocks are consecutive too are one copy.
+    for (size_t i = 0; i < blocks.size();) {
+      if (blocks[i] < 0 || blocks[i] >= kv_.num_blocks) return Status::InvalidArgument("CopyKvBlocks: no block " + std::to_string(blocks[i]));
+      size_t n = 1;
+      while (i + n < blocks.size() && blocks[i + n] == blocks[i] + static_cast<int32_t>(n) && blocks[i + n] < kv_.num_blocks &&
+             host[i + n] == host[i] + n * block_bytes) {
+        ++n;
+      }
+      std::byte* dev = cache + static_cast<size_t>(blocks[i]) * block_bytes;
+      if (to_host) backend_->CopyToHost(host[i], dev, n * block_bytes);
+      else backend_->CopyToBackend(dev, host[i], n * block_bytes);
+      i += n;
+    }
+    return Status::Ok();
+  }
+
   Status Forward(std::span<const ForwardSeq> batch, float* logits) override { return Run(batch, logits, {}, nullptr); }
   bool samples_on_device() const override { return backend_->samples_on_device(); }
   bool samples_truncated_on_device() const override { return backend_->samples_truncated_on_device(); }

@@ -3,6 +3,7 @@
 // CPU and CUDA backends plug in below it, the scheduler above it never sees either.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -82,6 +83,13 @@ class Model {
   // After InitKvCache*: the cache's address if the CPU can address it (blocks laid out as
   // backend/backend.h KvLayout, F32), else nullptr (a device backend).
   virtual void* KvCacheHostMemory() { return nullptr; }
+  // A device cache's blocks to or from host memory (disaggregated serving moves KV through host
+  // staging blocks): cache block blocks[i] <-> host[i], KvBytesPerToken() x block_size bytes each,
+  // laid out as the cache's blocks are; ordered after the forward passes already issued. Runs on
+  // the thread that calls Forward. Unsupported where the cache is host memory (use it in place).
+  virtual Status CopyKvBlocks(std::span<const int32_t> blocks, std::span<std::byte* const> host, bool to_host) {
+    return Status::Unsupported("this model has no device KV cache to copy");
+  }
   // Runs the batch: writes each new token's K/V into its block slot, and for each sequence with
   // want_logits (in batch order) writes vocab_size float logits to `logits`. Sequences are
   // independent: results do not depend on what else is in the batch (up to float rounding).

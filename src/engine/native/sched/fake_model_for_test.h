@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <string>
 #include <thread>
 #include <vector>
@@ -62,6 +63,27 @@ class FakeModel : public Model {
   }
 
   std::string Describe() const override { return "fake model, vocab " + std::to_string(config_.vocab_size); }
+
+  // With device_cache the model acts as one whose KV cache is in device memory (a GPU's):
+  // DeviceMemory() is true and disaggregated serving moves its blocks through host staging blocks
+  // with CopyKvBlocks (a block's slots in the first block_size x 4 bytes of its host block).
+  bool device_cache = false;
+  bool DeviceMemory(size_t* free_bytes, size_t* total_bytes) const override {
+    if (!device_cache) return false;
+    *free_bytes = *total_bytes = size_t{1} << 30;
+    return true;
+  }
+  Status CopyKvBlocks(std::span<const int32_t> blocks, std::span<std::byte* const> host, bool to_host) override {
+    if (!device_cache) return Model::CopyKvBlocks(blocks, host, to_host);
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      uint32_t* slots = slots_.data() + static_cast<size_t>(blocks[i]) * block_size_;
+      if (to_host) std::memcpy(host[i], slots, block_size_ * sizeof(uint32_t));
+      else std::memcpy(slots, host[i], block_size_ * sizeof(uint32_t));
+    }
+    kv_blocks_copied += blocks.size();
+    return Status::Ok();
+  }
+  std::atomic<uint64_t> kv_blocks_copied{0};
 
   // A block's slots, for tests that move KV between two models (disaggregated serving).
   std::vector<uint32_t> ReadBlock(int32_t block) const {

@@ -344,8 +344,10 @@ Result<EnginePtr> CreateNativeEngine(std::unique_ptr<Model> model, const NativeE
     num_blocks = static_cast<int>(std::min<size_t>(n, 1u << 30));
   }
   const KvTransferHooks& hooks = options.kv_transfer;
+  std::optional<native_engine_impl::KvStaging> staging;
   if (hooks.allocate_cache || hooks.cache_ready) {
-    // Disaggregated serving: the transfer layer reads and writes the cache's blocks directly.
+    // Disaggregated serving: the transfer layer reads and writes host memory holding the cache's
+    // blocks: the cache itself where the CPU addresses it, else host staging blocks.
     const ModelConfig& c = model->config();
     KvCacheGeometry g;
     g.block_size = options.block_size;
@@ -357,25 +359,38 @@ Result<EnginePtr> CreateNativeEngine(std::unique_ptr<Model> model, const NativeE
     // by the layout check rather than copying misread bytes.
     g.dtype = model->KvCacheDType() == DType::kBF16 ? "bf16" : "f32";
     g.num_blocks = num_blocks;
-    if (hooks.allocate_cache) {
+    size_t free_bytes = 0, total_bytes = 0;
+    void* base = nullptr;
+    if (model->DeviceMemory(&free_bytes, &total_bytes)) {
+      DYN_RETURN_IF_ERROR(model->InitKvCache(num_blocks, options.block_size).WithContext("InitKvCache"));
+      g.num_blocks = static_cast<int>(std::clamp<size_t>(options.kv_staging_bytes / g.block_bytes, 1, static_cast<size_t>(num_blocks)));
+      std::unique_ptr<std::byte[]> owned;
+      if (hooks.allocate_cache) {
+        DYN_ASSIGN_OR_RETURN(base, hooks.allocate_cache(g));
+      } else {
+        owned = std::make_unique_for_overwrite<std::byte[]>(g.block_bytes * static_cast<size_t>(g.num_blocks));
+        base = owned.get();
+      }
+      staging.emplace(static_cast<std::byte*>(base), g.block_bytes, g.num_blocks, std::move(owned));
+      DYN_LOG(INFO) << "KV transfer through " << g.num_blocks << " host staging blocks ("
+                    << ((g.block_bytes * static_cast<size_t>(g.num_blocks)) >> 20) << " MiB; the cache is in device memory)";
+    } else if (hooks.allocate_cache) {
       DYN_ASSIGN_OR_RETURN(void* memory, hooks.allocate_cache(g));
       DYN_RETURN_IF_ERROR(model->InitKvCacheAt(num_blocks, options.block_size, memory, g.block_bytes * num_blocks)
                               .WithContext("KV cache for transfer"));
+      base = model->KvCacheHostMemory();
     } else {
       DYN_RETURN_IF_ERROR(model->InitKvCache(num_blocks, options.block_size).WithContext("InitKvCache"));
+      base = model->KvCacheHostMemory();
     }
-    void* base = model->KvCacheHostMemory();
-    if (base == nullptr) {
-      return Status::Unsupported("KV transfer needs the KV cache in host memory; this backend keeps it on the device "
-                                 "(a device transfer backend, CUDA IPC or NCCL, is not built yet)");
-    }
+    if (base == nullptr) return Status::Unsupported("KV transfer needs a KV cache in host memory or a device cache to stage from");
     if (hooks.cache_ready) DYN_RETURN_IF_ERROR(hooks.cache_ready(g, base).WithContext("KV transfer"));
   } else {
     DYN_RETURN_IF_ERROR(model->InitKvCache(num_blocks, options.block_size).WithContext("InitKvCache"));
   }
   DYN_LOG(INFO) << "native engine: " << model->Describe() << "; " << num_blocks << " KV blocks of "
                 << options.block_size << " tokens";
-  return EnginePtr(std::make_shared<native_engine_impl::NativeEngine>(std::move(model), options, num_blocks));
+  return EnginePtr(std::make_shared<native_engine_impl::NativeEngine>(std::move(model), options, num_blocks, std::move(staging)));
 }
 
 }  // namespace dyn

@@ -55,6 +55,11 @@ struct NativeEngineOptions {
   // Disaggregated serving (RequestPhase): without describe, kPrefillOnly requests are refused;
   // without pull, kDecodeImported ones are.
   KvTransferHooks kv_transfer;
+  // Disaggregated serving with a device KV cache (a GPU): the transfer layer reads and writes host
+  // memory only, so a prompt's KV travels through this much host memory ("staging" blocks). The
+  // prefill side copies a finished prompt's blocks there and frees them on the device at once; they
+  // stay staged until the decode worker has pulled them. Bounds the prompts staged at a time.
+  size_t kv_staging_bytes = size_t{2} << 30;
 };
 
 // Sizes the KV pool, calls model->InitKvCache and starts the step thread. Fails if the options

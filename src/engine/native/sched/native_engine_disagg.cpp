@@ -12,6 +12,23 @@ namespace dyn::native_engine_impl {
 
 void NativeEngine::HandOff(SeqId id, Active& a, EngineOutput& delta) {
   std::vector<int32_t> blocks = scheduler_.Detach(id);
+  if (staging_) {
+    // A device cache: the prompt's KV moves to staging blocks, leased from there; the device
+    // blocks go back to the pool (and its prefix cache) now.
+    std::optional<std::vector<int32_t>> staged = staging_->Take(blocks.size());
+    Status s = staged ? model_->CopyKvBlocks(blocks, staging_->Addresses(*staged), /*to_host=*/true)
+                      : Status::ResourceExhausted("the KV staging area is full (" + std::to_string(staging_->free.size()) +
+                                                  " of " + std::to_string(staging_->num_blocks) + " blocks free, " +
+                                                  std::to_string(blocks.size()) + " needed)");
+    scheduler_.ReleaseDetached(blocks);
+    if (!s.ok()) {
+      if (staged) staging_->Give(*staged);
+      delta.finish_reason = FinishReason::kError;
+      delta.error = "cannot stage the prompt's KV: " + s.ToString();
+      return;
+    }
+    blocks = std::move(*staged);
+  }
   uint64_t lease_id;
   {
     std::lock_guard lock(lease_mu_);
@@ -50,7 +67,9 @@ void NativeEngine::ProcessLeases() {
     }
     blocks.swap(released_blocks_);
   }
-  if (!blocks.empty()) scheduler_.ReleaseDetached(blocks);
+  if (blocks.empty()) return;
+  if (staging_) staging_->Give(blocks);  // leases hold staging blocks
+  else scheduler_.ReleaseDetached(blocks);
 }
 
 void NativeEngine::ProcessImports() {
@@ -65,6 +84,21 @@ void NativeEngine::ProcessImports() {
       import_waiting_.pop_front();
       continue;
     }
+    if (staging_) {
+      // The pull lands in staging blocks first: wait until the whole prompt would fit there.
+      const size_t bs = static_cast<size_t>(pool_.block_size());
+      const size_t prompt_blocks = (a.request.token_ids.size() + bs - 1) / bs;
+      if (prompt_blocks > static_cast<size_t>(staging_->num_blocks)) {
+        import_waiting_.pop_front();
+        hooks_.release(a.request.kv_transfer);
+        EndLater(std::move(a.sink), FinishReason::kError,
+                 "ResourceExhausted: the prompt's KV (" + std::to_string(prompt_blocks) + " blocks) is larger than the KV staging area (" +
+                     std::to_string(staging_->num_blocks) + " blocks; --kv-staging-mb)");
+        active_.erase(id);
+        continue;
+      }
+      if (prompt_blocks > staging_->free.size()) break;
+    }
     auto plan = scheduler_.ReserveForImport(id, a.request.token_ids);
     if (!plan.ok() && plan.status().code() == StatusCode::kResourceExhausted) break;
     import_waiting_.pop_front();
@@ -75,11 +109,12 @@ void NativeEngine::ProcessImports() {
       continue;
     }
     ImportJob job{id, a.request.kv_transfer, plan->cached_blocks,
-                  std::vector<int32_t>(plan->block_table.begin() + plan->cached_blocks, plan->block_table.end())};
+                  std::vector<int32_t>(plan->block_table.begin() + plan->cached_blocks, plan->block_table.end()), {}};
     if (job.dst.empty()) {  // everything was cached here already
-      FinishImport(ImportDone{id, size_t{0}, 0.0});
+      FinishImport(ImportDone{id, size_t{0}, 0.0, {}, {}});
       continue;
     }
+    if (staging_) job.staged = *staging_->Take(job.dst.size());  // fits: checked above
     std::lock_guard lock(transfer_mu_);
     transfer_jobs_.push_back(std::move(job));
     transfer_cv_.notify_one();
@@ -89,13 +124,20 @@ void NativeEngine::ProcessImports() {
     std::lock_guard lock(transfer_mu_);
     done.swap(transfer_done_);
   }
-  for (const ImportDone& d : done) FinishImport(d);
+  for (ImportDone& d : done) FinishImport(std::move(d));
 }
 
-void NativeEngine::FinishImport(const ImportDone& done) {
+void NativeEngine::FinishImport(ImportDone done) {
   Active& a = active_.at(done.id);
   hooks_.release(a.request.kv_transfer);
   a.importing = false;
+  if (!done.staged.empty()) {  // a device cache: from the staging blocks to the cache's
+    if (done.bytes.ok()) {
+      Status s = model_->CopyKvBlocks(done.dst, staging_->Addresses(done.staged), /*to_host=*/false);
+      if (!s.ok()) done.bytes = s.WithContext("copying the pulled KV to the device");
+    }
+    staging_->Give(done.staged);
+  }
   if (done.bytes.ok()) {
     kv_transfer_bytes_ += *done.bytes;
     kv_transfer_seconds_ += done.seconds;
@@ -128,10 +170,10 @@ void NativeEngine::TransferLoop() {
       transfer_jobs_.pop_front();
     }
     const auto t0 = std::chrono::steady_clock::now();
-    Result<size_t> bytes = hooks_.pull(job.descriptor, job.first_block, job.dst);
+    Result<size_t> bytes = hooks_.pull(job.descriptor, job.first_block, job.staged.empty() ? job.dst : job.staged);
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::lock_guard lock(transfer_mu_);
-    transfer_done_.push_back(ImportDone{job.id, std::move(bytes), seconds});
+    transfer_done_.push_back(ImportDone{job.id, std::move(bytes), seconds, std::move(job.dst), std::move(job.staged)});
   }
 }
 

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <mutex>
 #include <sstream>
 #include <thread>
@@ -47,9 +48,16 @@ struct Pair {
   std::atomic<bool> fail_pulls{false};
   std::atomic<int> pulled_blocks{0};
 
+  // Staged pairs (device caches): the engines hand their host staging blocks to the transfer
+  // hooks (cache_ready) and the pulls copy between those, as the TCP and shm transports do.
+  KvCacheGeometry prefill_staging_geometry, decode_staging_geometry;
+  std::byte* prefill_staging = nullptr;
+  std::byte* decode_staging = nullptr;
+
   // `pipelined`: both models pipeline sampling (the decode engine's steps after an import run
-  // pipelined, the prefill-only requests never do).
-  explicit Pair(std::chrono::milliseconds lease_timeout = 30s, bool pipelined = false) {
+  // pipelined, the prefill-only requests never do). `staged`: both models keep their KV "on a
+  // device" (FakeModel::device_cache), with staging areas of `staging_blocks` blocks.
+  explicit Pair(std::chrono::milliseconds lease_timeout = 30s, bool pipelined = false, bool staged = false, int staging_blocks = 16) {
     std::unique_ptr<FakeModel> pm, dm;
     if (pipelined) {
       pm = std::make_unique<testing::PipelinedFakeModel>();
@@ -60,24 +68,52 @@ struct Pair {
     }
     prefill_model = pm.get();
     decode_model = dm.get();
+    pm->device_cache = dm->device_cache = staged;
     NativeEngineOptions po;
     po.block_size = 4;
     po.num_kv_blocks = 64;
+    po.kv_staging_bytes = static_cast<size_t>(staging_blocks) * 4 * pm->KvBytesPerToken();
     po.kv_transfer.lease_timeout = lease_timeout;
     po.kv_transfer.describe = [](uint64_t lease, std::span<const int32_t> blocks, int) -> Result<std::string> {
       return Describe(lease, blocks);
     };
-    prefill = *CreateNativeEngine(std::move(pm), po);
+    if (staged) {
+      po.kv_transfer.cache_ready = [this](const KvCacheGeometry& g, void* base) {
+        prefill_staging_geometry = g;
+        prefill_staging = static_cast<std::byte*>(base);
+        return Status::Ok();
+      };
+    }
+    auto p_engine = CreateNativeEngine(std::move(pm), po);
+    EXPECT_TRUE(p_engine.ok()) << p_engine.status().ToString();
+    prefill = std::move(p_engine).value();
     NativeEngineOptions d = po;
     d.kv_transfer = {};
-    d.kv_transfer.pull = [this](const std::string& desc, int first, std::span<const int32_t> dst) -> Result<size_t> {
+    d.kv_transfer.pull = [this, staged](const std::string& desc, int first, std::span<const int32_t> dst) -> Result<size_t> {
       if (fail_pulls) return Status::Unavailable("source gone");
       const auto v = Parse(desc);
-      for (size_t i = 0; i < dst.size(); ++i)
-        decode_model->WriteBlock(dst[i], prefill_model->ReadBlock(static_cast<int32_t>(v[1 + first + i])));
+      for (size_t i = 0; i < dst.size(); ++i) {
+        const auto src = static_cast<int32_t>(v[1 + first + i]);
+        if (!staged) {
+          decode_model->WriteBlock(dst[i], prefill_model->ReadBlock(src));
+          continue;
+        }
+        const size_t bytes = prefill_staging_geometry.block_bytes;
+        if (src >= prefill_staging_geometry.num_blocks || dst[i] >= decode_staging_geometry.num_blocks) {
+          return Status::InvalidArgument("a block outside a staging area");
+        }
+        std::memcpy(decode_staging + dst[i] * bytes, prefill_staging + src * bytes, bytes);
+      }
       pulled_blocks += static_cast<int>(dst.size());
       return dst.size() * 16;
     };
+    if (staged) {
+      d.kv_transfer.cache_ready = [this](const KvCacheGeometry& g, void* base) {
+        decode_staging_geometry = g;
+        decode_staging = static_cast<std::byte*>(base);
+        return Status::Ok();
+      };
+    }
     d.kv_transfer.release = [this](const std::string& desc) {
       prefill->ReleaseKvLease(static_cast<uint64_t>(Parse(desc)[0]));
       ++released;
@@ -112,8 +148,8 @@ struct Pair {
   }
 };
 
-void PrefillThenDecode(bool pipelined) {
-  Pair pair(30s, pipelined);
+void PrefillThenDecode(bool pipelined, bool staged = false) {
+  Pair pair(30s, pipelined, staged);
   FakeModel reference;
   for (uint32_t seed = 1; seed <= 6; ++seed) {
     const auto prompt = Prompt(5 + 7 * static_cast<int>(seed), seed);
@@ -135,6 +171,66 @@ void PrefillThenDecode(bool pipelined) {
 
 TEST(NativeEngineDisagg, PrefillThenDecodeEqualsAggregated) { PrefillThenDecode(false); }
 TEST(NativeEngineDisagg, PrefillThenDecodeEqualsAggregatedPipelined) { PrefillThenDecode(true); }
+
+// Device caches (a GPU's): the KV goes device -> prefill staging -> decode staging -> device.
+TEST(NativeEngineDisagg, DeviceCachesMoveKvThroughStagingBlocks) {
+  PrefillThenDecode(false, /*staged=*/true);
+  PrefillThenDecode(true, /*staged=*/true);
+}
+
+TEST(NativeEngineDisagg, StagedHandOffFreesDeviceBlocksAtOnceAndLeasesStagingBlocks) {
+  Pair pair(30s, false, /*staged=*/true, /*staging_blocks=*/16);
+  ASSERT_NE(pair.prefill_staging, nullptr);
+  ASSERT_NE(pair.decode_staging, nullptr);
+  EXPECT_EQ(pair.prefill_staging_geometry.num_blocks, 16);  // the staging area, not the 64-block cache
+  EXPECT_EQ(pair.prefill_staging_geometry.block_bytes, 4u * 1024u);
+  PreprocessedRequest p = Request(Prompt(30, 7), 8);  // 8 blocks of 4 tokens
+  p.phase = RequestPhase::kPrefillOnly;
+  Stream ps;
+  pair.prefill->Generate(p, std::make_shared<RequestContext>("p"), ps.Sink());
+  ASSERT_TRUE(ps.Wait());
+  ASSERT_FALSE(ps.kv_transfer.empty());
+  const auto desc = Parse(ps.kv_transfer);
+  EXPECT_EQ(desc.size(), 1u + 8u);  // lease + 8 staging blocks
+  for (size_t i = 1; i < desc.size(); ++i) EXPECT_LT(desc[i], 16);
+  // The device blocks are back in the pool before any decode worker pulled; the lease holds
+  // staging blocks only.
+  EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_blocks_used == 0; }));
+  EXPECT_EQ(pair.prefill->Metrics().kv_leases, 1u);
+  EXPECT_EQ(pair.prefill_model->kv_blocks_copied.load(), 8u);
+  EXPECT_TRUE(pair.prefill->ReleaseKvLease(static_cast<uint64_t>(desc[0])));
+}
+
+TEST(NativeEngineDisagg, StagingTooSmallFailsClearlyAndLeaksNothing) {
+  Pair pair(30s, false, /*staged=*/true, /*staging_blocks=*/4);  // 16 tokens of staging
+  // Prefill side: a prompt of 8 blocks cannot be staged.
+  PreprocessedRequest p = Request(Prompt(30, 3), 8);
+  p.phase = RequestPhase::kPrefillOnly;
+  Stream ps;
+  pair.prefill->Generate(p, std::make_shared<RequestContext>("p"), ps.Sink());
+  ASSERT_TRUE(ps.Wait());
+  EXPECT_EQ(*ps.finish, FinishReason::kError);
+  EXPECT_NE(ps.error.find("staging"), std::string::npos) << ps.error;
+  EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_blocks_used == 0; }));
+  EXPECT_EQ(pair.prefill->Metrics().kv_leases, 0u);
+  // Decode side: an import larger than the staging area ends with an error, its lease released.
+  PreprocessedRequest d = Request(Prompt(30, 3), 8);
+  d.phase = RequestPhase::kDecodeImported;
+  d.kv_transfer = "99 0 1 2 3 4 5 6 7";
+  d.first_token = 1;
+  Stream ds;
+  pair.decode->Generate(d, std::make_shared<RequestContext>("d"), ds.Sink());
+  ASSERT_TRUE(ds.Wait());
+  EXPECT_EQ(*ds.finish, FinishReason::kError);
+  EXPECT_NE(ds.error.find("staging"), std::string::npos) << ds.error;
+  EXPECT_EQ(pair.released.load(), 1);
+  // Short prompts still go through.
+  for (uint32_t seed = 1; seed <= 3; ++seed) {
+    const auto prompt = Prompt(9, seed);
+    EXPECT_EQ(pair.Serve(prompt, 6), FakeModel().Greedy(prompt, 6)) << "seed " << seed;
+  }
+  EXPECT_TRUE(Eventually([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
+}
 
 TEST(NativeEngineDisagg, DecodeSideReusesItsPrefixCache) {
   Pair pair;

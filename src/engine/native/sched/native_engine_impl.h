@@ -10,6 +10,8 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -31,16 +33,49 @@ inline int SamplingThreads(const NativeEngineOptions& o, const Model& model) {
   return static_cast<int>(std::clamp(std::thread::hardware_concurrency(), 1u, 8u));
 }
 
+// Host blocks through which a device KV cache's blocks travel in disaggregated serving (the
+// transfer layer reads and writes host memory only). Prefill side: a finished prompt's blocks are
+// copied here at hand-off (their device blocks are freed at once) and leased from here. Decode
+// side: a pull lands here and is copied to its device blocks when it is done.
+struct KvStaging {
+  KvStaging(std::byte* memory, size_t block_bytes, int num_blocks, std::unique_ptr<std::byte[]> owned = nullptr)
+      : base(memory), block_bytes(block_bytes), num_blocks(num_blocks), owned(std::move(owned)) {
+    for (int b = num_blocks - 1; b >= 0; --b) free.push_back(b);  // taken from the back: ascending runs
+  }
+  // n blocks, or none when fewer are free.
+  std::optional<std::vector<int32_t>> Take(size_t n) {
+    if (n > free.size()) return std::nullopt;
+    std::vector<int32_t> out(free.end() - static_cast<std::ptrdiff_t>(n), free.end());
+    std::reverse(out.begin(), out.end());
+    free.resize(free.size() - n);
+    return out;
+  }
+  void Give(std::span<const int32_t> blocks) { free.insert(free.end(), blocks.rbegin(), blocks.rend()); }
+  std::vector<std::byte*> Addresses(std::span<const int32_t> blocks) const {
+    std::vector<std::byte*> out;
+    for (int32_t b : blocks) out.push_back(base + static_cast<size_t>(b) * block_bytes);
+    return out;
+  }
+
+  std::byte* base;
+  size_t block_bytes;
+  int num_blocks;
+  std::vector<int32_t> free;
+  std::unique_ptr<std::byte[]> owned;  // the memory, when the transfer layer did not provide it
+};
+
 class NativeEngine final : public Engine {
  public:
-  NativeEngine(std::unique_ptr<Model> model, const NativeEngineOptions& options, int num_blocks)
+  NativeEngine(std::unique_ptr<Model> model, const NativeEngineOptions& options, int num_blocks,
+               std::optional<KvStaging> staging = std::nullopt)
       : model_(std::move(model)),
         vocab_size_(model_->config().vocab_size),
         pool_(num_blocks, options.block_size, options.enable_prefix_caching),
         scheduler_(pool_, SchedulerConfig{options.max_num_seqs, options.max_num_batched_tokens, 0}),
         sampler_(vocab_size_, SamplingThreads(options, *model_)),
         pipelined_(options.pipelined_decode && model_->samples_pipelined()),
-        hooks_(options.kv_transfer) {
+        hooks_(options.kv_transfer),
+        staging_(std::move(staging)) {
     const int pool_tokens = num_blocks * options.block_size;
     const int max_pos = model_->config().max_position_embeddings;
     context_length_ = max_pos > 0 ? std::min(max_pos, pool_tokens) : pool_tokens;
@@ -95,12 +130,14 @@ class NativeEngine final : public Engine {
     SeqId id = 0;
     std::string descriptor;
     int first_block = 0;
-    std::vector<int32_t> dst;
+    std::vector<int32_t> dst;     // the cache's blocks to fill
+    std::vector<int32_t> staged;  // with a device cache: the staging blocks the pull fills first
   };
   struct ImportDone {
     SeqId id = 0;
     Result<size_t> bytes = Status::Ok();
     double seconds = 0;
+    std::vector<int32_t> dst, staged;
   };
 
   // A delta waiting for the end of the step: streams see it after Metrics() reflects the step.
@@ -166,7 +203,7 @@ class NativeEngine final : public Engine {
   void HandOff(SeqId id, Active& a, EngineOutput& delta);
   void ProcessLeases();
   void ProcessImports();
-  void FinishImport(const ImportDone& done);
+  void FinishImport(ImportDone done);
   void TransferLoop();  // the transfer thread
   bool HasLeases();
 
@@ -205,6 +242,7 @@ class NativeEngine final : public Engine {
 
   // Disaggregated serving.
   KvTransferHooks hooks_;
+  std::optional<KvStaging> staging_;  // a device cache's host staging blocks (step thread only)
   std::mutex lease_mu_;  // leases_ and released_blocks_ (ReleaseKvLease runs on other threads)
   std::unordered_map<uint64_t, Lease> leases_;
   std::vector<int32_t> released_blocks_;

@@ -10,6 +10,8 @@
 #                           shape through etcd + nats-server + dyn worker + dyn frontend
 #   acceptance.sh smol      SmolLM2-135M Q4_1 against the CPU and its numpy reference; served through
 #                           dyn run and through dyn worker + dyn frontend
+#   acceptance.sh disagg    prefill and decode workers on the GPU (tests/integration/test_disagg.py:
+#                           stories260K and the 8B shape, KV over tcp and shm through host staging)
 #
 # Inputs, in ignored folders named .dev* at the repository root (each call carries its own):
 # pack.tar.xz (bin/ lib/ llama8b/ stories260K/ ShareGPT_V3_filtered_1000.json), tools.tar.xz (etcd,
@@ -165,6 +167,19 @@ smol)
   completion http://127.0.0.1:8080 smollm2 "The three primary colors are" stream | tail -c 300; echo
   kill $FPID $WPID; wait $FPID $WPID 2>/dev/null
   ;;
-*) echo "usage: $0 perf|correct|smol"; exit 2 ;;
+disagg)
+  # Prefill and decode workers on one GPU, the KV through host staging blocks (tcp and shm), the
+  # greedy output equal to dyn run's; a prefill worker killed before and during the copy.
+  df -h /dev/shm | tail -1
+  mkdir -p ../shared/models && ln -sfn $D/stories260K ../shared/models/stories260K
+  echo "== disaggregated serving on the GPU: stories260K (F32 KV) ($(ts))"
+  DYN_KV_CACHE_MB=1024 DYN_KV_STAGING_MB=64 DYN_BIN=$B/dyn timeout 280 python3 -m pytest -q tests/integration/test_disagg.py \
+    -k "not SmolLM2 and not mocker and not extra" 2>&1 | tail -3
+  grep -h "staging blocks\|backend cuda" build/cluster-logs/*.log 2>/dev/null | sed 's/.*\] //' | cut -c1-160 | sort -u | head -3
+  echo "== disaggregated serving on the GPU: the 8B shape (bf16 KV, dummy weights) ($(ts))"
+  DYN_TEST_EXTRA_MODEL=$M DYN_LOAD_FORMAT=dummy DYN_KV_CACHE_MB=4096 DYN_KV_STAGING_MB=256 DYN_BIN=$B/dyn timeout 250 \
+    python3 -m pytest -q tests/integration/test_disagg.py -k "extra" 2>&1 | tail -3
+  ;;
+*) echo "usage: $0 perf|correct|smol|disagg"; exit 2 ;;
 esac
 echo "== done at $(ts)"
