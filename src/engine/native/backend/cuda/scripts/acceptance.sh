@@ -176,8 +176,8 @@ disagg)
   DYN_KV_CACHE_MB=1024 DYN_KV_STAGING_MB=64 DYN_BIN=$B/dyn timeout 280 python3 -m pytest -q tests/integration/test_disagg.py \
     -k "not SmolLM2 and not mocker and not extra" 2>&1 | tail -3
   grep -h "staging blocks\|backend cuda" build/cluster-logs/*.log 2>/dev/null | sed 's/.*\] //' | cut -c1-160 | sort -u | head -3
-  echo "== disaggregated serving on the GPU: the 8B shape (bf16 KV, dummy weights) ($(ts))"
-  DYN_TEST_EXTRA_MODEL=$M DYN_LOAD_FORMAT=dummy DYN_KV_CACHE_MB=4096 DYN_KV_STAGING_MB=256 DYN_BIN=$B/dyn timeout 250 \
+  echo "== disaggregated serving on the GPU: the 8B shape (bf16 KV, dummy weights; one request at a time) ($(ts))"
+  DYN_TEST_DISAGG_CONCURRENCY=1 DYN_TEST_EXTRA_MODEL=$M DYN_LOAD_FORMAT=dummy DYN_KV_CACHE_MB=4096 DYN_KV_STAGING_MB=256 DYN_BIN=$B/dyn timeout 250 \
     python3 -m pytest -q tests/integration/test_disagg.py -k "extra" 2>&1 | tail -3
   ;;
 *) echo "usage: $0 perf|correct|smol|disagg"; exit 2 ;;
