@@ -22,9 +22,12 @@ void NativeEngine::HandOff(SeqId id, Active& a, EngineOutput& delta) {
                                                   std::to_string(blocks.size()) + " needed)");
     scheduler_.ReleaseDetached(blocks);
     if (!s.ok()) {
+      // Unavailable and no token: the frontend serves the request aggregated instead (a fallback).
       if (staged) staging_->Give(*staged);
+      delta.token_ids.clear();
+      delta.logprobs.clear();
       delta.finish_reason = FinishReason::kError;
-      delta.error = "cannot stage the prompt's KV: " + s.ToString();
+      delta.error = "Unavailable: cannot stage the prompt's KV: " + s.ToString();
       return;
     }
     blocks = std::move(*staged);

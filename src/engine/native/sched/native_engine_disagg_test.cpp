@@ -211,6 +211,9 @@ TEST(NativeEngineDisagg, StagingTooSmallFailsClearlyAndLeaksNothing) {
   ASSERT_TRUE(ps.Wait());
   EXPECT_EQ(*ps.finish, FinishReason::kError);
   EXPECT_NE(ps.error.find("staging"), std::string::npos) << ps.error;
+  // Unavailable with no token: what makes the frontend fall back to aggregated serving.
+  EXPECT_EQ(ps.error.rfind("Unavailable", 0), 0u) << ps.error;
+  EXPECT_TRUE(ps.tokens.empty());
   EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_blocks_used == 0; }));
   EXPECT_EQ(pair.prefill->Metrics().kv_leases, 0u);
   // Decode side: an import larger than the staging area ends with an error, its lease released.
