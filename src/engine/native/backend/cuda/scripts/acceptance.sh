@@ -180,6 +180,33 @@ disagg)
   DYN_TEST_DISAGG_CONCURRENCY=1 DYN_TEST_EXTRA_MODEL=$M DYN_LOAD_FORMAT=dummy DYN_KV_CACHE_MB=4096 DYN_KV_STAGING_MB=256 DYN_BIN=$B/dyn timeout 250 \
     python3 -m pytest -q tests/integration/test_disagg.py -k "extra" 2>&1 | tail -3
   ;;
-*) echo "usage: $0 perf|correct|smol|disagg"; exit 2 ;;
+disagg-bench)
+  # What the staging path costs: 4096-token prompts, 64 output tokens, 4 in flight, through one
+  # prefill + one decode worker on the same GPU (shm), then through dyn run alone.
+  COMMON="--model $M --served-model-name llama8b --device $DEV --load-format dummy --kv-cache-mb 20000 --max-num-batched-tokens 8192"
+  start_etcd_nats
+  for role in prefill decode; do
+    port=$([ $role = prefill ] && echo 9101 || echo 9102)
+    $B/dyn worker $COMMON --role $role --kv-transport shm --kv-staging-mb 4096 --http-port $port \
+      --discovery etcd:http://127.0.0.1:2379 --event-plane nats://127.0.0.1:4222 > $OUT/worker_$role.log 2>&1 &
+  done
+  $B/dyn frontend --discovery etcd:http://127.0.0.1:2379 --event-plane nats://127.0.0.1:4222 --router-mode kv \
+    --max-local-prefill-tokens 0 --port 8080 > $OUT/frontend.log 2>&1 &
+  for _ in $(seq 120); do grep -q "prefill pool" $OUT/frontend.log && curl -s localhost:8080/v1/models | grep -q llama8b && break; sleep 1; done
+  bench_long() { timeout 120 $B/dyn bench --url "$1" --model llama8b --input-tokens 4096 --output-tokens 64 --concurrency 4 \
+    --num-requests 32 --warmup-requests 2 --no-progress --extra-body '{"temperature":0}' 2>&1 | grep -iE "first token|inter-token|window|completed" | head -4; }
+  echo "== disaggregated, 1 prefill + 1 decode worker, shm through staging ($(ts))"
+  bench_long http://127.0.0.1:8080
+  curl -s localhost:9102/metrics | grep -E "^dyn_engine_kv_transfer(s|_bytes|_seconds|_failures)_total"
+  curl -s localhost:8080/metrics | grep -E "^dyn_router_(remote_prefills|disagg_fallbacks)_total"
+  grep -h "staging blocks" $OUT/worker_*.log | sed 's/.*\] //' | head -2
+  pkill -f "dyn frontend"; pkill -f "dyn worker"; sleep 3
+  echo "== aggregated, dyn run ($(ts))"
+  $B/dyn run $COMMON --port 8000 > $OUT/run_agg.log 2>&1 &
+  SPID=$!
+  wait_http http://127.0.0.1:8000 && bench_long http://127.0.0.1:8000
+  kill $SPID; wait $SPID 2>/dev/null
+  ;;
+*) echo "usage: $0 perf|correct|smol|disagg|disagg-bench"; exit 2 ;;
 esac
 echo "== done at $(ts)"
