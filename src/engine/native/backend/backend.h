@@ -103,8 +103,12 @@ class Backend {
   // A device backend: its memory's free and total bytes now (false: not a device, or unknown).
   // Sizes the KV cache from --gpu-memory-utilization after the weights are loaded.
   virtual bool DeviceMemory(size_t* free_bytes, size_t* total_bytes) const { return false; }
+  // Page-locks host memory the backend copies to and from often (KV staging), so copies run at
+  // the link's speed; false where nothing is gained or it failed. Unpin before the memory goes.
+  virtual bool PinHostMemory(void* host, size_t bytes) { return false; }
+  virtual void UnpinHostMemory(void* host) {}
   // Element type of the KV cache for a model whose attention weights prepared to `weight_dtype`:
-  // F32 on the CPU (and for KV transfer, which only runs on host-memory caches); the CUDA backend
+  // F32 on the CPU; the CUDA backend
   // keeps bf16 K/V for bf16 models (half the bytes attention reads) and F32 for F32 models.
   virtual DType KvCacheDType(DType weight_dtype) const { return DType::kF32; }
 

@@ -119,6 +119,9 @@ class LlamaModel : public Model {
 
   void* KvCacheHostMemory() override { return kv_cache_ && backend_->host_memory() ? kv_cache_->data() : nullptr; }
 
+  bool PinHostMemory(void* host, size_t bytes) override { return backend_->PinHostMemory(host, bytes); }
+  void UnpinHostMemory(void* host) override { backend_->UnpinHostMemory(host); }
+
   Status CopyKvBlocks(std::span<const int32_t> blocks, std::span<std::byte* const> host, bool to_host) override {
     if (!kv_cache_ || backend_->host_memory()) return Model::CopyKvBlocks(blocks, host, to_host);
     if (blocks.size() != host.size()) return Status::InvalidArgument("CopyKvBlocks: one host address a block");

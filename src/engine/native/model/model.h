@@ -90,6 +90,9 @@ class Model {
   virtual Status CopyKvBlocks(std::span<const int32_t> blocks, std::span<std::byte* const> host, bool to_host) {
     return Status::Unsupported("this model has no device KV cache to copy");
   }
+  // Page-locks host memory that CopyKvBlocks uses often (Backend::PinHostMemory); false: not done.
+  virtual bool PinHostMemory(void* host, size_t bytes) { return false; }
+  virtual void UnpinHostMemory(void* host) {}
   // Runs the batch: writes each new token's K/V into its block slot, and for each sequence with
   // want_logits (in batch order) writes vocab_size float logits to `logits`. Sequences are
   // independent: results do not depend on what else is in the batch (up to float rounding).

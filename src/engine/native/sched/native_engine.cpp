@@ -372,8 +372,6 @@ Result<EnginePtr> CreateNativeEngine(std::unique_ptr<Model> model, const NativeE
         base = owned.get();
       }
       staging.emplace(static_cast<std::byte*>(base), g.block_bytes, g.num_blocks, std::move(owned));
-      DYN_LOG(INFO) << "KV transfer through " << g.num_blocks << " host staging blocks ("
-                    << ((g.block_bytes * static_cast<size_t>(g.num_blocks)) >> 20) << " MiB; the cache is in device memory)";
     } else if (hooks.allocate_cache) {
       DYN_ASSIGN_OR_RETURN(void* memory, hooks.allocate_cache(g));
       DYN_RETURN_IF_ERROR(model->InitKvCacheAt(num_blocks, options.block_size, memory, g.block_bytes * num_blocks)
@@ -385,6 +383,12 @@ Result<EnginePtr> CreateNativeEngine(std::unique_ptr<Model> model, const NativeE
     }
     if (base == nullptr) return Status::Unsupported("KV transfer needs a KV cache in host memory or a device cache to stage from");
     if (hooks.cache_ready) DYN_RETURN_IF_ERROR(hooks.cache_ready(g, base).WithContext("KV transfer"));
+    if (staging) {  // last: nothing after it fails, and the engine unpins it when it goes
+      const size_t bytes = g.block_bytes * static_cast<size_t>(g.num_blocks);
+      staging->pinned = model->PinHostMemory(base, bytes);
+      DYN_LOG(INFO) << "KV transfer through " << g.num_blocks << " host staging blocks (" << (bytes >> 20) << " MiB, "
+                    << (staging->pinned ? "pinned" : "pageable") << "; the cache is in device memory)";
+    }
   } else {
     DYN_RETURN_IF_ERROR(model->InitKvCache(num_blocks, options.block_size).WithContext("InitKvCache"));
   }

@@ -60,6 +60,7 @@ struct KvStaging {
   std::byte* base;
   size_t block_bytes;
   int num_blocks;
+  bool pinned = false;  // page-locked by the model's backend (unpinned when the engine goes)
   std::vector<int32_t> free;
   std::unique_ptr<std::byte[]> owned;  // the memory, when the transfer layer did not provide it
 };
@@ -85,7 +86,10 @@ class NativeEngine final : public Engine {
     thread_ = std::thread([this] { Loop(); });
   }
 
-  ~NativeEngine() override { Shutdown(); }
+  ~NativeEngine() override {
+    Shutdown();
+    if (staging_ && staging_->pinned) model_->UnpinHostMemory(staging_->base);
+  }
 
   void Generate(PreprocessedRequest request, std::shared_ptr<RequestContext> context, OutputSink sink) override {
     inbox_.Push(std::move(request), std::move(context), std::move(sink));

@@ -257,6 +257,14 @@ class CudaBackend : public Backend {
   bool DeviceMemory(size_t* free_bytes, size_t* total_bytes) const override {
     return cudaMemGetInfo(free_bytes, total_bytes) == cudaSuccess;
   }
+  bool PinHostMemory(void* host, size_t bytes) override {
+    if (cudaHostRegister(host, bytes, cudaHostRegisterPortable) == cudaSuccess) return true;
+    (void)cudaGetLastError();  // not sticky: clear it
+    return false;
+  }
+  void UnpinHostMemory(void* host) override {
+    if (cudaHostUnregister(host) != cudaSuccess) (void)cudaGetLastError();
+  }
 
   // bf16 K/V for bf16 (and dequantized) models: half the bytes attention reads, and the tensor-core
   // prefill kernel reads it directly. F32 models (tiny reference models) keep an F32 cache.
