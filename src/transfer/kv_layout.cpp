@@ -2,8 +2,10 @@
 #include <algorithm>
 #include <boost/json.hpp>
 #include <charconv>
+#include <cstring>
 #include <limits>
 #include <sstream>
+#include <thread>
 
 #include "transfer/transfer_internal.h"
 
@@ -184,6 +186,38 @@ std::vector<PairRun> CoalescePairs(std::span<const int32_t> src, std::span<const
     }
   }
   return runs;
+}
+
+void ParallelCopy(std::span<const CopySpan> spans, int threads) {
+  size_t total = 0;
+  for (const CopySpan& s : spans) total += s.bytes;
+  threads = std::max(1, threads);
+  if (threads == 1 || total == 0) {
+    for (const CopySpan& s : spans) std::memcpy(s.dst, s.src, s.bytes);
+    return;
+  }
+  // Thread t copies bytes [t * share, (t + 1) * share) of the spans laid end to end.
+  const size_t share = (total + threads - 1) / threads;
+  auto copy_range = [&](size_t begin, size_t end) {
+    size_t at = 0;
+    for (const CopySpan& s : spans) {
+      const size_t lo = std::max(begin, at), hi = std::min(end, at + s.bytes);
+      if (lo < hi) std::memcpy(s.dst + (lo - at), s.src + (lo - at), hi - lo);
+      at += s.bytes;
+      if (at >= end) break;
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int t = 1; t < threads; ++t) {
+    pool.emplace_back(copy_range, std::min(total, t * share), std::min(total, (t + 1) * share));
+  }
+  copy_range(0, std::min(total, share));
+  for (std::thread& th : pool) th.join();
+}
+
+int CopyThreadsFor(size_t bytes) {
+  const int hw = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return static_cast<int>(std::clamp<size_t>(bytes / (size_t{32} << 20), 1, static_cast<size_t>(std::min(8, hw))));
 }
 
 Status CheckIds(std::span<const int32_t> ids, int num_blocks, std::string_view what) {

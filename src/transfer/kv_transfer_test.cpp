@@ -127,6 +127,29 @@ TEST(Coalesce, RunsAndPairs) {
   EXPECT_EQ(s.message(), "source block id 9 (index 3) is out of range [0, 9)");
 }
 
+TEST(ParallelCopy, EqualsSerialCopiesForAnySplit) {
+  std::mt19937 rng(5);
+  std::vector<char> src(1 << 16), dst(1 << 16, 0), want(1 << 16, 0);
+  for (char& c : src) c = static_cast<char>(rng());
+  // Spans of varied sizes (some empty), scattered, not overlapping on either side.
+  std::vector<CopySpan> spans;
+  size_t at_src = 0, at_dst = 7;
+  for (size_t len : {size_t{0}, size_t{1}, size_t{31}, size_t{4096}, size_t{0}, size_t{12345}, size_t{3}, size_t{20000}}) {
+    spans.push_back({dst.data() + at_dst, src.data() + at_src, len});
+    std::memcpy(want.data() + at_dst, src.data() + at_src, len);
+    at_src += len + 13;
+    at_dst += len + 29;
+  }
+  for (int threads : {1, 2, 3, 4, 7, 64}) {
+    std::fill(dst.begin(), dst.end(), 0);
+    ParallelCopy(spans, threads);
+    EXPECT_EQ(dst, want) << threads << " threads";
+  }
+  EXPECT_EQ(CopyThreadsFor(1 << 20), 1);
+  EXPECT_GE(CopyThreadsFor(size_t{1} << 30), 1);
+  EXPECT_LE(CopyThreadsFor(size_t{1} << 30), 8);
+}
+
 TEST(Sockets, SplitHostPort) {
   EXPECT_EQ(SplitHostPort("127.0.0.1:80")->first, "127.0.0.1");
   EXPECT_EQ(SplitHostPort("127.0.0.1:80")->second, 80);

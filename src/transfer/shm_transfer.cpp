@@ -222,10 +222,14 @@ Status ShmPuller::Pull(const std::string& name, const KvLayoutDesc& local_layout
   DYN_RETURN_IF_ERROR(CheckIds(src, h.num_blocks, "source").WithContext(where + " refused"));
   const char* from = m->base + h.data_offset;
   char* to = static_cast<char*>(local.base);
+  std::vector<CopySpan> spans;
+  size_t bytes = 0;
   for (const PairRun& r : CoalescePairs(src, dst)) {
-    std::memcpy(to + static_cast<size_t>(r.dst) * local.block_bytes, from + static_cast<size_t>(r.src) * h.block_bytes,
-                static_cast<size_t>(r.count) * h.block_bytes);
+    spans.push_back({to + static_cast<size_t>(r.dst) * local.block_bytes, from + static_cast<size_t>(r.src) * h.block_bytes,
+                     static_cast<size_t>(r.count) * h.block_bytes});
+    bytes += spans.back().bytes;
   }
+  ParallelCopy(spans, CopyThreadsFor(bytes));
   return Status::Ok();
 }
 
