@@ -8,6 +8,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/engine.h"
@@ -80,6 +81,31 @@ class RequestInbox {
   std::condition_variable cv_;
   std::vector<IncomingRequest> queue_;
   bool closed_ = false;
+};
+
+// What every step-loop engine does the same way: Generate queues into the inbox, Metrics returns
+// the copy the step thread last published (under metrics_mu_), Shutdown closes the inbox and joins
+// the step thread. A derived engine starts thread_ last in its constructor and calls Shutdown() in
+// its destructor, so its own members outlive the thread.
+class StepLoopEngine : public Engine {
+ public:
+  void Generate(PreprocessedRequest request, std::shared_ptr<RequestContext> context, OutputSink sink) override {
+    inbox_.Push(std::move(request), std::move(context), std::move(sink));
+  }
+  EngineMetrics Metrics() const override {
+    std::lock_guard lock(metrics_mu_);
+    return metrics_;
+  }
+  void Shutdown() override {
+    inbox_.Close();
+    if (thread_.joinable()) thread_.join();
+  }
+
+ protected:
+  RequestInbox inbox_;
+  mutable std::mutex metrics_mu_;
+  EngineMetrics metrics_;
+  std::thread thread_;  // the step thread
 };
 
 }  // namespace dyn

@@ -20,7 +20,7 @@ namespace {
 using Incoming = IncomingRequest;
 using Clock = std::chrono::steady_clock;
 
-class MockerEngine final : public Engine {
+class MockerEngine final : public StepLoopEngine {
  public:
   explicit MockerEngine(const MockerEngineOptions& options)
       : options_(options), hooks_(options.kv_transfer), core_(options.core) {
@@ -30,20 +30,6 @@ class MockerEngine final : public Engine {
   }
 
   ~MockerEngine() override { Shutdown(); }
-
-  void Generate(PreprocessedRequest request, std::shared_ptr<RequestContext> context, OutputSink sink) override {
-    inbox_.Push(std::move(request), std::move(context), std::move(sink));
-  }
-
-  EngineMetrics Metrics() const override {
-    std::lock_guard lock(metrics_mu_);
-    return metrics_;
-  }
-
-  void Shutdown() override {
-    inbox_.Close();
-    if (thread_.joinable()) thread_.join();
-  }
 
   // Any thread: the lease leaves the table now (a second release is refused); the step thread
   // frees its blocks at its next iteration.
@@ -95,7 +81,6 @@ class MockerEngine final : public Engine {
   const MockerEngineOptions options_;
   const KvTransferHooks hooks_;
 
-  RequestInbox inbox_;
 
   // Step-thread state.
   MockerCore core_;
@@ -109,10 +94,7 @@ class MockerEngine final : public Engine {
   std::unordered_map<uint64_t, Clock::time_point> lease_deadlines_;
   std::vector<uint64_t> released_leases_;  // to free in the core
 
-  mutable std::mutex metrics_mu_;
-  EngineMetrics metrics_;
 
-  std::thread thread_;  // last: starts after everything above is built
 };
 
 Status MockerEngine::Validate(const PreprocessedRequest& r) const {

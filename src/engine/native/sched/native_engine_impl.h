@@ -65,7 +65,7 @@ struct KvStaging {
   std::unique_ptr<std::byte[]> owned;  // the memory, when the transfer layer did not provide it
 };
 
-class NativeEngine final : public Engine {
+class NativeEngine final : public StepLoopEngine {
  public:
   NativeEngine(std::unique_ptr<Model> model, const NativeEngineOptions& options, int num_blocks,
                std::optional<KvStaging> staging = std::nullopt)
@@ -89,20 +89,6 @@ class NativeEngine final : public Engine {
   ~NativeEngine() override {
     Shutdown();
     if (staging_ && staging_->pinned) model_->UnpinHostMemory(staging_->base);
-  }
-
-  void Generate(PreprocessedRequest request, std::shared_ptr<RequestContext> context, OutputSink sink) override {
-    inbox_.Push(std::move(request), std::move(context), std::move(sink));
-  }
-
-  EngineMetrics Metrics() const override {
-    std::lock_guard lock(metrics_mu_);
-    return metrics_;
-  }
-
-  void Shutdown() override {
-    inbox_.Close();
-    if (thread_.joinable()) thread_.join();
   }
 
   bool ReleaseKvLease(uint64_t lease_id) override {
@@ -215,7 +201,6 @@ class NativeEngine final : public Engine {
   const int vocab_size_;
   int context_length_ = 0;
 
-  RequestInbox inbox_;
 
   // Step-thread state.
   BlockPool pool_;
@@ -241,8 +226,6 @@ class NativeEngine final : public Engine {
   uint64_t pipelined_steps_ = 0, overlapped_steps_ = 0, drains_ = 0;  // logged at shutdown
   uint64_t prompt_tokens_ = 0, cached_prompt_tokens_ = 0, generated_tokens_ = 0, steps_ = 0;
 
-  mutable std::mutex metrics_mu_;
-  EngineMetrics metrics_;
 
   // Disaggregated serving.
   KvTransferHooks hooks_;
@@ -261,7 +244,6 @@ class NativeEngine final : public Engine {
   double kv_transfer_seconds_ = 0;
   std::thread transfer_thread_;
 
-  std::thread thread_;  // last: starts after everything above is built
 };
 
 }  // namespace dyn::native_engine_impl
