@@ -363,7 +363,7 @@ Result<EnginePtr> CreateNativeEngine(std::unique_ptr<Model> model, const NativeE
     void* base = nullptr;
     if (model->DeviceMemory(&free_bytes, &total_bytes)) {
       DYN_RETURN_IF_ERROR(model->InitKvCache(num_blocks, options.block_size).WithContext("InitKvCache"));
-      g.num_blocks = static_cast<int>(std::clamp<size_t>(options.kv_staging_bytes / g.block_bytes, 1, static_cast<size_t>(num_blocks)));
+      g.num_blocks = static_cast<int>(std::clamp<size_t>(options.kv_staging_bytes / std::max<size_t>(g.block_bytes, 1), 1, static_cast<size_t>(num_blocks)));
       std::unique_ptr<std::byte[]> owned;
       if (hooks.allocate_cache) {
         DYN_ASSIGN_OR_RETURN(base, hooks.allocate_cache(g));
