@@ -107,6 +107,10 @@ class Backend {
   // the link's speed; false where nothing is gained or it failed. Unpin before the memory goes.
   virtual bool PinHostMemory(void* host, size_t bytes) { return false; }
   virtual void UnpinHostMemory(void* host) {}
+  // A copy from host memory into backend memory that any thread may make while another thread
+  // runs the backend's kernels (its own stream; returns when the bytes have landed). Only for
+  // memory no queued or running kernel touches. False: the backend has no such path.
+  virtual bool CopyToBackendConcurrently(void* dst, const void* host_src, size_t bytes) { return false; }
   // Element type of the KV cache for a model whose attention weights prepared to `weight_dtype`:
   // F32 on the CPU; the CUDA backend
   // keeps bf16 K/V for bf16 models (half the bytes attention reads) and F32 for F32 models.

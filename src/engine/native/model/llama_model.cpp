@@ -124,26 +124,45 @@ class LlamaModel : public Model {
 
   Status CopyKvBlocks(std::span<const int32_t> blocks, std::span<std::byte* const> host, bool to_host) override {
     if (!kv_cache_ || backend_->host_memory()) return Model::CopyKvBlocks(blocks, host, to_host);
-    if (blocks.size() != host.size()) return Status::InvalidArgument("CopyKvBlocks: one host address a block");
+    return ForKvRuns(blocks, host, [&](std::byte* dev, std::byte* h, size_t bytes) {
+      if (to_host) backend_->CopyToHost(h, dev, bytes);
+      else backend_->CopyToBackend(dev, h, bytes);
+      return true;
+    });
+  }
+  Status WriteKvBlocksConcurrently(std::span<const int32_t> blocks, std::span<std::byte* const> host) override {
+    if (!kv_cache_ || backend_->host_memory()) return Model::WriteKvBlocksConcurrently(blocks, host);
+    return ForKvRuns(blocks, host, [&](std::byte* dev, std::byte* h, size_t bytes) {
+      return backend_->CopyToBackendConcurrently(dev, h, bytes);
+    });
+  }
+
+  Status Forward(std::span<const ForwardSeq> batch, float* logits) override { return Run(batch, logits, {}, nullptr); }
+
+ private:
+  // Calls copy(device address, host address, bytes) for each run of consecutive cache blocks
+  // whose host blocks are consecutive too (one copy a run). copy returning false: Unsupported.
+  template <class Copy>
+  Status ForKvRuns(std::span<const int32_t> blocks, std::span<std::byte* const> host, Copy copy) {
+    if (blocks.size() != host.size()) return Status::InvalidArgument("KV block copy: one host address a block");
     const size_t block_bytes = kv_.BlockFloats() * kv_.ElementBytes();
     auto* cache = static_cast<std::byte*>(kv_cache_->data());
-    // Runs of consecutive blocks whose host blocks are consecutive too are one copy.
     for (size_t i = 0; i < blocks.size();) {
-      if (blocks[i] < 0 || blocks[i] >= kv_.num_blocks) return Status::InvalidArgument("CopyKvBlocks: no block " + std::to_string(blocks[i]));
+      if (blocks[i] < 0 || blocks[i] >= kv_.num_blocks) return Status::InvalidArgument("KV block copy: no block " + std::to_string(blocks[i]));
       size_t n = 1;
       while (i + n < blocks.size() && blocks[i + n] == blocks[i] + static_cast<int32_t>(n) && blocks[i + n] < kv_.num_blocks &&
              host[i + n] == host[i] + n * block_bytes) {
         ++n;
       }
-      std::byte* dev = cache + static_cast<size_t>(blocks[i]) * block_bytes;
-      if (to_host) backend_->CopyToHost(host[i], dev, n * block_bytes);
-      else backend_->CopyToBackend(dev, host[i], n * block_bytes);
+      if (!copy(cache + static_cast<size_t>(blocks[i]) * block_bytes, host[i], n * block_bytes)) {
+        return Status::Unsupported("the backend has no concurrent copy");
+      }
       i += n;
     }
     return Status::Ok();
   }
 
-  Status Forward(std::span<const ForwardSeq> batch, float* logits) override { return Run(batch, logits, {}, nullptr); }
+ public:
   bool samples_on_device() const override { return backend_->samples_on_device(); }
   bool samples_truncated_on_device() const override { return backend_->samples_truncated_on_device(); }
   Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens,

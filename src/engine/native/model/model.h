@@ -90,6 +90,12 @@ class Model {
   virtual Status CopyKvBlocks(std::span<const int32_t> blocks, std::span<std::byte* const> host, bool to_host) {
     return Status::Unsupported("this model has no device KV cache to copy");
   }
+  // Host to cache, as CopyKvBlocks(..., to_host = false), but from any thread while another runs
+  // Forward: only for blocks no queued or running forward pass reads or writes (an import's
+  // reserved blocks). Unsupported where the backend has no concurrent path: use CopyKvBlocks.
+  virtual Status WriteKvBlocksConcurrently(std::span<const int32_t> blocks, std::span<std::byte* const> host) {
+    return Status::Unsupported("no concurrent KV write");
+  }
   // Page-locks host memory that CopyKvBlocks uses often (Backend::PinHostMemory); false: not done.
   virtual bool PinHostMemory(void* host, size_t bytes) { return false; }
   virtual void UnpinHostMemory(void* host) {}

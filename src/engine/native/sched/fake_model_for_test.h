@@ -83,7 +83,17 @@ class FakeModel : public Model {
     kv_blocks_copied += blocks.size();
     return Status::Ok();
   }
-  std::atomic<uint64_t> kv_blocks_copied{0};
+  // From the engine's transfer thread while Forward runs on its step thread (different blocks).
+  bool concurrent_kv_writes = true;
+  Status WriteKvBlocksConcurrently(std::span<const int32_t> blocks, std::span<std::byte* const> host) override {
+    if (!device_cache || !concurrent_kv_writes) return Model::WriteKvBlocksConcurrently(blocks, host);
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      std::memcpy(slots_.data() + static_cast<size_t>(blocks[i]) * block_size_, host[i], block_size_ * sizeof(uint32_t));
+    }
+    kv_blocks_written_concurrently += blocks.size();
+    return Status::Ok();
+  }
+  std::atomic<uint64_t> kv_blocks_copied{0}, kv_blocks_written_concurrently{0};
 
   // A block's slots, for tests that move KV between two models (disaggregated serving).
   std::vector<uint32_t> ReadBlock(int32_t block) const {

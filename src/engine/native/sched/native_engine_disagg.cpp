@@ -114,7 +114,7 @@ void NativeEngine::ProcessImports() {
     ImportJob job{id, a.request.kv_transfer, plan->cached_blocks,
                   std::vector<int32_t>(plan->block_table.begin() + plan->cached_blocks, plan->block_table.end()), {}};
     if (job.dst.empty()) {  // everything was cached here already
-      FinishImport(ImportDone{id, size_t{0}, 0.0, {}, {}});
+      FinishImport(ImportDone{id, size_t{0}, 0.0, {}, {}, false});
       continue;
     }
     if (staging_) job.staged = *staging_->Take(job.dst.size());  // fits: checked above
@@ -135,7 +135,7 @@ void NativeEngine::FinishImport(ImportDone done) {
   hooks_.release(a.request.kv_transfer);
   a.importing = false;
   if (!done.staged.empty()) {  // a device cache: from the staging blocks to the cache's
-    if (done.bytes.ok()) {
+    if (done.bytes.ok() && !done.written) {
       Status s = model_->CopyKvBlocks(done.dst, staging_->Addresses(done.staged), /*to_host=*/false);
       if (!s.ok()) done.bytes = s.WithContext("copying the pulled KV to the device");
     }
@@ -174,9 +174,17 @@ void NativeEngine::TransferLoop() {
     }
     const auto t0 = std::chrono::steady_clock::now();
     Result<size_t> bytes = hooks_.pull(job.descriptor, job.first_block, job.staged.empty() ? job.dst : job.staged);
+    bool written = false;
+    if (bytes.ok() && !job.staged.empty()) {
+      // Staged: on to the device here, off the step thread, where the model can (the blocks are
+      // reserved for this import: no step reads or writes them). Else FinishImport copies.
+      Status s = model_->WriteKvBlocksConcurrently(job.dst, staging_->Addresses(job.staged));
+      if (s.ok()) written = true;
+      else if (s.code() != StatusCode::kUnsupported) bytes = s.WithContext("copying the pulled KV to the device");
+    }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::lock_guard lock(transfer_mu_);
-    transfer_done_.push_back(ImportDone{job.id, std::move(bytes), seconds, std::move(job.dst), std::move(job.staged)});
+    transfer_done_.push_back(ImportDone{job.id, std::move(bytes), seconds, std::move(job.dst), std::move(job.staged), written});
   }
 }
 

@@ -57,7 +57,8 @@ struct Pair {
   // `pipelined`: both models pipeline sampling (the decode engine's steps after an import run
   // pipelined, the prefill-only requests never do). `staged`: both models keep their KV "on a
   // device" (FakeModel::device_cache), with staging areas of `staging_blocks` blocks.
-  explicit Pair(std::chrono::milliseconds lease_timeout = 30s, bool pipelined = false, bool staged = false, int staging_blocks = 16) {
+  explicit Pair(std::chrono::milliseconds lease_timeout = 30s, bool pipelined = false, bool staged = false, int staging_blocks = 16,
+                bool concurrent_writes = true) {
     std::unique_ptr<FakeModel> pm, dm;
     if (pipelined) {
       pm = std::make_unique<testing::PipelinedFakeModel>();
@@ -69,6 +70,7 @@ struct Pair {
     prefill_model = pm.get();
     decode_model = dm.get();
     pm->device_cache = dm->device_cache = staged;
+    dm->concurrent_kv_writes = concurrent_writes;
     NativeEngineOptions po;
     po.block_size = 4;
     po.num_kv_blocks = 64;
@@ -148,8 +150,8 @@ struct Pair {
   }
 };
 
-void PrefillThenDecode(bool pipelined, bool staged = false) {
-  Pair pair(30s, pipelined, staged);
+void PrefillThenDecode(bool pipelined, bool staged = false, bool concurrent_writes = true) {
+  Pair pair(30s, pipelined, staged, 16, concurrent_writes);
   FakeModel reference;
   for (uint32_t seed = 1; seed <= 6; ++seed) {
     const auto prompt = Prompt(5 + 7 * static_cast<int>(seed), seed);
@@ -164,6 +166,12 @@ void PrefillThenDecode(bool pipelined, bool staged = false) {
   EXPECT_TRUE(Eventually([&] { return pair.prefill->Metrics().kv_blocks_used == 0; }));
   EXPECT_TRUE(Eventually([&] { return pair.decode->Metrics().kv_blocks_used == 0; }));
   EXPECT_EQ(pair.decode->Metrics().kv_transfers, 6u);
+  if (staged) {  // the decode side's copies to the "device" ran where expected
+    const uint64_t concurrent = pair.decode_model->kv_blocks_written_concurrently.load();
+    const uint64_t on_step = pair.decode_model->kv_blocks_copied.load();
+    EXPECT_EQ(concurrent > 0, concurrent_writes);
+    EXPECT_EQ(on_step > 0, !concurrent_writes);
+  }
   if (pipelined) {  // imported sequences decode pipelined once activated
     EXPECT_GT(static_cast<testing::PipelinedFakeModel*>(pair.decode_model)->overlapped_steps.load(), 6 * 5);
   }
@@ -172,10 +180,12 @@ void PrefillThenDecode(bool pipelined, bool staged = false) {
 TEST(NativeEngineDisagg, PrefillThenDecodeEqualsAggregated) { PrefillThenDecode(false); }
 TEST(NativeEngineDisagg, PrefillThenDecodeEqualsAggregatedPipelined) { PrefillThenDecode(true); }
 
-// Device caches (a GPU's): the KV goes device -> prefill staging -> decode staging -> device.
+// Device caches (a GPU's): the KV goes device -> prefill staging -> decode staging -> device
+// (on the transfer thread where the model writes concurrently, else on the step thread).
 TEST(NativeEngineDisagg, DeviceCachesMoveKvThroughStagingBlocks) {
   PrefillThenDecode(false, /*staged=*/true);
   PrefillThenDecode(true, /*staged=*/true);
+  PrefillThenDecode(true, /*staged=*/true, /*concurrent_writes=*/false);
 }
 
 TEST(NativeEngineDisagg, StagedHandOffFreesDeviceBlocksAtOnceAndLeasesStagingBlocks) {

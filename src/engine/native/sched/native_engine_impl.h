@@ -128,6 +128,7 @@ class NativeEngine final : public StepLoopEngine {
     Result<size_t> bytes = Status::Ok();
     double seconds = 0;
     std::vector<int32_t> dst, staged;
+    bool written = false;  // staged blocks already copied to dst (on the transfer thread)
   };
 
   // A delta waiting for the end of the step: streams see it after Metrics() reflects the step.

@@ -21,6 +21,7 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -187,6 +188,7 @@ class CudaBackend : public Backend {
     if (blas_) cublasDestroy(blas_);
     cudaFree(blas_workspace_);
     if (stream_) cudaStreamDestroy(stream_);
+    if (copy_stream_) cudaStreamDestroy(copy_stream_);
   }
 
   Status Init() {
@@ -264,6 +266,14 @@ class CudaBackend : public Backend {
   }
   void UnpinHostMemory(void* host) override {
     if (cudaHostUnregister(host) != cudaSuccess) (void)cudaGetLastError();
+  }
+  bool CopyToBackendConcurrently(void* dst, const void* host_src, size_t bytes) override {
+    std::lock_guard lock(copy_mu_);
+    DYN_CUDA_CHECK(cudaSetDevice(device_));  // the calling thread's current device
+    if (copy_stream_ == nullptr) DYN_CUDA_CHECK(cudaStreamCreateWithFlags(&copy_stream_, cudaStreamNonBlocking));
+    DYN_CUDA_CHECK(cudaMemcpyAsync(dst, host_src, bytes, cudaMemcpyHostToDevice, copy_stream_));
+    DYN_CUDA_CHECK(cudaStreamSynchronize(copy_stream_));
+    return true;
   }
 
   // bf16 K/V for bf16 (and dequantized) models: half the bytes attention reads, and the tensor-core
@@ -761,6 +771,8 @@ class CudaBackend : public Backend {
   int device_;
   std::string description_;
   cudaStream_t stream_ = nullptr;
+  std::mutex copy_mu_;                   // CopyToBackendConcurrently: any thread
+  cudaStream_t copy_stream_ = nullptr;   // its stream, made at first use
   cublasHandle_t blas_ = nullptr;
   void* blas_workspace_ = nullptr;
   Scratch ids_, gather_rows_, positions_, inv_freq_, attn_meta_, attn_partial_, attn_counters_, x_bf16_, sample_params_, sample_out_;
