@@ -81,7 +81,6 @@ class MockerEngine final : public StepLoopEngine {
   const MockerEngineOptions options_;
   const KvTransferHooks hooks_;
 
-
   // Step-thread state.
   MockerCore core_;
   std::unordered_map<uint64_t, Active> active_;
@@ -93,8 +92,6 @@ class MockerEngine final : public StepLoopEngine {
   std::mutex lease_mu_;
   std::unordered_map<uint64_t, Clock::time_point> lease_deadlines_;
   std::vector<uint64_t> released_leases_;  // to free in the core
-
-
 };
 
 Status MockerEngine::Validate(const PreprocessedRequest& r) const {

@@ -138,31 +138,6 @@ class LlamaModel : public Model {
   }
 
   Status Forward(std::span<const ForwardSeq> batch, float* logits) override { return Run(batch, logits, {}, nullptr); }
-
- private:
-  // Calls copy(device address, host address, bytes) for each run of consecutive cache blocks
-  // whose host blocks are consecutive too (one copy a run). copy returning false: Unsupported.
-  template <class Copy>
-  Status ForKvRuns(std::span<const int32_t> blocks, std::span<std::byte* const> host, Copy copy) {
-    if (blocks.size() != host.size()) return Status::InvalidArgument("KV block copy: one host address a block");
-    const size_t block_bytes = kv_.BlockFloats() * kv_.ElementBytes();
-    auto* cache = static_cast<std::byte*>(kv_cache_->data());
-    for (size_t i = 0; i < blocks.size();) {
-      if (blocks[i] < 0 || blocks[i] >= kv_.num_blocks) return Status::InvalidArgument("KV block copy: no block " + std::to_string(blocks[i]));
-      size_t n = 1;
-      while (i + n < blocks.size() && blocks[i + n] == blocks[i] + static_cast<int32_t>(n) && blocks[i + n] < kv_.num_blocks &&
-             host[i + n] == host[i] + n * block_bytes) {
-        ++n;
-      }
-      if (!copy(cache + static_cast<size_t>(blocks[i]) * block_bytes, host[i], n * block_bytes)) {
-        return Status::Unsupported("the backend has no concurrent copy");
-      }
-      i += n;
-    }
-    return Status::Ok();
-  }
-
- public:
   bool samples_on_device() const override { return backend_->samples_on_device(); }
   bool samples_truncated_on_device() const override { return backend_->samples_truncated_on_device(); }
   Status ForwardSample(std::span<const ForwardSeq> batch, std::span<const DeviceSampling> sampling, uint32_t* tokens,
@@ -201,6 +176,28 @@ class LlamaModel : public Model {
   }
 
  private:
+  // Calls copy(device address, host address, bytes) for each run of consecutive cache blocks
+  // whose host blocks are consecutive too (one copy a run). copy returning false: Unsupported.
+  template <class Copy>
+  Status ForKvRuns(std::span<const int32_t> blocks, std::span<std::byte* const> host, Copy copy) {
+    if (blocks.size() != host.size()) return Status::InvalidArgument("KV block copy: one host address a block");
+    const size_t block_bytes = kv_.BlockFloats() * kv_.ElementBytes();
+    auto* cache = static_cast<std::byte*>(kv_cache_->data());
+    for (size_t i = 0; i < blocks.size();) {
+      if (blocks[i] < 0 || blocks[i] >= kv_.num_blocks) return Status::InvalidArgument("KV block copy: no block " + std::to_string(blocks[i]));
+      size_t n = 1;
+      while (i + n < blocks.size() && blocks[i + n] == blocks[i] + static_cast<int32_t>(n) && blocks[i + n] < kv_.num_blocks &&
+             host[i + n] == host[i] + n * block_bytes) {
+        ++n;
+      }
+      if (!copy(cache + static_cast<size_t>(blocks[i]) * block_bytes, host[i], n * block_bytes)) {
+        return Status::Unsupported("the backend cannot copy KV blocks this way");
+      }
+      i += n;
+    }
+    return Status::Ok();
+  }
+
   Result<std::unique_ptr<Buffer>> Upload(const std::vector<float>& v) {
     DYN_ASSIGN_OR_RETURN(auto buf, backend_->Allocate(v.size() * sizeof(float)));
     backend_->CopyToBackend(buf->data(), v.data(), v.size() * sizeof(float));

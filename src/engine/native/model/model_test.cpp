@@ -330,7 +330,7 @@ TEST(SmolLM2Gguf, MatchesNumpyReference) {
 
 // With the weights converted to F32 at load the CPU backend computes what the reference computes
 // (float sums in another order): every greedy step agrees and the logits are within float rounding.
-// This is the reference dyn_cuda_compare measures the GPU against (--cpu-weights f32).
+// dyn_cuda_compare --cpu-weights f32 measures the GPU against this reference.
 TEST(SmolLM2Gguf, WeightsF32MatchNumpyReferenceExactly) {
   if (!FileExists(kSmolGguf)) GTEST_SKIP() << kSmolGguf << " absent";
   ModelLoadOptions opt;

@@ -202,7 +202,6 @@ class NativeEngine final : public StepLoopEngine {
   const int vocab_size_;
   int context_length_ = 0;
 
-
   // Step-thread state.
   BlockPool pool_;
   Scheduler scheduler_;
@@ -227,10 +226,11 @@ class NativeEngine final : public StepLoopEngine {
   uint64_t pipelined_steps_ = 0, overlapped_steps_ = 0, drains_ = 0;  // logged at shutdown
   uint64_t prompt_tokens_ = 0, cached_prompt_tokens_ = 0, generated_tokens_ = 0, steps_ = 0;
 
-
   // Disaggregated serving.
   KvTransferHooks hooks_;
-  std::optional<KvStaging> staging_;  // a device cache's host staging blocks (step thread only)
+  // A device cache's host staging blocks: its free list is the step thread's; the transfer thread
+  // only computes addresses (base and block_bytes do not change).
+  std::optional<KvStaging> staging_;
   std::mutex lease_mu_;  // leases_ and released_blocks_ (ReleaseKvLease runs on other threads)
   std::unordered_map<uint64_t, Lease> leases_;
   std::vector<int32_t> released_blocks_;
@@ -244,7 +244,6 @@ class NativeEngine final : public StepLoopEngine {
   uint64_t kv_transfers_ = 0, kv_transfer_failures_ = 0, kv_transfer_bytes_ = 0;
   double kv_transfer_seconds_ = 0;
   std::thread transfer_thread_;
-
 };
 
 }  // namespace dyn::native_engine_impl

@@ -21,7 +21,6 @@
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
-#include <mutex>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -30,6 +29,7 @@
 #include <deque>
 #include <functional>
 #include <map>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <unordered_map>

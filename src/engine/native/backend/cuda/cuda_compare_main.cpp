@@ -4,7 +4,8 @@
 //                    [--stories-ref reference.json] [--smol-ref smollm2_q4_1_reference.json] [--device cuda]
 //                    [--chunk N] [--dump-logits PREFIX]
 //
-// 1. Logits: prefill --ids (in chunks of --chunk tokens; 0, the default: all at once), then greedy decode (the CPU's tokens are fed to both, so the inputs stay
+// 1. Logits: prefill --ids (in chunks of --chunk tokens; 0, the default: all at once), then greedy
+//    decode (the CPU's tokens are fed to both, so the inputs stay
 //    identical); prints ||cuda - cpu|| / ||cpu|| at every position and whether the argmax agrees.
 //    Then each backend decodes --steps tokens greedily on its own: the two outputs must be equal.
 //    The CPU reference computes with the weights the GPU holds (--cpu-weights bf16, the default:
@@ -119,13 +120,37 @@ std::unique_ptr<Model> Load(const std::string& path, const std::string& device, 
   return std::move(m).value();
 }
 
+// The model compared against the CPU reference: on --device, and with --device cpu a CPU model
+// holding the GPU's (bf16) weights.
+std::unique_ptr<Model> LoadCompared(const std::string& path, const std::string& device, int num_blocks) {
+  return Load(path, device, num_blocks, device == "cpu" ? "bf16" : "");
+}
+
+// --dump-logits: the sequence fed, then each side's logits rows (raw F32) for other tools.
+void DumpLogits(const std::string& prefix, const std::vector<uint32_t>& fed, const std::vector<float>& cpu, const std::vector<float>& gpu) {
+  std::string ids;
+  for (uint32_t t : fed) {
+    if (!ids.empty()) ids += ',';
+    ids += std::to_string(t);
+  }
+  ids += "\n";
+  auto write = [](const std::string& file, const void* data, size_t bytes) {
+    std::ofstream out(file, std::ios::binary);
+    out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
+    return static_cast<bool>(out);
+  };
+  const bool written = write(prefix + ".ids", ids.data(), ids.size()) && write(prefix + ".cpu.f32", cpu.data(), cpu.size() * 4) &&
+                       write(prefix + ".gpu.f32", gpu.data(), gpu.size() * 4);
+  std::printf("logits dumped to %s.{ids,cpu.f32,gpu.f32}: %s\n", prefix.c_str(), written ? "ok" : "FAILED");
+}
+
 bool CompareLogits(const std::string& path, const std::string& device, const std::vector<uint32_t>& prompt, size_t chunk, int steps,
                    double tol, const std::string& cpu_weights, const std::string& dump) {
   if (chunk == 0) chunk = prompt.size();
   std::vector<uint32_t> fed = prompt;
   std::vector<float> dump_cpu, dump_gpu;
   const int blocks = static_cast<int>((prompt.size() + steps) / 16 + 2);
-  auto cpu = Load(path, "cpu", blocks, cpu_weights == "native" ? "" : cpu_weights), gpu = Load(path, device, blocks, device == "cpu" ? "bf16" : "");
+  auto cpu = Load(path, "cpu", blocks, cpu_weights == "native" ? "" : cpu_weights), gpu = LoadCompared(path, device, blocks);
   Seq sc(*cpu, blocks), sg(*gpu, blocks);
   std::vector<float> lc = sc.Prefill(prompt, chunk), lg = sg.Prefill(prompt, chunk);
   double worst = 0;
@@ -158,22 +183,7 @@ bool CompareLogits(const std::string& path, const std::string& device, const std
   std::printf("logits: worst rel err %.3e (median %.3e) over %d positions (tol %.0e), argmax agrees %d/%d: %s\n", worst,
               errs[errs.size() / 2], steps + 1, tol, agree,
               steps + 1, logits_ok ? "PASS" : "FAIL");
-  if (!dump.empty()) {
-    std::string ids;
-    for (uint32_t t : fed) {
-      if (!ids.empty()) ids += ',';
-      ids += std::to_string(t);
-    }
-    auto write = [](const std::string& file, const void* data, size_t bytes) {
-      std::ofstream out(file, std::ios::binary);
-      out.write(static_cast<const char*>(data), static_cast<std::streamsize>(bytes));
-      return static_cast<bool>(out);
-    };
-    ids += "\n";
-    const bool written = write(dump + ".ids", ids.data(), ids.size()) && write(dump + ".cpu.f32", dump_cpu.data(), dump_cpu.size() * 4) &&
-                         write(dump + ".gpu.f32", dump_gpu.data(), dump_gpu.size() * 4);
-    std::printf("logits dumped to %s.{ids,cpu.f32,gpu.f32}: %s\n", dump.c_str(), written ? "ok" : "FAILED");
-  }
+  if (!dump.empty()) DumpLogits(dump, fed, dump_cpu, dump_gpu);
   // Free-running greedy decoding on each backend (fresh sequences over the same blocks).
   const std::vector<uint32_t> gc = Seq(*cpu, blocks).Greedy(prompt, chunk, steps + 1);
   const std::vector<uint32_t> gg = Seq(*gpu, blocks).Greedy(prompt, chunk, steps + 1);
@@ -187,7 +197,7 @@ bool CheckStories(const std::string& path, const std::string& device, const std:
   if (!text.ok()) return std::fprintf(stderr, "%s\n", text.status().ToString().c_str()), false;
   const json::value ref = json::parse(*text);
   const auto& cases = ref.at("cases").as_array();
-  auto gpu = Load(path, device, 40);
+  auto gpu = LoadCompared(path, device, 40);
   bool ok = true;
   for (size_t chunk : {size_t{1}, size_t{100}}) {
     const std::vector<uint32_t> got0 = Seq(*gpu, 40).Greedy(Ids(cases[0].at("prompt_ids_with_bos")), chunk, 40);
@@ -206,7 +216,7 @@ bool CheckSmol(const std::string& path, const std::string& device, const std::st
   auto text = ReadFile(ref_path);
   if (!text.ok()) return std::fprintf(stderr, "%s\n", text.status().ToString().c_str()), false;
   const json::value ref = json::parse(*text);
-  auto gpu = Load(path, device, 64);
+  auto gpu = LoadCompared(path, device, 64);
   size_t agree = 0, steps = 0;
   double max_err = 0;
   bool ok = true;
